@@ -1,0 +1,21 @@
+"""fastsae: fast sparse autoencoders on the CPU (Numba, Cython) and GPU (numba.cuda).
+
+Quick use::
+
+    import fastsae
+    print(fastsae.available_backends())
+    be = fastsae.get_backend()            # cuda > numba > cython > numpy
+    codes = be.encode_relu_sparse(x, W_enc, b_enc, b_dec)
+    x_hat = be.decode(codes, W_dec, b_dec)
+"""
+
+from .backends import Backend, BackendStatus, available_backends, get_backend
+from .params import AdamState, Losses, SAEParams, StepResult
+from .sparse import SparseCodes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "BackendStatus", "available_backends", "get_backend",
+    "AdamState", "Losses", "SAEParams", "StepResult", "SparseCodes", "__version__",
+]

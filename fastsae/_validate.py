@@ -1,0 +1,193 @@
+"""Input validation shared by every backend.
+
+Every public kernel entry point goes through these checks before any
+compiled code runs, so a bad argument gives a ``TypeError``/``ValueError``
+that says what was expected and what was given, never a crash or garbage.
+
+Rules: arrays must be real floating point (float16/float64 are converted
+to float32 once; integer, bool, complex and object dtypes are refused), have
+the documented number of dimensions and sizes, be non-empty and finite.
+Non-contiguous arrays are copied to C order. Device arrays (objects with
+``__cuda_array_interface__``) are checked for shape and dtype only: they must
+already be float32 and are not scanned for NaN (that would cost a device
+round trip).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .params import DECODER_NORM_MODES, SAEParams
+from .sparse import SparseCodes
+
+
+def is_device_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def _device_shape_dtype(a):
+    iface = a.__cuda_array_interface__
+    return tuple(iface["shape"]), np.dtype(iface["typestr"])
+
+
+def as_float_array(a, name: str, ndim: int, allow_device: bool = False,
+                   check_finite: bool = True):
+    """Return ``a`` as a C-contiguous, finite float32 array of ``ndim`` dims."""
+    if allow_device and is_device_array(a):
+        shape, dtype = _device_shape_dtype(a)
+        if len(shape) != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got a device array of shape {shape}")
+        if dtype != np.float32:
+            raise TypeError(f"{name} must be float32 on the device, got {dtype}")
+        if 0 in shape:
+            raise ValueError(f"{name} must not be empty, got shape {shape}")
+        return a
+    if isinstance(a, SparseCodes):
+        raise TypeError(f"{name} must be a dense array, got SparseCodes")
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    if arr.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32 preferred), got {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if check_finite and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        where = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s) "
+                         f"(first at index {tuple(where)})")
+    return arr
+
+
+def check_dim(name: str, got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise ValueError(f"{name} has {what} = {got}, expected {expected} to match the other "
+                         "arguments")
+
+
+def as_scalar(value, name: str, low: float = 0.0, low_inclusive: bool = True,
+              high: float | None = None) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if v < low or (v == low and not low_inclusive):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {v}")
+    if high is not None and v >= high:
+        raise ValueError(f"{name} must be < {high}, got {v}")
+    return v
+
+
+def as_int(value, name: str, low: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if int(value) < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_decoder_norm(mode) -> str:
+    if mode not in DECODER_NORM_MODES:
+        raise ValueError(f"decoder_norm must be one of {DECODER_NORM_MODES}, got {mode!r}")
+    return mode
+
+
+def encoder_args(x, W_enc, b_enc, b_dec, allow_device=False):
+    x = as_float_array(x, "x", 2, allow_device)
+    W_enc = as_float_array(W_enc, "W_enc", 2, allow_device)
+    b_enc = as_float_array(b_enc, "b_enc", 1, allow_device)
+    b_dec = as_float_array(b_dec, "b_dec", 1, allow_device)
+    d_in, d_sae = W_enc.shape
+    check_dim("x", x.shape[1], d_in, "d_in (shape[1])")
+    check_dim("b_enc", b_enc.shape[0], d_sae, "length")
+    check_dim("b_dec", b_dec.shape[0], d_in, "length")
+    return x, W_enc, b_enc, b_dec
+
+
+def sparse_codes(codes: SparseCodes, d_sae: int | None = None, name: str = "codes"):
+    """Check a :class:`SparseCodes` fully (O(nnz)): compiled kernels index with
+    it, so every index must be in range before they run."""
+    if is_device_array(codes.values):
+        return codes  # produced by the device backend itself
+    try:
+        n, cols = (int(s) for s in codes.shape)
+    except Exception:
+        raise ValueError(f"{name}.shape must be a pair of ints, got {codes.shape!r}") from None
+    if n <= 0 or cols <= 0:
+        raise ValueError(f"{name} must not be empty, got shape {codes.shape}")
+    if d_sae is not None:
+        check_dim(name, cols, d_sae, "d_sae (shape[1])")
+    indptr, indices, values = (np.asarray(a) for a in (codes.indptr, codes.indices, codes.values))
+    if indptr.ndim != 1 or indptr.shape[0] != n + 1 or indptr.dtype.kind not in "iu":
+        raise ValueError(f"{name}.indptr must be an integer array of length N + 1 = {n + 1}, "
+                         f"got {indptr.dtype} shape {indptr.shape}")
+    if indices.ndim != 1 or indices.dtype.kind not in "iu":
+        raise ValueError(f"{name}.indices must be a 1-D integer array, got {indices.dtype}")
+    if values.ndim != 1 or values.dtype.kind != "f":
+        raise TypeError(f"{name}.values must be a 1-D float array, got {values.dtype}")
+    nnz = indices.shape[0]
+    if values.shape[0] != nnz:
+        raise ValueError(f"{name}: {nnz} indices but {values.shape[0]} values")
+    if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
+        raise ValueError(f"{name}.indptr must start at 0, never decrease and end at nnz={nnz}")
+    if nnz:
+        if indices.min() < 0 or indices.max() >= cols:
+            raise ValueError(f"{name}.indices must lie in [0, {cols}), got "
+                             f"[{indices.min()}, {indices.max()}]")
+        step = np.diff(indices.astype(np.int64))
+        row_start = np.zeros(nnz, dtype=bool)
+        row_start[indptr[1:-1][indptr[1:-1] < nnz]] = True
+        if np.any((step <= 0) & ~row_start[1:]):
+            raise ValueError(f"{name}.indices must be strictly increasing within each row")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name}.values contains NaN or infinite values")
+    return SparseCodes(np.ascontiguousarray(indptr, dtype=np.int64),
+                       np.ascontiguousarray(indices, dtype=np.int32),
+                       np.ascontiguousarray(values, dtype=np.float32), (n, cols))
+
+
+def codes_arg(codes, d_sae: int | None = None, allow_device=False, name="codes"):
+    if isinstance(codes, SparseCodes):
+        return sparse_codes(codes, d_sae, name)
+    f = as_float_array(codes, name, 2, allow_device)
+    if d_sae is not None:
+        check_dim(name, f.shape[1], d_sae, "d_sae (shape[1])")
+    return f
+
+
+def params_arg(params, allow_device=False, check_finite=True) -> SAEParams:
+    if not isinstance(params, SAEParams):
+        raise TypeError(f"params must be a fastsae.SAEParams, got {type(params).__name__}")
+    W_enc = as_float_array(params.W_enc, "W_enc", 2, allow_device, check_finite)
+    d_in, d_sae = W_enc.shape
+    b_enc = as_float_array(params.b_enc, "b_enc", 1, allow_device, check_finite)
+    W_dec = as_float_array(params.W_dec, "W_dec", 2, allow_device, check_finite)
+    b_dec = as_float_array(params.b_dec, "b_dec", 1, allow_device, check_finite)
+    check_dim("b_enc", b_enc.shape[0], d_sae, "length")
+    if tuple(W_dec.shape) != (d_sae, d_in):
+        raise ValueError(f"W_dec must have shape (d_sae, d_in) = {(d_sae, d_in)}, "
+                         f"got {tuple(W_dec.shape)}")
+    check_dim("b_dec", b_dec.shape[0], d_in, "length")
+    return SAEParams(W_enc, b_enc, W_dec, b_dec)
+
+
+def params_inplace(params, allow_device=False) -> SAEParams:
+    """Check parameters that a training step updates in place: they must
+    already be C-contiguous float32 (a converted copy would silently not be
+    trained). Not scanned for NaN: a non-finite loss stops the trainer."""
+    checked = params_arg(params, allow_device, check_finite=False)
+    for name in SAEParams.NAMES:
+        if getattr(checked, name) is not getattr(params, name):
+            a = np.asarray(getattr(params, name))
+            raise TypeError(f"params.{name} must be a C-contiguous float32 array to be updated "
+                            f"in place, got dtype {a.dtype}, "
+                            f"C-contiguous={a.flags.c_contiguous}")
+    return checked

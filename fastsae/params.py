@@ -1,0 +1,112 @@
+"""Containers shared by every backend: parameters, Adam state, losses.
+
+Layouts follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]`` (each feature's decoder vector is a contiguous row),
+``b_dec [d_in]``; float32, C-contiguous. On the CUDA backend the same
+containers hold device arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+__all__ = ["SAEParams", "AdamState", "Losses", "StepResult", "DECODER_NORM_MODES"]
+
+#: ``"weighted_l1"``: April 2024 update, L1 term weighted by each feature's
+#: decoder norm (gradient flows through the norms too).
+#: ``"unit_norm"``: 2023 paper, plain L1, decoder rows kept at unit norm
+#: (gradient component parallel to each row removed, rows renormalized after
+#: each optimizer step).
+DECODER_NORM_MODES = ("weighted_l1", "unit_norm")
+
+
+@dataclass
+class SAEParams:
+    """The four SAE parameter arrays (also used for their gradients)."""
+
+    W_enc: object
+    b_enc: object
+    W_dec: object
+    b_dec: object
+
+    NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def arrays(self):
+        return [getattr(self, n) for n in self.NAMES]
+
+    def as_dict(self) -> dict:
+        return {n: getattr(self, n) for n in self.NAMES}
+
+    def copy(self) -> "SAEParams":
+        return SAEParams(*(a.copy() for a in self.arrays()))
+
+    @classmethod
+    def zeros_like(cls, other: "SAEParams") -> "SAEParams":
+        return cls(*(np.zeros(a.shape, dtype=np.float32) for a in other.arrays()))
+
+
+@dataclass
+class AdamState:
+    """Adam moments (same shapes as the parameters) and the step counter.
+
+    ``step`` counts completed updates; bias correction uses ``step + 1``
+    for the update in progress.
+    """
+
+    m: SAEParams
+    v: SAEParams
+    step: int = 0
+
+    @classmethod
+    def zeros_like(cls, params: SAEParams) -> "AdamState":
+        return cls(SAEParams.zeros_like(params), SAEParams.zeros_like(params), 0)
+
+    def copy(self) -> "AdamState":
+        return AdamState(self.m.copy(), self.v.copy(), self.step)
+
+
+@dataclass
+class Losses:
+    """Loss parts of one batch (Python floats).
+
+    ``mse``: squared reconstruction error summed over ``d_in`` and averaged
+    over the batch rows. ``l1``: ``l1_coefficient`` times the per-row sum of
+    ``f_ij * ||W_dec[j]||`` (``weighted_l1``) or of ``f_ij`` (``unit_norm``),
+    averaged over the rows. ``total = mse + l1``. For TopK activations there
+    is no L1 term; ``aux`` holds the (already weighted) AuxK loss, included in
+    ``total``.
+    """
+
+    mse: float
+    l1: float
+    total: float
+    aux: float = 0.0
+
+
+@dataclass
+class StepResult:
+    """What ``train_step`` reports about the batch it trained on (measured on
+    the forward pass, before the parameter update)."""
+
+    mse: float
+    l1: float
+    total: float
+    l0: float
+    explained_variance: float
+    aux: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        return d
