@@ -156,7 +156,10 @@ class Backend:
         """``l1_coefficient * norms[j]`` where ``codes[i, j] > 0``, else 0;
         dense in -> dense out, sparse in -> sparse out (same pattern)."""
         norms = V.as_float_array(norms, "norms", 1, self._device)
-        codes = V.codes_arg(codes, norms.shape[0], self._device)
+        codes = V.codes_arg(codes, None, self._device)
+        if codes.shape[1] != norms.shape[0]:
+            raise ValueError(f"norms has length {norms.shape[0]} but codes have "
+                             f"d_sae = {codes.shape[1]} columns")
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         return self._m.l1_subgradient(codes, norms, c)
 

@@ -1,0 +1,102 @@
+"""Shared test fixtures: random SAE problems and float32 error bounds.
+
+Tolerances. A float32 dot product of ``K`` terms computed in any order has
+error at most ``K * u * sum_k |a_k b_k|`` with ``u = 2**-24`` (Higham, ch. 3).
+The oracle is the reference evaluated in float64 on the *same float32
+inputs*, so its own error is negligible. :func:`dot_bound` returns that bound
+elementwise with a safety factor of 2 (backends may fold ``b_dec`` into the
+bias, which adds one product and one sum per entry).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import fastsae
+from fastsae import SAEParams
+from fastsae import reference as R
+
+U32 = 2.0 ** -24
+
+
+def backend_names():
+    """Backends the contract tests run over: every usable one, or the
+    comma-separated list in ``FASTSAE_TEST_BACKENDS`` (used by the CUDA
+    simulator run, which only tests ``cuda``)."""
+    usable = [s.name for s in fastsae.available_backends() if s.available]
+    wanted = os.environ.get("FASTSAE_TEST_BACKENDS")
+    if wanted:
+        return [n for n in wanted.split(",") if n in usable]
+    return usable
+
+
+def is_cuda_sim() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.fixture(params=backend_names())
+def backend(request):
+    return fastsae.get_backend(request.param)
+
+
+def make_params(rng, d_in, d_sae, sparsity="mixed", dtype=np.float32):
+    """Random parameters; ``sparsity`` picks ``b_enc``: ``"mixed"`` (about a
+    third of features active), ``"none"`` (no feature ever fires), ``"all"``
+    (every feature fires on every row)."""
+    W_enc = rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in)
+    W_dec = rng.normal(size=(d_sae, d_in)) / np.sqrt(d_in)
+    b_dec = rng.normal(size=d_in) * 0.1
+    if sparsity == "mixed":
+        b_enc = rng.normal(size=d_sae) * 0.1 - 0.4
+    elif sparsity == "none":
+        b_enc = np.full(d_sae, -100.0)
+    elif sparsity == "all":
+        b_enc = np.full(d_sae, 100.0)
+    else:
+        raise ValueError(sparsity)
+    return SAEParams(*(np.ascontiguousarray(a, dtype=dtype) for a in (W_enc, b_enc, W_dec, b_dec)))
+
+
+def make_x(rng, n, d_in, dtype=np.float32):
+    return np.ascontiguousarray(rng.normal(size=(n, d_in)), dtype=dtype)
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def dot_bound(abs_a, abs_b, k, extra=0.0):
+    """Elementwise bound for ``a @ b`` (+ bias) computed in float32."""
+    return 2.0 * (k + 2) * U32 * (abs_a @ abs_b + extra) + 1e-30
+
+
+def encode_oracle(x, p: SAEParams):
+    """float64 pre-activations of float32 inputs, and their error bound."""
+    pre = (f64(x) - f64(p.b_dec)) @ f64(p.W_enc) + f64(p.b_enc)
+    bound = dot_bound(np.abs(f64(x)) + np.abs(f64(p.b_dec)), np.abs(f64(p.W_enc)),
+                      x.shape[1], np.abs(f64(p.b_enc)))
+    return pre, bound
+
+
+def assert_codes_match(dense_got, pre, bound, what="codes"):
+    """``dense_got`` equals relu(pre) within ``bound``; the active set matches
+    exactly wherever ``|pre|`` exceeds the bound (closer to 0 either side is
+    a legitimate float32 outcome)."""
+    ref = np.maximum(pre, 0.0)
+    err = np.abs(f64(dense_got) - ref)
+    assert np.all(err <= bound), f"{what}: max excess {np.max(err - bound):.3g}"
+    clear = np.abs(pre) > bound
+    assert np.array_equal((dense_got > 0)[clear], (pre > 0)[clear]), f"{what}: active set differs"
+
+
+# shapes: (N, d_in, d_sae) - single row, single feature, odd and larger sizes
+SHAPES = [(1, 1, 1), (1, 5, 1), (1, 3, 7), (3, 1, 4), (7, 5, 1), (13, 9, 17), (31, 16, 64),
+          (64, 33, 129), (129, 48, 200)]
+SHAPES_CUDA_SIM = [(1, 1, 1), (1, 3, 7), (7, 5, 1), (13, 9, 17), (20, 8, 33)]
+
+
+def shapes_for(backend_name):
+    return SHAPES_CUDA_SIM if backend_name == "cuda" and is_cuda_sim() else SHAPES
