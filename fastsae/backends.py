@@ -20,6 +20,8 @@ import importlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _validate as V
 from .params import AdamState, SAEParams, StepResult
 from .sparse import SparseCodes
@@ -214,6 +216,94 @@ class Backend:
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
                                   decoder_norm=mode, beta1=beta1, beta2=beta2, eps=eps,
                                   fire_counts=fire_counts)
+
+    # ------------------------------------------------------------ TopK family
+    def supports(self, function: str) -> bool:
+        """Whether this backend implements a contract function (the TopK
+        family may be missing on some backends)."""
+        return callable(getattr(self._m, function, None))
+
+    def _impl(self, function: str):
+        f = getattr(self._m, function, None)
+        if f is None:
+            usable = [s.name for s in available_backends()
+                      if s.available and callable(getattr(_load(s.name)[0], function, None))]
+            raise NotImplementedError(f"backend {self.name!r} does not implement {function}; "
+                                      f"backends that do: {', '.join(usable)}")
+        return f
+
+    def encode_topk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+        """Per row, the ``k`` largest pre-activations (ties: lower feature
+        index), then ReLU; at most ``k`` entries per row -> SparseCodes."""
+        args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
+        return self._impl("encode_topk")(*args, V.as_int(k, "k"))
+
+    def encode_batchtopk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+        """The ``N * k`` largest pre-activations of the batch (ties: lower
+        row, then lower feature), then ReLU -> SparseCodes."""
+        args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
+        return self._impl("encode_batchtopk")(*args, V.as_int(k, "k"))
+
+    def encode_jumprelu(self, x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+        """``relu(pre) * (pre > threshold)``, ``threshold [d_sae]`` -> SparseCodes."""
+        args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
+        threshold = V.as_float_array(threshold, "threshold", 1, self._device)
+        V.check_dim("threshold", threshold.shape[0], args[1].shape[1], "length")
+        return self._impl("encode_jumprelu")(*args, threshold)
+
+    def topk_gradients(self, x, params: SAEParams, codes, x_hat, aux_codes=None,
+                       aux_weight=0.0):
+        """Losses and gradients of a TopK/BatchTopK step (see
+        :func:`fastsae.reference.topk_gradients`)."""
+        params = V.params_arg(params, self._device)
+        x = V.as_float_array(x, "x", 2, self._device)
+        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        x_hat = V.as_float_array(x_hat, "x_hat", 2, self._device)
+        if tuple(x_hat.shape) != tuple(x.shape):
+            raise ValueError(f"x_hat must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(x_hat.shape)}")
+        codes = V.codes_arg(codes, params.d_sae, self._device)
+        if aux_codes is not None:
+            aux_codes = V.codes_arg(aux_codes, params.d_sae, self._device, "aux_codes")
+        for name, c in (("codes", codes), ("aux_codes", aux_codes)):
+            if c is not None and c.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} have {c.shape[0]} rows but x has {x.shape[0]}")
+        w = V.as_scalar(aux_weight, "aux_weight")
+        return self._impl("topk_gradients")(x, params, codes, x_hat, aux_codes, w)
+
+    def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
+                        activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                        fire_counts=None, dead_mask=None, k_aux=0,
+                        aux_coefficient=0.0) -> StepResult:
+        """One TopK (``activation="topk"``) or BatchTopK step with optional
+        AuxK, in place; see :func:`fastsae.reference.train_step_topk`."""
+        params = V.params_inplace(params, self._device)
+        if not isinstance(state, AdamState):
+            raise TypeError(f"state must be a fastsae.AdamState, got {type(state).__name__}")
+        if activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
+        x = V.as_float_array(x, "x", 2, self._device)
+        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        k = V.as_int(k, "k")
+        k_aux = V.as_int(k_aux, "k_aux", low=0)
+        aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
+        lr = V.as_scalar(lr, "lr")
+        beta1 = V.as_scalar(beta1, "beta1", high=1.0)
+        beta2 = V.as_scalar(beta2, "beta2", high=1.0)
+        eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
+        if fire_counts is not None and tuple(fire_counts.shape) != (params.d_sae,):
+            raise ValueError(f"fire_counts must have shape ({params.d_sae},), "
+                             f"got {tuple(fire_counts.shape)}")
+        if dead_mask is not None:
+            if tuple(dead_mask.shape) != (params.d_sae,):
+                raise ValueError(f"dead_mask must have shape ({params.d_sae},), "
+                                 f"got {tuple(dead_mask.shape)}")
+            if not V.is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
+                raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
+        return self._impl("train_step_topk")(
+            params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
+            aux_coefficient=aux_coefficient)
 
     # ------------------------------------------------------------ placement
     def to_backend(self, obj):

@@ -34,6 +34,7 @@ from .params import AdamState, Losses, SAEParams, StepResult
 from .sparse import SparseCodes
 
 NAME = "numpy"
+DESCRIPTION = "dense NumPy reference (the oracle)"
 
 
 def _dense(codes):
@@ -191,3 +192,141 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     return StepResult(mse=loss.mse, l1=loss.l1, total=loss.total,
                       l0=float(active.sum() / x.shape[0]),
                       explained_variance=explained_variance(x, loss.mse))
+
+
+# ---------------------------------------------------------------- TopK family
+# Selection rule shared by every backend: larger pre-activation first, ties
+# broken by the lower feature index (BatchTopK: by the lower row-major flat
+# index, i.e. lower row first, then lower feature). ReLU is applied after the
+# selection, and entries it zeroes are dropped, so a TopK row holds at most k
+# entries. Codes are canonical CSR (indices increasing in each row).
+
+def _select_rows(pre, k):
+    """Indices of the k largest entries of each row (ties: lower index)."""
+    order = np.argsort(-pre, axis=1, kind="stable")
+    return order[:, :k]
+
+
+def _codes_from_selection(pre, rows, cols):
+    vals = pre[rows, cols]
+    keep = vals > 0
+    f = np.zeros(pre.shape, dtype=pre.dtype)
+    f[rows[keep], cols[keep]] = vals[keep]
+    return SparseCodes.from_dense(f) if pre.dtype == np.float32 else _sparse64(f)
+
+
+def _sparse64(f):
+    """SparseCodes holding float64 values (finite-difference tests only)."""
+    c = SparseCodes.from_dense(f.astype(np.float32))
+    rows = np.repeat(np.arange(f.shape[0]), np.diff(c.indptr))
+    return SparseCodes(c.indptr, c.indices, f[rows, c.indices], c.shape)
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k):
+    """Per row, the ``k`` largest pre-activations, then ReLU -> SparseCodes."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    k = min(int(k), pre.shape[1])
+    cols = _select_rows(pre, k)
+    rows = np.repeat(np.arange(pre.shape[0]), k)
+    return _codes_from_selection(pre, rows, cols.ravel())
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k):
+    """The ``N * k`` largest pre-activations of the whole batch, then ReLU."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    total = min(int(k) * pre.shape[0], pre.size)
+    flat = np.argsort(-pre.ravel(), kind="stable")[:total]
+    rows, cols = np.divmod(flat, pre.shape[1])
+    return _codes_from_selection(pre, rows, cols)
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold):
+    """``relu(pre) * (pre > threshold)`` per feature -> SparseCodes (how a
+    BatchTopK SAE runs at inference, and SAELens's ``jumprelu``)."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    f = np.where((pre > threshold[None, :]) & (pre > 0), pre, 0).astype(pre.dtype)
+    return SparseCodes.from_dense(f) if pre.dtype == np.float32 else _sparse64(f)
+
+
+def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
+    """AuxK selection: per row, the ``k_aux`` largest pre-activations among
+    dead features (``dead_mask`` bool ``[d_sae]``), then ReLU."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    dead = np.flatnonzero(dead_mask)
+    k = min(int(k_aux), dead.size)
+    if k == 0:
+        return _codes_from_selection(pre, np.zeros(0, int), np.zeros(0, int))
+    local = _select_rows(pre[:, dead], k)
+    rows = np.repeat(np.arange(pre.shape[0]), k)
+    return _codes_from_selection(pre, rows, dead[local.ravel()])
+
+
+def aux_scale(dead_mask, k_aux, aux_coefficient):
+    """Weight of the AuxK term: ``aux_coefficient * min(n_dead / k_aux, 1)``
+    (as SAELens scales it, so few dead latents give a small loss)."""
+    n_dead = int(np.count_nonzero(dead_mask))
+    return float(aux_coefficient) * min(n_dead / int(k_aux), 1.0) if k_aux else 0.0
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients for TopK/BatchTopK training (unit-norm decoder).
+
+    ``mse`` as for ReLU SAEs, no L1 term. With ``aux_codes`` (AuxK selection,
+    see :func:`encode_topk_aux`) and ``aux_weight`` (see :func:`aux_scale`),
+    ``aux = aux_weight * mean_i ||e_hat_i - e_i||**2`` with ``e = x - x_hat``
+    held constant and ``e_hat = aux_codes @ W_dec`` (no bias); ``total =
+    mse + aux``. Gradients flow only through selected entries. The ``W_dec``
+    gradient has its component parallel to each row removed.
+    """
+    f = _dense(codes)
+    n = x.shape[0]
+    W_enc, W_dec = params.W_enc, params.W_dec
+    d_xhat = 2.0 * (x_hat - x) / n
+    g_W_dec = f.T @ d_xhat
+    g_b_dec = d_xhat.sum(axis=0)
+    d_pre = np.where(f > 0, d_xhat @ W_dec.T, 0)
+    mse = float(np.sum((x_hat - x) ** 2) / n)
+    aux = 0.0
+    if aux_codes is not None and aux_weight > 0:
+        fa = _dense(aux_codes)
+        err = fa @ W_dec - (x - x_hat)
+        aux = float(aux_weight * np.sum(err ** 2) / n)
+        d_ehat = aux_weight * 2.0 * err / n
+        g_W_dec = g_W_dec + fa.T @ d_ehat
+        d_pre = d_pre + np.where(fa > 0, d_ehat @ W_dec.T, 0)
+    g_W_enc = (x - params.b_dec).T @ d_pre
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
+    g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    return (Losses(mse=mse, l1=0.0, total=mse + aux, aux=aux),
+            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK training step (forward, AuxK, backward, Adam,
+    decoder-row renormalization), in place.
+
+    ``dead_mask`` (bool ``[d_sae]``) marks the latents AuxK may use; AuxK is
+    on when it is given, ``k_aux > 0`` and ``aux_coefficient > 0``.
+    ``StepResult.extra["min_active"]`` is the smallest kept activation of the
+    batch (0.0 if none): the trainer's running BatchTopK threshold follows it.
+    """
+    encode = encode_topk if activation == "topk" else encode_batchtopk
+    codes = encode(x, params.W_enc, params.b_enc, params.b_dec, k)
+    x_hat = decode(codes, params.W_dec, params.b_dec)
+    aux_codes, weight = None, 0.0
+    if dead_mask is not None and k_aux > 0 and aux_coefficient > 0 and np.any(dead_mask):
+        aux_codes = encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
+                                    k_aux)
+        weight = aux_scale(dead_mask, k_aux, aux_coefficient)
+    loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
+    adam_update(params, grads, state, lr, beta1, beta2, eps)
+    normalize_decoder_rows(params.W_dec)
+    if fire_counts is not None:
+        fire_counts += np.bincount(codes.indices, minlength=params.d_sae)
+    vals = codes.values
+    return StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
+                      explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
+                      extra={"min_active": float(vals.min()) if vals.size else 0.0})

@@ -75,9 +75,9 @@ class SparseCodes:
                              for a in (self.indptr, self.indices, self.values)), self.shape)
 
     def to_dense(self) -> np.ndarray:
-        """Dense float32 ``[N, d_sae]`` array."""
+        """Dense ``[N, d_sae]`` array (float32, or the values' wider dtype)."""
         h = self.to_host()
-        out = np.zeros(h.shape, dtype=np.float32)
+        out = np.zeros(h.shape, dtype=np.result_type(h.values.dtype, np.float32))
         rows = np.repeat(np.arange(h.shape[0]), np.diff(h.indptr))
         out[rows, h.indices] = h.values
         return out
