@@ -1,0 +1,335 @@
+"""The ``cython`` backend: the kernel contract as compiled Cython extensions.
+
+The kernels live in ``kernels/*.pyx`` and are compiled by ``setup.py`` into
+``fastsae._cy_*`` (``encode``, ``decode``, ``norms``, ``l1``, ``backward``,
+``adam``, ``runtime``). They are the same algorithms as the Numba backend:
+
+* encode: tiled BLAS ``sgemm`` (from ``scipy.linalg.cython_blas``) with the
+  bias, ReLU and CSR compaction done on each tile while it is in cache;
+* decode: gather-accumulate of the active decoder rows;
+* backward: sparse ``d_pre`` at the active entries only, a CSC transpose so
+  each feature's gradients are accumulated by one thread (race-free);
+* Adam: one fused parallel pass over all parameters (with the ``unit_norm``
+  renormalization fused in).
+
+The extensions are optional. When they were not built (no C compiler at
+install time) or fail to import, :func:`check_available` raises
+``ImportError`` with the reason and ``fastsae.available_backends()`` reports
+it.
+
+Threads: the parallel loops use OpenMP when the compiler supported it at
+build time (``fastsae info`` says whether). The team size defaults to
+``OMP_NUM_THREADS`` or the core count; :func:`set_num_threads` changes it for
+this process. Inside the parallel loops BLAS is limited to one thread (via
+threadpoolctl) so the cores are not oversubscribed; without OpenMP the loops
+run serially and BLAS keeps its own threading.
+
+Every function takes already-validated arrays (the public
+:class:`fastsae.Backend` validates), but still checks, cheaply, the
+invariants the compiled code relies on: dtypes and C order (typed
+memoryviews refuse anything else), shapes, and that sparse indices are in
+range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from .params import AdamState, Losses, SAEParams, StepResult
+from .sparse import SparseCodes
+
+NAME = "cython"
+
+_IMPORT_ERROR: Exception | None = None
+try:  # the compiled kernels are optional
+    from . import _cy_adam, _cy_backward, _cy_decode, _cy_encode, _cy_l1, _cy_norms, _cy_runtime
+except ImportError as exc:  # not built, or built for another Python/NumPy
+    _IMPORT_ERROR = exc
+
+OPENMP = bool(_IMPORT_ERROR is None and _cy_runtime.OPENMP)
+DEBUG_BUILD = bool(_IMPORT_ERROR is None and _cy_runtime.DEBUG)
+
+# Encoder tiling: a tile of _TM rows x _TN features (256 x 512 floats = 512 KiB,
+# half of this machine's per-core L2) is computed by one sgemm and its
+# epilogue runs before the next tile.
+_TM = 256
+_TN = 512
+# Dense codes with at most this fraction of nonzeros are decoded by a gather
+# (skipping zeros); denser ones by sgemm.
+_GATHER_MAX_DENSITY = 0.1
+
+_num_threads: int | None = None
+
+
+def check_available() -> None:
+    """Raise ``ImportError`` saying why the compiled kernels cannot be used."""
+    if _IMPORT_ERROR is not None:
+        raise ImportError(
+            f"the compiled Cython kernels (fastsae._cy_*) are not importable "
+            f"({_IMPORT_ERROR}); they are built by `pip install .` or "
+            f"`python setup.py build_ext --inplace`, which need a C compiler, Cython and SciPy")
+
+
+def get_num_threads() -> int:
+    """Threads the kernels use (1 without OpenMP)."""
+    if not OPENMP:
+        return 1
+    return _num_threads if _num_threads is not None else max(1, _cy_runtime.max_threads())
+
+
+def set_num_threads(n: int | None) -> None:
+    """Set the OpenMP team size for this process (``None``: back to the default,
+    ``OMP_NUM_THREADS`` or the core count). No effect without OpenMP."""
+    global _num_threads, DESCRIPTION
+    if n is not None:
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = n
+    DESCRIPTION = _description()
+
+
+def _description() -> str:
+    if _IMPORT_ERROR is not None:
+        return "Cython kernels not built"
+    par = (f"OpenMP, {get_num_threads()} threads" if OPENMP
+           else "no OpenMP at build time: single-threaded loops")
+    dbg = ", debug build (bounds checks on)" if DEBUG_BUILD else ""
+    return f"Cython CPU kernels ({par}; SciPy BLAS sgemm{dbg})"
+
+
+DESCRIPTION = _description()
+
+# ------------------------------------------------------------------ helpers
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _blas_single():
+    """Context limiting BLAS to one thread while OpenMP threads call it."""
+    global _controller
+    if not OPENMP:
+        return contextlib.nullcontext()
+    if _controller is None:
+        with _controller_lock:
+            if _controller is None:
+                try:
+                    from threadpoolctl import ThreadpoolController
+                    _controller = ThreadpoolController()
+                except Exception:  # threadpoolctl missing: run unlimited
+                    _controller = False
+    if _controller is False:
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def _tiling(n: int, d_sae: int, nthreads: int):
+    """Row tile, feature tile and feature chunks per row block, so that
+    there are at least ~4 tasks per thread when the batch allows it."""
+    tm = min(_TM, max(16, -(-n // nthreads)))
+    nrb = -(-n // tm)
+    chunks = max(1, -(-4 * nthreads // nrb)) if nthreads > 1 else 1
+    return tm, _TN, chunks
+
+
+def _f32(a, name):
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+        raise TypeError(f"{name} must be a C-contiguous float32 ndarray")
+    return a
+
+
+def _check_csr(codes: SparseCodes):
+    """Cheap O(nnz) checks that make the compiled kernels memory-safe."""
+    indptr, indices, values = codes.indptr, codes.indices, codes.values
+    n, d_sae = codes.shape
+    if not (isinstance(indptr, np.ndarray) and indptr.dtype == np.int64
+            and indptr.shape == (n + 1,)):
+        raise ValueError("codes.indptr must be int64 of length N + 1")
+    if not (isinstance(indices, np.ndarray) and indices.dtype == np.int32):
+        raise ValueError("codes.indices must be int32")
+    _f32(values, "codes.values")
+    nnz = indices.shape[0]
+    if values.shape[0] != nnz or indptr[0] != 0 or indptr[-1] != nnz or (
+            n > 1 and np.any(indptr[1:] < indptr[:-1])):
+        raise ValueError("codes.indptr must start at 0, not decrease and end at nnz")
+    if nnz and (int(indices.min()) < 0 or int(indices.max()) >= d_sae):
+        raise ValueError(f"codes.indices must lie in [0, {d_sae})")
+
+
+def _csr_of(codes, nthreads):
+    """(indptr, indices, values) of dense or sparse codes."""
+    if isinstance(codes, SparseCodes):
+        _check_csr(codes)
+        return codes.indptr, codes.indices, codes.values
+    return _cy_encode.dense_to_csr(_f32(codes, "codes"), nthreads)
+
+
+# ------------------------------------------------------------------ forward
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)``, dense float32 ``[N, d_sae]``."""
+    nt = get_num_threads()
+    out = np.empty((x.shape[0], W_enc.shape[1]), dtype=np.float32)
+    tm, tn, chunks = _tiling(x.shape[0], W_enc.shape[1], nt)
+    with _blas_single():
+        _cy_encode.encode_dense(x, W_enc, b_enc, b_dec, out, tm, tn, chunks, nt)
+    return out
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+    """:func:`encode_relu` as canonical :class:`SparseCodes`, without ever
+    forming the dense ``[N, d_sae]`` matrix."""
+    nt = get_num_threads()
+    tm, tn, chunks = _tiling(x.shape[0], W_enc.shape[1], nt)
+    with _blas_single():
+        indptr, indices, values = _cy_encode.encode_csr(x, W_enc, b_enc, b_dec, tm, tn,
+                                                        chunks, nt)
+    return SparseCodes(indptr, indices, values, (int(x.shape[0]), int(W_enc.shape[1])))
+
+
+def decode(codes, W_dec, b_dec):
+    """``f @ W_dec + b_dec``, float32 ``[N, d_in]``; codes dense or sparse."""
+    nt = get_num_threads()
+    if isinstance(codes, SparseCodes):
+        _check_csr(codes)
+        out = np.empty((codes.shape[0], W_dec.shape[1]), dtype=np.float32)
+        _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec, out, nt)
+        return out
+    f = _f32(codes, "codes")
+    out = np.empty((f.shape[0], W_dec.shape[1]), dtype=np.float32)
+    if _cy_decode.count_nonzero(f, nt) <= _GATHER_MAX_DENSITY * f.size:
+        _cy_decode.decode_dense_gather(f, W_dec, b_dec, out, nt)
+    else:
+        tm = min(_TM, max(16, -(-f.shape[0] // nt)))
+        with _blas_single():
+            _cy_decode.decode_dense_gemm(f, W_dec, b_dec, out, tm, nt)
+    return out
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row, float32 ``[d_sae]``."""
+    out = np.empty(W_dec.shape[0], dtype=np.float32)
+    _cy_norms.decoder_column_norms(W_dec, out, get_num_threads())
+    return out
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms_j`` where ``f_ij > 0`` (dense in, dense out;
+    sparse in, sparse out with the same pattern)."""
+    nt = get_num_threads()
+    c = np.float32(l1_coefficient)
+    if isinstance(codes, SparseCodes):
+        _check_csr(codes)
+        if codes.shape[1] != norms.shape[0]:
+            raise ValueError("norms must have length d_sae")
+        vals = np.empty(codes.indices.shape[0], dtype=np.float32)
+        _cy_l1.l1_sparse(codes.indices, norms, c, vals, nt)
+        return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
+    out = np.empty(codes.shape, dtype=np.float32)
+    _cy_l1.l1_dense(_f32(codes, "codes"), norms, c, out, nt)
+    return out
+
+
+# ------------------------------------------------------------------ backward
+def _grads_into(x, params: SAEParams, csr, x_hat, l1_coefficient, decoder_norm, norms,
+                grads: SAEParams, fire_counts, nt):
+    indptr, indices, values = csr
+    return _cy_backward.gradients_csr(
+        x, x_hat, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values, norms,
+        float(l1_coefficient), decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
+        grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec, fire_counts, nt)
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients (see :func:`fastsae.reference.gradients`),
+    computed from the active entries only."""
+    nt = get_num_threads()
+    if decoder_norm not in ("weighted_l1", "unit_norm"):
+        raise ValueError(f"unknown decoder_norm {decoder_norm!r}")
+    csr = _csr_of(codes, nt)
+    norms = decoder_column_norms(params.W_dec)
+    grads = SAEParams(np.empty_like(params.W_enc), np.empty_like(params.b_enc),
+                      np.empty_like(params.W_dec), np.empty_like(params.b_dec))
+    mse, l1 = _grads_into(x, params, csr, x_hat, l1_coefficient, decoder_norm, norms, grads,
+                          None, nt)
+    return Losses(mse=mse, l1=l1, total=mse + l1), grads
+
+
+# ------------------------------------------------------------------ training
+_workspace = threading.local()
+
+
+def _grad_buffers(params: SAEParams) -> SAEParams:
+    """Per-thread gradient buffers reused across steps of the same shapes
+    (saves allocating and page-faulting two d_in x d_sae arrays per step)."""
+    key = (params.W_enc.shape, params.W_dec.shape)
+    buf = getattr(_workspace, "grads", None)
+    if buf is None or getattr(_workspace, "key", None) != key:
+        buf = SAEParams.zeros_like(params)
+        _workspace.grads, _workspace.key = buf, key
+    return buf
+
+
+def _check_state(state: AdamState, params: SAEParams):
+    for part in ("m", "v"):
+        moments = getattr(state, part)
+        if not isinstance(moments, SAEParams):
+            raise TypeError(f"state.{part} must be a fastsae.SAEParams")
+        for name in SAEParams.NAMES:
+            a, p = getattr(moments, name), getattr(params, name)
+            if not (isinstance(a, np.ndarray) and a.dtype == np.float32
+                    and a.flags.c_contiguous and a.flags.writeable and a.shape == p.shape):
+                raise TypeError(f"state.{part}.{name} must be a writeable C-contiguous float32 "
+                                f"array of shape {p.shape}")
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """Forward (fused sparse encode, sparse decode), sparse backward and fused
+    Adam on batch ``x``, updating ``params`` and ``state`` in place.
+
+    No ``N x d_sae`` dense matrix is formed. Returns the batch's losses, L0
+    and explained variance, measured before the update.
+    """
+    if decoder_norm not in ("weighted_l1", "unit_norm"):
+        raise ValueError(f"unknown decoder_norm {decoder_norm!r}")
+    _check_state(state, params)
+    nt = get_num_threads()
+    n, d_sae = x.shape[0], params.d_sae
+    counts = None
+    if fire_counts is not None:
+        if (isinstance(fire_counts, np.ndarray) and fire_counts.dtype == np.int64
+                and fire_counts.flags.c_contiguous and fire_counts.flags.writeable):
+            counts = fire_counts
+        else:
+            counts = np.zeros(d_sae, dtype=np.int64)
+
+    norms = decoder_column_norms(params.W_dec)
+    codes = encode_relu_sparse(x, params.W_enc, params.b_enc, params.b_dec)
+    x_hat = np.empty_like(x)
+    _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, params.W_dec,
+                          params.b_dec, x_hat, nt)
+    grads = _grad_buffers(params)
+    mse, l1 = _grads_into(x, params, (codes.indptr, codes.indices, codes.values), x_hat,
+                          l1_coefficient, decoder_norm, norms, grads, counts, nt)
+    if counts is not None and counts is not fire_counts:
+        fire_counts += counts
+
+    t = state.step + 1
+    f32 = np.float32
+    m, v = state.m, state.v
+    _cy_adam.adam_step(
+        params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec,
+        m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec, v.b_dec,
+        f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
+        f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps), decoder_norm == "unit_norm", nt)
+    state.step = t
+
+    var = _cy_backward.batch_variance(x, nt)
+    ev = 1.0 - mse / var if var > 0 else 1.0
+    return StepResult(mse=mse, l1=l1, total=mse + l1, l0=codes.nnz / n,
+                      explained_variance=ev)

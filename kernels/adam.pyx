@@ -1,0 +1,97 @@
+"""Fused Adam update of all four SAE parameters (``fastsae._cy_adam``).
+
+One parallel pass: the parameters are cut into tasks (chunks of the flat
+encoder weights and biases, blocks of whole decoder rows) that OpenMP
+threads share; each element's moments, bias-corrected step and parameter
+update are done in one visit. In ``unit_norm`` mode each decoder row is
+rescaled to unit norm right after its update, while it is in cache.
+
+Element arithmetic is float32 in the reference's order, so results match
+PyTorch/NumPy Adam to rounding. Raw kernels: the caller has validated shapes
+and dtypes and computed the bias corrections for step ``t``.
+"""
+
+cimport cython
+from cython.parallel cimport prange
+from libc.math cimport sqrtf, sqrt
+
+cdef enum:
+    _CHUNK = 16384   # elements per task of the flat arrays
+
+
+cdef inline void _adam(float* p, const float* g, float* m, float* v, Py_ssize_t n,
+                       float lr, float b1, float omb1, float b2, float omb2,
+                       float bc1, float bc2, float eps) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef float mk, vk
+    for k in range(n):
+        mk = b1 * m[k] + omb1 * g[k]
+        vk = b2 * v[k] + omb2 * g[k] * g[k]
+        m[k] = mk
+        v[k] = vk
+        p[k] -= lr * (mk / bc1) / (sqrtf(vk / bc2) + eps)
+
+
+def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[::1] b_dec,
+              const float[:, ::1] gW_enc, const float[::1] gb_enc,
+              const float[:, ::1] gW_dec, const float[::1] gb_dec,
+              float[:, ::1] mW_enc, float[::1] mb_enc, float[:, ::1] mW_dec, float[::1] mb_dec,
+              float[:, ::1] vW_enc, float[::1] vb_enc, float[:, ::1] vW_dec, float[::1] vb_dec,
+              float lr, float b1, float omb1, float b2, float omb2, float bc1, float bc2,
+              float eps, bint renormalize, int nthreads):
+    """In-place Adam step. ``omb1 = 1 - beta1``, ``omb2 = 1 - beta2``,
+    ``bc1 = 1 - beta1**t``, ``bc2 = 1 - beta2**t`` (all rounded to float32 by
+    the caller, as NumPy does). ``renormalize``: rescale every nonzero
+    decoder row to unit L2 norm after its update (``unit_norm`` mode)."""
+    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
+    if (gW_enc.shape[0] != d_in or mW_enc.shape[0] != d_in or vW_enc.shape[0] != d_in
+            or gW_enc.shape[1] != d_sae or mW_enc.shape[1] != d_sae or vW_enc.shape[1] != d_sae
+            or W_dec.shape[0] != d_sae or gW_dec.shape[0] != d_sae or mW_dec.shape[0] != d_sae
+            or vW_dec.shape[0] != d_sae or W_dec.shape[1] != d_in or gW_dec.shape[1] != d_in
+            or mW_dec.shape[1] != d_in or vW_dec.shape[1] != d_in
+            or b_enc.shape[0] != d_sae or gb_enc.shape[0] != d_sae or mb_enc.shape[0] != d_sae
+            or vb_enc.shape[0] != d_sae or b_dec.shape[0] != d_in or gb_dec.shape[0] != d_in
+            or mb_dec.shape[0] != d_in or vb_dec.shape[0] != d_in):
+        raise ValueError("adam_step: shape mismatch")
+
+    cdef Py_ssize_t n_enc = d_in * d_sae
+    cdef Py_ssize_t t_enc = (n_enc + _CHUNK - 1) // _CHUNK
+    cdef Py_ssize_t rows_per = max(1, _CHUNK // d_in)
+    cdef Py_ssize_t t_dec = (d_sae + rows_per - 1) // rows_per
+    cdef Py_ssize_t t_be = (d_sae + _CHUNK - 1) // _CHUNK
+    cdef Py_ssize_t t_bd = (d_in + _CHUNK - 1) // _CHUNK
+    cdef Py_ssize_t ntasks = t_enc + t_dec + t_be + t_bd, task, s, cnt, r, r1, k
+    cdef double sq
+    cdef float nrm
+    cdef float* w
+    for task in prange(ntasks, nogil=True, num_threads=nthreads, schedule="dynamic"):
+        if task < t_enc:
+            s = task * _CHUNK
+            cnt = min(<Py_ssize_t>_CHUNK, n_enc - s)
+            _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s, &vW_enc[0, 0] + s,
+                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+        elif task < t_enc + t_dec:
+            s = (task - t_enc) * rows_per
+            r1 = min(s + rows_per, d_sae)
+            for r in range(s, r1):
+                w = &W_dec[r, 0]
+                _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
+                      d_in, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+                if renormalize:
+                    sq = 0
+                    for k in range(d_in):
+                        sq = sq + <double>w[k] * w[k]
+                    nrm = <float>sqrt(sq)
+                    if nrm > 0:
+                        for k in range(d_in):
+                            w[k] = w[k] / nrm
+        elif task < t_enc + t_dec + t_be:
+            s = (task - t_enc - t_dec) * _CHUNK
+            cnt = min(<Py_ssize_t>_CHUNK, d_sae - s)
+            _adam(&b_enc[0] + s, &gb_enc[0] + s, &mb_enc[0] + s, &vb_enc[0] + s,
+                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+        else:
+            s = (task - t_enc - t_dec - t_be) * _CHUNK
+            cnt = min(<Py_ssize_t>_CHUNK, d_in - s)
+            _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
+                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)

@@ -1,0 +1,340 @@
+"""Fused encoder: tiled sgemm with a bias + ReLU (+ CSR compaction) epilogue
+(``fastsae._cy_encode``).
+
+``pre = (x - b_dec) @ W_enc + b_enc``; ``f = relu(pre)``.
+
+The product is cut into tiles of ``tm`` rows by ``tn`` features. A task is one
+block of ``tm`` rows and a contiguous chunk of feature tiles; OpenMP threads
+take tasks dynamically. Per task: ``x - b_dec`` for its rows is formed once in
+a thread-local buffer (so no copy of ``x`` is made and the subtraction happens
+exactly as in the reference), then for each feature tile one BLAS ``sgemm``
+computes the tile and the epilogue (bias, ReLU, and for the sparse output the
+compaction of the positive entries) runs on it while it is still in cache.
+The dense ``N x d_sae`` pre-activation matrix is never written for the sparse
+output, and never re-read for the dense one.
+
+BLAS must run single-threaded inside the parallel region (the Python wrapper
+limits it with threadpoolctl); without OpenMP the task loop is serial and BLAS
+may use its own threads.
+
+Raw kernels: the caller has validated shapes, dtypes and finiteness.
+"""
+
+cimport cython
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
+from libc.stdint cimport int64_t, int32_t
+
+import numpy as np
+
+from _common cimport _sgemm_rm, blas_int
+
+
+cdef struct _TaskOut:
+    # Entries of one task (rows r0:r0+mr, its feature chunk), row-major:
+    # row r's entries are idx/val[start_r : start_r + rowcnt[r]], in column order.
+    int32_t* idx
+    float* val
+    int64_t* rowcnt
+    int64_t cursor      # read position while copying into the final arrays
+
+
+cdef inline void _center_rows(const float* x, const float* b_dec, float* xc,
+                              Py_ssize_t mr, Py_ssize_t d_in) noexcept nogil:
+    """xc[r, :] = x[r, :] - b_dec for mr rows (both row-major, d_in wide)."""
+    cdef Py_ssize_t r, k
+    for r in range(mr):
+        for k in range(d_in):
+            xc[r * d_in + k] = x[r * d_in + k] - b_dec[k]
+
+
+cdef void _dense_task(const float* x, const float* W, const float* b_enc, const float* b_dec,
+                      float* out, Py_ssize_t d_in, Py_ssize_t d_sae,
+                      Py_ssize_t r0, Py_ssize_t mr, Py_ssize_t c0, Py_ssize_t c1,
+                      Py_ssize_t tn, float* xc) noexcept nogil:
+    """Dense relu(pre) for rows r0:r0+mr, features c0:c1, written into out."""
+    cdef Py_ssize_t cs, nc, r, j
+    cdef float v
+    cdef float* row
+    _center_rows(x + r0 * d_in, b_dec, xc, mr, d_in)
+    cs = c0
+    while cs < c1:
+        nc = min(tn, c1 - cs)
+        # product straight into the output tile (ldc = d_sae) ...
+        _sgemm_rm(<blas_int>mr, <blas_int>nc, <blas_int>d_in, 1.0, xc, <blas_int>d_in,
+                  W + cs, <blas_int>d_sae, 0.0, out + r0 * d_sae + cs, <blas_int>d_sae)
+        # ... and bias + ReLU on it while it is in cache
+        for r in range(mr):
+            row = out + (r0 + r) * d_sae + cs
+            for j in range(nc):
+                v = row[j] + b_enc[cs + j]
+                row[j] = v if v > 0 else 0
+        cs += tn
+
+
+cdef int _sparse_task(const float* x, const float* W, const float* b_enc, const float* b_dec,
+                      Py_ssize_t d_in, Py_ssize_t d_sae,
+                      Py_ssize_t r0, Py_ssize_t mr, Py_ssize_t c0, Py_ssize_t c1,
+                      Py_ssize_t tn, float* xc, float* tile, _TaskOut* res) noexcept nogil:
+    """Positive entries of relu(pre) for rows r0:r0+mr, features c0:c1, into res.
+
+    Returns 0, or -1 when memory ran out (res then owns nothing).
+    """
+    cdef Py_ssize_t ntiles = (c1 - c0 + tn - 1) // tn
+    cdef Py_ssize_t cs, nc, r, j, t, cnt, cap, n = 0
+    cdef float v
+    cdef float* trow
+    cdef int64_t* tcnt = <int64_t*>malloc(ntiles * mr * sizeof(int64_t))
+    cdef int64_t* rowpos
+    cdef int32_t* tidx
+    cdef float* tval
+    cdef void* p
+    res.idx = NULL
+    res.val = NULL
+    res.rowcnt = NULL
+    res.cursor = 0
+    cap = mr * min(tn, c1 - c0)
+    tidx = <int32_t*>malloc(cap * sizeof(int32_t))
+    tval = <float*>malloc(cap * sizeof(float))
+    if tcnt == NULL or tidx == NULL or tval == NULL:
+        free(tcnt); free(tidx); free(tval)
+        return -1
+
+    _center_rows(x + r0 * d_in, b_dec, xc, mr, d_in)
+    cs = c0
+    t = 0
+    while cs < c1:
+        nc = min(tn, c1 - cs)
+        _sgemm_rm(<blas_int>mr, <blas_int>nc, <blas_int>d_in, 1.0, xc, <blas_int>d_in,
+                  W + cs, <blas_int>d_sae, 0.0, tile, <blas_int>nc)
+        if n + mr * nc > cap:  # room for the worst case (every entry positive)
+            cap = max(2 * cap, n + mr * nc)
+            p = realloc(tidx, cap * sizeof(int32_t))
+            if p == NULL:
+                free(tcnt); free(tidx); free(tval)
+                return -1
+            tidx = <int32_t*>p
+            p = realloc(tval, cap * sizeof(float))
+            if p == NULL:
+                free(tcnt); free(tidx); free(tval)
+                return -1
+            tval = <float*>p
+        # epilogue: bias + ReLU + compaction of this tile, rows in order
+        for r in range(mr):
+            trow = tile + r * nc
+            cnt = 0
+            for j in range(nc):
+                v = trow[j] + b_enc[cs + j]
+                if v > 0:
+                    tidx[n + cnt] = <int32_t>(cs + j)
+                    tval[n + cnt] = v
+                    cnt += 1
+            n += cnt
+            tcnt[t * mr + r] = cnt
+        cs += tn
+        t += 1
+
+    # regroup the entries tile-major -> row-major (columns stay in order)
+    res.idx = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+    res.val = <float*>malloc(max(n, 1) * sizeof(float))
+    res.rowcnt = <int64_t*>malloc(mr * sizeof(int64_t))
+    rowpos = <int64_t*>malloc(mr * sizeof(int64_t))
+    if res.idx == NULL or res.val == NULL or res.rowcnt == NULL or rowpos == NULL:
+        free(res.idx); free(res.val); free(res.rowcnt); free(rowpos)
+        res.idx = NULL
+        res.val = NULL
+        res.rowcnt = NULL
+        free(tcnt); free(tidx); free(tval)
+        return -1
+    for r in range(mr):
+        res.rowcnt[r] = 0
+    for t in range(ntiles):
+        for r in range(mr):
+            res.rowcnt[r] += tcnt[t * mr + r]
+    cnt = 0
+    for r in range(mr):
+        rowpos[r] = cnt
+        cnt += res.rowcnt[r]
+    j = 0  # read position in the tile-major buffer
+    for t in range(ntiles):
+        for r in range(mr):
+            cnt = tcnt[t * mr + r]
+            memcpy(res.idx + rowpos[r], tidx + j, cnt * sizeof(int32_t))
+            memcpy(res.val + rowpos[r], tval + j, cnt * sizeof(float))
+            rowpos[r] += cnt
+            j += cnt
+    free(rowpos); free(tcnt); free(tidx); free(tval)
+    return 0
+
+
+def _check(x, W, b_enc, b_dec):
+    if x.shape[1] != W.shape[0] or b_enc.shape[0] != W.shape[1] or b_dec.shape[0] != W.shape[0]:
+        raise ValueError("encoder shape mismatch")
+    if max(x.shape[0], W.shape[0], W.shape[1]) >= 2**31 - 1:
+        raise ValueError("dimensions must fit BLAS's 32-bit integers")
+
+
+def encode_dense(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
+                 const float[::1] b_dec, float[:, ::1] out, Py_ssize_t tm, Py_ssize_t tn,
+                 Py_ssize_t chunks, int nthreads):
+    """relu((x - b_dec) @ W_enc + b_enc) into ``out [N, d_sae]``.
+
+    ``x [N, d_in]``, ``W_enc [d_in, d_sae]``; tiles of ``tm`` rows by ``tn``
+    features; each row block's features are split into ``chunks`` tasks.
+    """
+    _check(x, W_enc, b_enc, b_dec)
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    if out.shape[0] != n or out.shape[1] != d_sae or tm < 1 or tn < 1 or chunks < 1:
+        raise ValueError("bad output shape or tiling")
+    cdef Py_ssize_t nrb = (n + tm - 1) // tm
+    cdef Py_ssize_t ntiles = (d_sae + tn - 1) // tn
+    chunks = min(chunks, ntiles)
+    cdef Py_ssize_t per = (ntiles + chunks - 1) // chunks  # tiles per chunk
+    chunks = (ntiles + per - 1) // per
+    cdef Py_ssize_t ntasks = nrb * chunks, task, rb, cc, r0, mr, c0, c1
+    cdef float* xc = NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        xc = <float*>malloc(tm * d_in * sizeof(float))
+        for task in prange(ntasks, schedule="dynamic"):
+            if xc == NULL:
+                failed += 1  # a reduction: any thread's failure survives the loop
+            else:
+                rb = task // chunks
+                cc = task % chunks
+                r0 = rb * tm
+                mr = min(tm, n - r0)
+                c0 = cc * per * tn
+                c1 = min(d_sae, (cc + 1) * per * tn)
+                _dense_task(&x[0, 0], &W_enc[0, 0], &b_enc[0], &b_dec[0], &out[0, 0],
+                            d_in, d_sae, r0, mr, c0, c1, tn, xc)
+        free(xc)
+    if failed:
+        raise MemoryError("encode_dense: could not allocate a tile buffer")
+
+
+def encode_csr(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
+               const float[::1] b_dec, Py_ssize_t tm, Py_ssize_t tn, Py_ssize_t chunks,
+               int nthreads):
+    """relu((x - b_dec) @ W_enc + b_enc) as canonical CSR.
+
+    Returns ``(indptr int64 [N+1], indices int32 [nnz], values float32 [nnz])``
+    with the positive entries of each row in increasing feature order.
+    """
+    _check(x, W_enc, b_enc, b_dec)
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    if tm < 1 or tn < 1 or chunks < 1:
+        raise ValueError("bad tiling")
+    cdef Py_ssize_t nrb = (n + tm - 1) // tm
+    cdef Py_ssize_t ntiles = (d_sae + tn - 1) // tn
+    chunks = min(chunks, ntiles)
+    cdef Py_ssize_t per = (ntiles + chunks - 1) // chunks
+    chunks = (ntiles + per - 1) // per
+    cdef Py_ssize_t ntasks = nrb * chunks, task, rb, cc, r0, mr, c0, c1, r, i, cnt
+    cdef _TaskOut* res = <_TaskOut*>malloc(ntasks * sizeof(_TaskOut))
+    if res == NULL:
+        raise MemoryError("encode_csr: out of memory")
+    for task in range(ntasks):
+        res[task].idx = NULL
+        res[task].val = NULL
+        res[task].rowcnt = NULL
+    cdef float* xc = NULL
+    cdef float* tile = NULL
+    cdef int failed = 0
+    cdef int64_t pos
+    cdef int64_t[::1] indptr_v
+    cdef int32_t[::1] idx_v
+    cdef float[::1] val_v
+    try:
+        with nogil, parallel(num_threads=nthreads):
+            xc = <float*>malloc(tm * d_in * sizeof(float))
+            tile = <float*>malloc(tm * min(tn, d_sae) * sizeof(float))
+            for task in prange(ntasks, schedule="dynamic"):
+                if xc == NULL or tile == NULL:
+                    failed += 1  # a reduction: any thread's failure survives the loop
+                else:
+                    rb = task // chunks
+                    cc = task % chunks
+                    r0 = rb * tm
+                    mr = min(tm, n - r0)
+                    c0 = cc * per * tn
+                    c1 = min(d_sae, (cc + 1) * per * tn)
+                    if _sparse_task(&x[0, 0], &W_enc[0, 0], &b_enc[0], &b_dec[0], d_in, d_sae,
+                                    r0, mr, c0, c1, tn, xc, tile, &res[task]) != 0:
+                        failed += 1
+            free(xc)
+            free(tile)
+        if failed:
+            raise MemoryError("encode_csr: out of memory")
+
+        # row pointers: row i's count is the sum over its row block's chunks
+        indptr = np.empty(n + 1, dtype=np.int64)
+        indptr_v = indptr
+        indptr_v[0] = 0
+        for rb in range(nrb):
+            r0 = rb * tm
+            mr = min(tm, n - r0)
+            for r in range(mr):
+                cnt = 0
+                for cc in range(chunks):
+                    cnt += res[rb * chunks + cc].rowcnt[r]
+                indptr_v[r0 + r + 1] = indptr_v[r0 + r] + cnt
+        nnz = int(indptr_v[n])
+        indices = np.empty(nnz, dtype=np.int32)
+        values = np.empty(nnz, dtype=np.float32)
+        idx_v = indices
+        val_v = values
+        if nnz:
+            # gather: each row's chunks in feature order (row blocks in parallel)
+            for rb in prange(nrb, nogil=True, num_threads=nthreads, schedule="dynamic"):
+                r0 = rb * tm
+                mr = min(tm, n - r0)
+                for r in range(mr):
+                    pos = indptr_v[r0 + r]
+                    for cc in range(chunks):
+                        task = rb * chunks + cc
+                        cnt = res[task].rowcnt[r]
+                        memcpy(&idx_v[0] + pos, res[task].idx + res[task].cursor,
+                               cnt * sizeof(int32_t))
+                        memcpy(&val_v[0] + pos, res[task].val + res[task].cursor,
+                               cnt * sizeof(float))
+                        res[task].cursor += cnt
+                        pos = pos + cnt
+        return indptr, indices, values
+    finally:
+        for task in range(ntasks):
+            free(res[task].idx)
+            free(res[task].val)
+            free(res[task].rowcnt)
+        free(res)
+
+
+def dense_to_csr(const float[:, ::1] f, int nthreads):
+    """Canonical CSR of the nonzero entries of a dense ``f [N, d_sae]``
+    (what ``SparseCodes.from_dense`` builds), in two parallel passes."""
+    cdef Py_ssize_t n = f.shape[0], d = f.shape[1], i, j, pos
+    indptr = np.empty(n + 1, dtype=np.int64)
+    cdef int64_t[::1] ip = indptr
+    cdef int64_t cnt
+    ip[0] = 0
+    for i in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
+        cnt = 0
+        for j in range(d):
+            if f[i, j] != 0:
+                cnt = cnt + 1
+        ip[i + 1] = cnt
+    for i in range(n):
+        ip[i + 1] += ip[i]
+    indices = np.empty(ip[n], dtype=np.int32)
+    values = np.empty(ip[n], dtype=np.float32)
+    cdef int32_t[::1] iv = indices
+    cdef float[::1] vv = values
+    for i in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
+        pos = ip[i]
+        for j in range(d):
+            if f[i, j] != 0:
+                iv[pos] = <int32_t>j
+                vv[pos] = f[i, j]
+                pos = pos + 1
+    return indptr, indices, values
