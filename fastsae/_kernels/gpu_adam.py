@@ -1,0 +1,70 @@
+"""CUDA fused Adam, with the unit-norm decoder renormalization fused in.
+
+:func:`adam_kernel` updates one parameter array and its two moments in a
+single pass (read p, g, m, v; write p, m, v), on the flattened array. The
+scalars arrive as float32 and the formula is evaluated in the reference's
+order, so each step matches PyTorch/NumPy float32 Adam up to FMA contraction:
+
+    m = b1 m + (1 - b1) g;  v = b2 v + ((1 - b2) g) g
+    p -= (lr (m / bc1)) / (sqrt(v / bc2) + eps),  bc_k = 1 - b_k**t
+
+:func:`adam_rows_renorm_kernel` does the same for ``W_dec`` in
+``"unit_norm"`` mode, one block per decoder row, and then divides the
+updated row by its norm (rows of norm 0 are left as they are), saving a
+second pass over ``W_dec``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from .gpu_common import BLOCK, block_sum
+
+
+@cuda.jit(cache=True)
+def adam_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
+    """One Adam step on 1-D float32 arrays p, g, m, v (same length), in place.
+
+    Scalars (float32): b1, omb1 = 1 - b1, b2, omb2 = 1 - b2, bias
+    corrections bc1, bc2, lr, eps. 1-D grid-stride loop, any launch shape.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, p.shape[0], step):
+        gi = g[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] -= (lr * (mi / bc1)) / (math.sqrt(vi / bc2) + eps)
+
+
+@cuda.jit(cache=True)
+def adam_rows_renorm_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
+    """Adam step on 2-D float32 ``[R, d]`` arrays, then ``p[r] /= ||p[r]||``.
+
+    One block of ``BLOCK`` threads per row (grid-stride over rows). Scalars
+    as in :func:`adam_kernel`.
+    """
+    sh = cuda.shared.array(BLOCK, np.float32)
+    t = cuda.threadIdx.x
+    R = p.shape[0]
+    d = p.shape[1]
+    for r in range(cuda.blockIdx.x, R, cuda.gridDim.x):
+        acc = np.float32(0.0)
+        for k in range(t, d, BLOCK):
+            gi = g[r, k]
+            mi = b1 * m[r, k] + omb1 * gi
+            vi = b2 * v[r, k] + omb2 * gi * gi
+            m[r, k] = mi
+            v[r, k] = vi
+            pk = p[r, k] - (lr * (mi / bc1)) / (math.sqrt(vi / bc2) + eps)
+            p[r, k] = pk
+            acc += pk * pk
+        norm = math.sqrt(block_sum(sh, t, acc))
+        if norm > 0:
+            for k in range(t, d, BLOCK):  # the same thread wrote these elements
+                p[r, k] = p[r, k] / norm

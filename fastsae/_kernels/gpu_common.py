@@ -1,0 +1,183 @@
+"""Launch geometry and shared device helpers for the numba.cuda kernels.
+
+Every ``gpu_*.py`` kernel file takes its block and tile sizes from here, so
+one switch moves the whole CUDA backend between two geometries:
+
+* On a real GPU: 256-thread blocks, 128x128 GEMM tiles with 8x8 outputs per
+  thread, 32x32 transpose tiles.
+* Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, read when numba is
+  first imported), every GPU thread is a Python thread and every
+  ``syncthreads()`` is a thread switch, so the very same kernels run with
+  8-thread blocks and 8x8 GEMM tiles. Tiny test shapes (sizes 1..20) then
+  still cross every tile, chunk and block boundary the real geometry has.
+
+Shared-memory array shapes must be compile-time constants in numba.cuda;
+module-level ints like the ones below are frozen into each kernel when it
+is compiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import config, cuda
+
+#: True when numba runs CUDA kernels in its Python simulator.
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+if SIMULATOR:
+    BLOCK = 8            # threads of every 1-D block
+    GRID_CAP = 3         # grid-stride loops: at most this many blocks
+    GEMM_BM = 8          # GEMM block tile rows
+    GEMM_BN = 8          # GEMM block tile columns
+    GEMM_BK = 4          # GEMM depth of one shared-memory stage
+    GEMM_TM = 2          # output rows per thread
+    GEMM_TN = 2          # output columns per thread
+    LANES = 4            # sparse dot products: threads sharing one entry
+    GROUPS = 2           # sparse dot products: entries per block at once
+    TILE = 4             # transpose tile edge
+    TILE_ROWS = 2        # transpose block rows
+    CHUNK_ROWS = 2       # rows per chunk of the CSR -> CSC transposition
+    COLSUM_ROWS = 3      # rows per partial column sum
+else:
+    BLOCK = 256
+    GRID_CAP = 65535
+    GEMM_BM = 128
+    GEMM_BN = 128
+    GEMM_BK = 8
+    GEMM_TM = 8
+    GEMM_TN = 8
+    LANES = 32
+    GROUPS = 8
+    TILE = 32
+    TILE_ROWS = 8
+    CHUNK_ROWS = 64
+    COLSUM_ROWS = 64
+
+#: GEMM block shape: (x = columns, y = rows) of threads.
+GEMM_TX = GEMM_BN // GEMM_TN
+GEMM_TY = GEMM_BM // GEMM_TM
+GEMM_THREADS = GEMM_TX * GEMM_TY
+assert (GEMM_BM * GEMM_BK) % GEMM_THREADS == 0
+assert (GEMM_BN * GEMM_BK) % GEMM_THREADS == 0
+assert BLOCK & (BLOCK - 1) == 0 and LANES & (LANES - 1) == 0  # tree reductions
+
+
+def grid_for(n: int, per_block: int = 1) -> int:
+    """Blocks for a grid-stride loop over ``n`` items, ``per_block`` at a time."""
+    return max(1, min(GRID_CAP, -(-int(n) // per_block)))
+
+
+def flat_grid(n: int) -> int:
+    """Blocks of ``BLOCK`` threads for a 1-D grid-stride loop over ``n`` items."""
+    return grid_for(n, BLOCK)
+
+
+# ------------------------------------------------------------ device helpers
+@cuda.jit(device=True)
+def block_sum(sh, t, v):
+    """Sum of ``v`` over the ``sh.shape[0]`` threads of a 1-D block.
+
+    ``sh`` is a shared array of the accumulation dtype and of the block's
+    size (a power of two); ``t`` is ``threadIdx.x``. Every thread gets the
+    sum. Must be reached by all threads of the block; ends with a barrier so
+    ``sh`` can be reused at once.
+    """
+    n = sh.shape[0]
+    sh[t] = v
+    cuda.syncthreads()
+    s = n // 2
+    while s > 0:
+        if t < s:
+            sh[t] += sh[t + s]
+        cuda.syncthreads()
+        s //= 2
+    total = sh[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def block_exclusive_scan(sh, t, v):
+    """Exclusive prefix sum of ``v`` over a 1-D block, and the block total.
+
+    ``sh``: shared int64 array of the block's size. Hillis-Steele scan (log2
+    steps, two barriers each); must be reached by all threads. Returns
+    ``(sum of v over threads < t, sum over all threads)``.
+    """
+    n = sh.shape[0]
+    sh[t] = v
+    cuda.syncthreads()
+    off = 1
+    while off < n:
+        add = 0
+        if t >= off:
+            add = sh[t - off]
+        cuda.syncthreads()
+        sh[t] += add
+        cuda.syncthreads()
+        off *= 2
+    incl = sh[t]
+    total = sh[n - 1]
+    cuda.syncthreads()
+    return incl - v, total
+
+
+# ------------------------------------------------------------ small kernels
+@cuda.jit(cache=True)
+def exclusive_scan_kernel(counts, out):
+    """``out[0] = 0``, ``out[i + 1] = counts[0] + ... + counts[i]``.
+
+    counts: int32/int64 ``[n]``; out: int64 ``[n + 1]``. Launch with ONE
+    block of ``BLOCK`` threads: it walks the array in chunks of ``BLOCK``,
+    carrying the running total (n is at most a few tens of thousands here:
+    rows of a batch or features of an SAE).
+    """
+    sh = cuda.shared.array(BLOCK, np.int64)
+    t = cuda.threadIdx.x
+    n = counts.shape[0]
+    if t == 0:
+        out[0] = 0
+    carry = 0
+    for base in range(0, n, BLOCK):
+        i = base + t
+        v = 0
+        if i < n:
+            v = counts[i]
+        excl, total = block_exclusive_scan(sh, t, v)
+        if i < n:
+            out[i + 1] = carry + excl + v
+        carry += total
+
+
+@cuda.jit(cache=True)
+def sum_kernel(arr, out, slot):
+    """``out[slot] = sum(arr)`` in float64 (arr: float32/float64 ``[n]``).
+
+    Launch with ONE block of ``BLOCK`` threads; deterministic order.
+    """
+    sh = cuda.shared.array(BLOCK, np.float64)
+    t = cuda.threadIdx.x
+    acc = 0.0
+    for i in range(t, arr.shape[0], BLOCK):
+        acc += arr[i]
+    total = block_sum(sh, t, acc)
+    if t == 0:
+        out[slot] = total
+
+
+@cuda.jit(cache=True)
+def fill_kernel(arr, value):
+    """``arr[:] = value`` for a 1-D array (grid-stride; any grid)."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, arr.shape[0], step):
+        arr[i] = value
+
+
+@cuda.jit(cache=True)
+def add_kernel(dst, src):
+    """``dst[:] += src`` for 1-D arrays of equal length (grid-stride)."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, dst.shape[0], step):
+        dst[i] += src[i]

@@ -1,0 +1,539 @@
+"""The CUDA backend: the kernel contract on an NVIDIA GPU through numba.cuda.
+
+Install with the ``cuda`` extra (``pip install fastsae[cuda]``, which pulls
+``numba-cuda``). Kernels live in ``fastsae/_kernels/gpu_*.py``; this module
+moves data, allocates, launches and reads back the few scalars a caller
+needs. Semantics are those of :mod:`fastsae.reference`.
+
+Arrays in and out
+-----------------
+Every function accepts NumPy arrays (copied to the GPU, results copied back
+as NumPy) or device arrays: numba device arrays and anything exposing
+``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors; used in
+place, without copies). When any array argument is a device array the
+results are numba device arrays (they expose ``__cuda_array_interface__``
+themselves: ``cupy.asarray(out)`` / ``torch.as_tensor(out, device="cuda")``
+wrap them without copies). Device arrays must be C-contiguous; float arrays
+must be float32 (``fastsae._validate`` checks shape and dtype before any
+kernel runs). :func:`to_backend` / :func:`to_numpy` move arrays,
+:class:`SAEParams`, :class:`AdamState` and :class:`SparseCodes` across.
+
+``train_step`` on device params and state runs entirely on the GPU: the only
+host transfers are two small reads (the number of active entries, needed to
+size the sparse codes, and the five loss scalars of the returned
+:class:`StepResult`). Scratch buffers are cached per shape between calls
+(:func:`clear_workspace` frees them); the module is not meant to be called
+from several Python threads at once.
+
+Algorithm (see each kernel file for details): dense tiled GEMM with bias,
+ReLU and per-row counts in its epilogue -> scan -> ordered compaction to
+canonical CSR; sparse decode; per-entry ``d_pre``; stable CSR -> CSC
+transposition so every per-feature gradient is a deterministic,
+atomic-free sum; fused Adam (+ fused unit-norm renormalization). Results are
+bit-for-bit reproducible from run to run on the same GPU.
+
+Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same code runs on
+the CPU, very slowly, with small launch geometries (see
+:mod:`fastsae._kernels.gpu_common`): that is how the tests check every
+kernel on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from ._kernels import gpu_adam, gpu_backward, gpu_decode, gpu_encode, gpu_norms
+from ._kernels.gpu_common import (BLOCK, CHUNK_ROWS, COLSUM_ROWS, GROUPS, LANES, SIMULATOR,
+                                  TILE, TILE_ROWS, add_kernel, exclusive_scan_kernel,
+                                  fill_kernel, flat_grid, grid_for, sum_kernel)
+from .params import AdamState, Losses, SAEParams, StepResult
+from .sparse import SparseCodes
+
+NAME = "cuda"
+DEVICE_ARRAYS = True
+DESCRIPTION = ("CUDA simulator (NUMBA_ENABLE_CUDASIM=1): numba.cuda kernels run on the CPU, "
+               "for testing only" if SIMULATOR else "numba.cuda kernels on an NVIDIA GPU")
+
+if SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeArray
+
+    class _SimDeviceArray(_FakeArray):
+        """A simulator device array that also exposes ``__cuda_array_interface__``.
+
+        The simulator's own arrays do not, so code that recognizes device
+        arrays by that attribute (``fastsae._validate``, CuPy, PyTorch) would
+        take them for host data and copy them. The simulator's "device
+        memory" is host memory, so the interface honestly points at it.
+        """
+
+        @property
+        def __cuda_array_interface__(self):
+            a = self._ary
+            return {"shape": tuple(a.shape), "typestr": a.dtype.str,
+                    "data": (a.ctypes.data, False),
+                    "strides": None if a.flags.c_contiguous else tuple(a.strides),
+                    "version": 3}
+else:
+    _FakeArray = ()  # isinstance(x, ()) is always False
+
+
+# ------------------------------------------------------------ availability
+def check_available() -> None:
+    """Raise ``RuntimeError`` saying why when no CUDA device can be used."""
+    global DESCRIPTION
+    if SIMULATOR:
+        return
+    if not cuda.is_available():
+        reason = "no CUDA driver or device found"
+        try:
+            cuda.get_current_device()
+        except Exception as exc:  # the driver's own explanation
+            reason = f"{reason}: {' '.join(str(exc).split())}"
+        raise RuntimeError(reason)
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    cc = ".".join(str(c) for c in dev.compute_capability)
+    DESCRIPTION = f"numba.cuda kernels on {name} (compute capability {cc})"
+
+
+def synchronize() -> None:
+    """Wait until all queued kernels and copies have finished."""
+    cuda.synchronize()
+
+
+# ------------------------------------------------------------ placement
+def _wrap(a):
+    """Under the simulator, give a fresh device array the interface attribute."""
+    if SIMULATOR and not isinstance(a, _SimDeviceArray):
+        return _SimDeviceArray(a._ary)
+    return a
+
+
+def _empty(shape, dtype=np.float32):
+    return _wrap(cuda.device_array(shape, dtype=dtype))
+
+
+def _is_device(a) -> bool:
+    if isinstance(a, np.ndarray):
+        return False
+    return isinstance(a, _FakeArray) or hasattr(a, "__cuda_array_interface__")
+
+
+def _device(a, dtype=np.float32, writable=False):
+    """``a`` as a C-contiguous device array of ``dtype``.
+
+    Device arrays are used in place (refused when they are not C-contiguous
+    or have the wrong dtype: a silent copy would break in-place updates);
+    host arrays are copied over.
+    """
+    if _is_device(a):
+        if not isinstance(a, _FakeArray) and not cuda.devicearray.is_cuda_ndarray(a):
+            a = cuda.as_cuda_array(a)  # CuPy, PyTorch, ...: zero-copy view
+        if np.dtype(a.dtype) != np.dtype(dtype):
+            raise TypeError(f"device array must have dtype {np.dtype(dtype)}, got {a.dtype}")
+        if not a.is_c_contiguous():
+            raise ValueError("device arrays must be C-contiguous (e.g. call .contiguous() or "
+                             "cupy.ascontiguousarray first)")
+        return a
+    h = np.ascontiguousarray(a, dtype=dtype)
+    return _wrap(cuda.to_device(h))
+
+
+def _host(a):
+    """A NumPy copy of device array ``a`` (numba, simulator, CuPy, PyTorch...)."""
+    if not hasattr(a, "copy_to_host"):
+        a = cuda.as_cuda_array(a)
+    return a.copy_to_host()
+
+
+def _any_device(*objs) -> bool:
+    for o in objs:
+        if isinstance(o, SparseCodes):
+            if _is_device(o.values) or _is_device(o.indptr):
+                return True
+        elif isinstance(o, SAEParams):
+            if any(_is_device(a) for a in o.arrays()):
+                return True
+        elif _is_device(o):
+            return True
+    return False
+
+
+def _codes_device(codes: SparseCodes):
+    return (_device(codes.indptr, np.int64), _device(codes.indices, np.int32),
+            _device(codes.values, np.float32))
+
+
+def _params_device(p: SAEParams) -> SAEParams:
+    return SAEParams(*(_device(a) for a in p.arrays()))
+
+
+def to_backend(obj):
+    """Copy an array, :class:`SAEParams`, :class:`AdamState` or
+    :class:`SparseCodes` to the GPU (floats as float32, integers keep their
+    dtype). Device arrays are returned unchanged."""
+    if isinstance(obj, SAEParams):
+        return SAEParams(*(to_backend(a) for a in obj.arrays()))
+    if isinstance(obj, AdamState):
+        return AdamState(to_backend(obj.m), to_backend(obj.v), obj.step)
+    if isinstance(obj, SparseCodes):
+        return SparseCodes(*_codes_device(obj), tuple(obj.shape))
+    if obj is None or _is_device(obj):
+        return obj
+    a = np.asarray(obj)
+    if a.dtype.kind == "f":
+        return _device(a, np.float32)
+    if a.dtype.kind in "iub":
+        return _device(a, a.dtype)
+    raise TypeError(f"cannot move {type(obj).__name__} of dtype {a.dtype} to the GPU")
+
+
+def to_numpy(obj):
+    """Inverse of :func:`to_backend`: NumPy arrays (host objects unchanged)."""
+    if isinstance(obj, SAEParams):
+        return SAEParams(*(to_numpy(a) for a in obj.arrays()))
+    if isinstance(obj, AdamState):
+        return AdamState(to_numpy(obj.m), to_numpy(obj.v), obj.step)
+    if isinstance(obj, SparseCodes):
+        return SparseCodes(*(to_numpy(a) for a in (obj.indptr, obj.indices, obj.values)),
+                           tuple(obj.shape))
+    if _is_device(obj):
+        return _host(obj)
+    return obj
+
+
+# ------------------------------------------------------------ workspace
+_WORK: dict = {}
+
+
+def _work(name, shape, dtype=np.float32):
+    """A cached scratch device array (contents undefined)."""
+    shape = tuple(int(s) for s in (shape if isinstance(shape, tuple) else (shape,)))
+    a = _WORK.get(name)
+    if a is None or tuple(a.shape) != shape or a.dtype != np.dtype(dtype):
+        _WORK.pop(name, None)
+        a = _empty(shape, dtype)
+        _WORK[name] = a
+    return a
+
+
+def _work_at_least(name, n, dtype):
+    """A cached 1-D scratch array of length ``n`` (a view of a buffer that
+    only grows, so a varying nnz does not reallocate every step)."""
+    a = _WORK.get(name)
+    if a is None or a.shape[0] < max(n, 1) or a.dtype != np.dtype(dtype):
+        _WORK.pop(name, None)
+        a = _empty(max(int(n * 1.25), 1), dtype)
+        _WORK[name] = a
+    return a[:n]
+
+
+def clear_workspace() -> None:
+    """Free the cached scratch buffers (they are re-created on demand)."""
+    _WORK.clear()
+
+
+def _zero(a):
+    flat = a.reshape(a.size) if len(a.shape) > 1 else a
+    fill_kernel[flat_grid(flat.shape[0]), BLOCK](flat, flat.dtype.type(0))
+
+
+def _flat(a):
+    return a.reshape(a.size)
+
+
+# ------------------------------------------------------------ forward
+def _gemm(A, shift, B, bias, relu, out, row_counts=None):
+    grid, block = gpu_encode.gemm_launch(A.shape[0], B.shape[1])
+    has_shift = shift is not None
+    if shift is None:
+        shift = bias  # never read
+    counts = row_counts if row_counts is not None else _work("dummy_counts", 1, np.int32)
+    gpu_encode.gemm_bias_act_kernel[grid, block](A, shift, has_shift, B, bias, bool(relu), out,
+                                                 counts, row_counts is not None)
+
+
+def _compact(dense, counts, indptr=None, fresh=True):
+    """CSR of ``dense``'s nonzeros given per-row counts (int32 [N])."""
+    n, d = dense.shape
+    if indptr is None:
+        indptr = _empty(n + 1, np.int64) if fresh else _work("indptr", n + 1, np.int64)
+    exclusive_scan_kernel[1, BLOCK](counts, indptr)
+    nnz = int(indptr[n:n + 1].copy_to_host()[0])  # one scalar read: sizes the output
+    if fresh:
+        indices = _empty(max(nnz, 1), np.int32)[:nnz]
+        values = _empty(max(nnz, 1), np.float32)[:nnz]
+    else:
+        indices = _work_at_least("indices", nnz, np.int32)
+        values = _work_at_least("values", nnz, np.float32)
+    gpu_encode.compact_rows_kernel[grid_for(n), BLOCK](dense, indptr, indices, values)
+    return SparseCodes(_wrap(indptr), _wrap(indices), _wrap(values), (int(n), int(d))), nnz
+
+
+def _encode_sparse(x, W_enc, b_enc, b_dec, fresh):
+    n, d_sae = x.shape[0], W_enc.shape[1]
+    dense = _work("enc_dense", (n, d_sae))
+    counts = _work("row_counts", n, np.int32)
+    _zero(counts)
+    _gemm(x, b_dec, W_enc, b_enc, True, dense, counts)
+    return _compact(dense, counts, fresh=fresh)
+
+
+def _dense_to_sparse(f):
+    counts = _work("row_counts_dense", f.shape[0], np.int32)
+    gpu_encode.count_rows_kernel[grid_for(f.shape[0]), BLOCK](f, counts)
+    return _compact(f, counts, indptr=_work("indptr_dense", f.shape[0] + 1, np.int64),
+                    fresh=False)
+
+
+def _out(a, device_out):
+    return _wrap(a) if device_out else a.copy_to_host()
+
+
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)``, dense float32 ``[N, d_sae]``."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    out = _empty((x.shape[0], W_enc.shape[1]))
+    _gemm(x, b_dec, W_enc, b_enc, True, out)
+    return _out(out, dev)
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+    """:func:`encode_relu` as canonical :class:`SparseCodes`."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    args = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    codes, _ = _encode_sparse(*args, fresh=True)
+    return codes if dev else codes.to_host()
+
+
+def _sparse_decode(indptr, indices, values, W_dec, b_dec, out):
+    gpu_decode.sparse_decode_kernel[grid_for(out.shape[0]), BLOCK](
+        indptr, indices, values, W_dec, b_dec, out)
+
+
+def decode(codes, W_dec, b_dec):
+    """``codes @ W_dec + b_dec``, float32 ``[N, d_in]``; codes dense or sparse."""
+    dev = _any_device(codes, W_dec, b_dec)
+    W_dec, b_dec = _device(W_dec), _device(b_dec)
+    n = int(codes.shape[0])
+    out = _empty((n, W_dec.shape[1]))
+    if isinstance(codes, SparseCodes):
+        _sparse_decode(*_codes_device(codes), W_dec, b_dec, out)
+    else:
+        _gemm(_device(codes), None, W_dec, b_dec, False, out)
+    return _out(out, dev)
+
+
+def _norms(W_dec, out):
+    gpu_norms.row_norms_kernel[grid_for(W_dec.shape[0]), BLOCK](W_dec, out)
+    return out
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row, float32 ``[d_sae]``."""
+    dev = _any_device(W_dec)
+    W_dec = _device(W_dec)
+    return _out(_norms(W_dec, _empty(W_dec.shape[0])), dev)
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms[j]`` where ``codes[i, j] > 0``, else 0; same
+    kind as ``codes`` (sparse codes keep their pattern)."""
+    dev = _any_device(codes, norms)
+    norms = _device(norms)
+    c = np.float32(l1_coefficient)
+    if isinstance(codes, SparseCodes):
+        indptr, indices, _ = _codes_device(codes)
+        vals = _empty(max(indices.shape[0], 1))[:indices.shape[0]]
+        gpu_norms.l1_sparse_kernel[flat_grid(indices.shape[0]), BLOCK](indices, norms, c, vals)
+        if not dev:
+            h = codes.to_host()
+            return SparseCodes(np.array(h.indptr, dtype=np.int64), np.array(h.indices, np.int32),
+                               vals.copy_to_host(), tuple(codes.shape))
+        out_ptr = _empty(indptr.shape[0], np.int64)
+        out_idx = _empty(max(indices.shape[0], 1), np.int32)[:indices.shape[0]]
+        out_ptr.copy_to_device(indptr)
+        if indices.shape[0]:
+            out_idx.copy_to_device(indices)
+        return SparseCodes(out_ptr, out_idx, _wrap(vals), tuple(codes.shape))
+    f = _device(codes)
+    out = _empty(f.shape)
+    gpu_norms.l1_dense_kernel[flat_grid(f.shape[0] * f.shape[1]), BLOCK](f, norms, c, out)
+    return _out(out, dev)
+
+
+# ------------------------------------------------------------ backward
+def _colsum(A, div, out):
+    """``out = A.sum(axis=0) / div`` (float32), deterministic chunked order."""
+    n, d = A.shape
+    chunks = -(-n // COLSUM_ROWS)
+    partial = _work("colsum_partial", (chunks, d))
+    gpu_backward.colsum_partial_kernel[(-(-d // BLOCK), chunks), BLOCK](A, COLSUM_ROWS, partial)
+    gpu_backward.colsum_finish_kernel[-(-d // BLOCK), BLOCK](partial, np.float32(div), out)
+    return out
+
+
+def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
+    """Fill the gradient arrays ``g`` (SAEParams of device arrays) and
+    ``scal`` (float64 [3]: sum of squared errors, sum_j (sum_i f_ij) pen_j,
+    sum of squared deviations of x from its mean). Returns the per-feature
+    count of stored entries (int64 [d_sae], a workspace array)."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    nnz = indices.shape[0]
+    nf = np.float32(n)
+    l1_scale = np.float32(c / n)
+
+    norms = _norms(P.W_dec, _work("norms", d_sae))
+    mean = _colsum(x, n, _work("mean", d_in))
+    d_xhat = _work("d_xhat", (n, d_in))
+    row_mse = _work("row_mse", n, np.float64)
+    row_var = _work("row_var", n, np.float64)
+    gpu_backward.residual_kernel[grid_for(n), BLOCK](x, x_hat, mean, nf, d_xhat, row_mse,
+                                                     row_var)
+    _colsum(d_xhat, 1, g.b_dec)
+
+    dpre = _work_at_least("dpre", nnz, np.float32)
+    gpu_backward.dpre_kernel[grid_for(n), (LANES, GROUPS)](
+        indptr, indices, values, d_xhat, P.W_dec, norms, weighted, l1_scale, dpre)
+
+    # stable CSR -> CSC
+    chunks = -(-n // CHUNK_ROWS)
+    counts = _work("csc_counts", (chunks, d_sae), np.int32)
+    _zero(counts)
+    gpu_backward.csc_count_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, counts)
+    colcount = _work("colcount", d_sae, np.int64)
+    gpu_backward.csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](counts, colcount)
+    colptr = _work("colptr", d_sae + 1, np.int64)
+    exclusive_scan_kernel[1, BLOCK](colcount, colptr)
+    entry_of = _work_at_least("entry_of", nnz, np.int64)
+    row_of = _work_at_least("row_of", nnz, np.int32)
+    gpu_backward.csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr,
+                                                          counts, entry_of, row_of)
+
+    g_W_encT = _work("g_W_encT", (d_sae, d_in))
+    l1_feat = _work("l1_feat", d_sae)
+    gpu_backward.feature_grad_kernel[grid_for(d_sae), BLOCK](
+        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, weighted,
+        l1_scale, g.W_dec, g_W_encT, g.b_enc, l1_feat)
+    gpu_backward.transpose_kernel[(-(-d_in // TILE), -(-d_sae // TILE)), (TILE, TILE_ROWS)](
+        g_W_encT, g.W_enc)
+    gpu_backward.matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+
+    sum_kernel[1, BLOCK](row_mse, scal, 0)
+    sum_kernel[1, BLOCK](l1_feat, scal, 1)
+    sum_kernel[1, BLOCK](row_var, scal, 2)
+    return colcount
+
+
+def _empty_like_params(P: SAEParams, cached: bool) -> SAEParams:
+    if cached:
+        return SAEParams(*(_work("grad_" + name, a.shape) for name, a in P.as_dict().items()))
+    return SAEParams(*(_empty(a.shape) for a in P.arrays()))
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients (see :func:`fastsae.reference.gradients`)."""
+    dev = _any_device(x, params, codes, x_hat)
+    x, x_hat = _device(x), _device(x_hat)
+    P = _params_device(params)
+    if isinstance(codes, SparseCodes):
+        indptr, indices, values = _codes_device(codes)
+    else:
+        sc, _ = _dense_to_sparse(_device(codes))
+        indptr, indices, values = sc.indptr, sc.indices, sc.values
+    g = _empty_like_params(P, cached=False)
+    scal = _work("scalars", 3, np.float64)
+    _backward(x, P, indptr, indices, values, x_hat, float(l1_coefficient),
+              decoder_norm == "weighted_l1", g, scal)
+    s = scal.copy_to_host()
+    n = x.shape[0]
+    mse = float(s[0] / n)
+    l1 = float(l1_coefficient * s[1] / n)
+    losses = Losses(mse=mse, l1=l1, total=mse + l1)
+    if dev:
+        return losses, SAEParams(*(_wrap(a) for a in g.arrays()))
+    return losses, SAEParams(*(a.copy_to_host() for a in g.arrays()))
+
+
+# ------------------------------------------------------------ optimizer
+def _adam_scalars(step, lr, beta1, beta2, eps):
+    t = step + 1
+    f = np.float32
+    return (f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t),
+            f(1 - beta2 ** t), f(lr), f(eps))
+
+
+def _adam(P, G, M, V, scalars, unit_norm):
+    for name in SAEParams.NAMES:
+        p, g, m, v = (getattr(o, name) for o in (P, G, M, V))
+        if name == "W_dec" and unit_norm:
+            gpu_adam.adam_rows_renorm_kernel[grid_for(p.shape[0]), BLOCK](p, g, m, v, *scalars)
+        else:
+            pf = _flat(p)
+            gpu_adam.adam_kernel[flat_grid(pf.shape[0]), BLOCK](pf, _flat(g), _flat(m),
+                                                               _flat(v), *scalars)
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """Forward, backward and Adam update on batch ``x``, in place.
+
+    Device parameters and moments are updated where they are; host (NumPy)
+    ones are copied to the GPU and the updated values copied back into the
+    same arrays. ``fire_counts`` (int64 ``[d_sae]``, host or device) is
+    incremented by the number of rows each feature fired in.
+    """
+    host_pairs = []  # (host array, device copy) to write back afterwards
+
+    def dev(a):
+        d = _device(a)
+        if not _is_device(a):
+            host_pairs.append((a, d))
+        return d
+
+    P = SAEParams(*(dev(a) for a in params.arrays()))
+    M = SAEParams(*(dev(a) for a in state.m.arrays()))
+    V = SAEParams(*(dev(a) for a in state.v.arrays()))
+    for name, a in P.as_dict().items():
+        for which, o in (("m", M), ("v", V)):
+            if tuple(getattr(o, name).shape) != tuple(a.shape):
+                raise ValueError(f"state.{which}.{name} has shape {tuple(getattr(o, name).shape)}"
+                                 f", expected {tuple(a.shape)}")
+    fc_dev = None
+    if fire_counts is not None:
+        if _is_device(fire_counts):
+            fc_dev = _device(fire_counts, np.int64)
+        elif not isinstance(fire_counts, np.ndarray) or fire_counts.dtype.kind not in "iu":
+            raise TypeError("fire_counts must be an integer (int64) array")
+    xd = _device(x)
+    n = xd.shape[0]
+    unit_norm = decoder_norm == "unit_norm"
+
+    codes, nnz = _encode_sparse(xd, P.W_enc, P.b_enc, P.b_dec, fresh=False)
+    x_hat = _work("x_hat", xd.shape)
+    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    G = _empty_like_params(P, cached=True)
+    scal = _work("scalars", 3, np.float64)
+    colcount = _backward(xd, P, codes.indptr, codes.indices, codes.values, x_hat,
+                         float(l1_coefficient), not unit_norm, G, scal)
+    if fc_dev is not None:
+        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
+    _adam(P, G, M, V, _adam_scalars(state.step, lr, beta1, beta2, eps), unit_norm)
+    state.step += 1
+
+    s = scal.copy_to_host()
+    if fire_counts is not None and fc_dev is None:
+        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
+    for h, d in host_pairs:
+        d.copy_to_host(h)
+    mse = float(s[0] / n)
+    l1 = float(l1_coefficient * s[1] / n)
+    var = float(s[2] / n)
+    return StepResult(mse=mse, l1=l1, total=mse + l1, l0=nnz / n,
+                      explained_variance=1.0 - mse / var if var > 0 else 1.0)
