@@ -19,6 +19,7 @@ were not built.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -313,6 +314,8 @@ def test_debug_build_catches_out_of_bounds():
     from fastsae import _cy_decode, _cy_runtime
 
     if not _cy_runtime.DEBUG:
+        if os.environ.get("FASTSAE_REQUIRE_DEBUG_BUILD"):
+            pytest.fail("FASTSAE_REQUIRE_DEBUG_BUILD is set but the extensions are a release build")
         pytest.skip("release build (bounds checks off); .ci/cython_debug.sh runs this")
     W = np.ones((10, 6), np.float32)
     out = np.empty((1, 6), np.float32)
