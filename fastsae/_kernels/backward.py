@@ -1,0 +1,255 @@
+"""Numba CPU backward kernels: the SAE loss's gradients, sparsity-aware.
+
+Inputs: CSR codes ``f`` (``indptr`` int64 ``[N+1]``, ``indices`` int32,
+``values`` float32), ``d_xhat = 2 (x_hat - x) / N`` float32 ``[N, d_in]``,
+``xc = x - b_dec`` float32 ``[N, d_in]``, parameters in SAELens layouts
+(``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), all C-contiguous.
+
+The gradient w.r.t. the pre-activations is zero wherever ``f`` is, so:
+
+* ``d_pre`` is computed only at the ``nnz`` active entries
+  (:func:`d_pre_csr`: ``N * L0 * d_in`` multiply-adds);
+* ``g_W_dec[j] = sum_i f_ij d_xhat_i`` and ``g_W_enc[:, j] = sum_i d_pre_ij
+  xc_i`` are sums over the rows where feature ``j`` is active: the CSR is
+  transposed once (:func:`csr_to_csc`) and :func:`feature_pass` runs
+  parallel over tiles of features, each thread owning its features' rows
+  (no races, no atomics, and a fixed summation order, so results do not
+  depend on the thread count);
+* in ``weighted_l1`` mode the norm term only scales each decoder row by its
+  feature's total activation; in ``unit_norm`` mode the projection is done
+  on each row as it is produced.
+
+:func:`feature_pass` can also apply Adam to ``W_enc``, ``b_enc`` and
+``W_dec`` (and renormalize decoder rows) as each gradient tile is produced,
+so the training step never stores those gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .adam import adam_elem
+
+__all__ = ["csr_to_csc", "d_pre_csr", "column_sums_csc", "column_sums_rows",
+           "b_dec_grad", "feature_pass", "TILE"]
+
+#: Features per tile in :func:`feature_pass`: 16 float32 = one 64-byte cache
+#: line of each ``W_enc`` row, written at once.
+TILE = 16
+
+
+@njit(cache=True)
+def csr_to_csc(indptr, indices, d_sae):
+    """Transpose the pattern: ``(colptr [d_sae+1], rows int32 [nnz],
+    perm int64 [nnz])`` with ``perm[q]`` the CSR position of CSC entry ``q``.
+    Rows are increasing within each column (counting sort, O(nnz + d_sae))."""
+    n = indptr.shape[0] - 1
+    nnz = indices.shape[0]
+    colptr = np.zeros(d_sae + 1, np.int64)
+    for p in range(nnz):
+        colptr[indices[p] + 1] += 1
+    for j in range(d_sae):
+        colptr[j + 1] += colptr[j]
+    cursor = colptr[:-1].copy()
+    rows = np.empty(nnz, np.int32)
+    perm = np.empty(nnz, np.int64)
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            q = cursor[j]
+            rows[q] = i
+            perm[q] = p
+            cursor[j] = q + 1
+    return colptr, rows, perm
+
+
+# reassociation lets LLVM vectorize the dot product; its float32 error bound
+# is order-independent.
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _dot(a, b):
+    s = np.float32(0.0)
+    for k in range(a.shape[0]):
+        s += a[k] * b[k]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n):
+    """``d_pre`` at the active entries, in CSR order, and the L1 term.
+
+    ``d_pre_p = d_xhat_i . W_dec[j] + l1n * penalty_j`` where ``values_p >
+    0`` (0 otherwise: ReLU derivative), ``l1n = l1_coefficient / N``.
+    Returns ``(d_pre float32 [nnz], row_l1 float64 [N])`` with ``row_l1[i] =
+    sum_p values_p * penalty_j``.
+    """
+    n = indptr.shape[0] - 1
+    nnz = indices.shape[0]
+    d_pre = np.empty(nnz, np.float32)
+    row_l1 = np.empty(n, np.float64)
+    c = np.float32(l1n)
+    for i in prange(n):
+        s = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            v = values[p]
+            s += np.float64(v) * penalty[j]
+            if v > 0:
+                d_pre[p] = _dot(d_xhat[i], W_dec[j]) + c * penalty[j]
+            else:
+                d_pre[p] = 0.0
+        row_l1[i] = s
+    return d_pre, row_l1
+
+
+@njit(parallel=True, cache=True)
+def column_sums_csc(colptr, perm, vals):
+    """``out[j] = sum over column j's entries of vals[perm[q]]`` (float32,
+    rows in increasing order), e.g. ``g_b_enc`` from ``d_pre``."""
+    d_sae = colptr.shape[0] - 1
+    out = np.empty(d_sae, np.float32)
+    for j in prange(d_sae):
+        s = np.float32(0.0)
+        for q in range(colptr[j], colptr[j + 1]):
+            s += vals[perm[q]]
+        out[j] = s
+    return out
+
+
+@njit(parallel=True, cache=True)
+def column_sums_rows(A):
+    """Column sums of ``A`` ``[N, d]`` in float64 over fixed 64-row blocks
+    (summed in block order afterwards, so independent of the thread count)."""
+    n, d = A.shape
+    nb = (n + 63) // 64
+    part = np.zeros((nb, d), np.float64)
+    for b in prange(nb):
+        for i in range(b * 64, min(n, b * 64 + 64)):
+            for k in range(d):
+                part[b, k] += A[i, k]
+    out = np.zeros(d, np.float64)
+    for b in range(nb):
+        for k in range(d):
+            out[k] += part[b, k]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def b_dec_grad(d_xhat_colsum, W_enc, g_b_enc):
+    """``g_b_dec = sum_i d_xhat_i - W_enc @ g_b_enc`` (float32 ``[d_in]``)."""
+    d_in = W_enc.shape[0]
+    out = np.empty(d_in, np.float32)
+    for k in prange(d_in):
+        out[k] = np.float32(d_xhat_colsum[k]) - _dot(W_enc[k], g_b_enc)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
+                 unit_norm, apply_adam, g_W_enc, g_W_dec,
+                 W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec,
+                 adam_c):
+    """Per-feature gradients of ``W_dec`` and ``W_enc`` (parallel over tiles of
+    :data:`TILE` features; each tile's rows are owned by one thread).
+
+    ``g_W_dec[j] = sum_i f_ij d_xhat_i`` (+ ``l1n * sum_i f_ij * W_dec[j] /
+    ||W_dec[j]||`` in ``weighted_l1`` mode, i.e. ``unit_norm`` False; the
+    parallel component removed in ``unit_norm`` mode) and ``g_W_enc[:, j] =
+    sum_i d_pre_ij xc_i``, rows ``i`` increasing.
+
+    ``apply_adam`` False: the gradients are written to ``g_W_enc`` ``[d_in,
+    d_sae]`` and ``g_W_dec`` ``[d_sae, d_in]`` (the other arrays unused).
+    True: instead, Adam (constants ``adam_c``, see
+    :mod:`fastsae._kernels.adam`) updates ``W_enc``, ``W_dec`` and, with the
+    precomputed ``g_b_enc``, ``b_enc`` and their moments in place, and in
+    ``unit_norm`` mode each decoder row is renormalized right after; the
+    gradient arrays are unused. ``W_dec``'s old rows are read before they
+    are overwritten, and nothing else in this pass reads them.
+    """
+    d_sae, d_in = W_dec.shape
+    ntiles = (d_sae + TILE - 1) // TILE
+    c = np.float32(l1n)
+    for t in prange(ntiles):
+        j0 = t * TILE
+        j1 = min(d_sae, j0 + TILE)
+        ge = np.zeros((TILE, d_in), np.float32)
+        gd = np.empty(d_in, np.float32)
+        for j in range(j0, j1):
+            gd[:] = 0.0
+            gej = ge[j - j0]
+            csum = np.float32(0.0)
+            for q in range(colptr[j], colptr[j + 1]):
+                i = rows[q]
+                p = perm[q]
+                fv = values[p]
+                dp = d_pre[p]
+                csum += fv
+                dx = d_xhat[i]
+                xi = xc[i]
+                for k in range(d_in):
+                    gd[k] += fv * dx[k]
+                    gej[k] += dp * xi[k]
+            w = W_dec[j]
+            if unit_norm:
+                sq = np.float32(0.0)
+                gw = np.float32(0.0)
+                for k in range(d_in):
+                    sq += w[k] * w[k]
+                    gw += gd[k] * w[k]
+                if sq > 0:
+                    coef = gw / sq
+                    for k in range(d_in):
+                        gd[k] -= coef * w[k]
+            else:
+                nrm = norms[j]
+                if nrm > 0 and csum != 0:
+                    coef = c * csum
+                    for k in range(d_in):
+                        gd[k] += coef * (w[k] / nrm)
+            if apply_adam:
+                mr = mW_dec[j]
+                vr = vW_dec[j]
+                for k in range(d_in):
+                    w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], adam_c)
+                if unit_norm:
+                    s = np.float32(0.0)
+                    for k in range(d_in):
+                        s += w[k] * w[k]
+                    nw = np.sqrt(s)
+                    if nw > 0:
+                        for k in range(d_in):
+                            w[k] = w[k] / nw
+                b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
+                                                          vb_enc[j], adam_c)
+            else:
+                g_W_dec[j] = gd
+        # the tile of W_enc's gradient, transposed: row k gets TILE contiguous values
+        if apply_adam:
+            for k in range(d_in):
+                for j in range(j0, j1):
+                    W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
+                        W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], adam_c)
+        else:
+            for k in range(d_in):
+                for j in range(j0, j1):
+                    g_W_enc[k, j] = ge[j - j0, k]
+
+
+@njit(parallel=True, cache=True)
+def residual_grad(x_hat, x):
+    """``(d_xhat, row_sq)`` from a given ``x_hat``: ``d_xhat = 2 (x_hat - x) /
+    N`` float32 ``[N, d_in]`` and ``row_sq[i] = sum_k (x_hat - x)_ik**2``
+    (float64). :func:`fastsae._kernels.decode.decode_residual_csr` fuses this
+    with the decode in the training step."""
+    n, d = x.shape
+    d_xhat = np.empty((n, d), np.float32)
+    row_sq = np.empty(n, np.float64)
+    scale = np.float32(2.0 / n)
+    for i in prange(n):
+        s = 0.0
+        for k in range(d):
+            diff = x_hat[i, k] - x[i, k]
+            s += np.float64(diff) * diff
+            d_xhat[i, k] = scale * diff
+        row_sq[i] = s
+    return d_xhat, row_sq

@@ -1,0 +1,284 @@
+"""Numba CPU encoder kernels: ``relu((x - b_dec) @ W_enc + b_enc)``.
+
+Layouts: ``x`` float32 ``[N, d_in]``, ``W_enc`` float32 ``[d_in, d_sae]``,
+``b_enc`` ``[d_sae]``, ``b_dec`` ``[d_in]``, all C-contiguous (the backend
+module validates before calling). Outputs are float32 dense ``[N, d_sae]``
+or CSR (``indptr`` int64 ``[N+1]``, ``indices`` int32, ``values`` float32)
+in canonical form (strictly increasing indices per row, no stored zeros).
+
+Where the time goes: the product is the only dense O(N d_in d_sae) work of
+the whole SAE step, so it goes to BLAS ``sgemm`` (the one scipy ships, the
+same one ``np.dot`` uses inside ``@njit``), called through Numba's own
+``numba_xxgemm`` helper so that strides, ``beta`` and transposes are ours
+and the functions stay cacheable. The product is computed by row blocks of
+``ROW_BLOCK`` rows into a workspace that stays in the last-level cache; the
+bias, ReLU and (for CSR) the compaction run on each block right after its
+product, parallel over the block's rows, so the N x d_sae pre-activations
+are never written to or re-read from main memory.
+
+Threads: BLAS is only ever called from the calling thread, outside
+``prange`` regions, so its own threads (``OPENBLAS_NUM_THREADS`` or
+threadpoolctl) and Numba's (``NUMBA_NUM_THREADS`` /
+``numba.set_num_threads``) take turns and never oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (numba_xxgemm resolves sgemm from it)
+from numba import njit, prange, types
+
+__all__ = ["gemm", "centered", "encode_relu_dense", "encode_relu_csr", "ROW_BLOCK"]
+
+#: Rows per encoder block. ``ROW_BLOCK * d_sae * 4`` bytes of pre-activations
+#: (8 MiB at d_sae=8192) stay in the 32 MiB L3 between the product and its
+#: epilogue; larger blocks amortize BLAS's packing of ``W_enc`` better.
+ROW_BLOCK = 256
+
+_F32P = types.CPointer(types.float32)
+# int numba_xxgemm(kind, transa, transb, m, n, k, *alpha, *a, lda, *b, ldb,
+#                  *beta, *c, ldc): Numba's C helper around scipy's
+# cython_blas sgemm (column-major, Fortran conventions). Referenced by
+# symbol name, so functions calling it can be cached on disk.
+_xxgemm = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
+               _F32P, _F32P, types.intp, _F32P, types.intp, _F32P, _F32P, types.intp))
+
+_KIND_S = np.uint8(ord("s"))
+_N = np.uint8(ord("n"))
+_T = np.uint8(ord("t"))
+
+
+@njit(cache=True)
+def _ld(a):
+    """Leading dimension (in elements) of a row-major 2-D array whose rows
+    may be strided (a row block or column panel of a bigger array)."""
+    if a.shape[0] > 1:
+        return max(a.strides[0] // 4, 1)
+    return max(a.shape[1], 1)
+
+
+@njit(cache=True)
+def gemm(A, B, C, alpha, beta, trans_a, trans_b):
+    """``C = alpha * op(A) @ op(B) + beta * C`` in float32 via BLAS sgemm.
+
+    Row-major arrays with unit stride along the last axis (rows may be
+    strided); ``op(A)`` is ``A.T`` when ``trans_a``. ``C`` is ``[m, n]``.
+    The first call in a process looks sgemm up under the GIL: make it (see
+    :func:`warm_gemm`) from the calling thread before any ``prange`` does.
+    """
+    m, n = C.shape
+    k = A.shape[0] if trans_a else A.shape[1]
+    if m == 0 or n == 0:
+        return
+    ab = np.empty(2, np.float32)
+    ab[0] = alpha
+    ab[1] = beta
+    # row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T; a
+    # row-major array read column-major is its transpose, so the flags carry over.
+    r = _xxgemm(_KIND_S, _T if trans_b else _N, _T if trans_a else _N, n, m, k,
+                ab[0:1].ctypes, B.ctypes, _ld(B), A.ctypes, _ld(A), ab[1:2].ctypes,
+                C.ctypes, _ld(C))
+    return r  # 0, or -1 when scipy's BLAS could not be found
+
+
+@njit(parallel=True, cache=True)
+def centered(x, b_dec):
+    """``x - b_dec`` as a new float32 ``[N, d_in]`` array (rounded exactly as
+    the reference does, so no cancellation when ``b_dec`` is large)."""
+    n, d = x.shape
+    out = np.empty((n, d), np.float32)
+    for i in prange(n):
+        for k in range(d):
+            out[i, k] = x[i, k] - b_dec[k]
+    return out
+
+
+@njit(cache=True)
+def warm_gemm():
+    """A 1x1 product from the calling thread: makes Numba's helper look up
+    sgemm (which takes the GIL) before any ``prange`` worker calls it."""
+    a = np.ones((1, 1), np.float32)
+    c = np.zeros((1, 1), np.float32)
+    gemm(a, a, c, 1.0, 0.0, False, False)
+
+
+@njit(cache=True)
+def _part_bounds(n, parts, p):
+    """Rows ``[lo, hi)`` of part ``p`` of ``parts`` near-equal contiguous parts."""
+    return (n * p) // parts, (n * (p + 1)) // parts
+
+
+@njit(cache=True)
+def _bias_relu_block(Y, b_enc):
+    """``Y = max(Y + b_enc, 0)`` in place (one thread's cached block)."""
+    nr, d = Y.shape
+    for r in range(nr):
+        for j in range(d):
+            v = Y[r, j] + b_enc[j]
+            Y[r, j] = v if v > 0 else np.float32(0.0)
+
+
+@njit(parallel=True, cache=True)
+def encode_relu_dense(xc, W_enc, b_enc, row_block, n_threads):
+    """Dense codes ``relu(xc @ W_enc + b_enc)``, float32 ``[N, d_sae]``.
+
+    ``xc = x - b_dec`` (see :func:`centered`). The rows are split into one
+    contiguous part per Numba thread; each thread computes its part by
+    blocks of ``row_block`` rows with a single-threaded sgemm straight into
+    the output and applies bias and ReLU while the block is in its cache.
+    Call with BLAS limited to one thread (the backend module does this).
+    """
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    out = np.empty((n, d_sae), np.float32)
+    warm_gemm()
+    rb = max(1, row_block)
+    parts = max(1, min(n_threads, n))
+    for p in prange(parts):
+        lo, hi = _part_bounds(n, parts, p)
+        for i0 in range(lo, hi, rb):
+            i1 = min(hi, i0 + rb)
+            blk = out[i0:i1]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            _bias_relu_block(blk, b_enc)
+    return out
+
+
+@njit(cache=True)
+def _compact_row(Y, r, b_enc, idx_ws):
+    """``v = Y[r] + b_enc``; the positive ``v`` are compacted in place to the
+    front of ``Y[r]`` and their columns to ``idx_ws[r]``; returns how many.
+
+    The row is scanned in chunks of 64 columns: a branch-free count of the
+    positives (vectorized) skips the ~99% of chunks with none. The write
+    position never passes the read position, so in place is safe.
+    """
+    d = Y.shape[1]
+    cnt = 0
+    for j0 in range(0, d, 64):
+        j1 = min(d, j0 + 64)
+        hits = 0
+        for j in range(j0, j1):
+            hits += 1 if Y[r, j] + b_enc[j] > 0 else 0
+        if hits > 0:
+            for j in range(j0, j1):
+                v = Y[r, j] + b_enc[j]
+                if v > 0:
+                    Y[r, cnt] = v
+                    idx_ws[r, cnt] = j
+                    cnt += 1
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def _encode_rows_staged(xc, rows, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
+                        indptr, indices, values):
+    """Encode the rows ``rows`` of ``xc`` (one contiguous part per thread,
+    blocks of ``row_block`` rows, single-threaded sgemm into a per-thread
+    ``row_block x d_sae`` workspace, compaction while cached).
+
+    Staging mode (``indices.size == 0``): store each row's count in
+    ``counts[row]`` and its first ``K = st_idx.shape[1]`` entries in
+    ``st_idx/st_val[row]``. Final mode: write each row's entries straight to
+    ``indptr[row]`` onwards in ``indices/values``.
+    """
+    m = rows.shape[0]
+    d_in = xc.shape[1]
+    d_sae = W_enc.shape[1]
+    K = st_idx.shape[1]
+    final = indices.shape[0] > 0
+    rb = max(1, min(row_block, m))
+    parts = max(1, min(n_threads, m))
+    for p in prange(parts):
+        lo, hi = _part_bounds(m, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        idx_ws = np.empty((rb, d_sae), np.int32)
+        xg = np.empty((rb, d_in), np.float32)
+        for i0 in range(lo, hi, rb):
+            i1 = min(hi, i0 + rb)
+            nr = i1 - i0
+            contiguous = rows[i1 - 1] - rows[i0] == nr - 1
+            if contiguous:
+                a = xc[rows[i0]:rows[i0] + nr]
+            else:
+                for r in range(nr):
+                    xg[r] = xc[rows[i0 + r]]
+                a = xg[:nr]
+            blk = Y[:nr]
+            gemm(a, W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(nr):
+                row = rows[i0 + r]
+                cnt = _compact_row(blk, r, b_enc, idx_ws)
+                if final:
+                    o = indptr[row]
+                    for t in range(cnt):
+                        indices[o + t] = idx_ws[r, t]
+                        values[o + t] = blk[r, t]
+                else:
+                    counts[row] = cnt
+                    for t in range(min(cnt, K)):
+                        st_idx[row, t] = idx_ws[r, t]
+                        st_val[row, t] = blk[r, t]
+
+
+@njit(parallel=True, cache=True)
+def _unstage(counts, st_idx, st_val, indptr, indices, values):
+    K = st_idx.shape[1]
+    for i in prange(counts.shape[0]):
+        c = counts[i]
+        if c <= K:
+            o = indptr[i]
+            for t in range(c):
+                indices[o + t] = st_idx[i, t]
+                values[o + t] = st_val[i, t]
+
+
+@njit(cache=True)
+def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
+    """CSR codes of ``relu(xc @ W_enc + b_enc)``: ``(indptr, indices, values,
+    max_row_count)``.
+
+    No ``N x d_sae`` array is allocated. Pass 1 (parallel) computes every
+    row's count and stages up to ``k_stage`` entries per row; the exact
+    output is then allocated and filled from the staging area; rows with more
+    than ``k_stage`` active features (rare when ``k_stage`` comes from the
+    previous batch's maximum, see the backend) are recomputed straight into
+    their final place. Call with BLAS limited to one thread.
+    """
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    K = max(1, min(k_stage, d_sae))
+    warm_gemm()
+    counts = np.zeros(n, np.int64)
+    st_idx = np.empty((n, K), np.int32)
+    st_val = np.empty((n, K), np.float32)
+    all_rows = np.arange(n)
+    none_i = np.empty(0, np.int32)
+    none_v = np.empty(0, np.float32)
+    indptr = np.empty(n + 1, np.int64)
+    _encode_rows_staged(xc, all_rows, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
+                        indptr, none_i, none_v)
+    indptr[0] = 0
+    n_over = 0
+    max_cnt = 0
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + counts[i]
+        if counts[i] > K:
+            n_over += 1
+        max_cnt = max(max_cnt, counts[i])
+    nnz = indptr[n]
+    indices = np.empty(nnz, np.int32)
+    values = np.empty(nnz, np.float32)
+    _unstage(counts, st_idx, st_val, indptr, indices, values)
+    if n_over > 0:
+        over = np.empty(n_over, np.int64)
+        t = 0
+        for i in range(n):
+            if counts[i] > K:
+                over[t] = i
+                t += 1
+        _encode_rows_staged(xc, over, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
+                            indptr, indices, values)
+    return indptr, indices, values, max_cnt

@@ -1,0 +1,291 @@
+"""The ``numba`` backend: Numba CPU kernels, parallel over the cores.
+
+The functions here take already validated, C-contiguous float32 arrays (use
+them through :func:`fastsae.get_backend`, which validates) and assemble the
+kernels of :mod:`fastsae._kernels` (``encode``, ``decode``, ``norms``,
+``backward``, ``adam``). See :mod:`fastsae.reference` for the semantics.
+
+Threads
+-------
+Numba's parallel loops use ``numba.get_num_threads()`` threads: set the
+environment variable ``NUMBA_NUM_THREADS`` before the first import of numba
+(that is the maximum), or call ``numba.set_num_threads(n)`` at any time (up
+to that maximum; it applies to the calling thread). The encoder's products
+run inside the parallel region, one single-threaded BLAS call per thread per
+block, so while a fastsae kernel runs BLAS is limited to one thread with
+threadpoolctl (and restored afterwards): the process never runs more compute
+threads than ``numba.get_num_threads()``. Nothing else is needed; in
+particular ``OPENBLAS_NUM_THREADS`` only affects BLAS calls made outside
+fastsae (and the BLAS product of :func:`decode` for dense, not-sparse codes).
+
+Results do not depend on the thread count: every parallel loop owns its
+outputs and sums in a fixed order.
+
+Compilation: every kernel is ``cache=True``; the first call in a fresh
+environment compiles them (tens of seconds), later processes load them from
+``__pycache__`` (see the issue's report for measured times).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit
+from threadpoolctl import ThreadpoolController
+
+from ._kernels import adam as A
+from ._kernels import backward as B
+from ._kernels import decode as D
+from ._kernels import encode as E
+from ._kernels import norms as NR
+from .params import AdamState, Losses, SAEParams, StepResult
+from .sparse import SparseCodes
+
+NAME = "numba"
+
+__all__ = ["encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
+           "l1_subgradient", "gradients", "train_step", "DESCRIPTION", "check_available"]
+
+
+def _description() -> str:
+    n = numba.config.NUMBA_NUM_THREADS
+    return f"Numba {numba.__version__} CPU, up to {n} thread{'s' if n != 1 else ''} " \
+           f"(numba.set_num_threads; layer {numba.config.THREADING_LAYER})"
+
+
+DESCRIPTION = _description()
+
+_controller = None
+
+
+def _blas_single():
+    """Context manager limiting BLAS (every loaded BLAS library) to one thread."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()  # after scipy's BLAS is loaded (encode imports it)
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def check_available() -> None:
+    """Raise with the reason when the kernels cannot run here (compiles and
+    runs a tiny product, which also checks scipy's BLAS is reachable)."""
+    a = np.ones((1, 1), np.float32)
+    c = np.zeros((1, 1), np.float32)
+    if E.gemm(a, a, c, 1.0, 0.0, False, False) != 0 or c[0, 0] != 1.0:
+        raise RuntimeError("Numba could not call scipy's BLAS sgemm")
+
+
+def _threads() -> int:
+    return int(numba.get_num_threads())
+
+
+# Staging width for the CSR encoder: per-row entries kept in the first pass.
+# Learned from the previous call's largest row (x1.5, power of two) so rows
+# rarely need the recompute path; bounded so the staging area stays small.
+_k_stage: dict = {}
+
+
+def _k_for(n: int, d_sae: int) -> int:
+    k = _k_stage.get(d_sae, 128)
+    cap = max(16, (256 << 20) // (8 * max(n, 1)))  # staging <= 256 MiB
+    return int(max(1, min(k, d_sae, cap)))
+
+
+def _learn_k(d_sae: int, max_count: int) -> None:
+    want = 1
+    while want < max(16, int(max_count) * 3 // 2):
+        want *= 2
+    _k_stage[d_sae] = want
+
+
+def _encode_csr(xc, W_enc, b_enc):
+    n, d_sae = xc.shape[0], W_enc.shape[1]
+    with _blas_single():
+        indptr, indices, values, mx = E.encode_relu_csr(xc, W_enc, b_enc, E.ROW_BLOCK,
+                                                        _k_for(n, d_sae), _threads())
+    _learn_k(d_sae, mx)
+    return indptr, indices, values
+
+
+# ---------------------------------------------------------------- forward
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)`` -> dense float32 ``[N, d_sae]``."""
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        return E.encode_relu_dense(xc, W_enc, b_enc, E.ROW_BLOCK, _threads())
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+    """:func:`encode_relu` as canonical CSR, without a dense ``N x d_sae`` array."""
+    xc = E.centered(x, b_dec)
+    indptr, indices, values = _encode_csr(xc, W_enc, b_enc)
+    return SparseCodes(indptr, indices, values, (int(x.shape[0]), int(W_enc.shape[1])))
+
+
+def decode(codes, W_dec, b_dec):
+    """``codes @ W_dec + b_dec`` -> float32 ``[N, d_in]``; gather-accumulate
+    from CSR (dense codes are compacted first unless more than 1/8 is nonzero)."""
+    if isinstance(codes, SparseCodes):
+        return D.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec)
+    return D.decode_dense(codes, W_dec, b_dec)
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row ``[d_sae]``."""
+    return NR.row_norms(W_dec)
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms_j`` at the active entries; same kind out as in."""
+    if isinstance(codes, SparseCodes):
+        vals = NR.l1_subgradient_csr(codes.indices, norms, float(l1_coefficient))
+        return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
+    return NR.l1_subgradient_dense(codes, norms, float(l1_coefficient))
+
+
+# ---------------------------------------------------------------- backward
+_EMPTY2 = np.empty((0, 0), np.float32)
+_EMPTY1 = np.empty(0, np.float32)
+
+
+@njit(cache=True)
+def _gradients_core(x, W_enc, b_enc, W_dec, b_dec, indptr, indices, values, x_hat,
+                    l1c, unit_norm):
+    n, d_in = x.shape
+    d_sae = W_dec.shape[0]
+    xc = E.centered(x, b_dec)
+    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    norms = NR.row_norms(W_dec)
+    penalty = np.ones(d_sae, np.float32) if unit_norm else norms
+    l1n = l1c / n
+    d_pre, row_l1 = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_W_enc = np.empty((d_in, d_sae), np.float32)
+    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    e2 = np.empty((0, 0), np.float32)
+    e1 = np.empty(0, np.float32)
+    B.feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
+                   unit_norm, False, g_W_enc, g_W_dec,
+                   e2, e1, e1, e2, e2, e1, e1, e2, e2, e1)
+    mse = row_sq.sum() / n
+    l1 = l1c * row_l1.sum() / n
+    return mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+
+
+def _as_csr(codes):
+    if isinstance(codes, SparseCodes):
+        return codes.indptr, codes.indices, codes.values
+    return D.dense_to_csr(codes)
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients (see :func:`fastsae.reference.gradients`),
+    computed at the active entries only."""
+    indptr, indices, values = _as_csr(codes)
+    mse, l1, gWe, gbe, gWd, gbd = _gradients_core(
+        x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, indptr, indices, values,
+        x_hat, float(l1_coefficient), decoder_norm == "unit_norm")
+    return (Losses(mse=float(mse), l1=float(l1), total=float(mse) + float(l1)),
+            SAEParams(gWe, gbe, gWd, gbd))
+
+
+# ---------------------------------------------------------------- training
+@njit(parallel=True, cache=True)
+def _row_sq_dev(x, mean):
+    n, d = x.shape
+    out = np.empty(n, np.float64)
+    for i in numba.prange(n):
+        s = 0.0
+        for k in range(d):
+            diff = np.float64(x[i, k]) - mean[k]
+            s += diff * diff
+        out[i] = s
+    return out
+
+
+@njit(cache=True)
+def _train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd,
+                     l1c, unit_norm, adam_c, fire_counts, row_block, k_stage, n_threads):
+    """Forward, backward and Adam on one batch with no Python in between.
+
+    Returns ``(mse, l1, nnz, variance_of_x, max_row_count)``. Must run with
+    BLAS limited to one thread (see the module docstring).
+    """
+    n, d_in = x.shape
+    d_sae = W_dec.shape[0]
+    # forward (sparse: no N x d_sae array)
+    xc = E.centered(x, b_dec)
+    indptr, indices, values, max_cnt = E.encode_relu_csr(xc, W_enc, b_enc, row_block,
+                                                         k_stage, n_threads)
+    d_xhat, row_sq = D.decode_residual_csr(indptr, indices, values, W_dec, b_dec, x)
+    # backward, at the active entries only (old W_dec / W_enc read here)
+    norms = NR.row_norms(W_dec)
+    penalty = np.ones(d_sae, np.float32) if unit_norm else norms
+    l1n = l1c / n
+    d_pre, row_l1 = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    # W_dec, W_enc, b_enc: gradient tiles consumed by Adam as they are made
+    e2 = np.empty((0, 0), np.float32)
+    B.feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
+                   unit_norm, True, e2, e2,
+                   W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
+    A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
+    if fire_counts.shape[0] > 0:
+        for j in range(d_sae):
+            fire_counts[j] += colptr[j + 1] - colptr[j]
+    mse = row_sq.sum() / n
+    l1 = l1c * row_l1.sum() / n
+    mean = B.column_sums_rows(x) / n
+    var = _row_sq_dev(x, mean).sum() / n
+    return mse, l1, indptr[n], var, max_cnt
+
+
+def _state_array(a, like, what):
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
+            and a.shape == like.shape):
+        raise TypeError(f"state.{what} must be a C-contiguous float32 array of shape "
+                        f"{like.shape}, got {type(a).__name__} "
+                        f"{getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
+    return a
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """One training step in place (see :func:`fastsae.reference.train_step`):
+    a single compiled call does the sparse encode, decode, backward at the
+    active entries and the fused Adam update (+ unit-norm renormalization)."""
+    moments = []
+    for mom, tag in ((state.m, "m"), (state.v, "v")):
+        if not isinstance(mom, SAEParams):
+            raise TypeError(f"state.{tag} must be a fastsae.SAEParams")
+        for name in SAEParams.NAMES:
+            moments.append(_state_array(getattr(mom, name), getattr(params, name),
+                                        f"{tag}.{name}"))
+    mWe, mbe, mWd, mbd, vWe, vbe, vWd, vbd = moments
+    if fire_counts is None:
+        counts = np.empty(0, np.int64)
+    else:
+        if not (isinstance(fire_counts, np.ndarray) and fire_counts.dtype == np.int64
+                and fire_counts.flags.c_contiguous):
+            raise TypeError("fire_counts must be a C-contiguous int64 array")
+        counts = fire_counts
+    t = state.step + 1
+    adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
+    n, d_sae = x.shape[0], params.d_sae
+    with _blas_single():
+        mse, l1, nnz, var, mx = _train_step_core(
+            x, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+            mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, float(l1_coefficient),
+            decoder_norm == "unit_norm", adam_c, counts, E.ROW_BLOCK, _k_for(n, d_sae),
+            _threads())
+    _learn_k(d_sae, mx)
+    state.step = t
+    mse, l1, var = float(mse), float(l1), float(var)
+    ev = 1.0 - mse / var if var > 0 else 1.0
+    return StepResult(mse=mse, l1=l1, total=mse + l1, l0=float(nnz) / n,
+                      explained_variance=ev)
