@@ -36,6 +36,8 @@ from numba import cuda
 
 from .gpu_common import BLOCK, GROUPS, LANES, TILE, TILE_ROWS, block_sum
 
+_TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
+
 
 @cuda.jit(cache=True)
 def residual_kernel(x, x_hat, mean, nf, d_xhat, row_mse, row_var):
@@ -281,7 +283,7 @@ def transpose_kernel(src, dst):
     Grid ``(ceil(C / TILE), ceil(R / TILE))``, block ``(TILE, TILE_ROWS)``;
     the shared tile has one padding column against bank conflicts.
     """
-    tile = cuda.shared.array((TILE, TILE + 1), np.float32)
+    tile = cuda.shared.array((TILE, _TILE_COLS), np.float32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     c0 = cuda.blockIdx.x * TILE

@@ -34,6 +34,7 @@ from .gpu_common import (BLOCK, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_THREADS, GEMM_TM
                          GEMM_TN, GEMM_TX, GEMM_TY, block_exclusive_scan)
 
 _PAD = 4  # shared A tile row padding: the transposed stores hit 32 distinct banks
+_SA_COLS = GEMM_BM + _PAD  # shared-array shapes must be plain constants
 _A_LOADS = GEMM_BM * GEMM_BK // GEMM_THREADS
 _B_LOADS = GEMM_BN * GEMM_BK // GEMM_THREADS
 
@@ -54,7 +55,7 @@ def gemm_bias_act_kernel(A, shift, has_shift, B, bias, relu, C, row_counts, coun
     and columns ``tx + j*GEMM_TX`` of the block tile: strided ownership makes
     the shared-memory reads conflict-free and the C stores coalesced.
     """
-    sA = cuda.shared.array((GEMM_BK, GEMM_BM + _PAD), np.float32)  # A tile, transposed
+    sA = cuda.shared.array((GEMM_BK, _SA_COLS), np.float32)  # A tile, transposed
     sB = cuda.shared.array((GEMM_BK, GEMM_BN), np.float32)
     sCount = cuda.shared.array(GEMM_BM, np.int32)
     acc = cuda.local.array((GEMM_TM, GEMM_TN), np.float32)
