@@ -1,0 +1,376 @@
+"""The ``fastsae`` command line: ``train``, ``encode``, ``info``.
+
+``fastsae train`` with no arguments trains an SAE on the built-in synthetic
+problem (known true features) and prints a final table. Errors print one
+line, ``fastsae: error: ...``, on stderr and exit with status 2 (no
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "DEFAULT_SYNTHETIC"]
+
+#: The built-in synthetic problem (``fastsae train`` with no ``--data``).
+DEFAULT_SYNTHETIC = {"n_rows": 131072, "d_in": 128, "n_features": 512, "l0": 5.0,
+                     "magnitude": [0.5, 1.5], "noise": 0.0, "seed": 0}
+#: Default SAE width for the synthetic problem (2x its true features).
+DEFAULT_D_SAE_FACTOR = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise CLIError(message)
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def _float(low=None, strict=False):
+    def conv(s):
+        import math
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        if low is not None and (v < low or (strict and v == low)):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if strict else '>='} {low}, got {s!r}")
+        return v
+    return conv
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="fastsae", description="Fast sparse autoencoders.")
+    p.add_argument("--version", action="version", version=f"fastsae {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{train,encode,info}", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train an SAE (default: the built-in synthetic problem)")
+    t.add_argument("--data", help=".npy file or directory of .npy shards [rows, d_in]")
+    t.add_argument("--d-sae", type=_positive_int, help="number of SAE features")
+    t.add_argument("--l1", type=_float(0.0), help="L1 coefficient")
+    t.add_argument("--steps", type=_positive_int, help="training steps")
+    t.add_argument("--batch-size", type=_positive_int, help="rows per step")
+    t.add_argument("--lr", type=_float(0.0, strict=True), help="peak learning rate")
+    t.add_argument("--seed", type=_nonneg_int, help="seed (init and data order)")
+    t.add_argument("--decoder-norm", choices=["weighted_l1", "unit_norm"],
+                   help="decoder scale control (default weighted_l1)")
+    t.add_argument("--resample-every", type=_nonneg_int,
+                   help="resample dead features every N steps (0: never)")
+    t.add_argument("--checkpoint-every", type=_nonneg_int,
+                   help="checkpoint every N steps (needs --out; 0: only at the end)")
+    t.add_argument("--backend", help="cuda, numba, cython or numpy (default: fastest usable)")
+    t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE")
+    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    t.add_argument("--plot", action="store_true",
+                   help="write PNG plots into --out (needs matplotlib)")
+    t.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="force the progress bar on")
+    t.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="force the progress bar off")
+    t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+
+    e = sub.add_parser("encode", help="encode data with a saved SAE into scipy.sparse .npz")
+    e.add_argument("--sae", required=True, help="SAE directory (fastsae or SAELens format)")
+    e.add_argument("--data", required=True, help=".npy file or directory of .npy shards")
+    e.add_argument("--out", required=True, help="output .npz (scipy.sparse CSR)")
+    e.add_argument("--batch-size", type=_positive_int, default=4096, help="rows per batch")
+    e.add_argument("--backend", help="kernel backend")
+
+    sub.add_parser("info", help="version, backends and thread counts")
+    return p
+
+
+# =================================================================== train
+_RESUME_FIXED = ("data_is_synthetic", "d_sae", "l1", "steps", "batch_size", "lr", "seed",
+                 "decoder_norm", "resample_every")
+
+
+def _cmd_train(args) -> int:
+    import numpy as np
+
+    from .data import open_source, synthetic
+    from .model import SparseAutoencoder
+    from .trainer import TrainConfig, Trainer
+
+    if args.plot and not args.out and not args.resume:
+        raise CLIError("--plot needs --out DIR to write the plots into")
+    if args.checkpoint_every and not args.out and not args.resume:
+        raise CLIError("--checkpoint-every needs --out DIR")
+    t_start = time.perf_counter()
+    true_dict = None
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in _RESUME_FIXED[1:]
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} cannot change when resuming "
+                           "(the run's settings come from its checkpoint)")
+        rdir = Path(args.resume)
+        if not rdir.exists():
+            raise CLIError(f"nothing to resume: {rdir} does not exist")
+        _, st = Trainer.read_checkpoint(rdir)
+        syn = (st.get("extra") or {}).get("synthetic")
+        data = args.data
+        if data is None and syn is not None:
+            ds = synthetic(**_syn_kwargs(syn))
+            data, true_dict = ds.x, ds.dictionary
+        trainer = Trainer.resume(rdir, data, true_dictionary=true_dict, backend=args.backend,
+                                 out_dir=args.out or rdir, progress=args.progress)
+    else:
+        extra = {}
+        if args.data is None:
+            ds = synthetic(**_syn_kwargs(DEFAULT_SYNTHETIC))
+            source, true_dict = ds.x, ds.dictionary
+            extra["synthetic"] = dict(DEFAULT_SYNTHETIC)
+            d_sae = args.d_sae or DEFAULT_D_SAE_FACTOR * DEFAULT_SYNTHETIC["n_features"]
+        else:
+            source = open_source(args.data)
+            d_sae = args.d_sae or 8 * source.d_in
+        cfg = TrainConfig()
+        for flag, field in (("l1", "l1_coefficient"), ("steps", "steps"),
+                            ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
+                            ("resample_every", "resample_every"),
+                            ("checkpoint_every", "checkpoint_every")):
+            v = getattr(args, flag)
+            if v is not None:
+                setattr(cfg, field, v)
+        cfg.progress = args.progress
+        # keep the warmups inside short runs
+        cfg.lr_warmup_steps = min(cfg.lr_warmup_steps, max(1, cfg.total_steps // 10))
+        cfg.l1_warmup_steps = min(cfg.l1_warmup_steps, max(1, cfg.total_steps // 10))
+        model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
+                                  decoder_norm=args.decoder_norm or "weighted_l1",
+                                  seed=cfg.seed)
+        trainer = Trainer(model, source, cfg, out_dir=args.out, true_dictionary=true_dict,
+                          backend=args.backend, extra_state=extra)
+    result = trainer.train()
+    total_wall = time.perf_counter() - t_start
+    m = dict(result.metrics)
+    m["total_wall_s"] = total_wall
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(_table(m, trainer))
+    out = Path(args.out or args.resume) if (args.out or args.resume) else None
+    if out is not None:
+        print(f"saved: {out / 'sae'} (SAE), {out / 'checkpoint.safetensors'}, "
+              f"{out / 'metrics.jsonl'}")
+        if args.plot:
+            written = _plots(out, result)
+            print(f"plots: {', '.join(str(p) for p in written)}")
+    del np
+    return 0
+
+
+def _syn_kwargs(syn: dict) -> dict:
+    kw = dict(syn)
+    kw["magnitude"] = tuple(kw.get("magnitude", (0.5, 1.5)))
+    return kw
+
+
+def _d_in(source) -> int:
+    import numpy as np
+    return source.d_in if hasattr(source, "d_in") else int(np.asarray(source).shape[1])
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if pct:
+        return f"{100 * v:.1f}%"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4g}"
+
+
+def _table(m: dict, trainer) -> str:
+    rows = [("MSE (normalized inputs)", _fmt(m.get("mse"))),
+            ("explained variance", _fmt(m.get("explained_variance"), pct=True)),
+            ("L0 (active features/row)", _fmt(m.get("l0"))),
+            ("dead features", _fmt(m.get("dead_fraction"), pct=True))]
+    if "recovered" in m:
+        rows += [("true features recovered (cos > 0.9)", _fmt(m["recovered"], pct=True)),
+                 ("mean best cosine to true features", _fmt(m["mean_max_cosine"]))]
+    rows += [("steps", _fmt(m.get("steps"))), ("tokens", _fmt(m.get("tokens"))),
+             ("tokens/s", f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "-"),
+             ("training time", f"{m['wall_s']:.1f} s"),
+             ("total time", f"{m['total_wall_s']:.1f} s"),
+             ("backend", m.get("backend", "-"))]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{w}}  {v}" for k, v in rows]
+    bar = "-" * max(len(s) for s in lines)
+    return "\n".join([bar] + lines + [bar])
+
+
+def _plots(out: Path, result) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("--plot needs matplotlib (pip install 'fastsae[plot]'); "
+                       "training finished and was saved") from None
+    hist = [h for h in result.history if "event" not in h]
+    steps = [h["step"] for h in hist]
+    written = []
+    for key, title, log in (("total", "loss (total)", True), ("l0", "L0", False),
+                            ("dead_fraction", "dead fraction", False)):
+        ys = [h.get(key) for h in hist]
+        if not any(y is not None for y in ys):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(steps, [float("nan") if y is None else y for y in ys])
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        fig.tight_layout()
+        path = out / f"{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if result.density:
+        d = result.density
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        edges = d["bin_edges"]
+        ax.stairs(d["counts"], edges)
+        ax.set_xlabel("log10 firing frequency")
+        ax.set_ylabel("features")
+        ax.set_title(f"feature density ({d['dead']} dead)")
+        fig.tight_layout()
+        path = out / "feature_density.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ================================================================== encode
+def _cmd_encode(args) -> int:
+    import numpy as np
+    import scipy.sparse as sp
+
+    from .data import BatchStream, open_source
+    from .model import SparseAutoencoder
+
+    sae = SparseAutoencoder.load(args.sae, backend=args.backend)
+    source = open_source(args.data)
+    if source.d_in != sae.d_in:
+        raise CLIError(f"the data have d_in = {source.d_in} but the SAE expects "
+                       f"d_in = {sae.d_in}")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise CLIError(f"--out must end in .npz, got {out}")
+    if not out.parent.exists():
+        raise CLIError(f"output directory does not exist: {out.parent}")
+    indptr, indices, values = [np.zeros(1, np.int64)], [], []
+    nnz = 0
+    for lo in range(0, source.n_rows, args.batch_size):
+        x = source.read(lo, min(lo + args.batch_size, source.n_rows))
+        if not np.isfinite(x).all():
+            raise CLIError(f"the data contain NaN or infinite values (rows {lo} to "
+                           f"{lo + x.shape[0] - 1})")
+        c = sae.encode(x, sparse=True)
+        indptr.append(np.asarray(c.indptr[1:], dtype=np.int64) + nnz)
+        indices.append(np.asarray(c.indices))
+        values.append(np.asarray(c.values))
+        nnz += int(c.indptr[-1])
+    m = sp.csr_array((np.concatenate(values) if values else np.zeros(0, np.float32),
+                      np.concatenate(indices) if indices else np.zeros(0, np.int32),
+                      np.concatenate(indptr)), shape=(source.n_rows, sae.d_sae))
+    from .io import atomic_write_bytes
+    import io as _io
+    buf = _io.BytesIO()
+    sp.save_npz(buf, m, compressed=True)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"encoded {source.n_rows:,} rows into {sae.d_sae} features "
+          f"(L0 {nnz / source.n_rows:.2f}) -> {out}")
+    del BatchStream
+    return 0
+
+
+# ==================================================================== info
+def _cmd_info(args) -> int:
+    from . import __version__, available_backends
+
+    print(f"fastsae {__version__}")
+    print(f"python {sys.version.split()[0]} on {sys.platform}, {os.cpu_count()} CPUs")
+    print("backends:")
+    for s in available_backends():
+        print(f"  {s}")
+    try:
+        import numba
+        print(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
+              f"(threading layer: {numba.config.THREADING_LAYER})")
+    except Exception as exc:  # numba missing or broken
+        print(f"numba: unavailable ({type(exc).__name__}: {exc})")
+    try:
+        from threadpoolctl import threadpool_info
+        for lib in threadpool_info():
+            print(f"{lib.get('internal_api', '?')} ({lib.get('prefix', '?')}): "
+                  f"{lib.get('num_threads')} threads")
+    except Exception as exc:
+        print(f"threadpoolctl: unavailable ({type(exc).__name__}: {exc})")
+    return 0
+
+
+# ==================================================================== main
+def main(argv=None) -> int:
+    """Entry point of the ``fastsae`` console script; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        cmd = {"train": _cmd_train, "encode": _cmd_encode, "info": _cmd_info}[args.command]
+        return cmd(args)
+    except CLIError as exc:
+        print(f"fastsae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsae: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, TypeError, FloatingPointError, RuntimeError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and exc.filename not in msg:
+            msg = f"{msg}: {exc.filename}"
+        print(f"fastsae: error: {msg}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+def _entry():  # pragma: no cover
+    sys.exit(main())

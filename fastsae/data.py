@@ -1,0 +1,457 @@
+"""Activation data: sources, seeded shuffling, batches, and a synthetic problem.
+
+Sources
+-------
+A *source* is a 2-D table of activations, ``[n_rows, d_in]``, read a range of
+rows at a time:
+
+``ArraySource``    an in-memory NumPy array (any float dtype).
+``NpySource``      one ``.npy`` file opened as a read-only memory map
+                   (``np.load(mmap_mode="r", allow_pickle=False)``): only the
+                   rows asked for are read, so the file may be larger than RAM.
+``ShardedSource``  a directory of ``.npy`` shards (sorted by file name, all
+                   with the same ``d_in``), each memory-mapped, seen as one
+                   table.
+
+:func:`open_source` picks the right one for an array, a file or a directory.
+Nothing is ever unpickled: object arrays are refused.
+
+Shuffling and batches
+---------------------
+:class:`BatchStream` turns a source into an endless stream of float32 batches
+``[batch_size, d_in]``. The rows are cut into blocks of ``block_rows``
+contiguous rows; every epoch visits the blocks in an order drawn from
+``(seed, epoch)``, loads them a *buffer* at a time (``buffer_rows`` rows, so
+memory stays bounded however big the file is) and permutes the rows inside
+the buffer with a generator seeded by ``(seed, epoch, buffer)``. When the
+whole source fits in one buffer (the usual in-memory case) this is a uniform
+random permutation of all rows per epoch. Batches run on across epoch
+boundaries. The only state is the number of rows consumed (``position``), so
+a stream saved with :meth:`BatchStream.state_dict` and restored with
+:meth:`BatchStream.load_state_dict` yields exactly the same batches.
+
+Synthetic ground truth
+----------------------
+:func:`synthetic` draws ``n_features`` random unit directions in ``d_in``
+dimensions (more features than dimensions: superposition) and rows that are
+sparse nonnegative combinations of them; it returns the data and the true
+dictionary so a trained SAE can be scored with :func:`recovery`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DataSource", "ArraySource", "NpySource", "ShardedSource", "open_source",
+    "BatchStream", "sample_rows", "norm_scaling_factor", "SyntheticData", "synthetic",
+    "recovery",
+]
+
+
+# ====================================================================== sources
+class DataSource:
+    """A table of activations ``[n_rows, d_in]`` read by row ranges.
+
+    Subclasses set ``n_rows``, ``d_in``, ``dtype`` and implement
+    :meth:`_read` (rows ``start:stop`` in storage order).
+    """
+
+    n_rows: int
+    d_in: int
+    dtype: np.dtype
+    description: str = "data"
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new C-contiguous float32 array."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {self.n_rows} rows")
+        return np.ascontiguousarray(self._read(start, stop), dtype=np.float32)
+
+    def take(self, rows) -> np.ndarray:
+        """Rows at the given (any order) indices, float32 ``[len(rows), d_in]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"row index out of range for {self.n_rows} rows")
+        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
+        out = np.empty((rows.size, self.d_in), dtype=np.float32)
+        out[order] = self._take_sorted(rows[order])
+        return out
+
+    def _take_sorted(self, rows):
+        return np.stack([self._read(r, r + 1)[0] for r in rows]) if rows.size else \
+            np.empty((0, self.d_in), np.float32)
+
+    def _read(self, start, stop):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}: {self.n_rows} rows x {self.d_in}>"
+
+
+def _check_table(arr, what: str) -> None:
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{what} must hold floating-point activations, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [rows, d_in], got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{what} has d_in = 0 (shape {arr.shape})")
+
+
+class ArraySource(DataSource):
+    """An in-memory array ``[n_rows, d_in]`` (not copied)."""
+
+    def __init__(self, array, description: str = "in-memory array"):
+        arr = np.asarray(array)
+        _check_table(arr, description)
+        if arr.shape[0] == 0:
+            raise ValueError(f"{description} has no rows")
+        self._a = arr
+        self.n_rows, self.d_in = (int(s) for s in arr.shape)
+        self.dtype = arr.dtype
+        self.description = description
+
+    def _read(self, start, stop):
+        return self._a[start:stop]
+
+    def _take_sorted(self, rows):
+        return self._a[rows]
+
+
+def _open_npy(path: Path):
+    """Memory-map one ``.npy`` file read-only; clear errors, never unpickle."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"cannot read {path} as a .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise ValueError(f"{path} is not a single .npy array (an .npz archive?)")
+    _check_table(arr, str(path))
+    return arr
+
+
+class NpySource(DataSource):
+    """One ``.npy`` file, memory-mapped read-only (never loaded whole)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._a = _open_npy(self.path)
+        if self._a.shape[0] == 0:
+            raise ValueError(f"{self.path} has no rows")
+        self.n_rows, self.d_in = (int(s) for s in self._a.shape)
+        self.dtype = self._a.dtype
+        self.description = str(self.path)
+
+    def _read(self, start, stop):
+        return self._a[start:stop]
+
+    def _take_sorted(self, rows):
+        return self._a[rows]
+
+
+class ShardedSource(DataSource):
+    """A directory of ``.npy`` shards seen as one table (file-name order)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"data directory not found: {self.directory}")
+        files = sorted(p for p in self.directory.iterdir()
+                       if p.suffix == ".npy" and p.is_file())
+        if not files:
+            raise ValueError(f"no .npy shards in directory {self.directory}")
+        self._shards = [_open_npy(p) for p in files]
+        self.files = files
+        d = {int(a.shape[1]) for a in self._shards}
+        if len(d) != 1:
+            detail = ", ".join(f"{p.name}: {a.shape[1]}" for p, a in zip(files, self._shards))
+            raise ValueError(f"shards in {self.directory} have different d_in ({detail})")
+        self.d_in = d.pop()
+        self._starts = np.zeros(len(files) + 1, dtype=np.int64)
+        np.cumsum([a.shape[0] for a in self._shards], out=self._starts[1:])
+        self.n_rows = int(self._starts[-1])
+        if self.n_rows == 0:
+            raise ValueError(f"the shards in {self.directory} hold no rows")
+        self.dtype = np.result_type(*[a.dtype for a in self._shards])
+        self.description = f"{self.directory} ({len(files)} shards)"
+
+    def _read(self, start, stop):
+        parts = []
+        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            lo = start - self._starts[s]
+            hi = min(stop, self._starts[s + 1]) - self._starts[s]
+            if hi > lo:
+                parts.append(np.asarray(self._shards[s][lo:hi], dtype=np.float32))
+                start += hi - lo
+            s += 1
+        if not parts:
+            return np.empty((0, self.d_in), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _take_sorted(self, rows):
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        out = np.empty((rows.size, self.d_in), dtype=np.float32)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self._shards[s][rows[sel] - self._starts[s]]
+        return out
+
+
+def open_source(data) -> DataSource:
+    """A :class:`DataSource` for an array, a ``.npy`` file or a shard directory."""
+    if isinstance(data, DataSource):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        p = Path(data)
+        if p.is_dir():
+            return ShardedSource(p)
+        if not p.exists():
+            raise FileNotFoundError(f"data not found: {p}")
+        return NpySource(p)
+    return ArraySource(data)
+
+
+# ============================================================== batch stream
+_DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+
+class BatchStream:
+    """Endless, seeded, resumable stream of float32 batches from a source.
+
+    Parameters
+    ----------
+    source : DataSource, array or path
+    batch_size : int
+    seed : int
+        Draws the block order and the in-buffer permutations.
+    shuffle : bool
+        ``False`` streams rows in storage order (epoch after epoch).
+    block_rows : int
+        Rows read contiguously from storage (default 256).
+    buffer_rows : int, optional
+        Rows held in memory at once (default: 256 MiB worth, at least one
+        batch and one block).
+    scale : float
+        Every batch is multiplied by this (input normalization).
+    """
+
+    def __init__(self, source, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 block_rows: int = 256, buffer_rows: int | None = None, scale: float = 1.0):
+        self.source = open_source(source)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        n = self.source.n_rows
+        self.block_rows = max(1, min(int(block_rows), n))
+        if buffer_rows is None:
+            buffer_rows = _DEFAULT_BUFFER_BYTES // (4 * self.source.d_in)
+        buffer_rows = max(int(buffer_rows), self.batch_size, self.block_rows)
+        self.blocks_per_buffer = max(1, buffer_rows // self.block_rows)
+        self.n_blocks = -(-n // self.block_rows)
+        self.scale = float(scale)
+        self.position = 0
+        self._epoch = None  # (epoch, buffer starts in rows)
+        self._buf_key = None
+        self._buf = None
+
+    # ---------------------------------------------------------------- layout
+    def _block_len(self, blocks):
+        n, br = self.source.n_rows, self.block_rows
+        return np.minimum((blocks + 1) * br, n) - blocks * br
+
+    def _epoch_layout(self, epoch):
+        if self._epoch is None or self._epoch[0] != epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch])
+                order = rng.permutation(self.n_blocks)
+            else:
+                order = np.arange(self.n_blocks)
+            lens = self._block_len(order)
+            bpb = self.blocks_per_buffer
+            buf_lens = np.add.reduceat(lens, np.arange(0, self.n_blocks, bpb))
+            starts = np.zeros(len(buf_lens) + 1, dtype=np.int64)
+            np.cumsum(buf_lens, out=starts[1:])
+            self._epoch = (epoch, order, starts)
+        return self._epoch
+
+    def _buffer(self, epoch, b):
+        if self._buf_key != (epoch, b):
+            _, order, _ = self._epoch_layout(epoch)
+            blocks = order[b * self.blocks_per_buffer:(b + 1) * self.blocks_per_buffer]
+            br = self.block_rows
+            if self.shuffle:
+                # read blocks in storage order (sequential I/O), then permute rows
+                parts = [self.source.read(k * br, min((k + 1) * br, self.source.n_rows))
+                         for k in blocks]
+                buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                rng = np.random.default_rng([self.seed, epoch, b])
+                buf = buf[rng.permutation(buf.shape[0])]
+            else:
+                lo = int(blocks[0]) * br
+                hi = min((int(blocks[-1]) + 1) * br, self.source.n_rows)
+                buf = self.source.read(lo, hi)
+            self._buf_key, self._buf = (epoch, b), buf
+        return self._buf
+
+    # ----------------------------------------------------------------- batches
+    def next_batch(self) -> np.ndarray:
+        """The next ``[batch_size, d_in]`` float32 batch (C-contiguous)."""
+        out = np.empty((self.batch_size, self.source.d_in), dtype=np.float32)
+        filled, n = 0, self.source.n_rows
+        while filled < self.batch_size:
+            epoch, r = divmod(self.position, n)
+            _, _, starts = self._epoch_layout(epoch)
+            b = int(np.searchsorted(starts, r, side="right")) - 1
+            buf = self._buffer(epoch, b)
+            lo = r - int(starts[b])
+            take = min(self.batch_size - filled, buf.shape[0] - lo)
+            out[filled:filled + take] = buf[lo:lo + take]
+            filled += take
+            self.position += take
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
+        return out
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far (fractional)."""
+        return self.position / self.source.n_rows
+
+    def state_dict(self) -> dict:
+        return {"position": int(self.position), "seed": self.seed, "shuffle": self.shuffle,
+                "block_rows": self.block_rows, "blocks_per_buffer": self.blocks_per_buffer,
+                "n_rows": self.source.n_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by :meth:`state_dict` (same source and layout)."""
+        if int(state["n_rows"]) != self.source.n_rows:
+            raise ValueError(f"the data have {self.source.n_rows} rows but the saved stream "
+                             f"had {state['n_rows']}: not the same data")
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state["shuffle"])
+        self.block_rows = int(state["block_rows"])
+        self.blocks_per_buffer = int(state["blocks_per_buffer"])
+        self.n_blocks = -(-self.source.n_rows // self.block_rows)
+        self.position = int(state["position"])
+        self._epoch = self._buf_key = self._buf = None
+
+
+# ================================================================ statistics
+def sample_rows(source, n: int, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` distinct rows drawn uniformly at random (float32, sorted by
+    row index); reads only those rows."""
+    source = open_source(source)
+    n = min(int(n), source.n_rows)
+    rng = np.random.default_rng([int(seed), 0x5A3])
+    if n == source.n_rows:
+        return source.read(0, n)
+    rows = np.sort(rng.choice(source.n_rows, size=n, replace=False))
+    return source.take(rows)
+
+
+def norm_scaling_factor(source, n: int = 65536, seed: int = 0) -> float:
+    """Constant ``s`` such that ``mean ||s x||^2 = d_in`` on a sample of rows
+    (April 2024 update's input normalization)."""
+    x = sample_rows(source, n, seed).astype(np.float64)
+    ms = float(np.mean(np.sum(x * x, axis=1)))
+    if not np.isfinite(ms):
+        raise ValueError("the data contain NaN or infinite values")
+    if ms <= 0:
+        raise ValueError("the data are all zeros: cannot normalize their norm")
+    return float(np.sqrt(x.shape[1] / ms))
+
+
+# ================================================================ synthetic
+@dataclass
+class SyntheticData:
+    """A synthetic dataset with known features.
+
+    ``x``: float32 ``[n_rows, d_in]``; ``dictionary``: float32
+    ``[n_features, d_in]`` unit rows (the true features); ``coefficients``:
+    ``scipy.sparse.csr_array [n_rows, n_features]`` with ``x = coefficients @
+    dictionary`` (+ noise).
+    """
+
+    x: np.ndarray
+    dictionary: np.ndarray
+    coefficients: object
+    params: dict
+
+
+def synthetic(n_rows: int = 131072, d_in: int = 64, n_features: int = 512, l0: float = 5.0,
+              *, magnitude=(0.5, 1.5), noise: float = 0.0, seed: int = 0) -> SyntheticData:
+    """Sparse nonnegative combinations of known unit directions.
+
+    Each of ``n_features`` random unit directions in ``d_in`` dimensions is
+    active in a row independently with probability ``l0 / n_features`` (so
+    ``l0`` features per row on average), with a coefficient drawn uniformly
+    from ``magnitude = (low, high)``. Optional isotropic Gaussian noise of
+    standard deviation ``noise`` per coordinate is added. Deterministic in
+    ``seed``.
+    """
+    import scipy.sparse as sp
+
+    n_rows, d_in, n_features = int(n_rows), int(d_in), int(n_features)
+    if n_rows < 1 or d_in < 1 or n_features < 1:
+        raise ValueError("n_rows, d_in and n_features must be >= 1")
+    if not 0 < l0 <= n_features:
+        raise ValueError(f"l0 must be in (0, n_features], got {l0}")
+    lo, hi = (float(v) for v in magnitude)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"magnitude must be (low, high) with 0 <= low <= high, got {magnitude}")
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n_features, d_in))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    D = D.astype(np.float32)
+    p = float(l0) / n_features
+    chunks, chunk = [], 8192  # bounded memory: never a dense [n_rows, n_features] mask
+    for start in range(0, n_rows, chunk):
+        m = min(chunk, n_rows - start)
+        mask = rng.random((m, n_features)) < p
+        vals = rng.uniform(lo, hi, size=int(mask.sum()))
+        r, c = np.nonzero(mask)
+        chunks.append(sp.csr_array((vals, (r, c)), shape=(m, n_features)))
+    coef = sp.vstack(chunks, format="csr").astype(np.float32)
+    x = np.asarray(coef @ D, dtype=np.float32)
+    if noise > 0:
+        x += (noise * rng.standard_normal(x.shape)).astype(np.float32)
+    params = {"n_rows": n_rows, "d_in": d_in, "n_features": n_features, "l0": float(l0),
+              "magnitude": [lo, hi], "noise": float(noise), "seed": int(seed)}
+    return SyntheticData(np.ascontiguousarray(x), D, coef, params)
+
+
+def recovery(W_dec, dictionary, threshold: float = 0.9) -> dict:
+    """How well decoder rows recover a true dictionary.
+
+    For each true feature (row of ``dictionary``), the best cosine similarity
+    with any learned decoder row. Returns ``{"mean_max_cosine", "recovered"
+    (fraction of true features whose best cosine exceeds threshold),
+    "threshold", "max_cosine" (array)}``.
+    """
+    W = np.asarray(W_dec, dtype=np.float64)
+    D = np.asarray(dictionary, dtype=np.float64)
+    if W.ndim != 2 or D.ndim != 2 or W.shape[1] != D.shape[1]:
+        raise ValueError(f"dictionary {D.shape} and decoder {W.shape} must share d_in")
+    Wn = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-30)
+    Dn = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-30)
+    best = (Dn @ Wn.T).max(axis=1)
+    return {"mean_max_cosine": float(best.mean()),
+            "recovered": float(np.mean(best > threshold)),
+            "threshold": float(threshold), "max_cosine": best}

@@ -1,0 +1,265 @@
+"""Files: SAELens-format SAE directories, atomic writes, training checkpoints.
+
+SAELens directory (what ``SAE.save_model`` writes and ``SAE.load_from_disk``
+reads)::
+
+    DIR/cfg.json                  one JSON object
+    DIR/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae],
+                                  W_dec [d_sae, d_in], b_dec [d_in], float32
+
+For a standard ReLU SAE, ``cfg.json`` holds ``architecture: "standard"``,
+``d_in``, ``d_sae``, ``dtype`` (a plain string such as ``"float32"``),
+``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
+``reshape_activations`` and a free-form ``metadata`` object. fastsae writes
+exactly these fields (its own details go inside ``metadata``) and reads any
+SAELens-style directory, ignoring fields it does not know.
+
+Everything is read with ``json`` and ``safetensors.numpy``: nothing is ever
+unpickled (``.pt``/``.pkl`` files are not opened).
+
+Every file is written atomically: the bytes go to a temporary file in the
+target directory, are flushed and ``fsync``-ed, and the file is then renamed
+over the target with ``os.replace``. A crash mid-write leaves the previous
+file intact (plus, at worst, a stray ``.tmp`` file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .params import SAEParams
+
+__all__ = [
+    "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes",
+    "atomic_write_json", "write_sae_dir", "read_sae_dir", "save_tensors", "load_tensors",
+]
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+#: Tensors of a standard SAE and their shapes in terms of (d_in, d_sae).
+_TENSOR_SHAPES = {
+    "W_enc": lambda d_in, d_sae: (d_in, d_sae),
+    "b_enc": lambda d_in, d_sae: (d_sae,),
+    "W_dec": lambda d_in, d_sae: (d_sae, d_in),
+    "b_dec": lambda d_in, d_sae: (d_in,),
+}
+
+#: dtype strings accepted in cfg.json (SAELens writes e.g. "float32" or,
+#: in older versions, "torch.float32"). Weights are converted to float32.
+_DTYPES = {"float32", "float16", "float64", "bfloat16"}
+
+
+class SAEFormatError(ValueError):
+    """A directory or checkpoint is not in a format fastsae can read."""
+
+
+# ============================================================ atomic writes
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# =============================================================== tensors
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Atomically write NumPy arrays as a ``.safetensors`` file
+    (``metadata``: str -> str)."""
+    from safetensors.numpy import save
+
+    clean = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata=metadata))
+
+
+def load_tensors(path) -> tuple[dict, dict]:
+    """Read a ``.safetensors`` file -> ``(arrays, metadata)``; clear errors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = fh.metadata() or {}
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise SAEFormatError(f"cannot read {path} as safetensors: {exc}") from None
+    return arrays, meta
+
+
+# ====================================================== SAELens directories
+def _metadata_block(metadata: dict | None) -> dict:
+    from . import __version__
+
+    meta = {"model_name": None, "hook_name": None, "fastsae_version": __version__}
+    if metadata:
+        meta.update(metadata)
+    return meta
+
+
+def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None) -> Path:
+    """Write a standard SAE as a SAELens directory (cfg.json + weights).
+
+    ``params`` are host float32 arrays for raw (unnormalized) inputs;
+    ``metadata`` is merged into cfg.json's ``metadata`` object.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.ascontiguousarray(np.asarray(getattr(params, name)), dtype=np.float32)
+               for name in SAEParams.NAMES}
+    d_in, d_sae = tensors["W_enc"].shape
+    for name, shape in _TENSOR_SHAPES.items():
+        if tensors[name].shape != shape(d_in, d_sae):
+            raise ValueError(f"{name} has shape {tensors[name].shape}, "
+                             f"expected {shape(d_in, d_sae)}")
+    # The same top-level fields (and order) as SAELens 6's StandardSAE.save_model.
+    cfg = {
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": _metadata_block(metadata),
+        "architecture": "standard",
+    }
+    save_tensors(directory / WEIGHTS_FILENAME, tensors)  # no __metadata__, as SAELens
+    atomic_write_bytes(directory / CFG_FILENAME, json.dumps(cfg).encode())
+    return directory
+
+
+def _read_cfg(directory: Path) -> dict:
+    path = directory / CFG_FILENAME
+    if not path.is_file():
+        raise SAEFormatError(f"{directory} has no {CFG_FILENAME}: not an SAE directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SAEFormatError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def _cfg_int(cfg, key, path) -> int:
+    if key not in cfg:
+        raise SAEFormatError(f"{path} is missing the required field {key!r}")
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SAEFormatError(f"{path}: {key!r} must be a positive integer, got {v!r}")
+    return v
+
+
+def read_sae_dir(directory, *, architectures=("standard",)) -> tuple[SAEParams, dict]:
+    """Read a SAELens-style (or fastsae) SAE directory.
+
+    Returns ``(params, cfg)`` with float32 host arrays such that
+    ``f = relu((x - b_dec) @ W_enc + b_enc)`` and ``x_hat = f @ W_dec + b_dec``
+    reproduce SAELens's ``encode``/``decode``. A cfg with
+    ``apply_b_dec_to_input: false`` is converted exactly (in real arithmetic)
+    by folding ``b_dec @ W_enc`` into ``b_enc``. Unknown cfg fields are
+    ignored. Raises :class:`SAEFormatError` for a missing or malformed file or
+    field, another architecture, an unsupported input normalization, or
+    tensors whose names or shapes do not match the cfg.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"SAE directory not found: {directory}")
+    if not directory.is_dir():
+        raise SAEFormatError(f"{directory} is not a directory (expected {CFG_FILENAME} and "
+                             f"{WEIGHTS_FILENAME} inside)")
+    cfg = _read_cfg(directory)
+    cpath = directory / CFG_FILENAME
+    # SAELens before 3.x wrote no "architecture"; those SAEs are standard ReLU.
+    arch = cfg.get("architecture", "standard")
+    if arch not in architectures:
+        raise SAEFormatError(
+            f"{cpath}: architecture {arch!r} is not supported here "
+            f"(supported: {', '.join(architectures)})")
+    d_in = _cfg_int(cfg, "d_in", cpath)
+    d_sae = _cfg_int(cfg, "d_sae", cpath)
+    dtype = str(cfg.get("dtype", "float32")).replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise SAEFormatError(f"{cpath}: unsupported dtype {cfg.get('dtype')!r}")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        # "constant_norm_rescale"/"layer_norm" normalize each input at run time;
+        # "expected_average_only_in" means an unfolded scaling factor.
+        raise SAEFormatError(f"{cpath}: normalize_activations {norm!r} is not supported "
+                             "(only 'none')")
+    reshape = cfg.get("reshape_activations", "none")
+    if reshape not in ("none", None):
+        raise SAEFormatError(f"{cpath}: reshape_activations {reshape!r} is not supported")
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise SAEFormatError(f"{cpath}: apply_b_dec_to_input must be true or false, "
+                             f"got {apply_b_dec!r}")
+
+    wpath = directory / WEIGHTS_FILENAME
+    if not wpath.is_file():
+        others = sorted(p.name for p in directory.iterdir() if p.suffix in (".pt", ".pth", ".pkl"))
+        hint = (f" ({', '.join(others)} found: pickled files are never loaded)" if others else "")
+        raise SAEFormatError(f"{directory} has no {WEIGHTS_FILENAME}{hint}")
+    arrays, _ = load_tensors(wpath)
+    out = {}
+    for name, shape_of in _TENSOR_SHAPES.items():
+        if name not in arrays:
+            raise SAEFormatError(f"{wpath} has no tensor {name!r} "
+                                 f"(found: {', '.join(sorted(arrays)) or 'none'})")
+        a = arrays[name]
+        want = shape_of(d_in, d_sae)
+        if tuple(a.shape) != want:
+            raise SAEFormatError(f"{wpath}: {name} has shape {tuple(a.shape)} but cfg.json "
+                                 f"(d_in={d_in}, d_sae={d_sae}) implies {want}")
+        if a.dtype.kind != "f":
+            raise SAEFormatError(f"{wpath}: {name} has dtype {a.dtype}, expected float")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise SAEFormatError(f"{wpath}: {name} contains NaN or infinite values")
+        out[name] = a
+    if not apply_b_dec:
+        # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        fold = out["b_dec"].astype(np.float64) @ out["W_enc"].astype(np.float64)
+        out["b_enc"] = (out["b_enc"] + fold).astype(np.float32)
+    params = SAEParams(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"])
+    return params, cfg

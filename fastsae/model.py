@@ -1,0 +1,262 @@
+"""The sparse autoencoder a user holds: parameters, encode/decode, save/load.
+
+``SparseAutoencoder`` keeps its parameters as float32 NumPy arrays in
+SAELens layouts (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``) and runs every computation through
+a fastsae backend (:func:`fastsae.get_backend`). It saves to and loads from
+SAELens-format directories (see :mod:`fastsae.io`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate as V
+from .backends import Backend, get_backend
+from .io import read_sae_dir, write_sae_dir
+from .params import DECODER_NORM_MODES, SAEParams
+from .sparse import SparseCodes
+
+__all__ = ["SparseAutoencoder", "geometric_median"]
+
+
+def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Geometric median of the rows of ``x`` (Weiszfeld's algorithm, float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = x.mean(axis=0)
+    for _ in range(max_iter):
+        d = np.linalg.norm(x - y, axis=1)
+        w = 1.0 / np.maximum(d, 1e-12)
+        y_new = (w[:, None] * x).sum(axis=0) / w.sum()
+        if np.linalg.norm(y_new - y) <= tol * max(1.0, np.linalg.norm(y)):
+            return y_new
+        y = y_new
+    return y
+
+
+class SparseAutoencoder:
+    """A one-layer ReLU sparse autoencoder.
+
+    ``f = relu((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``.
+
+    Parameters
+    ----------
+    d_in, d_sae : int
+        Input width and number of features.
+    decoder_norm : ``"weighted_l1"`` or ``"unit_norm"``
+        How training controls the decoder's scale (see
+        :data:`fastsae.params.DECODER_NORM_MODES`).
+    backend : str or Backend, optional
+        Kernel backend; ``None`` picks the fastest usable one when first needed.
+    seed : int
+        Seeds the initialization.
+    init_norm : float
+        Initial norm of the decoder rows (``weighted_l1``; rows have unit norm
+        in ``unit_norm`` mode) and of the encoder columns.
+
+    Initialization (April 2024 update and common practice): decoder rows point
+    in random directions with a small fixed norm, ``W_enc = W_dec.T`` (tied
+    init, scaled to ``init_norm`` in ``unit_norm`` mode), ``b_enc = 0`` and
+    ``b_dec = 0`` (see :meth:`init_b_dec` to start it at the data's mean or
+    geometric median).
+    """
+
+    def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str = "weighted_l1",
+                 backend=None, seed: int = 0, init_norm: float = 0.1):
+        d_in = V.as_int(d_in, "d_in")
+        d_sae = V.as_int(d_sae, "d_sae")
+        if decoder_norm not in DECODER_NORM_MODES:
+            raise ValueError(f"decoder_norm must be one of {DECODER_NORM_MODES}, "
+                             f"got {decoder_norm!r}")
+        init_norm = V.as_scalar(init_norm, "init_norm", low=0.0, low_inclusive=False)
+        self.decoder_norm = decoder_norm
+        self.seed = int(seed)
+        self._backend_arg = backend
+        self._backend = backend if isinstance(backend, Backend) else None
+        rng = np.random.default_rng(self.seed)
+        w = rng.standard_normal((d_sae, d_in))
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        dec_norm = 1.0 if decoder_norm == "unit_norm" else init_norm
+        W_dec = (w * dec_norm).astype(np.float32)
+        W_enc = np.ascontiguousarray((w * init_norm).T, dtype=np.float32)
+        self.params = SAEParams(W_enc, np.zeros(d_sae, np.float32), W_dec,
+                                np.zeros(d_in, np.float32))
+        #: Free-form information saved in cfg.json's metadata.
+        self.metadata: dict = {}
+        # True until trained or loaded: the Trainer then treats the parameters
+        # as an initialization for normalized inputs and may set b_dec from data.
+        self._fresh = True
+
+    # ------------------------------------------------------------ attributes
+    @property
+    def d_in(self) -> int:
+        return self.params.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.params.d_sae
+
+    W_enc = property(lambda self: self.params.W_enc)
+    b_enc = property(lambda self: self.params.b_enc)
+    W_dec = property(lambda self: self.params.W_dec)
+    b_dec = property(lambda self: self.params.b_dec)
+
+    @property
+    def backend(self) -> Backend:
+        """The kernel backend (resolved on first use)."""
+        if self._backend is None:
+            self._backend = get_backend(self._backend_arg)
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self._backend_arg = value
+        self._backend = value if isinstance(value, Backend) else None
+
+    def set_params(self, params: SAEParams) -> None:
+        """Replace the parameters (validated; copied to float32 host arrays)."""
+        p = V.params_arg(params)
+        if (p.d_in, p.d_sae) != (self.d_in, self.d_sae):
+            raise ValueError(f"parameters are for d_in={p.d_in}, d_sae={p.d_sae}; this SAE has "
+                             f"d_in={self.d_in}, d_sae={self.d_sae}")
+        self.params = SAEParams(*(np.array(a, dtype=np.float32, order="C") for a in p.arrays()))
+        self._fresh = False
+
+    def copy(self) -> "SparseAutoencoder":
+        new = object.__new__(SparseAutoencoder)
+        new.__dict__.update(self.__dict__)
+        new.params = self.params.copy()
+        new.metadata = dict(self.metadata)
+        return new
+
+    def __repr__(self) -> str:
+        return (f"SparseAutoencoder(d_in={self.d_in}, d_sae={self.d_sae}, "
+                f"decoder_norm={self.decoder_norm!r})")
+
+    # ------------------------------------------------------------------ init
+    def init_b_dec(self, x, method: str = "mean") -> None:
+        """Set ``b_dec`` from data rows ``x [N, d_in]``: their ``"mean"`` or
+        ``"geometric_median"``."""
+        x = V.as_float_array(x, "x", 2)
+        V.check_dim("x", x.shape[1], self.d_in, "d_in (shape[1])")
+        if method == "mean":
+            c = x.astype(np.float64).mean(axis=0)
+        elif method == "geometric_median":
+            c = geometric_median(x)
+        else:
+            raise ValueError(f"method must be 'mean' or 'geometric_median', got {method!r}")
+        self.params.b_dec[...] = c.astype(np.float32)
+
+    # --------------------------------------------------------------- compute
+    def _device_params(self) -> SAEParams:
+        # CPU backends return the same arrays; the CUDA backend copies them over.
+        return self.backend.to_backend(self.params)
+
+    def _to_host(self, obj):
+        if isinstance(obj, SparseCodes):
+            return obj.to_host()
+        return np.asarray(self.backend.to_numpy(obj))
+
+    def _x(self, x):
+        x = V.as_float_array(x, "x", 2)
+        V.check_dim("x", x.shape[1], self.d_in, "d_in (shape[1])")
+        return x
+
+    def encode(self, x, sparse: bool = False, *, batch_size: int | None = None):
+        """Feature activations of ``x [N, d_in]``.
+
+        Returns a dense float32 ``[N, d_sae]`` array, or with ``sparse=True``
+        canonical :class:`fastsae.SparseCodes` (``.to_scipy()`` gives a
+        ``scipy.sparse.csr_array``). ``batch_size`` bounds the working memory
+        by encoding that many rows at a time.
+        """
+        x = self._x(x)
+        be, p = self.backend, self._device_params()
+        bs = x.shape[0] if batch_size is None else V.as_int(batch_size, "batch_size")
+        pieces = []
+        for lo in range(0, x.shape[0], bs):
+            xb = be.to_backend(x[lo:lo + bs])
+            if sparse:
+                pieces.append(self._to_host(be.encode_relu_sparse(xb, p.W_enc, p.b_enc,
+                                                                  p.b_dec)))
+            else:
+                pieces.append(self._to_host(be.encode_relu(xb, p.W_enc, p.b_enc, p.b_dec)))
+        if not sparse:
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return _concat_codes(pieces, self.d_sae)
+
+    def decode(self, codes) -> np.ndarray:
+        """``codes @ W_dec + b_dec`` for dense ``[N, d_sae]`` codes,
+        :class:`SparseCodes` or any ``scipy.sparse`` matrix."""
+        if not isinstance(codes, (SparseCodes, np.ndarray)) and hasattr(codes, "tocsr"):
+            codes = SparseCodes.from_scipy(codes)
+        be, p = self.backend, self._device_params()
+        if isinstance(codes, SparseCodes):
+            codes = V.sparse_codes(codes, self.d_sae)
+            dev = SparseCodes(*(be.to_backend(a) for a in (codes.indptr, codes.indices,
+                                                            codes.values)), codes.shape)
+            return self._to_host(be.decode(dev, p.W_dec, p.b_dec))
+        codes = V.codes_arg(codes, self.d_sae)
+        return self._to_host(be.decode(be.to_backend(codes), p.W_dec, p.b_dec))
+
+    def reconstruct(self, x) -> np.ndarray:
+        """``decode(encode(x))`` (through sparse codes)."""
+        return self.decode(self.encode(x, sparse=True))
+
+    def __call__(self, x) -> np.ndarray:
+        return self.reconstruct(x)
+
+    # ------------------------------------------------------------------- I/O
+    def save(self, directory, *, metadata: dict | None = None):
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's format.
+
+        The SAE works on raw activations; fastsae's own settings go into
+        cfg.json's ``metadata``. Each file is written atomically.
+        """
+        meta = {"fastsae_decoder_norm": self.decoder_norm}
+        meta.update(self.metadata)
+        if metadata:
+            meta.update(metadata)
+        return write_sae_dir(directory, self.params, meta)
+
+    @classmethod
+    def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
+        """Load a fastsae- or SAELens-written standard SAE directory.
+
+        Unknown cfg fields are ignored; a missing required field, another
+        architecture or tensors that do not match the cfg raise
+        :class:`fastsae.io.SAEFormatError` (a ``ValueError``). Nothing is
+        unpickled.
+        """
+        params, cfg = read_sae_dir(directory)
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        mode = meta.get("fastsae_decoder_norm", "weighted_l1")
+        if mode not in DECODER_NORM_MODES:
+            mode = "weighted_l1"
+        sae = cls.__new__(cls)
+        sae.decoder_norm = mode
+        sae.seed = 0
+        sae._backend_arg = backend
+        sae._backend = backend if isinstance(backend, Backend) else None
+        sae.params = params
+        sae._fresh = False
+        sae.metadata = {k: v for k, v in meta.items()
+                        if k not in ("fastsae_version", "fastsae_decoder_norm",
+                                     "sae_lens_version", "sae_lens_training_version")}
+        return sae
+
+
+def _concat_codes(pieces, d_sae: int) -> SparseCodes:
+    if len(pieces) == 1:
+        return pieces[0]
+    n = sum(p.shape[0] for p in pieces)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    row, off = 0, 0
+    for p in pieces:
+        m = p.shape[0]
+        indptr[row + 1:row + m + 1] = np.asarray(p.indptr[1:], dtype=np.int64) + off
+        row += m
+        off += int(p.indptr[-1])
+    indices = np.concatenate([np.asarray(p.indices, dtype=np.int32) for p in pieces])
+    values = np.concatenate([np.asarray(p.values, dtype=np.float32) for p in pieces])
+    return SparseCodes(indptr, indices, values, (n, d_sae))
