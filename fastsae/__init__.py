@@ -15,7 +15,14 @@ from .sparse import SparseCodes
 
 __version__ = "0.1.0"
 
+# Model, trainer and data pipeline (imported after __version__: io.py reads it).
+from . import data  # noqa: E402
+from .autoencoder import Autoencoder  # noqa: E402
+from .model import SparseAutoencoder  # noqa: E402
+from .trainer import TrainConfig, Trainer  # noqa: E402
+
 __all__ = [
     "Backend", "BackendStatus", "available_backends", "get_backend",
     "AdamState", "Losses", "SAEParams", "StepResult", "SparseCodes", "__version__",
+    "SparseAutoencoder", "Trainer", "TrainConfig", "Autoencoder", "data",
 ]
