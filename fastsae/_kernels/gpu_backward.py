@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .gpu_common import BLOCK, GROUPS, LANES, TILE, TILE_ROWS, block_sum
+from .gpu_common import BLOCK, GROUPS, LANES, TILE, TILE_ROWS, block_sum, block_sum2
 
 _TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
 
@@ -48,7 +48,7 @@ def residual_kernel(x, x_hat, mean, nf, d_xhat, row_mse, row_var):
     (``sum_k (x_hat - x)**2`` and ``sum_k (x - mean)**2``). One block of
     ``BLOCK`` threads per row.
     """
-    sh = cuda.shared.array(BLOCK, np.float64)
+    sh = cuda.shared.array((2, BLOCK), np.float64)
     t = cuda.threadIdx.x
     n = x.shape[0]
     d = x.shape[1]
@@ -63,8 +63,7 @@ def residual_kernel(x, x_hat, mean, nf, d_xhat, row_mse, row_var):
             a += np.float64(diff) * np.float64(diff)
             dv = np.float64(xv - mean[k])
             b += dv * dv
-        sa = block_sum(sh, t, a)
-        sb = block_sum(sh, t, b)
+        sa, sb = block_sum2(sh, t, a, b)
         if t == 0:
             row_mse[r] = sa
             row_var[r] = sb
@@ -226,7 +225,7 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, x, b_dec
     d_in. Every thread walks the entry list itself (it is cached and short
     next to d_in) so no barrier is needed except the unit-norm reductions.
     """
-    sh = cuda.shared.array(BLOCK, np.float32)
+    sh = cuda.shared.array((2, BLOCK), np.float32)
     t = cuda.threadIdx.x
     d_sae = W_dec.shape[0]
     d_in = W_dec.shape[1]
@@ -268,8 +267,7 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, x, b_dec
             else:
                 l1_feat[j] = fs
         if not weighted:  # unit_norm: remove the component along W_dec[j]
-            dsum = block_sum(sh, t, dot)
-            ssum = block_sum(sh, t, sq)
+            dsum, ssum = block_sum2(sh, t, dot, sq)
             if ssum > 0:
                 proj = dsum / ssum
                 for k in range(t, d_in, BLOCK):

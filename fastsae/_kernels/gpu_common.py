@@ -32,8 +32,8 @@ if SIMULATOR:
     GEMM_BK = 4          # GEMM depth of one shared-memory stage
     GEMM_TM = 2          # output rows per thread
     GEMM_TN = 2          # output columns per thread
-    LANES = 4            # sparse dot products: threads sharing one entry
-    GROUPS = 2           # sparse dot products: entries per block at once
+    LANES = 2            # sparse dot products: threads sharing one entry
+    GROUPS = 4           # sparse dot products: entries per block at once
     TILE = 4             # transpose tile edge
     TILE_ROWS = 2        # transpose block rows
     CHUNK_ROWS = 2       # rows per chunk of the CSR -> CSC transposition
@@ -52,6 +52,9 @@ else:
     TILE_ROWS = 8
     CHUNK_ROWS = 64
     COLSUM_ROWS = 64
+
+#: Shared ping-pong buffer of :func:`block_exclusive_scan` for BLOCK threads.
+SCAN_SHARED = 2 * BLOCK
 
 #: GEMM block shape: (x = columns, y = rows) of threads.
 GEMM_TX = GEMM_BN // GEMM_TN
@@ -97,27 +100,53 @@ def block_sum(sh, t, v):
 
 
 @cuda.jit(device=True)
+def block_sum2(sh, t, a, b):
+    """:func:`block_sum` of two values at once (one set of barriers).
+
+    ``sh``: shared array ``(2, block size)``. Returns ``(sum a, sum b)``.
+    """
+    n = sh.shape[1]
+    sh[0, t] = a
+    sh[1, t] = b
+    cuda.syncthreads()
+    s = n // 2
+    while s > 0:
+        if t < s:
+            sh[0, t] += sh[0, t + s]
+            sh[1, t] += sh[1, t + s]
+        cuda.syncthreads()
+        s //= 2
+    ta = sh[0, 0]
+    tb = sh[1, 0]
+    cuda.syncthreads()
+    return ta, tb
+
+
+@cuda.jit(device=True)
 def block_exclusive_scan(sh, t, v):
     """Exclusive prefix sum of ``v`` over a 1-D block, and the block total.
 
-    ``sh``: shared int64 array of the block's size. Hillis-Steele scan (log2
-    steps, two barriers each); must be reached by all threads. Returns
-    ``(sum of v over threads < t, sum over all threads)``.
+    ``sh``: shared int64 array of twice the block's size (the two halves
+    are ping-pong buffers, so each of the log2 Hillis-Steele steps needs one
+    barrier); must be reached by all threads. Returns ``(sum of v over
+    threads < t, sum over all threads)``.
     """
-    n = sh.shape[0]
+    n = sh.shape[0] // 2
     sh[t] = v
     cuda.syncthreads()
+    src = 0
     off = 1
     while off < n:
-        add = 0
+        dst = n - src
+        val = sh[src + t]
         if t >= off:
-            add = sh[t - off]
+            val += sh[src + t - off]
+        sh[dst + t] = val
         cuda.syncthreads()
-        sh[t] += add
-        cuda.syncthreads()
+        src = dst
         off *= 2
-    incl = sh[t]
-    total = sh[n - 1]
+    incl = sh[src + t]
+    total = sh[src + n - 1]
     cuda.syncthreads()
     return incl - v, total
 
@@ -132,7 +161,7 @@ def exclusive_scan_kernel(counts, out):
     carrying the running total (n is at most a few tens of thousands here:
     rows of a batch or features of an SAE).
     """
-    sh = cuda.shared.array(BLOCK, np.int64)
+    sh = cuda.shared.array(SCAN_SHARED, np.int64)
     t = cuda.threadIdx.x
     n = counts.shape[0]
     if t == 0:

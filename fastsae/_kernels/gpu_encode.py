@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda
 
 from .gpu_common import (BLOCK, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_THREADS, GEMM_TM,
-                         GEMM_TN, GEMM_TX, GEMM_TY, block_exclusive_scan)
+                         GEMM_TN, GEMM_TX, GEMM_TY, SCAN_SHARED, block_exclusive_scan)
 
 _PAD = 4  # shared A tile row padding: the transposed stores hit 32 distinct banks
 _SA_COLS = GEMM_BM + _PAD  # shared-array shapes must be plain constants
@@ -177,7 +177,7 @@ def compact_rows_kernel(dense, indptr, indices, values):
     goes to ``indptr[r] + (nonzeros before it in the row)``: increasing
     columns, deterministic, no atomics.
     """
-    sh = cuda.shared.array(BLOCK, np.int64)
+    sh = cuda.shared.array(SCAN_SHARED, np.int64)
     t = cuda.threadIdx.x
     n = dense.shape[0]
     d = dense.shape[1]
