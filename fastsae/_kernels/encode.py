@@ -10,16 +10,22 @@ Where the time goes: the product is the only dense O(N d_in d_sae) work of
 the whole SAE step, so it goes to BLAS ``sgemm`` (the one scipy ships, the
 same one ``np.dot`` uses inside ``@njit``), called through Numba's own
 ``numba_xxgemm`` helper so that strides, ``beta`` and transposes are ours
-and the functions stay cacheable. The product is computed by row blocks of
-``ROW_BLOCK`` rows into a workspace that stays in the last-level cache; the
-bias, ReLU and (for CSR) the compaction run on each block right after its
-product, parallel over the block's rows, so the N x d_sae pre-activations
-are never written to or re-read from main memory.
+and the functions stay cacheable. The rows are cut into a fixed grid of
+``ROW_BLOCK``-row blocks and each Numba thread takes a contiguous run of
+whole blocks: per block, one single-threaded sgemm into a per-thread
+``ROW_BLOCK x d_sae`` workspace (the dense output's block, for
+``encode_relu``) that stays in cache, then bias, ReLU and (for CSR) the
+compaction on it right away. The N x d_sae pre-activations are never
+written to or re-read from main memory, and there is one parallel region
+per call (a thread barrier per block would cost more than the epilogue on a
+busy 2-core machine).
 
-Threads: BLAS is only ever called from the calling thread, outside
-``prange`` regions, so its own threads (``OPENBLAS_NUM_THREADS`` or
-threadpoolctl) and Numba's (``NUMBA_NUM_THREADS`` /
-``numba.set_num_threads``) take turns and never oversubscribe the cores.
+Threads: the parallelism is Numba's (``NUMBA_NUM_THREADS`` /
+``numba.set_num_threads``); the caller must limit BLAS to one thread while
+these kernels run (:mod:`fastsae.numba_backend` does it with threadpoolctl),
+so the process never runs more compute threads than Numba's count. The fixed
+block grid makes the result independent of the thread count (BLAS rounds a
+row identically only at the same position in a same-sized block).
 """
 
 from __future__ import annotations
@@ -128,6 +134,9 @@ def encode_relu_dense(xc, W_enc, b_enc, row_block, n_threads):
     contiguous part per Numba thread; each thread computes its part by
     blocks of ``row_block`` rows with a single-threaded sgemm straight into
     the output and applies bias and ReLU while the block is in its cache.
+    Block boundaries are a fixed grid (parts own whole blocks): BLAS rounds a
+    row the same way only at the same position in a same-sized block, so
+    this keeps the result independent of the thread count.
     Call with BLAS limited to one thread (the backend module does this).
     """
     n = xc.shape[0]
@@ -135,11 +144,13 @@ def encode_relu_dense(xc, W_enc, b_enc, row_block, n_threads):
     out = np.empty((n, d_sae), np.float32)
     warm_gemm()
     rb = max(1, row_block)
-    parts = max(1, min(n_threads, n))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
     for p in prange(parts):
-        lo, hi = _part_bounds(n, parts, p)
-        for i0 in range(lo, hi, rb):
-            i1 = min(hi, i0 + rb)
+        b0, b1 = _part_bounds(nblk, parts, p)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
             blk = out[i0:i1]
             gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
             _bias_relu_block(blk, b_enc)
@@ -173,54 +184,56 @@ def _compact_row(Y, r, b_enc, idx_ws):
 
 
 @njit(parallel=True, cache=True)
-def _encode_rows_staged(xc, rows, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
-                        indptr, indices, values):
-    """Encode the rows ``rows`` of ``xc`` (one contiguous part per thread,
-    blocks of ``row_block`` rows, single-threaded sgemm into a per-thread
-    ``row_block x d_sae`` workspace, compaction while cached).
+def _encode_blocks(xc, W_enc, b_enc, row_block, n_threads, block_mask, counts, st_idx,
+                   st_val, indptr, indices, values):
+    """Encode the row blocks ``b`` (fixed grid of ``row_block`` rows) with
+    ``block_mask[b]`` set; parts of whole blocks per thread, single-threaded
+    sgemm into a per-thread workspace, compaction while cached.
 
     Staging mode (``indices.size == 0``): store each row's count in
     ``counts[row]`` and its first ``K = st_idx.shape[1]`` entries in
-    ``st_idx/st_val[row]``. Final mode: write each row's entries straight to
-    ``indptr[row]`` onwards in ``indices/values``.
+    ``st_idx/st_val[row]``. Final mode: for the rows with ``counts[row] > K``
+    write the entries straight to ``indptr[row]`` onwards. A row is always
+    computed in the same block as in staging mode, so bitwise identically.
     """
-    m = rows.shape[0]
-    d_in = xc.shape[1]
+    n = xc.shape[0]
     d_sae = W_enc.shape[1]
     K = st_idx.shape[1]
     final = indices.shape[0] > 0
-    rb = max(1, min(row_block, m))
+    rb = max(1, min(row_block, n))
+    nblk = (n + rb - 1) // rb
+    todo = np.empty(nblk, np.int64)
+    m = 0
+    for b in range(nblk):
+        if block_mask[b]:
+            todo[m] = b
+            m += 1
     parts = max(1, min(n_threads, m))
     for p in prange(parts):
-        lo, hi = _part_bounds(m, parts, p)
+        t0, t1 = _part_bounds(m, parts, p)
         Y = np.empty((rb, d_sae), np.float32)
         idx_ws = np.empty((rb, d_sae), np.int32)
-        xg = np.empty((rb, d_in), np.float32)
-        for i0 in range(lo, hi, rb):
-            i1 = min(hi, i0 + rb)
+        for t in range(t0, t1):
+            i0 = todo[t] * rb
+            i1 = min(n, i0 + rb)
             nr = i1 - i0
-            contiguous = rows[i1 - 1] - rows[i0] == nr - 1
-            if contiguous:
-                a = xc[rows[i0]:rows[i0] + nr]
-            else:
-                for r in range(nr):
-                    xg[r] = xc[rows[i0 + r]]
-                a = xg[:nr]
             blk = Y[:nr]
-            gemm(a, W_enc, blk, 1.0, 0.0, False, False)
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
             for r in range(nr):
-                row = rows[i0 + r]
-                cnt = _compact_row(blk, r, b_enc, idx_ws)
+                row = i0 + r
                 if final:
-                    o = indptr[row]
-                    for t in range(cnt):
-                        indices[o + t] = idx_ws[r, t]
-                        values[o + t] = blk[r, t]
+                    if counts[row] > K:
+                        cnt = _compact_row(blk, r, b_enc, idx_ws)
+                        o = indptr[row]
+                        for q in range(cnt):
+                            indices[o + q] = idx_ws[r, q]
+                            values[o + q] = blk[r, q]
                 else:
+                    cnt = _compact_row(blk, r, b_enc, idx_ws)
                     counts[row] = cnt
-                    for t in range(min(cnt, K)):
-                        st_idx[row, t] = idx_ws[r, t]
-                        st_val[row, t] = blk[r, t]
+                    for q in range(min(cnt, K)):
+                        st_idx[row, q] = idx_ws[r, q]
+                        st_val[row, q] = blk[r, q]
 
 
 @njit(parallel=True, cache=True)
@@ -254,12 +267,14 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
     counts = np.zeros(n, np.int64)
     st_idx = np.empty((n, K), np.int32)
     st_val = np.empty((n, K), np.float32)
-    all_rows = np.arange(n)
+    rb = max(1, min(row_block, n))
+    nblk = (n + rb - 1) // rb
+    mask = np.ones(nblk, np.uint8)
     none_i = np.empty(0, np.int32)
     none_v = np.empty(0, np.float32)
     indptr = np.empty(n + 1, np.int64)
-    _encode_rows_staged(xc, all_rows, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
-                        indptr, none_i, none_v)
+    _encode_blocks(xc, W_enc, b_enc, rb, n_threads, mask, counts, st_idx, st_val, indptr,
+                   none_i, none_v)
     indptr[0] = 0
     n_over = 0
     max_cnt = 0
@@ -272,13 +287,12 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
     indices = np.empty(nnz, np.int32)
     values = np.empty(nnz, np.float32)
     _unstage(counts, st_idx, st_val, indptr, indices, values)
-    if n_over > 0:
-        over = np.empty(n_over, np.int64)
-        t = 0
-        for i in range(n):
-            if counts[i] > K:
-                over[t] = i
-                t += 1
-        _encode_rows_staged(xc, over, W_enc, b_enc, row_block, n_threads, counts, st_idx, st_val,
-                            indptr, indices, values)
+    if n_over > 0 and nnz > 0:
+        for b in range(nblk):
+            mask[b] = 0
+            for i in range(b * rb, min(n, b * rb + rb)):
+                if counts[i] > K:
+                    mask[b] = 1
+        _encode_blocks(xc, W_enc, b_enc, rb, n_threads, mask, counts, st_idx, st_val, indptr,
+                       indices, values)
     return indptr, indices, values, max_cnt
