@@ -54,6 +54,26 @@ cdef inline float _dot(const float* a, const float* b, Py_ssize_t n) noexcept no
     return s
 
 
+cdef inline double _dot_d(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
+    """sum_k a[k] * b[k] accumulated in float64, 8 independent lanes (so the
+    loop vectorizes without reassociating a sum)."""
+    cdef double acc[8]
+    cdef Py_ssize_t k, l, nb = n - n % 8
+    cdef double s = 0
+    for l in range(8):
+        acc[l] = 0
+    k = 0
+    while k < nb:
+        for l in range(8):
+            acc[l] += <double>a[k + l] * b[k + l]
+        k += 8
+    for l in range(8):
+        s += acc[l]
+    for k in range(nb, n):
+        s += <double>a[k] * b[k]
+    return s
+
+
 cdef inline void _axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexcept nogil:
     """y += alpha * x."""
     cdef Py_ssize_t k

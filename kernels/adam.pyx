@@ -15,6 +15,8 @@ cimport cython
 from cython.parallel cimport prange
 from libc.math cimport sqrtf, sqrt
 
+from _common cimport _dot_d
+
 cdef enum:
     _CHUNK = 16384   # elements per task of the flat arrays
 
@@ -61,7 +63,6 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
     cdef Py_ssize_t t_be = (d_sae + _CHUNK - 1) // _CHUNK
     cdef Py_ssize_t t_bd = (d_in + _CHUNK - 1) // _CHUNK
     cdef Py_ssize_t ntasks = t_enc + t_dec + t_be + t_bd, task, s, cnt, r, r1, k
-    cdef double sq
     cdef float nrm
     cdef float* w
     for task in prange(ntasks, nogil=True, num_threads=nthreads, schedule="dynamic"):
@@ -78,10 +79,7 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
                 _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
                       d_in, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
                 if renormalize:
-                    sq = 0
-                    for k in range(d_in):
-                        sq = sq + <double>w[k] * w[k]
-                    nrm = <float>sqrt(sq)
+                    nrm = <float>sqrt(_dot_d(w, w, d_in))
                     if nrm > 0:
                         for k in range(d_in):
                             w[k] = w[k] / nrm

@@ -31,7 +31,7 @@ from libc.stdint cimport int64_t, int32_t
 
 import numpy as np
 
-from _common cimport _axpy, _dot
+from _common cimport _axpy, _dot, _dot_d
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
@@ -73,21 +73,22 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef double acc_d, sq_d, gdot
 
     d_xhat_a = np.empty((n, d_in), dtype=np.float32)
+    xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature below
     row_sq_a = np.empty(n, dtype=np.float64)
     row_l1_a = np.empty(n, dtype=np.float64)
     d_pre_a = np.empty(max(nnz, 1), dtype=np.float32)
-    cdef float[:, ::1] d_xhat = d_xhat_a
+    cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
     cdef double[::1] row_sq = row_sq_a, row_l1 = row_l1_a
     cdef float[::1] d_pre = d_pre_a
 
     # 1 + 2. dL/dx_hat, squared error; d_pre at the stored entries, l1 per row
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
-        acc_d = 0
         for k in range(d_in):
-            diff = x_hat[i, k] - x[i, k]
-            acc_d = acc_d + <double>diff * diff
-            d_xhat[i, k] = (2.0 * diff) / nf
-        row_sq[i] = acc_d
+            d_xhat[i, k] = x_hat[i, k] - x[i, k]   # the difference, for now
+        row_sq[i] = _dot_d(&d_xhat[i, 0], &d_xhat[i, 0], d_in)
+        for k in range(d_in):
+            d_xhat[i, k] = (2.0 * d_xhat[i, k]) / nf
+            xc[i, k] = x[i, k] - b_dec[k]
         acc_d = 0
         for e in range(indptr[i], indptr[i + 1]):
             j = indices[e]
@@ -133,8 +134,6 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float* acc = NULL
     cdef float* gw
     cdef const float* w
-    cdef const float* xi
-    cdef const float* bd = &b_dec[0]
     cdef float colsum, gbe
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
@@ -162,9 +161,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                         _axpy(fv, &d_xhat[i, 0], gw, d_in)
                         if dp != 0:
                             gbe = gbe + dp
-                            xi = &x[i, 0]
-                            for k in range(d_in):
-                                acc[jj * d_in + k] += dp * (xi[k] - bd[k])
+                            _axpy(dp, &xc[i, 0], acc + jj * d_in, d_in)
                     g_b_enc[j] = gbe
                     if weighted:
                         nrm = norms[j]
@@ -173,11 +170,8 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                             for k in range(d_in):
                                 gw[k] += t * (w[k] / nrm)
                     if project:
-                        sq_d = 0
-                        gdot = 0
-                        for k in range(d_in):
-                            sq_d = sq_d + <double>w[k] * w[k]
-                            gdot = gdot + <double>gw[k] * w[k]
+                        sq_d = _dot_d(w, w, d_in)
+                        gdot = _dot_d(gw, w, d_in)
                         if sq_d > 0:
                             t = <float>(gdot / sq_d)
                             for k in range(d_in):
@@ -220,9 +214,9 @@ def batch_variance(const float[:, ::1] x, int nthreads):
     denominator), two parallel passes over ``x [N, d_in]``."""
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], i, k
     mean_a = np.empty(d_in, dtype=np.float64)
-    row_a = np.empty(n, dtype=np.float64)
-    cdef double[::1] mean = mean_a, rowv = row_a
-    cdef double s, dlt
+    col_a = np.empty(d_in, dtype=np.float64)
+    cdef double[::1] mean = mean_a, colv = col_a
+    cdef double dlt
     cdef double* cs = NULL
     cdef Py_ssize_t ncb = (d_in + _CB - 1) // _CB, cb, k0, kk, nk
     cdef int failed = 0
@@ -244,10 +238,25 @@ def batch_variance(const float[:, ::1] x, int nthreads):
         free(cs)
     if failed:
         raise MemoryError("batch_variance: could not allocate a column buffer")
-    for i in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
-        s = 0
-        for k in range(d_in):
-            dlt = x[i, k] - mean[k]
-            s = s + dlt * dlt
-        rowv[i] = s
-    return float(row_a.sum()) / n
+    # second pass, same blocking: squared deviations summed per column (each
+    # column is its own accumulator, so the loop vectorizes across columns)
+    with nogil, parallel(num_threads=nthreads):
+        cs = <double*>malloc(_CB * sizeof(double))
+        for cb in prange(ncb, schedule="static"):
+            if cs == NULL:
+                failed += 1
+            else:
+                k0 = cb * _CB
+                nk = min(<Py_ssize_t>_CB, d_in - k0)
+                for kk in range(nk):
+                    cs[kk] = 0
+                for i in range(n):
+                    for kk in range(nk):
+                        dlt = x[i, k0 + kk] - mean[k0 + kk]
+                        cs[kk] += dlt * dlt
+                for kk in range(nk):
+                    colv[k0 + kk] = cs[kk]
+        free(cs)
+    if failed:
+        raise MemoryError("batch_variance: could not allocate a column buffer")
+    return float(col_a.sum()) / n

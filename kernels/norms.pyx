@@ -8,6 +8,8 @@ cimport cython
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+from _common cimport _dot_d
+
 
 def decoder_column_norms(const float[:, ::1] W_dec, float[::1] out, int nthreads):
     """``out[j] = ||W_dec[j, :]||`` for ``W_dec [d_sae, d_in]``, ``out [d_sae]``.
@@ -16,13 +18,7 @@ def decoder_column_norms(const float[:, ::1] W_dec, float[::1] out, int nthreads
     so the result is the correctly rounded float32 norm up to ~1 ulp.
     """
     cdef Py_ssize_t d_sae = W_dec.shape[0], d_in = W_dec.shape[1], j, k
-    cdef double s
-    cdef const float* w
     if out.shape[0] != d_sae:
         raise ValueError("out must have length d_sae")
     for j in prange(d_sae, nogil=True, num_threads=nthreads, schedule="static"):
-        w = &W_dec[j, 0]
-        s = 0
-        for k in range(d_in):
-            s = s + <double>w[k] * w[k]
-        out[j] = <float>sqrt(s)
+        out[j] = <float>sqrt(_dot_d(&W_dec[j, 0], &W_dec[j, 0], d_in))
