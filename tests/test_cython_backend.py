@@ -144,6 +144,34 @@ def test_gradients_match_reference(be, shape, mode):
 
 
 @needs_cy
+def test_random_shapes_hypothesis(be):
+    """Random small shapes and sparsity levels (hypothesis), every kernel."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(n=st.integers(1, 70), d_in=st.integers(1, 40),
+                      d_sae=st.integers(1, 600), shift=st.floats(-3.0, 1.0),
+                      seed=st.integers(0, 2**16))
+    def check(n, d_in, d_sae, shift, seed):
+        x, p = _problem(n, d_in, d_sae, shift, seed)
+        f = R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)
+        sc = be.encode_relu_sparse(x, p.W_enc, p.b_enc, p.b_dec)
+        _same_pattern(sc, x, p)
+        _close(be.encode_relu(x, p.W_enc, p.b_enc, p.b_dec), f)
+        xh = R.decode(f, p.W_dec, p.b_dec)
+        _close(be.decode(sc, p.W_dec, p.b_dec), xh)
+        for mode in ("weighted_l1", "unit_norm"):
+            loss_r, g_r = R.gradients(x, p, f, xh, 0.2, mode)
+            loss_c, g_c = be.gradients(x, p, f, xh, 0.2, mode)
+            assert loss_c.total == pytest.approx(loss_r.total, rel=1e-5, abs=1e-6)
+            for name in SAEParams.NAMES:
+                _close(getattr(g_c, name), getattr(g_r, name))
+
+    check()
+
+
+@needs_cy
 def test_dense_decode_both_paths(be):
     """Dense codes go through a gather when sparse, sgemm when dense."""
     x, p = _problem(70, 20, 300, 0.0)
@@ -352,3 +380,38 @@ def test_missing_extension_reports_cython_unavailable(monkeypatch):
     with pytest.raises(ImportError):
         broken.check_available()
     assert broken.DESCRIPTION == "Cython kernels not built"
+
+
+@pytest.mark.slow
+def test_pip_install_without_c_compiler(tmp_path):
+    """A real install with a compiler that always fails (CC=/bin/false):
+    pip still installs fastsae, and the installed copy reports why cython is
+    unavailable."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("wheel")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")) or shutil.which("git") is None:
+        pytest.skip("needs the source checkout and git")
+    src, target = tmp_path / "src", tmp_path / "site"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if os.path.isfile(os.path.join(root, f)):
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(root, f), src / f)
+    env = dict(os.environ, CC="/bin/false")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", ".", "--no-build-isolation",
+                        "--no-deps", "--target", str(target), "-q"],
+                       cwd=src, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not list((target / "fastsae").glob("_cy_*"))
+    probe = ("import fastsae, sys; s = {b.name: b for b in fastsae.available_backends()};"
+             "assert fastsae.__file__.startswith(sys.argv[1]), fastsae.__file__;"
+             "assert not s['cython'].available; print(s['cython'].reason)")
+    r = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(target)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not importable" in r.stdout
