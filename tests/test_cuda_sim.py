@@ -1,0 +1,114 @@
+"""The CUDA backend's kernels, checked on machines without a GPU.
+
+1. :func:`test_cuda_backend_under_simulator` runs ``tests/test_cuda_backend.py``
+   and the shared contract test (``tests/test_contract.py``, restricted to
+   ``cuda``) in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``: numba's CUDA
+   simulator executes every kernel's logic (barriers, shared memory, atomics,
+   grid-stride loops) on the CPU. The simulator must be enabled before numba
+   is imported, hence the subprocess. It takes a few minutes.
+2. :func:`test_kernels_compile_for_a_real_gpu` compiles every kernel to PTX
+   for sm_90 with NVVM when the CUDA toolkit's NVVM, libdevice and NVRTC are
+   installed (no GPU needed), catching typing errors the simulator, which
+   runs the kernels as plain Python, cannot see, and checking the GEMM keeps
+   its accumulators in registers (no local memory). Skipped without them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_TIMEOUT_S = 900
+
+_RUNNER = (
+    "import sys; sys.setswitchinterval(5e-5); import pytest; "  # fast simulator barriers
+    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *sys.argv[1:]]))"
+)
+
+
+def test_cuda_backend_under_simulator():
+    files = ["tests/test_cuda_backend.py"]
+    if (ROOT / "tests" / "test_contract.py").exists():
+        files.append("tests/test_contract.py")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", FASTSAE_TEST_BACKENDS="cuda")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, *files], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=SIM_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    tail = "\n".join(out.splitlines()[-60:])
+    print(tail)
+    assert proc.returncode == 0, f"simulated CUDA tests failed:\n{tail}"
+    assert " passed" in out and "error" not in out.splitlines()[-1].lower(), tail
+
+
+def _kernel_signatures():
+    from numba import types as T
+
+    from fastsae._kernels import gpu_adam as A
+    from fastsae._kernels import gpu_backward as B
+    from fastsae._kernels import gpu_common as K
+    from fastsae._kernels import gpu_decode as D
+    from fastsae._kernels import gpu_encode as E
+    from fastsae._kernels import gpu_norms as N
+
+    f2, f1, d1 = T.float32[:, ::1], T.float32[::1], T.float64[::1]
+    i64, i32, i2 = T.int64[::1], T.int32[::1], T.int32[:, ::1]
+    b, f, n = T.boolean, T.float32, T.int64
+    return [
+        (K.exclusive_scan_kernel, (i32, i64)), (K.exclusive_scan_kernel, (i64, i64)),
+        (K.sum_kernel, (d1, d1, n)), (K.sum_kernel, (f1, d1, n)),
+        (K.fill_kernel, (i32, T.int32)), (K.fill_kernel, (f1, f)), (K.add_kernel, (i64, i64)),
+        (E.gemm_bias_act_kernel, (f2, f1, b, f2, f1, b, f2, i32, b)),
+        (E.count_rows_kernel, (f2, i32)), (E.compact_rows_kernel, (f2, i64, i32, f1)),
+        (D.sparse_decode_kernel, (i64, i32, f1, f2, f1, f2)),
+        (N.row_norms_kernel, (f2, f1)), (N.l1_dense_kernel, (f2, f1, f, f2)),
+        (N.l1_sparse_kernel, (i32, f1, f, f1)),
+        (A.adam_kernel, (f1, f1, f1, f1) + (f,) * 8),
+        (A.adam_rows_renorm_kernel, (f2, f2, f2, f2) + (f,) * 8),
+        (B.residual_kernel, (f2, f2, f1, f, f2, d1, d1)),
+        (B.colsum_partial_kernel, (f2, n, f2)), (B.colsum_finish_kernel, (f2, f, f1)),
+        (B.dpre_kernel, (i64, i32, f1, f2, f2, f1, b, f, f1)),
+        (B.csc_count_kernel, (i64, i32, n, i2)), (B.csc_offsets_kernel, (i2, i64)),
+        (B.csc_fill_kernel, (i64, i32, n, i64, i2, i64, i32)),
+        (B.feature_grad_kernel, (i64, i64, i32, f1, f1, f2, f2, f1, f2, f1, b, f, f2, f2, f1,
+                                 f1)),
+        (B.transpose_kernel, (f2, f2)), (B.matvec_sub_kernel, (f2, f1, f1)),
+    ]
+
+
+def test_kernels_compile_for_a_real_gpu(monkeypatch):
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        pytest.skip("the simulator does not compile kernels")
+    from numba import cuda
+    from numba.cuda.cudadrv import nvvm
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA tests compile and run the kernels for it")
+
+    try:
+        nvvm.NVVM()
+        probe = cuda.jit(lambda a: None)
+        cuda.compile_ptx(probe.py_func, (cuda.float32[::1],), cc=(9, 0))
+    except Exception as exc:  # no NVVM / libdevice / NVRTC on this machine
+        pytest.skip(f"CUDA toolkit compiler libraries not found: {type(exc).__name__}")
+    # Device functions pick their target from the current device; there is
+    # none here, so name the one we compile for.
+    import types
+
+    import numba.cuda.dispatcher as dispatcher
+
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    for kernel, sig in _kernel_signatures():
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+        assert ".entry" in ptx, kernel.py_func.__name__
+        if kernel.py_func.__name__ == "gemm_bias_act_kernel":
+            # accumulators and register tiles must not spill to local memory
+            assert ".local" not in ptx
