@@ -9,8 +9,11 @@ The kernels live in ``kernels/*.pyx`` and are compiled by ``setup.py`` into
 * decode: gather-accumulate of the active decoder rows;
 * backward: sparse ``d_pre`` at the active entries only, a CSC transpose so
   each feature's gradients are accumulated by one thread (race-free);
-* Adam: one fused parallel pass over all parameters (with the ``unit_norm``
-  renormalization fused in).
+* Adam: in ``train_step`` fused into the backward's per-feature pass (each
+  block of ``W_enc`` columns and ``W_dec`` rows is updated, and renormalized
+  in ``unit_norm`` mode, as soon as its gradient exists, so the gradient
+  matrices are never stored); ``_cy_adam.adam_step`` is the stand-alone
+  one-pass update of all four parameters.
 
 The extensions are optional. When they were not built (no C compiler at
 install time) or fail to import, :func:`check_available` raises
@@ -258,20 +261,6 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
 
 
 # ------------------------------------------------------------------ training
-_workspace = threading.local()
-
-
-def _grad_buffers(params: SAEParams) -> SAEParams:
-    """Per-thread gradient buffers reused across steps of the same shapes
-    (saves allocating and page-faulting two d_in x d_sae arrays per step)."""
-    key = (params.W_enc.shape, params.W_dec.shape)
-    buf = getattr(_workspace, "grads", None)
-    if buf is None or getattr(_workspace, "key", None) != key:
-        buf = SAEParams.zeros_like(params)
-        _workspace.grads, _workspace.key = buf, key
-    return buf
-
-
 def _check_state(state: AdamState, params: SAEParams):
     for part in ("m", "v"):
         moments = getattr(state, part)
@@ -312,22 +301,21 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     x_hat = np.empty_like(x)
     _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, params.W_dec,
                           params.b_dec, x_hat, nt)
-    grads = _grad_buffers(params)
-    mse, l1 = _grads_into(x, params, (codes.indptr, codes.indices, codes.values), x_hat,
-                          l1_coefficient, decoder_norm, norms, grads, counts, nt)
-    if counts is not None and counts is not fire_counts:
-        fire_counts += counts
-
     t = state.step + 1
     f32 = np.float32
+    consts = (f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
+              f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps))
     m, v = state.m, state.v
-    _cy_adam.adam_step(
-        params.W_enc, params.b_enc, params.W_dec, params.b_dec,
-        grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec,
+    # backward with Adam fused into the per-feature pass (no gradient matrices)
+    mse, l1 = _cy_backward.train_backward(
+        x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        codes.indptr, codes.indices, codes.values, norms, float(l1_coefficient),
+        decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
         m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec, v.b_dec,
-        f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
-        f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps), decoder_norm == "unit_norm", nt)
+        consts, counts, nt)
     state.step = t
+    if counts is not None and counts is not fire_counts:
+        fire_counts += counts
 
     var = _cy_backward.batch_variance(x, nt)
     ev = 1.0 - mse / var if var > 0 else 1.0

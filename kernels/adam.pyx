@@ -13,25 +13,12 @@ and dtypes and computed the bias corrections for step ``t``.
 
 cimport cython
 from cython.parallel cimport prange
-from libc.math cimport sqrtf, sqrt
+from libc.math cimport sqrt
 
-from _common cimport _dot_d
+from _common cimport AdamConsts, _adam, _dot_d
 
 cdef enum:
     _CHUNK = 16384   # elements per task of the flat arrays
-
-
-cdef inline void _adam(float* p, const float* g, float* m, float* v, Py_ssize_t n,
-                       float lr, float b1, float omb1, float b2, float omb2,
-                       float bc1, float bc2, float eps) noexcept nogil:
-    cdef Py_ssize_t k
-    cdef float mk, vk
-    for k in range(n):
-        mk = b1 * m[k] + omb1 * g[k]
-        vk = b2 * v[k] + omb2 * g[k] * g[k]
-        m[k] = mk
-        v[k] = vk
-        p[k] -= lr * (mk / bc1) / (sqrtf(vk / bc2) + eps)
 
 
 def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[::1] b_dec,
@@ -65,19 +52,21 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
     cdef Py_ssize_t ntasks = t_enc + t_dec + t_be + t_bd, task, s, cnt, r, r1, k
     cdef float nrm
     cdef float* w
+    cdef AdamConsts c
+    c.lr, c.b1, c.omb1, c.b2, c.omb2, c.bc1, c.bc2, c.eps = lr, b1, omb1, b2, omb2, bc1, bc2, eps
     for task in prange(ntasks, nogil=True, num_threads=nthreads, schedule="dynamic"):
         if task < t_enc:
             s = task * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, n_enc - s)
             _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s, &vW_enc[0, 0] + s,
-                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+                  cnt, &c)
         elif task < t_enc + t_dec:
             s = (task - t_enc) * rows_per
             r1 = min(s + rows_per, d_sae)
             for r in range(s, r1):
                 w = &W_dec[r, 0]
                 _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
-                      d_in, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+                      d_in, &c)
                 if renormalize:
                     nrm = <float>sqrt(_dot_d(w, w, d_in))
                     if nrm > 0:
@@ -87,9 +76,9 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
             s = (task - t_enc - t_dec) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_sae - s)
             _adam(&b_enc[0] + s, &gb_enc[0] + s, &mb_enc[0] + s, &vb_enc[0] + s,
-                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+                  cnt, &c)
         else:
             s = (task - t_enc - t_dec - t_be) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_in - s)
             _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
-                  cnt, lr, b1, omb1, b2, omb2, bc1, bc2, eps)
+                  cnt, &c)

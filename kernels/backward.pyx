@@ -12,12 +12,19 @@ except the dense ``dL/dx_hat`` is a sparse product:
    own active rows: ``g_W_dec[j] = sum_i f_ij d_xhat_i`` (+ the decoder-norm
    term in ``weighted_l1`` mode, projected in ``unit_norm`` mode),
    ``g_b_enc[j] = sum_i d_pre_ij`` and ``g_W_enc[:, j] = sum_i d_pre_ij (x_i -
-   b_dec)``. Features are processed in blocks of 16 in parallel: every output
-   element has exactly one writer (race-free, deterministic for any thread
-   count), and a block's ``g_W_enc`` columns are accumulated in a small
-   ``[16, d_in]`` buffer and written out transposed, 64 contiguous bytes per
-   row of ``g_W_enc``.
-4. ``g_b_dec = sum_i d_xhat_i - W_enc @ g_b_enc``.
+   b_dec)``. ``g_b_enc`` is summed during the (serial) transpose, in the
+   same row order. Features are processed in blocks of 16 in parallel: every
+   output element has exactly one writer (race-free, deterministic for any
+   thread count), and a block's ``g_W_enc`` columns are accumulated in a
+   small ``[16, d_in]`` buffer and written out transposed, 64 contiguous
+   bytes per row of ``g_W_enc``.
+4. ``g_b_dec = sum_i d_xhat_i - W_enc @ g_b_enc`` (before the feature pass,
+   so that a fused Adam there may overwrite ``W_enc``).
+
+:func:`train_backward` runs the same passes but applies Adam to ``W_enc``,
+``b_enc`` and ``W_dec`` (and renormalizes decoder rows in ``unit_norm``
+mode) inside the feature pass, as each block's gradients are produced, so a
+training step never stores the two big gradient matrices.
 
 Losses are accumulated in float64. Raw kernels: the caller has validated
 shapes, dtypes and sparse indices.
@@ -27,53 +34,50 @@ cimport cython
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from libc.math cimport sqrt
 from libc.stdint cimport int64_t, int32_t
 
 import numpy as np
 
-from _common cimport _axpy, _dot, _dot_d
+from _common cimport AdamConsts, _adam, _axpy, _dot, _dot_d
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
     _CB = 64     # columns per block in column sums
 
 
-def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
-                  const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
-                  const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
-                  const float[::1] norms, double l1_coefficient, bint weighted, bint project,
-                  float[:, ::1] g_W_enc, float[::1] g_b_enc, float[:, ::1] g_W_dec,
-                  float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads):
-    """Fill the four gradient arrays; return ``(mse, l1)`` as Python floats.
-
-    ``x, x_hat [N, d_in]``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
-    ``b_dec [d_in]``, CSR codes of shape ``(N, d_sae)``, ``norms [d_sae]``
-    (decoder row norms). ``weighted``: ``weighted_l1`` mode (penalty = norms,
-    plus the norm's own gradient); else the penalty is 1. ``project``: remove
-    from each ``g_W_dec`` row its component along ``W_dec``'s row
-    (``unit_norm``). ``fire_counts`` (int64 ``[d_sae]`` or None) is
-    incremented by each feature's number of positive entries.
-    """
-    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
-    cdef Py_ssize_t nnz = indptr[n] if indptr.shape[0] == n + 1 else -1
+def _check_shapes(x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms):
+    n, d_in = x.shape[0], x.shape[1]
+    d_sae = W_enc.shape[1]
     if (x_hat.shape[0] != n or x_hat.shape[1] != d_in or W_enc.shape[0] != d_in
             or W_dec.shape[0] != d_sae or W_dec.shape[1] != d_in or b_dec.shape[0] != d_in
-            or nnz < 0 or indices.shape[0] < nnz or values.shape[0] < nnz
-            or norms.shape[0] != d_sae or g_W_enc.shape[0] != d_in
-            or g_W_enc.shape[1] != d_sae or g_b_enc.shape[0] != d_sae
-            or g_W_dec.shape[0] != d_sae or g_W_dec.shape[1] != d_in
-            or g_b_dec.shape[0] != d_in
-            or (fire_counts is not None and fire_counts.shape[0] != d_sae)):
-        raise ValueError("gradients_csr: shape mismatch")
+            or indptr.shape[0] != n + 1 or indices.shape[0] < indptr[n]
+            or values.shape[0] < indptr[n] or norms.shape[0] != d_sae):
+        raise ValueError("backward: shape mismatch")
 
-    cdef Py_ssize_t i, k, e, j, p, jb, jj, j0, nb, k0, kk, nk
+
+def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
+             const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
+             const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
+             const float[::1] norms, double l1_coefficient, bint weighted,
+             float[::1] g_b_enc, float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads):
+    """Passes 1-4 (all but the feature pass). Fills ``g_b_enc``, ``g_b_dec``
+    (and adds to ``fire_counts`` unless None); returns ``(mse, l1, d_xhat, xc,
+    d_pre, colptr, rows, perm, colsum_f)``."""
+    _check_shapes(x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms)
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t nnz = indptr[n]
+    if (g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in
+            or (fire_counts is not None and fire_counts.shape[0] != d_sae)):
+        raise ValueError("backward: output shape mismatch")
+    cdef Py_ssize_t i, k, e, j, p, cb, k0, kk, nk
     cdef float nf = <float>n
     cdef float coef = <float>(l1_coefficient / n)   # d(l1)/d(f_ij) per unit penalty
-    cdef float diff, pen, dp, fv, t, nrm, xk
-    cdef double acc_d, sq_d, gdot
+    cdef float pen
+    cdef double acc_d
 
     d_xhat_a = np.empty((n, d_in), dtype=np.float32)
-    xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature below
+    xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature later
     row_sq_a = np.empty(n, dtype=np.float64)
     row_l1_a = np.empty(n, dtype=np.float64)
     d_pre_a = np.empty(max(nnz, 1), dtype=np.float32)
@@ -81,7 +85,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef double[::1] row_sq = row_sq_a, row_l1 = row_l1_a
     cdef float[::1] d_pre = d_pre_a
 
-    # 1 + 2. dL/dx_hat, squared error; d_pre at the stored entries, l1 per row
+    # 1 + 2. dL/dx_hat, squared error, x - b_dec; d_pre at stored entries, l1 per row
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
         for k in range(d_in):
             d_xhat[i, k] = x_hat[i, k] - x[i, k]   # the difference, for now
@@ -102,18 +106,22 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     mse = float(row_sq_a.sum()) / n
     l1 = l1_coefficient * float(row_l1_a.sum()) / n
 
-    # 3. CSC by a stable counting sort (serial: O(nnz + d_sae), cheap)
+    # 3. CSC by a stable counting sort (serial, O(nnz + d_sae)); g_b_enc and the
+    #    column sums of f in the same (row) order the feature pass uses
     colptr_a = np.zeros(d_sae + 1, dtype=np.int64)
     rows_a = np.empty(max(nnz, 1), dtype=np.int32)
     perm_a = np.empty(max(nnz, 1), dtype=np.int64)
+    colsum_a = np.zeros(d_sae, dtype=np.float32)
     cdef int64_t[::1] colptr = colptr_a, perm = perm_a
     cdef int32_t[::1] rows = rows_a
+    cdef float[::1] colsum = colsum_a
     cdef int64_t[::1] fill
     with nogil:
         for e in range(nnz):
             colptr[indices[e] + 1] += 1
         for j in range(d_sae):
             colptr[j + 1] += colptr[j]
+            g_b_enc[j] = 0
     fill_a = colptr_a[:d_sae].copy()
     fill = fill_a
     with nogil:
@@ -124,17 +132,104 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                 rows[p] = <int32_t>i
                 perm[p] = e
                 fill[j] = p + 1
+                g_b_enc[j] += d_pre[e]
+                colsum[j] += values[e]
             if fire_counts is not None:
                 for e in range(indptr[i], indptr[i + 1]):
                     if values[e] > 0:
                         fire_counts[indices[e]] += 1
 
-    # per feature block: g_W_dec rows, g_b_enc, g_W_enc columns
-    cdef Py_ssize_t nblocks = (d_sae + _FB - 1) // _FB
+    # 4. g_b_dec = column sums of d_xhat - W_enc @ g_b_enc (W_enc before any update)
+    cdef Py_ssize_t ncb = (d_in + _CB - 1) // _CB
+    cdef double* cs = NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        cs = <double*>malloc(_CB * sizeof(double))
+        for cb in prange(ncb, schedule="static"):
+            if cs == NULL:
+                failed += 1
+            else:
+                k0 = cb * _CB
+                nk = min(<Py_ssize_t>_CB, d_in - k0)
+                for kk in range(nk):
+                    cs[kk] = 0
+                for i in range(n):
+                    for kk in range(nk):
+                        cs[kk] += d_xhat[i, k0 + kk]
+                for kk in range(nk):
+                    g_b_dec[k0 + kk] = <float>cs[kk]
+        free(cs)
+    if failed:
+        raise MemoryError("backward: could not allocate a column buffer")
+    for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
+        g_b_dec[k] = g_b_dec[k] - _dot(&W_enc[k, 0], &g_b_enc[0], d_sae)
+    return mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a
+
+
+cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssize_t d_in,
+                                const int64_t* colptr, const int32_t* rows, const int64_t* perm,
+                                const float* values, const float* d_pre, const float* d_xhat,
+                                const float* xc, const float* w, float nrm, float colsum,
+                                float coef, bint weighted, bint project) noexcept nogil:
+    """Feature j: gd = g_W_dec[j] (with the norm term / projection),
+    acc_row += g_W_enc[:, j] (acc_row must start at 0)."""
+    cdef Py_ssize_t p, i, e, k
+    cdef float fv, dp, t
+    cdef double sq, gdot
+    memset(gd, 0, d_in * sizeof(float))
+    for p in range(colptr[j], colptr[j + 1]):
+        i = rows[p]
+        e = perm[p]
+        fv = values[e]
+        dp = d_pre[e]
+        _axpy(fv, d_xhat + i * d_in, gd, d_in)
+        if dp != 0:
+            _axpy(dp, xc + i * d_in, acc_row, d_in)
+    if weighted:
+        if nrm > 0 and colsum != 0:
+            t = coef * colsum
+            for k in range(d_in):
+                gd[k] += t * (w[k] / nrm)
+    if project:
+        sq = _dot_d(w, w, d_in)
+        if sq > 0:
+            gdot = _dot_d(gd, w, d_in)
+            t = <float>(gdot / sq)
+            for k in range(d_in):
+                gd[k] -= t * w[k]
+
+
+def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
+                  const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
+                  const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
+                  const float[::1] norms, double l1_coefficient, bint weighted, bint project,
+                  float[:, ::1] g_W_enc, float[::1] g_b_enc, float[:, ::1] g_W_dec,
+                  float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads):
+    """Fill the four gradient arrays; return ``(mse, l1)`` as Python floats.
+
+    ``x, x_hat [N, d_in]``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
+    ``b_dec [d_in]``, CSR codes of shape ``(N, d_sae)``, ``norms [d_sae]``
+    (decoder row norms). ``weighted``: ``weighted_l1`` mode (penalty = norms,
+    plus the norm's own gradient); else the penalty is 1. ``project``: remove
+    from each ``g_W_dec`` row its component along ``W_dec``'s row
+    (``unit_norm``). ``fire_counts`` (int64 ``[d_sae]`` or None) is
+    incremented by each feature's number of positive entries.
+    """
+    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
+    if (g_W_enc.shape[0] != d_in or g_W_enc.shape[1] != d_sae or g_W_dec.shape[0] != d_sae
+            or g_W_dec.shape[1] != d_in):
+        raise ValueError("gradients_csr: output shape mismatch")
+    mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a = _prepare(
+        x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
+        weighted, g_b_enc, g_b_dec, fire_counts, nthreads)
+    cdef Py_ssize_t n = x.shape[0]
+    cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cdef const float[::1] d_pre = d_pre_a, colsum = colsum_a
+    cdef const int64_t[::1] colptr = colptr_a, perm = perm_a
+    cdef const int32_t[::1] rows = rows_a
+    cdef float coef = <float>(l1_coefficient / n)
+    cdef Py_ssize_t nblocks = (d_sae + _FB - 1) // _FB, jb, j0, nb, jj, j, k
     cdef float* acc = NULL
-    cdef float* gw
-    cdef const float* w
-    cdef float colsum, gbe
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
@@ -147,65 +242,97 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                 memset(acc, 0, _FB * d_in * sizeof(float))
                 for jj in range(nb):
                     j = j0 + jj
-                    gw = &g_W_dec[j, 0]
-                    w = &W_dec[j, 0]
-                    memset(gw, 0, d_in * sizeof(float))
-                    colsum = 0
-                    gbe = 0
-                    for p in range(colptr[j], colptr[j + 1]):
-                        i = rows[p]
-                        e = perm[p]
-                        fv = values[e]
-                        dp = d_pre[e]
-                        colsum = colsum + fv
-                        _axpy(fv, &d_xhat[i, 0], gw, d_in)
-                        if dp != 0:
-                            gbe = gbe + dp
-                            _axpy(dp, &xc[i, 0], acc + jj * d_in, d_in)
-                    g_b_enc[j] = gbe
-                    if weighted:
-                        nrm = norms[j]
-                        if nrm > 0 and colsum != 0:
-                            t = coef * colsum
-                            for k in range(d_in):
-                                gw[k] += t * (w[k] / nrm)
-                    if project:
-                        sq_d = _dot_d(w, w, d_in)
-                        gdot = _dot_d(gw, w, d_in)
-                        if sq_d > 0:
-                            t = <float>(gdot / sq_d)
-                            for k in range(d_in):
-                                gw[k] -= t * w[k]
-                for k in range(d_in):
+                    _feature_grads(j, &g_W_dec[j, 0], acc + jj * d_in, d_in, &colptr[0],
+                                   &rows[0], &perm[0], &values[0], &d_pre[0], &d_xhat[0, 0],
+                                   &xc[0, 0], &W_dec[j, 0], norms[j], colsum[j], coef,
+                                   weighted, project)
+                for k in range(d_in):  # the block's g_W_enc columns, transposed
                     for jj in range(nb):
                         g_W_enc[k, j0 + jj] = acc[jj * d_in + k]
         free(acc)
     if failed:
         raise MemoryError("gradients_csr: could not allocate a block buffer")
+    return mse, l1
 
-    # 4. g_b_dec = column sums of d_xhat - W_enc @ g_b_enc
-    cdef Py_ssize_t ncb = (d_in + _CB - 1) // _CB
-    cdef double* cs = NULL
+
+def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
+                   float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[::1] b_dec,
+                   const int64_t[::1] indptr, const int32_t[::1] indices,
+                   const float[::1] values, const float[::1] norms, double l1_coefficient,
+                   bint weighted, bint unit_norm,
+                   float[:, ::1] mW_enc, float[::1] mb_enc, float[:, ::1] mW_dec,
+                   float[::1] mb_dec, float[:, ::1] vW_enc, float[::1] vb_enc,
+                   float[:, ::1] vW_dec, float[::1] vb_dec, tuple adam_consts,
+                   int64_t[::1] fire_counts, int nthreads):
+    """Backward pass with Adam fused into the feature pass: updates all
+    parameters and moments in place; returns ``(mse, l1)`` measured before
+    the update. ``unit_norm``: project the decoder gradient and renormalize
+    each decoder row after its update. ``adam_consts``: ``(lr, beta1,
+    1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t, eps)``."""
+    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
+    if (b_enc.shape[0] != d_sae or mW_enc.shape[0] != d_in or mW_enc.shape[1] != d_sae
+            or vW_enc.shape[0] != d_in or vW_enc.shape[1] != d_sae
+            or mW_dec.shape[0] != d_sae or mW_dec.shape[1] != d_in
+            or vW_dec.shape[0] != d_sae or vW_dec.shape[1] != d_in
+            or mb_enc.shape[0] != d_sae or vb_enc.shape[0] != d_sae
+            or mb_dec.shape[0] != d_in or vb_dec.shape[0] != d_in or b_dec.shape[0] != d_in):
+        raise ValueError("train_backward: shape mismatch")
+    cdef AdamConsts c
+    c.lr, c.b1, c.omb1, c.b2, c.omb2, c.bc1, c.bc2, c.eps = adam_consts
+    g_b_enc_a = np.empty(d_sae, dtype=np.float32)
+    g_b_dec_a = np.empty(d_in, dtype=np.float32)
+    mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a = _prepare(
+        x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
+        weighted, g_b_enc_a, g_b_dec_a, fire_counts, nthreads)
+    cdef Py_ssize_t n = x.shape[0]
+    cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cdef const float[::1] d_pre = d_pre_a, colsum = colsum_a
+    cdef const float[::1] g_b_enc = g_b_enc_a, g_b_dec = g_b_dec_a
+    cdef const int64_t[::1] colptr = colptr_a, perm = perm_a
+    cdef const int32_t[::1] rows = rows_a
+    cdef float coef = <float>(l1_coefficient / n)
+    cdef Py_ssize_t nblocks = (d_sae + _FB - 1) // _FB, jb, j0, nb, jj, j, k
+    cdef float* acc = NULL
+    cdef float* gd = NULL
+    cdef float* w
+    cdef float* we
+    cdef float* me
+    cdef float* ve
+    cdef float nrm
+    cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
-        cs = <double*>malloc(_CB * sizeof(double))
-        for jb in prange(ncb, schedule="static"):
-            if cs == NULL:
+        acc = <float*>malloc(_FB * d_in * sizeof(float))
+        gd = <float*>malloc(max(d_in, <Py_ssize_t>_FB) * sizeof(float))  # also a W_enc row piece
+        for jb in prange(nblocks, schedule="dynamic"):
+            if acc == NULL or gd == NULL:
                 failed += 1
             else:
-                k0 = jb * _CB
-                nk = min(<Py_ssize_t>_CB, d_in - k0)
-                for kk in range(nk):
-                    cs[kk] = 0
-                for i in range(n):
-                    for kk in range(nk):
-                        cs[kk] += d_xhat[i, k0 + kk]
-                for kk in range(nk):
-                    g_b_dec[k0 + kk] = <float>cs[kk]
-        free(cs)
+                j0 = jb * _FB
+                nb = min(<Py_ssize_t>_FB, d_sae - j0)
+                memset(acc, 0, _FB * d_in * sizeof(float))
+                for jj in range(nb):
+                    j = j0 + jj
+                    w = &W_dec[j, 0]
+                    _feature_grads(j, gd, acc + jj * d_in, d_in, &colptr[0], &rows[0],
+                                   &perm[0], &values[0], &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
+                                   w, norms[j], colsum[j], coef, weighted, unit_norm)
+                    # W_dec row j is read above and by nothing else in this pass
+                    _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)
+                    if unit_norm:
+                        nrm = <float>sqrt(_dot_d(w, w, d_in))
+                        if nrm > 0:
+                            for k in range(d_in):
+                                w[k] = w[k] / nrm
+                    _adam(&b_enc[j], &g_b_enc[j], &mb_enc[j], &vb_enc[j], 1, &c)
+                for k in range(d_in):  # the block's W_enc columns (16 contiguous floats)
+                    for jj in range(nb):
+                        gd[jj] = acc[jj * d_in + k]
+                    _adam(&W_enc[k, j0], gd, &mW_enc[k, j0], &vW_enc[k, j0], nb, &c)
+        free(acc)
+        free(gd)
     if failed:
-        raise MemoryError("gradients_csr: could not allocate a column buffer")
-    for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
-        g_b_dec[k] = g_b_dec[k] - _dot(&W_enc[k, 0], &g_b_enc[0], d_sae)
+        raise MemoryError("train_backward: could not allocate a block buffer")
+    _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
     return mse, l1
 
 

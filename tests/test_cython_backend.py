@@ -232,6 +232,31 @@ def test_train_step_matches_reference(be, shape, mode):
 
 
 @needs_cy
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_standalone_adam_kernel(renormalize):
+    """_cy_adam.adam_step (all four parameters in one parallel pass) equals
+    the reference's adam_update (+ normalize_decoder_rows)."""
+    from fastsae import _cy_adam
+
+    x, p = _problem(9, 20, 70, 0.0, seed=4)
+    rng = np.random.default_rng(4)
+    g = SAEParams(*(rng.standard_normal(a.shape).astype(np.float32) for a in p.arrays()))
+    p_r, p_c = p.copy(), p.copy()
+    s_r, s_c = AdamState.zeros_like(p), AdamState.zeros_like(p)
+    f32 = np.float32
+    for t in range(1, 4):
+        R.adam_update(p_r, g, s_r, 1e-2, 0.9, 0.999, 1e-8)
+        if renormalize:
+            R.normalize_decoder_rows(p_r.W_dec)
+        _cy_adam.adam_step(*p_c.arrays(), *g.arrays(), *s_c.m.arrays(), *s_c.v.arrays(),
+                           f32(1e-2), f32(0.9), f32(1 - 0.9), f32(0.999), f32(1 - 0.999),
+                           f32(1 - 0.9 ** t), f32(1 - 0.999 ** t), f32(1e-8), renormalize, 2)
+        for a, b in zip(p_c.arrays() + s_c.m.arrays() + s_c.v.arrays(),
+                        p_r.arrays() + s_r.m.arrays() + s_r.v.arrays()):
+            _close(a, b, rtol=1e-5, atol_rel=1e-6)
+
+
+@needs_cy
 def test_train_step_fire_counts_any_int_dtype(be):
     x, p = _problem(40, 16, 64, -0.5)
     f = R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)  # before the in-place update
