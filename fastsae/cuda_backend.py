@@ -40,8 +40,6 @@ kernel on machines without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import cuda
 
@@ -56,6 +54,11 @@ NAME = "cuda"
 DEVICE_ARRAYS = True
 DESCRIPTION = ("CUDA simulator (NUMBA_ENABLE_CUDASIM=1): numba.cuda kernels run on the CPU, "
                "for testing only" if SIMULATOR else "numba.cuda kernels on an NVIDIA GPU")
+
+#: Whether automatic backend choice should pick this backend when it is
+#: usable: not the simulator, which is correct but thousands of times slower
+#: than the CPU backends (backends.get_backend may honour this).
+AUTO_SELECT = not SIMULATOR
 
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeArray
@@ -91,7 +94,7 @@ def check_available() -> None:
         try:
             cuda.get_current_device()
         except Exception as exc:  # the driver's own explanation
-            reason = f"{reason}: {' '.join(str(exc).split())}"
+            reason = f"{reason}: {' '.join(str(exc).split()).rstrip(' :')}"
         raise RuntimeError(reason)
     dev = cuda.get_current_device()
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
@@ -122,7 +125,7 @@ def _is_device(a) -> bool:
     return isinstance(a, _FakeArray) or hasattr(a, "__cuda_array_interface__")
 
 
-def _device(a, dtype=np.float32, writable=False):
+def _device(a, dtype=np.float32):
     """``a`` as a C-contiguous device array of ``dtype``.
 
     Device arrays are used in place (refused when they are not C-contiguous
