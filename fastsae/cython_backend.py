@@ -107,26 +107,50 @@ def _description() -> str:
 DESCRIPTION = _description()
 
 # ------------------------------------------------------------------ helpers
-_controller = None
-_controller_lock = threading.Lock()
+class _BlasSingleThread:
+    """Context manager limiting BLAS to one thread while OpenMP threads call
+    it. Reference-counted under a lock, so concurrent callers from several
+    Python threads neither restore the limit under each other's feet nor
+    leave BLAS stuck at one thread afterwards."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+        self._controller = None  # None: not probed yet; False: no threadpoolctl
+
+    def _probe(self):
+        try:
+            from threadpoolctl import ThreadpoolController
+            self._controller = ThreadpoolController()
+        except Exception:  # threadpoolctl missing or failing: run unlimited
+            self._controller = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._controller is None:
+                self._probe()
+            if self._depth == 0 and self._controller:
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+        return False
+
+
+_blas_guard = _BlasSingleThread()
 
 
 def _blas_single():
-    """Context limiting BLAS to one thread while OpenMP threads call it."""
-    global _controller
-    if not OPENMP:
-        return contextlib.nullcontext()
-    if _controller is None:
-        with _controller_lock:
-            if _controller is None:
-                try:
-                    from threadpoolctl import ThreadpoolController
-                    _controller = ThreadpoolController()
-                except Exception:  # threadpoolctl missing: run unlimited
-                    _controller = False
-    if _controller is False:
-        return contextlib.nullcontext()
-    return _controller.limit(limits=1, user_api="blas")
+    """BLAS limited to one thread when the OpenMP loops call it (without
+    OpenMP the loops are serial and BLAS keeps its own threads)."""
+    return _blas_guard if OPENMP else contextlib.nullcontext()
 
 
 def _tiling(n: int, d_sae: int, nthreads: int):

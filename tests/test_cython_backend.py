@@ -313,6 +313,27 @@ def test_thread_count_control_and_independence(be):
 
 
 @needs_cy
+def test_concurrent_python_threads_and_blas_limit_restored(be):
+    """Several Python threads calling the backend at once get correct
+    results, and BLAS's thread limits are restored afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    x, p = _problem(200, 32, 500, -1.5, seed=8)
+    ref = R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)
+
+    def work(_):
+        return be.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)
+
+    with ThreadPoolExecutor(4) as pool:
+        for out in pool.map(work, range(12)):
+            _close(out, ref)
+    after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    assert after == before
+
+
+@needs_cy
 def test_description_and_build_facts():
     from fastsae import _cy_runtime
 
