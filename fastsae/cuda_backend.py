@@ -40,6 +40,8 @@ kernel on machines without a GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import cuda
 
@@ -239,6 +241,15 @@ def clear_workspace() -> None:
     _WORK.clear()
 
 
+def _single_block(kernel):
+    """``kernel[1, BLOCK]``: a deliberate one-block launch (a short ordered
+    pass such as a scan), so numba's low-occupancy warning is silenced for
+    this configuration only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size")
+        return kernel[1, BLOCK]
+
+
 def _zero(a):
     flat = a.reshape(a.size) if len(a.shape) > 1 else a
     fill_kernel[flat_grid(flat.shape[0]), BLOCK](flat, flat.dtype.type(0))
@@ -264,7 +275,7 @@ def _compact(dense, counts, indptr=None, fresh=True):
     n, d = dense.shape
     if indptr is None:
         indptr = _empty(n + 1, np.int64) if fresh else _work("indptr", n + 1, np.int64)
-    exclusive_scan_kernel[1, BLOCK](counts, indptr)
+    _single_block(exclusive_scan_kernel)(counts, indptr)
     nnz = int(indptr[n:n + 1].copy_to_host()[0])  # one scalar read: sizes the output
     if fresh:
         indices = _empty(max(nnz, 1), np.int32)[:nnz]
@@ -412,7 +423,7 @@ def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
     colcount = _work("colcount", d_sae, np.int64)
     gpu_backward.csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](counts, colcount)
     colptr = _work("colptr", d_sae + 1, np.int64)
-    exclusive_scan_kernel[1, BLOCK](colcount, colptr)
+    _single_block(exclusive_scan_kernel)(colcount, colptr)
     entry_of = _work_at_least("entry_of", nnz, np.int64)
     row_of = _work_at_least("row_of", nnz, np.int32)
     gpu_backward.csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr,
@@ -427,9 +438,9 @@ def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
         g_W_encT, g.W_enc)
     gpu_backward.matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
 
-    sum_kernel[1, BLOCK](row_mse, scal, 0)
-    sum_kernel[1, BLOCK](l1_feat, scal, 1)
-    sum_kernel[1, BLOCK](row_var, scal, 2)
+    _single_block(sum_kernel)(row_mse, scal, 0)
+    _single_block(sum_kernel)(l1_feat, scal, 1)
+    _single_block(sum_kernel)(row_var, scal, 2)
     return colcount
 
 
