@@ -231,6 +231,8 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef Py_ssize_t nblocks = (d_sae + _FB - 1) // _FB, jb, j0, nb, jj, j, k
     cdef float* acc = NULL
     cdef int failed = 0
+    # no entries: nothing is read through it (and &values[0] would be out of bounds)
+    cdef const float* vals = &values[0] if values.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
         for jb in prange(nblocks, schedule="dynamic"):
@@ -243,7 +245,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                 for jj in range(nb):
                     j = j0 + jj
                     _feature_grads(j, &g_W_dec[j, 0], acc + jj * d_in, d_in, &colptr[0],
-                                   &rows[0], &perm[0], &values[0], &d_pre[0], &d_xhat[0, 0],
+                                   &rows[0], &perm[0], vals, &d_pre[0], &d_xhat[0, 0],
                                    &xc[0, 0], &W_dec[j, 0], norms[j], colsum[j], coef,
                                    weighted, project)
                 for k in range(d_in):  # the block's g_W_enc columns, transposed
@@ -300,6 +302,8 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float* ve
     cdef float nrm
     cdef int failed = 0
+    # no entries: nothing is read through it (and &values[0] would be out of bounds)
+    cdef const float* vals = &values[0] if values.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
         gd = <float*>malloc(max(d_in, <Py_ssize_t>_FB) * sizeof(float))  # also a W_enc row piece
@@ -314,7 +318,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                     j = j0 + jj
                     w = &W_dec[j, 0]
                     _feature_grads(j, gd, acc + jj * d_in, d_in, &colptr[0], &rows[0],
-                                   &perm[0], &values[0], &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
+                                   &perm[0], vals, &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
                                    w, norms[j], colsum[j], coef, weighted, unit_norm)
                     # W_dec row j is read above and by nothing else in this pass
                     _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)

@@ -203,7 +203,8 @@ def test_negative_sparse_values_follow_reference(be):
 @needs_cy
 @pytest.mark.parametrize("mode", ["weighted_l1", "unit_norm"])
 @pytest.mark.parametrize("shape", [(1, 8, 16, -0.5), (64, 32, 300, -1.0),
-                                   (257, 40, 700, -1.5), (23, 24, 40, 50.0)], ids=str)
+                                   (257, 40, 700, -1.5), (23, 24, 40, 50.0),
+                                   (19, 24, 40, -50.0)], ids=str)
 def test_train_step_matches_reference(be, shape, mode):
     x, p = _problem(*shape, seed=2)
     if mode == "unit_norm":
@@ -441,8 +442,11 @@ def test_pip_install_without_c_compiler(tmp_path):
     if not os.path.exists(os.path.join(root, "setup.py")) or shutil.which("git") is None:
         pytest.skip("needs the source checkout and git")
     src, target = tmp_path / "src", tmp_path / "site"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = listing.stdout.split()
     for f in files:
         if os.path.isfile(os.path.join(root, f)):
             (src / f).parent.mkdir(parents=True, exist_ok=True)
