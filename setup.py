@@ -34,6 +34,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("FASTSAE_CYTHON_DEBUG", "") not in ("", "0")
+# FASTSAE_CYTHON_ASAN=1 (with the debug build) also compiles with AddressSanitizer,
+# which catches raw-pointer overruns that memoryview bounds checks cannot see;
+# the process must then preload libasan (see .ci/cython_debug.sh).
+ASAN = DEBUG and os.environ.get("FASTSAE_CYTHON_ASAN", "") not in ("", "0")
 
 
 def _compiler_has_openmp() -> bool:
@@ -139,6 +143,9 @@ def _extensions():
     link_args = []
     if DEBUG:
         compile_args = ["-O1", "-g", "-fno-math-errno"]
+        if ASAN:
+            compile_args += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+            link_args.append("-fsanitize=address")
     elif not os.environ.get("FASTSAE_PORTABLE") and _compiler_accepts("-march=native"):
         compile_args.append("-march=native")
     if openmp:

@@ -4,32 +4,56 @@
 # that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
 #
+# Then, where the compiler ships AddressSanitizer, the same again with
+# FASTSAE_CYTHON_ASAN=1 and libasan preloaded: that also catches overruns
+# through raw pointers inside the kernels' inner loops, which memoryview
+# bounds checks cannot see. Skip that stage with FASTSAE_CI_ASAN=0.
+#
 # Usage: bash .ci/cython_debug.sh [extra pytest args]
 # Needs a C compiler, Cython, NumPy and SciPy in the active Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+SRC=$(pwd)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastsae-cydebug.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-# tracked files plus untracked, non-ignored ones (the tree as it is being tested)
-git ls-files -z --cached --others --exclude-standard \
-    | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
-    | xargs -0 cp --parents -t "$WORK"
-
-cd "$WORK"
-FASTSAE_CYTHON_DEBUG=1 "$PY" setup.py -q build_ext --inplace >build.log 2>&1 \
-    || { cat build.log; echo "debug build failed" >&2; exit 1; }
-grep -q "WARNING: could not build" build.log && { cat build.log; echo "debug build incomplete" >&2; exit 1; }
-
-# make sure the copy (not an installed fastsae) is what gets tested
-PYTHONPATH="$WORK" "$PY" - <<'PYEOF'
+build_and_test() {  # $1: stage name, $2: extra env for the build, $3: preload lib or ""
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    # tracked files plus untracked, non-ignored ones (the tree as it is being tested)
+    (cd "$SRC" && git ls-files -z --cached --others --exclude-standard \
+        | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+        | xargs -0 cp --parents -t "$dir")
+    (
+        cd "$dir"
+        env FASTSAE_CYTHON_DEBUG=1 $2 "$PY" setup.py -q build_ext --inplace >build.log 2>&1 \
+            || { cat build.log; echo "$1 build failed" >&2; exit 1; }
+        if grep -q "WARNING: could not build" build.log; then
+            cat build.log; echo "$1 build incomplete" >&2; exit 1
+        fi
+        local pre=()
+        if [ -n "$3" ]; then pre=(LD_PRELOAD="$3" ASAN_OPTIONS=detect_leaks=0); fi
+        # make sure the copy (not an installed fastsae) is what gets tested
+        env "${pre[@]}" PYTHONPATH="$dir" "$PY" - <<'PYEOF'
 import os, fastsae, fastsae._cy_runtime as rt
 assert fastsae.__file__.startswith(os.getcwd()), fastsae.__file__
 assert rt.DEBUG, "extensions were not built in debug mode"
 print("debug build OK:", fastsae.available_backends()[2])
 PYEOF
+        env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py "${@:4}"
+    )
+}
 
-PYTHONPATH="$WORK" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py "$@"
+echo "== bounds-checked build"
+build_and_test boundscheck "" "" "$@"
+
+ASAN_LIB=$(${CC:-cc} -print-file-name=libasan.so 2>/dev/null || true)
+if [ "${FASTSAE_CI_ASAN:-1}" != "0" ] && [ -n "$ASAN_LIB" ] && [ -f "$ASAN_LIB" ]; then
+    echo "== bounds-checked build with AddressSanitizer ($ASAN_LIB)"
+    build_and_test asan "FASTSAE_CYTHON_ASAN=1" "$ASAN_LIB" "$@"
+else
+    echo "== AddressSanitizer stage skipped (no libasan, or FASTSAE_CI_ASAN=0)"
+fi
