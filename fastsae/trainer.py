@@ -86,11 +86,11 @@ class TrainConfig:
 
     steps: int = 3000
     total_tokens: int | None = None
-    batch_size: int = 1024
+    batch_size: int = 512
     lr: float = 3e-3
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: int = 150
     lr_decay_fraction: float = 0.3
-    l1_coefficient: float = 1.0
+    l1_coefficient: float = 0.3
     l1_warmup_steps: int = 300
     beta1: float = 0.9
     beta2: float = 0.999
