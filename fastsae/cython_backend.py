@@ -64,6 +64,11 @@ _TN = 512
 # (skipping zeros); denser ones by sgemm.
 _GATHER_MAX_DENSITY = 0.1
 
+# Kernels with less work than this (multiply-adds or element visits) run on
+# one thread: waking the team costs more than it saves (and on a busy machine
+# a descheduled worker can stall the whole team for a scheduler tick).
+_PAR_MIN_WORK = 1 << 20
+
 _num_threads: int | None = None
 
 
@@ -81,6 +86,11 @@ def get_num_threads() -> int:
     if not OPENMP:
         return 1
     return _num_threads if _num_threads is not None else max(1, _cy_runtime.max_threads())
+
+
+def _threads(work: int) -> int:
+    """Team size for a kernel doing about ``work`` operations."""
+    return 1 if work < _PAR_MIN_WORK else get_num_threads()
 
 
 def set_num_threads(n: int | None) -> None:
@@ -197,7 +207,7 @@ def _csr_of(codes, nthreads):
 # ------------------------------------------------------------------ forward
 def encode_relu(x, W_enc, b_enc, b_dec):
     """``relu((x - b_dec) @ W_enc + b_enc)``, dense float32 ``[N, d_sae]``."""
-    nt = get_num_threads()
+    nt = _threads(x.shape[0] * W_enc.shape[0] * W_enc.shape[1])
     out = np.empty((x.shape[0], W_enc.shape[1]), dtype=np.float32)
     tm, tn, chunks = _tiling(x.shape[0], W_enc.shape[1], nt)
     with _blas_single():
@@ -208,7 +218,7 @@ def encode_relu(x, W_enc, b_enc, b_dec):
 def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
     """:func:`encode_relu` as canonical :class:`SparseCodes`, without ever
     forming the dense ``[N, d_sae]`` matrix."""
-    nt = get_num_threads()
+    nt = _threads(x.shape[0] * W_enc.shape[0] * W_enc.shape[1])
     tm, tn, chunks = _tiling(x.shape[0], W_enc.shape[1], nt)
     with _blas_single():
         indptr, indices, values = _cy_encode.encode_csr(x, W_enc, b_enc, b_dec, tm, tn,
@@ -218,17 +228,21 @@ def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
 
 def decode(codes, W_dec, b_dec):
     """``f @ W_dec + b_dec``, float32 ``[N, d_in]``; codes dense or sparse."""
-    nt = get_num_threads()
     if isinstance(codes, SparseCodes):
         _check_csr(codes)
+        nt = _threads((codes.indices.shape[0] + codes.shape[0]) * W_dec.shape[1])
         out = np.empty((codes.shape[0], W_dec.shape[1]), dtype=np.float32)
         _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec, out, nt)
         return out
     f = _f32(codes, "codes")
+    nt = _threads(f.size)
     out = np.empty((f.shape[0], W_dec.shape[1]), dtype=np.float32)
-    if _cy_decode.count_nonzero(f, nt) <= _GATHER_MAX_DENSITY * f.size:
+    nnz = _cy_decode.count_nonzero(f, nt)
+    if nnz <= _GATHER_MAX_DENSITY * f.size:
+        nt = _threads(f.size + nnz * W_dec.shape[1])
         _cy_decode.decode_dense_gather(f, W_dec, b_dec, out, nt)
     else:
+        nt = _threads(f.size * W_dec.shape[1])
         tm = min(_TM, max(16, -(-f.shape[0] // nt)))
         with _blas_single():
             _cy_decode.decode_dense_gemm(f, W_dec, b_dec, out, tm, nt)
@@ -238,24 +252,24 @@ def decode(codes, W_dec, b_dec):
 def decoder_column_norms(W_dec):
     """L2 norm of each decoder row, float32 ``[d_sae]``."""
     out = np.empty(W_dec.shape[0], dtype=np.float32)
-    _cy_norms.decoder_column_norms(W_dec, out, get_num_threads())
+    _cy_norms.decoder_column_norms(W_dec, out, _threads(W_dec.size))
     return out
 
 
 def l1_subgradient(codes, norms, l1_coefficient):
     """``l1_coefficient * norms_j`` where ``f_ij > 0`` (dense in, dense out;
     sparse in, sparse out with the same pattern)."""
-    nt = get_num_threads()
     c = np.float32(l1_coefficient)
     if isinstance(codes, SparseCodes):
         _check_csr(codes)
+        nt = _threads(codes.indices.shape[0])
         if codes.shape[1] != norms.shape[0]:
             raise ValueError("norms must have length d_sae")
         vals = np.empty(codes.indices.shape[0], dtype=np.float32)
         _cy_l1.l1_sparse(codes.indices, norms, c, vals, nt)
         return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
     out = np.empty(codes.shape, dtype=np.float32)
-    _cy_l1.l1_dense(_f32(codes, "codes"), norms, c, out, nt)
+    _cy_l1.l1_dense(_f32(codes, "codes"), norms, c, out, _threads(codes.size))
     return out
 
 
@@ -272,10 +286,11 @@ def _grads_into(x, params: SAEParams, csr, x_hat, l1_coefficient, decoder_norm, 
 def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     """Loss parts and gradients (see :func:`fastsae.reference.gradients`),
     computed from the active entries only."""
-    nt = get_num_threads()
     if decoder_norm not in ("weighted_l1", "unit_norm"):
         raise ValueError(f"unknown decoder_norm {decoder_norm!r}")
-    csr = _csr_of(codes, nt)
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    csr = _csr_of(codes, _threads(n * d_sae))
+    nt = _threads((3 * csr[1].shape[0] + n) * d_in + d_in * d_sae)
     norms = decoder_column_norms(params.W_dec)
     grads = SAEParams(np.empty_like(params.W_enc), np.empty_like(params.b_enc),
                       np.empty_like(params.W_dec), np.empty_like(params.b_dec))
@@ -310,8 +325,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     if decoder_norm not in ("weighted_l1", "unit_norm"):
         raise ValueError(f"unknown decoder_norm {decoder_norm!r}")
     _check_state(state, params)
-    nt = get_num_threads()
-    n, d_sae = x.shape[0], params.d_sae
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     counts = None
     if fire_counts is not None:
         if (isinstance(fire_counts, np.ndarray) and fire_counts.dtype == np.int64
@@ -322,9 +336,11 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
 
     norms = decoder_column_norms(params.W_dec)
     codes = encode_relu_sparse(x, params.W_enc, params.b_enc, params.b_dec)
+    nnz = codes.indices.shape[0]
     x_hat = np.empty_like(x)
     _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, params.W_dec,
-                          params.b_dec, x_hat, nt)
+                          params.b_dec, x_hat, _threads((nnz + n) * d_in))
+    nt = _threads((3 * nnz + n) * d_in + 3 * d_in * d_sae)
     t = state.step + 1
     f32 = np.float32
     consts = (f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
@@ -341,7 +357,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     if counts is not None and counts is not fire_counts:
         fire_counts += counts
 
-    var = _cy_backward.batch_variance(x, nt)
+    var = _cy_backward.batch_variance(x, _threads(x.size))
     ev = 1.0 - mse / var if var > 0 else 1.0
     return StepResult(mse=mse, l1=l1, total=mse + l1, l0=codes.nnz / n,
                       explained_variance=ev)

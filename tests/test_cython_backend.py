@@ -88,6 +88,22 @@ def be():
     return fastsae.get_backend("cython")
 
 
+@pytest.fixture(autouse=True)
+def _always_parallel(monkeypatch):
+    """Run every kernel on the full thread team even for tiny shapes (by
+    default small kernels run on one thread), so races and edge cases of the
+    parallel paths (N=1 with 2 threads, ...) are exercised."""
+    if HAVE_CY:
+        monkeypatch.setattr(C, "_PAR_MIN_WORK", 0)
+
+
+@needs_cy
+def test_small_kernels_run_serially_by_default(monkeypatch):
+    monkeypatch.setattr(C, "_PAR_MIN_WORK", 1 << 20)
+    assert C._threads(1000) == 1
+    assert C._threads(1 << 30) == C.get_num_threads()
+
+
 # ------------------------------------------------------------------ kernels
 @needs_cy
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
