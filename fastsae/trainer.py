@@ -492,7 +492,7 @@ class Trainer:
             "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
             "model": self._a.model_info(), "backend": self.be.name,
             "window": {"cur_steps": self._cur_steps, "prev_steps": self._prev_steps},
-            "acc": self._acc, "data": self.source.description,
+            "acc": self._acc, "data": _source_location(self.source),
             "data_rows": self.source.n_rows, "extra": self.extra_state,
         }
 
@@ -734,6 +734,16 @@ class Trainer:
                                       if k != "log10_frequency"}
             atomic_write_json(self.out_dir / "summary.json", summary)
         return TrainResult(self.model, metrics, list(self.history), density)
+
+
+def _source_location(source) -> str:
+    """An absolute path for file-backed sources (so a resume from another
+    working directory can reopen them), else the source's description."""
+    for attr in ("path", "directory"):
+        p = getattr(source, attr, None)
+        if p is not None:
+            return str(Path(p).resolve())
+    return source.description
 
 
 def _none_if_nan(v):

@@ -234,3 +234,17 @@ def test_total_tokens_and_pretrained_model(problem):
     t = Trainer(sae, problem.x, _cfg(steps=1, lr=1e-9))
     t.train()
     np.testing.assert_allclose(sae.encode(problem.x[:256]), before, atol=1e-3)
+
+
+def test_resume_reopens_file_data_from_anywhere(problem, tmp_path, monkeypatch):
+    np.save(tmp_path / "acts.npy", problem.x)
+    monkeypatch.chdir(tmp_path)
+    Trainer(SparseAutoencoder(16, 32), "acts.npy", _cfg(steps=10),
+            out_dir=tmp_path / "run").train()
+    monkeypatch.chdir("/")
+    t = Trainer.resume(tmp_path / "run")  # data path taken from the checkpoint
+    assert t.source.n_rows == problem.x.shape[0] and t.step == 10
+    with pytest.raises(ValueError, match="pass the data explicitly"):
+        Trainer(SparseAutoencoder(16, 32), problem.x, _cfg(steps=2),
+                out_dir=tmp_path / "mem").train()
+        Trainer.resume(tmp_path / "mem")
