@@ -220,12 +220,21 @@ class _thread_limit:
             numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
         except Exception:  # numba missing or its pool unusable: BLAS limit only
             self._numba = None
+        # the Cython backend sizes its OpenMP team itself
+        self._cy = sys.modules.get("fastsae.cython_backend")
+        if self._cy is not None and hasattr(self._cy, "set_num_threads"):
+            self._cy_prev = getattr(self._cy, "_num_threads", None)
+            self._cy.set_num_threads(self.n)
+        else:
+            self._cy = None
         return self
 
     def __exit__(self, *exc):
         if self.n is None:
             return False
         self._pool.restore_original_limits()
+        if self._cy is not None:
+            self._cy.set_num_threads(self._cy_prev)
         if self._numba is not None:
             import numba
             numba.set_num_threads(self._numba)

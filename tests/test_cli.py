@@ -210,3 +210,15 @@ def test_default_train_meets_quality_bar(capsys, tmp_path):
     assert m["recovered"] >= 0.90, m
     assert m["explained_variance"] >= 0.95, m
     assert wall < 60, (wall, m)
+
+
+def test_threads_flag_is_applied_and_restored(acts, capsys):
+    import numba
+
+    before = numba.get_num_threads()
+    code, _, err = run(capsys, "train", "--data", str(acts / "x.npy"), "--steps", "5",
+                       "--batch-size", "64", "--threads", "1")
+    assert code == 0, err
+    assert numba.get_num_threads() == before
+    code, _, err = run(capsys, "train", "--threads", "0")
+    assert_clean_error(code, err, "--threads")
