@@ -7,7 +7,8 @@ reads)::
     DIR/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae],
                                   W_dec [d_sae, d_in], b_dec [d_in], float32
 
-For a standard ReLU SAE, ``cfg.json`` holds ``architecture: "standard"``,
+(``"jumprelu"`` SAEs also store ``threshold [d_sae]``.) For a standard ReLU
+SAE, ``cfg.json`` holds ``architecture: "standard"``,
 ``d_in``, ``d_sae``, ``dtype`` (a plain string such as ``"float32"``),
 ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
 ``reshape_activations`` and a free-form ``metadata`` object. fastsae writes
@@ -53,6 +54,10 @@ _TENSOR_SHAPES = {
 #: dtype strings accepted in cfg.json (SAELens writes e.g. "float32" or,
 #: in older versions, "torch.float32"). Weights are converted to float32.
 _DTYPES = {"float32", "float16", "float64", "bfloat16"}
+
+#: Architectures fastsae reads and writes: ReLU, TopK (per row) and JumpReLU
+#: (how SAELens saves a BatchTopK-trained SAE for inference).
+_ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
 class SAEFormatError(ValueError):
@@ -134,12 +139,19 @@ def _metadata_block(metadata: dict | None) -> dict:
     return meta
 
 
-def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None) -> Path:
-    """Write a standard SAE as a SAELens directory (cfg.json + weights).
+def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None, *,
+                  architecture: str = "standard", k: int | None = None,
+                  threshold=None) -> Path:
+    """Write an SAE as a SAELens directory (cfg.json + weights).
 
     ``params`` are host float32 arrays for raw (unnormalized) inputs;
     ``metadata`` is merged into cfg.json's ``metadata`` object.
+    ``architecture``: ``"standard"`` (ReLU), ``"topk"`` (needs ``k``; written
+    with ``rescale_acts_by_decoder_norm: false``) or ``"jumprelu"`` (needs
+    ``threshold [d_sae]``, stored as a tensor, as SAELens does).
     """
+    if architecture not in _ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {_ARCHITECTURES}, got {architecture!r}")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
@@ -151,7 +163,16 @@ def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None) ->
         if tensors[name].shape != shape(d_in, d_sae):
             raise ValueError(f"{name} has shape {tensors[name].shape}, "
                              f"expected {shape(d_in, d_sae)}")
-    # The same top-level fields (and order) as SAELens 6's StandardSAE.save_model.
+    if architecture == "topk":
+        if k is None or not 1 <= int(k) <= d_sae:
+            raise ValueError(f"a topk SAE needs 1 <= k <= d_sae={d_sae}, got {k!r}")
+    if architecture == "jumprelu":
+        thr = np.ascontiguousarray(np.asarray(threshold), dtype=np.float32)
+        if thr.shape != (d_sae,):
+            raise ValueError(f"a jumprelu SAE needs threshold of shape ({d_sae},), "
+                             f"got {thr.shape}")
+        tensors["threshold"] = thr
+    # The same top-level fields (and order) as SAELens 6's save_model.
     cfg = {
         "d_in": int(d_in),
         "d_sae": int(d_sae),
@@ -161,8 +182,11 @@ def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None) ->
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": _metadata_block(metadata),
-        "architecture": "standard",
     }
+    if architecture == "topk":
+        cfg["k"] = int(k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg["architecture"] = architecture
     save_tensors(directory / WEIGHTS_FILENAME, tensors)  # no __metadata__, as SAELens
     atomic_write_bytes(directory / CFG_FILENAME, json.dumps(cfg).encode())
     return directory
@@ -190,12 +214,18 @@ def _cfg_int(cfg, key, path) -> int:
     return v
 
 
-def read_sae_dir(directory, *, architectures=("standard",)) -> tuple[SAEParams, dict]:
+def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams, dict, dict]:
     """Read a SAELens-style (or fastsae) SAE directory.
 
-    Returns ``(params, cfg)`` with float32 host arrays such that
-    ``f = relu((x - b_dec) @ W_enc + b_enc)`` and ``x_hat = f @ W_dec + b_dec``
-    reproduce SAELens's ``encode``/``decode``. A cfg with
+    Returns ``(params, cfg, extras)`` with float32 host arrays such that, with
+    ``pre = (x - b_dec) @ W_enc + b_enc``, SAELens's ``encode`` is
+    ``relu(pre)`` (``"standard"``), ReLU of the ``k`` largest ``pre`` per row
+    (``"topk"``, ``extras["k"]``) or ``relu(pre) * (pre > threshold)``
+    (``"jumprelu"``, ``extras["threshold"]``), and ``decode`` is
+    ``f @ W_dec + b_dec``. A topk cfg with ``rescale_acts_by_decoder_norm:
+    true`` is converted by folding the decoder norms into ``W_enc``, ``b_enc``
+    and ``W_dec`` (SAELens's ``fold_W_dec_norm``), which gives the same
+    codes times the norms and the same reconstruction. A cfg with
     ``apply_b_dec_to_input: false`` is converted exactly (in real arithmetic)
     by folding ``b_dec @ W_enc`` into ``b_enc``. Unknown cfg fields are
     ignored. Raises :class:`SAEFormatError` for a missing or malformed file or
@@ -261,5 +291,31 @@ def read_sae_dir(directory, *, architectures=("standard",)) -> tuple[SAEParams, 
         # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
         fold = out["b_dec"].astype(np.float64) @ out["W_enc"].astype(np.float64)
         out["b_enc"] = (out["b_enc"] + fold).astype(np.float32)
+    extras = {}
+    if arch == "topk":
+        k = _cfg_int(cfg, "k", cpath)
+        if k > d_sae:
+            raise SAEFormatError(f"{cpath}: k = {k} exceeds d_sae = {d_sae}")
+        extras["k"] = k
+        rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+        if not isinstance(rescale, bool):
+            raise SAEFormatError(f"{cpath}: rescale_acts_by_decoder_norm must be true or false")
+        if rescale:
+            n = np.linalg.norm(out["W_dec"].astype(np.float64), axis=1)
+            n = np.where(n > 0, n, 1.0)
+            out["W_enc"] = (out["W_enc"] * n[None, :]).astype(np.float32)
+            out["b_enc"] = (out["b_enc"] * n).astype(np.float32)
+            out["W_dec"] = (out["W_dec"] / n[:, None]).astype(np.float32)
+    elif arch == "jumprelu":
+        if "threshold" not in arrays:
+            raise SAEFormatError(f"{wpath} has no tensor 'threshold' (needed by jumprelu)")
+        thr = arrays["threshold"]
+        if tuple(thr.shape) != (d_sae,) or thr.dtype.kind != "f":
+            raise SAEFormatError(f"{wpath}: threshold has shape {tuple(thr.shape)} and dtype "
+                                 f"{thr.dtype}, expected float ({d_sae},)")
+        thr = np.ascontiguousarray(thr, dtype=np.float32)
+        if not np.isfinite(thr).all():
+            raise SAEFormatError(f"{wpath}: threshold contains NaN or infinite values")
+        extras["threshold"] = thr
     params = SAEParams(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"])
-    return params, cfg
+    return params, cfg, extras

@@ -81,6 +81,12 @@ class SparseAutoencoder:
         W_enc = np.ascontiguousarray((w * init_norm).T, dtype=np.float32)
         self.params = SAEParams(W_enc, np.zeros(d_sae, np.float32), W_dec,
                                 np.zeros(d_in, np.float32))
+        #: ``"standard"`` (ReLU, trainable here), or for loaded SAEs ``"topk"``
+        #: (``k`` largest pre-activations per row, then ReLU) or ``"jumprelu"``
+        #: (``relu(pre) * (pre > threshold)``).
+        self.architecture = "standard"
+        self.k: int | None = None
+        self.threshold: np.ndarray | None = None
         #: Free-form information saved in cfg.json's metadata.
         self.metadata: dict = {}
         # True until trained or loaded: the Trainer then treats the parameters
@@ -127,11 +133,15 @@ class SparseAutoencoder:
         new.__dict__.update(self.__dict__)
         new.params = self.params.copy()
         new.metadata = dict(self.metadata)
+        if self.threshold is not None:
+            new.threshold = self.threshold.copy()
         return new
 
     def __repr__(self) -> str:
+        arch = "" if self.architecture == "standard" else f", architecture={self.architecture!r}"
+        arch += f", k={self.k}" if self.architecture == "topk" else ""
         return (f"SparseAutoencoder(d_in={self.d_in}, d_sae={self.d_sae}, "
-                f"decoder_norm={self.decoder_norm!r})")
+                f"decoder_norm={self.decoder_norm!r}{arch})")
 
     # ------------------------------------------------------------------ init
     def init_b_dec(self, x, method: str = "mean") -> None:
@@ -174,6 +184,13 @@ class SparseAutoencoder:
         be, p = self.backend, self._device_params()
         bs = x.shape[0] if batch_size is None else V.as_int(batch_size, "batch_size")
         pieces = []
+        if self.architecture != "standard":
+            for lo in range(0, x.shape[0], bs):
+                c = self._to_host(self._encode_other(be, p, be.to_backend(x[lo:lo + bs])))
+                pieces.append(c if sparse else c.to_dense())
+            if not sparse:
+                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            return _concat_codes(pieces, self.d_sae)
         for lo in range(0, x.shape[0], bs):
             xb = be.to_backend(x[lo:lo + bs])
             if sparse:
@@ -184,6 +201,20 @@ class SparseAutoencoder:
         if not sparse:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
+
+    def _encode_other(self, be, p, xb):
+        try:
+            if self.architecture == "topk":
+                return be.encode_topk(xb, p.W_enc, p.b_enc, p.b_dec, self.k)
+            return be.encode_jumprelu(xb, p.W_enc, p.b_enc, p.b_dec,
+                                      be.to_backend(self.threshold))
+        except NotImplementedError:
+            # a backend without this encoder yet: the NumPy reference on the host
+            ref, h = get_backend("numpy"), self.params
+            x = np.asarray(be.to_numpy(xb))
+            if self.architecture == "topk":
+                return ref.encode_topk(x, h.W_enc, h.b_enc, h.b_dec, self.k)
+            return ref.encode_jumprelu(x, h.W_enc, h.b_enc, h.b_dec, self.threshold)
 
     def decode(self, codes) -> np.ndarray:
         """``codes @ W_dec + b_dec`` for dense ``[N, d_sae]`` codes,
@@ -217,18 +248,21 @@ class SparseAutoencoder:
         meta.update(self.metadata)
         if metadata:
             meta.update(metadata)
-        return write_sae_dir(directory, self.params, meta)
+        return write_sae_dir(directory, self.params, meta, architecture=self.architecture,
+                             k=self.k, threshold=self.threshold)
 
     @classmethod
     def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
-        """Load a fastsae- or SAELens-written standard SAE directory.
+        """Load a fastsae- or SAELens-written SAE directory: ``"standard"``
+        (ReLU), ``"topk"`` or ``"jumprelu"`` (e.g. a BatchTopK SAE saved for
+        inference); only standard SAEs can be trained further.
 
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
         :class:`fastsae.io.SAEFormatError` (a ``ValueError``). Nothing is
         unpickled.
         """
-        params, cfg = read_sae_dir(directory)
+        params, cfg, extras = read_sae_dir(directory)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         mode = meta.get("fastsae_decoder_norm", "weighted_l1")
         if mode not in DECODER_NORM_MODES:
@@ -240,6 +274,9 @@ class SparseAutoencoder:
         sae._backend = backend if isinstance(backend, Backend) else None
         sae.params = params
         sae._fresh = False
+        sae.architecture = cfg.get("architecture", "standard")
+        sae.k = extras.get("k")
+        sae.threshold = extras.get("threshold")
         sae.metadata = {k: v for k, v in meta.items()
                         if k not in ("fastsae_version", "fastsae_decoder_norm",
                                      "sae_lens_version", "sae_lens_training_version")}

@@ -396,6 +396,9 @@ class Trainer:
         if not isinstance(model, (SparseAutoencoder, Autoencoder)):
             raise TypeError(f"model must be a SparseAutoencoder or an Autoencoder, "
                             f"got {type(model).__name__}")
+        if getattr(model, "architecture", "standard") != "standard":
+            raise ValueError(f"training is implemented for standard (ReLU) SAEs; this SAE is "
+                             f"{model.architecture!r}")
         if self.source.d_in != model.d_in:
             raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
                              f"d_in = {model.d_in}")

@@ -1,6 +1,7 @@
 """SAELens on-disk format: load SAELens's own files, write the same kind.
 
-The fixtures in tests/data/saelens/ were written by SAELens 6.54.12's own
+The fixtures in tests/data/saelens/ (standard, topk and a BatchTopK SAE saved
+for inference as jumprelu) were written by SAELens 6.54.12's own
 save code (see their README in the project's shared fixtures): ``x.npy`` is
 an input, ``f.npy`` SAELens's ``encode(x)`` and ``x_hat.npy`` its
 ``decode(f)``.
@@ -142,10 +143,115 @@ def test_bad_cfg_gives_clear_error(tmp_path, changes, match):
         SparseAutoencoder.load(d)
 
 
-def test_other_architectures_are_refused_clearly():
-    for name in ("topk", "batchtopk_inference"):
-        with pytest.raises(SAEFormatError, match="architecture '(topk|jumprelu)' is not supported"):
-            SparseAutoencoder.load(DATA / name)
+# Every usable backend: those without a TopK/JumpReLU encoder yet fall back
+# to the NumPy reference inside SparseAutoencoder.encode.
+USABLE = [s.name for s in fastsae.available_backends() if s.available]
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_load_topk_reproduces_saelens(name):
+    """TopK on the raw pre-activations, then ReLU (README). Pattern rule: the
+    fixture has no near-ties at the k-th largest pre-activation (checked)."""
+    x, f_ref, x_hat_ref = _fixture("topk")
+    sae = SparseAutoencoder.load(DATA / "topk", backend=name)
+    assert sae.architecture == "topk" and sae.k == 4
+    pre = np.sort(_pre64(sae, x), axis=1)
+    assert (pre[:, -4] - pre[:, -5]).min() > 1e-5
+    f = sae.encode(x)
+    assert np.array_equal(f > 0, f_ref > 0)
+    np.testing.assert_allclose(f, f_ref, atol=2e-5)
+    np.testing.assert_allclose(sae.decode(f_ref), x_hat_ref, atol=2e-5)
+    np.testing.assert_allclose(sae.encode(x, sparse=True).to_dense(), f, atol=0)
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_load_batchtopk_inference_as_jumprelu(name):
+    """SAELens saves a BatchTopK SAE as "jumprelu" with a per-feature
+    threshold and the decoder norms already folded in: no top-k, no extra
+    rescaling at load. Pattern exact except where |pre - threshold| < 1e-5."""
+    x, f_ref, x_hat_ref = _fixture("batchtopk_inference")
+    sae = SparseAutoencoder.load(DATA / "batchtopk_inference", backend=name)
+    assert sae.architecture == "jumprelu" and sae.threshold.shape == (64,)
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec, axis=1), 1.0, atol=1e-6)
+    f = sae.encode(x)
+    near = np.abs(_pre64(sae, x) - sae.threshold) < 1e-5
+    assert np.array_equal((f > 0) | near, (f_ref > 0) | near)
+    np.testing.assert_allclose(f, f_ref, atol=2e-5)
+    np.testing.assert_allclose(sae.decode(f_ref), x_hat_ref, atol=2e-5)
+    assert 1 <= (f > 0).sum(1).min() and (f > 0).sum(1).max() > 4  # not a per-row top-k
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk_inference"])
+def test_topk_and_jumprelu_round_trip_in_saelens_layout(tmp_path, name):
+    sae = SparseAutoencoder.load(DATA / name, backend="numpy")
+    sae.save(tmp_path / "s")
+    cfg_m = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    cfg_r = json.loads((DATA / name / "cfg.json").read_text())
+    assert set(cfg_m) == set(cfg_r)
+    for key in set(cfg_r) - {"metadata"}:
+        assert cfg_m[key] == cfg_r[key], key
+    with safe_open(str(tmp_path / "s" / "sae_weights.safetensors"), "np") as a, \
+            safe_open(str(DATA / name / "sae_weights.safetensors"), "np") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in b.keys():
+            np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k))
+    back = SparseAutoencoder.load(tmp_path / "s", backend="numpy")
+    x = _fixture(name)[0]
+    np.testing.assert_array_equal(back.encode(x), sae.encode(x))
+
+
+def test_topk_rescale_by_decoder_norm_is_folded(tmp_path):
+    """rescale_acts_by_decoder_norm: SAELens multiplies pre by ||W_dec[i]||
+    before the top-k and divides f by it before decoding."""
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "sae"
+    d.mkdir()
+    cfg = json.loads((DATA / "topk" / "cfg.json").read_text())
+    cfg["rescale_acts_by_decoder_norm"] = True
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    t = load_file(str(DATA / "topk" / "sae_weights.safetensors"))
+    t["W_dec"] = t["W_dec"] * np.linspace(0.5, 2.0, 64, dtype=np.float32)[:, None]
+    save_file(t, str(d / "sae_weights.safetensors"))
+    x = _fixture("topk")[0].astype(np.float64)
+    n = np.linalg.norm(t["W_dec"].astype(np.float64), axis=1)
+    pre = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * n
+    keep = np.argsort(-pre, axis=1)[:, :4]
+    f = np.zeros_like(pre)
+    np.put_along_axis(f, keep, np.maximum(np.take_along_axis(pre, keep, 1), 0), 1)
+    x_hat = (f / n) @ t["W_dec"] + t["b_dec"]
+    sae = SparseAutoencoder.load(d, backend="numpy")
+    np.testing.assert_allclose(sae.encode(x.astype(np.float32)), f, atol=5e-5)
+    np.testing.assert_allclose(sae.reconstruct(x.astype(np.float32)), x_hat, atol=5e-5)
+
+
+def test_non_standard_sae_cannot_be_trained():
+    sae = SparseAutoencoder.load(DATA / "topk")
+    with pytest.raises(ValueError, match="standard"):
+        fastsae.Trainer(sae, np.ones((10, 16), np.float32))
+
+
+def test_bad_topk_and_jumprelu_files(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    for name, change, match in [("topk", {"k": None}, "missing the required field 'k'"),
+                                ("topk", {"k": 65}, "exceeds d_sae"),
+                                ("batchtopk_inference", {}, "no tensor 'threshold'")]:
+        d = tmp_path / f"{name}-{len(change)}-{match[:3]}"
+        d.mkdir()
+        cfg = json.loads((DATA / name / "cfg.json").read_text())
+        for k, v in change.items():
+            if v is None:
+                cfg.pop(k)
+            else:
+                cfg[k] = v
+        (d / "cfg.json").write_text(json.dumps(cfg))
+        t = load_file(str(DATA / name / "sae_weights.safetensors"))
+        if not change:
+            del t["threshold"]
+        save_file(t, str(d / "sae_weights.safetensors"))
+        with pytest.raises(SAEFormatError, match=match):
+            SparseAutoencoder.load(d)
 
 
 def test_missing_and_broken_files(tmp_path):
