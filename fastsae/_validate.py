@@ -24,11 +24,17 @@ from .sparse import SparseCodes
 
 
 def is_device_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """A GPU array (``__cuda_array_interface__``), or an array of the CUDA
+    simulator (which marks its arrays with ``__cuda_ndarray__``)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def _device_shape_dtype(a):
-    iface = a.__cuda_array_interface__
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:  # simulator array
+        return tuple(a.shape), np.dtype(a.dtype)
     return tuple(iface["shape"]), np.dtype(iface["typestr"])
 
 
@@ -191,3 +197,50 @@ def params_inplace(params, allow_device=False) -> SAEParams:
                             f"in place, got dtype {a.dtype}, "
                             f"C-contiguous={a.flags.c_contiguous}")
     return checked
+
+
+def adam_state_arg(state, params: SAEParams, allow_device=False) -> None:
+    """Adam moments must match the parameters (float32, same shapes,
+    C-contiguous): a training step updates them in place."""
+    from .params import AdamState
+
+    if not isinstance(state, AdamState):
+        raise TypeError(f"state must be a fastsae.AdamState, got {type(state).__name__}")
+    if isinstance(state.step, (bool, np.bool_)) or not isinstance(state.step, numbers.Integral) \
+            or state.step < 0:
+        raise ValueError(f"state.step must be a non-negative integer, got {state.step!r}")
+    for part in ("m", "v"):
+        moments = getattr(state, part)
+        if not isinstance(moments, SAEParams):
+            raise TypeError(f"state.{part} must be a fastsae.SAEParams, "
+                            f"got {type(moments).__name__}")
+        for name in SAEParams.NAMES:
+            a, p = getattr(moments, name), getattr(params, name)
+            if allow_device and is_device_array(a):
+                shape, dtype = _device_shape_dtype(a)
+                contiguous = True
+            else:
+                a = np.asarray(a) if not is_device_array(a) else a
+                shape, dtype = tuple(a.shape), a.dtype
+                contiguous = isinstance(a, np.ndarray) and a.flags.c_contiguous
+            if shape != tuple(p.shape) or dtype != np.float32 or not contiguous:
+                raise ValueError(f"state.{part}.{name} must be a C-contiguous float32 array of "
+                                 f"shape {tuple(p.shape)}, got {dtype} {shape}")
+
+
+def fire_counts_arg(fire_counts, d_sae: int, allow_device=False) -> None:
+    """``fire_counts`` is None or an int64 ``[d_sae]`` array updated in place."""
+    if fire_counts is None:
+        return
+    if allow_device and is_device_array(fire_counts):
+        shape, dtype = _device_shape_dtype(fire_counts)
+        contiguous = True
+    elif isinstance(fire_counts, np.ndarray):
+        shape, dtype = fire_counts.shape, fire_counts.dtype
+        contiguous = fire_counts.flags.c_contiguous and fire_counts.flags.writeable
+    else:
+        raise TypeError(f"fire_counts must be an int64 array, got {type(fire_counts).__name__}")
+    if tuple(shape) != (d_sae,):
+        raise ValueError(f"fire_counts must have shape ({d_sae},), got {tuple(shape)}")
+    if dtype != np.int64 or not contiguous:
+        raise TypeError(f"fire_counts must be a writable, contiguous int64 array, got {dtype}")

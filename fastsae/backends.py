@@ -85,7 +85,8 @@ def get_backend(name: str | None = None) -> "Backend":
     """Return a backend by name.
 
     An explicit ``name`` wins; else the environment variable
-    ``FASTSAE_BACKEND``; else the first usable of cuda, numba, cython, numpy.
+    ``FASTSAE_BACKEND``; else the first usable of cuda, numba, cython, numpy
+    (the CUDA simulator is never chosen automatically).
     An unknown or unusable name raises ``ValueError`` naming the reason and
     the usable alternatives.
     """
@@ -96,7 +97,8 @@ def get_backend(name: str | None = None) -> "Backend":
     if name is None:
         for candidate in BACKEND_NAMES:
             mod, _ = _load(candidate)
-            if mod is not None:
+            # a module may be usable but not wanted by default (the CUDA simulator)
+            if mod is not None and getattr(mod, "AUTO_SELECT", True):
                 return Backend(candidate, mod)
         raise RuntimeError("no fastsae backend is usable")  # numpy always is
     name = str(name).lower()
@@ -200,19 +202,16 @@ class Backend:
         fired in. Returns the batch's losses, L0 and explained variance.
         """
         params = V.params_inplace(params, self._device)
-        if not isinstance(state, AdamState):
-            raise TypeError(f"state must be a fastsae.AdamState, got {type(state).__name__}")
+        V.adam_state_arg(state, params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        V.fire_counts_arg(fire_counts, params.d_sae, self._device)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         lr = V.as_scalar(lr, "lr")
         beta1 = V.as_scalar(beta1, "beta1", high=1.0)
         beta2 = V.as_scalar(beta2, "beta2", high=1.0)
         eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
         mode = V.check_decoder_norm(decoder_norm)
-        if fire_counts is not None and tuple(fire_counts.shape) != (params.d_sae,):
-            raise ValueError(f"fire_counts must have shape ({params.d_sae},), "
-                             f"got {tuple(fire_counts.shape)}")
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
                                   decoder_norm=mode, beta1=beta1, beta2=beta2, eps=eps,
                                   fire_counts=fire_counts)
@@ -278,8 +277,8 @@ class Backend:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
         AuxK, in place; see :func:`fastsae.reference.train_step_topk`."""
         params = V.params_inplace(params, self._device)
-        if not isinstance(state, AdamState):
-            raise TypeError(f"state must be a fastsae.AdamState, got {type(state).__name__}")
+        V.adam_state_arg(state, params, self._device)
+        V.fire_counts_arg(fire_counts, params.d_sae, self._device)
         if activation not in ("topk", "batchtopk"):
             raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
         x = V.as_float_array(x, "x", 2, self._device)
@@ -291,9 +290,6 @@ class Backend:
         beta1 = V.as_scalar(beta1, "beta1", high=1.0)
         beta2 = V.as_scalar(beta2, "beta2", high=1.0)
         eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
-        if fire_counts is not None and tuple(fire_counts.shape) != (params.d_sae,):
-            raise ValueError(f"fire_counts must have shape ({params.d_sae},), "
-                             f"got {tuple(fire_counts.shape)}")
         if dead_mask is not None:
             if tuple(dead_mask.shape) != (params.d_sae,):
                 raise ValueError(f"dead_mask must have shape ({params.d_sae},), "

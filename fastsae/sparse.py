@@ -92,8 +92,10 @@ class SparseCodes:
     # ------------------------------------------------------------ properties
     @property
     def nnz(self) -> int:
-        return int(self.indptr[-1]) if isinstance(self.indptr, np.ndarray) else int(
-            self.to_host().indptr[-1])
+        if isinstance(self.indptr, np.ndarray):
+            return int(self.indptr[-1])
+        last = self.indptr[-1:]  # one element, not the whole structure, off the device
+        return int(np.asarray(last.copy_to_host() if hasattr(last, "copy_to_host") else last)[0])
 
     def row_counts(self) -> np.ndarray:
         """Number of active features in each row, int64 ``[N]``."""
