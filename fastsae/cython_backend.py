@@ -1,8 +1,8 @@
 """The ``cython`` backend: the kernel contract as compiled Cython extensions.
 
 The kernels live in ``kernels/*.pyx`` and are compiled by ``setup.py`` into
-``fastsae._cy_*`` (``encode``, ``decode``, ``norms``, ``l1``, ``backward``,
-``adam``, ``runtime``). They are the same algorithms as the Numba backend:
+``fastsae._cy_*`` (``encode``, ``topk``, ``decode``, ``norms``, ``l1``,
+``backward``, ``adam``, ``runtime``). They are the same algorithms as the Numba backend:
 
 * encode: tiled BLAS ``sgemm`` (from ``scipy.linalg.cython_blas``) with the
   bias, ReLU and CSR compaction done on each tile while it is in cache;
@@ -49,6 +49,7 @@ NAME = "cython"
 _IMPORT_ERROR: Exception | None = None
 try:  # the compiled kernels are optional
     from . import _cy_adam, _cy_backward, _cy_decode, _cy_encode, _cy_l1, _cy_norms, _cy_runtime
+    from . import _cy_topk
 except ImportError as exc:  # not built, or built for another Python/NumPy
     _IMPORT_ERROR = exc
 
@@ -361,3 +362,237 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     ev = 1.0 - mse / var if var > 0 else 1.0
     return StepResult(mse=mse, l1=l1, total=mse + l1, l0=codes.nnz / n,
                       explained_variance=ev)
+
+
+# ------------------------------------------------------------------ TopK family
+def _topm(x, W_enc, b_enc, b_dec, m):
+    """Per row the ``m`` (<= d_sae) largest pre-activations, fused with the
+    encoder matmul (``_cy_topk.topm_rows``): values/columns ``[N, m]``, each
+    row's entries in increasing column order."""
+    n, d_sae = x.shape[0], W_enc.shape[1]
+    vals = np.empty((n, m), dtype=np.float32)
+    cols = np.empty((n, m), dtype=np.int32)
+    cnt = np.empty(n, dtype=np.int64)
+    nt = _threads(n * W_enc.shape[0] * d_sae)
+    tm = min(_TM, max(16, -(-n // (4 * nt)))) if nt > 1 else _TM
+    with _blas_single():
+        _cy_topk.topm_rows(x, W_enc, b_enc, b_dec, m, vals, cols, cnt, tm, _TN, nt)
+    return vals, cols
+
+
+def _csr_from_mask(vals, cols, keep, shape) -> SparseCodes:
+    """Canonical CSR of the kept ``[N, m]`` candidates (rows already sorted
+    by column; row-major boolean indexing keeps that order)."""
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.count_nonzero(keep, axis=1), out=indptr[1:])
+    return SparseCodes(indptr, np.ascontiguousarray(cols[keep]),
+                       np.ascontiguousarray(vals[keep]), shape)
+
+
+def _check_k(k, name="k"):
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    return k
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """Per row the ``k`` largest pre-activations (ties: lower feature), then
+    ReLU (entries it zeroes dropped): canonical :class:`SparseCodes`. The
+    selection is fused into the tiled encoder; ``N x d_sae`` is never formed."""
+    shape = (int(x.shape[0]), int(W_enc.shape[1]))
+    m = min(_check_k(k), shape[1])
+    vals, cols = _topm(x, W_enc, b_enc, b_dec, m)
+    return _csr_from_mask(vals, cols, vals > 0, shape)
+
+
+def _batch_select(vals, cols, total):
+    """Mask of the ``total`` best ``[N, m]`` candidates over the batch (value
+    descending, ties to the lower row-major flat index: row, then column)."""
+    v = vals.ravel()
+    kth = v.size - total  # ascending position of the total-th largest value
+    vstar = np.partition(v, kth)[kth]
+    keep = vals > vstar
+    need = total - int(np.count_nonzero(keep))
+    eq_r, eq_c = np.nonzero(vals == vstar)
+    order = np.lexsort((cols[eq_r, eq_c], eq_r))[:need]
+    keep[eq_r[order], eq_c[order]] = True
+    return keep
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """The ``N * k`` largest pre-activations of the batch (ties: lower
+    row-major flat index), then ReLU: canonical :class:`SparseCodes`.
+
+    Exact in a fused pass: per row the top ``m = 2k`` candidates are kept; the
+    batch selection is made among them, and it is proven complete when every
+    row whose ``m`` slots are full has its worst candidate outside the
+    selection (then nothing that row dropped could have been selected).
+    Otherwise ``m`` grows (x4, up to ``d_sae``, where it is exact by
+    construction) and the pass is redone."""
+    n, d_sae = int(x.shape[0]), int(W_enc.shape[1])
+    shape = (n, d_sae)
+    k = _check_k(k)
+    total = min(k * n, n * d_sae)
+    m = min(d_sae, 2 * k)
+    while True:
+        vals, cols = _topm(x, W_enc, b_enc, b_dec, m)
+        keep = _batch_select(vals, cols, total)
+        if m >= d_sae:
+            break
+        # each row's worst candidate: slot of the smallest value, ties -> larger column
+        worst_v = vals.min(axis=1)
+        worst_c = np.where(vals == worst_v[:, None], cols, -1).max(axis=1)
+        sel_worst = keep[np.arange(n), np.argmax(
+            (vals == worst_v[:, None]) & (cols == worst_c[:, None]), axis=1)]
+        if not np.any(sel_worst):
+            break
+        m = min(d_sae, 4 * m)
+    return _csr_from_mask(vals, cols, keep & (vals > 0), shape)
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+    """``relu(pre) * (pre > threshold)`` per feature: the fused sparse ReLU
+    encoder, then the positive entries at or below their feature's threshold
+    are dropped (same float32 ``pre`` values, so the same result as the
+    reference)."""
+    codes = encode_relu_sparse(x, W_enc, b_enc, b_dec)
+    thr = np.asarray(threshold, dtype=np.float32)
+    if thr.shape != (W_enc.shape[1],):
+        raise ValueError("threshold must have shape [d_sae]")
+    keep = codes.values > thr[codes.indices]
+    counts = np.add.reduceat(keep.astype(np.int64), codes.indptr[:-1]) if keep.size else None
+    indptr = np.zeros_like(codes.indptr)
+    if counts is not None:
+        # reduceat over an empty row repeats the next element: zero those rows
+        counts[codes.indptr[:-1] == codes.indptr[1:]] = 0
+        np.cumsum(counts, out=indptr[1:])
+    return SparseCodes(indptr, np.ascontiguousarray(codes.indices[keep]),
+                       np.ascontiguousarray(codes.values[keep]), codes.shape)
+
+
+def _encode_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
+    """AuxK selection (top ``k_aux`` among dead latents, then ReLU): the
+    fused top-m encoder on the gathered dead columns of ``W_enc`` (their order,
+    hence the tie rule, is kept), indices mapped back."""
+    dead = np.flatnonzero(dead_mask).astype(np.int32)
+    shape = (int(x.shape[0]), int(W_enc.shape[1]))
+    m = min(int(k_aux), dead.size)
+    if m == 0:
+        return SparseCodes(np.zeros(shape[0] + 1, np.int64), np.zeros(0, np.int32),
+                           np.zeros(0, np.float32), shape)
+    W_d = np.ascontiguousarray(W_enc[:, dead])
+    b_d = np.ascontiguousarray(b_enc[dead])
+    vals, cols = _topm(x, W_d, b_d, b_dec, m)
+    return _csr_from_mask(vals, dead[cols], vals > 0, shape)
+
+
+def _aux_scale(dead_mask, k_aux, aux_coefficient):
+    n_dead = int(np.count_nonzero(dead_mask))
+    return float(aux_coefficient) * min(n_dead / int(k_aux), 1.0) if k_aux else 0.0
+
+
+def _aux_grads(x, params: SAEParams, x_hat, aux: SparseCodes, weight, nt):
+    """AuxK loss and gradients: ``aux = w mean_i ||e_hat_i - e_i||^2`` with
+    ``e = x - x_hat`` constant and ``e_hat = aux @ W_dec`` (no bias).
+
+    The sparse backward kernel computes these when handed
+    ``x_hat' = x + w (e_hat - e)`` (its ``d_xhat = 2 (x_hat' - x) / N`` is
+    then ``d_ehat``); its ``g_b_dec`` has ``sum_i d_ehat_i`` in it, which the
+    AuxK term does not have (no bias in ``e_hat``), so that is taken out."""
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    e_hat = np.empty_like(x)
+    _cy_decode.decode_csr(aux.indptr, aux.indices, aux.values, params.W_dec,
+                          np.zeros(d_in, np.float32), e_hat, nt)
+    diff = e_hat - (x - x_hat)
+    loss = float(np.sum(diff.astype(np.float64) ** 2) / n) * weight
+    fake = x + np.float32(weight) * diff
+    g = SAEParams(np.empty_like(params.W_enc), np.empty_like(params.b_enc),
+                  np.empty_like(params.W_dec), np.empty_like(params.b_dec))
+    norms = np.ones(d_sae, dtype=np.float32)
+    _cy_backward.gradients_csr(x, fake, params.W_enc, params.W_dec, params.b_dec,
+                               aux.indptr, aux.indices, aux.values, norms, 0.0, False, True,
+                               g.W_enc, g.b_enc, g.W_dec, g.b_dec, None, nt)
+    g.b_dec -= (2.0 / n) * (fake - x).sum(axis=0, dtype=np.float64).astype(np.float32)
+    return loss, g
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients for TopK/BatchTopK training (see
+    :func:`fastsae.reference.topk_gradients`): the sparse backward with no L1
+    term and a projected decoder gradient, plus the AuxK term."""
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    csr = _csr_of(codes, _threads(n * d_sae))
+    nt = _threads((3 * csr[1].shape[0] + n) * d_in + d_in * d_sae)
+    grads = SAEParams(np.empty_like(params.W_enc), np.empty_like(params.b_enc),
+                      np.empty_like(params.W_dec), np.empty_like(params.b_dec))
+    norms = np.ones(d_sae, dtype=np.float32)
+    mse, _ = _grads_into(x, params, csr, x_hat, 0.0, "unit_norm", norms, grads, None, nt)
+    aux = 0.0
+    if aux_codes is not None and aux_weight > 0:
+        if not isinstance(aux_codes, SparseCodes):
+            aux_codes = SparseCodes(*_csr_of(aux_codes, nt), (n, d_sae))
+        _check_csr(aux_codes)
+        aux, g = _aux_grads(x, params, x_hat, aux_codes, float(aux_weight), nt)
+        for name in SAEParams.NAMES:
+            getattr(grads, name).__iadd__(getattr(g, name))
+    return Losses(mse=mse, l1=0.0, total=mse + aux, aux=aux), grads
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step (fused top-k encode, sparse decode, AuxK,
+    sparse backward, Adam, decoder rows renormalized), in place; see
+    :func:`fastsae.reference.train_step_topk`. Without AuxK the backward and
+    Adam are the fused ``train_backward`` (no gradient matrices)."""
+    if activation not in ("topk", "batchtopk"):
+        raise ValueError(f"unknown activation {activation!r}")
+    _check_state(state, params)
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    enc = encode_topk if activation == "topk" else encode_batchtopk
+    codes = enc(x, params.W_enc, params.b_enc, params.b_dec, k)
+    nnz = codes.indices.shape[0]
+    x_hat = np.empty_like(x)
+    _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, params.W_dec,
+                          params.b_dec, x_hat, _threads((nnz + n) * d_in))
+    use_aux = (dead_mask is not None and k_aux > 0 and aux_coefficient > 0
+               and bool(np.any(dead_mask)))
+    nt = _threads((3 * nnz + n) * d_in + 3 * d_in * d_sae)
+    t = state.step + 1
+    f32 = np.float32
+    consts = (f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
+              f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps))
+    m, v = state.m, state.v
+    norms = np.ones(d_sae, dtype=np.float32)
+    aux = 0.0
+    if not use_aux:
+        counts = None
+        if fire_counts is not None and fire_counts.dtype == np.int64 and \
+                fire_counts.flags.c_contiguous and fire_counts.flags.writeable:
+            counts = fire_counts
+        mse, _ = _cy_backward.train_backward(
+            x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+            codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
+            m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec, v.b_dec,
+            consts, counts, nt)
+        if fire_counts is not None and counts is None:
+            fire_counts += np.bincount(codes.indices, minlength=d_sae)
+    else:
+        aux_codes = _encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask, k_aux)
+        weight = _aux_scale(dead_mask, k_aux, aux_coefficient)
+        loss, g = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
+        mse, aux = loss.mse, loss.aux
+        _cy_adam.adam_step(params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+                           g.W_enc, g.b_enc, g.W_dec, g.b_dec,
+                           m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec,
+                           v.b_dec, *consts, True, _threads(3 * d_in * d_sae))
+        if fire_counts is not None:
+            fire_counts += np.bincount(codes.indices, minlength=d_sae)
+    state.step = t
+    var = _cy_backward.batch_variance(x, _threads(x.size))
+    ev = 1.0 - mse / var if var > 0 else 1.0
+    vals = codes.values
+    return StepResult(mse=mse, l1=0.0, total=mse + aux, l0=codes.nnz / n,
+                      explained_variance=ev, aux=aux,
+                      extra={"min_active": float(vals.min()) if vals.size else 0.0})

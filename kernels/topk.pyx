@@ -1,0 +1,173 @@
+"""Fused top-m encoder (``fastsae._cy_topk``): per row, the ``m`` largest
+pre-activations ``pre = (x - b_dec) @ W_enc + b_enc``, never forming the
+``N x d_sae`` matrix.
+
+A task is one block of ``tm`` rows (OpenMP threads take tasks dynamically).
+Per task, ``x - b_dec`` is formed once in a thread-local buffer (the same
+float32 subtraction as the reference), then for each tile of ``tn`` features
+one BLAS ``sgemm`` computes the tile and the epilogue adds the bias and
+merges every entry into its row's running top-``m`` buffer (a binary
+min-heap of (value, column)) while the tile is in cache.
+
+Order: larger value first, ties to the lower column (the reference's rule).
+Columns arrive in increasing order, so a new entry equal to the heap's
+minimum loses the tie and only a strictly larger value enters: one compare
+per entry in the common case. The heap's root is the *worst* kept entry
+(smallest value; among equal values the larger column).
+
+Output per row: the kept entries sorted by column (ascending), and the
+count (``min(m, d_sae)``). ReLU / the final selection are the caller's.
+
+BLAS must run single-threaded inside the parallel region (the Python wrapper
+limits it). Raw kernel: the caller validated shapes, dtypes and finiteness.
+"""
+
+cimport cython
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.stdint cimport int64_t, int32_t
+
+from _common cimport _sgemm_rm, blas_int
+
+
+cdef inline bint _worse(float va, int32_t ca, float vb, int32_t cb) noexcept nogil:
+    """(va, ca) ranks below (vb, cb): smaller value, or equal value and larger column."""
+    return va < vb or (va == vb and ca > cb)
+
+
+cdef inline void _sift_down(float* hv, int32_t* hc, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    """Restore the min-heap (root = worst) below position i."""
+    cdef Py_ssize_t l, r, w
+    cdef float tv
+    cdef int32_t tc
+    while True:
+        l = 2 * i + 1
+        if l >= n:
+            return
+        w = l
+        r = l + 1
+        if r < n and _worse(hv[r], hc[r], hv[l], hc[l]):
+            w = r
+        if _worse(hv[w], hc[w], hv[i], hc[i]):
+            tv = hv[w]; hv[w] = hv[i]; hv[i] = tv
+            tc = hc[w]; hc[w] = hc[i]; hc[i] = tc
+            i = w
+        else:
+            return
+
+
+cdef inline void _push(float* hv, int32_t* hc, Py_ssize_t n, float v, int32_t c) noexcept nogil:
+    """Insert at position n (heap of n entries becomes n + 1)."""
+    cdef Py_ssize_t i = n, p
+    while i > 0:
+        p = (i - 1) // 2
+        if _worse(v, c, hv[p], hc[p]):
+            hv[i] = hv[p]
+            hc[i] = hc[p]
+            i = p
+        else:
+            break
+    hv[i] = v
+    hc[i] = c
+
+
+cdef void _sort_by_col(float* hv, int32_t* hc, Py_ssize_t n) noexcept nogil:
+    """Insertion sort by column (n is small: the kept entries of one row)."""
+    cdef Py_ssize_t i, j
+    cdef float v
+    cdef int32_t c
+    for i in range(1, n):
+        v = hv[i]
+        c = hc[i]
+        j = i - 1
+        while j >= 0 and hc[j] > c:
+            hv[j + 1] = hv[j]
+            hc[j + 1] = hc[j]
+            j -= 1
+        hv[j + 1] = v
+        hc[j + 1] = c
+
+
+cdef void _topk_task(const float* x, const float* W, const float* b_enc, const float* b_dec,
+                     Py_ssize_t d_in, Py_ssize_t d_sae, Py_ssize_t r0, Py_ssize_t mr,
+                     Py_ssize_t tn, Py_ssize_t m, float* xc, float* tile,
+                     float* out_v, int32_t* out_c, int64_t* out_n) noexcept nogil:
+    """Top-m of rows r0:r0+mr into out_v/out_c rows (stride m) and out_n."""
+    cdef Py_ssize_t cs, nc, r, j, k, cnt
+    cdef float v
+    cdef float* trow
+    cdef float* hv
+    cdef int32_t* hc
+    for r in range(mr):
+        for k in range(d_in):
+            xc[r * d_in + k] = x[(r0 + r) * d_in + k] - b_dec[k]
+        out_n[r0 + r] = 0
+    cs = 0
+    while cs < d_sae:
+        nc = min(tn, d_sae - cs)
+        _sgemm_rm(<blas_int>mr, <blas_int>nc, <blas_int>d_in, 1.0, xc, <blas_int>d_in,
+                  W + cs, <blas_int>d_sae, 0.0, tile, <blas_int>nc)
+        for r in range(mr):
+            trow = tile + r * nc
+            hv = out_v + (r0 + r) * m
+            hc = out_c + (r0 + r) * m
+            cnt = out_n[r0 + r]
+            j = 0
+            while cnt < m and j < nc:  # filling the heap
+                _push(hv, hc, cnt, trow[j] + b_enc[cs + j], <int32_t>(cs + j))
+                cnt += 1
+                j += 1
+            while j < nc:  # full: only strictly larger values enter (ties: lower column)
+                v = trow[j] + b_enc[cs + j]
+                if v > hv[0]:
+                    hv[0] = v
+                    hc[0] = <int32_t>(cs + j)
+                    _sift_down(hv, hc, m, 0)
+                j += 1
+            out_n[r0 + r] = cnt
+        cs += tn
+    for r in range(mr):
+        _sort_by_col(out_v + (r0 + r) * m, out_c + (r0 + r) * m, out_n[r0 + r])
+
+
+def topm_rows(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
+              const float[::1] b_dec, Py_ssize_t m, float[:, ::1] out_v, int32_t[:, ::1] out_c,
+              int64_t[::1] out_n, Py_ssize_t tm, Py_ssize_t tn, int nthreads):
+    """Per row of ``x [N, d_in]``, the ``m`` largest pre-activations with
+    ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``b_dec [d_in]``.
+
+    Fills ``out_v float32 [N, m]`` (values), ``out_c int32 [N, m]`` (columns)
+    with each row's kept entries in increasing column order in its first
+    ``out_n[i] = min(m, d_sae)`` slots. Tiles of ``tm`` rows x ``tn`` features.
+    """
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    if (W_enc.shape[0] != d_in or b_enc.shape[0] != d_sae or b_dec.shape[0] != d_in
+            or out_v.shape[0] != n or out_c.shape[0] != n or out_n.shape[0] != n
+            or out_v.shape[1] != m or out_c.shape[1] != m):
+        raise ValueError("topm_rows: shape mismatch")
+    if m < 1 or tm < 1 or tn < 1 or d_sae < 1 or d_in < 1:
+        raise ValueError("topm_rows: m, tiling and sizes must be >= 1")
+    if max(n, d_in, d_sae) >= 2**31 - 1:
+        raise ValueError("dimensions must fit BLAS's 32-bit integers")
+    if n == 0:
+        return
+    tn = min(tn, d_sae)
+    cdef Py_ssize_t nrb = (n + tm - 1) // tm, rb, r0, mr
+    cdef float* xc = NULL
+    cdef float* tile = NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        xc = <float*>malloc(tm * d_in * sizeof(float))
+        tile = <float*>malloc(tm * tn * sizeof(float))
+        for rb in prange(nrb, schedule="dynamic"):
+            if xc == NULL or tile == NULL:
+                failed += 1  # a reduction: any thread's failure survives the loop
+            else:
+                r0 = rb * tm
+                mr = min(tm, n - r0)
+                _topk_task(&x[0, 0], &W_enc[0, 0], &b_enc[0], &b_dec[0], d_in, d_sae,
+                           r0, mr, tn, m, xc, tile, &out_v[0, 0], &out_c[0, 0], &out_n[0])
+        free(xc)
+        free(tile)
+    if failed:
+        raise MemoryError("topm_rows: could not allocate a tile buffer")
