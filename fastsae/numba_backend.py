@@ -38,13 +38,16 @@ from ._kernels import backward as B
 from ._kernels import decode as D
 from ._kernels import encode as E
 from ._kernels import norms as NR
+from ._kernels import topk as TK
 from .params import AdamState, Losses, SAEParams, StepResult
 from .sparse import SparseCodes
 
 NAME = "numba"
 
 __all__ = ["encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
-           "l1_subgradient", "gradients", "train_step", "DESCRIPTION", "check_available"]
+           "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
+           "encode_jumprelu", "topk_gradients", "train_step_topk", "DESCRIPTION",
+           "check_available"]
 
 
 def _description() -> str:
@@ -289,3 +292,198 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     ev = 1.0 - mse / var if var > 0 else 1.0
     return StepResult(mse=mse, l1=l1, total=mse + l1, l0=float(nnz) / n,
                       explained_variance=ev)
+
+
+# ---------------------------------------------------------------- TopK family
+_NOMAP = np.empty(0, np.int32)
+# BatchTopK candidate-buffer width learned per (d_sae, k) from the last call
+_cand: dict = {}
+
+
+def _codes(indptr, indices, values, n, d_sae) -> SparseCodes:
+    return SparseCodes(indptr, indices, values, (int(n), int(d_sae)))
+
+
+def _topk_csr(xc, W_enc, b_enc, k):
+    with _blas_single():
+        return TK.encode_topk_csr(xc, W_enc, b_enc, E.ROW_BLOCK, int(k), _threads(), _NOMAP)
+
+
+def _batchtopk_csr(xc, W_enc, b_enc, k):
+    key = (int(W_enc.shape[1]), int(k))
+    with _blas_single():
+        indptr, indices, values, used = TK.encode_batchtopk_csr(
+            xc, W_enc, b_enc, E.ROW_BLOCK, int(k), _threads(), _cand.get(key))
+    _cand[key] = used
+    return indptr, indices, values
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """Per row the ``k`` largest pre-activations (ties: lower index), ReLU,
+    canonical CSR; fused with the product (no ``N x d_sae`` array)."""
+    xc = E.centered(x, b_dec)
+    return _codes(*_topk_csr(xc, W_enc, b_enc, k), x.shape[0], W_enc.shape[1])
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """The ``N * k`` largest pre-activations of the batch (ties: row-major
+    order), ReLU, canonical CSR."""
+    xc = E.centered(x, b_dec)
+    return _codes(*_batchtopk_csr(xc, W_enc, b_enc, k), x.shape[0], W_enc.shape[1])
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+    """``relu(pre) * (pre > threshold)`` as canonical CSR."""
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        out = TK.encode_jumprelu_csr(xc, W_enc, b_enc, np.ascontiguousarray(threshold,
+                                                                            np.float32),
+                                     E.ROW_BLOCK, _threads())
+    return _codes(*out, x.shape[0], W_enc.shape[1])
+
+
+def _aux_csr(xc, W_enc, b_enc, dead_mask, k_aux):
+    """AuxK selection: TopK over the dead columns only (gathered, so the
+    product is ``N x d_in x n_dead``), indices mapped back to features."""
+    dead = np.flatnonzero(dead_mask).astype(np.int32)
+    Wd, bd = TK.gather_columns(W_enc, b_enc, dead)
+    with _blas_single():
+        return TK.encode_topk_csr(xc, Wd, bd, E.ROW_BLOCK, int(k_aux), _threads(), dead)
+
+
+@njit(parallel=True, cache=True)
+def _aux_residual(e_hat, x, x_hat, scale):
+    """``d_ehat = scale * (e_hat - (x - x_hat))`` and per-row squared error."""
+    n, d = x.shape
+    out = np.empty((n, d), np.float32)
+    row_sq = np.empty(n, np.float64)
+    for i in numba.prange(n):
+        s = 0.0
+        for k in range(d):
+            err = e_hat[i, k] - (x[i, k] - x_hat[i, k])
+            s += np.float64(err) * err
+            out[i, k] = scale * err
+        row_sq[i] = s
+    return out, row_sq
+
+
+def _stack_csr(a, b, n):
+    """CSR with 2N rows: ``a``'s rows then ``b``'s (each ``(indptr, indices,
+    values)``)."""
+    ip = np.concatenate([a[0], a[0][-1] + b[0][1:]])
+    return ip, np.concatenate([a[1], b[1]]), np.concatenate([a[2], b[2]])
+
+
+def _topk_backward(x, xc, W_enc, W_dec, x_hat, d_xhat, main, aux, aux_weight, adam):
+    """Shared TopK backward. The AuxK term is handled by stacking: rows
+    ``N..2N-1`` carry the aux codes with ``d_ehat`` in place of ``d_xhat``
+    and the same ``xc``, so one sparse feature pass yields ``g_W_dec =
+    f.T d_xhat + fa.T d_ehat`` and ``g_W_enc = xc.T (d_pre + d_pre_aux)``.
+    ``adam``: ``None`` (return gradients) or ``(params, moments, adam_c)``.
+    Returns ``(aux_loss, g_b_enc, g_b_dec, g_W_enc, g_W_dec)``."""
+    n = x.shape[0]
+    d_sae = W_dec.shape[0]
+    aux_loss = 0.0
+    indptr, indices, values = main
+    dx, xcs = d_xhat, xc
+    if aux is not None and aux_weight > 0:
+        e_hat = D.decode_csr(aux[0], aux[1], aux[2], W_dec, np.zeros(W_dec.shape[1],
+                                                                     np.float32))
+        d_ehat, row_sq = _aux_residual(e_hat, x, x_hat, np.float32(aux_weight * 2.0 / n))
+        aux_loss = float(aux_weight * row_sq.sum() / n)
+        indptr, indices, values = _stack_csr(main, aux, n)
+        dx = np.concatenate([d_xhat, d_ehat])
+        xcs = np.concatenate([xc, xc])
+    zeros = np.zeros(d_sae, np.float32)
+    d_pre, _ = B.d_pre_csr(indptr, indices, values, dx, W_dec, zeros, 0.0)
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    e2, e1 = _EMPTY2, _EMPTY1
+    if adam is None:
+        g_W_enc = np.empty((W_enc.shape[0], d_sae), np.float32)
+        g_W_dec = np.empty(W_dec.shape, np.float32)
+        B.feature_pass(colptr, rows, perm, values, d_pre, dx, xcs, W_dec, zeros, 0.0,
+                       True, False, g_W_enc, g_W_dec,
+                       e2, e1, e1, e2, e2, e1, e1, e2, e2, e1)
+        return aux_loss, g_b_enc, g_b_dec, g_W_enc, g_W_dec
+    params, (mWe, vWe, mbe, vbe, mWd, vWd), adam_c = adam
+    B.feature_pass(colptr, rows, perm, values, d_pre, dx, xcs, W_dec, zeros, 0.0,
+                   True, True, e2, e2, params.W_enc, params.b_enc, g_b_enc,
+                   mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
+    return aux_loss, g_b_enc, g_b_dec, None, None
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients of a TopK/BatchTopK step (see
+    :func:`fastsae.reference.topk_gradients`), at the active entries only."""
+    xc = E.centered(x, params.b_dec)
+    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    n = x.shape[0]
+    mse = float(row_sq.sum() / n)
+    main = (codes.indptr, codes.indices, codes.values)
+    aux = None if aux_codes is None else (aux_codes.indptr, aux_codes.indices,
+                                          aux_codes.values)
+    aux_loss, gbe, gbd, gWe, gWd = _topk_backward(x, xc, params.W_enc, params.W_dec, x_hat,
+                                                  d_xhat, main, aux, float(aux_weight),
+                                                  None)
+    return (Losses(mse=mse, l1=0.0, total=mse + aux_loss, aux=aux_loss),
+            SAEParams(gWe, gbe, gWd, gbd))
+
+
+@njit(cache=True)
+def _fire_add(fire_counts, indices):
+    for p in range(indices.shape[0]):
+        fire_counts[indices[p]] += 1
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step with optional AuxK, in place (see
+    :func:`fastsae.reference.train_step_topk`): fused top-k encode, sparse
+    decode, backward at the selected entries with Adam fused into the
+    feature pass, decoder rows renormalized as they are updated."""
+    moments = []
+    for mom, tag in ((state.m, "m"), (state.v, "v")):
+        if not isinstance(mom, SAEParams):
+            raise TypeError(f"state.{tag} must be a fastsae.SAEParams")
+        for name in SAEParams.NAMES:
+            moments.append(_state_array(getattr(mom, name), getattr(params, name),
+                                        f"{tag}.{name}"))
+    mWe, mbe, mWd, mbd, vWe, vbe, vWd, vbd = moments
+    if fire_counts is not None and not (isinstance(fire_counts, np.ndarray)
+                                        and fire_counts.dtype == np.int64
+                                        and fire_counts.flags.c_contiguous):
+        raise TypeError("fire_counts must be a C-contiguous int64 array")
+    n, d_sae = x.shape[0], params.d_sae
+    t = state.step + 1
+    adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
+    W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    xc = E.centered(x, b_dec)
+    if activation == "topk":
+        main = _topk_csr(xc, W_enc, b_enc, k)
+    else:
+        main = _batchtopk_csr(xc, W_enc, b_enc, k)
+    x_hat = D.decode_csr(main[0], main[1], main[2], W_dec, b_dec)
+    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    mse = float(row_sq.sum() / n)
+    aux, weight = None, 0.0
+    if dead_mask is not None and k_aux > 0 and aux_coefficient > 0 and np.any(dead_mask):
+        aux = _aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux)
+        n_dead = int(np.count_nonzero(dead_mask))
+        weight = float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
+    aux_loss, _, g_b_dec, _, _ = _topk_backward(
+        x, xc, W_enc, W_dec, x_hat, d_xhat, main, aux, weight,
+        (params, (mWe, vWe, mbe, vbe, mWd, vWd), adam_c))
+    A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
+    if fire_counts is not None:
+        _fire_add(fire_counts, main[1])
+    state.step = t
+    mean = B.column_sums_rows(x) / n
+    var = float(_row_sq_dev(x, mean).sum() / n)
+    ev = 1.0 - mse / var if var > 0 else 1.0
+    vals = main[2]
+    return StepResult(mse=mse, l1=0.0, total=mse + aux_loss, l0=float(main[0][-1]) / n,
+                      explained_variance=ev, aux=aux_loss,
+                      extra={"min_active": float(vals.min()) if vals.size else 0.0})

@@ -1,0 +1,312 @@
+"""Numba CPU TopK-family encoders: TopK, BatchTopK, JumpReLU (and AuxK via
+TopK on a gathered set of columns).
+
+Layouts as in :mod:`fastsae._kernels.encode`: ``xc = x - b_dec`` float32
+``[N, d_in]``, ``W_enc`` float32 ``[d_in, d_sae]`` (C-contiguous), ``b_enc``
+``[d_sae]``. Outputs are canonical CSR (``indptr`` int64 ``[N+1]``,
+``indices`` int32 increasing per row, ``values`` float32 > 0).
+
+Selection rule (see :mod:`fastsae.reference`): larger pre-activation first,
+ties broken by the lower feature index (BatchTopK: lower row-major flat
+index); ReLU after the selection, zeroed entries dropped. Because ReLU drops
+every non-positive selected entry, "the k largest, then ReLU" equals "the
+min(k, #positive) largest positive entries": the kernels only ever keep
+positive pre-activations, with 0 as the initial admission threshold.
+
+Fusion: as in the ReLU encoder, each Numba thread owns whole blocks of a
+fixed ``row_block`` grid, runs one single-threaded sgemm per block into a
+per-thread ``row_block x d_sae`` workspace and selects while the block is in
+cache; the ``N x d_sae`` pre-activations are never written to main memory.
+Per row, a buffer of the ``K`` best entries so far is kept sorted (value
+descending, index ascending); a column is inserted only when it beats the
+buffer's last entry strictly (columns arrive in increasing index order, so
+an equal value never displaces an earlier column: that is the tie rule).
+The fixed block grid keeps results independent of the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .encode import _part_bounds, gemm, warm_gemm
+
+__all__ = ["topk_rows", "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr",
+           "gather_columns"]
+
+
+@njit(cache=True)
+def _row_topk(Y, r, b_enc, K, bv, bi, need_npos):
+    """Scan ``v = Y[r] + b_enc``; keep in ``bv/bi[:cnt]`` the ``K`` largest
+    positive ``v`` (value desc, index asc). Returns ``(cnt, npos)`` with
+    ``npos`` the number of positive ``v`` in the row when ``need_npos``
+    (else ``cnt``)."""
+    d = Y.shape[1]
+    cnt = 0
+    npos = 0
+    thr = np.float32(0.0)
+    for j0 in range(0, d, 64):
+        j1 = min(d, j0 + 64)
+        # branch-free count of candidates (vectorized): most chunks have none
+        hits = 0
+        for j in range(j0, j1):
+            hits += 1 if Y[r, j] + b_enc[j] > thr else 0
+        if hits == 0:
+            continue
+        for j in range(j0, j1):
+            v = Y[r, j] + b_enc[j]
+            if v > thr:
+                # insertion point: after every entry with value >= v
+                q = cnt if cnt < K else K - 1
+                while q > 0 and bv[q - 1] < v:
+                    if q < K:
+                        bv[q] = bv[q - 1]
+                        bi[q] = bi[q - 1]
+                    q -= 1
+                bv[q] = v
+                bi[q] = j
+                if cnt < K:
+                    cnt += 1
+                if cnt == K:
+                    thr = bv[K - 1]
+    # positives below the threshold were skipped by the chunk filter: count them
+    npos = cnt
+    if need_npos and cnt == K:
+        npos = 0
+        for j in range(d):
+            npos += 1 if Y[r, j] + b_enc[j] > 0 else 0
+    return cnt, npos
+
+
+@njit(parallel=True, cache=True)
+def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
+    """Per row, the ``K`` largest positive pre-activations, sorted by value
+    (desc, ties: lower index first): ``(counts int64 [N], vals float32
+    [N, K], idx int32 [N, K], npos int64 [N])``. ``npos`` (exact number of
+    positive pre-activations per row) is only computed when ``need_npos``
+    (else it equals ``counts``). Call with BLAS limited to one thread."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    K = max(1, min(K, d_sae))
+    warm_gemm()
+    counts = np.zeros(n, np.int64)
+    npos = np.zeros(n, np.int64)
+    vals = np.zeros((n, K), np.float32)
+    idx = np.zeros((n, K), np.int32)
+    rb = max(1, min(row_block, max(n, 1)))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = Y[:i1 - i0]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(i1 - i0):
+                row = i0 + r
+                c, npos_r = _row_topk(blk, r, b_enc, K, vals[row], idx[row], need_npos)
+                counts[row] = c
+                npos[row] = npos_r
+    return counts, vals, idx, npos
+
+
+@njit(cache=True)
+def _sort_by_index(bv, bi, m):
+    """Insertion sort of ``bi[:m]`` ascending, carrying ``bv`` (m is small)."""
+    for a in range(1, m):
+        ki = bi[a]
+        kv = bv[a]
+        q = a
+        while q > 0 and bi[q - 1] > ki:
+            bi[q] = bi[q - 1]
+            bv[q] = bv[q - 1]
+            q -= 1
+        bi[q] = ki
+        bv[q] = kv
+
+
+@njit(parallel=True, cache=True)
+def _to_csr(take, vals, idx, colmap):
+    """CSR from the first ``take[i]`` buffer entries of each row (sorted to
+    increasing column); ``colmap`` (if non-empty) maps buffer columns to
+    output columns (increasing, so order is preserved)."""
+    n = take.shape[0]
+    indptr = np.empty(n + 1, np.int64)
+    indptr[0] = 0
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + take[i]
+    nnz = indptr[n]
+    indices = np.empty(nnz, np.int32)
+    values = np.empty(nnz, np.float32)
+    mapped = colmap.shape[0] > 0
+    for i in prange(n):
+        m = take[i]
+        bv = vals[i].copy()
+        bi = idx[i].copy()
+        _sort_by_index(bv, bi, m)
+        o = indptr[i]
+        for q in range(m):
+            indices[o + q] = colmap[bi[q]] if mapped else bi[q]
+            values[o + q] = bv[q]
+    return indptr, indices, values
+
+
+@njit(cache=True)
+def encode_topk_csr(xc, W_enc, b_enc, row_block, k, n_threads, colmap):
+    """TopK codes as CSR ``(indptr, indices, values)``; ``colmap`` int32
+    (empty: identity) renames the columns of ``W_enc`` (AuxK passes the dead
+    features' indices with the gathered dead columns)."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    if k <= 0 or d_sae == 0 or n == 0:
+        indptr = np.zeros(n + 1, np.int64)
+        return indptr, np.empty(0, np.int32), np.empty(0, np.float32)
+    counts, vals, idx, _ = topk_rows(xc, W_enc, b_enc, row_block, min(k, d_sae), n_threads,
+                                     False)
+    return _to_csr(counts, vals, idx, colmap)
+
+
+@njit(cache=True)
+def batchtopk_select(counts, vals, idx, npos, total):
+    """Global selection among per-row candidate buffers (see
+    :func:`encode_batchtopk_csr`). Returns ``(ok, take int64 [N])``: ``ok``
+    False when a row with positives beyond its buffer might hold selected
+    entries (the caller retries with a larger buffer)."""
+    n, K = vals.shape
+    tot = 0
+    for i in range(n):
+        tot += counts[i]
+    take = counts.copy()
+    truncated = False
+    for i in range(n):
+        if npos[i] > counts[i]:
+            truncated = True
+    if tot <= total:
+        return not truncated, take
+    flat = np.empty(tot, np.float32)
+    o = 0
+    for i in range(n):
+        for q in range(counts[i]):
+            flat[o] = vals[i, q]
+            o += 1
+    # the total-th largest candidate value
+    T = np.partition(flat, tot - total)[tot - total]
+    for i in range(n):
+        if npos[i] > counts[i] and vals[i, counts[i] - 1] >= T:
+            return False, take
+    n_gt = 0
+    for i in range(n):
+        c = 0
+        while c < counts[i] and vals[i, c] > T:
+            c += 1
+        take[i] = c
+        n_gt += c
+    quota = total - n_gt
+    # equal values: lower row first; within a row the buffer holds equal
+    # values in increasing column order
+    for i in range(n):
+        if quota <= 0:
+            break
+        c = take[i]
+        while c < counts[i] and vals[i, c] == T and quota > 0:
+            c += 1
+            quota -= 1
+        take[i] = c
+    return True, take
+
+
+def encode_batchtopk_csr(xc, W_enc, b_enc, row_block, k, n_threads, cand=None):
+    """BatchTopK codes as CSR ``(indptr, indices, values, cand_used)``.
+
+    Each row keeps its ``cand`` best positive candidates (one fused pass) and
+    its exact positive count; the ``N*k``-th largest candidate ``T`` is found
+    by partition. The candidates hold the whole selection unless a row with
+    positives beyond its buffer has its last candidate ``>= T``; then the
+    pass is rerun with a doubled buffer (``cand = d_sae`` is always exact).
+    Ties at ``T`` are taken in row-major order. Call with BLAS limited to one
+    thread."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    if k <= 0 or d_sae == 0 or n == 0:
+        return (np.zeros(n + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
+                1)
+    total = min(k * n, n * d_sae)
+    K = min(d_sae, max(int(cand or 0), 4 * k))
+    while True:
+        counts, vals, idx, npos = topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, True)
+        ok, take = batchtopk_select(counts, vals, idx, npos, total)
+        if ok or K >= d_sae:
+            break
+        K = min(d_sae, 2 * K)
+    indptr, indices, values = _to_csr(take, vals, idx, np.empty(0, np.int32))
+    return indptr, indices, values, K
+
+
+@njit(parallel=True, cache=True)
+def _jumprelu_blocks(xc, W_enc, b_enc, thr, row_block, n_threads, counts, indptr, indices,
+                     values, write):
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    rb = max(1, min(row_block, max(n, 1)))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = Y[:i1 - i0]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(i1 - i0):
+                row = i0 + r
+                c = 0
+                o = indptr[row] if write else 0
+                for j in range(d_sae):
+                    v = blk[r, j] + b_enc[j]
+                    if v > thr[j] and v > 0:
+                        if write:
+                            indices[o + c] = j
+                            values[o + c] = v
+                        c += 1
+                counts[row] = c
+
+
+@njit(cache=True)
+def encode_jumprelu_csr(xc, W_enc, b_enc, threshold, row_block, n_threads):
+    """JumpReLU codes ``relu(pre) * (pre > threshold)`` as CSR: a counting
+    pass then a writing pass (two products; this encoder is for inference
+    and has no speed target)."""
+    n = xc.shape[0]
+    warm_gemm()
+    counts = np.zeros(n, np.int64)
+    indptr = np.zeros(n + 1, np.int64)
+    e_i = np.empty(0, np.int32)
+    e_v = np.empty(0, np.float32)
+    _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr, e_i,
+                     e_v, False)
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + counts[i]
+    indices = np.empty(indptr[n], np.int32)
+    values = np.empty(indptr[n], np.float32)
+    if indptr[n] > 0:
+        _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr,
+                         indices, values, True)
+    return indptr, indices, values
+
+
+@njit(parallel=True, cache=True)
+def gather_columns(W_enc, b_enc, cols):
+    """``(W_enc[:, cols], b_enc[cols])`` as new C-contiguous arrays."""
+    d_in = W_enc.shape[0]
+    m = cols.shape[0]
+    W = np.empty((d_in, m), np.float32)
+    b = np.empty(m, np.float32)
+    for k in prange(d_in):
+        for q in range(m):
+            W[k, q] = W_enc[k, cols[q]]
+    for q in range(m):
+        b[q] = b_enc[cols[q]]
+    return W, b
