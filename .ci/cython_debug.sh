@@ -43,7 +43,8 @@ assert rt.DEBUG, "extensions were not built in debug mode"
 print("debug build OK:", fastsae.available_backends()[2])
 PYEOF
         env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
-            "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py "${@:4}"
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py \
+            tests/test_cython_topk.py "${@:4}"
     )
 }
 
