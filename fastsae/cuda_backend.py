@@ -45,7 +45,7 @@ import warnings
 import numpy as np
 from numba import cuda
 
-from ._kernels import gpu_adam, gpu_backward, gpu_decode, gpu_encode, gpu_norms
+from ._kernels import gpu_adam, gpu_backward, gpu_decode, gpu_encode, gpu_norms, gpu_topk
 from ._kernels.gpu_common import (BLOCK, CHUNK_ROWS, COLSUM_ROWS, GROUPS, LANES, SIMULATOR,
                                   TILE, TILE_ROWS, add_kernel, exclusive_scan_kernel,
                                   fill_kernel, flat_grid, grid_for, sum_kernel)
@@ -270,7 +270,7 @@ def _gemm(A, shift, B, bias, relu, out, row_counts=None):
                                                  counts, row_counts is not None)
 
 
-def _compact(dense, counts, indptr=None, fresh=True):
+def _compact(dense, counts, indptr=None, fresh=True, tag=""):
     """CSR of ``dense``'s nonzeros given per-row counts (int32 [N])."""
     n, d = dense.shape
     if indptr is None:
@@ -281,8 +281,8 @@ def _compact(dense, counts, indptr=None, fresh=True):
         indices = _empty(max(nnz, 1), np.int32)[:nnz]
         values = _empty(max(nnz, 1), np.float32)[:nnz]
     else:
-        indices = _work_at_least("indices", nnz, np.int32)
-        values = _work_at_least("values", nnz, np.float32)
+        indices = _work_at_least("indices" + tag, nnz, np.int32)
+        values = _work_at_least("values" + tag, nnz, np.float32)
     gpu_encode.compact_rows_kernel[grid_for(n), BLOCK](dense, indptr, indices, values)
     return SparseCodes(_wrap(indptr), _wrap(indices), _wrap(values), (int(n), int(d))), nnz
 
@@ -551,3 +551,278 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     var = float(s[2] / n)
     return StepResult(mse=mse, l1=l1, total=mse + l1, l0=nnz / n,
                       explained_variance=1.0 - mse / var if var > 0 else 1.0)
+
+
+# ------------------------------------------------------------ TopK family
+# Forward: the GEMM writes pre-activations (no ReLU) into the staging buffer,
+# a selection kernel (fastsae/_kernels/gpu_topk.py) describes each row's
+# selection as (threshold key, last tied column), mask_kernel writes the
+# selected positive entries into a second buffer, and the ReLU path's
+# count/compact kernels make canonical CSR of it.
+
+def _pre(x, W_enc, b_enc, b_dec):
+    pre = _work("topk_pre", (x.shape[0], W_enc.shape[1]))
+    _gemm(x, b_dec, W_enc, b_enc, False, pre)
+    return pre
+
+
+def _select_rows(pre, k, dead=None):
+    """(thr_key int64 [N], thr_col int32 [N]) of the per-row top-k
+    (among the ``dead`` columns when given); ``k`` already clipped."""
+    n = pre.shape[0]
+    bits = pre.view(np.uint32)
+    thr_key = _work("thr_key", n, np.int64)
+    thr_col = _work("thr_col", n, np.int32)
+    mask = dead if dead is not None else _work("dummy_mask", 1, np.bool_)
+    gpu_topk.row_select_kernel[grid_for(n), BLOCK](bits, int(k), mask, dead is not None,
+                                                  thr_key, thr_col)
+    return thr_key, thr_col
+
+
+def _select_batch(pre, total):
+    """BatchTopK selection of the ``total`` largest entries (flat tie rule)."""
+    n, d = pre.shape
+    bits = pre.view(np.uint32)
+    flat = bits.reshape(n * d)
+    hist = _work("topk_hist", gpu_topk.NBINS, np.int64)
+    prefix, remaining = 0, int(total)
+    for p in range(4):
+        shift = 24 - 8 * p
+        _zero(hist)
+        gpu_topk.hist_kernel[flat_grid(n * d), BLOCK](flat, np.int64(prefix), shift, hist)
+        h = hist.copy_to_host()  # 256 counts: the bin choice is made on the host
+        cum = 0
+        for b in range(gpu_topk.NBINS - 1, -1, -1):
+            if cum + int(h[b]) >= remaining:
+                prefix |= b << shift
+                remaining -= cum
+                break
+            cum += int(h[b])
+    ties = _work("topk_ties", n, np.int32)
+    gpu_topk.row_ties_kernel[grid_for(n), BLOCK](bits, np.int64(prefix), ties)
+    tie_before = _work("topk_tie_before", n + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(ties, tie_before)
+    thr_key = _work("thr_key", n, np.int64)
+    thr_col = _work("thr_col", n, np.int32)
+    gpu_topk.batch_tie_cols_kernel[grid_for(n), BLOCK](bits, np.int64(prefix),
+                                                      np.int64(remaining), tie_before,
+                                                      thr_key, thr_col)
+    return thr_key, thr_col
+
+
+def _apply_selection(pre, thr_key, thr_col, dead, out_name, fresh):
+    n, d = pre.shape
+    out = _work(out_name, (n, d))
+    mask = dead if dead is not None else _work("dummy_mask", 1, np.bool_)
+    gpu_topk.mask_kernel[flat_grid(n * d), BLOCK](pre, pre.view(np.uint32), thr_key, thr_col,
+                                                 mask, dead is not None, out)
+    counts = _work("row_counts_" + out_name, n, np.int32)
+    gpu_encode.count_rows_kernel[grid_for(n), BLOCK](out, counts)
+    indptr = None if fresh else _work("indptr_" + out_name, n + 1, np.int64)
+    return _compact(out, counts, indptr=indptr, fresh=fresh, tag=out_name)
+
+
+def _topk_codes(pre, k, activation, fresh, name="topk_dense"):
+    n, d = pre.shape
+    if activation == "topk":
+        thr = _select_rows(pre, min(int(k), d))
+    else:
+        thr = _select_batch(pre, min(int(k) * n, n * d))
+    return _apply_selection(pre, *thr, None, name, fresh)
+
+
+def _aux_codes(pre, dead, n_dead, k_aux, fresh):
+    thr = _select_rows(pre, min(int(k_aux), int(n_dead)), dead)
+    return _apply_selection(pre, *thr, dead, "aux_dense", fresh)
+
+
+def _codes_out(codes, dev):
+    if dev:
+        return codes
+    h = codes.to_host()
+    return SparseCodes(np.array(h.indptr, np.int64), np.array(h.indices, np.int32),
+                       np.array(h.values, np.float32), tuple(codes.shape))
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """Per row, the ``k`` largest pre-activations (ties: lower feature index),
+    then ReLU, as canonical :class:`SparseCodes`."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    codes, _ = _topk_codes(_pre(x, W_enc, b_enc, b_dec), k, "topk", fresh=True)
+    return _codes_out(codes, dev)
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """The ``N * k`` largest pre-activations of the batch (ties: lower
+    row-major index), then ReLU, as canonical :class:`SparseCodes`."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    codes, _ = _topk_codes(_pre(x, W_enc, b_enc, b_dec), k, "batchtopk", fresh=True)
+    return _codes_out(codes, dev)
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+    """``relu(pre) * (pre > threshold)`` per feature, as :class:`SparseCodes`."""
+    dev = _any_device(x, W_enc, b_enc, b_dec, threshold)
+    x, W_enc, b_enc, b_dec, threshold = (_device(a) for a in (x, W_enc, b_enc, b_dec,
+                                                              threshold))
+    pre = _pre(x, W_enc, b_enc, b_dec)
+    n, d = pre.shape
+    gpu_topk.jumprelu_kernel[flat_grid(n * d), BLOCK](pre, threshold, pre)
+    counts = _work("row_counts_jump", n, np.int32)
+    gpu_encode.count_rows_kernel[grid_for(n), BLOCK](pre, counts)
+    codes, _ = _compact(pre, counts, fresh=True)
+    return _codes_out(codes, dev)
+
+
+def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag):
+    """Unit-norm sparse backward of one code set against ``d_xhat``:
+    ``g_W_dec`` (projected), ``g_W_encT``, ``g_b_enc`` overwritten. Returns
+    the per-feature entry counts (int64 [d_sae] workspace)."""
+    n = x.shape[0]
+    d_sae = P.W_enc.shape[1]
+    nnz = indices.shape[0]
+    norms = _norms(P.W_dec, _work("norms", d_sae))
+    dpre = _work_at_least("dpre" + tag, nnz, np.float32)
+    gpu_backward.dpre_kernel[grid_for(n), (LANES, GROUPS)](
+        indptr, indices, values, d_xhat, P.W_dec, norms, False, np.float32(0), dpre)
+    chunks = -(-n // CHUNK_ROWS)
+    counts = _work("csc_counts", (chunks, d_sae), np.int32)
+    _zero(counts)
+    gpu_backward.csc_count_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, counts)
+    colcount = _work("colcount" + tag, d_sae, np.int64)
+    gpu_backward.csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](counts, colcount)
+    colptr = _work("colptr", d_sae + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(colcount, colptr)
+    entry_of = _work_at_least("entry_of", nnz, np.int64)
+    row_of = _work_at_least("row_of", nnz, np.int32)
+    gpu_backward.csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr,
+                                                          counts, entry_of, row_of)
+    gpu_backward.feature_grad_kernel[grid_for(d_sae), BLOCK](
+        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, False,
+        np.float32(0), g_W_dec, g_W_encT, g_b_enc, _work("l1_feat", d_sae))
+    return colcount
+
+
+def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal):
+    """TopK gradients into ``g``; ``scal`` float64 [3]: squared error sum,
+    aux squared error sum, squared deviation sum. ``aux`` is the AuxK
+    (indptr, indices, values) or None. Returns the main codes' per-feature
+    counts."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    mean = _colsum(x, n, _work("mean", d_in))
+    d_xhat = _work("d_xhat", (n, d_in))
+    row_mse = _work("row_mse", n, np.float64)
+    row_var = _work("row_var", n, np.float64)
+    gpu_backward.residual_kernel[grid_for(n), BLOCK](x, x_hat, mean, np.float32(n), d_xhat,
+                                                     row_mse, row_var)
+    _colsum(d_xhat, 1, g.b_dec)
+    g_W_encT = _work("g_W_encT", (d_sae, d_in))
+    colcount = _feature_pass(x, P, *codes, d_xhat, g.W_dec, g_W_encT, g.b_enc, "")
+    row_aux = _work("row_aux", n, np.float64)
+    _zero(row_aux)
+    if aux is not None:
+        zero_bias = _work("zero_bias", d_in)
+        _zero(zero_bias)
+        e_hat = _work("e_hat", (n, d_in))
+        _sparse_decode(*aux, P.W_dec, zero_bias, e_hat)
+        d_ehat = _work("d_ehat", (n, d_in))
+        gpu_topk.aux_residual_kernel[grid_for(n), BLOCK](x, x_hat, e_hat, np.float32(weight),
+                                                         np.float32(n), d_ehat, row_aux)
+        a_W_dec = _work("aux_g_W_dec", (d_sae, d_in))
+        a_W_encT = _work("aux_g_W_encT", (d_sae, d_in))
+        a_b_enc = _work("aux_g_b_enc", d_sae)
+        _feature_pass(x, P, *aux, d_ehat, a_W_dec, a_W_encT, a_b_enc, "_aux")
+        for dst, src in ((g.W_dec, a_W_dec), (g_W_encT, a_W_encT), (g.b_enc, a_b_enc)):
+            add_kernel[flat_grid(dst.size), BLOCK](_flat(dst), _flat(src))
+    gpu_backward.transpose_kernel[(-(-d_in // TILE), -(-d_sae // TILE)), (TILE, TILE_ROWS)](
+        g_W_encT, g.W_enc)
+    gpu_backward.matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+    _single_block(sum_kernel)(row_mse, scal, 0)
+    _single_block(sum_kernel)(row_aux, scal, 1)
+    _single_block(sum_kernel)(row_var, scal, 2)
+    return colcount
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients of TopK training (see
+    :func:`fastsae.reference.topk_gradients`)."""
+    dev = _any_device(x, params, codes, x_hat, aux_codes)
+    x, x_hat = _device(x), _device(x_hat)
+    P = _params_device(params)
+    aux = None
+    if aux_codes is not None and aux_weight > 0:
+        aux = _codes_device(aux_codes)
+    g = _empty_like_params(P, cached=False)
+    scal = _work("scalars_topk", 4, np.float64)
+    _topk_backward(x, P, _codes_device(codes), x_hat, aux, float(aux_weight), g, scal)
+    s = scal.copy_to_host()
+    n = x.shape[0]
+    mse = float(s[0] / n)
+    aux_loss = float(aux_weight * s[1] / n) if aux is not None else 0.0
+    losses = Losses(mse=mse, l1=0.0, total=mse + aux_loss, aux=aux_loss)
+    if dev:
+        return losses, SAEParams(*(_wrap(a) for a in g.arrays()))
+    return losses, SAEParams(*(a.copy_to_host() for a in g.arrays()))
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step with optional AuxK, in place (see
+    :func:`fastsae.reference.train_step_topk`); device or host arrays as
+    :func:`train_step`."""
+    host_pairs = []
+
+    def dev(a):
+        d = _device(a)
+        if not _is_device(a):
+            host_pairs.append((a, d))
+        return d
+
+    P = SAEParams(*(dev(a) for a in params.arrays()))
+    M = SAEParams(*(dev(a) for a in state.m.arrays()))
+    V = SAEParams(*(dev(a) for a in state.v.arrays()))
+    fc_dev = None
+    if fire_counts is not None and _is_device(fire_counts):
+        fc_dev = _device(fire_counts, np.int64)
+    xd = _device(x)
+    n = xd.shape[0]
+
+    pre = _pre(xd, P.W_enc, P.b_enc, P.b_dec)
+    codes, nnz = _topk_codes(pre, k, activation, fresh=False)
+    x_hat = _work("x_hat", xd.shape)
+    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    aux, weight = None, 0.0
+    if dead_mask is not None and k_aux > 0 and aux_coefficient > 0:
+        dead_h = _host(dead_mask) if _is_device(dead_mask) else np.asarray(dead_mask)
+        n_dead = int(np.count_nonzero(dead_h))
+        if n_dead:
+            dead = _device(dead_h, np.bool_) if not _is_device(dead_mask) else \
+                _device(dead_mask, np.bool_)
+            ac, _ = _aux_codes(pre, dead, n_dead, k_aux, fresh=False)
+            aux = (ac.indptr, ac.indices, ac.values)
+            weight = float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
+    G = _empty_like_params(P, cached=True)
+    scal = _work("scalars_topk", 4, np.float64)
+    colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
+                              weight, G, scal)
+    _single_block(gpu_topk.min_kernel)(codes.values, scal, 3)
+    if fc_dev is not None:
+        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
+    _adam(P, G, M, V, _adam_scalars(state.step, lr, beta1, beta2, eps), True)
+    state.step += 1
+
+    s = scal.copy_to_host()
+    if fire_counts is not None and fc_dev is None:
+        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
+    for h, d in host_pairs:
+        d.copy_to_host(h)
+    mse = float(s[0] / n)
+    aux_loss = float(weight * s[1] / n) if aux is not None else 0.0
+    var = float(s[2] / n)
+    return StepResult(mse=mse, l1=0.0, total=mse + aux_loss, l0=nnz / n,
+                      explained_variance=1.0 - mse / var if var > 0 else 1.0, aux=aux_loss,
+                      extra={"min_active": float(s[3]) if nnz else 0.0})
