@@ -223,9 +223,12 @@ def adam_state_arg(state, params: SAEParams, allow_device=False) -> None:
                 a = np.asarray(a) if not is_device_array(a) else a
                 shape, dtype = tuple(a.shape), a.dtype
                 contiguous = isinstance(a, np.ndarray) and a.flags.c_contiguous
-            if shape != tuple(p.shape) or dtype != np.float32 or not contiguous:
-                raise ValueError(f"state.{part}.{name} must be a C-contiguous float32 array of "
-                                 f"shape {tuple(p.shape)}, got {dtype} {shape}")
+            if shape != tuple(p.shape):
+                raise ValueError(f"state.{part}.{name} must have shape {tuple(p.shape)} like "
+                                 f"params.{name}, got {shape}")
+            if dtype != np.float32 or not contiguous:
+                raise TypeError(f"state.{part}.{name} must be a C-contiguous float32 array "
+                                f"(updated in place), got {dtype}, C-contiguous={contiguous}")
 
 
 def fire_counts_arg(fire_counts, d_sae: int, allow_device=False) -> None:

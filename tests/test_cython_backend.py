@@ -274,13 +274,14 @@ def test_standalone_adam_kernel(renormalize):
 
 
 @needs_cy
-def test_train_step_fire_counts_any_int_dtype(be):
+def test_train_step_fire_counts_must_be_int64(be):
+    """The contract's counts are int64; other dtypes are refused up front."""
     x, p = _problem(40, 16, 64, -0.5)
-    f = R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)  # before the in-place update
-    counts = np.ones(64, np.int32)  # not int64: counted aside, then added
-    be.train_step(p, AdamState.zeros_like(p), x, l1_coefficient=0.1, lr=1e-3,
-                  fire_counts=counts)
-    np.testing.assert_array_equal(counts, 1 + (f > 0).sum(axis=0))
+    counts = np.ones(64, np.int32)
+    with pytest.raises(TypeError, match="fire_counts must be a writable, contiguous int64"):
+        be.train_step(p, AdamState.zeros_like(p), x, l1_coefficient=0.1, lr=1e-3,
+                      fire_counts=counts)
+    np.testing.assert_array_equal(counts, 1)
 
 
 @needs_cy
