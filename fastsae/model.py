@@ -17,7 +17,7 @@ from .io import read_sae_dir, write_sae_dir
 from .params import DECODER_NORM_MODES, SAEParams
 from .sparse import SparseCodes
 
-__all__ = ["SparseAutoencoder", "geometric_median"]
+__all__ = ["SparseAutoencoder", "geometric_median", "ACTIVATIONS"]
 
 
 def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
@@ -34,10 +34,19 @@ def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray
     return y
 
 
-class SparseAutoencoder:
-    """A one-layer ReLU sparse autoencoder.
+#: Training activations of :class:`SparseAutoencoder`.
+ACTIVATIONS = ("relu", "topk", "batchtopk")
 
-    ``f = relu((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``.
+
+class SparseAutoencoder:
+    """A one-layer sparse autoencoder.
+
+    ``pre = (x - b_dec) @ W_enc + b_enc``, ``f = act(pre)``,
+    ``x_hat = f @ W_dec + b_dec``, where ``act`` is ReLU (``activation="relu"``),
+    the ``k`` largest entries of each row after ReLU (``"topk"``), or, for
+    ``"batchtopk"``, the ``N * k`` largest of the batch during training and a
+    per-feature threshold (JumpReLU, as SAELens runs BatchTopK SAEs) at
+    inference.
 
     Parameters
     ----------
@@ -45,7 +54,11 @@ class SparseAutoencoder:
         Input width and number of features.
     decoder_norm : ``"weighted_l1"`` or ``"unit_norm"``
         How training controls the decoder's scale (see
-        :data:`fastsae.params.DECODER_NORM_MODES`).
+        :data:`fastsae.params.DECODER_NORM_MODES`). Default ``"weighted_l1"``
+        for ReLU; TopK/BatchTopK always use ``"unit_norm"``.
+    activation : ``"relu"``, ``"topk"`` or ``"batchtopk"``
+    k : int
+        Active features per row (topk, batchtopk; required there).
     backend : str or Backend, optional
         Kernel backend; ``None`` picks the fastest usable one when first needed.
     seed : int
@@ -61,10 +74,27 @@ class SparseAutoencoder:
     geometric median).
     """
 
-    def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str = "weighted_l1",
-                 backend=None, seed: int = 0, init_norm: float = 0.1):
+    def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str | None = None,
+                 backend=None, seed: int = 0, init_norm: float = 0.1,
+                 activation: str = "relu", k: int | None = None):
         d_in = V.as_int(d_in, "d_in")
         d_sae = V.as_int(d_sae, "d_sae")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation == "relu":
+            if k is not None:
+                raise ValueError("k is only used by the topk and batchtopk activations")
+            decoder_norm = "weighted_l1" if decoder_norm is None else decoder_norm
+        else:
+            if k is None:
+                raise ValueError(f"activation {activation!r} needs k (active features per row)")
+            k = V.as_int(k, "k")
+            if k > d_sae:
+                raise ValueError(f"k must be at most d_sae={d_sae}, got {k}")
+            if decoder_norm not in (None, "unit_norm"):
+                raise ValueError(f"{activation} SAEs train with unit-norm decoder rows "
+                                 f"(decoder_norm='unit_norm'), got {decoder_norm!r}")
+            decoder_norm = "unit_norm"
         if decoder_norm not in DECODER_NORM_MODES:
             raise ValueError(f"decoder_norm must be one of {DECODER_NORM_MODES}, "
                              f"got {decoder_norm!r}")
@@ -81,12 +111,21 @@ class SparseAutoencoder:
         W_enc = np.ascontiguousarray((w * init_norm).T, dtype=np.float32)
         self.params = SAEParams(W_enc, np.zeros(d_sae, np.float32), W_dec,
                                 np.zeros(d_in, np.float32))
-        #: ``"standard"`` (ReLU, trainable here), or for loaded SAEs ``"topk"``
+        #: How the SAE encodes (and is saved): ``"standard"`` (ReLU), ``"topk"``
         #: (``k`` largest pre-activations per row, then ReLU) or ``"jumprelu"``
-        #: (``relu(pre) * (pre > threshold)``).
-        self.architecture = "standard"
-        self.k: int | None = None
-        self.threshold: np.ndarray | None = None
+        #: (``relu(pre) * (pre > threshold)``; a BatchTopK SAE at inference).
+        self.architecture = {"relu": "standard", "topk": "topk",
+                             "batchtopk": "jumprelu"}[activation]
+        #: How the SAE trains: ``"relu"``, ``"topk"``, ``"batchtopk"``, or
+        #: ``None`` for a loaded architecture fastsae cannot train (a plain
+        #: ``jumprelu`` SAE).
+        self.activation: str | None = activation
+        self.k: int | None = k
+        #: Per-feature threshold of the ``jumprelu`` architecture; a BatchTopK
+        #: SAE fills it with the trainer's running estimate of the smallest
+        #: kept activation (0 before training: plain ReLU).
+        self.threshold: np.ndarray | None = (np.zeros(d_sae, np.float32)
+                                             if activation == "batchtopk" else None)
         #: Free-form information saved in cfg.json's metadata.
         self.metadata: dict = {}
         # True until trained or loaded: the Trainer then treats the parameters
@@ -139,7 +178,8 @@ class SparseAutoencoder:
 
     def __repr__(self) -> str:
         arch = "" if self.architecture == "standard" else f", architecture={self.architecture!r}"
-        arch += f", k={self.k}" if self.architecture == "topk" else ""
+        if self.activation in ("topk", "batchtopk"):
+            arch = f", activation={self.activation!r}, k={self.k}"
         return (f"SparseAutoencoder(d_in={self.d_in}, d_sae={self.d_sae}, "
                 f"decoder_norm={self.decoder_norm!r}{arch})")
 
@@ -246,16 +286,28 @@ class SparseAutoencoder:
         """
         meta = {"fastsae_decoder_norm": self.decoder_norm}
         meta.update(self.metadata)
+        if self.activation == "batchtopk":
+            # SAELens's layout for a BatchTopK SAE saved for inference: a jumprelu
+            # SAE, training settings only in the metadata; decoder rows are unit
+            # norm here, so there are no decoder norms to fold into the weights.
+            meta["training_architecture"] = "batchtopk"
+            details = meta.get("training_architecture_details")
+            meta["training_architecture_details"] = {
+                **(details if isinstance(details, dict) else {}),
+                "k": int(self.k), "rescale_acts_by_decoder_norm": False}
         if metadata:
             meta.update(metadata)
+        k = self.k if self.architecture == "topk" else None
         return write_sae_dir(directory, self.params, meta, architecture=self.architecture,
-                             k=self.k, threshold=self.threshold)
+                             k=k, threshold=self.threshold)
 
     @classmethod
     def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
         """Load a fastsae- or SAELens-written SAE directory: ``"standard"``
         (ReLU), ``"topk"`` or ``"jumprelu"`` (e.g. a BatchTopK SAE saved for
-        inference); only standard SAEs can be trained further.
+        inference). Standard, topk and BatchTopK (``jumprelu`` with metadata
+        ``training_architecture: "batchtopk"`` and its ``k``) SAEs can be
+        trained further; other ``jumprelu`` SAEs only run.
 
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
@@ -277,6 +329,15 @@ class SparseAutoencoder:
         sae.architecture = cfg.get("architecture", "standard")
         sae.k = extras.get("k")
         sae.threshold = extras.get("threshold")
+        sae.activation = {"standard": "relu", "topk": "topk"}.get(sae.architecture)
+        details = meta.get("training_architecture_details")
+        if (sae.architecture == "jumprelu" and meta.get("training_architecture") == "batchtopk"
+                and isinstance(details, dict) and isinstance(details.get("k"), int)
+                and not isinstance(details.get("k"), bool) and 1 <= details["k"] <= sae.d_sae):
+            # a BatchTopK SAE saved for inference: trainable further
+            sae.activation, sae.k = "batchtopk", details["k"]
+        if sae.activation in ("topk", "batchtopk"):
+            sae.decoder_norm = "unit_norm"
         sae.metadata = {k: v for k, v in meta.items()
                         if k not in ("fastsae_version", "fastsae_decoder_norm",
                                      "sae_lens_version", "sae_lens_training_version")}

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,9 @@ from .autoencoder import Autoencoder
 from .backends import get_backend
 from .data import BatchStream, norm_scaling_factor, open_source, recovery, sample_rows
 from .io import SAEFormatError, atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
-from .model import SparseAutoencoder
+from .model import ACTIVATIONS, SparseAutoencoder
 from .params import AdamState, SAEParams
+from .sparse import SparseCodes
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "TrainingDiverged", "CHECKPOINT_FILENAME"]
 
@@ -78,6 +80,18 @@ class TrainConfig:
     inputs the SAE reconstructs worst (2023 paper), using
     ``resample_samples`` random rows.
 
+    TopK/BatchTopK (models built with ``activation="topk"``/``"batchtopk"``;
+    ``activation`` and ``k`` here default to the model's and, when given, must
+    match it): no L1 term (the L1 fields are ignored), unit-norm decoder rows.
+    ``auxk`` adds the AuxK loss (OpenAI 2024): the main reconstruction's error
+    is reconstructed from the top ``k_aux`` pre-activations (default: the power
+    of two nearest ``d_in / 2``) among latents that have not fired for
+    ``dead_tokens`` tokens (default ``min(10_000_000, dead_window *
+    batch_size)``), weighted by ``aux_coefficient * min(n_dead / k_aux, 1)``.
+    BatchTopK keeps a running threshold, ``t <- (1 - topk_threshold_lr) t +
+    topk_threshold_lr * min_active`` after every step with an active feature
+    (SAELens), which the saved SAE uses at inference (``jumprelu``).
+
     ``log_every``: metrics cadence (steps). ``checkpoint_every``: checkpoint
     cadence (steps, 0 = only at the end; needs an output directory).
     ``eval_rows``: rows of the final evaluation. ``progress``: tqdm bar
@@ -106,6 +120,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_rows: int = 16384
     progress: bool | None = None
+    activation: str | None = None
+    k: int | None = None
+    auxk: bool = False
+    k_aux: int | None = None
+    aux_coefficient: float = 1.0 / 32
+    dead_tokens: int | None = None
+    topk_threshold_lr: float = 0.01
 
     @property
     def total_steps(self) -> int:
@@ -137,7 +158,22 @@ class TrainConfig:
                              f"got {self.b_dec_init!r}")
         if not isinstance(self.normalize_activations, bool):
             raise TypeError("normalize_activations must be True or False")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("k", "k_aux", "dead_tokens"):
+            if getattr(self, name) is not None:
+                V.as_int(getattr(self, name), name, low=1)
+        if not isinstance(self.auxk, bool):
+            raise TypeError("auxk must be True or False")
+        V.as_scalar(self.aux_coefficient, "aux_coefficient")
+        V.as_scalar(self.topk_threshold_lr, "topk_threshold_lr", high=1.0)
         return self
+
+    def resolved_dead_tokens(self) -> int:
+        """Tokens without firing after which AuxK counts a latent as dead."""
+        if self.dead_tokens is not None:
+            return int(self.dead_tokens)
+        return min(10_000_000, self.dead_window * self.batch_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,6 +225,20 @@ class _SAEAdapter:
         self.t, self.model, self.be = trainer, model, be
         self.params = None
         self.state = None
+        cfg = trainer.config
+        self.activation = model.activation
+        self.k = model.k
+        self.topk = self.activation in ("topk", "batchtopk")
+        d_in, d_sae = model.d_in, model.d_sae
+        self.k_aux = (int(cfg.k_aux) if cfg.k_aux is not None
+                      else 2 ** max(0, int(round(math.log2(max(d_in / 2, 1))))))
+        self.k_aux = min(self.k_aux, d_sae)
+        self.auxk = self.topk and cfg.auxk and cfg.aux_coefficient > 0
+        self.dead_tokens = cfg.resolved_dead_tokens()
+        #: tokens since each latent last fired (AuxK's dead mask)
+        self.since = np.zeros(d_sae, np.int64)
+        #: BatchTopK running threshold (float64 scalar, saved exactly)
+        self.threshold = 0.0
 
     def init_fresh(self, scale, sample):
         m, cfg = self.model, self.t.config
@@ -202,14 +252,70 @@ class _SAEAdapter:
             tmp.init_b_dec(sample, cfg.b_dec_init)
         self.params = self.be.to_backend(host)
         self.state = self.be.to_backend(AdamState.zeros_like(host))
+        if self.activation == "batchtopk" and m.threshold is not None and not m._fresh:
+            self.threshold = float(np.mean(m.threshold, dtype=np.float64))
 
     def step(self, x, lr, l1c, fire_counts) -> dict:
+        if self.topk:
+            return self._step_topk(x, lr, fire_counts)
         r = self.be.train_step(self.params, self.state, x, l1_coefficient=l1c, lr=lr,
                                decoder_norm=self.model.decoder_norm,
                                beta1=self.t.config.beta1, beta2=self.t.config.beta2,
                                eps=self.t.config.eps, fire_counts=fire_counts)
         return {"mse": r.mse, "l1": r.l1, "total": r.total, "l0": r.l0,
                 "explained_variance": r.explained_variance}
+
+    def _step_topk(self, x, lr, fire_counts) -> dict:
+        cfg, be = self.t.config, self.be
+        dead_mask, buf = None, fire_counts
+        if self.auxk:
+            dead_mask = be.to_backend(self.since >= self.dead_tokens)
+            # this step's firing counts alone, to know which latents fired
+            buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
+        r = be.train_step_topk(self.params, self.state, x, k=self.k, activation=self.activation,
+                               lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                               fire_counts=buf, dead_mask=dead_mask,
+                               k_aux=self.k_aux if self.auxk else 0,
+                               aux_coefficient=cfg.aux_coefficient if self.auxk else 0.0)
+        if self.auxk:
+            c = np.asarray(be.to_numpy(buf), dtype=np.int64)
+            fired = c > 0
+            self.since[fired] = 0
+            self.since[~fired] += x.shape[0]
+            if fire_counts is not None:
+                _add_counts(be, fire_counts, c)
+        if self.activation == "batchtopk":
+            m = float(r.extra.get("min_active", 0.0))
+            if m > 0:
+                lr_t = cfg.topk_threshold_lr
+                self.threshold = (1.0 - lr_t) * self.threshold + lr_t * m
+        return {"mse": r.mse, "l1": 0.0, "total": r.total, "l0": r.l0,
+                "explained_variance": r.explained_variance, "aux": r.aux}
+
+    def _encode(self, xd, params=None):
+        """Inference codes of ``xd`` (on the backend) with the current
+        parameters; BatchTopK encodes with its running threshold (JumpReLU)."""
+        be, p = self.be, self.params if params is None else params
+        if self.activation == "relu":
+            return be.encode_relu_sparse(xd, p.W_enc, p.b_enc, p.b_dec)
+        thr = np.full(self.model.d_sae, self.threshold, np.float32)
+        fn, arg = (("encode_topk", self.k) if self.activation == "topk"
+                   else ("encode_jumprelu", thr))
+        if be.supports(fn):
+            if fn == "encode_jumprelu":
+                arg = be.to_backend(arg)
+            return getattr(be, fn)(xd, p.W_enc, p.b_enc, p.b_dec, arg)
+        h, ref = self.host_params(), get_backend("numpy")
+        return getattr(ref, fn)(np.asarray(be.to_numpy(xd)), h.W_enc, h.b_enc, h.b_dec, arg)
+
+    def _reconstruct(self, x):
+        be, p = self.be, self.params
+        codes = self._encode(be.to_backend(x))
+        if isinstance(codes.indptr, np.ndarray) and not isinstance(p.W_dec, np.ndarray):
+            codes = SparseCodes(*(be.to_backend(a) for a in (codes.indptr, codes.indices,
+                                                              codes.values)), codes.shape)
+        x_hat = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)))
+        return codes, x_hat
 
     def host_params(self) -> SAEParams:
         return _host(self.be.to_numpy(self.params))
@@ -221,6 +327,9 @@ class _SAEAdapter:
             out[f"param.{n}"] = p.as_dict()[n]
             out[f"adam_m.{n}"] = np.asarray(getattr(st.m, n))
             out[f"adam_v.{n}"] = np.asarray(getattr(st.v, n))
+        if self.topk:
+            out["topk.since"] = self.since.copy()
+            out["topk.threshold"] = np.array([self.threshold], np.float64)
         return out
 
     def adam_step(self) -> int:
@@ -235,22 +344,22 @@ class _SAEAdapter:
             raise SAEFormatError("checkpoint parameters do not match the model's shape")
         self.params = self.be.to_backend(p)
         self.state = self.be.to_backend(AdamState(get("adam_m"), get("adam_v"), int(adam_step)))
+        if self.topk:
+            if "topk.since" not in tensors or "topk.threshold" not in tensors:
+                raise SAEFormatError("the checkpoint lacks the TopK state (topk.since, "
+                                     "topk.threshold)")
+            self.since = np.array(tensors["topk.since"], dtype=np.int64)
+            self.threshold = float(np.asarray(tensors["topk.threshold"])[0])
 
     def evaluate(self, x) -> dict:
-        be, p = self.be, self.params
-        xd = be.to_backend(x)
-        codes = be.encode_relu_sparse(xd, p.W_enc, p.b_enc, p.b_dec)
-        x_hat = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)))
+        codes, x_hat = self._reconstruct(x)
         mse = float(np.sum((x_hat.astype(np.float64) - x) ** 2) / x.shape[0])
         from .reference import explained_variance
         return {"mse": mse, "explained_variance": explained_variance(x, mse),
                 "l0": codes.to_host().l0}
 
     def per_row_error(self, x) -> np.ndarray:
-        be, p = self.be, self.params
-        xd = be.to_backend(x)
-        codes = be.encode_relu_sparse(xd, p.W_enc, p.b_enc, p.b_dec)
-        x_hat = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)))
+        _, x_hat = self._reconstruct(x)
         return np.sum((x_hat.astype(np.float64) - x) ** 2, axis=1)
 
     def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
@@ -287,13 +396,21 @@ class _SAEAdapter:
         return int(idx.size)
 
     def export(self, scale) -> None:
+        # the fold keeps pre-activations unchanged, so the threshold carries over
         self.model.params = _fold(self.host_params(), scale)
         self.model._fresh = False
+        if self.activation == "batchtopk":
+            self.model.threshold = np.full(self.model.d_sae, self.threshold, np.float32)
+            d = self.model.metadata.get("training_architecture_details")
+            self.model.metadata["training_architecture_details"] = {
+                **(d if isinstance(d, dict) else {}),
+                "topk_threshold_lr": self.t.config.topk_threshold_lr}
 
     def model_info(self) -> dict:
         m = self.model
         return {"type": "SparseAutoencoder", "d_in": m.d_in, "d_sae": m.d_sae,
-                "decoder_norm": m.decoder_norm, "seed": m.seed}
+                "decoder_norm": m.decoder_norm, "seed": m.seed,
+                "activation": m.activation, "k": m.k}
 
 
 class _AutoencoderAdapter:
@@ -349,6 +466,15 @@ class _AutoencoderAdapter:
                 "output_relu": m.output_relu, "seed": m.seed}
 
 
+def _add_counts(be, fire_counts, counts: np.ndarray) -> None:
+    """``fire_counts += counts`` where ``fire_counts`` lives on the backend."""
+    host = be.to_numpy(fire_counts)
+    if isinstance(fire_counts, np.ndarray) and host is fire_counts:
+        fire_counts += counts
+    else:  # a device array: write the sum back
+        fire_counts.copy_to_device(np.asarray(host, dtype=np.int64) + counts)
+
+
 def _host(p: SAEParams) -> SAEParams:
     return SAEParams(*(np.ascontiguousarray(np.asarray(a), dtype=np.float32)
                        for a in p.arrays()))
@@ -396,13 +522,27 @@ class Trainer:
         if not isinstance(model, (SparseAutoencoder, Autoencoder)):
             raise TypeError(f"model must be a SparseAutoencoder or an Autoencoder, "
                             f"got {type(model).__name__}")
-        if getattr(model, "architecture", "standard") != "standard":
-            raise ValueError(f"training is implemented for standard (ReLU) SAEs; this SAE is "
-                             f"{model.architecture!r}")
+        if isinstance(model, SparseAutoencoder):
+            if model.activation is None:
+                raise ValueError(f"fastsae cannot train this {model.architecture!r} SAE (it "
+                                 f"trains activations {', '.join(ACTIVATIONS)}; a jumprelu SAE "
+                                 "is trainable only when saved from a BatchTopK run)")
+            c = self.config
+            if c.activation is not None and c.activation != model.activation:
+                raise ValueError(f"TrainConfig.activation={c.activation!r} but the model's "
+                                 f"activation is {model.activation!r}")
+            if c.k is not None and c.k != model.k:
+                raise ValueError(f"TrainConfig.k={c.k} but the model's k is {model.k}")
         if self.source.d_in != model.d_in:
             raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
                              f"d_in = {model.d_in}")
         self.be = get_backend(backend) if backend is not None else model.backend
+        if (getattr(model, "activation", "relu") in ("topk", "batchtopk")
+                and not self.be.supports("train_step_topk")):
+            # TopK kernels are not on every backend yet: train on the reference
+            warnings.warn(f"backend {self.be.name!r} has no train_step_topk yet; training "
+                          "this TopK SAE on the numpy backend", RuntimeWarning, stacklevel=2)
+            self.be = get_backend("numpy")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.true_dictionary = None
         if true_dictionary is not None:
@@ -541,9 +681,11 @@ class Trainer:
         tensors, st = cls.read_checkpoint(path)
         info = st["model"]
         if info["type"] == "SparseAutoencoder":
+            act = info.get("activation", "relu")
             model = SparseAutoencoder(info["d_in"], info["d_sae"],
                                       decoder_norm=info["decoder_norm"], backend=backend,
-                                      seed=info["seed"])
+                                      seed=info["seed"], activation=act,
+                                      k=info.get("k") if act != "relu" else None)
         else:
             model = Autoencoder(info["layer_sizes"], info["output_relu"], backend=backend,
                                 seed=info["seed"])
@@ -612,7 +754,10 @@ class Trainer:
         if n == 0:
             return None
         rec = {"step": self.step, "tokens": self.step * self.config.batch_size}
-        for k in ("mse", "l1", "total", "l0", "explained_variance"):
+        keys = ("mse", "l1", "total", "l0", "explained_variance")
+        if getattr(self._a, "auxk", False):
+            keys += ("aux",)
+        for k in keys:
             v = acc.get(k, 0.0) / n
             rec[k] = None if not math.isfinite(v) else v
         rec["dead_fraction"] = _none_if_nan(self.dead_fraction())
@@ -666,8 +811,8 @@ class Trainer:
                         f"(lr={lr:.3g}, l1_coefficient={l1c:.3g}){where}")
                 self.step = s + 1
                 self._acc["n"] = self._acc.get("n", 0) + 1
-                for k in ("mse", "l1", "total", "l0", "explained_variance"):
-                    self._acc[k] = self._acc.get(k, 0.0) + float(r[k])
+                for k in ("mse", "l1", "total", "l0", "explained_variance", "aux"):
+                    self._acc[k] = self._acc.get(k, 0.0) + float(r.get(k, 0.0))
                 if self._a.kind == "sae":
                     self._cur_steps += 1
                     if self._cur_steps >= cfg.dead_window:

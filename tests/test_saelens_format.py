@@ -225,10 +225,24 @@ def test_topk_rescale_by_decoder_norm_is_folded(tmp_path):
     np.testing.assert_allclose(sae.reconstruct(x.astype(np.float32)), x_hat, atol=5e-5)
 
 
-def test_non_standard_sae_cannot_be_trained():
-    sae = SparseAutoencoder.load(DATA / "topk")
-    with pytest.raises(ValueError, match="standard"):
-        fastsae.Trainer(sae, np.ones((10, 16), np.float32))
+def test_plain_jumprelu_sae_cannot_be_trained(tmp_path):
+    # topk and BatchTopK-saved SAEs train further; a jumprelu SAE without
+    # training_architecture "batchtopk" (e.g. a published JumpReLU SAE) does not
+    import json
+    import shutil
+
+    d = tmp_path / "jr"
+    shutil.copytree(DATA / "batchtopk_inference", d)
+    cfg = json.loads((d / "cfg.json").read_text())
+    cfg["metadata"].pop("training_architecture", None)
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    sae = SparseAutoencoder.load(d)
+    assert sae.activation is None
+    with pytest.raises(ValueError, match="cannot train this 'jumprelu' SAE"):
+        fastsae.Trainer(sae, np.ones((10, sae.d_in), np.float32))
+    assert SparseAutoencoder.load(DATA / "topk").activation == "topk"
+    bt = SparseAutoencoder.load(DATA / "batchtopk_inference")
+    assert (bt.activation, bt.k) == ("batchtopk", 4)
 
 
 def test_bad_topk_and_jumprelu_files(tmp_path):
