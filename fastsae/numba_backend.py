@@ -461,18 +461,27 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
     xc = E.centered(x, b_dec)
-    if activation == "topk":
+    use_aux = (dead_mask is not None and k_aux > 0 and aux_coefficient > 0
+               and np.any(dead_mask))
+    aux, weight = None, 0.0
+    if use_aux:
+        n_dead = int(np.count_nonzero(dead_mask))
+        weight = float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
+    if activation == "topk" and use_aux:
+        # AuxK selected in the same tile epilogue as TopK: one product
+        dead_u8 = np.asarray(dead_mask).astype(np.uint8)
+        with _blas_single():
+            main, aux = TK.encode_topk_aux_csr(xc, W_enc, b_enc, E.ROW_BLOCK, int(k),
+                                               _threads(), dead_u8, int(k_aux))
+    elif activation == "topk":
         main = _topk_csr(xc, W_enc, b_enc, k)
     else:
         main = _batchtopk_csr(xc, W_enc, b_enc, k)
+    if use_aux and aux is None:
+        aux = _aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux)
     x_hat = D.decode_csr(main[0], main[1], main[2], W_dec, b_dec)
     d_xhat, row_sq = B.residual_grad(x_hat, x)
     mse = float(row_sq.sum() / n)
-    aux, weight = None, 0.0
-    if dead_mask is not None and k_aux > 0 and aux_coefficient > 0 and np.any(dead_mask):
-        aux = _aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux)
-        n_dead = int(np.count_nonzero(dead_mask))
-        weight = float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
     aux_loss, _, g_b_dec, _, _ = _topk_backward(
         x, xc, W_enc, W_dec, x_hat, d_xhat, main, aux, weight,
         (params, (mWe, vWe, mbe, vbe, mWd, vWd), adam_c))

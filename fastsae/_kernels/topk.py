@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from .encode import _part_bounds, gemm, warm_gemm
 
-__all__ = ["topk_rows", "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr",
+__all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr",
            "gather_columns"]
 
 
@@ -76,6 +76,86 @@ def _row_topk(Y, r, b_enc, K, bv, bi, need_npos):
         for j in range(d):
             npos += 1 if Y[r, j] + b_enc[j] > 0 else 0
     return cnt, npos
+
+
+@njit(cache=True)
+def _row_topk_dead(Y, r, b_enc, dead, K, bv, bi):
+    """:func:`_row_topk` restricted to the columns with ``dead[j]`` set
+    (AuxK), on the same cached row; returns the count kept."""
+    d = Y.shape[1]
+    cnt = 0
+    thr = np.float32(0.0)
+    for j0 in range(0, d, 64):
+        j1 = min(d, j0 + 64)
+        hits = 0
+        for j in range(j0, j1):
+            hits += 1 if (Y[r, j] + b_enc[j] > thr) & (dead[j] != 0) else 0
+        if hits == 0:
+            continue
+        for j in range(j0, j1):
+            v = Y[r, j] + b_enc[j]
+            if v > thr and dead[j] != 0:
+                q = cnt if cnt < K else K - 1
+                while q > 0 and bv[q - 1] < v:
+                    bv[q] = bv[q - 1]
+                    bi[q] = bi[q - 1]
+                    q -= 1
+                bv[q] = v
+                bi[q] = j
+                if cnt < K:
+                    cnt += 1
+                if cnt == K:
+                    thr = bv[K - 1]
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead, K_aux):
+    """TopK and AuxK selections from one fused pass: per row the ``K``
+    largest positive pre-activations and the ``K_aux`` largest positive ones
+    among the ``dead`` (uint8 ``[d_sae]``) columns, as buffers like
+    :func:`topk_rows`: ``(counts, vals, idx, aux_counts, aux_vals, aux_idx)``.
+    Call with BLAS limited to one thread."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    K = max(1, min(K, d_sae))
+    K_aux = max(1, min(K_aux, d_sae))
+    warm_gemm()
+    counts = np.zeros(n, np.int64)
+    vals = np.zeros((n, K), np.float32)
+    idx = np.zeros((n, K), np.int32)
+    acounts = np.zeros(n, np.int64)
+    avals = np.zeros((n, K_aux), np.float32)
+    aidx = np.zeros((n, K_aux), np.int32)
+    rb = max(1, min(row_block, max(n, 1)))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = Y[:i1 - i0]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(i1 - i0):
+                row = i0 + r
+                c, _ = _row_topk(blk, r, b_enc, K, vals[row], idx[row], False)
+                counts[row] = c
+                acounts[row] = _row_topk_dead(blk, r, b_enc, dead, K_aux, avals[row],
+                                              aidx[row])
+    return counts, vals, idx, acounts, avals, aidx
+
+
+@njit(cache=True)
+def encode_topk_aux_csr(xc, W_enc, b_enc, row_block, k, n_threads, dead, k_aux):
+    """TopK codes and AuxK codes (top ``k_aux`` among ``dead`` columns, uint8
+    mask) as two CSR triples from a single product. ``k, k_aux >= 1``."""
+    K = min(k, W_enc.shape[1])
+    c, v, i, ac, av, ai = topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead,
+                                        k_aux)
+    none = np.empty(0, np.int32)
+    return _to_csr(c, v, i, none), _to_csr(ac, av, ai, none)
 
 
 @njit(parallel=True, cache=True)
