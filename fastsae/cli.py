@@ -87,6 +87,19 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-norm", choices=["weighted_l1", "unit_norm"],
                    help="decoder scale control (default unit_norm: on the built-in problem "
                    "it recovers more true features at the same explained variance)")
+    t.add_argument("--activation", choices=["relu", "topk", "batchtopk"],
+                   help="relu (L1 penalty, default), topk (k largest per row) or batchtopk "
+                   "(N*k largest per batch; saved as SAELens jumprelu for inference)")
+    t.add_argument("--k", type=_positive_int,
+                   help="active features per row for topk/batchtopk (default 32, at most d_sae)")
+    t.add_argument("--auxk", dest="auxk", action="store_true", default=None,
+                   help="topk/batchtopk: add the AuxK loss against dead latents")
+    t.add_argument("--k-aux", type=_positive_int,
+                   help="AuxK latents per row (default: the power of two nearest d_in/2)")
+    t.add_argument("--aux-coefficient", type=_float(0.0), help="AuxK weight (default 1/32)")
+    t.add_argument("--dead-tokens", type=_positive_int,
+                   help="AuxK: tokens without firing for a latent to count as dead "
+                   "(default min(10M, 500 steps of tokens))")
     t.add_argument("--resample-every", type=_nonneg_int,
                    help="resample dead features every N steps (0: never)")
     t.add_argument("--checkpoint-every", type=_nonneg_int,
@@ -120,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # =================================================================== train
 _RESUME_FIXED = ("data_is_synthetic", "d_sae", "l1", "steps", "batch_size", "lr", "seed",
-                 "decoder_norm", "resample_every")
+                 "decoder_norm", "resample_every", "activation", "k", "auxk", "k_aux",
+                 "aux_coefficient", "dead_tokens")
 
 
 def _cmd_train(args) -> int:
@@ -167,7 +181,9 @@ def _cmd_train(args) -> int:
         for flag, field in (("l1", "l1_coefficient"), ("steps", "steps"),
                             ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                             ("resample_every", "resample_every"),
-                            ("checkpoint_every", "checkpoint_every")):
+                            ("checkpoint_every", "checkpoint_every"), ("auxk", "auxk"),
+                            ("k_aux", "k_aux"), ("aux_coefficient", "aux_coefficient"),
+                            ("dead_tokens", "dead_tokens")):
             v = getattr(args, flag)
             if v is not None:
                 setattr(cfg, field, v)
@@ -175,9 +191,23 @@ def _cmd_train(args) -> int:
         # keep the warmups inside short runs
         cfg.lr_warmup_steps = min(cfg.lr_warmup_steps, max(1, cfg.total_steps // 10))
         cfg.l1_warmup_steps = min(cfg.l1_warmup_steps, max(1, cfg.total_steps // 10))
+        act = args.activation or "relu"
+        if act == "relu":
+            for flag in ("k", "auxk", "k_aux", "aux_coefficient", "dead_tokens"):
+                if getattr(args, flag) is not None:
+                    raise CLIError(f"--{flag.replace('_', '-')} needs --activation topk "
+                                   "or batchtopk")
+            k = None
+        else:
+            if args.decoder_norm not in (None, "unit_norm"):
+                raise CLIError(f"--activation {act} trains unit-norm decoder rows: "
+                               "--decoder-norm must be unit_norm")
+            k = args.k or 32
+            if k > d_sae:
+                raise CLIError(f"--k {k} exceeds the number of features (--d-sae {d_sae})")
         model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
                                   decoder_norm=args.decoder_norm or "unit_norm",
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, activation=act, k=k)
         trainer = Trainer(model, source, cfg, out_dir=args.out, true_dictionary=true_dict,
                           backend=args.backend, extra_state=extra)
     synthetic_run = args.data is None and (not args.resume or true_dict is not None)
