@@ -264,8 +264,53 @@ def bench_size(name, args, be, dense_lib):
                 ref.train_step(rx, qp, qm, qv, step[0], 1e-3, mode, lr=1e-6)
         train[mode] = ours(f"train_step ({mode})", lambda tp=tp, ts=ts, kw=kw: be.train_step(
             tp, ts, x, **kw), ref_fn)
+    topk_times = bench_topk(args, be, x, p, x_h, p_h, ref, rx if ref else None,
+                            rp if ref else None, ours, rep, warm)
+    train.update(topk_times)
     flops = 2.0 * n * d_in * d_sae
     return rows, t_mm, t_enc, flops, l0, train
+
+
+def bench_topk(args, be, x, p, x_h, p_h, ref, rx, rp, ours, rep, warm):
+    """TopK family rows: encode_topk / encode_batchtopk (dense reference:
+    pre-activations + the library's top-k), train_step_topk with AuxK off and
+    on (half the latents marked dead), and the NumPy reference's
+    train_step_topk on the host (``--ref-repeats`` calls, 0: skip)."""
+    from fastsae import AdamState
+    from fastsae import reference as NR
+
+    k = args.k
+    d_sae = p_h.d_sae
+    ref_topk = None
+    if ref is not None and ref.lib in ("torch", "cupy"):
+        def ref_topk():
+            pre = (rx - rp.b_dec) @ rp.W_enc + rp.b_enc
+            if ref.lib == "torch":
+                v, i = ref.xp.topk(pre, k, dim=1)
+                return ref.relu(v), i
+            i = ref.xp.argpartition(-pre, k - 1, axis=1)[:, :k]
+            return ref.relu(ref.xp.take_along_axis(pre, i, axis=1)), i
+    out = {}
+    out["encode_topk"] = ours(f"encode_topk (k={k})",
+                              lambda: be.encode_topk(x, p.W_enc, p.b_enc, p.b_dec, k), ref_topk)
+    out["encode_batchtopk"] = ours(f"encode_batchtopk (k={k})", lambda: be.encode_batchtopk(
+        x, p.W_enc, p.b_enc, p.b_dec, k))
+    dead = np.arange(d_sae) % 2 == 0
+    for aux in (False, True):
+        tp = be.to_backend(p_h.copy())
+        ts = be.to_backend(AdamState.zeros_like(p_h))
+        kw = dict(k=k, lr=1e-6, dead_mask=be.to_backend(dead) if aux else None,
+                  k_aux=2 * k if aux else 0, aux_coefficient=1 / 32 if aux else 0.0)
+        label = f"train_step_topk (AuxK {'on' if aux else 'off'})"
+        out[label] = ours(label, lambda tp=tp, ts=ts, kw=kw: be.train_step_topk(tp, ts, x, **kw))
+        if args.ref_repeats > 0:
+            hp = p_h.copy()
+            hs = AdamState.zeros_like(p_h)
+            kw_h = {**kw, "dead_mask": dead if aux else None}
+            out["numpy " + label] = timeit(
+                lambda: NR.train_step_topk(hp, hs, x_h, **kw_h), lambda: None,
+                args.ref_repeats, 0)
+    return out
 
 
 def print_table(name, rows, t_mm, t_enc, flops, l0, dense_lib, device):
@@ -283,6 +328,12 @@ def print_table(name, rows, t_mm, t_enc, flops, l0, dense_lib, device):
         frac = t_mm / t_enc
         print(f"goal: fused encode >= 0.5x cuBLAS rate: {frac:.2f}x "
               f"({flops / t_enc / 1e12:.1f} TFLOP/s) -> {'met' if frac >= 0.5 else 'NOT met'}")
+    if t_mm is not None:
+        for label, t, _ in rows:
+            lim = 1.25 if label.startswith("encode_topk") else 1.5
+            if label.startswith(("encode_topk", "train_step_topk")):
+                print(f"goal: {label} <= {lim}x cuBLAS x @ W_enc: {t / t_mm:.2f}x -> "
+                      f"{'met' if t <= lim * t_mm else 'NOT met'}")
     for label, t, r in rows:
         if label.startswith("train_step") and r is not None:
             print(f"goal: {label} faster than dense step: {r / t:.2f}x -> "
@@ -295,6 +346,9 @@ def main(argv=None):
     ap.add_argument("--l0", type=float, default=48.0, help="target active features per row")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--k", type=int, default=32, help="k of the TopK rows")
+    ap.add_argument("--ref-repeats", type=int, default=2,
+                    help="host NumPy reference train_step_topk calls to time (0: skip)")
     ap.add_argument("--dense", default="auto", choices=["auto", "cupy", "torch", "none"],
                     help="library for the dense cuBLAS reference")
     ap.add_argument("--allow-simulator", action="store_true",
@@ -325,8 +379,14 @@ def main(argv=None):
         print("note: neither CuPy nor PyTorch (with CUDA) is installed: timing fastsae only; "
               "install one for the dense cuBLAS reference and the goal checks")
     for name in sizes:
-        rows, t_mm, t_enc, flops, l0, _ = bench_size(name, args, be, dense_lib)
+        rows, t_mm, t_enc, flops, l0, train = bench_size(name, args, be, dense_lib)
         print_table(name, rows, t_mm, t_enc, flops, l0, dense_lib, device)
+        for label, t in train.items():
+            if label.startswith("numpy "):
+                ours = train[label[len("numpy "):]]
+                print(f"goal: {label[6:]} >= 5x faster than the NumPy reference on the host "
+                      f"({t * 1e3:.1f} ms): {t / ours:.1f}x -> "
+                      f"{'met' if t >= 5 * ours else 'NOT met'}")
     print("\nmedians of wall time per call with a device synchronize after each; "
           "the machine's other load affects them.")
     return 0
