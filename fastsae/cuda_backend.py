@@ -32,6 +32,15 @@ transposition so every per-feature gradient is a deterministic,
 atomic-free sum; fused Adam (+ fused unit-norm renormalization). Results are
 bit-for-bit reproducible from run to run on the same GPU.
 
+TopK family (``encode_topk``, ``encode_batchtopk``, ``encode_jumprelu``,
+``topk_gradients``, ``train_step_topk``): the same GEMM stages the
+pre-activations; an exact radix select on their float bit patterns (per
+row: one block per row; BatchTopK: whole-matrix histograms plus a scan of
+the per-row tie counts) finds the threshold and applies the reference's
+lower-index tie rule (see :mod:`fastsae._kernels.gpu_topk`). AuxK selects
+among the dead latents on the same staged pre-activations (no second
+product) and its sparse gradients go through the same per-feature backward.
+
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same code runs on
 the CPU, very slowly, with small launch geometries (see
 :mod:`fastsae._kernels.gpu_common`): that is how the tests check every
