@@ -37,10 +37,10 @@ def test_cuda_backend_under_simulator():
         files.append("tests/test_contract.py")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", FASTSAE_TEST_BACKENDS="cuda")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    # tests/test_topk.py's train_step test indexes 3 latents, which the
-    # simulator's shapes (conftest.SHAPES_CUDA_SIM, d_sae=1 at its indices)
-    # do not have; tests/test_cuda_topk.py runs the same check on shapes
-    # with enough latents.
+    # tests/test_topk.py's train_step test passes under the simulator but
+    # costs ~80 s there on shapes with d_sae=1; tests/test_cuda_topk.py runs
+    # the same three-step check against the float64 reference on shapes
+    # with enough latents, so it is left out here to keep CI short.
     files += ["--deselect", "tests/test_topk.py::test_train_step_topk"]
     proc = subprocess.run([sys.executable, "-c", _RUNNER, *files], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=SIM_TIMEOUT_S)
