@@ -168,15 +168,9 @@ class Backend:
         return self._m.l1_subgradient(codes, norms, c)
 
     # ------------------------------------------------------------ training
-    def gradients(self, x, params: SAEParams, codes, x_hat, l1_coefficient,
-                  decoder_norm="weighted_l1"):
-        """Loss parts and parameter gradients for one batch.
-
-        ``codes`` must be the encoding of ``x`` under ``params`` (dense or
-        sparse) and ``x_hat`` its decode. Returns ``(Losses, SAEParams)``;
-        see :mod:`fastsae.reference` for the loss normalization and the
-        ``decoder_norm`` modes.
-        """
+    def _gradient_args(self, x, params, codes, x_hat):
+        """Validate the batch, parameters, codes and reconstruction that a
+        gradient computation takes, and check they agree with each other."""
         params = V.params_arg(params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
@@ -187,6 +181,18 @@ class Backend:
         codes = V.codes_arg(codes, params.d_sae, self._device)
         if codes.shape[0] != x.shape[0]:
             raise ValueError(f"codes have {codes.shape[0]} rows but x has {x.shape[0]}")
+        return x, params, codes, x_hat
+
+    def gradients(self, x, params: SAEParams, codes, x_hat, l1_coefficient,
+                  decoder_norm="weighted_l1"):
+        """Loss parts and parameter gradients for one batch.
+
+        ``codes`` must be the encoding of ``x`` under ``params`` (dense or
+        sparse) and ``x_hat`` its decode. Returns ``(Losses, SAEParams)``;
+        see :mod:`fastsae.reference` for the loss normalization and the
+        ``decoder_norm`` modes.
+        """
+        x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         mode = V.check_decoder_norm(decoder_norm)
         return self._m.gradients(x, params, codes, x_hat, c, mode)
@@ -254,19 +260,12 @@ class Backend:
                        aux_weight=0.0):
         """Losses and gradients of a TopK/BatchTopK step (see
         :func:`fastsae.reference.topk_gradients`)."""
-        params = V.params_arg(params, self._device)
-        x = V.as_float_array(x, "x", 2, self._device)
-        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
-        x_hat = V.as_float_array(x_hat, "x_hat", 2, self._device)
-        if tuple(x_hat.shape) != tuple(x.shape):
-            raise ValueError(f"x_hat must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(x_hat.shape)}")
-        codes = V.codes_arg(codes, params.d_sae, self._device)
+        x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
         if aux_codes is not None:
             aux_codes = V.codes_arg(aux_codes, params.d_sae, self._device, "aux_codes")
-        for name, c in (("codes", codes), ("aux_codes", aux_codes)):
-            if c is not None and c.shape[0] != x.shape[0]:
-                raise ValueError(f"{name} have {c.shape[0]} rows but x has {x.shape[0]}")
+            if aux_codes.shape[0] != x.shape[0]:
+                raise ValueError(f"aux_codes have {aux_codes.shape[0]} rows but x has "
+                                 f"{x.shape[0]}")
         w = V.as_scalar(aux_weight, "aux_weight")
         return self._impl("topk_gradients")(x, params, codes, x_hat, aux_codes, w)
 
