@@ -474,7 +474,11 @@ def test_pip_install_without_c_compiler(tmp_path):
                        cwd=src, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not list((target / "fastsae").glob("_cy_*"))
-    probe = ("import fastsae, sys; s = {b.name: b for b in fastsae.available_backends()};"
+    # An editable install of the checkout under test (as in CI) puts a finder on
+    # sys.meta_path that would serve fastsae._cy_* from the source tree: drop it.
+    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+             "getattr(f, '__module__', '')];"
+             "import fastsae; s = {b.name: b for b in fastsae.available_backends()};"
              "assert fastsae.__file__.startswith(sys.argv[1]), fastsae.__file__;"
              "assert not s['cython'].available; print(s['cython'].reason)")
     r = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=tmp_path,
