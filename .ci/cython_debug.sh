@@ -30,7 +30,7 @@ build_and_test() {  # $1: stage name, $2: extra env for the build, $3: preload l
         cd "$dir"
         env FASTSAE_CYTHON_DEBUG=1 $2 "$PY" setup.py -q build_ext --inplace >build.log 2>&1 \
             || { cat build.log; echo "$1 build failed" >&2; exit 1; }
-        if grep -q "WARNING: could not build" build.log; then
+        if grep -q "WARNING: could not build\|WARNING: Cython/numpy not importable" build.log; then
             cat build.log; echo "$1 build incomplete" >&2; exit 1
         fi
         local pre=()
