@@ -88,6 +88,11 @@ class TrainConfig:
     of two nearest ``d_in / 2``) among latents that have not fired for
     ``dead_tokens`` tokens (default ``min(10_000_000, dead_window *
     batch_size)``), weighted by ``aux_coefficient * min(n_dead / k_aux, 1)``.
+    Choose ``dead_tokens`` well above the firing interval of the rarest latent
+    worth keeping: AuxK retrains every latent it calls dead on the residual,
+    so a window that flags merely rare latents (for example duplicates of a
+    feature when ``d_sae`` far exceeds the number of real features) turns them
+    into residual fitters and can raise the dead fraction instead.
     BatchTopK keeps a running threshold, ``t <- (1 - topk_threshold_lr) t +
     topk_threshold_lr * min_active`` after every step with an active feature
     (SAELens), which the saved SAE uses at inference (``jumprelu``).
