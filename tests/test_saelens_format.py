@@ -314,3 +314,64 @@ def test_float64_weights_are_converted(tmp_path):
     assert sae.W_enc.dtype == np.float32
     x, f_ref, _ = _fixture()
     np.testing.assert_allclose(sae.encode(x), f_ref, atol=2e-5)
+
+
+# ------------------------------------------- fastsae-written, read by SAELens
+WRITTEN = Path(__file__).parent / "data" / "fastsae_written"
+WRITTEN_NAMES = ("relu", "topk", "batchtopk")
+
+
+def _roundtrip_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_roundtrip",
+                                                  WRITTEN / "make_roundtrip.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", WRITTEN_NAMES)
+def test_fastsae_written_checkpoints_run_the_same_in_saelens(name, backend):
+    """tests/data/fastsae_written/: files fastsae saved (relu as standard,
+    topk, BatchTopK for inference as jumprelu), loaded by SAELens 6.54.12's
+    ``SAE.load_from_disk``, with SAELens's encode/decode outputs stored
+    beside them (see make_roundtrip.py). fastsae's outputs on its own files
+    must match SAELens's (same comparison rule as above; 16-term dots)."""
+    d = WRITTEN / name
+    x = np.load(d / "x.npy")
+    f_ref, x_hat_ref = np.load(d / "saelens_f.npy"), np.load(d / "saelens_x_hat.npy")
+    sae = SparseAutoencoder.load(d, backend=backend.name)
+    f = sae.encode(x)
+    active = f_ref > 0
+    assert active.any(axis=1).mean() > 0.6 and active.mean() < 0.5  # a real, sparse test
+    pre = _pre64(sae, x)
+    unsure = np.abs(pre) < 1e-5
+    if name == "batchtopk":
+        unsure |= np.abs(pre - sae.threshold) < 1e-5
+    if name == "topk":
+        kth = np.sort(pre, axis=1)[:, [-sae.k - 1, -sae.k]]
+        unsure |= (np.abs(pre - kth[:, :1]) < 1e-5) | (np.abs(pre - kth[:, 1:]) < 1e-5)
+    np.testing.assert_array_equal((f > 0) | unsure, active | unsure)
+    np.testing.assert_allclose(f, f_ref, atol=2e-5)
+    np.testing.assert_allclose(sae.decode(f_ref), x_hat_ref, atol=2e-5)
+    np.testing.assert_allclose(sae.reconstruct(x), x_hat_ref, atol=1e-4)
+
+
+def test_fastsae_still_writes_the_layout_saelens_read(tmp_path):
+    """Regenerating the files with today's fastsae gives the same cfg.json
+    (all fields, except fastsae's version) and the same tensor names, shapes
+    and dtypes as the files SAELens loaded. (Values may differ in the last
+    bits across BLAS builds, so they are not compared here.)"""
+    _roundtrip_script().write(tmp_path)
+    for name in WRITTEN_NAMES:
+        new = json.loads((tmp_path / name / "cfg.json").read_text())
+        old = json.loads((WRITTEN / name / "cfg.json").read_text())
+        for c in (new, old):
+            c["metadata"].pop("fastsae_version")
+        assert new == old, name
+        with safe_open(str(tmp_path / name / "sae_weights.safetensors"), "np") as a, \
+                safe_open(str(WRITTEN / name / "sae_weights.safetensors"), "np") as b:
+            assert set(a.keys()) == set(b.keys())
+            for k in b.keys():
+                ta, tb = a.get_tensor(k), b.get_tensor(k)
+                assert (ta.shape, ta.dtype) == (tb.shape, tb.dtype), (name, k)
