@@ -29,6 +29,66 @@ cdef extern from *:
     int fastsae_max_threads() noexcept nogil
 
 
+cdef extern from *:
+    """
+    #include <string.h>
+    /* sum_k a[k]^2 in float32. With GCC/Clang: four 16-float vector
+       accumulators (independent chains, so the FMA latency is hidden; one
+       AVX-512 register each with -march=native, split into narrower
+       registers otherwise), added pairwise and reduced as a tree in
+       registers; then the n % 16 tail. Plain C can express neither the
+       register-resident tree reduction nor (without -ffast-math) a
+       reassociated sum, which is what Numba gets from fastmath=reassoc. */
+    static inline float fastsae_sumsq(const float* a, Py_ssize_t n) {
+    #if defined(__GNUC__) || defined(__clang__)
+        typedef float fs_v16 __attribute__((vector_size(64)));
+        typedef float fs_v8 __attribute__((vector_size(32)));
+        typedef float fs_v4 __attribute__((vector_size(16)));
+        fs_v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, x0, x1, x2, x3;
+        fs_v8 h8, l8;
+        fs_v4 h4, l4;
+        float s;
+        Py_ssize_t k = 0;
+        for (; k + 64 <= n; k += 64) {
+            memcpy(&x0, a + k, 64);
+            memcpy(&x1, a + k + 16, 64);
+            memcpy(&x2, a + k + 32, 64);
+            memcpy(&x3, a + k + 48, 64);
+            s0 += x0 * x0;
+            s1 += x1 * x1;
+            s2 += x2 * x2;
+            s3 += x3 * x3;
+        }
+        for (; k + 16 <= n; k += 16) {
+            memcpy(&x0, a + k, 64);
+            s0 += x0 * x0;
+        }
+        s0 = (s0 + s1) + (s2 + s3);
+        memcpy(&l8, &s0, 32);
+        memcpy(&h8, (char*)&s0 + 32, 32);
+        l8 += h8;
+        memcpy(&l4, &l8, 16);
+        memcpy(&h4, (char*)&l8 + 16, 16);
+        l4 += h4;
+        s = (l4[0] + l4[2]) + (l4[1] + l4[3]);
+        for (; k < n; k++)
+            s += a[k] * a[k];
+        return s;
+    #else
+        float acc[8] = {0};
+        Py_ssize_t k = 0, l;
+        for (; k + 8 <= n; k += 8)
+            for (l = 0; l < 8; l++)
+                acc[l] += a[k + l] * a[k + l];
+        for (; k < n; k++)
+            acc[0] += a[k] * a[k];
+        return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    #endif
+    }
+    """
+    float _sumsq "fastsae_sumsq"(const float* a, Py_ssize_t n) noexcept nogil
+
+
 # Number of independent partial sums in `_dot`: enough lanes for one AVX-512
 # register (or two AVX2 ones). Each lane is a separate accumulator, so the
 # compiler vectorizes the loop without having to reassociate a float sum
