@@ -247,13 +247,12 @@ def _train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd
     return mse, l1, indptr[n], var, max_cnt
 
 
-def _state_array(a, like, what):
-    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
-            and a.shape == like.shape):
-        raise TypeError(f"state.{what} must be a C-contiguous float32 array of shape "
-                        f"{like.shape}, got {type(a).__name__} "
-                        f"{getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
-    return a
+def _adam_moments(state: AdamState):
+    """The moment arrays ``(mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd)`` of
+    ``state``, already checked by :func:`fastsae._validate.adam_state_arg`
+    (the backend front end validates before calling in)."""
+    m, v = state.m, state.v
+    return m.W_enc, v.W_enc, m.b_enc, v.b_enc, m.W_dec, v.W_dec, m.b_dec, v.b_dec
 
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
@@ -262,21 +261,8 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     """One training step in place (see :func:`fastsae.reference.train_step`):
     a single compiled call does the sparse encode, decode, backward at the
     active entries and the fused Adam update (+ unit-norm renormalization)."""
-    moments = []
-    for mom, tag in ((state.m, "m"), (state.v, "v")):
-        if not isinstance(mom, SAEParams):
-            raise TypeError(f"state.{tag} must be a fastsae.SAEParams")
-        for name in SAEParams.NAMES:
-            moments.append(_state_array(getattr(mom, name), getattr(params, name),
-                                        f"{tag}.{name}"))
-    mWe, mbe, mWd, mbd, vWe, vbe, vWd, vbd = moments
-    if fire_counts is None:
-        counts = np.empty(0, np.int64)
-    else:
-        if not (isinstance(fire_counts, np.ndarray) and fire_counts.dtype == np.int64
-                and fire_counts.flags.c_contiguous):
-            raise TypeError("fire_counts must be a C-contiguous int64 array")
-        counts = fire_counts
+    mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd = _adam_moments(state)
+    counts = np.empty(0, np.int64) if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
     n, d_sae = x.shape[0], params.d_sae
@@ -437,25 +423,52 @@ def _fire_add(fire_counts, indices):
         fire_counts[indices[p]] += 1
 
 
+#: Features per tile of the TopK step's weight pass (see
+#: :func:`fastsae._kernels.backward.topk_feature_adam`): 64 float32 = 256
+#: contiguous bytes per row of ``W_enc`` and of each of its moments.
+_TOPK_TILE = 64
+
+
+@njit(cache=True)
+def _stacked_backward(indptr, indices, values, a_indptr, a_indices, a_values, d_xhat,
+                      d_ehat, W_enc, W_dec, d_sae):
+    """Pattern and ``d_pre`` of the TopK backward: the main codes as rows
+    ``0..N-1`` and (if ``a_indptr`` is non-empty) the AuxK codes as rows
+    ``N..2N-1`` of one CSR, transposed once; ``g_b_enc`` and ``g_b_dec``
+    (old ``W_enc``). Returns ``(colptr, rows, perm, values, d_pre,
+    g_b_enc, g_b_dec)``."""
+    zeros = np.zeros(d_sae, np.float32)
+    d_pre, _ = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, zeros, 0.0)
+    if a_indptr.shape[0] > 0:
+        n = indptr.shape[0] - 1
+        nm = indptr[n]
+        ip = np.empty(2 * n + 1, np.int64)
+        ip[:n + 1] = indptr
+        ip[n + 1:] = nm + a_indptr[1:]
+        ad_pre, _ = B.d_pre_csr(a_indptr, a_indices, a_values, d_ehat, W_dec, zeros, 0.0)
+        indptr = ip
+        indices = np.concatenate((indices, a_indices))
+        values = np.concatenate((values, a_values))
+        d_pre = np.concatenate((d_pre, ad_pre))
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    return colptr, rows, perm, values, d_pre, g_b_enc, g_b_dec
+
+
+_NOIDX = np.empty(0, np.int64)
+
+
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
                     k_aux=0, aux_coefficient=0.0) -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
-    :func:`fastsae.reference.train_step_topk`): fused top-k encode, sparse
-    decode, backward at the selected entries with Adam fused into the
-    feature pass, decoder rows renormalized as they are updated."""
-    moments = []
-    for mom, tag in ((state.m, "m"), (state.v, "v")):
-        if not isinstance(mom, SAEParams):
-            raise TypeError(f"state.{tag} must be a fastsae.SAEParams")
-        for name in SAEParams.NAMES:
-            moments.append(_state_array(getattr(mom, name), getattr(params, name),
-                                        f"{tag}.{name}"))
-    mWe, mbe, mWd, mbd, vWe, vbe, vWd, vbd = moments
-    if fire_counts is not None and not (isinstance(fire_counts, np.ndarray)
-                                        and fire_counts.dtype == np.int64
-                                        and fire_counts.flags.c_contiguous):
-        raise TypeError("fire_counts must be a C-contiguous int64 array")
+    :func:`fastsae.reference.train_step_topk`): fused top-k (and AuxK)
+    encode, one row pass decoding both codes into the two residual
+    gradients, ``d_pre`` at the selected entries, then one pass over tiles
+    of features making both weight gradients and consuming them with Adam
+    (decoder rows renormalized as they are updated)."""
+    mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd = _adam_moments(state)
     n, d_sae = x.shape[0], params.d_sae
     t = state.step + 1
     adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
@@ -479,12 +492,18 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         main = _batchtopk_csr(xc, W_enc, b_enc, k)
     if use_aux and aux is None:
         aux = _aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux)
-    x_hat = D.decode_csr(main[0], main[1], main[2], W_dec, b_dec)
-    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    if aux is None:
+        aux = (_NOIDX, _NOMAP, _EMPTY1)
+    d_xhat, row_sq, d_ehat, a_row_sq = D.decode_residuals_aux(
+        main[0], main[1], main[2], aux[0], aux[1], aux[2], W_dec, b_dec, x,
+        weight * 2.0 / n)
     mse = float(row_sq.sum() / n)
-    aux_loss, _, g_b_dec, _, _ = _topk_backward(
-        x, xc, W_enc, W_dec, x_hat, d_xhat, main, aux, weight,
-        (params, (mWe, vWe, mbe, vbe, mWd, vWd), adam_c))
+    aux_loss = float(weight * a_row_sq.sum() / n) if use_aux else 0.0
+    colptr, rows, perm, values, d_pre, g_b_enc, g_b_dec = _stacked_backward(
+        main[0], main[1], main[2], aux[0], aux[1], aux[2], d_xhat, d_ehat, W_enc, W_dec,
+        d_sae)
+    B.topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
+                        b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, _TOPK_TILE)
     A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
     if fire_counts is not None:
         _fire_add(fire_counts, main[1])

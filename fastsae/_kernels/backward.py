@@ -253,3 +253,79 @@ def residual_grad(x_hat, x):
             d_xhat[i, k] = scale * diff
         row_sq[i] = s
     return d_xhat, row_sq
+
+
+@njit(inline="always")
+def _axpy(a, x, y):
+    """``y += a * x`` (1-D float32, separate loop so LLVM vectorizes it)."""
+    for k in range(y.shape[0]):
+        y[k] += a * x[k]
+
+
+@njit(parallel=True, cache=True)
+def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
+                      b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
+                      tile):
+    """TopK training step's weight pass: per feature, the gradients of
+    ``W_dec`` (unit-norm projected) and ``W_enc``, consumed by Adam at once,
+    decoder rows renormalized after their update; ``b_enc`` from the given
+    ``g_b_enc``. Parallel over tiles of ``tile`` features (each thread owns
+    its features; rows summed in increasing order, so the result does not
+    depend on the thread count or the tile size).
+
+    The pattern may have up to ``2N`` rows (``N = xc.shape[0]``): row ``i <
+    N`` pairs ``d_xhat[i]`` with ``xc[i]``, row ``N + i`` (AuxK codes) pairs
+    ``d_ehat[i]`` with the same ``xc[i]``; nothing is stacked in memory.
+    ``W_enc``'s tile gradient is transposed in cache and the tile updated row
+    by row (``tile`` contiguous values per row of ``W_enc`` and of its
+    moments): a wide tile keeps those strided accesses few and prefetchable.
+    """
+    d_sae, d_in = W_dec.shape
+    n = xc.shape[0]
+    T = max(1, tile)
+    ntiles = (d_sae + T - 1) // T
+    for t in prange(ntiles):
+        j0 = t * T
+        j1 = min(d_sae, j0 + T)
+        m = j1 - j0
+        ge = np.zeros((T, d_in), np.float32)
+        geT = np.empty((d_in, T), np.float32)
+        gd = np.empty(d_in, np.float32)
+        for j in range(j0, j1):
+            gd[:] = 0.0
+            gej = ge[j - j0]
+            for q in range(colptr[j], colptr[j + 1]):
+                i = rows[q]
+                p = perm[q]
+                if i < n:
+                    _axpy(values[p], d_xhat[i], gd)
+                    _axpy(d_pre[p], xc[i], gej)
+                else:
+                    _axpy(values[p], d_ehat[i - n], gd)
+                    _axpy(d_pre[p], xc[i - n], gej)
+            w = W_dec[j]
+            sq = _dot(w, w)
+            if sq > 0:
+                coef = _dot(gd, w) / sq
+                for k in range(d_in):
+                    gd[k] -= coef * w[k]
+            mr = mW_dec[j]
+            vr = vW_dec[j]
+            for k in range(d_in):
+                w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], adam_c)
+            nw = np.sqrt(_dot(w, w))
+            if nw > 0:
+                for k in range(d_in):
+                    w[k] = w[k] / nw
+            b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
+                                                      vb_enc[j], adam_c)
+        for jj in range(m):
+            for k in range(d_in):
+                geT[k, jj] = ge[jj, k]
+        for k in range(d_in):
+            wr = W_enc[k, j0:j1]
+            mr = mW_enc[k, j0:j1]
+            vr = vW_enc[k, j0:j1]
+            gr = geT[k]
+            for jj in range(m):
+                wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], adam_c)
