@@ -292,14 +292,14 @@ def _codes(indptr, indices, values, n, d_sae) -> SparseCodes:
 
 def _topk_csr(xc, W_enc, b_enc, k):
     with _blas_single():
-        return TK.encode_topk_csr(xc, W_enc, b_enc, E.ROW_BLOCK, int(k), _threads(), _NOMAP)
+        return TK.encode_topk_csr(xc, W_enc, b_enc, TK.ROW_BLOCK, int(k), _threads(), _NOMAP)
 
 
 def _batchtopk_csr(xc, W_enc, b_enc, k):
     key = (int(W_enc.shape[1]), int(k))
     with _blas_single():
         indptr, indices, values, used = TK.encode_batchtopk_csr(
-            xc, W_enc, b_enc, E.ROW_BLOCK, int(k), _threads(), _cand.get(key))
+            xc, W_enc, b_enc, TK.ROW_BLOCK, int(k), _threads(), _cand.get(key))
     _cand[key] = used
     return indptr, indices, values
 
@@ -334,7 +334,7 @@ def _aux_csr(xc, W_enc, b_enc, dead_mask, k_aux):
     dead = np.flatnonzero(dead_mask).astype(np.int32)
     Wd, bd = TK.gather_columns(W_enc, b_enc, dead)
     with _blas_single():
-        return TK.encode_topk_csr(xc, Wd, bd, E.ROW_BLOCK, int(k_aux), _threads(), dead)
+        return TK.encode_topk_csr(xc, Wd, bd, TK.ROW_BLOCK, int(k_aux), _threads(), dead)
 
 
 @njit(parallel=True, cache=True)
@@ -484,7 +484,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         # AuxK selected in the same tile epilogue as TopK: one product
         dead_u8 = np.asarray(dead_mask).astype(np.uint8)
         with _blas_single():
-            main, aux = TK.encode_topk_aux_csr(xc, W_enc, b_enc, E.ROW_BLOCK, int(k),
+            main, aux = TK.encode_topk_aux_csr(xc, W_enc, b_enc, TK.ROW_BLOCK, int(k),
                                                _threads(), dead_u8, int(k_aux))
     elif activation == "topk":
         main = _topk_csr(xc, W_enc, b_enc, k)

@@ -35,26 +35,35 @@ __all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_csr
            "gather_columns"]
 
 
+#: Block grid of the TopK encoders: each sgemm makes a ``ROW_BLOCK x
+#: COL_BLOCK`` tile of pre-activations (8 MiB, kept in the L3 cache) that is
+#: selected from right away. Taller blocks than the ReLU encoder's
+#: ``encode.ROW_BLOCK`` make BLAS pack ``W_enc`` fewer times (once per row
+#: block); the column split keeps the tile in cache. Rows keep their
+#: selection state across the column blocks, which arrive in increasing
+#: column order (so the tie rule holds).
+ROW_BLOCK = 1024
+COL_BLOCK = 2048
+
+
 @njit(cache=True)
-def _row_topk(Y, r, b_enc, K, bv, bi, need_npos):
-    """Scan ``v = Y[r] + b_enc``; keep in ``bv/bi[:cnt]`` the ``K`` largest
-    positive ``v`` (value desc, index asc). Returns ``(cnt, npos)`` with
-    ``npos`` the number of positive ``v`` in the row when ``need_npos``
-    (else ``cnt``)."""
+def _row_topk(Y, r, b_enc, c0, K, bv, bi, cnt):
+    """Continue row ``r``'s selection over the block's columns: ``v = Y[r, jl]
+    + b_enc[c0 + jl]`` for feature ``c0 + jl``; ``bv/bi[:cnt]`` hold the best
+    positive entries so far (value desc, index asc), at most ``K``. Returns
+    the new count."""
     d = Y.shape[1]
-    cnt = 0
-    npos = 0
-    thr = np.float32(0.0)
+    thr = bv[K - 1] if cnt == K else np.float32(0.0)
     for j0 in range(0, d, 64):
         j1 = min(d, j0 + 64)
         # branch-free count of candidates (vectorized): most chunks have none
         hits = 0
         for j in range(j0, j1):
-            hits += 1 if Y[r, j] + b_enc[j] > thr else 0
+            hits += 1 if Y[r, j] + b_enc[c0 + j] > thr else 0
         if hits == 0:
             continue
         for j in range(j0, j1):
-            v = Y[r, j] + b_enc[j]
+            v = Y[r, j] + b_enc[c0 + j]
             if v > thr:
                 # insertion point: after every entry with value >= v
                 q = cnt if cnt < K else K - 1
@@ -64,44 +73,7 @@ def _row_topk(Y, r, b_enc, K, bv, bi, need_npos):
                         bi[q] = bi[q - 1]
                     q -= 1
                 bv[q] = v
-                bi[q] = j
-                if cnt < K:
-                    cnt += 1
-                if cnt == K:
-                    thr = bv[K - 1]
-    # positives below the threshold were skipped by the chunk filter: count them
-    npos = cnt
-    if need_npos and cnt == K:
-        npos = 0
-        for j in range(d):
-            npos += 1 if Y[r, j] + b_enc[j] > 0 else 0
-    return cnt, npos
-
-
-@njit(cache=True)
-def _row_topk_dead(Y, r, b_enc, dead, K, bv, bi):
-    """:func:`_row_topk` restricted to the columns with ``dead[j]`` set
-    (AuxK), on the same cached row; returns the count kept."""
-    d = Y.shape[1]
-    cnt = 0
-    thr = np.float32(0.0)
-    for j0 in range(0, d, 64):
-        j1 = min(d, j0 + 64)
-        hits = 0
-        for j in range(j0, j1):
-            hits += 1 if (Y[r, j] + b_enc[j] > thr) & (dead[j] != 0) else 0
-        if hits == 0:
-            continue
-        for j in range(j0, j1):
-            v = Y[r, j] + b_enc[j]
-            if v > thr and dead[j] != 0:
-                q = cnt if cnt < K else K - 1
-                while q > 0 and bv[q - 1] < v:
-                    bv[q] = bv[q - 1]
-                    bi[q] = bi[q - 1]
-                    q -= 1
-                bv[q] = v
-                bi[q] = j
+                bi[q] = c0 + j
                 if cnt < K:
                     cnt += 1
                 if cnt == K:
@@ -109,12 +81,70 @@ def _row_topk_dead(Y, r, b_enc, dead, K, bv, bi):
     return cnt
 
 
+@njit(cache=True)
+def _row_npos(Y, r, b_enc, c0):
+    """Number of positive ``Y[r, jl] + b_enc[c0 + jl]`` in the block's row."""
+    c = 0
+    for j in range(Y.shape[1]):
+        c += 1 if Y[r, j] + b_enc[c0 + j] > 0 else 0
+    return c
+
+
 @njit(parallel=True, cache=True)
+def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, vals, idx, npos,
+                   need_npos, dead, acounts, avals, aidx):
+    """The fused product + selection over the fixed ``row_block x
+    col_block`` grid: each thread owns a contiguous run of whole row blocks
+    and walks their column blocks in order (one single-threaded sgemm per
+    tile into a per-thread workspace). Fills ``counts/vals/idx`` (top
+    ``K = vals.shape[1]``), ``npos`` (exact positive count) when
+    ``need_npos``, and the AuxK buffers when ``dead`` is non-empty: AuxK is
+    the same scan with ``b_dead = b_enc`` on dead features and ``-inf``
+    elsewhere (a live feature never passes a threshold >= 0), so it
+    vectorizes like the main one and reads the row from L1 right after it."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    K = vals.shape[1]
+    has_aux = dead.shape[0] > 0
+    K_aux = avals.shape[1]
+    b_dead = np.empty(d_sae if has_aux else 0, np.float32)
+    for j in range(b_dead.shape[0]):
+        b_dead[j] = b_enc[j] if dead[j] != 0 else -np.inf
+    rb = max(1, min(row_block, max(n, 1)))
+    cb = max(1, min(col_block, max(d_sae, 1)))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, cb), np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            for c0 in range(0, d_sae, cb):
+                c1 = min(d_sae, c0 + cb)
+                blk = Y[:i1 - i0, :c1 - c0]
+                gemm(xc[i0:i1], W_enc[:, c0:c1], blk, 1.0, 0.0, False, False)
+                for r in range(i1 - i0):
+                    row = i0 + r
+                    c_in = counts[row]
+                    c_out = _row_topk(blk, r, b_enc, c0, K, vals[row], idx[row], c_in)
+                    counts[row] = c_out
+                    if need_npos:
+                        # not full after the block: every positive was taken
+                        npos[row] += (c_out - c_in) if c_out < K else _row_npos(blk, r,
+                                                                               b_enc, c0)
+                    if has_aux:
+                        acounts[row] = _row_topk(blk, r, b_dead, c0, K_aux, avals[row],
+                                                 aidx[row], acounts[row])
+
+
+@njit(cache=True)
 def topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead, K_aux):
     """TopK and AuxK selections from one fused pass: per row the ``K``
     largest positive pre-activations and the ``K_aux`` largest positive ones
     among the ``dead`` (uint8 ``[d_sae]``) columns, as buffers like
     :func:`topk_rows`: ``(counts, vals, idx, aux_counts, aux_vals, aux_idx)``.
+    Grid: ``row_block`` (normally :data:`ROW_BLOCK`) x :data:`COL_BLOCK`.
     Call with BLAS limited to one thread."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
@@ -127,23 +157,8 @@ def topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead, K_aux):
     acounts = np.zeros(n, np.int64)
     avals = np.zeros((n, K_aux), np.float32)
     aidx = np.zeros((n, K_aux), np.int32)
-    rb = max(1, min(row_block, max(n, 1)))
-    nblk = (n + rb - 1) // rb
-    parts = max(1, min(n_threads, nblk))
-    for p in prange(parts):
-        b0, b1 = _part_bounds(nblk, parts, p)
-        Y = np.empty((rb, d_sae), np.float32)
-        for b in range(b0, b1):
-            i0 = b * rb
-            i1 = min(n, i0 + rb)
-            blk = Y[:i1 - i0]
-            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
-            for r in range(i1 - i0):
-                row = i0 + r
-                c, _ = _row_topk(blk, r, b_enc, K, vals[row], idx[row], False)
-                counts[row] = c
-                acounts[row] = _row_topk_dead(blk, r, b_enc, dead, K_aux, avals[row],
-                                              aidx[row])
+    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
+                   counts, False, dead, acounts, avals, aidx)
     return counts, vals, idx, acounts, avals, aidx
 
 
@@ -158,13 +173,15 @@ def encode_topk_aux_csr(xc, W_enc, b_enc, row_block, k, n_threads, dead, k_aux):
     return _to_csr(c, v, i, none), _to_csr(ac, av, ai, none)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     """Per row, the ``K`` largest positive pre-activations, sorted by value
     (desc, ties: lower index first): ``(counts int64 [N], vals float32
     [N, K], idx int32 [N, K], npos int64 [N])``. ``npos`` (exact number of
     positive pre-activations per row) is only computed when ``need_npos``
-    (else it equals ``counts``). Call with BLAS limited to one thread."""
+    (else it equals ``counts``). Grid: ``row_block`` (normally
+    :data:`ROW_BLOCK`) x :data:`COL_BLOCK`. Call with BLAS limited to one
+    thread."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
     K = max(1, min(K, d_sae))
@@ -173,22 +190,14 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     npos = np.zeros(n, np.int64)
     vals = np.zeros((n, K), np.float32)
     idx = np.zeros((n, K), np.int32)
-    rb = max(1, min(row_block, max(n, 1)))
-    nblk = (n + rb - 1) // rb
-    parts = max(1, min(n_threads, nblk))
-    for p in prange(parts):
-        b0, b1 = _part_bounds(nblk, parts, p)
-        Y = np.empty((rb, d_sae), np.float32)
-        for b in range(b0, b1):
-            i0 = b * rb
-            i1 = min(n, i0 + rb)
-            blk = Y[:i1 - i0]
-            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
-            for r in range(i1 - i0):
-                row = i0 + r
-                c, npos_r = _row_topk(blk, r, b_enc, K, vals[row], idx[row], need_npos)
-                counts[row] = c
-                npos[row] = npos_r
+    e_u8 = np.empty(0, np.uint8)
+    e_c = np.empty(0, np.int64)
+    e_v = np.empty((0, 1), np.float32)
+    e_i = np.empty((0, 1), np.int32)
+    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
+                   npos, need_npos, e_u8, e_c, e_v, e_i)
+    if not need_npos:
+        npos[:] = counts
     return counts, vals, idx, npos
 
 
