@@ -365,27 +365,48 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
 
 
 # ------------------------------------------------------------------ TopK family
-def _topm(x, W_enc, b_enc, b_dec, m):
-    """Per row the ``m`` (<= d_sae) largest pre-activations, fused with the
-    encoder matmul (``_cy_topk.topm_rows``): values/columns ``[N, m]``, each
-    row's entries in increasing column order."""
+def _topm(x, W_enc, b_enc, b_dec, m, aux_mask=None, m_aux=0):
+    """Per row the ``m`` (<= d_sae) largest *positive* pre-activations, fused
+    with the encoder matmul (``_cy_topk.topm_rows``): ``(vals, cols, cnt)``,
+    values/columns ``[N, m]`` with each row's ``cnt[i]`` kept entries first,
+    in increasing column order. With ``aux_mask`` (uint8 ``[d_sae]``) also
+    the top ``m_aux`` positive ones among the masked columns, from the same
+    tiles: ``((vals, cols, cnt), (aux_vals, aux_cols, aux_cnt))``."""
     n, d_sae = x.shape[0], W_enc.shape[1]
     vals = np.empty((n, m), dtype=np.float32)
     cols = np.empty((n, m), dtype=np.int32)
     cnt = np.empty(n, dtype=np.int64)
+    aux = None
+    if aux_mask is not None:
+        aux = (np.empty((n, m_aux), dtype=np.float32), np.empty((n, m_aux), dtype=np.int32),
+               np.empty(n, dtype=np.int64))
     nt = _threads(n * W_enc.shape[0] * d_sae)
     tm = min(_TM, max(16, -(-n // (4 * nt)))) if nt > 1 else _TM
     with _blas_single():
-        _cy_topk.topm_rows(x, W_enc, b_enc, b_dec, m, vals, cols, cnt, tm, _TN, nt)
-    return vals, cols
+        if aux is None:
+            _cy_topk.topm_rows(x, W_enc, b_enc, b_dec, m, vals, cols, cnt, tm, _TN, nt)
+        else:
+            _cy_topk.topm_rows(x, W_enc, b_enc, b_dec, m, vals, cols, cnt, tm, _TN, nt,
+                               aux_mask, *aux)
+            return (vals, cols, cnt), aux
+    return vals, cols, cnt
 
 
-def _csr_from_mask(vals, cols, keep, shape) -> SparseCodes:
+def _kept(cnt, m):
+    """Mask ``[N, m]`` of the filled candidate slots."""
+    return np.arange(m)[None, :] < cnt[:, None]
+
+
+def _csr_from_mask(vals, cols, keep, shape, colmap=None) -> SparseCodes:
     """Canonical CSR of the kept ``[N, m]`` candidates (rows already sorted
-    by column; row-major boolean indexing keeps that order)."""
+    by column; row-major boolean indexing keeps that order); ``colmap``
+    renames columns (increasing, so the order is kept)."""
     indptr = np.zeros(shape[0] + 1, dtype=np.int64)
     np.cumsum(np.count_nonzero(keep, axis=1), out=indptr[1:])
-    return SparseCodes(indptr, np.ascontiguousarray(cols[keep]),
+    idx = cols[keep]
+    if colmap is not None:
+        idx = colmap[idx]
+    return SparseCodes(indptr, np.ascontiguousarray(idx, dtype=np.int32),
                        np.ascontiguousarray(vals[keep]), shape)
 
 
@@ -402,53 +423,66 @@ def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     selection is fused into the tiled encoder; ``N x d_sae`` is never formed."""
     shape = (int(x.shape[0]), int(W_enc.shape[1]))
     m = min(_check_k(k), shape[1])
-    vals, cols = _topm(x, W_enc, b_enc, b_dec, m)
-    return _csr_from_mask(vals, cols, vals > 0, shape)
+    vals, cols, cnt = _topm(x, W_enc, b_enc, b_dec, m)
+    return _csr_from_mask(vals, cols, _kept(cnt, m), shape)
 
 
-def _batch_select(vals, cols, total):
-    """Mask of the ``total`` best ``[N, m]`` candidates over the batch (value
-    descending, ties to the lower row-major flat index: row, then column)."""
-    v = vals.ravel()
+def _batch_select(vals, cols, kept, total):
+    """Mask of the ``total`` best kept ``[N, m]`` candidates over the batch
+    (value descending, ties to the lower row-major flat index: row, then
+    column); every kept candidate when there are at most ``total``."""
+    v = vals[kept]
+    if v.size <= total:
+        return kept.copy()
     kth = v.size - total  # ascending position of the total-th largest value
     vstar = np.partition(v, kth)[kth]
-    keep = vals > vstar
+    keep = kept & (vals > vstar)
     need = total - int(np.count_nonzero(keep))
-    eq_r, eq_c = np.nonzero(vals == vstar)
+    eq_r, eq_c = np.nonzero(kept & (vals == vstar))
     order = np.lexsort((cols[eq_r, eq_c], eq_r))[:need]
     keep[eq_r[order], eq_c[order]] = True
     return keep
+
+
+# BatchTopK candidate width per (d_sae, k): the last call's, so that a
+# training run settles on a width that needs a single pass (as Numba does).
+_cand: dict = {}
 
 
 def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     """The ``N * k`` largest pre-activations of the batch (ties: lower
     row-major flat index), then ReLU: canonical :class:`SparseCodes`.
 
-    Exact in a fused pass: per row the top ``m = 2k`` candidates are kept; the
-    batch selection is made among them, and it is proven complete when every
-    row whose ``m`` slots are full has its worst candidate outside the
-    selection (then nothing that row dropped could have been selected).
-    Otherwise ``m`` grows (x4, up to ``d_sae``, where it is exact by
+    Exact in a fused pass: per row the top ``m`` positive candidates are kept
+    (``m = 4k`` at first, then the width the last call for this
+    ``(d_sae, k)`` ended with); the batch selection is made among them, and
+    it is proven complete when every row whose ``m`` slots are full has its
+    worst candidate outside the selection (then nothing that row dropped
+    could have been selected; rows with free slots dropped no positive
+    entry). Otherwise ``m`` grows (x4, up to ``d_sae``, where it is exact by
     construction) and the pass is redone."""
     n, d_sae = int(x.shape[0]), int(W_enc.shape[1])
     shape = (n, d_sae)
     k = _check_k(k)
     total = min(k * n, n * d_sae)
-    m = min(d_sae, 2 * k)
+    key = (d_sae, k)
+    m = min(d_sae, max(4 * k, _cand.get(key, 0)))
     while True:
-        vals, cols = _topm(x, W_enc, b_enc, b_dec, m)
-        keep = _batch_select(vals, cols, total)
-        if m >= d_sae:
+        vals, cols, cnt = _topm(x, W_enc, b_enc, b_dec, m)
+        kept = _kept(cnt, m)
+        keep = _batch_select(vals, cols, kept, total)
+        full = np.flatnonzero(cnt == m)
+        if m >= d_sae or full.size == 0:
             break
-        # each row's worst candidate: slot of the smallest value, ties -> larger column
-        worst_v = vals.min(axis=1)
-        worst_c = np.where(vals == worst_v[:, None], cols, -1).max(axis=1)
-        sel_worst = keep[np.arange(n), np.argmax(
-            (vals == worst_v[:, None]) & (cols == worst_c[:, None]), axis=1)]
-        if not np.any(sel_worst):
+        # each full row's worst candidate: smallest value, ties -> the larger column
+        # (the last such slot, as slots are in column order)
+        fv = vals[full]
+        last_min = m - 1 - np.argmin(fv[:, ::-1], axis=1)
+        if not np.any(keep[full, last_min]):
             break
         m = min(d_sae, 4 * m)
-    return _csr_from_mask(vals, cols, keep & (vals > 0), shape)
+    _cand[key] = m
+    return _csr_from_mask(vals, cols, keep, shape)
 
 
 def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
@@ -483,8 +517,8 @@ def _encode_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
                            np.zeros(0, np.float32), shape)
     W_d = np.ascontiguousarray(W_enc[:, dead])
     b_d = np.ascontiguousarray(b_enc[dead])
-    vals, cols = _topm(x, W_d, b_d, b_dec, m)
-    return _csr_from_mask(vals, dead[cols], vals > 0, shape)
+    vals, cols, cnt = _topm(x, W_d, b_d, b_dec, m)
+    return _csr_from_mask(vals, cols, _kept(cnt, m), shape, colmap=dead)
 
 
 def _aux_scale(dead_mask, k_aux, aux_coefficient):

@@ -120,17 +120,23 @@ def test_encode_batchtopk_edges(be, case, k):
     assert got.nnz <= min(k, case[2]) * case[0]
 
 
-def test_batchtopk_concentrated_rows_force_the_exact_fallback(be):
+def test_batchtopk_concentrated_rows_force_the_exact_fallback(be, monkeypatch):
     """One row holds almost all of the batch's large values: the per-row
-    candidate pass (2k per row) is then incomplete and the kernel must widen
-    it until the selection is proven exact."""
+    candidate pass (4k per row at first) is then incomplete and the kernel
+    must widen it until the selection is proven exact. The widened width is
+    remembered for the next call of the same (d_sae, k), which stays exact."""
+    monkeypatch.setattr(C, "_cand", {})  # start from the first-call width 4k
     x, p = _problem(64, 16, 300, -3.0, seed=4)
     x[5] *= 40.0  # row 5 dominates the batch selection
     k = 4
     got = be.encode_batchtopk(x, p.W_enc, p.b_enc, p.b_dec, k)
     want = R.encode_batchtopk(x, p.W_enc, p.b_enc, p.b_dec, k)
-    assert want.row_counts()[5] > 2 * k  # the case this test is about
+    assert want.row_counts()[5] > 4 * k  # the case this test is about
     _assert_codes(got, want, _pre64(x, p))
+    assert C._cand[(300, k)] > 4 * k
+    x2, p2 = _problem(64, 16, 300, -3.0, seed=5)
+    _assert_codes(be.encode_batchtopk(x2, p2.W_enc, p2.b_enc, p2.b_dec, k),
+                  R.encode_batchtopk(x2, p2.W_enc, p2.b_enc, p2.b_dec, k), _pre64(x2, p2))
 
 
 def test_exact_ties(be):
