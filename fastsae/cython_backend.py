@@ -348,7 +348,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
               f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps))
     m, v = state.m, state.v
     # backward with Adam fused into the per-feature pass (no gradient matrices)
-    mse, l1 = _cy_backward.train_backward(
+    mse, l1, _ = _cy_backward.train_backward(
         x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
         codes.indptr, codes.indices, codes.values, norms, float(l1_coefficient),
         decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
@@ -578,51 +578,66 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
                     k_aux=0, aux_coefficient=0.0) -> StepResult:
     """One TopK/BatchTopK step (fused top-k encode, sparse decode, AuxK,
     sparse backward, Adam, decoder rows renormalized), in place; see
-    :func:`fastsae.reference.train_step_topk`. Without AuxK the backward and
-    Adam are the fused ``train_backward`` (no gradient matrices)."""
+    :func:`fastsae.reference.train_step_topk`.
+
+    Fused like the Numba backend's: with ``activation="topk"`` the AuxK
+    selection (top ``k_aux`` among the dead latents) is made in the same tile
+    epilogue as the TopK one (one encoder product; BatchTopK selects it with
+    its own pass over the gathered dead columns), and the backward and Adam
+    are one ``train_backward`` call for both loss terms (the AuxK codes are
+    stacked under the main ones), so no gradient matrix is ever stored."""
     if activation not in ("topk", "batchtopk"):
         raise ValueError(f"unknown activation {activation!r}")
     _check_state(state, params)
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
-    enc = encode_topk if activation == "topk" else encode_batchtopk
-    codes = enc(x, params.W_enc, params.b_enc, params.b_dec, k)
+    use_aux = (dead_mask is not None and k_aux > 0 and aux_coefficient > 0
+               and bool(np.any(dead_mask)))
+    aux_codes = None
+    if use_aux and activation == "topk":
+        shape = (int(n), int(d_sae))
+        dead_u8 = np.ascontiguousarray(dead_mask, dtype=bool).view(np.uint8)
+        if dead_u8.shape != (d_sae,):
+            raise ValueError("dead_mask must have shape [d_sae]")
+        m = min(_check_k(k), d_sae)
+        ma = min(int(k_aux), int(np.count_nonzero(dead_u8)))
+        (vals, cols, cnt), (avals, acols, acnt) = _topm(
+            x, params.W_enc, params.b_enc, params.b_dec, m, dead_u8, ma)
+        codes = _csr_from_mask(vals, cols, _kept(cnt, m), shape)
+        aux_codes = _csr_from_mask(avals, acols, _kept(acnt, ma), shape)
+    else:
+        enc = encode_topk if activation == "topk" else encode_batchtopk
+        codes = enc(x, params.W_enc, params.b_enc, params.b_dec, k)
+        if use_aux:
+            aux_codes = _encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
+                                    k_aux)
     nnz = codes.indices.shape[0]
     x_hat = np.empty_like(x)
     _cy_decode.decode_csr(codes.indptr, codes.indices, codes.values, params.W_dec,
                           params.b_dec, x_hat, _threads((nnz + n) * d_in))
-    use_aux = (dead_mask is not None and k_aux > 0 and aux_coefficient > 0
-               and bool(np.any(dead_mask)))
-    nt = _threads((3 * nnz + n) * d_in + 3 * d_in * d_sae)
+    nnz_all = nnz + (aux_codes.indices.shape[0] if aux_codes is not None else 0)
+    nt = _threads((3 * nnz_all + n) * d_in + 3 * d_in * d_sae)
     t = state.step + 1
     f32 = np.float32
     consts = (f32(lr), f32(beta1), f32(1 - beta1), f32(beta2), f32(1 - beta2),
               f32(1 - beta1 ** t), f32(1 - beta2 ** t), f32(eps))
-    m, v = state.m, state.v
+    m_, v_ = state.m, state.v
     norms = np.ones(d_sae, dtype=np.float32)
-    aux = 0.0
-    if not use_aux:
-        counts = None
-        if fire_counts is not None and fire_counts.dtype == np.int64 and \
-                fire_counts.flags.c_contiguous and fire_counts.flags.writeable:
-            counts = fire_counts
-        mse, _ = _cy_backward.train_backward(
-            x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
-            codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
-            m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec, v.b_dec,
-            consts, counts, nt)
-        if fire_counts is not None and counts is None:
-            fire_counts += np.bincount(codes.indices, minlength=d_sae)
-    else:
-        aux_codes = _encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask, k_aux)
-        weight = _aux_scale(dead_mask, k_aux, aux_coefficient)
-        loss, g = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
-        mse, aux = loss.mse, loss.aux
-        _cy_adam.adam_step(params.W_enc, params.b_enc, params.W_dec, params.b_dec,
-                           g.W_enc, g.b_enc, g.W_dec, g.b_dec,
-                           m.W_enc, m.b_enc, m.W_dec, m.b_dec, v.W_enc, v.b_enc, v.W_dec,
-                           v.b_dec, *consts, True, _threads(3 * d_in * d_sae))
-        if fire_counts is not None:
-            fire_counts += np.bincount(codes.indices, minlength=d_sae)
+    counts = None
+    if fire_counts is not None and isinstance(fire_counts, np.ndarray) and \
+            fire_counts.dtype == np.int64 and fire_counts.flags.c_contiguous and \
+            fire_counts.flags.writeable:
+        counts = fire_counts
+    aux_args = ()
+    if aux_codes is not None:
+        aux_args = (aux_codes.indptr, aux_codes.indices, aux_codes.values,
+                    _aux_scale(dead_mask, k_aux, aux_coefficient))
+    mse, _, aux = _cy_backward.train_backward(
+        x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
+        m_.W_enc, m_.b_enc, m_.W_dec, m_.b_dec, v_.W_enc, v_.b_enc, v_.W_dec, v_.b_dec,
+        consts, counts, nt, *aux_args)
+    if fire_counts is not None and counts is None:
+        fire_counts += np.bincount(codes.indices, minlength=d_sae)
     state.step = t
     var = _cy_backward.batch_variance(x, _threads(x.size))
     ev = 1.0 - mse / var if var > 0 else 1.0

@@ -60,13 +60,34 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
              const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
              const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
              const float[::1] norms, double l1_coefficient, bint weighted,
-             float[::1] g_b_enc, float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads):
+             float[::1] g_b_enc, float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads,
+             const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
+             const float[::1] aux_values=None, double aux_weight=0.0):
     """Passes 1-4 (all but the feature pass). Fills ``g_b_enc``, ``g_b_dec``
-    (and adds to ``fire_counts`` unless None); returns ``(mse, l1, d_xhat, xc,
-    d_pre, colptr, rows, perm, colsum_f)``."""
+    (and adds to ``fire_counts`` unless None); returns ``(mse, l1, aux, d_xhat,
+    xc, d_pre, colptr, rows, perm, colsum_f, values)``.
+
+    With the AuxK codes (``aux_indptr`` not None; CSR ``(N, d_sae)``) the
+    entries are *stacked* as Numba's backend does: rows ``N..2N-1`` are the
+    aux codes' rows, with ``d_ehat_i = aux_weight * 2 (e_hat_i - (x_i -
+    x_hat_i)) / N`` (``e_hat = aux @ W_dec``, no bias) in place of
+    ``d_xhat_i`` and the same ``xc_i``. The returned ``d_xhat`` then has
+    ``2N`` rows, ``values``/``d_pre`` (and ``perm``) index the main entries
+    then the aux ones, and ``rows`` holds stacked row numbers (the feature
+    pass maps row ``N + i`` to ``xc_i``). ``g_b_enc`` sums both parts;
+    ``g_b_dec``'s ``sum_i d_xhat_i`` and ``fire_counts`` take the main rows
+    only. ``aux = aux_weight * mean_i ||e_hat_i - e_i||^2``."""
     _check_shapes(x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     cdef Py_ssize_t nnz = indptr[n]
+    cdef bint use_aux = aux_indptr is not None
+    cdef Py_ssize_t nnz_aux = 0
+    if use_aux:
+        if (aux_indices is None or aux_values is None or aux_indptr.shape[0] != n + 1
+                or aux_indices.shape[0] < aux_indptr[n] or aux_values.shape[0] < aux_indptr[n]):
+            raise ValueError("backward: aux codes shape mismatch")
+        nnz_aux = aux_indptr[n]
+    cdef Py_ssize_t n_rows = 2 * n if use_aux else n, nnz_all = nnz + nnz_aux
     if (g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in
             or (fire_counts is not None and fire_counts.shape[0] != d_sae)):
         raise ValueError("backward: output shape mismatch")
@@ -76,14 +97,30 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float pen
     cdef double acc_d
 
-    d_xhat_a = np.empty((n, d_in), dtype=np.float32)
+    cdef float ascale = <float>(aux_weight * 2.0 / n) if n > 0 else 0
+    cdef float err
+    cdef double acc_a
+    d_xhat_a = np.empty((n_rows, d_in), dtype=np.float32)
     xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature later
     row_sq_a = np.empty(n, dtype=np.float64)
     row_l1_a = np.empty(n, dtype=np.float64)
-    d_pre_a = np.empty(max(nnz, 1), dtype=np.float32)
+    row_aux_a = np.zeros(n, dtype=np.float64)
+    d_pre_a = np.empty(max(nnz_all, 1), dtype=np.float32)
+    if use_aux:
+        values_all_a = np.concatenate([np.asarray(values[:nnz]), np.asarray(aux_values[:nnz_aux])])
+    else:
+        values_all_a = np.asarray(values)
     cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
-    cdef double[::1] row_sq = row_sq_a, row_l1 = row_l1_a
+    cdef double[::1] row_sq = row_sq_a, row_l1 = row_l1_a, row_aux = row_aux_a
     cdef float[::1] d_pre = d_pre_a
+    cdef const float[::1] values_all = values_all_a
+    cdef const int64_t[::1] a_ip
+    cdef const int32_t[::1] a_ix
+    cdef const float[::1] a_v
+    if use_aux:
+        a_ip = aux_indptr
+        a_ix = aux_indices
+        a_v = aux_values
 
     # 1 + 2. dL/dx_hat, squared error, x - b_dec; d_pre at stored entries, l1 per row
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
@@ -103,14 +140,33 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
             else:
                 d_pre[e] = 0
         row_l1[i] = acc_d
+        if use_aux:
+            # e_hat_i gathered into row n + i, then turned into d_ehat_i in place
+            for k in range(d_in):
+                d_xhat[n + i, k] = 0
+            for e in range(a_ip[i], a_ip[i + 1]):
+                _axpy(a_v[e], &W_dec[a_ix[e], 0], &d_xhat[n + i, 0], d_in)
+            acc_a = 0
+            for k in range(d_in):
+                err = d_xhat[n + i, k] - (x[i, k] - x_hat[i, k])
+                acc_a = acc_a + <double>err * err
+                d_xhat[n + i, k] = ascale * err
+            row_aux[i] = acc_a
+            for e in range(a_ip[i], a_ip[i + 1]):
+                j = a_ix[e]
+                if a_v[e] > 0:
+                    d_pre[nnz + e] = _dot(&d_xhat[n + i, 0], &W_dec[j, 0], d_in)
+                else:
+                    d_pre[nnz + e] = 0
     mse = float(row_sq_a.sum()) / n
     l1 = l1_coefficient * float(row_l1_a.sum()) / n
+    aux = aux_weight * float(row_aux_a.sum()) / n if use_aux else 0.0
 
     # 3. CSC by a stable counting sort (serial, O(nnz + d_sae)); g_b_enc and the
     #    column sums of f in the same (row) order the feature pass uses
     colptr_a = np.zeros(d_sae + 1, dtype=np.int64)
-    rows_a = np.empty(max(nnz, 1), dtype=np.int32)
-    perm_a = np.empty(max(nnz, 1), dtype=np.int64)
+    rows_a = np.empty(max(nnz_all, 1), dtype=np.int32)
+    perm_a = np.empty(max(nnz_all, 1), dtype=np.int64)
     colsum_a = np.zeros(d_sae, dtype=np.float32)
     cdef int64_t[::1] colptr = colptr_a, perm = perm_a
     cdef int32_t[::1] rows = rows_a
@@ -119,6 +175,9 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     with nogil:
         for e in range(nnz):
             colptr[indices[e] + 1] += 1
+        if use_aux:
+            for e in range(nnz_aux):
+                colptr[a_ix[e] + 1] += 1
         for j in range(d_sae):
             colptr[j + 1] += colptr[j]
             g_b_enc[j] = 0
@@ -138,6 +197,15 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
                 for e in range(indptr[i], indptr[i + 1]):
                     if values[e] > 0:
                         fire_counts[indices[e]] += 1
+        if use_aux:  # stacked rows n..2n-1 after the main ones (no colsum: unit norm)
+            for i in range(n):
+                for e in range(a_ip[i], a_ip[i + 1]):
+                    j = a_ix[e]
+                    p = fill[j]
+                    rows[p] = <int32_t>(n + i)
+                    perm[p] = nnz + e
+                    fill[j] = p + 1
+                    g_b_enc[j] += d_pre[nnz + e]
 
     # 4. g_b_dec = column sums of d_xhat - W_enc @ g_b_enc (W_enc before any update)
     cdef Py_ssize_t ncb = (d_in + _CB - 1) // _CB
@@ -163,17 +231,20 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
         raise MemoryError("backward: could not allocate a column buffer")
     for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
         g_b_dec[k] = g_b_dec[k] - _dot(&W_enc[k, 0], &g_b_enc[0], d_sae)
-    return mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a
+    return (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
+            values_all_a)
 
 
 cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssize_t d_in,
                                 const int64_t* colptr, const int32_t* rows, const int64_t* perm,
                                 const float* values, const float* d_pre, const float* d_xhat,
                                 const float* xc, const float* w, float nrm, float colsum,
-                                float coef, bint weighted, bint project) noexcept nogil:
+                                float coef, bint weighted, bint project,
+                                Py_ssize_t n_x) noexcept nogil:
     """Feature j: gd = g_W_dec[j] (with the norm term / projection),
-    acc_row += g_W_enc[:, j] (acc_row must start at 0)."""
-    cdef Py_ssize_t p, i, e, k
+    acc_row += g_W_enc[:, j] (acc_row must start at 0). Stacked row i >= n_x
+    (AuxK) reads xc row i - n_x."""
+    cdef Py_ssize_t p, i, e, k, ix
     cdef float fv, dp, t
     cdef double sq, gdot
     memset(gd, 0, d_in * sizeof(float))
@@ -184,7 +255,8 @@ cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssiz
         dp = d_pre[e]
         _axpy(fv, d_xhat + i * d_in, gd, d_in)
         if dp != 0:
-            _axpy(dp, xc + i * d_in, acc_row, d_in)
+            ix = i - n_x if i >= n_x else i
+            _axpy(dp, xc + ix * d_in, acc_row, d_in)
     if weighted:
         if nrm > 0 and colsum != 0:
             t = coef * colsum
@@ -219,7 +291,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     if (g_W_enc.shape[0] != d_in or g_W_enc.shape[1] != d_sae or g_W_dec.shape[0] != d_sae
             or g_W_dec.shape[1] != d_in):
         raise ValueError("gradients_csr: output shape mismatch")
-    mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a = _prepare(
+    mse, l1, _, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a, _ = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
         weighted, g_b_enc, g_b_dec, fire_counts, nthreads)
     cdef Py_ssize_t n = x.shape[0]
@@ -247,7 +319,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                     _feature_grads(j, &g_W_dec[j, 0], acc + jj * d_in, d_in, &colptr[0],
                                    &rows[0], &perm[0], vals, &d_pre[0], &d_xhat[0, 0],
                                    &xc[0, 0], &W_dec[j, 0], norms[j], colsum[j], coef,
-                                   weighted, project)
+                                   weighted, project, n)
                 for k in range(d_in):  # the block's g_W_enc columns, transposed
                     for jj in range(nb):
                         g_W_enc[k, j0 + jj] = acc[jj * d_in + k]
@@ -265,12 +337,18 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    float[:, ::1] mW_enc, float[::1] mb_enc, float[:, ::1] mW_dec,
                    float[::1] mb_dec, float[:, ::1] vW_enc, float[::1] vb_enc,
                    float[:, ::1] vW_dec, float[::1] vb_dec, tuple adam_consts,
-                   int64_t[::1] fire_counts, int nthreads):
+                   int64_t[::1] fire_counts, int nthreads,
+                   const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
+                   const float[::1] aux_values=None, double aux_weight=0.0):
     """Backward pass with Adam fused into the feature pass: updates all
-    parameters and moments in place; returns ``(mse, l1)`` measured before
-    the update. ``unit_norm``: project the decoder gradient and renormalize
-    each decoder row after its update. ``adam_consts``: ``(lr, beta1,
-    1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t, eps)``."""
+    parameters and moments in place; returns ``(mse, l1, aux)`` measured
+    before the update. ``unit_norm``: project the decoder gradient and
+    renormalize each decoder row after its update. ``adam_consts``: ``(lr,
+    beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t, eps)``.
+    With the AuxK codes (``aux_*``, CSR ``(N, d_sae)``) and ``aux_weight``
+    the AuxK term's gradients are summed in the same feature pass (stacked
+    rows, see :func:`_prepare`): one backward and one Adam update for both
+    terms, no gradient matrices."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if (b_enc.shape[0] != d_sae or mW_enc.shape[0] != d_in or mW_enc.shape[1] != d_sae
             or vW_enc.shape[0] != d_in or vW_enc.shape[1] != d_sae
@@ -283,9 +361,12 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     c.lr, c.b1, c.omb1, c.b2, c.omb2, c.bc1, c.bc2, c.eps = adam_consts
     g_b_enc_a = np.empty(d_sae, dtype=np.float32)
     g_b_dec_a = np.empty(d_in, dtype=np.float32)
-    mse, l1, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a = _prepare(
+    (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
+     values_all_a) = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
-        weighted, g_b_enc_a, g_b_dec_a, fire_counts, nthreads)
+        weighted, g_b_enc_a, g_b_dec_a, fire_counts, nthreads, aux_indptr, aux_indices,
+        aux_values, aux_weight)
+    cdef const float[::1] values_all = values_all_a
     cdef Py_ssize_t n = x.shape[0]
     cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
     cdef const float[::1] d_pre = d_pre_a, colsum = colsum_a
@@ -303,7 +384,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float nrm
     cdef int failed = 0
     # no entries: nothing is read through it (and &values[0] would be out of bounds)
-    cdef const float* vals = &values[0] if values.shape[0] > 0 else NULL
+    cdef const float* vals = &values_all[0] if values_all.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
         gd = <float*>malloc(max(d_in, <Py_ssize_t>_FB) * sizeof(float))  # also a W_enc row piece
@@ -319,7 +400,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                     w = &W_dec[j, 0]
                     _feature_grads(j, gd, acc + jj * d_in, d_in, &colptr[0], &rows[0],
                                    &perm[0], vals, &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
-                                   w, norms[j], colsum[j], coef, weighted, unit_norm)
+                                   w, norms[j], colsum[j], coef, weighted, unit_norm, n)
                     # W_dec row j is read above and by nothing else in this pass
                     _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)
                     if unit_norm:
@@ -337,7 +418,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     if failed:
         raise MemoryError("train_backward: could not allocate a block buffer")
     _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
-    return mse, l1
+    return mse, l1, aux
 
 
 def batch_variance(const float[:, ::1] x, int nthreads):
