@@ -417,12 +417,6 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
             SAEParams(gWe, gbe, gWd, gbd))
 
 
-@njit(cache=True)
-def _fire_add(fire_counts, indices):
-    for p in range(indices.shape[0]):
-        fire_counts[indices[p]] += 1
-
-
 #: Features per tile of the TopK step's weight pass (see
 #: :func:`fastsae._kernels.backward.topk_feature_adam`): 64 float32 = 256
 #: contiguous bytes per row of ``W_enc`` and of each of its moments.
@@ -430,33 +424,53 @@ _TOPK_TILE = 64
 
 
 @njit(cache=True)
-def _stacked_backward(indptr, indices, values, a_indptr, a_indices, a_values, d_xhat,
-                      d_ehat, W_enc, W_dec, d_sae):
-    """Pattern and ``d_pre`` of the TopK backward: the main codes as rows
-    ``0..N-1`` and (if ``a_indptr`` is non-empty) the AuxK codes as rows
-    ``N..2N-1`` of one CSR, transposed once; ``g_b_enc`` and ``g_b_dec``
-    (old ``W_enc``). Returns ``(colptr, rows, perm, values, d_pre,
-    g_b_enc, g_b_dec)``."""
-    zeros = np.zeros(d_sae, np.float32)
-    d_pre, _ = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, zeros, 0.0)
+def _topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
+                    b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
+                    aux_scale, tile, fire_counts):
+    """Everything of a TopK step after the encoder, in two parallel regions:
+    the row pass (decode, residual gradients, ``d_pre``, column sums; see
+    :func:`fastsae._kernels.backward.topk_row_pass`) and the weight pass
+    over feature tiles with Adam fused
+    (:func:`fastsae._kernels.backward.topk_feature_adam`); the AuxK codes
+    (``a_indptr`` non-empty) are rows ``N..2N-1`` of one transposed pattern.
+    ``b_dec`` is updated serially (``d_in`` values). Returns ``(sum of
+    squared errors, sum of squared aux errors, variance of x)``."""
+    n = x.shape[0]
+    d_sae, d_in = W_dec.shape
+    d_xhat, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.topk_row_pass(
+        indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale)
+    ip, ix, vv, dp = indptr, indices, values, d_pre
     if a_indptr.shape[0] > 0:
-        n = indptr.shape[0] - 1
         nm = indptr[n]
         ip = np.empty(2 * n + 1, np.int64)
         ip[:n + 1] = indptr
         ip[n + 1:] = nm + a_indptr[1:]
-        ad_pre, _ = B.d_pre_csr(a_indptr, a_indices, a_values, d_ehat, W_dec, zeros, 0.0)
-        indptr = ip
-        indices = np.concatenate((indices, a_indices))
-        values = np.concatenate((values, a_values))
-        d_pre = np.concatenate((d_pre, ad_pre))
-    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
-    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
-    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
-    return colptr, rows, perm, values, d_pre, g_b_enc, g_b_dec
+        ix = np.concatenate((indices, a_indices))
+        vv = np.concatenate((values, a_values))
+        dp = np.concatenate((d_pre, a_d_pre))
+    colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
+    _, part = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc, W_dec,
+                                  W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
+    # g_b_dec = sum_i d_xhat_i - W_enc_old @ g_b_enc (tile partials in order)
+    for k in range(d_in):
+        s = 0.0
+        for t in range(part.shape[0]):
+            s += part[t, k]
+        g = np.float32(sum_dx[k]) - np.float32(s)
+        b_dec[k], mbd[k], vbd[k] = A.adam_elem(b_dec[k], g, mbd[k], vbd[k], adam_c)
+    if fire_counts.shape[0] > 0:
+        for p in range(indptr[n]):
+            fire_counts[indices[p]] += 1
+    m2 = 0.0
+    for k in range(d_in):
+        m2 += sum_x[k] * sum_x[k]
+    var = max(sum_xx - m2 / n, 0.0) / n
+    return sq, a_sq, var
 
 
 _NOIDX = np.empty(0, np.int64)
+_NO_U8 = np.empty(0, np.uint8)
+_NOCOUNTS = np.empty(0, np.int64)
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
@@ -473,43 +487,31 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     t = state.step + 1
     adam_c = A.adam_consts(lr, beta1, beta2, eps, t)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
-    xc = E.centered(x, b_dec)
     use_aux = (dead_mask is not None and k_aux > 0 and aux_coefficient > 0
                and np.any(dead_mask))
-    aux, weight = None, 0.0
+    weight = 0.0
     if use_aux:
         n_dead = int(np.count_nonzero(dead_mask))
         weight = float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
-    if activation == "topk" and use_aux:
-        # AuxK selected in the same tile epilogue as TopK: one product
-        dead_u8 = np.asarray(dead_mask).astype(np.uint8)
+    if activation == "topk":
+        # centering, TopK and AuxK selection in one parallel region, one product
+        dead_u8 = np.asarray(dead_mask).astype(np.uint8) if use_aux else _NO_U8
         with _blas_single():
-            main, aux = TK.encode_topk_aux_csr(xc, W_enc, b_enc, TK.ROW_BLOCK, int(k),
-                                               _threads(), dead_u8, int(k_aux))
-    elif activation == "topk":
-        main = _topk_csr(xc, W_enc, b_enc, k)
+            xc, main, aux = TK.encode_topk_train(x, b_dec, W_enc, b_enc, TK.ROW_BLOCK,
+                                                 int(k), _threads(), dead_u8, int(k_aux))
     else:
+        xc = E.centered(x, b_dec)
         main = _batchtopk_csr(xc, W_enc, b_enc, k)
-    if use_aux and aux is None:
-        aux = _aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux)
-    if aux is None:
-        aux = (_NOIDX, _NOMAP, _EMPTY1)
-    d_xhat, row_sq, d_ehat, a_row_sq = D.decode_residuals_aux(
-        main[0], main[1], main[2], aux[0], aux[1], aux[2], W_dec, b_dec, x,
-        weight * 2.0 / n)
-    mse = float(row_sq.sum() / n)
-    aux_loss = float(weight * a_row_sq.sum() / n) if use_aux else 0.0
-    colptr, rows, perm, values, d_pre, g_b_enc, g_b_dec = _stacked_backward(
-        main[0], main[1], main[2], aux[0], aux[1], aux[2], d_xhat, d_ehat, W_enc, W_dec,
-        d_sae)
-    B.topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
-                        b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, _TOPK_TILE)
-    A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
-    if fire_counts is not None:
-        _fire_add(fire_counts, main[1])
+        aux = (_aux_csr(xc, W_enc, b_enc, np.asarray(dead_mask), k_aux) if use_aux
+               else (_NOIDX, _NOMAP, _EMPTY1))
+    counts = _NOCOUNTS if fire_counts is None else fire_counts
+    sq, a_sq, var = _topk_step_core(x, xc, main[0], main[1], main[2], aux[0], aux[1], aux[2],
+                                    W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
+                                    mbd, vbd, adam_c, weight * 2.0 / n, _TOPK_TILE, counts)
     state.step = t
-    mean = B.column_sums_rows(x) / n
-    var = float(_row_sq_dev(x, mean).sum() / n)
+    mse = float(sq / n)
+    aux_loss = float(weight * a_sq / n) if use_aux else 0.0
+    var = float(var)
     ev = 1.0 - mse / var if var > 0 else 1.0
     vals = main[2]
     return StepResult(mse=mse, l1=0.0, total=mse + aux_loss, l0=float(main[0][-1]) / n,

@@ -30,9 +30,10 @@ import numpy as np
 from numba import njit, prange
 
 from .adam import adam_elem
+from .decode import _accumulate_row
 
 __all__ = ["csr_to_csc", "d_pre_csr", "column_sums_csc", "column_sums_rows",
-           "b_dec_grad", "feature_pass", "TILE"]
+           "b_dec_grad", "feature_pass", "TILE", "topk_row_pass", "topk_feature_adam"]
 
 #: Features per tile in :func:`feature_pass`: 16 float32 = one 64-byte cache
 #: line of each ``W_enc`` row, written at once.
@@ -255,6 +256,102 @@ def residual_grad(x_hat, x):
     return d_xhat, row_sq
 
 
+#: Rows per block of :func:`topk_row_pass` (column sums are summed per block,
+#: then over blocks in order: independent of the thread count).
+ROW_SUM_BLOCK = 64
+
+
+@njit(parallel=True, cache=True)
+def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x,
+                  aux_scale):
+    """The TopK step's row pass: decode, residual gradients, ``d_pre`` and
+    column sums in one parallel region over fixed blocks of rows.
+
+    Per row ``i``: ``x_hat = f_i @ W_dec + b_dec``, ``d_xhat = 2 (x_hat - x)
+    / N``; with AuxK codes (``a_indptr`` non-empty) ``err = fa_i @ W_dec -
+    (x - x_hat)`` and ``d_ehat = aux_scale * err``; then ``d_pre`` at every
+    selected entry, ``d_xhat_i . W_dec[j]`` (main) and ``d_ehat_i . W_dec[j]``
+    (aux), while the decoder rows are still in cache from the decode.
+
+    Returns ``(d_xhat, d_ehat, d_pre, a_d_pre, sq_err, a_sq_err, sum_dx,
+    sum_x, sum_xx)``: float32 ``[N, d_in]`` (``d_ehat`` ``[0, d_in]``
+    without AuxK), ``d_pre`` per entry in CSR order, the float64 totals of
+    squared errors, float64 column sums of ``d_xhat`` and of ``x' = x -
+    x[0]`` ``[d_in]`` and the float64 sum of ``x'**2`` (the batch variance
+    is ``(sum_xx - |sum_x|**2 / N) / N``).
+    """
+    n = indptr.shape[0] - 1
+    d_in = W_dec.shape[1]
+    has_aux = a_indptr.shape[0] > 0
+    na = n if has_aux else 0
+    d_xhat = np.empty((n, d_in), np.float32)
+    d_ehat = np.empty((na, d_in), np.float32)
+    d_pre = np.empty(indices.shape[0], np.float32)
+    a_d_pre = np.empty(a_indices.shape[0], np.float32)
+    scale = np.float32(2.0 / n)
+    asc = np.float32(aux_scale)
+    RB = ROW_SUM_BLOCK
+    nb = (n + RB - 1) // RB
+    p_dx = np.zeros((nb, d_in), np.float64)
+    p_x = np.zeros((nb, d_in), np.float64)
+    p_sc = np.zeros((nb, 3), np.float64)  # squared error, aux squared error, sum x'**2
+    x0 = x[0]  # shift for the variance sums (x' = x - x[0]: no cancellation)
+    for b in prange(nb):
+        sdx = p_dx[b]
+        sx = p_x[b]
+        for i in range(b * RB, min(n, b * RB + RB)):
+            acc = d_xhat[i]
+            _accumulate_row(indptr, indices, values, W_dec, i, acc)
+            s = 0.0
+            sxx = 0.0
+            if has_aux:
+                e = d_ehat[i]
+                _accumulate_row(a_indptr, a_indices, a_values, W_dec, i, e)
+                sa = 0.0
+                for k in range(d_in):
+                    xk = x[i, k]
+                    xh = acc[k] + b_dec[k]
+                    diff = xh - xk
+                    s += np.float64(diff) * diff
+                    g = scale * diff
+                    acc[k] = g
+                    sdx[k] += g
+                    xs = np.float64(xk) - x0[k]
+                    sx[k] += xs
+                    sxx += xs * xs
+                    err = e[k] - (xk - xh)
+                    sa += np.float64(err) * err
+                    e[k] = asc * err
+                p_sc[b, 1] += sa
+                for p in range(a_indptr[i], a_indptr[i + 1]):
+                    a_d_pre[p] = _dot(e, W_dec[a_indices[p]]) if a_values[p] > 0 else 0.0
+            else:
+                for k in range(d_in):
+                    xk = x[i, k]
+                    diff = (acc[k] + b_dec[k]) - xk
+                    s += np.float64(diff) * diff
+                    g = scale * diff
+                    acc[k] = g
+                    sdx[k] += g
+                    xs = np.float64(xk) - x0[k]
+                    sx[k] += xs
+                    sxx += xs * xs
+            for p in range(indptr[i], indptr[i + 1]):
+                d_pre[p] = _dot(acc, W_dec[indices[p]]) if values[p] > 0 else 0.0
+            p_sc[b, 0] += s
+            p_sc[b, 2] += sxx
+    sum_dx = np.zeros(d_in, np.float64)
+    sum_x = np.zeros(d_in, np.float64)
+    sc = np.zeros(3, np.float64)
+    for b in range(nb):
+        for k in range(d_in):
+            sum_dx[k] += p_dx[b, k]
+            sum_x[k] += p_x[b, k]
+        for q in range(3):
+            sc[q] += p_sc[b, q]
+    return d_xhat, d_ehat, d_pre, a_d_pre, sc[0], sc[1], sum_dx, sum_x, sc[2]
+
+
 @njit(inline="always")
 def _axpy(a, x, y):
     """``y += a * x`` (1-D float32, separate loop so LLVM vectorizes it)."""
@@ -264,14 +361,13 @@ def _axpy(a, x, y):
 
 @njit(parallel=True, cache=True)
 def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
-                      b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
-                      tile):
+                      b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
     """TopK training step's weight pass: per feature, the gradients of
-    ``W_dec`` (unit-norm projected) and ``W_enc``, consumed by Adam at once,
-    decoder rows renormalized after their update; ``b_enc`` from the given
-    ``g_b_enc``. Parallel over tiles of ``tile`` features (each thread owns
-    its features; rows summed in increasing order, so the result does not
-    depend on the thread count or the tile size).
+    ``W_dec`` (unit-norm projected), ``W_enc`` and ``b_enc``, consumed by
+    Adam at once, decoder rows renormalized after their update. Parallel
+    over tiles of ``tile`` features (each thread owns its features; rows
+    summed in increasing order, so the result does not depend on the thread
+    count).
 
     The pattern may have up to ``2N`` rows (``N = xc.shape[0]``): row ``i <
     N`` pairs ``d_xhat[i]`` with ``xc[i]``, row ``N + i`` (AuxK codes) pairs
@@ -279,11 +375,18 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     ``W_enc``'s tile gradient is transposed in cache and the tile updated row
     by row (``tile`` contiguous values per row of ``W_enc`` and of its
     moments): a wide tile keeps those strided accesses few and prefetchable.
+
+    Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in])``
+    with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the weights
+    before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum ``part``
+    over tiles in order).
     """
     d_sae, d_in = W_dec.shape
     n = xc.shape[0]
     T = max(1, tile)
     ntiles = (d_sae + T - 1) // T
+    g_b_enc = np.empty(d_sae, np.float32)
+    part = np.zeros((ntiles, d_in), np.float64)
     for t in prange(ntiles):
         j0 = t * T
         j1 = min(d_sae, j0 + T)
@@ -294,15 +397,19 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
         for j in range(j0, j1):
             gd[:] = 0.0
             gej = ge[j - j0]
+            gb = np.float32(0.0)
             for q in range(colptr[j], colptr[j + 1]):
                 i = rows[q]
                 p = perm[q]
+                dp = d_pre[p]
+                gb += dp
                 if i < n:
                     _axpy(values[p], d_xhat[i], gd)
-                    _axpy(d_pre[p], xc[i], gej)
+                    _axpy(dp, xc[i], gej)
                 else:
                     _axpy(values[p], d_ehat[i - n], gd)
-                    _axpy(d_pre[p], xc[i - n], gej)
+                    _axpy(dp, xc[i - n], gej)
+            g_b_enc[j] = gb
             w = W_dec[j]
             sq = _dot(w, w)
             if sq > 0:
@@ -317,15 +424,19 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             if nw > 0:
                 for k in range(d_in):
                     w[k] = w[k] / nw
-            b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
-                                                      vb_enc[j], adam_c)
+            b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], gb, mb_enc[j], vb_enc[j],
+                                                      adam_c)
         for jj in range(m):
             for k in range(d_in):
                 geT[k, jj] = ge[jj, k]
+        gbt = g_b_enc[j0:j1]
+        pt = part[t]
         for k in range(d_in):
             wr = W_enc[k, j0:j1]
             mr = mW_enc[k, j0:j1]
             vr = vW_enc[k, j0:j1]
             gr = geT[k]
+            pt[k] = _dot(wr, gbt)
             for jj in range(m):
                 wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], adam_c)
+    return g_b_enc, part

@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from .encode import gemm
 
-__all__ = ["decode_csr", "decode_residual_csr", "decode_residuals_aux", "dense_to_csr", "decode_dense",
+__all__ = ["decode_csr", "decode_residual_csr", "dense_to_csr", "decode_dense",
            "decode_dense_gemm"]
 
 
@@ -72,54 +72,6 @@ def decode_residual_csr(indptr, indices, values, W_dec, b_dec, x):
             acc[k] = scale * diff
         row_sq[i] = s
     return d_xhat, row_sq
-
-
-@njit(parallel=True, cache=True)
-def decode_residuals_aux(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
-                         b_dec, x, aux_scale):
-    """:func:`decode_residual_csr` plus the AuxK residual in the same row pass.
-
-    Returns ``(d_xhat, row_sq, d_ehat, aux_row_sq)``: with ``x_hat = f @
-    W_dec + b_dec`` and ``e_hat = fa @ W_dec`` (aux codes, no bias),
-    ``err = e_hat - (x - x_hat)``, ``d_ehat = aux_scale * err`` float32
-    ``[N, d_in]`` and ``aux_row_sq[i] = sum_k err_ik**2`` (float64). An empty
-    ``a_indptr`` means no AuxK: ``d_ehat`` is ``[0, d_in]`` and
-    ``aux_row_sq`` empty. Neither ``x_hat`` nor ``e_hat`` is stored.
-    """
-    n = indptr.shape[0] - 1
-    d_in = W_dec.shape[1]
-    has_aux = a_indptr.shape[0] > 0
-    na = n if has_aux else 0
-    d_xhat = np.empty((n, d_in), np.float32)
-    row_sq = np.empty(n, np.float64)
-    d_ehat = np.empty((na, d_in), np.float32)
-    a_row_sq = np.zeros(na, np.float64)
-    scale = np.float32(2.0 / n)
-    asc = np.float32(aux_scale)
-    for i in prange(n):
-        acc = d_xhat[i]
-        _accumulate_row(indptr, indices, values, W_dec, i, acc)
-        s = 0.0
-        if has_aux:
-            e = d_ehat[i]
-            _accumulate_row(a_indptr, a_indices, a_values, W_dec, i, e)
-            sa = 0.0
-            for k in range(d_in):
-                xh = acc[k] + b_dec[k]
-                diff = xh - x[i, k]
-                s += np.float64(diff) * diff
-                acc[k] = scale * diff
-                err = e[k] - (x[i, k] - xh)
-                sa += np.float64(err) * err
-                e[k] = asc * err
-            a_row_sq[i] = sa
-        else:
-            for k in range(d_in):
-                diff = (acc[k] + b_dec[k]) - x[i, k]
-                s += np.float64(diff) * diff
-                acc[k] = scale * diff
-        row_sq[i] = s
-    return d_xhat, row_sq, d_ehat, a_row_sq
 
 
 @njit(parallel=True, cache=True)

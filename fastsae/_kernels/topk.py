@@ -31,8 +31,8 @@ from numba import njit, prange
 
 from .encode import _part_bounds, gemm, warm_gemm
 
-__all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr",
-           "gather_columns"]
+__all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_train",
+           "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr", "gather_columns"]
 
 
 #: Block grid of the TopK encoders: each sgemm makes a ``ROW_BLOCK x
@@ -44,6 +44,8 @@ __all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_csr
 #: column order (so the tie rule holds).
 ROW_BLOCK = 1024
 COL_BLOCK = 2048
+
+_NO_F32 = np.empty(0, np.float32)
 
 
 @njit(cache=True)
@@ -90,9 +92,24 @@ def _row_npos(Y, r, b_enc, c0):
     return c
 
 
+@njit(cache=True)
+def _sort_by_index(bv, bi, m):
+    """Insertion sort of ``bi[:m]`` ascending, carrying ``bv`` (m is small)."""
+    for a in range(1, m):
+        ki = bi[a]
+        kv = bv[a]
+        q = a
+        while q > 0 and bi[q - 1] > ki:
+            bi[q] = bi[q - 1]
+            bv[q] = bv[q - 1]
+            q -= 1
+        bi[q] = ki
+        bv[q] = kv
+
+
 @njit(parallel=True, cache=True)
 def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, vals, idx, npos,
-                   need_npos, dead, acounts, avals, aidx):
+                   need_npos, dead, acounts, avals, aidx, x, b_dec, sort_rows):
     """The fused product + selection over the fixed ``row_block x
     col_block`` grid: each thread owns a contiguous run of whole row blocks
     and walks their column blocks in order (one single-threaded sgemm per
@@ -101,7 +118,12 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
     ``need_npos``, and the AuxK buffers when ``dead`` is non-empty: AuxK is
     the same scan with ``b_dead = b_enc`` on dead features and ``-inf``
     elsewhere (a live feature never passes a threshold >= 0), so it
-    vectorizes like the main one and reads the row from L1 right after it."""
+    vectorizes like the main one and reads the row from L1 right after it.
+
+    With a non-empty ``b_dec``, ``xc`` is an output: each thread first
+    writes ``xc = x - b_dec`` for its row block. With ``sort_rows`` each
+    row's buffers end sorted by feature index (CSR order) instead of by
+    value."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
     K = vals.shape[1]
@@ -114,12 +136,17 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
     cb = max(1, min(col_block, max(d_sae, 1)))
     nblk = (n + rb - 1) // rb
     parts = max(1, min(n_threads, nblk))
+    center = b_dec.shape[0] > 0
     for p in prange(parts):
         b0, b1 = _part_bounds(nblk, parts, p)
         Y = np.empty((rb, cb), np.float32)
         for b in range(b0, b1):
             i0 = b * rb
             i1 = min(n, i0 + rb)
+            if center:
+                for i in range(i0, i1):
+                    for k in range(xc.shape[1]):
+                        xc[i, k] = x[i, k] - b_dec[k]
             for c0 in range(0, d_sae, cb):
                 c1 = min(d_sae, c0 + cb)
                 blk = Y[:i1 - i0, :c1 - c0]
@@ -136,6 +163,11 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
                     if has_aux:
                         acounts[row] = _row_topk(blk, r, b_dead, c0, K_aux, avals[row],
                                                  aidx[row], acounts[row])
+            if sort_rows:
+                for row in range(i0, i1):
+                    _sort_by_index(vals[row], idx[row], counts[row])
+                    if has_aux:
+                        _sort_by_index(avals[row], aidx[row], acounts[row])
 
 
 @njit(cache=True)
@@ -158,7 +190,7 @@ def topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead, K_aux):
     avals = np.zeros((n, K_aux), np.float32)
     aidx = np.zeros((n, K_aux), np.int32)
     _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   counts, False, dead, acounts, avals, aidx)
+                   counts, False, dead, acounts, avals, aidx, xc, _NO_F32, False)
     return counts, vals, idx, acounts, avals, aidx
 
 
@@ -195,25 +227,10 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     e_v = np.empty((0, 1), np.float32)
     e_i = np.empty((0, 1), np.int32)
     _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   npos, need_npos, e_u8, e_c, e_v, e_i)
+                   npos, need_npos, e_u8, e_c, e_v, e_i, xc, _NO_F32, False)
     if not need_npos:
         npos[:] = counts
     return counts, vals, idx, npos
-
-
-@njit(cache=True)
-def _sort_by_index(bv, bi, m):
-    """Insertion sort of ``bi[:m]`` ascending, carrying ``bv`` (m is small)."""
-    for a in range(1, m):
-        ki = bi[a]
-        kv = bv[a]
-        q = a
-        while q > 0 and bi[q - 1] > ki:
-            bi[q] = bi[q - 1]
-            bv[q] = bv[q - 1]
-            q -= 1
-        bi[q] = ki
-        bv[q] = kv
 
 
 @njit(parallel=True, cache=True)
@@ -243,6 +260,62 @@ def _to_csr(take, vals, idx, colmap):
 
 
 @njit(cache=True)
+def _gather_csr(take, vals, idx, colmap):
+    """CSR from the first ``take[i]`` entries of each row's buffers, already
+    in increasing column order (serial: a copy of ``nnz`` entries);
+    ``colmap`` (if non-empty) maps buffer columns to output columns."""
+    n = take.shape[0]
+    indptr = np.empty(n + 1, np.int64)
+    indptr[0] = 0
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + take[i]
+    nnz = indptr[n]
+    indices = np.empty(nnz, np.int32)
+    values = np.empty(nnz, np.float32)
+    mapped = colmap.shape[0] > 0
+    o = 0
+    for i in range(n):
+        for q in range(take[i]):
+            indices[o] = colmap[idx[i, q]] if mapped else idx[i, q]
+            values[o] = vals[i, q]
+            o += 1
+    return indptr, indices, values
+
+
+@njit(cache=True)
+def encode_topk_train(x, b_dec, W_enc, b_enc, row_block, k, n_threads, dead, k_aux):
+    """The training step's encoder: ``xc = x - b_dec`` (returned, the
+    backward needs it), TopK codes and, when ``dead`` (uint8 ``[d_sae]``)
+    is non-empty, AuxK codes (top ``k_aux`` positive among the dead
+    features), all from one parallel region with one product: ``(xc,
+    (indptr, indices, values), (a_indptr, a_indices, a_values))``, the aux
+    triple empty without AuxK. ``k >= 1``."""
+    n, d_in = x.shape
+    d_sae = W_enc.shape[1]
+    K = max(1, min(k, d_sae))
+    has_aux = dead.shape[0] > 0
+    K_aux = max(1, min(k_aux, d_sae)) if has_aux else 1
+    na = n if has_aux else 0
+    warm_gemm()
+    xc = np.empty((n, d_in), np.float32)
+    counts = np.zeros(n, np.int64)
+    vals = np.zeros((n, K), np.float32)
+    idx = np.zeros((n, K), np.int32)
+    acounts = np.zeros(na, np.int64)
+    avals = np.zeros((na, K_aux), np.float32)
+    aidx = np.zeros((na, K_aux), np.int32)
+    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
+                   counts, False, dead, acounts, avals, aidx, x, b_dec, True)
+    none = np.empty(0, np.int32)
+    main = _gather_csr(counts, vals, idx, none)
+    if has_aux:
+        aux = _gather_csr(acounts, avals, aidx, none)
+    else:
+        aux = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32))
+    return xc, main, aux
+
+
+@njit(cache=True)
 def encode_topk_csr(xc, W_enc, b_enc, row_block, k, n_threads, colmap):
     """TopK codes as CSR ``(indptr, indices, values)``; ``colmap`` int32
     (empty: identity) renames the columns of ``W_enc`` (AuxK passes the dead
@@ -252,9 +325,18 @@ def encode_topk_csr(xc, W_enc, b_enc, row_block, k, n_threads, colmap):
     if k <= 0 or d_sae == 0 or n == 0:
         indptr = np.zeros(n + 1, np.int64)
         return indptr, np.empty(0, np.int32), np.empty(0, np.float32)
-    counts, vals, idx, _ = topk_rows(xc, W_enc, b_enc, row_block, min(k, d_sae), n_threads,
-                                     False)
-    return _to_csr(counts, vals, idx, colmap)
+    K = max(1, min(k, d_sae))
+    warm_gemm()
+    counts = np.zeros(n, np.int64)
+    vals = np.zeros((n, K), np.float32)
+    idx = np.zeros((n, K), np.int32)
+    e_u8 = np.empty(0, np.uint8)
+    e_c = np.empty(0, np.int64)
+    e_v = np.empty((0, 1), np.float32)
+    e_i = np.empty((0, 1), np.int32)
+    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
+                   counts, False, e_u8, e_c, e_v, e_i, xc, _NO_F32, True)
+    return _gather_csr(counts, vals, idx, colmap)
 
 
 @njit(cache=True)
