@@ -53,33 +53,29 @@ def _row_topk(Y, r, b_enc, c0, K, bv, bi, cnt):
     """Continue row ``r``'s selection over the block's columns: ``v = Y[r, jl]
     + b_enc[c0 + jl]`` for feature ``c0 + jl``; ``bv/bi[:cnt]`` hold the best
     positive entries so far (value desc, index asc), at most ``K``. Returns
-    the new count."""
+    the new count.
+
+    One plain loop with a rarely taken branch (~1.5 cycles per column): a
+    per-64-column "any hit" pre-count, which LLVM turns into a short vector
+    loop plus a horizontal reduction per chunk, measured 4x slower."""
     d = Y.shape[1]
     thr = bv[K - 1] if cnt == K else np.float32(0.0)
-    for j0 in range(0, d, 64):
-        j1 = min(d, j0 + 64)
-        # branch-free count of candidates (vectorized): most chunks have none
-        hits = 0
-        for j in range(j0, j1):
-            hits += 1 if Y[r, j] + b_enc[c0 + j] > thr else 0
-        if hits == 0:
-            continue
-        for j in range(j0, j1):
-            v = Y[r, j] + b_enc[c0 + j]
-            if v > thr:
-                # insertion point: after every entry with value >= v
-                q = cnt if cnt < K else K - 1
-                while q > 0 and bv[q - 1] < v:
-                    if q < K:
-                        bv[q] = bv[q - 1]
-                        bi[q] = bi[q - 1]
-                    q -= 1
-                bv[q] = v
-                bi[q] = c0 + j
-                if cnt < K:
-                    cnt += 1
-                if cnt == K:
-                    thr = bv[K - 1]
+    for j in range(d):
+        v = Y[r, j] + b_enc[c0 + j]
+        if v > thr:
+            # insertion point: after every entry with value >= v
+            q = cnt if cnt < K else K - 1
+            while q > 0 and bv[q - 1] < v:
+                if q < K:
+                    bv[q] = bv[q - 1]
+                    bi[q] = bi[q - 1]
+                q -= 1
+            bv[q] = v
+            bi[q] = c0 + j
+            if cnt < K:
+                cnt += 1
+            if cnt == K:
+                thr = bv[K - 1]
     return cnt
 
 
@@ -139,7 +135,7 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
     center = b_dec.shape[0] > 0
     for p in prange(parts):
         b0, b1 = _part_bounds(nblk, parts, p)
-        Y = np.empty((rb, cb), np.float32)
+        ws = np.empty(rb * cb, np.float32)
         for b in range(b0, b1):
             i0 = b * rb
             i1 = min(n, i0 + rb)
@@ -149,7 +145,8 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
                         xc[i, k] = x[i, k] - b_dec[k]
             for c0 in range(0, d_sae, cb):
                 c1 = min(d_sae, c0 + cb)
-                blk = Y[:i1 - i0, :c1 - c0]
+                # C-contiguous tile (leading dimension = its width): the scans vectorize
+                blk = ws[:(i1 - i0) * (c1 - c0)].reshape((i1 - i0, c1 - c0))
                 gemm(xc[i0:i1], W_enc[:, c0:c1], blk, 1.0, 0.0, False, False)
                 for r in range(i1 - i0):
                     row = i0 + r
