@@ -48,6 +48,22 @@ COL_BLOCK = 2048
 _NO_F32 = np.empty(0, np.float32)
 
 
+@njit(inline="always")
+def _insert(v, j, K, bv, bi, cnt):
+    """Insert ``(v, j)`` into the sorted buffer (``v`` beats its last entry
+    or the buffer is not full) after every entry with value ``>= v``;
+    returns the new count."""
+    q = cnt if cnt < K else K - 1
+    while q > 0 and bv[q - 1] < v:
+        if q < K:
+            bv[q] = bv[q - 1]
+            bi[q] = bi[q - 1]
+        q -= 1
+    bv[q] = v
+    bi[q] = j
+    return cnt + 1 if cnt < K else cnt
+
+
 @njit(cache=True)
 def _row_topk(Y, r, b_enc, c0, K, bv, bi, cnt):
     """Continue row ``r``'s selection over the block's columns: ``v = Y[r, jl]
@@ -63,20 +79,33 @@ def _row_topk(Y, r, b_enc, c0, K, bv, bi, cnt):
     for j in range(d):
         v = Y[r, j] + b_enc[c0 + j]
         if v > thr:
-            # insertion point: after every entry with value >= v
-            q = cnt if cnt < K else K - 1
-            while q > 0 and bv[q - 1] < v:
-                if q < K:
-                    bv[q] = bv[q - 1]
-                    bi[q] = bi[q - 1]
-                q -= 1
-            bv[q] = v
-            bi[q] = c0 + j
-            if cnt < K:
-                cnt += 1
+            cnt = _insert(v, c0 + j, K, bv, bi, cnt)
             if cnt == K:
                 thr = bv[K - 1]
     return cnt
+
+
+@njit(cache=True)
+def _row_topk_aux(Y, r, b_enc, b_dead, c0, K, bv, bi, cnt, Ka, av, ai, acnt):
+    """:func:`_row_topk` for TopK and AuxK in the same loop over the row:
+    AuxK uses ``b_dead`` (``b_enc`` on dead features, ``-inf`` elsewhere)
+    with its own buffers. Returns ``(cnt, acnt)``."""
+    d = Y.shape[1]
+    thr = bv[K - 1] if cnt == K else np.float32(0.0)
+    athr = av[Ka - 1] if acnt == Ka else np.float32(0.0)
+    for j in range(d):
+        y = Y[r, j]
+        v = y + b_enc[c0 + j]
+        if v > thr:
+            cnt = _insert(v, c0 + j, K, bv, bi, cnt)
+            if cnt == K:
+                thr = bv[K - 1]
+        va = y + b_dead[c0 + j]
+        if va > athr:
+            acnt = _insert(va, c0 + j, Ka, av, ai, acnt)
+            if acnt == Ka:
+                athr = av[Ka - 1]
+    return cnt, acnt
 
 
 @njit(cache=True)
@@ -150,6 +179,11 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
                 gemm(xc[i0:i1], W_enc[:, c0:c1], blk, 1.0, 0.0, False, False)
                 for r in range(i1 - i0):
                     row = i0 + r
+                    if has_aux:
+                        counts[row], acounts[row] = _row_topk_aux(
+                            blk, r, b_enc, b_dead, c0, K, vals[row], idx[row], counts[row],
+                            K_aux, avals[row], aidx[row], acounts[row])
+                        continue
                     c_in = counts[row]
                     c_out = _row_topk(blk, r, b_enc, c0, K, vals[row], idx[row], c_in)
                     counts[row] = c_out
@@ -157,9 +191,6 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
                         # not full after the block: every positive was taken
                         npos[row] += (c_out - c_in) if c_out < K else _row_npos(blk, r,
                                                                                b_enc, c0)
-                    if has_aux:
-                        acounts[row] = _row_topk(blk, r, b_dead, c0, K_aux, avals[row],
-                                                 aidx[row], acounts[row])
             if sort_rows:
                 for row in range(i0, i1):
                     _sort_by_index(vals[row], idx[row], counts[row])
