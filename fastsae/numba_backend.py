@@ -423,7 +423,7 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
 _TOPK_TILE = 64
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # see _kernels.adam.adam_elem
 def _topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
                     b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
                     aux_scale, tile, fire_counts):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["adam_consts", "adam_elem", "adam_flat", "normalize_rows"]
+__all__ = ["adam_consts", "const_tuple", "adam_elem", "adam_flat", "normalize_rows"]
 
 
 def adam_consts(lr, beta1, beta2, eps, t):
@@ -27,8 +27,21 @@ def adam_consts(lr, beta1, beta2, eps, t):
 
 
 @njit(inline="always")
+def const_tuple(c):
+    """The constants as a tuple of float32 scalars (loop-invariant values
+    for the vectorizer; same values, same results)."""
+    return (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
+
+
+@njit(inline="always")
 def adam_elem(p, g, m, v, c):
-    """One element: returns updated ``(p, m, v)``."""
+    """One element: returns updated ``(p, m, v)``.
+
+    Callers compile with ``error_model="numpy"``: under Numba's default
+    ("python") every division by the per-element ``sqrt(v_hat) + eps`` is
+    checked for zero (to raise ``ZeroDivisionError``), a branch that keeps
+    LLVM from vectorizing the loop (measured 8x slower). ``eps > 0``, so the
+    divisor is never zero and the results are bitwise the same."""
     m = c[0] * m + c[2] * g
     v = c[1] * v + c[3] * g * g
     m_hat = m / c[6]
@@ -37,15 +50,20 @@ def adam_elem(p, g, m, v, c):
     return p, m, v
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def adam_flat(p, g, m, v, c):
     """Adam on 1-D float32 arrays of equal length, in place, parallel over
     blocks of 4096 elements."""
     n = p.shape[0]
     nb = (n + 4095) // 4096
+    cs = const_tuple(c)
     for b in prange(nb):
-        for i in range(b * 4096, min(n, (b + 1) * 4096)):
-            p[i], m[i], v[i] = adam_elem(p[i], g[i], m[i], v[i], c)
+        i0 = b * 4096
+        i1 = min(n, i0 + 4096)
+        # views indexed from 0: LLVM then knows no index wraps (vectorizes)
+        pb, gb, mb, vb = p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1]
+        for i in range(i1 - i0):
+            pb[i], mb[i], vb[i] = adam_elem(pb[i], gb[i], mb[i], vb[i], cs)
 
 
 @njit(cache=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .adam import adam_elem
+from .adam import adam_elem, const_tuple
 from .decode import _accumulate_row
 
 __all__ = ["csr_to_csc", "d_pre_csr", "column_sums_csc", "column_sums_rows",
@@ -145,7 +145,7 @@ def b_dec_grad(d_xhat_colsum, W_enc, g_b_enc):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
 def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
                  unit_norm, apply_adam, g_W_enc, g_W_dec,
                  W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec,
@@ -170,6 +170,9 @@ def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
     d_sae, d_in = W_dec.shape
     ntiles = (d_sae + TILE - 1) // TILE
     c = np.float32(l1n)
+    cs = const_tuple(np.zeros(8, np.float32))  # adam_c is empty without Adam
+    if apply_adam:
+        cs = const_tuple(adam_c)
     for t in prange(ntiles):
         j0 = t * TILE
         j1 = min(d_sae, j0 + TILE)
@@ -211,7 +214,7 @@ def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
                 mr = mW_dec[j]
                 vr = vW_dec[j]
                 for k in range(d_in):
-                    w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], adam_c)
+                    w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
                 if unit_norm:
                     s = np.float32(0.0)
                     for k in range(d_in):
@@ -221,7 +224,7 @@ def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
                         for k in range(d_in):
                             w[k] = w[k] / nw
                 b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
-                                                          vb_enc[j], adam_c)
+                                                          vb_enc[j], cs)
             else:
                 g_W_dec[j] = gd
         # the tile of W_enc's gradient, transposed: row k gets TILE contiguous values
@@ -229,7 +232,7 @@ def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
             for k in range(d_in):
                 for j in range(j0, j1):
                     W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
-                        W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], adam_c)
+                        W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
         else:
             for k in range(d_in):
                 for j in range(j0, j1):
@@ -359,7 +362,7 @@ def _axpy(a, x, y):
         y[k] += a * x[k]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
 def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
                       b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
     """TopK training step's weight pass: per feature, the gradients of
@@ -387,6 +390,7 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     ntiles = (d_sae + T - 1) // T
     g_b_enc = np.empty(d_sae, np.float32)
     part = np.zeros((ntiles, d_in), np.float64)
+    cs = const_tuple(adam_c)
     for t in prange(ntiles):
         j0 = t * T
         j1 = min(d_sae, j0 + T)
@@ -419,13 +423,13 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             mr = mW_dec[j]
             vr = vW_dec[j]
             for k in range(d_in):
-                w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], adam_c)
+                w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
             nw = np.sqrt(_dot(w, w))
             if nw > 0:
                 for k in range(d_in):
                     w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], gb, mb_enc[j], vb_enc[j],
-                                                      adam_c)
+                                                      cs)
         for jj in range(m):
             for k in range(d_in):
                 geT[k, jj] = ge[jj, k]
@@ -438,5 +442,5 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             gr = geT[k]
             pt[k] = _dot(wr, gbt)
             for jj in range(m):
-                wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], adam_c)
+                wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], cs)
     return g_b_enc, part
