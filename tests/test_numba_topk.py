@@ -38,7 +38,10 @@ def _same(a, b):
     np.testing.assert_array_equal(a.values, b.values)
 
 
-SHAPES = [(1, 3, 1), (1, 4, 7), (5, 3, 9), (37, 5, 70), (300, 4, 33), (513, 6, 130)]
+# the last shape spans several tiles of the encoders' block grid
+# (topk.ROW_BLOCK x topk.COL_BLOCK = 1024 x 2048), remainders included
+SHAPES = [(1, 3, 1), (1, 4, 7), (5, 3, 9), (37, 5, 70), (300, 4, 33), (513, 6, 130),
+          (1030, 4, 2100)]
 
 
 @pytest.mark.parametrize("n,d_in,d_sae", SHAPES)
@@ -128,6 +131,27 @@ def test_train_step_auxk_masks(activation, dead, k_aux):
     np.testing.assert_allclose(np.linalg.norm(q.W_dec, axis=1), 1.0, rtol=1e-5)
 
 
+def test_train_step_auxk_across_block_grid():
+    """TopK + AuxK step at a size spanning several encoder tiles (the
+    selection state carries across column blocks) and weight-pass tiles."""
+    rng = np.random.default_rng(21)
+    n, d_in, d_sae = 1030, 5, 2100
+    x, p = _int_problem(rng, n, d_in, d_sae)
+    p.W_enc *= np.float32(0.25)
+    mask = np.zeros(d_sae, bool)
+    mask[::3] = True
+    kw = dict(k=6, activation="topk", dead_mask=mask, k_aux=40, aux_coefficient=0.5)
+    q, st, counts, r = _step(be, p, x, **kw)
+    qr, sr, cr, rr = _step(R, p, x, **kw)
+    np.testing.assert_array_equal(counts, cr)
+    assert r.l0 == rr.l0
+    for a, b in ((r.mse, rr.mse), (r.aux, rr.aux), (r.total, rr.total),
+                 (r.explained_variance, rr.explained_variance)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for name in SAEParams.NAMES:
+        np.testing.assert_allclose(getattr(q, name), getattr(qr, name), rtol=1e-4, atol=2e-5)
+
+
 def test_topk_gradients_aux_matches_reference():
     rng = np.random.default_rng(2)
     x, p = _int_problem(rng, 20, 5, 30)
@@ -148,7 +172,7 @@ def test_topk_gradients_aux_matches_reference():
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_deterministic_across_repeats_and_threads(activation):
     rng = np.random.default_rng(9)
-    n, d_in, d_sae = 700, 24, 300  # several 256-row blocks
+    n, d_in, d_sae = 2500, 24, 4200  # several 1024 x 2048 encoder tiles, with remainders
     x = rng.standard_normal((n, d_in)).astype(np.float32)
     W = rng.standard_normal((d_in, d_sae)).astype(np.float32) / 5
     W_dec = np.ascontiguousarray(W.T) / np.linalg.norm(W.T, axis=1, keepdims=True)

@@ -1,5 +1,5 @@
-"""Numba CPU TopK-family encoders: TopK, BatchTopK, JumpReLU (and AuxK via
-TopK on a gathered set of columns).
+"""Numba CPU TopK-family encoders: TopK, BatchTopK, JumpReLU, and AuxK
+(fused with TopK, or via TopK on a gathered set of columns).
 
 Layouts as in :mod:`fastsae._kernels.encode`: ``xc = x - b_dec`` float32
 ``[N, d_in]``, ``W_enc`` float32 ``[d_in, d_sae]`` (C-contiguous), ``b_enc``
@@ -13,10 +13,11 @@ every non-positive selected entry, "the k largest, then ReLU" equals "the
 min(k, #positive) largest positive entries": the kernels only ever keep
 positive pre-activations, with 0 as the initial admission threshold.
 
-Fusion: as in the ReLU encoder, each Numba thread owns whole blocks of a
-fixed ``row_block`` grid, runs one single-threaded sgemm per block into a
-per-thread ``row_block x d_sae`` workspace and selects while the block is in
-cache; the ``N x d_sae`` pre-activations are never written to main memory.
+Fusion: as in the ReLU encoder, each Numba thread owns whole row blocks of
+a fixed ``row_block x COL_BLOCK`` grid, runs one single-threaded sgemm per
+tile into a per-thread workspace and selects while the tile is in cache; the
+``N x d_sae`` pre-activations are never written to main memory. AuxK (dead
+features only) is selected in the same loop over each cached row.
 Per row, a buffer of the ``K`` best entries so far is kept sorted (value
 descending, index ascending); a column is inserted only when it beats the
 buffer's last entry strictly (columns arrive in increasing index order, so
