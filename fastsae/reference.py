@@ -250,7 +250,8 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold):
 
 def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
     """AuxK selection: per row, the ``k_aux`` largest pre-activations among
-    dead features (``dead_mask`` bool ``[d_sae]``), then ReLU."""
+    dead features (``dead_mask`` bool ``[d_sae]``), then ReLU (as OpenAI's
+    reference code does; SAELens keeps negative selected values)."""
     pre = pre_activations(x, W_enc, b_enc, b_dec)
     dead = np.flatnonzero(dead_mask)
     k = min(int(k_aux), dead.size)
