@@ -100,19 +100,24 @@ def _fill_csr(f, indptr, indices, values):
 
 
 @njit(cache=True)
-def dense_to_csr(f):
-    """Canonical CSR ``(indptr, indices, values)`` of the nonzeros of dense
-    ``f`` ``[N, d_sae]`` (negative entries are kept, like the reference's
-    dense formulas see them)."""
-    n = f.shape[0]
-    counts = _row_nnz(f)
+def csr_from_counts(counts):
+    """Empty CSR buffers for rows holding ``counts[i]`` entries:
+    ``indptr`` (int64, filled), ``indices`` (int32) and ``values`` (float32)
+    of length ``sum(counts)``, to be filled by the caller."""
+    n = counts.shape[0]
     indptr = np.empty(n + 1, np.int64)
     indptr[0] = 0
     for i in range(n):
         indptr[i + 1] = indptr[i] + counts[i]
-    nnz = indptr[n]
-    indices = np.empty(nnz, np.int32)
-    values = np.empty(nnz, np.float32)
+    return indptr, np.empty(indptr[n], np.int32), np.empty(indptr[n], np.float32)
+
+
+@njit(cache=True)
+def dense_to_csr(f):
+    """Canonical CSR ``(indptr, indices, values)`` of the nonzeros of dense
+    ``f`` ``[N, d_sae]`` (negative entries are kept, like the reference's
+    dense formulas see them)."""
+    indptr, indices, values = csr_from_counts(_row_nnz(f))
     _fill_csr(f, indptr, indices, values)
     return indptr, indices, values
 
@@ -126,12 +131,7 @@ def decode_dense(f, W_dec, b_dec):
     counts = _row_nnz(f)
     if counts.sum() * 8 > n * d:
         return decode_dense_gemm(f, W_dec, b_dec)
-    indptr = np.empty(n + 1, np.int64)
-    indptr[0] = 0
-    for i in range(n):
-        indptr[i + 1] = indptr[i] + counts[i]
-    indices = np.empty(indptr[n], np.int32)
-    values = np.empty(indptr[n], np.float32)
+    indptr, indices, values = csr_from_counts(counts)
     _fill_csr(f, indptr, indices, values)
     return decode_csr(indptr, indices, values, W_dec, b_dec)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .decode import csr_from_counts
 from .encode import _part_bounds, gemm, warm_gemm
 
 __all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_train",
@@ -273,13 +274,7 @@ def _to_csr(take, vals, idx, colmap):
     increasing column); ``colmap`` (if non-empty) maps buffer columns to
     output columns (increasing, so order is preserved)."""
     n = take.shape[0]
-    indptr = np.empty(n + 1, np.int64)
-    indptr[0] = 0
-    for i in range(n):
-        indptr[i + 1] = indptr[i] + take[i]
-    nnz = indptr[n]
-    indices = np.empty(nnz, np.int32)
-    values = np.empty(nnz, np.float32)
+    indptr, indices, values = csr_from_counts(take)
     mapped = colmap.shape[0] > 0
     for i in prange(n):
         m = take[i]
@@ -299,13 +294,7 @@ def _gather_csr(take, vals, idx, colmap):
     in increasing column order (serial: a copy of ``nnz`` entries);
     ``colmap`` (if non-empty) maps buffer columns to output columns."""
     n = take.shape[0]
-    indptr = np.empty(n + 1, np.int64)
-    indptr[0] = 0
-    for i in range(n):
-        indptr[i + 1] = indptr[i] + take[i]
-    nnz = indptr[n]
-    indices = np.empty(nnz, np.int32)
-    values = np.empty(nnz, np.float32)
+    indptr, indices, values = csr_from_counts(take)
     mapped = colmap.shape[0] > 0
     o = 0
     for i in range(n):
@@ -492,10 +481,7 @@ def encode_jumprelu_csr(xc, W_enc, b_enc, threshold, row_block, n_threads):
     e_v = np.empty(0, np.float32)
     _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr, e_i,
                      e_v, False)
-    for i in range(n):
-        indptr[i + 1] = indptr[i] + counts[i]
-    indices = np.empty(indptr[n], np.int32)
-    values = np.empty(indptr[n], np.float32)
+    indptr, indices, values = csr_from_counts(counts)
     if indptr[n] > 0:
         _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr,
                          indices, values, True)
