@@ -502,6 +502,43 @@ def _adam(P, G, M, V, scalars, unit_norm):
                                                                _flat(v), *scalars)
 
 
+def _step_arrays(params: SAEParams, state: AdamState, fire_counts):
+    """Device arrays for a training step: ``(P, M, V, fc_dev, host_pairs)``.
+
+    Parameters and Adam moments already on the device are used in place;
+    host ones are copied over and listed in ``host_pairs`` (host array,
+    device copy) for :func:`_finish_step` to write back. ``fc_dev`` is
+    ``fire_counts`` when it is a device array, else None. Shapes and dtypes
+    were checked by the validating front."""
+    host_pairs = []
+
+    def dev(a):
+        d = _device(a)
+        if not _is_device(a):
+            host_pairs.append((a, d))
+        return d
+
+    P, M, V = (SAEParams(*(dev(a) for a in o.arrays())) for o in (params, state.m, state.v))
+    fc_dev = None
+    if fire_counts is not None and _is_device(fire_counts):
+        fc_dev = _device(fire_counts, np.int64)
+    return P, M, V, fc_dev, host_pairs
+
+
+def _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs) -> np.ndarray:
+    """Adds this step's per-feature firing counts ``colcount`` to
+    ``fire_counts`` (on the device or the host), writes updated host
+    parameters and moments back, and returns the step's scalars on the host."""
+    if fc_dev is not None:
+        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
+    s = scal.copy_to_host()
+    if fire_counts is not None and fc_dev is None:
+        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
+    for h, d in host_pairs:
+        d.copy_to_host(h)
+    return s
+
+
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
                fire_counts=None) -> StepResult:
@@ -512,28 +549,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     same arrays. ``fire_counts`` (int64 ``[d_sae]``, host or device) is
     incremented by the number of rows each feature fired in.
     """
-    host_pairs = []  # (host array, device copy) to write back afterwards
-
-    def dev(a):
-        d = _device(a)
-        if not _is_device(a):
-            host_pairs.append((a, d))
-        return d
-
-    P = SAEParams(*(dev(a) for a in params.arrays()))
-    M = SAEParams(*(dev(a) for a in state.m.arrays()))
-    V = SAEParams(*(dev(a) for a in state.v.arrays()))
-    for name, a in P.as_dict().items():
-        for which, o in (("m", M), ("v", V)):
-            if tuple(getattr(o, name).shape) != tuple(a.shape):
-                raise ValueError(f"state.{which}.{name} has shape {tuple(getattr(o, name).shape)}"
-                                 f", expected {tuple(a.shape)}")
-    fc_dev = None
-    if fire_counts is not None:
-        if _is_device(fire_counts):
-            fc_dev = _device(fire_counts, np.int64)
-        elif not isinstance(fire_counts, np.ndarray) or fire_counts.dtype.kind not in "iu":
-            raise TypeError("fire_counts must be an integer (int64) array")
+    P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     xd = _device(x)
     n = xd.shape[0]
     unit_norm = decoder_norm == "unit_norm"
@@ -545,16 +561,9 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     scal = _work("scalars", 3, np.float64)
     colcount = _backward(xd, P, codes.indptr, codes.indices, codes.values, x_hat,
                          float(l1_coefficient), not unit_norm, G, scal)
-    if fc_dev is not None:
-        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
     _adam(P, G, M, V, _adam_scalars(state.step, lr, beta1, beta2, eps), unit_norm)
     state.step += 1
-
-    s = scal.copy_to_host()
-    if fire_counts is not None and fc_dev is None:
-        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
-    for h, d in host_pairs:
-        d.copy_to_host(h)
+    s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
     mse = float(s[0] / n)
     l1 = float(l1_coefficient * s[1] / n)
     var = float(s[2] / n)
@@ -783,20 +792,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.reference.train_step_topk`); device or host arrays as
     :func:`train_step`."""
-    host_pairs = []
-
-    def dev(a):
-        d = _device(a)
-        if not _is_device(a):
-            host_pairs.append((a, d))
-        return d
-
-    P = SAEParams(*(dev(a) for a in params.arrays()))
-    M = SAEParams(*(dev(a) for a in state.m.arrays()))
-    V = SAEParams(*(dev(a) for a in state.v.arrays()))
-    fc_dev = None
-    if fire_counts is not None and _is_device(fire_counts):
-        fc_dev = _device(fire_counts, np.int64)
+    P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     xd = _device(x)
     n = xd.shape[0]
 
@@ -819,16 +815,9 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
                               weight, G, scal)
     _single_block(gpu_topk.min_kernel)(codes.values, scal, 3)
-    if fc_dev is not None:
-        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
     _adam(P, G, M, V, _adam_scalars(state.step, lr, beta1, beta2, eps), True)
     state.step += 1
-
-    s = scal.copy_to_host()
-    if fire_counts is not None and fc_dev is None:
-        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
-    for h, d in host_pairs:
-        d.copy_to_host(h)
+    s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
     mse = float(s[0] / n)
     aux_loss = float(weight * s[1] / n) if aux is not None else 0.0
     var = float(s[2] / n)
