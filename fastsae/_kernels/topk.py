@@ -249,9 +249,21 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     (else it equals ``counts``). Grid: ``row_block`` (normally
     :data:`ROW_BLOCK`) x :data:`COL_BLOCK`. Call with BLAS limited to one
     thread."""
+    counts, vals, idx, npos = _select_main(xc, W_enc, b_enc, row_block, K, n_threads,
+                                           need_npos, False)
+    if not need_npos:
+        npos[:] = counts
+    return counts, vals, idx, npos
+
+
+@njit(cache=True)
+def _select_main(xc, W_enc, b_enc, row_block, K, n_threads, need_npos, sort_rows):
+    """The selection of :func:`topk_rows` without AuxK, into fresh buffers:
+    ``(counts, vals, idx, npos)``; each row's buffer is sorted by value, or
+    by increasing column when ``sort_rows``. ``npos`` is only filled when
+    ``need_npos``."""
     n = xc.shape[0]
-    d_sae = W_enc.shape[1]
-    K = max(1, min(K, d_sae))
+    K = max(1, min(K, W_enc.shape[1]))
     warm_gemm()
     counts = np.zeros(n, np.int64)
     npos = np.zeros(n, np.int64)
@@ -262,9 +274,7 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     e_v = np.empty((0, 1), np.float32)
     e_i = np.empty((0, 1), np.int32)
     _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   npos, need_npos, e_u8, e_c, e_v, e_i, xc, _NO_F32, False)
-    if not need_npos:
-        npos[:] = counts
+                   npos, need_npos, e_u8, e_c, e_v, e_i, xc, _NO_F32, sort_rows)
     return counts, vals, idx, npos
 
 
@@ -348,17 +358,8 @@ def encode_topk_csr(xc, W_enc, b_enc, row_block, k, n_threads, colmap):
     if k <= 0 or d_sae == 0 or n == 0:
         indptr = np.zeros(n + 1, np.int64)
         return indptr, np.empty(0, np.int32), np.empty(0, np.float32)
-    K = max(1, min(k, d_sae))
-    warm_gemm()
-    counts = np.zeros(n, np.int64)
-    vals = np.zeros((n, K), np.float32)
-    idx = np.zeros((n, K), np.int32)
-    e_u8 = np.empty(0, np.uint8)
-    e_c = np.empty(0, np.int64)
-    e_v = np.empty((0, 1), np.float32)
-    e_i = np.empty((0, 1), np.int32)
-    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   counts, False, e_u8, e_c, e_v, e_i, xc, _NO_F32, True)
+    counts, vals, idx, _ = _select_main(xc, W_enc, b_enc, row_block, k, n_threads, False,
+                                        True)
     return _gather_csr(counts, vals, idx, colmap)
 
 
