@@ -15,8 +15,6 @@ the float32 bound of the k-th value).
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from numba import config, cuda
@@ -25,7 +23,6 @@ if not (config.ENABLE_CUDASIM or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1 (see tests/test_cuda_sim.py)",
                 allow_module_level=True)
 
-import fastsae  # noqa: E402
 from fastsae import AdamState, SAEParams  # noqa: E402
 from fastsae import reference as R  # noqa: E402
 
@@ -33,24 +30,13 @@ from conftest import f64, make_params, make_x  # noqa: E402
 
 SIM = bool(config.ENABLE_CUDASIM)
 
+# the CUDA contract tests' fixtures: the simulator's switch interval, the backend
+from test_cuda_backend import _fast_simulator_switches, be  # noqa: E402, F401
+
 if SIM:
     from test_cuda_backend import _lock_simulator_shared_arrays
 
     _lock_simulator_shared_arrays()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_simulator_switches():
-    old = sys.getswitchinterval()
-    if SIM:
-        sys.setswitchinterval(5e-5)
-    yield
-    sys.setswitchinterval(old)
-
-
-@pytest.fixture(scope="module")
-def be():
-    return fastsae.get_backend("cuda")
 
 
 def _exact_problem(n, d_sae, seed, d_in=3):
