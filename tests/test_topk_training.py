@@ -7,7 +7,6 @@ file stays within about two minutes on a 2-core machine).
 """
 
 import json
-import warnings
 
 import numpy as np
 import pytest
