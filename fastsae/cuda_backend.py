@@ -407,11 +407,9 @@ def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
     count of stored entries (int64 [d_sae], a workspace array)."""
     n, d_in = x.shape
     d_sae = P.W_enc.shape[1]
-    nnz = indices.shape[0]
     nf = np.float32(n)
     l1_scale = np.float32(c / n)
 
-    norms = _norms(P.W_dec, _work("norms", d_sae))
     mean = _colsum(x, n, _work("mean", d_in))
     d_xhat = _work("d_xhat", (n, d_in))
     row_mse = _work("row_mse", n, np.float64)
@@ -420,29 +418,10 @@ def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
                                                      row_var)
     _colsum(d_xhat, 1, g.b_dec)
 
-    dpre = _work_at_least("dpre", nnz, np.float32)
-    gpu_backward.dpre_kernel[grid_for(n), (LANES, GROUPS)](
-        indptr, indices, values, d_xhat, P.W_dec, norms, weighted, l1_scale, dpre)
-
-    # stable CSR -> CSC
-    chunks = -(-n // CHUNK_ROWS)
-    counts = _work("csc_counts", (chunks, d_sae), np.int32)
-    _zero(counts)
-    gpu_backward.csc_count_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, counts)
-    colcount = _work("colcount", d_sae, np.int64)
-    gpu_backward.csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](counts, colcount)
-    colptr = _work("colptr", d_sae + 1, np.int64)
-    _single_block(exclusive_scan_kernel)(colcount, colptr)
-    entry_of = _work_at_least("entry_of", nnz, np.int64)
-    row_of = _work_at_least("row_of", nnz, np.int32)
-    gpu_backward.csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr,
-                                                          counts, entry_of, row_of)
-
     g_W_encT = _work("g_W_encT", (d_sae, d_in))
     l1_feat = _work("l1_feat", d_sae)
-    gpu_backward.feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, weighted,
-        l1_scale, g.W_dec, g_W_encT, g.b_enc, l1_feat)
+    colcount = _feature_pass(x, P, indptr, indices, values, d_xhat, g.W_dec, g_W_encT, g.b_enc,
+                             "", weighted, l1_scale, l1_feat)
     gpu_backward.transpose_kernel[(-(-d_in // TILE), -(-d_sae // TILE)), (TILE, TILE_ROWS)](
         g_W_encT, g.W_enc)
     gpu_backward.matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
@@ -694,17 +673,22 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
     return _codes_out(codes, dev)
 
 
-def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag):
-    """Unit-norm sparse backward of one code set against ``d_xhat``:
-    ``g_W_dec`` (projected), ``g_W_encT``, ``g_b_enc`` overwritten. Returns
-    the per-feature entry counts (int64 [d_sae] workspace)."""
+def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag,
+                  weighted=False, l1_scale=np.float32(0), l1_feat=None):
+    """Sparse backward of one code set against ``d_xhat``: d_pre, a stable
+    CSR -> CSC transpose, then per feature ``g_W_dec`` (projected unless
+    ``weighted``), ``g_W_encT`` and ``g_b_enc`` overwritten; with
+    ``l1_scale`` the L1 term (``weighted``: by decoder norm) is included and
+    its per-feature parts written to ``l1_feat``. ``tag`` names the
+    workspaces of a second code set (AuxK). Returns the per-feature entry
+    counts (int64 [d_sae] workspace)."""
     n = x.shape[0]
     d_sae = P.W_enc.shape[1]
     nnz = indices.shape[0]
     norms = _norms(P.W_dec, _work("norms", d_sae))
     dpre = _work_at_least("dpre" + tag, nnz, np.float32)
     gpu_backward.dpre_kernel[grid_for(n), (LANES, GROUPS)](
-        indptr, indices, values, d_xhat, P.W_dec, norms, False, np.float32(0), dpre)
+        indptr, indices, values, d_xhat, P.W_dec, norms, weighted, l1_scale, dpre)
     chunks = -(-n // CHUNK_ROWS)
     counts = _work("csc_counts", (chunks, d_sae), np.int32)
     _zero(counts)
@@ -717,9 +701,11 @@ def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_
     row_of = _work_at_least("row_of", nnz, np.int32)
     gpu_backward.csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr,
                                                           counts, entry_of, row_of)
+    if l1_feat is None:
+        l1_feat = _work("l1_feat", d_sae)
     gpu_backward.feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, False,
-        np.float32(0), g_W_dec, g_W_encT, g_b_enc, _work("l1_feat", d_sae))
+        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, weighted,
+        l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
     return colcount
 
 
