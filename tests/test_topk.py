@@ -12,13 +12,6 @@ from fastsae import reference as R
 
 from conftest import encode_oracle, f64, make_params, make_x, shapes_for
 
-TOPK_FUNCS = ("encode_topk", "encode_batchtopk", "encode_jumprelu", "topk_gradients",
-              "train_step_topk")
-
-
-def _need(backend, fn):
-    if not backend.supports(fn):
-        pytest.skip(f"backend {backend.name} does not implement {fn}")
 
 
 # ------------------------------------------------------------ reference
@@ -123,7 +116,6 @@ def _check_selection(got: SparseCodes, pre, bound, per_row_k=None, total_k=None)
 @pytest.mark.parametrize("k", [1, 3, 64])
 @pytest.mark.parametrize("idx", range(9))
 def test_encode_topk(backend, idx, k):
-    _need(backend, "encode_topk")
     x, p = _tie_problem(backend, idx)
     pre, bound = encode_oracle(x, p)
     ref = R.encode_topk(x, p.W_enc, p.b_enc, p.b_dec, k)
@@ -140,22 +132,19 @@ def test_encode_topk(backend, idx, k):
 
 
 def test_encode_topk_exact_ties_pick_lowest_index(backend):
-    _need(backend, "encode_topk")
     x = np.ones((3, 2), np.float32)
     W = np.zeros((2, 6), np.float32)
     b = np.array([0.5, 2.0, 2.0, 2.0, 1.0, 2.0], np.float32)
     got = backend.encode_topk(x, W, b, np.zeros(2, np.float32), 3).to_host()
     assert got.indices.tolist() == [1, 2, 3] * 3
-    got = backend.encode_batchtopk(x, W, b, np.zeros(2, np.float32), 2).to_host() \
-        if backend.supports("encode_batchtopk") else None
-    if got is not None:  # 6 of 18 entries; the 12 tied 2.0s in row-major order
-        assert got.to_dense().tolist() == [[0, 2, 2, 2, 0, 2], [0, 2, 2, 0, 0, 0], [0] * 6]
+    got = backend.encode_batchtopk(x, W, b, np.zeros(2, np.float32), 2).to_host()
+    # 6 of 18 entries; the 12 tied 2.0s in row-major order
+    assert got.to_dense().tolist() == [[0, 2, 2, 2, 0, 2], [0, 2, 2, 0, 0, 0], [0] * 6]
 
 
 @pytest.mark.parametrize("k", [1, 4, 50])
 @pytest.mark.parametrize("idx", range(9))
 def test_encode_batchtopk(backend, idx, k):
-    _need(backend, "encode_batchtopk")
     x, p = _tie_problem(backend, idx, seed=3)
     pre, bound = encode_oracle(x, p)
     for _ in range(3):
@@ -165,7 +154,6 @@ def test_encode_batchtopk(backend, idx, k):
 
 @pytest.mark.parametrize("idx", range(9))
 def test_encode_jumprelu(backend, idx):
-    _need(backend, "encode_jumprelu")
     x, p = _tie_problem(backend, idx, seed=5)
     pre, bound = encode_oracle(x, p)
     thr = np.random.default_rng(idx).uniform(-0.5, 1.0, p.d_sae).astype(np.float32)
@@ -180,7 +168,6 @@ def test_encode_jumprelu(backend, idx):
 @pytest.mark.parametrize("aux", [False, True])
 @pytest.mark.parametrize("idx", [2, 5, 6, 7])
 def test_topk_gradients(backend, idx, aux):
-    _need(backend, "topk_gradients")
     x, p = _tie_problem(backend, idx, seed=7)
     codes = R.encode_topk(x, p.W_enc, p.b_enc, p.b_dec, 4)
     x_hat = R.decode(codes, p.W_dec, p.b_dec).astype(np.float32)
@@ -210,7 +197,6 @@ def test_topk_gradients(backend, idx, aux):
 def test_train_step_topk(backend, idx, activation, aux):
     """Three steps against the float64 reference (Adam eps 1e-3: see
     test_contract.test_train_step for why)."""
-    _need(backend, "train_step_topk")
     x, p = _tie_problem(backend, idx, seed=11)
     m = min(3, p.d_sae)  # no exact ties: training moves them anyway
     p.W_enc[:, -m:] += 0.01 * np.arange(1, m + 1)

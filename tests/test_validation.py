@@ -203,17 +203,16 @@ def test_train_step_rejects_bad_state_and_counts(backend, prob):
         backend.train_step(bp, st, x, fire_counts=np.zeros(10, np.int32), **kw)
     with pytest.raises(TypeError, match="int64"):
         backend.train_step(bp, st, x, fire_counts=[0] * 10, **kw)
-    if backend.supports("train_step_topk"):
-        with pytest.raises(TypeError, match="state.m.W_dec"):
-            bad = AdamState.zeros_like(p)
-            bad.m.W_dec = np.asfortranarray(bad.m.W_dec)
-            backend.train_step_topk(bp, bad, x, k=2, lr=1e-3)
-        with pytest.raises(TypeError, match="dead_mask must be a bool"):
-            backend.train_step_topk(bp, st, x, k=2, lr=1e-3, dead_mask=np.zeros(10),
-                                    k_aux=2, aux_coefficient=0.1)
-        with pytest.raises(ValueError, match="activation must be"):
-            backend.train_step_topk(bp, st, x, k=2, lr=1e-3, activation="relu")
-        with pytest.raises(ValueError, match="k must be >= 1"):
-            backend.train_step_topk(bp, st, x, k=0, lr=1e-3)
+    with pytest.raises(TypeError, match="state.m.W_dec"):
+        bad = AdamState.zeros_like(p)
+        bad.m.W_dec = np.asfortranarray(bad.m.W_dec)
+        backend.train_step_topk(bp, bad, x, k=2, lr=1e-3)
+    with pytest.raises(TypeError, match="dead_mask must be a bool"):
+        backend.train_step_topk(bp, st, x, k=2, lr=1e-3, dead_mask=np.zeros(10),
+                                k_aux=2, aux_coefficient=0.1)
+    with pytest.raises(ValueError, match="activation must be"):
+        backend.train_step_topk(bp, st, x, k=2, lr=1e-3, activation="relu")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        backend.train_step_topk(bp, st, x, k=0, lr=1e-3)
     assert st.step == 0
     np.testing.assert_array_equal(bp.W_enc, p.W_enc)  # nothing was updated

@@ -1,116 +1,21 @@
-"""Backend registry and the validating front of the kernel contract.
+"""The validating front of the kernel contract: :class:`Backend`.
 
-A backend is a module that implements the contract's functions on
-already-validated arrays (see :mod:`fastsae.reference` for the oracle and the
-exact semantics). :class:`Backend` wraps such a module: each public method
-validates its arguments once (shapes, dtypes, NaN/inf, contiguity, see
-:mod:`fastsae._validate`) and then calls the module.
-
-Backends, in the order automatic choice prefers them:
-
-``cuda``    numba.cuda kernels (needs an NVIDIA GPU and driver)
-``numba``   Numba CPU kernels, parallel over the cores
-``cython``  compiled Cython extensions built by ``setup.py``
-``numpy``   the dense NumPy reference (always available)
+Each public method validates its arguments once (shapes, dtypes, NaN/inf,
+contiguity; see :mod:`fastsae.backends.validate`) and then calls the
+backend's function of the same name (declared in
+:mod:`fastsae.backends.contract`). Backends trust what the front hands them:
+these checks are what keep every compiled kernel inside its arrays.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-from dataclasses import dataclass
-
 import numpy as np
 
-from . import _validate as V
-from .params import AdamState, SAEParams, StepResult
-from .sparse import SparseCodes
+from ..params import AdamState, SAEParams, StepResult
+from ..sparse import SparseCodes
+from . import validate as V
 
-__all__ = ["Backend", "BackendStatus", "available_backends", "get_backend", "BACKEND_NAMES"]
-
-#: Automatic-choice order.
-BACKEND_NAMES = ("cuda", "numba", "cython", "numpy")
-
-_MODULES = {
-    "numpy": "fastsae.reference",
-    "numba": "fastsae.numba_backend",
-    "cython": "fastsae.cython_backend",
-    "cuda": "fastsae.cuda_backend",
-}
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    name: str
-    available: bool
-    reason: str  # why not, or a short description when available
-
-    def __str__(self) -> str:
-        mark = "usable" if self.available else "unavailable"
-        return f"{self.name:7s} {mark:11s} {self.reason}"
-
-
-_cache: dict = {}
-
-
-def _load(name: str):
-    """Import a backend module; return ``(module, None)`` or ``(None, reason)``."""
-    if name in _cache:
-        return _cache[name]
-    try:
-        mod = importlib.import_module(_MODULES[name])
-        check = getattr(mod, "check_available", None)
-        if check is not None:
-            check()  # raises with the reason when the backend cannot run here
-        result = (mod, None)
-    except Exception as exc:  # any import or probe failure makes it unavailable
-        result = (None, f"{type(exc).__name__}: {exc}")
-    _cache[name] = result
-    return result
-
-
-def available_backends() -> list[BackendStatus]:
-    """Every backend, whether it is usable on this machine, and why not."""
-    out = []
-    for name in BACKEND_NAMES:
-        mod, reason = _load(name)
-        if mod is None:
-            out.append(BackendStatus(name, False, reason))
-        else:
-            out.append(BackendStatus(name, True, getattr(mod, "DESCRIPTION", "")))
-    return out
-
-
-def get_backend(name: str | None = None) -> "Backend":
-    """Return a backend by name.
-
-    An explicit ``name`` wins; else the environment variable
-    ``FASTSAE_BACKEND``; else the first usable of cuda, numba, cython, numpy
-    (the CUDA simulator is never chosen automatically).
-    An unknown or unusable name raises ``ValueError`` naming the reason and
-    the usable alternatives.
-    """
-    if isinstance(name, Backend):
-        return name
-    if name is None:
-        name = os.environ.get("FASTSAE_BACKEND") or None
-    if name is None:
-        for candidate in BACKEND_NAMES:
-            mod, _ = _load(candidate)
-            # a module may be usable but not wanted by default (the CUDA simulator)
-            if mod is not None and getattr(mod, "AUTO_SELECT", True):
-                return Backend(candidate, mod)
-        raise RuntimeError("no fastsae backend is usable")  # numpy always is
-    name = str(name).lower()
-    usable = [s.name for s in available_backends() if s.available]
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKEND_NAMES)}; "
-                         f"usable here: {', '.join(usable)}")
-    mod, reason = _load(name)
-    if mod is None:
-        raise ValueError(f"backend {name!r} is not usable here ({reason}); "
-                         f"usable here: {', '.join(usable)}")
-    return Backend(name, mod)
+__all__ = ["Backend"]
 
 
 class Backend:
@@ -126,7 +31,7 @@ class Backend:
     def __init__(self, name: str, module):
         self.name = name
         self._m = module
-        self._device = bool(getattr(module, "DEVICE_ARRAYS", False))
+        self._device = bool(module.DEVICE_ARRAYS)
 
     def __repr__(self) -> str:
         return f"<fastsae backend {self.name!r}>"
@@ -223,38 +128,24 @@ class Backend:
                                   fire_counts=fire_counts)
 
     # ------------------------------------------------------------ TopK family
-    def supports(self, function: str) -> bool:
-        """Whether this backend implements a contract function (the TopK
-        family may be missing on some backends)."""
-        return callable(getattr(self._m, function, None))
-
-    def _impl(self, function: str):
-        f = getattr(self._m, function, None)
-        if f is None:
-            usable = [s.name for s in available_backends()
-                      if s.available and callable(getattr(_load(s.name)[0], function, None))]
-            raise NotImplementedError(f"backend {self.name!r} does not implement {function}; "
-                                      f"backends that do: {', '.join(usable)}")
-        return f
-
     def encode_topk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
         """Per row, the ``k`` largest pre-activations (ties: lower feature
         index), then ReLU; at most ``k`` entries per row -> SparseCodes."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
-        return self._impl("encode_topk")(*args, V.as_int(k, "k"))
+        return self._m.encode_topk(*args, V.as_int(k, "k"))
 
     def encode_batchtopk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
         """The ``N * k`` largest pre-activations of the batch (ties: lower
         row, then lower feature), then ReLU -> SparseCodes."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
-        return self._impl("encode_batchtopk")(*args, V.as_int(k, "k"))
+        return self._m.encode_batchtopk(*args, V.as_int(k, "k"))
 
     def encode_jumprelu(self, x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
         """``relu(pre) * (pre > threshold)``, ``threshold [d_sae]`` -> SparseCodes."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
         threshold = V.as_float_array(threshold, "threshold", 1, self._device)
         V.check_dim("threshold", threshold.shape[0], args[1].shape[1], "length")
-        return self._impl("encode_jumprelu")(*args, threshold)
+        return self._m.encode_jumprelu(*args, threshold)
 
     def topk_gradients(self, x, params: SAEParams, codes, x_hat, aux_codes=None,
                        aux_weight=0.0):
@@ -267,7 +158,7 @@ class Backend:
                 raise ValueError(f"aux_codes have {aux_codes.shape[0]} rows but x has "
                                  f"{x.shape[0]}")
         w = V.as_scalar(aux_weight, "aux_weight")
-        return self._impl("topk_gradients")(x, params, codes, x_hat, aux_codes, w)
+        return self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
 
     def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
                         activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -295,7 +186,7 @@ class Backend:
                                  f"got {tuple(dead_mask.shape)}")
             if not V.is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
                 raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
-        return self._impl("train_step_topk")(
+        return self._m.train_step_topk(
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
             aux_coefficient=aux_coefficient)
@@ -304,16 +195,31 @@ class Backend:
     def to_backend(self, obj):
         """Move an array, :class:`SAEParams` or :class:`AdamState` to where this
         backend computes (the GPU for ``cuda``; unchanged on CPU backends)."""
-        f = getattr(self._m, "to_backend", None)
-        return obj if f is None else f(obj)
+        return self._m.to_backend(obj)
 
     def to_numpy(self, obj):
         """Inverse of :meth:`to_backend`: NumPy arrays on the host."""
-        f = getattr(self._m, "to_numpy", None)
-        return obj if f is None else f(obj)
+        return self._m.to_numpy(obj)
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU backends)."""
-        f = getattr(self._m, "synchronize", None)
-        if f is not None:
-            f()
+        self._m.synchronize()
+
+    # ------------------------------------------------------------ runtime
+    @property
+    def description(self) -> str:
+        """One line: what the backend is and how it runs here."""
+        return self._m.DESCRIPTION
+
+    def get_num_threads(self) -> int:
+        """Compute threads this backend's calls use (``numba``: Numba's pool;
+        ``cython``: the OpenMP team; ``numpy``: its BLAS; ``cuda``: 1, the
+        host threads do not apply)."""
+        return int(self._m.get_num_threads())
+
+    def set_num_threads(self, n) -> None:
+        """Set the threads of later calls in this process (``None``: back to
+        the backend's default)."""
+        if n is not None:
+            n = V.as_int(n, "n")
+        self._m.set_num_threads(n)

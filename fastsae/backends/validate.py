@@ -19,8 +19,8 @@ import numbers
 
 import numpy as np
 
-from .params import DECODER_NORM_MODES, SAEParams
-from .sparse import SparseCodes
+from ..params import DECODER_NORM_MODES, SAEParams
+from ..sparse import SparseCodes
 
 
 def is_device_array(a) -> bool:
@@ -191,18 +191,21 @@ def params_inplace(params, allow_device=False) -> SAEParams:
     trained). Not scanned for NaN: a non-finite loss stops the trainer."""
     checked = params_arg(params, allow_device, check_finite=False)
     for name in SAEParams.NAMES:
-        if getattr(checked, name) is not getattr(params, name):
-            a = np.asarray(getattr(params, name))
+        a = getattr(params, name)
+        if getattr(checked, name) is not a:
+            a = np.asarray(a)
             raise TypeError(f"params.{name} must be a C-contiguous float32 array to be updated "
                             f"in place, got dtype {a.dtype}, "
                             f"C-contiguous={a.flags.c_contiguous}")
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"params.{name} is read-only; a training step updates it in place")
     return checked
 
 
 def adam_state_arg(state, params: SAEParams, allow_device=False) -> None:
     """Adam moments must match the parameters (float32, same shapes,
     C-contiguous): a training step updates them in place."""
-    from .params import AdamState
+    from ..params import AdamState
 
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be a fastsae.AdamState, got {type(state).__name__}")
@@ -229,6 +232,9 @@ def adam_state_arg(state, params: SAEParams, allow_device=False) -> None:
             if dtype != np.float32 or not contiguous:
                 raise TypeError(f"state.{part}.{name} must be a C-contiguous float32 array "
                                 f"(updated in place), got {dtype}, C-contiguous={contiguous}")
+            if isinstance(a, np.ndarray) and not a.flags.writeable:
+                raise ValueError(f"state.{part}.{name} is read-only; a training step updates "
+                                 f"it in place")
 
 
 def fire_counts_arg(fire_counts, d_sae: int, allow_device=False) -> None:

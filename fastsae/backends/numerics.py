@@ -1,0 +1,96 @@
+"""Host-side numerics every backend shares: written once, used everywhere.
+
+Nothing here touches an ``N x d_sae`` array; these are the scalars and small
+rules around the kernels, so that every backend builds them the same way
+(and so gets the same float32 bits):
+
+* :func:`adam_constants`: Adam's per-step constants in one fixed order
+  (:data:`ADAM_CONSTANTS`), as a float32 array; every backend's fused Adam
+  reads them from this array (or the tuple :func:`adam_constant_tuple`).
+* :func:`auxk_active` and :func:`auxk_weight`: whether a TopK step runs the
+  AuxK term, and its weight ``aux_coefficient * min(n_dead / k_aux, 1)``.
+* :func:`explained_variance`: ``1 - mse / var`` (1 for a constant batch).
+* :func:`relu_step_result` / :func:`topk_step_result`: the
+  :class:`~fastsae.params.StepResult` of one step from the sums a backend
+  measured.
+
+The NumPy reference keeps its textbook formulas (it is the oracle these are
+checked against); :mod:`fastsae.backends.reference` uses the AuxK rule and
+the explained variance from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..params import StepResult
+
+__all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_active",
+           "auxk_weight", "explained_variance", "relu_step_result", "topk_step_result",
+           "min_active"]
+
+#: The order of Adam's constants in :func:`adam_constants`'s array (and the
+#: indices kernels use): ``beta1, beta2, 1 - beta1, 1 - beta2, lr, eps,
+#: 1 - beta1**t, 1 - beta2**t`` with ``t`` the 1-based step.
+ADAM_CONSTANTS = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "lr", "eps",
+                  "bias_correction1", "bias_correction2")
+
+
+def adam_constants(lr, beta1, beta2, eps, t) -> np.ndarray:
+    """Adam's constants for 1-based step ``t`` as float32 ``[8]`` in the order
+    of :data:`ADAM_CONSTANTS`. Each is computed in double precision and
+    rounded to float32 once (PyTorch semantics in float32)."""
+    return np.array([beta1, beta2, 1.0 - beta1, 1.0 - beta2, lr, eps,
+                     1.0 - beta1 ** t, 1.0 - beta2 ** t], dtype=np.float32)
+
+
+def adam_constant_tuple(lr, beta1, beta2, eps, t) -> tuple:
+    """:func:`adam_constants` as a tuple of ``np.float32`` scalars (for kernels
+    that take them as scalar arguments), same order, same values."""
+    return tuple(adam_constants(lr, beta1, beta2, eps, t))
+
+
+def auxk_active(dead_mask, k_aux, aux_coefficient) -> bool:
+    """Whether a TopK/BatchTopK step computes the AuxK term: a dead mask with
+    at least one dead latent, ``k_aux > 0`` and ``aux_coefficient > 0``."""
+    return bool(dead_mask is not None and int(k_aux) > 0 and float(aux_coefficient) > 0
+                and np.any(np.asarray(dead_mask)))
+
+
+def auxk_weight(dead_mask, k_aux, aux_coefficient) -> float:
+    """Weight of the AuxK term: ``aux_coefficient * min(n_dead / k_aux, 1)``
+    (0 when ``k_aux`` is 0), as in OpenAI's TopK code."""
+    if not int(k_aux):
+        return 0.0
+    n_dead = int(np.count_nonzero(np.asarray(dead_mask)))
+    return float(aux_coefficient) * min(n_dead / int(k_aux), 1.0)
+
+
+def explained_variance(mse: float, var: float) -> float:
+    """``1 - mse / var``, where ``var`` is the batch's variance summed over
+    ``d_in`` and averaged over rows (the same normalization as ``mse``); a
+    batch with no variance counts as fully explained (1.0)."""
+    mse, var = float(mse), float(var)
+    return 1.0 - mse / var if var > 0 else 1.0
+
+
+def relu_step_result(mse, l1, nnz, n_rows, var) -> StepResult:
+    """The result of one ReLU (L1) step: losses as floats, ``l0 = nnz / N``."""
+    mse, l1 = float(mse), float(l1)
+    return StepResult(mse=mse, l1=l1, total=mse + l1, l0=float(nnz) / int(n_rows),
+                      explained_variance=explained_variance(mse, var))
+
+
+def min_active(values) -> float:
+    """Smallest selected activation of a step (0 when none was selected): what
+    the trainer's BatchTopK threshold estimate is fed."""
+    return float(values.min()) if values.size else 0.0
+
+
+def topk_step_result(mse, aux, nnz, n_rows, var, values) -> StepResult:
+    """The result of one TopK/BatchTopK step (no L1 term; ``aux`` is the AuxK
+    loss, already weighted); ``extra["min_active"]`` from the kept values."""
+    mse, aux = float(mse), float(aux)
+    return StepResult(mse=mse, l1=0.0, total=mse + aux, l0=float(nnz) / int(n_rows),
+                      explained_variance=explained_variance(mse, var), aux=aux,
+                      extra={"min_active": min_active(values)})

@@ -1,0 +1,370 @@
+"""The NumPy reference backend: readable, obviously correct, dense.
+
+This module is the oracle every fast backend is tested and benchmarked
+against. Each function here is written for clarity, not speed: dense
+matrices, one NumPy expression per formula. The functions take already
+validated arrays (see :mod:`fastsae.backends` for the public, validating
+entry points) and work in the dtype they are given, so the finite-difference
+tests can run them in float64.
+
+Conventions shared by every backend
+-----------------------------------
+* ``pre = (x - b_dec) @ W_enc + b_enc`` and ``f = relu(pre)``.
+* ``x_hat = f @ W_dec + b_dec``.
+* ``mse = mean_i sum_k (x_hat_ik - x_ik)**2`` (summed over ``d_in``,
+  averaged over the ``N`` rows).
+* ``l1 = l1_coefficient * mean_i sum_j f_ij * n_j`` with ``n_j = ||W_dec[j]||``
+  in ``"weighted_l1"`` mode and ``n_j = 1`` in ``"unit_norm"`` mode.
+* ``total = mse + l1``.
+* The ReLU's derivative at ``pre == 0`` is taken as 0; a zero-norm decoder row
+  has derivative 0 for its norm.
+* ``"unit_norm"`` gradients of ``W_dec`` have the component parallel to each
+  row removed: ``g_j - (g_j . w_j) w_j / ||w_j||**2``.
+* Adam as in PyTorch: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``,
+  ``p -= lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)`` with ``t``
+  the 1-based step; in ``"unit_norm"`` mode decoder rows are then rescaled to
+  unit norm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from ..params import AdamState, Losses, SAEParams, StepResult
+from ..sparse import SparseCodes
+from .host import synchronize, to_backend, to_numpy  # noqa: F401  (contract: placement)
+from .numerics import auxk_active, auxk_weight, min_active
+from .numerics import explained_variance as _explained_variance
+
+from .contract import NAMES as _CONTRACT
+
+#: The contract, plus the oracle's own building blocks that tests use.
+__all__ = list(_CONTRACT) + ["pre_activations", "losses", "adam_update",
+                             "normalize_decoder_rows", "explained_variance", "encode_topk_aux",
+                             "aux_scale"]
+
+NAME = "numpy"
+DESCRIPTION = "dense NumPy reference (the oracle)"
+DEVICE_ARRAYS = False
+AUTO_SELECT = True
+
+
+def check_available() -> None:
+    """The reference needs nothing but NumPy: always usable."""
+    return None
+
+
+# The reference's only parallelism is NumPy's BLAS; its thread count is the
+# BLAS pools' (threadpoolctl), set for this process by set_num_threads.
+_default_threads = None
+
+
+def get_num_threads() -> int:
+    """Threads of the BLAS library NumPy calls (the largest pool's)."""
+    pools = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(pools) if pools else 1
+
+
+def set_num_threads(n) -> None:
+    """Limit NumPy's BLAS to ``n`` threads for this process (``None``: back to
+    the count it had when this was first called)."""
+    global _default_threads
+    if _default_threads is None:
+        _default_threads = get_num_threads()
+    threadpool_limits(limits=_default_threads if n is None else int(n), user_api="blas")
+
+
+def _dense(codes):
+    return codes.to_dense() if isinstance(codes, SparseCodes) else codes
+
+
+# ---------------------------------------------------------------- forward
+def pre_activations(x, W_enc, b_enc, b_dec):
+    """``(x - b_dec) @ W_enc + b_enc``, dense ``[N, d_sae]``."""
+    return (x - b_dec) @ W_enc + b_enc
+
+
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)``, dense ``[N, d_sae]``."""
+    return np.maximum(pre_activations(x, W_enc, b_enc, b_dec), 0)
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec):
+    """:func:`encode_relu` as :class:`SparseCodes`."""
+    return SparseCodes.from_dense(encode_relu(x, W_enc, b_enc, b_dec))
+
+
+def decode(codes, W_dec, b_dec):
+    """``f @ W_dec + b_dec``, dense ``[N, d_in]``; codes dense or sparse."""
+    return _dense(codes) @ W_dec + b_dec
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row, ``[d_sae]``."""
+    return np.sqrt(np.sum(W_dec * W_dec, axis=1))
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms_j`` where ``f_ij > 0``, zero elsewhere.
+
+    Same kind as ``codes``: dense in, dense out; sparse in, sparse out (same
+    sparsity pattern).
+    """
+    if isinstance(codes, SparseCodes):
+        vals = (l1_coefficient * norms[codes.indices]).astype(codes.values.dtype)
+        return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
+    return np.where(codes > 0, l1_coefficient * norms[None, :], 0).astype(codes.dtype)
+
+
+# ---------------------------------------------------------------- losses
+def losses(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts (see module docstring) as Python floats."""
+    f = _dense(codes)
+    n = x.shape[0]
+    mse = float(np.sum((x_hat - x) ** 2) / n)
+    if decoder_norm == "weighted_l1":
+        w = decoder_column_norms(params.W_dec)
+    else:
+        w = np.ones(params.d_sae, dtype=x.dtype)
+    l1 = float(l1_coefficient * np.sum(f * w[None, :]) / n)
+    return Losses(mse=mse, l1=l1, total=mse + l1)
+
+
+def _project_out_parallel(g_W_dec, W_dec):
+    """Remove from each row of the gradient its component along the row."""
+    sq = np.sum(W_dec * W_dec, axis=1, keepdims=True)
+    coef = np.divide(np.sum(g_W_dec * W_dec, axis=1, keepdims=True), sq,
+                     out=np.zeros_like(sq), where=sq > 0)
+    return g_W_dec - coef * W_dec
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients of ``total`` w.r.t. every parameter.
+
+    ``codes`` (dense or sparse) must be ``encode_relu`` of ``x`` under
+    ``params`` and ``x_hat`` its decode. Returns ``(Losses, SAEParams)`` with
+    the gradients in the parameters' layouts. In ``"unit_norm"`` mode the
+    ``W_dec`` gradient is projected (parallel component removed).
+    """
+    f = _dense(codes)
+    n = x.shape[0]
+    W_enc, W_dec = params.W_enc, params.W_dec
+    d_xhat = 2.0 * (x_hat - x) / n  # dL/dx_hat
+    norms = decoder_column_norms(W_dec)
+    if decoder_norm == "weighted_l1":
+        penalty = norms
+    else:
+        penalty = np.ones_like(norms)
+
+    # decoder: x_hat = f @ W_dec + b_dec
+    g_W_dec = f.T @ d_xhat
+    g_b_dec = d_xhat.sum(axis=0)
+    if decoder_norm == "weighted_l1":
+        # d/dW_dec[j] of l1c/n * sum_i f_ij ||W_dec[j]||
+        unit = np.divide(W_dec, norms[:, None], out=np.zeros_like(W_dec),
+                         where=norms[:, None] > 0)
+        g_W_dec = g_W_dec + (l1_coefficient / n) * f.sum(axis=0)[:, None] * unit
+
+    # through the codes: dL/df, then the ReLU
+    d_f = d_xhat @ W_dec.T + (l1_coefficient / n) * penalty[None, :]
+    d_pre = np.where(f > 0, d_f, 0)
+
+    # encoder: pre = (x - b_dec) @ W_enc + b_enc
+    g_W_enc = (x - params.b_dec).T @ d_pre
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = g_b_dec - d_pre.sum(axis=0) @ W_enc.T
+
+    if decoder_norm == "unit_norm":
+        g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    grads = SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec)
+    return losses(x, params, f, x_hat, l1_coefficient, decoder_norm), grads
+
+
+# ---------------------------------------------------------------- optimizer
+def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, lr,
+                beta1, beta2, eps):
+    """One Adam update of every parameter, in place; advances ``state.step``."""
+    t = state.step + 1
+    for name in SAEParams.NAMES:
+        p, g = getattr(params, name), getattr(grads, name)
+        m, v = getattr(state.m, name), getattr(state.v, name)
+        m[...] = beta1 * m + (1 - beta1) * g
+        v[...] = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1 ** t)
+        v_hat = v / (1 - beta2 ** t)
+        p -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(p.dtype)
+    state.step = t
+
+
+def normalize_decoder_rows(W_dec):
+    """Rescale each nonzero row of ``W_dec`` to unit L2 norm, in place."""
+    norms = decoder_column_norms(W_dec)
+    W_dec /= np.where(norms > 0, norms, 1)[:, None]
+
+
+def explained_variance(x, mse):
+    """``1 - mse / mean_i ||x_i - mean(x)||**2`` (1.0 for a constant batch)."""
+    var = float(np.sum((x - x.mean(axis=0)) ** 2) / x.shape[0])
+    return _explained_variance(mse, var)
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """Forward, backward and Adam update on one batch, in place.
+
+    ``fire_counts`` (int64 ``[d_sae]``, optional) is incremented by the
+    number of rows in which each feature fired. Returns the batch's losses,
+    L0 and explained variance, measured before the update.
+    """
+    f = encode_relu(x, params.W_enc, params.b_enc, params.b_dec)
+    x_hat = decode(f, params.W_dec, params.b_dec)
+    loss, grads = gradients(x, params, f, x_hat, l1_coefficient, decoder_norm)
+    adam_update(params, grads, state, lr, beta1, beta2, eps)
+    if decoder_norm == "unit_norm":
+        normalize_decoder_rows(params.W_dec)
+    active = f > 0
+    if fire_counts is not None:
+        fire_counts += active.sum(axis=0)
+    return StepResult(mse=loss.mse, l1=loss.l1, total=loss.total,
+                      l0=float(active.sum() / x.shape[0]),
+                      explained_variance=explained_variance(x, loss.mse))
+
+
+# ---------------------------------------------------------------- TopK family
+# Selection rule shared by every backend: larger pre-activation first, ties
+# broken by the lower feature index (BatchTopK: by the lower row-major flat
+# index, i.e. lower row first, then lower feature). ReLU is applied after the
+# selection, and entries it zeroes are dropped, so a TopK row holds at most k
+# entries. Codes are canonical CSR (indices increasing in each row).
+
+def _select_rows(pre, k):
+    """Indices of the k largest entries of each row (ties: lower index)."""
+    order = np.argsort(-pre, axis=1, kind="stable")
+    return order[:, :k]
+
+
+def _codes_from_selection(pre, rows, cols):
+    vals = pre[rows, cols]
+    keep = vals > 0
+    f = np.zeros(pre.shape, dtype=pre.dtype)
+    f[rows[keep], cols[keep]] = vals[keep]
+    return SparseCodes.from_dense(f) if pre.dtype == np.float32 else _sparse64(f)
+
+
+def _sparse64(f):
+    """SparseCodes holding float64 values (finite-difference tests only)."""
+    c = SparseCodes.from_dense(f.astype(np.float32))
+    rows = np.repeat(np.arange(f.shape[0]), np.diff(c.indptr))
+    return SparseCodes(c.indptr, c.indices, f[rows, c.indices], c.shape)
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k):
+    """Per row, the ``k`` largest pre-activations, then ReLU -> SparseCodes."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    k = min(int(k), pre.shape[1])
+    cols = _select_rows(pre, k)
+    rows = np.repeat(np.arange(pre.shape[0]), k)
+    return _codes_from_selection(pre, rows, cols.ravel())
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k):
+    """The ``N * k`` largest pre-activations of the whole batch, then ReLU."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    total = min(int(k) * pre.shape[0], pre.size)
+    flat = np.argsort(-pre.ravel(), kind="stable")[:total]
+    rows, cols = np.divmod(flat, pre.shape[1])
+    return _codes_from_selection(pre, rows, cols)
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold):
+    """``relu(pre) * (pre > threshold)`` per feature -> SparseCodes (how a
+    BatchTopK SAE runs at inference, and SAELens's ``jumprelu``)."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    f = np.where((pre > threshold[None, :]) & (pre > 0), pre, 0).astype(pre.dtype)
+    return SparseCodes.from_dense(f) if pre.dtype == np.float32 else _sparse64(f)
+
+
+def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
+    """AuxK selection: per row, the ``k_aux`` largest pre-activations among
+    dead features (``dead_mask`` bool ``[d_sae]``), then ReLU (as OpenAI's
+    reference code does; SAELens keeps negative selected values)."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    dead = np.flatnonzero(dead_mask)
+    k = min(int(k_aux), dead.size)
+    if k == 0:
+        return _codes_from_selection(pre, np.zeros(0, int), np.zeros(0, int))
+    local = _select_rows(pre[:, dead], k)
+    rows = np.repeat(np.arange(pre.shape[0]), k)
+    return _codes_from_selection(pre, rows, dead[local.ravel()])
+
+
+#: Weight of the AuxK term, ``aux_coefficient * min(n_dead / k_aux, 1)`` (as
+#: SAELens scales it, so few dead latents give a small loss); shared by every
+#: backend (:func:`fastsae.backends.numerics.auxk_weight`).
+aux_scale = auxk_weight
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients for TopK/BatchTopK training (unit-norm decoder).
+
+    ``mse`` as for ReLU SAEs, no L1 term. With ``aux_codes`` (AuxK selection,
+    see :func:`encode_topk_aux`) and ``aux_weight`` (see :func:`aux_scale`),
+    ``aux = aux_weight * mean_i ||e_hat_i - e_i||**2`` with ``e = x - x_hat``
+    held constant and ``e_hat = aux_codes @ W_dec`` (no bias); ``total =
+    mse + aux``. Gradients flow only through selected entries. The ``W_dec``
+    gradient has its component parallel to each row removed.
+    """
+    f = _dense(codes)
+    n = x.shape[0]
+    W_enc, W_dec = params.W_enc, params.W_dec
+    d_xhat = 2.0 * (x_hat - x) / n
+    g_W_dec = f.T @ d_xhat
+    g_b_dec = d_xhat.sum(axis=0)
+    d_pre = np.where(f > 0, d_xhat @ W_dec.T, 0)
+    mse = float(np.sum((x_hat - x) ** 2) / n)
+    aux = 0.0
+    if aux_codes is not None and aux_weight > 0:
+        fa = _dense(aux_codes)
+        err = fa @ W_dec - (x - x_hat)
+        aux = float(aux_weight * np.sum(err ** 2) / n)
+        d_ehat = aux_weight * 2.0 * err / n
+        g_W_dec = g_W_dec + fa.T @ d_ehat
+        d_pre = d_pre + np.where(fa > 0, d_ehat @ W_dec.T, 0)
+    g_W_enc = (x - params.b_dec).T @ d_pre
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
+    g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    return (Losses(mse=mse, l1=0.0, total=mse + aux, aux=aux),
+            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK training step (forward, AuxK, backward, Adam,
+    decoder-row renormalization), in place.
+
+    ``dead_mask`` (bool ``[d_sae]``) marks the latents AuxK may use; AuxK is
+    on when it is given, ``k_aux > 0`` and ``aux_coefficient > 0``.
+    ``StepResult.extra["min_active"]`` is the smallest kept activation of the
+    batch (0.0 if none): the trainer's running BatchTopK threshold follows it.
+    """
+    encode = encode_topk if activation == "topk" else encode_batchtopk
+    codes = encode(x, params.W_enc, params.b_enc, params.b_dec, k)
+    x_hat = decode(codes, params.W_dec, params.b_dec)
+    aux_codes, weight = None, 0.0
+    if auxk_active(dead_mask, k_aux, aux_coefficient):
+        aux_codes = encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
+                                    k_aux)
+        weight = aux_scale(dead_mask, k_aux, aux_coefficient)
+    loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
+    adam_update(params, grads, state, lr, beta1, beta2, eps)
+    normalize_decoder_rows(params.W_dec)
+    if fire_counts is not None:
+        fire_counts += np.bincount(codes.indices, minlength=params.d_sae)
+    return StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
+                      explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
+                      extra={"min_active": min_active(codes.values)})

@@ -1,0 +1,138 @@
+"""Every performance tunable of every backend, in one place, with its reason.
+
+Nothing here changes what a kernel computes beyond float32 reduction order
+(and most not even that: the row and tile sizes below are chosen so that
+results do not depend on them, see each backend's docstring); they decide how
+work is cut into blocks that fit the caches. Names say which backend and
+which kernel a value is for: two backends that need different values for
+"the same" idea get two names, never one name with two meanings.
+
+Measured on: the 2-core development machines of this project (AMD EPYC with
+AVX-512 and AVX512-BF16, 1 MiB L2 per core, 32 MiB shared L3; and Intel Xeon
+with AVX-512 and AMX), OpenBLAS SkylakeX/Haswell kernels, paper size
+N=4096, d_in=512, d_sae=8192. The measurements are in
+``benchmarks/results_numba.md`` and ``benchmarks/results_cython.md``.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ numba
+#: Rows per block of the Numba ReLU encoder (``encode_relu``,
+#: ``encode_relu_sparse``, ``train_step``) and of JumpReLU's.
+#: ``ROW_BLOCK * d_sae * 4`` bytes of pre-activations (8 MiB at d_sae=8192)
+#: stay in the 32 MiB L3 between the product and its epilogue; larger blocks
+#: amortize BLAS's packing of ``W_enc`` better (results_numba.md).
+NUMBA_RELU_ROW_BLOCK = 256
+
+#: Block grid of the Numba TopK encoders: each sgemm makes a
+#: ``ROWS x COLS`` tile (8 MiB, kept in L3) that is selected from right
+#: away. Taller than the ReLU blocks, so BLAS packs ``W_enc`` once per row
+#: block; the column split keeps the tile in cache (measured in
+#: results_numba.md: 1024 x 2048 beat 256 x 8192).
+NUMBA_TOPK_ROW_BLOCK = 1024
+NUMBA_TOPK_COL_BLOCK = 2048
+
+#: Features per tile of the Numba ReLU backward's feature pass: 16 float32 =
+#: one 64-byte cache line of each ``W_enc`` row, written at once.
+NUMBA_RELU_FEATURE_TILE = 16
+
+#: Features per tile of the Numba TopK step's weight pass: 64 float32 = 256
+#: contiguous bytes per row of ``W_enc`` and of each of its moments, which
+#: lets Adam vectorize in the tile (results_numba.md).
+NUMBA_TOPK_FEATURE_TILE = 64
+
+#: Rows per block of the Numba TopK row pass: column sums are summed per
+#: block, then over blocks in order (independent of the thread count).
+NUMBA_TOPK_ROW_SUM_BLOCK = 64
+
+#: Rows per block of the Numba column sums of ``[N, d]`` arrays
+#: (``backward.column_sums_rows``): float64 partial sums per block, then
+#: summed over blocks in order (independent of the thread count).
+NUMBA_COLUMN_SUM_BLOCK = 64
+
+#: Elements per parallel block of the Numba flat Adam update (``b_dec``):
+#: big enough that a block is worth a thread, small enough to split.
+NUMBA_ADAM_FLAT_BLOCK = 4096
+
+#: First staging width (entries per row) of the Numba CSR encoder, before it
+#: has learned one from a previous call's largest row (x1.5, power of two).
+NUMBA_CSR_STAGE_START = 128
+#: Upper bound of the CSR encoder's staging area, bytes.
+NUMBA_CSR_STAGE_MAX_BYTES = 256 << 20
+
+#: Dense codes with more than ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` of
+#: their entries nonzero are decoded with BLAS, sparser ones through CSR
+#: (the scan to CSR plus ``N * L0 * d_in`` work beats the GEMM below 1/8).
+NUMBA_DENSE_DECODE_INVERSE_DENSITY = 8
+
+# ------------------------------------------------------------------ cython
+#: Encoder tile of the Cython ReLU encoders: ``ROWS x COLS`` floats
+#: (256 x 512 = 512 KiB, half of a core's L2) computed by one sgemm; its
+#: epilogue runs before the next tile. ``ROWS`` is also the row block of the
+#: dense-codes sgemm decoder, ``COLS`` the feature tile of the top-k encoders.
+#: (The compiled kernels' own block sizes, which size C buffers, are enums in
+#: ``kernels/cython/*.pyx``: ``_FB``, ``_CB``, ``_CHUNK``, ``_LANES``.)
+CYTHON_RELU_TILE_ROWS = 256
+CYTHON_TILE_COLS = 512
+
+#: Row tile of the Cython top-k encoders: 512 x 512 floats = 1 MiB, so each
+#: sgemm repacks the row block's ``x - b_dec`` less often (measured ~5%
+#: faster at paper size than 256 rows; the selection epilogue is cheap).
+CYTHON_TOPK_TILE_ROWS = 512
+
+#: Row tiles of the Cython encoders and of the dense-codes sgemm decoder are
+#: ``min(ROWS, max(16, ceil(N / MIN_ROW_BLOCKS)))``: they depend on the batch
+#: size only, never on the thread count, because OpenBLAS rounds a product
+#: differently for another row count (its edge kernels), and results must not
+#: depend on the threads. The minimum block counts are the split 2 threads
+#: wanted (ReLU: one block per thread, more tasks come from feature chunks;
+#: top-k: 4 blocks per thread, it has no feature chunks), so small batches
+#: still run in parallel on these 2-core machines.
+CYTHON_RELU_MIN_ROW_BLOCKS = 2
+CYTHON_TOPK_MIN_ROW_BLOCKS = 8
+
+#: Dense codes with at most this fraction of nonzeros are decoded by the
+#: Cython backend with a gather (skipping zeros); denser ones by sgemm.
+CYTHON_GATHER_MAX_DENSITY = 0.1
+
+#: Cython kernels with less work than this (multiply-adds or element visits)
+#: run on one thread: waking the OpenMP team costs more than it saves (and on
+#: a busy machine a descheduled worker can stall the team for a tick).
+CYTHON_PARALLEL_MIN_WORK = 1 << 20
+
+# ------------------------------------------------------------------ cuda
+# Launch geometry of the CUDA kernels on a real GPU (under the simulator
+# fastsae.backends.cuda.common uses a tiny test geometry instead). Not yet
+# measured on a GPU (benchmarks/results_cuda_topk.md says why): these are the
+# usual choices for NVIDIA GPUs from compute capability 7.0 on (32-thread
+# warps, 32 shared-memory banks, 48 KiB of shared memory per block); they
+# fix how work is cut, not what any kernel computes, except CUDA_BLOCK,
+# CUDA_DOT_LANES and CUDA_COLSUM_ROWS, which fix the order of the float
+# block sums, sparse dot products and column sums.
+
+#: Threads of every 1-D block: 8 warps, enough to hide memory latency in the
+#: row-per-block kernels while keeping their tree reductions short.
+CUDA_BLOCK = 256
+#: Most blocks of a grid-stride launch (the 1-D grid limit of old GPUs).
+CUDA_GRID_CAP = 65535
+#: Register-blocked SGEMM: a ``BM x BN`` block tile, ``BK`` deep per shared-memory
+#: stage, ``TM x TN`` outputs per thread (16 x 16 = 256 threads; 64 float32
+#: accumulators per thread stay in registers, checked by tests/test_cuda_sim.py).
+CUDA_GEMM_BM = 128
+CUDA_GEMM_BN = 128
+CUDA_GEMM_BK = 8
+CUDA_GEMM_TM = 8
+CUDA_GEMM_TN = 8
+#: Sparse dot products of the backward pass: one warp (``LANES`` threads)
+#: per stored entry, ``GROUPS`` entries per block at once.
+CUDA_DOT_LANES = 32
+CUDA_DOT_GROUPS = 8
+#: Transpose through shared memory: ``TILE x TILE`` tiles (one warp wide,
+#: padded against bank conflicts), ``ROWS`` thread rows per block.
+CUDA_TRANSPOSE_TILE = 32
+CUDA_TRANSPOSE_ROWS = 8
+#: Rows per chunk of the stable CSR -> CSC transposition (per-chunk feature
+#: counts are int32 ``[N / CHUNK_ROWS, d_sae]``).
+CUDA_CSC_CHUNK_ROWS = 64
+#: Rows per partial column sum (bias gradient, batch mean).
+CUDA_COLSUM_ROWS = 64
