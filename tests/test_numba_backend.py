@@ -19,15 +19,15 @@ from fastsae import reference as R
 
 from conftest import assert_codes_match, encode_oracle, f64, make_params, make_x
 
-numba = pytest.importorskip("numba")
-NB = pytest.importorskip("fastsae.numba_backend")
-from fastsae._kernels import encode as E  # noqa: E402
+import numba  # a dependency of fastsae
+import fastsae.backends.numba as NB
+from fastsae.backends.numba import encode as E
 
 pytestmark = pytest.mark.skipif(
     not any(s.name == "numba" and s.available for s in fastsae.available_backends()),
     reason="numba backend unavailable")
 
-# N spans several encoder row blocks (E.ROW_BLOCK = 256) and an odd remainder
+# N spans several encoder row blocks (NUMBA_RELU_ROW_BLOCK = 256) and an odd remainder
 SHAPES = [(1, 1, 1), (1, 7, 300), (5, 3, 1), (300, 17, 65), (600, 40, 257)]
 
 
@@ -170,11 +170,11 @@ def test_respects_set_num_threads(be, threads):
     """The encoder splits its rows over exactly get_num_threads() parts, so
     a single thread still gives the full answer."""
     x, p = _problem((64, 8, 40), seed=2)
-    numba.set_num_threads(1)
-    assert numba.get_num_threads() == 1 and NB._threads() == 1
+    NB.set_num_threads(1)
+    assert numba.get_num_threads() == 1 and NB.get_num_threads() == 1
     one = be.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)
-    numba.set_num_threads(threads)
-    assert NB._threads() == threads
+    NB.set_num_threads(None)  # back to the default: NUMBA_NUM_THREADS
+    assert NB.get_num_threads() == numba.get_num_threads() == threads
     assert np.array_equal(one, be.encode_relu(x, p.W_enc, p.b_enc, p.b_dec))
     assert "thread" in NB.DESCRIPTION
 

@@ -39,7 +39,7 @@ def _same(a, b):
 
 
 # the last shape spans several tiles of the encoders' block grid
-# (topk.ROW_BLOCK x topk.COL_BLOCK = 1024 x 2048), remainders included
+# (NUMBA_TOPK_ROW_BLOCK x NUMBA_TOPK_COL_BLOCK = 1024 x 2048), remainders included
 SHAPES = [(1, 3, 1), (1, 4, 7), (5, 3, 9), (37, 5, 70), (300, 4, 33), (513, 6, 130),
           (1030, 4, 2100)]
 

@@ -2,7 +2,7 @@
 
 ``W_dec`` float32 ``[d_sae, d_in]`` (feature ``j``'s decoder vector is row
 ``j``, contiguous); ``norms`` float32 ``[d_sae]``. CSR arrays as in
-:mod:`fastsae._kernels.decode`.
+:mod:`fastsae.backends.numba.decode`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,15 @@
 """Numba CPU backward kernels: the SAE loss's gradients, sparsity-aware.
 
+What is here: the CSR->CSC transpose (:func:`csr_to_csc`), ``d_pre`` at the
+active entries (:func:`d_pre_csr` for the ReLU loss, :func:`d_pre_topk_csr`
+for TopK), column sums, ``g_b_dec``, the per-feature weight pass in its two
+forms (:func:`feature_grads` writes the gradients, :func:`feature_adam`
+consumes them with Adam), the stand-alone ReLU gradients
+(:func:`relu_gradients`), the AuxK residual (:func:`aux_residual`) and the
+TopK training step's two passes (:func:`topk_row_pass`,
+:func:`topk_feature_adam`). The compiled training steps that chain them are
+in :mod:`fastsae.backends.numba.step`.
+
 Inputs: CSR codes ``f`` (``indptr`` int64 ``[N+1]``, ``indices`` int32,
 ``values`` float32), ``d_xhat = 2 (x_hat - x) / N`` float32 ``[N, d_in]``,
 ``xc = x - b_dec`` float32 ``[N, d_in]``, parameters in SAELens layouts
@@ -8,20 +18,23 @@ Inputs: CSR codes ``f`` (``indptr`` int64 ``[N+1]``, ``indices`` int32,
 The gradient w.r.t. the pre-activations is zero wherever ``f`` is, so:
 
 * ``d_pre`` is computed only at the ``nnz`` active entries
-  (:func:`d_pre_csr`: ``N * L0 * d_in`` multiply-adds);
+  (``N * L0 * d_in`` multiply-adds);
 * ``g_W_dec[j] = sum_i f_ij d_xhat_i`` and ``g_W_enc[:, j] = sum_i d_pre_ij
   xc_i`` are sums over the rows where feature ``j`` is active: the CSR is
-  transposed once (:func:`csr_to_csc`) and :func:`feature_pass` runs
-  parallel over tiles of features, each thread owning its features' rows
-  (no races, no atomics, and a fixed summation order, so results do not
-  depend on the thread count);
+  transposed once (:func:`csr_to_csc`) and the weight pass runs parallel
+  over tiles of features, each thread owning its features' rows (no races,
+  no atomics, and a fixed summation order, so results do not depend on the
+  thread count);
 * in ``weighted_l1`` mode the norm term only scales each decoder row by its
   feature's total activation; in ``unit_norm`` mode the projection is done
   on each row as it is produced.
 
-:func:`feature_pass` can also apply Adam to ``W_enc``, ``b_enc`` and
-``W_dec`` (and renormalize decoder rows) as each gradient tile is produced,
-so the training step never stores those gradients.
+:func:`feature_adam` applies Adam to ``W_enc``, ``b_enc`` and ``W_dec`` (and
+renormalizes decoder rows) as each gradient tile is produced, so the
+training step never stores those gradients. The TopK step's weight pass
+(:func:`topk_feature_adam`) is a separate kernel: it sums with the
+vectorized :func:`_dot` (a different float32 rounding than the ReLU pass's
+sequential sums) and handles the stacked AuxK rows.
 """
 
 from __future__ import annotations
@@ -29,15 +42,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..tunables import (NUMBA_COLUMN_SUM_BLOCK, NUMBA_RELU_FEATURE_TILE,
+                         NUMBA_TOPK_ROW_SUM_BLOCK)
+from . import norms as NR
 from .adam import adam_elem, const_tuple
 from .decode import _accumulate_row
+from .encode import centered
 
-__all__ = ["csr_to_csc", "d_pre_csr", "column_sums_csc", "column_sums_rows",
-           "b_dec_grad", "feature_pass", "TILE", "topk_row_pass", "topk_feature_adam"]
-
-#: Features per tile in :func:`feature_pass`: 16 float32 = one 64-byte cache
-#: line of each ``W_enc`` row, written at once.
-TILE = 16
+__all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "column_sums_rows",
+           "b_dec_grad", "feature_grads", "feature_adam", "residual_grad", "relu_gradients",
+           "aux_residual", "topk_row_pass", "topk_feature_adam"]
 
 
 @njit(cache=True)
@@ -104,6 +118,26 @@ def d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n):
 
 
 @njit(parallel=True, cache=True)
+def d_pre_topk_csr(indptr, indices, values, d_xhat, W_dec):
+    """``d_pre`` of a TopK loss (no L1 term) at the active entries, in CSR
+    order: ``d_xhat_i . W_dec[j]`` where ``values_p > 0``, else 0 (float32
+    ``[nnz]``). The pattern may stack AuxK rows below the main ones
+    (``d_xhat`` then holds ``d_ehat`` in those rows)."""
+    n = indptr.shape[0] - 1
+    d_pre = np.empty(indices.shape[0], np.float32)
+    zero = np.float32(0.0)
+    for i in prange(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            if values[p] > 0:
+                # "+ 0" as the ReLU kernel with a zero penalty adds (what the TopK
+                # gradients used before): a -0.0 product becomes +0.0, same bits
+                d_pre[p] = _dot(d_xhat[i], W_dec[indices[p]]) + zero
+            else:
+                d_pre[p] = 0.0
+    return d_pre
+
+
+@njit(parallel=True, cache=True)
 def column_sums_csc(colptr, perm, vals):
     """``out[j] = sum over column j's entries of vals[perm[q]]`` (float32,
     rows in increasing order), e.g. ``g_b_enc`` from ``d_pre``."""
@@ -119,13 +153,15 @@ def column_sums_csc(colptr, perm, vals):
 
 @njit(parallel=True, cache=True)
 def column_sums_rows(A):
-    """Column sums of ``A`` ``[N, d]`` in float64 over fixed 64-row blocks
-    (summed in block order afterwards, so independent of the thread count)."""
+    """Column sums of ``A`` ``[N, d]`` in float64 over fixed blocks of
+    :data:`~fastsae.backends.tunables.NUMBA_COLUMN_SUM_BLOCK` rows (summed in
+    block order afterwards, so independent of the thread count)."""
     n, d = A.shape
-    nb = (n + 63) // 64
+    RB = NUMBA_COLUMN_SUM_BLOCK
+    nb = (n + RB - 1) // RB
     part = np.zeros((nb, d), np.float64)
     for b in prange(nb):
-        for i in range(b * 64, min(n, b * 64 + 64)):
+        for i in range(b * RB, min(n, b * RB + RB)):
             for k in range(d):
                 part[b, k] += A[i, k]
     out = np.zeros(d, np.float64)
@@ -145,105 +181,133 @@ def b_dec_grad(d_xhat_colsum, W_enc, g_b_enc):
     return out
 
 
-@njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
-def feature_pass(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
-                 unit_norm, apply_adam, g_W_enc, g_W_dec,
-                 W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec,
-                 adam_c):
-    """Per-feature gradients of ``W_dec`` and ``W_enc`` (parallel over tiles of
-    :data:`TILE` features; each tile's rows are owned by one thread).
+@njit(inline="always")
+def _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm,
+                  j, gd, gej):
+    """Feature ``j``'s gradients, shared by :func:`feature_grads` and
+    :func:`feature_adam`: ``gd = g_W_dec[j]`` (with the decoder-norm term)
+    and ``gej += g_W_enc[:, j]`` (``gej`` starts zeroed), rows ``i``
+    increasing. ``c = float32(l1n)``; ``norms`` is only read in
+    ``weighted_l1`` mode (``unit_norm`` False)."""
+    d_in = gd.shape[0]
+    gd[:] = 0.0
+    csum = np.float32(0.0)
+    for q in range(colptr[j], colptr[j + 1]):
+        i = rows[q]
+        p = perm[q]
+        fv = values[p]
+        dp = d_pre[p]
+        csum += fv
+        dx = d_xhat[i]
+        xi = xc[i]
+        for k in range(d_in):
+            gd[k] += fv * dx[k]
+            gej[k] += dp * xi[k]
+    w = W_dec[j]
+    if unit_norm:
+        # remove the component along the decoder row (sequential sums, as ever)
+        sq = np.float32(0.0)
+        gw = np.float32(0.0)
+        for k in range(d_in):
+            sq += w[k] * w[k]
+            gw += gd[k] * w[k]
+        if sq > 0:
+            coef = gw / sq
+            for k in range(d_in):
+                gd[k] -= coef * w[k]
+    else:
+        nrm = norms[j]
+        if nrm > 0 and csum != 0:
+            coef = c * csum
+            for k in range(d_in):
+                gd[k] += coef * (w[k] / nrm)
+
+
+@njit(parallel=True, cache=True)
+def feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
+                  g_W_enc, g_W_dec):
+    """Per-feature gradients of ``W_dec`` and ``W_enc`` into ``g_W_dec``
+    ``[d_sae, d_in]`` and ``g_W_enc`` ``[d_in, d_sae]`` (float32, written
+    whole), parallel over tiles of :data:`~fastsae.backends.tunables.NUMBA_RELU_FEATURE_TILE`
+    features (each tile's rows are owned by one thread).
 
     ``g_W_dec[j] = sum_i f_ij d_xhat_i`` (+ ``l1n * sum_i f_ij * W_dec[j] /
-    ||W_dec[j]||`` in ``weighted_l1`` mode, i.e. ``unit_norm`` False; the
-    parallel component removed in ``unit_norm`` mode) and ``g_W_enc[:, j] =
-    sum_i d_pre_ij xc_i``, rows ``i`` increasing.
-
-    ``apply_adam`` False: the gradients are written to ``g_W_enc`` ``[d_in,
-    d_sae]`` and ``g_W_dec`` ``[d_sae, d_in]`` (the other arrays unused).
-    True: instead, Adam (constants ``adam_c``, see
-    :mod:`fastsae._kernels.adam`) updates ``W_enc``, ``W_dec`` and, with the
-    precomputed ``g_b_enc``, ``b_enc`` and their moments in place, and in
-    ``unit_norm`` mode each decoder row is renormalized right after; the
-    gradient arrays are unused. ``W_dec``'s old rows are read before they
-    are overwritten, and nothing else in this pass reads them.
+    norms[j]`` in ``weighted_l1`` mode, i.e. ``unit_norm`` False; the
+    component along ``W_dec[j]`` removed in ``unit_norm`` mode, where
+    ``norms`` and ``l1n`` are not read: pass an empty array and 0) and
+    ``g_W_enc[:, j] = sum_i d_pre_ij xc_i``, rows ``i`` increasing. The
+    pattern's row ``i`` pairs ``d_xhat[i]`` with ``xc[i]``.
     """
     d_sae, d_in = W_dec.shape
-    ntiles = (d_sae + TILE - 1) // TILE
+    T = NUMBA_RELU_FEATURE_TILE
+    ntiles = (d_sae + T - 1) // T
     c = np.float32(l1n)
-    cs = const_tuple(np.zeros(8, np.float32))  # adam_c is empty without Adam
-    if apply_adam:
-        cs = const_tuple(adam_c)
     for t in prange(ntiles):
-        j0 = t * TILE
-        j1 = min(d_sae, j0 + TILE)
-        ge = np.zeros((TILE, d_in), np.float32)
+        j0 = t * T
+        j1 = min(d_sae, j0 + T)
+        ge = np.zeros((T, d_in), np.float32)
         gd = np.empty(d_in, np.float32)
         for j in range(j0, j1):
-            gd[:] = 0.0
-            gej = ge[j - j0]
-            csum = np.float32(0.0)
-            for q in range(colptr[j], colptr[j + 1]):
-                i = rows[q]
-                p = perm[q]
-                fv = values[p]
-                dp = d_pre[p]
-                csum += fv
-                dx = d_xhat[i]
-                xi = xc[i]
-                for k in range(d_in):
-                    gd[k] += fv * dx[k]
-                    gej[k] += dp * xi[k]
+            _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
+                          unit_norm, j, gd, ge[j - j0])
+            g_W_dec[j] = gd
+        # the tile of W_enc's gradient, transposed: row k gets T contiguous values
+        for k in range(d_in):
+            for j in range(j0, j1):
+                g_W_enc[k, j] = ge[j - j0, k]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
+def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
+                 W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c):
+    """The gradients of :func:`feature_grads`, consumed by Adam as each is
+    made (they are never stored): ``W_enc``, ``W_dec`` and, with the
+    precomputed ``g_b_enc``, ``b_enc`` and their moments are updated in place
+    (constants ``adam_c``, see :func:`fastsae.backends.numerics.adam_constants`);
+    in ``unit_norm`` mode each decoder row is renormalized right after its
+    update. ``W_dec``'s old rows are read before they are overwritten, and
+    nothing else in this pass reads them.
+    """
+    d_sae, d_in = W_dec.shape
+    T = NUMBA_RELU_FEATURE_TILE
+    ntiles = (d_sae + T - 1) // T
+    c = np.float32(l1n)
+    cs = const_tuple(adam_c)
+    for t in prange(ntiles):
+        j0 = t * T
+        j1 = min(d_sae, j0 + T)
+        ge = np.zeros((T, d_in), np.float32)
+        gd = np.empty(d_in, np.float32)
+        for j in range(j0, j1):
+            _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
+                          unit_norm, j, gd, ge[j - j0])
             w = W_dec[j]
+            mr = mW_dec[j]
+            vr = vW_dec[j]
+            for k in range(d_in):
+                w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
             if unit_norm:
-                sq = np.float32(0.0)
-                gw = np.float32(0.0)
+                s = np.float32(0.0)
                 for k in range(d_in):
-                    sq += w[k] * w[k]
-                    gw += gd[k] * w[k]
-                if sq > 0:
-                    coef = gw / sq
+                    s += w[k] * w[k]
+                nw = np.sqrt(s)
+                if nw > 0:
                     for k in range(d_in):
-                        gd[k] -= coef * w[k]
-            else:
-                nrm = norms[j]
-                if nrm > 0 and csum != 0:
-                    coef = c * csum
-                    for k in range(d_in):
-                        gd[k] += coef * (w[k] / nrm)
-            if apply_adam:
-                mr = mW_dec[j]
-                vr = vW_dec[j]
-                for k in range(d_in):
-                    w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
-                if unit_norm:
-                    s = np.float32(0.0)
-                    for k in range(d_in):
-                        s += w[k] * w[k]
-                    nw = np.sqrt(s)
-                    if nw > 0:
-                        for k in range(d_in):
-                            w[k] = w[k] / nw
-                b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
-                                                          vb_enc[j], cs)
-            else:
-                g_W_dec[j] = gd
-        # the tile of W_enc's gradient, transposed: row k gets TILE contiguous values
-        if apply_adam:
-            for k in range(d_in):
-                for j in range(j0, j1):
-                    W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
-                        W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
-        else:
-            for k in range(d_in):
-                for j in range(j0, j1):
-                    g_W_enc[k, j] = ge[j - j0, k]
+                        w[k] = w[k] / nw
+            b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
+                                                      vb_enc[j], cs)
+        # W_enc's tile row by row: row k gets T contiguous updates
+        for k in range(d_in):
+            for j in range(j0, j1):
+                W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
+                    W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
 
 
 @njit(parallel=True, cache=True)
 def residual_grad(x_hat, x):
     """``(d_xhat, row_sq)`` from a given ``x_hat``: ``d_xhat = 2 (x_hat - x) /
     N`` float32 ``[N, d_in]`` and ``row_sq[i] = sum_k (x_hat - x)_ik**2``
-    (float64). :func:`fastsae._kernels.decode.decode_residual_csr` fuses this
+    (float64). :func:`fastsae.backends.numba.decode.decode_residual_csr` fuses this
     with the decode in the training step."""
     n, d = x.shape
     d_xhat = np.empty((n, d), np.float32)
@@ -259,9 +323,48 @@ def residual_grad(x_hat, x):
     return d_xhat, row_sq
 
 
-#: Rows per block of :func:`topk_row_pass` (column sums are summed per block,
-#: then over blocks in order: independent of the thread count).
-ROW_SUM_BLOCK = 64
+@njit(cache=True)
+def relu_gradients(x, W_enc, W_dec, b_dec, indptr, indices, values, x_hat, l1c, unit_norm):
+    """The ReLU loss's parts and gradients from given codes (CSR) and
+    ``x_hat``: ``(mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec)``, computed at
+    the active entries only (see :func:`fastsae.backends.reference.gradients`).
+    ``l1c`` is the L1 coefficient; ``unit_norm`` selects the decoder-norm
+    mode (penalty 1 and the projection) over ``weighted_l1``."""
+    n, d_in = x.shape
+    d_sae = W_dec.shape[0]
+    xc = centered(x, b_dec)
+    d_xhat, row_sq = residual_grad(x_hat, x)
+    norms = NR.row_norms(W_dec)
+    penalty = np.ones(d_sae, np.float32) if unit_norm else norms
+    l1n = l1c / n
+    d_pre, row_l1 = d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
+    colptr, rows, perm = csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_W_enc = np.empty((d_in, d_sae), np.float32)
+    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
+                  g_W_enc, g_W_dec)
+    mse = row_sq.sum() / n
+    l1 = l1c * row_l1.sum() / n
+    return mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+
+
+@njit(parallel=True, cache=True)
+def aux_residual(e_hat, x, x_hat, scale):
+    """AuxK's residual gradient: ``d_ehat = scale * (e_hat - (x - x_hat))``
+    float32 ``[N, d_in]`` and the per-row squared error float64 ``[N]``."""
+    n, d = x.shape
+    out = np.empty((n, d), np.float32)
+    row_sq = np.empty(n, np.float64)
+    for i in prange(n):
+        s = 0.0
+        for k in range(d):
+            err = e_hat[i, k] - (x[i, k] - x_hat[i, k])
+            s += np.float64(err) * err
+            out[i, k] = scale * err
+        row_sq[i] = s
+    return out, row_sq
 
 
 @njit(parallel=True, cache=True)
@@ -293,7 +396,7 @@ def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
     a_d_pre = np.empty(a_indices.shape[0], np.float32)
     scale = np.float32(2.0 / n)
     asc = np.float32(aux_scale)
-    RB = ROW_SUM_BLOCK
+    RB = NUMBA_TOPK_ROW_SUM_BLOCK
     nb = (n + RB - 1) // RB
     p_dx = np.zeros((nb, d_in), np.float64)
     p_x = np.zeros((nb, d_in), np.float64)

@@ -1,4 +1,7 @@
-"""Numba CPU decoder kernels: ``x_hat = f @ W_dec + b_dec``.
+"""Numba CPU decoder kernels: ``x_hat = f @ W_dec + b_dec`` from CSR
+(:func:`decode_csr`, and fused with the residual gradient in
+:func:`decode_residual_csr`) or dense codes (:func:`decode_dense`), and the
+dense-to-CSR compaction (:func:`dense_to_csr`).
 
 Layouts: CSR codes (``indptr`` int64 ``[N+1]``, ``indices`` int32 ``[nnz]``,
 ``values`` float32 ``[nnz]``), ``W_dec`` float32 ``[d_sae, d_in]`` (one
@@ -17,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..tunables import NUMBA_DENSE_DECODE_INVERSE_DENSITY
 from .encode import gemm
 
 __all__ = ["decode_csr", "decode_residual_csr", "dense_to_csr", "decode_dense",
@@ -124,12 +128,13 @@ def dense_to_csr(f):
 
 @njit(cache=True)
 def decode_dense(f, W_dec, b_dec):
-    """Decode dense codes ``f`` ``[N, d_sae]``: through CSR when at most 1/8
-    of the entries are nonzero (one parallel scan of ``f``, then
-    ``N * L0 * d_in`` work), else with BLAS (:func:`decode_dense_gemm`)."""
+    """Decode dense codes ``f`` ``[N, d_sae]``: through CSR when at most
+    ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` (1/8) of the entries are
+    nonzero (one parallel scan of ``f``, then ``N * L0 * d_in`` work), else
+    with BLAS (:func:`decode_dense_gemm`)."""
     n, d = f.shape
     counts = _row_nnz(f)
-    if counts.sum() * 8 > n * d:
+    if counts.sum() * NUMBA_DENSE_DECODE_INVERSE_DENSITY > n * d:
         return decode_dense_gemm(f, W_dec, b_dec)
     indptr, indices, values = csr_from_counts(counts)
     _fill_csr(f, indptr, indices, values)

@@ -1,12 +1,15 @@
-"""Numba CPU TopK-family encoders: TopK, BatchTopK, JumpReLU, and AuxK
-(fused with TopK, or via TopK on a gathered set of columns).
+"""Numba CPU TopK-family encoders: TopK (:func:`encode_topk_csr`),
+BatchTopK (:func:`encode_batchtopk_csr`), JumpReLU
+(:func:`encode_jumprelu_csr`), and AuxK (fused with TopK in the training
+step's :func:`encode_topk_train`, or via TopK on the columns
+:func:`gather_columns` gathers).
 
-Layouts as in :mod:`fastsae._kernels.encode`: ``xc = x - b_dec`` float32
+Layouts as in :mod:`fastsae.backends.numba.encode`: ``xc = x - b_dec`` float32
 ``[N, d_in]``, ``W_enc`` float32 ``[d_in, d_sae]`` (C-contiguous), ``b_enc``
 ``[d_sae]``. Outputs are canonical CSR (``indptr`` int64 ``[N+1]``,
 ``indices`` int32 increasing per row, ``values`` float32 > 0).
 
-Selection rule (see :mod:`fastsae.reference`): larger pre-activation first,
+Selection rule (see :mod:`fastsae.backends.reference`): larger pre-activation first,
 ties broken by the lower feature index (BatchTopK: lower row-major flat
 index); ReLU after the selection, zeroed entries dropped. Because ReLU drops
 every non-positive selected entry, "the k largest, then ReLU" equals "the
@@ -14,10 +17,12 @@ min(k, #positive) largest positive entries": the kernels only ever keep
 positive pre-activations, with 0 as the initial admission threshold.
 
 Fusion: as in the ReLU encoder, each Numba thread owns whole row blocks of
-a fixed ``row_block x COL_BLOCK`` grid, runs one single-threaded sgemm per
-tile into a per-thread workspace and selects while the tile is in cache; the
-``N x d_sae`` pre-activations are never written to main memory. AuxK (dead
-features only) is selected in the same loop over each cached row.
+a fixed ``row_block x NUMBA_TOPK_COL_BLOCK`` grid (the face passes
+``row_block = NUMBA_TOPK_ROW_BLOCK``, see :mod:`fastsae.backends.tunables`),
+runs one single-threaded sgemm per tile into a per-thread workspace and
+selects while the tile is in cache; the ``N x d_sae`` pre-activations are
+never written to main memory. AuxK (dead features only) is selected in the
+same loop over each cached row (:func:`_select_blocks_train`).
 Per row, a buffer of the ``K`` best entries so far is kept sorted (value
 descending, index ascending); a column is inserted only when it beats the
 buffer's last entry strictly (columns arrive in increasing index order, so
@@ -30,24 +35,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..tunables import NUMBA_TOPK_COL_BLOCK
 from .decode import csr_from_counts
 from .encode import _part_bounds, gemm, warm_gemm
 
-__all__ = ["topk_rows", "topk_aux_rows", "encode_topk_aux_csr", "encode_topk_train",
-           "encode_topk_csr", "encode_batchtopk_csr", "encode_jumprelu_csr", "gather_columns"]
+__all__ = ["topk_rows", "encode_topk_train", "encode_topk_csr", "encode_batchtopk_csr",
+           "encode_jumprelu_csr", "gather_columns"]
 
-
-#: Block grid of the TopK encoders: each sgemm makes a ``ROW_BLOCK x
-#: COL_BLOCK`` tile of pre-activations (8 MiB, kept in the L3 cache) that is
-#: selected from right away. Taller blocks than the ReLU encoder's
-#: ``encode.ROW_BLOCK`` make BLAS pack ``W_enc`` fewer times (once per row
-#: block); the column split keeps the tile in cache. Rows keep their
-#: selection state across the column blocks, which arrive in increasing
-#: column order (so the tie rule holds).
-ROW_BLOCK = 1024
-COL_BLOCK = 2048
-
-_NO_F32 = np.empty(0, np.float32)
 
 
 @njit(inline="always")
@@ -139,58 +133,51 @@ def _sort_by_index(bv, bi, m):
         bv[q] = kv
 
 
-@njit(parallel=True, cache=True)
-def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, vals, idx, npos,
-                   need_npos, dead, acounts, avals, aidx, x, b_dec, sort_rows):
-    """The fused product + selection over the fixed ``row_block x
-    col_block`` grid: each thread owns a contiguous run of whole row blocks
-    and walks their column blocks in order (one single-threaded sgemm per
-    tile into a per-thread workspace). Fills ``counts/vals/idx`` (top
-    ``K = vals.shape[1]``), ``npos`` (exact positive count) when
-    ``need_npos``, and the AuxK buffers when ``dead`` is non-empty: AuxK is
-    the same scan with ``b_dead = b_enc`` on dead features and ``-inf``
-    elsewhere (a live feature never passes a threshold >= 0), so it
-    vectorizes like the main one and reads the row from L1 right after it.
+@njit(inline="always")
+def _grid(n, d_sae, row_block, n_threads):
+    """The fixed block grid: ``(rows per block, columns per block, number of
+    row blocks, number of thread parts)``; each part owns whole row blocks."""
+    rb = max(1, min(row_block, max(n, 1)))
+    cb = max(1, min(NUMBA_TOPK_COL_BLOCK, max(d_sae, 1)))
+    nblk = (n + rb - 1) // rb
+    return rb, cb, nblk, max(1, min(n_threads, nblk))
 
-    With a non-empty ``b_dec``, ``xc`` is an output: each thread first
-    writes ``xc = x - b_dec`` for its row block. With ``sort_rows`` each
-    row's buffers end sorted by feature index (CSR order) instead of by
-    value."""
+
+@njit(inline="always")
+def _tile_product(xc, W_enc, i0, i1, c0, c1, ws):
+    """Pre-activations of rows ``[i0, i1)`` x columns ``[c0, c1)`` (without
+    ``b_enc``) as a C-contiguous tile in workspace ``ws`` (leading dimension =
+    its width, so the scans vectorize): one single-threaded sgemm."""
+    blk = ws[:(i1 - i0) * (c1 - c0)].reshape((i1 - i0, c1 - c0))
+    gemm(xc[i0:i1], W_enc[:, c0:c1], blk, 1.0, 0.0, False, False)
+    return blk
+
+
+@njit(parallel=True, cache=True)
+def _select_blocks(xc, W_enc, b_enc, row_block, n_threads, counts, vals, idx, npos, need_npos,
+                   sort_rows):
+    """The fused product + TopK selection over the fixed ``row_block x
+    NUMBA_TOPK_COL_BLOCK`` grid: each thread owns a contiguous run of whole
+    row blocks and walks their column blocks in order (one single-threaded
+    sgemm per tile into a per-thread workspace). Fills ``counts/vals/idx``
+    (top ``K = vals.shape[1]``) and, when ``need_npos``, ``npos`` (exact
+    positive count). With ``sort_rows`` each row's buffer ends sorted by
+    feature index (CSR order) instead of by value."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
     K = vals.shape[1]
-    has_aux = dead.shape[0] > 0
-    K_aux = avals.shape[1]
-    b_dead = np.empty(d_sae if has_aux else 0, np.float32)
-    for j in range(b_dead.shape[0]):
-        b_dead[j] = b_enc[j] if dead[j] != 0 else -np.inf
-    rb = max(1, min(row_block, max(n, 1)))
-    cb = max(1, min(col_block, max(d_sae, 1)))
-    nblk = (n + rb - 1) // rb
-    parts = max(1, min(n_threads, nblk))
-    center = b_dec.shape[0] > 0
+    rb, cb, nblk, parts = _grid(n, d_sae, row_block, n_threads)
     for p in prange(parts):
         b0, b1 = _part_bounds(nblk, parts, p)
         ws = np.empty(rb * cb, np.float32)
         for b in range(b0, b1):
             i0 = b * rb
             i1 = min(n, i0 + rb)
-            if center:
-                for i in range(i0, i1):
-                    for k in range(xc.shape[1]):
-                        xc[i, k] = x[i, k] - b_dec[k]
             for c0 in range(0, d_sae, cb):
                 c1 = min(d_sae, c0 + cb)
-                # C-contiguous tile (leading dimension = its width): the scans vectorize
-                blk = ws[:(i1 - i0) * (c1 - c0)].reshape((i1 - i0, c1 - c0))
-                gemm(xc[i0:i1], W_enc[:, c0:c1], blk, 1.0, 0.0, False, False)
+                blk = _tile_product(xc, W_enc, i0, i1, c0, c1, ws)
                 for r in range(i1 - i0):
                     row = i0 + r
-                    if has_aux:
-                        counts[row], acounts[row] = _row_topk_aux(
-                            blk, r, b_enc, b_dead, c0, K, vals[row], idx[row], counts[row],
-                            K_aux, avals[row], aidx[row], acounts[row])
-                        continue
                     c_in = counts[row]
                     c_out = _row_topk(blk, r, b_enc, c0, K, vals[row], idx[row], c_in)
                     counts[row] = c_out
@@ -201,43 +188,52 @@ def _select_blocks(xc, W_enc, b_enc, row_block, col_block, n_threads, counts, va
             if sort_rows:
                 for row in range(i0, i1):
                     _sort_by_index(vals[row], idx[row], counts[row])
-                    if has_aux:
-                        _sort_by_index(avals[row], aidx[row], acounts[row])
 
 
-@njit(cache=True)
-def topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead, K_aux):
-    """TopK and AuxK selections from one fused pass: per row the ``K``
-    largest positive pre-activations and the ``K_aux`` largest positive ones
-    among the ``dead`` (uint8 ``[d_sae]``) columns, as buffers like
-    :func:`topk_rows`: ``(counts, vals, idx, aux_counts, aux_vals, aux_idx)``.
-    Grid: ``row_block`` (normally :data:`ROW_BLOCK`) x :data:`COL_BLOCK`.
-    Call with BLAS limited to one thread."""
+@njit(parallel=True, cache=True)
+def _select_blocks_train(x, b_dec, xc, W_enc, b_enc, row_block, n_threads, counts, vals, idx,
+                         dead, acounts, avals, aidx):
+    """:func:`_select_blocks` for the training step: each thread first
+    writes ``xc = x - b_dec`` (an output) for its row block; with ``dead``
+    (uint8 ``[d_sae]``) non-empty the AuxK buffers ``acounts/avals/aidx``
+    are filled in the same scan, with ``b_dead = b_enc`` on dead features
+    and ``-inf`` elsewhere (a live feature never passes a threshold >= 0),
+    so it vectorizes like the main one and reads the row from L1 right after
+    it. Every row's buffers end sorted by feature index."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
-    K = max(1, min(K, d_sae))
-    K_aux = max(1, min(K_aux, d_sae))
-    warm_gemm()
-    counts = np.zeros(n, np.int64)
-    vals = np.zeros((n, K), np.float32)
-    idx = np.zeros((n, K), np.int32)
-    acounts = np.zeros(n, np.int64)
-    avals = np.zeros((n, K_aux), np.float32)
-    aidx = np.zeros((n, K_aux), np.int32)
-    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   counts, False, dead, acounts, avals, aidx, xc, _NO_F32, False)
-    return counts, vals, idx, acounts, avals, aidx
-
-
-@njit(cache=True)
-def encode_topk_aux_csr(xc, W_enc, b_enc, row_block, k, n_threads, dead, k_aux):
-    """TopK codes and AuxK codes (top ``k_aux`` among ``dead`` columns, uint8
-    mask) as two CSR triples from a single product. ``k, k_aux >= 1``."""
-    K = min(k, W_enc.shape[1])
-    c, v, i, ac, av, ai = topk_aux_rows(xc, W_enc, b_enc, row_block, K, n_threads, dead,
-                                        k_aux)
-    none = np.empty(0, np.int32)
-    return _to_csr(c, v, i, none), _to_csr(ac, av, ai, none)
+    K = vals.shape[1]
+    has_aux = dead.shape[0] > 0
+    K_aux = avals.shape[1]
+    b_dead = np.empty(d_sae if has_aux else 0, np.float32)
+    for j in range(b_dead.shape[0]):
+        b_dead[j] = b_enc[j] if dead[j] != 0 else -np.inf
+    rb, cb, nblk, parts = _grid(n, d_sae, row_block, n_threads)
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        ws = np.empty(rb * cb, np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            for i in range(i0, i1):
+                for k in range(xc.shape[1]):
+                    xc[i, k] = x[i, k] - b_dec[k]
+            for c0 in range(0, d_sae, cb):
+                c1 = min(d_sae, c0 + cb)
+                blk = _tile_product(xc, W_enc, i0, i1, c0, c1, ws)
+                for r in range(i1 - i0):
+                    row = i0 + r
+                    if has_aux:
+                        counts[row], acounts[row] = _row_topk_aux(
+                            blk, r, b_enc, b_dead, c0, K, vals[row], idx[row], counts[row],
+                            K_aux, avals[row], aidx[row], acounts[row])
+                    else:
+                        counts[row] = _row_topk(blk, r, b_enc, c0, K, vals[row], idx[row],
+                                                counts[row])
+            for row in range(i0, i1):
+                _sort_by_index(vals[row], idx[row], counts[row])
+                if has_aux:
+                    _sort_by_index(avals[row], aidx[row], acounts[row])
 
 
 @njit(cache=True)
@@ -247,8 +243,8 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
     [N, K], idx int32 [N, K], npos int64 [N])``. ``npos`` (exact number of
     positive pre-activations per row) is only computed when ``need_npos``
     (else it equals ``counts``). Grid: ``row_block`` (normally
-    :data:`ROW_BLOCK`) x :data:`COL_BLOCK`. Call with BLAS limited to one
-    thread."""
+    ``NUMBA_TOPK_ROW_BLOCK``) x ``NUMBA_TOPK_COL_BLOCK``. Call with BLAS
+    limited to one thread."""
     counts, vals, idx, npos = _select_main(xc, W_enc, b_enc, row_block, K, n_threads,
                                            need_npos, False)
     if not need_npos:
@@ -258,9 +254,9 @@ def topk_rows(xc, W_enc, b_enc, row_block, K, n_threads, need_npos):
 
 @njit(cache=True)
 def _select_main(xc, W_enc, b_enc, row_block, K, n_threads, need_npos, sort_rows):
-    """The selection of :func:`topk_rows` without AuxK, into fresh buffers:
-    ``(counts, vals, idx, npos)``; each row's buffer is sorted by value, or
-    by increasing column when ``sort_rows``. ``npos`` is only filled when
+    """The selection of :func:`topk_rows` into fresh buffers: ``(counts,
+    vals, idx, npos)``; each row's buffer is sorted by value, or by
+    increasing column when ``sort_rows``. ``npos`` is only filled when
     ``need_npos``."""
     n = xc.shape[0]
     K = max(1, min(K, W_enc.shape[1]))
@@ -269,12 +265,8 @@ def _select_main(xc, W_enc, b_enc, row_block, K, n_threads, need_npos, sort_rows
     npos = np.zeros(n, np.int64)
     vals = np.zeros((n, K), np.float32)
     idx = np.zeros((n, K), np.int32)
-    e_u8 = np.empty(0, np.uint8)
-    e_c = np.empty(0, np.int64)
-    e_v = np.empty((0, 1), np.float32)
-    e_i = np.empty((0, 1), np.int32)
-    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   npos, need_npos, e_u8, e_c, e_v, e_i, xc, _NO_F32, sort_rows)
+    _select_blocks(xc, W_enc, b_enc, row_block, n_threads, counts, vals, idx, npos, need_npos,
+                   sort_rows)
     return counts, vals, idx, npos
 
 
@@ -337,8 +329,8 @@ def encode_topk_train(x, b_dec, W_enc, b_enc, row_block, k, n_threads, dead, k_a
     acounts = np.zeros(na, np.int64)
     avals = np.zeros((na, K_aux), np.float32)
     aidx = np.zeros((na, K_aux), np.int32)
-    _select_blocks(xc, W_enc, b_enc, row_block, COL_BLOCK, n_threads, counts, vals, idx,
-                   counts, False, dead, acounts, avals, aidx, x, b_dec, True)
+    _select_blocks_train(x, b_dec, xc, W_enc, b_enc, row_block, n_threads, counts, vals, idx,
+                         dead, acounts, avals, aidx)
     none = np.empty(0, np.int32)
     main = _gather_csr(counts, vals, idx, none)
     if has_aux:
@@ -353,11 +345,6 @@ def encode_topk_csr(xc, W_enc, b_enc, row_block, k, n_threads, colmap):
     """TopK codes as CSR ``(indptr, indices, values)``; ``colmap`` int32
     (empty: identity) renames the columns of ``W_enc`` (AuxK passes the dead
     features' indices with the gathered dead columns)."""
-    n = xc.shape[0]
-    d_sae = W_enc.shape[1]
-    if k <= 0 or d_sae == 0 or n == 0:
-        indptr = np.zeros(n + 1, np.int64)
-        return indptr, np.empty(0, np.int32), np.empty(0, np.float32)
     counts, vals, idx, _ = _select_main(xc, W_enc, b_enc, row_block, k, n_threads, False,
                                         True)
     return _gather_csr(counts, vals, idx, colmap)
@@ -424,9 +411,6 @@ def encode_batchtopk_csr(xc, W_enc, b_enc, row_block, k, n_threads, cand=None):
     thread."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
-    if k <= 0 or d_sae == 0 or n == 0:
-        return (np.zeros(n + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
-                1)
     total = min(k * n, n * d_sae)
     K = min(d_sae, max(int(cand or 0), 4 * k))
     while True:
@@ -439,12 +423,19 @@ def encode_batchtopk_csr(xc, W_enc, b_enc, row_block, k, n_threads, cand=None):
     return indptr, indices, values, K
 
 
+@njit(inline="always")
+def _jumprelu_keep(v, t):
+    """JumpReLU keeps pre-activation ``v`` when above its threshold ``t`` and 0."""
+    return v > t and v > 0
+
+
 @njit(parallel=True, cache=True)
-def _jumprelu_blocks(xc, W_enc, b_enc, thr, row_block, n_threads, counts, indptr, indices,
-                     values, write):
+def _jumprelu_count(xc, W_enc, b_enc, thr, row_block, n_threads, counts):
+    """JumpReLU's counting pass: ``counts[row]`` = kept entries, by blocks of
+    ``row_block`` rows (parts of whole blocks per thread, one sgemm each)."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
-    rb = max(1, min(row_block, max(n, 1)))
+    rb = max(1, min(row_block, n))
     nblk = (n + rb - 1) // rb
     parts = max(1, min(n_threads, nblk))
     for p in prange(parts):
@@ -456,17 +447,38 @@ def _jumprelu_blocks(xc, W_enc, b_enc, thr, row_block, n_threads, counts, indptr
             blk = Y[:i1 - i0]
             gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
             for r in range(i1 - i0):
-                row = i0 + r
                 c = 0
-                o = indptr[row] if write else 0
+                for j in range(d_sae):
+                    if _jumprelu_keep(blk[r, j] + b_enc[j], thr[j]):
+                        c += 1
+                counts[i0 + r] = c
+
+
+@njit(parallel=True, cache=True)
+def _jumprelu_fill(xc, W_enc, b_enc, thr, row_block, n_threads, indptr, indices, values):
+    """JumpReLU's writing pass: the kept entries of each row to
+    ``indptr[row]`` onwards (same grid and products as the counting pass)."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    rb = max(1, min(row_block, n))
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = Y[:i1 - i0]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(i1 - i0):
+                o = indptr[i0 + r]
                 for j in range(d_sae):
                     v = blk[r, j] + b_enc[j]
-                    if v > thr[j] and v > 0:
-                        if write:
-                            indices[o + c] = j
-                            values[o + c] = v
-                        c += 1
-                counts[row] = c
+                    if _jumprelu_keep(v, thr[j]):
+                        indices[o] = j
+                        values[o] = v
+                        o += 1
 
 
 @njit(cache=True)
@@ -477,15 +489,11 @@ def encode_jumprelu_csr(xc, W_enc, b_enc, threshold, row_block, n_threads):
     n = xc.shape[0]
     warm_gemm()
     counts = np.zeros(n, np.int64)
-    indptr = np.zeros(n + 1, np.int64)
-    e_i = np.empty(0, np.int32)
-    e_v = np.empty(0, np.float32)
-    _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr, e_i,
-                     e_v, False)
+    _jumprelu_count(xc, W_enc, b_enc, threshold, row_block, n_threads, counts)
     indptr, indices, values = csr_from_counts(counts)
     if indptr[n] > 0:
-        _jumprelu_blocks(xc, W_enc, b_enc, threshold, row_block, n_threads, counts, indptr,
-                         indices, values, True)
+        _jumprelu_fill(xc, W_enc, b_enc, threshold, row_block, n_threads, indptr, indices,
+                       values)
     return indptr, indices, values
 
 

@@ -1,4 +1,7 @@
-"""Numba CPU encoder kernels: ``relu((x - b_dec) @ W_enc + b_enc)``.
+"""Numba CPU encoder kernels: ``relu((x - b_dec) @ W_enc + b_enc)``, dense
+(:func:`encode_relu_dense`) or CSR (:func:`encode_relu_csr`), plus the BLAS
+``sgemm`` binding (:func:`gemm`) and the centering ``x - b_dec``
+(:func:`centered`) that every encoder of this backend uses.
 
 Layouts: ``x`` float32 ``[N, d_in]``, ``W_enc`` float32 ``[d_in, d_sae]``,
 ``b_enc`` ``[d_sae]``, ``b_dec`` ``[d_in]``, all C-contiguous (the backend
@@ -11,18 +14,19 @@ the whole SAE step, so it goes to BLAS ``sgemm`` (the one scipy ships, the
 same one ``np.dot`` uses inside ``@njit``), called through Numba's own
 ``numba_xxgemm`` helper so that strides, ``beta`` and transposes are ours
 and the functions stay cacheable. The rows are cut into a fixed grid of
-``ROW_BLOCK``-row blocks and each Numba thread takes a contiguous run of
-whole blocks: per block, one single-threaded sgemm into a per-thread
-``ROW_BLOCK x d_sae`` workspace (the dense output's block, for
-``encode_relu``) that stays in cache, then bias, ReLU and (for CSR) the
-compaction on it right away. The N x d_sae pre-activations are never
+``row_block``-row blocks (the face passes
+:data:`~fastsae.backends.tunables.NUMBA_RELU_ROW_BLOCK`) and each Numba
+thread takes a contiguous run of whole blocks: per block, one
+single-threaded sgemm into a per-thread ``row_block x d_sae`` workspace
+(the dense output's block, for ``encode_relu``) that stays in cache, then
+bias, ReLU and (for CSR) the compaction on it right away. The N x d_sae pre-activations are never
 written to or re-read from main memory, and there is one parallel region
 per call (a thread barrier per block would cost more than the epilogue on a
 busy 2-core machine).
 
 Threads: the parallelism is Numba's (``NUMBA_NUM_THREADS`` /
 ``numba.set_num_threads``); the caller must limit BLAS to one thread while
-these kernels run (:mod:`fastsae.numba_backend` does it with threadpoolctl),
+these kernels run (:mod:`fastsae.backends.numba` does it with threadpoolctl),
 so the process never runs more compute threads than Numba's count. The fixed
 block grid makes the result independent of the thread count (BLAS rounds a
 row identically only at the same position in a same-sized block).
@@ -34,12 +38,7 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (numba_xxgemm resolves sgemm from it)
 from numba import njit, prange, types
 
-__all__ = ["gemm", "centered", "encode_relu_dense", "encode_relu_csr", "ROW_BLOCK"]
-
-#: Rows per encoder block. ``ROW_BLOCK * d_sae * 4`` bytes of pre-activations
-#: (8 MiB at d_sae=8192) stay in the 32 MiB L3 between the product and its
-#: epilogue; larger blocks amortize BLAS's packing of ``W_enc`` better.
-ROW_BLOCK = 256
+__all__ = ["gemm", "warm_gemm", "centered", "encode_relu_dense", "encode_relu_csr"]
 
 _F32P = types.CPointer(types.float32)
 # int numba_xxgemm(kind, transa, transb, m, n, k, *alpha, *a, lda, *b, ldb,
@@ -183,31 +182,57 @@ def _compact_row(Y, r, b_enc, idx_ws):
     return cnt
 
 
-@njit(parallel=True, cache=True)
-def _encode_blocks(xc, W_enc, b_enc, row_block, n_threads, block_mask, counts, st_idx,
-                   st_val, indptr, indices, values):
-    """Encode the row blocks ``b`` (fixed grid of ``row_block`` rows) with
-    ``block_mask[b]`` set; parts of whole blocks per thread, single-threaded
-    sgemm into a per-thread workspace, compaction while cached.
-
-    Staging mode (``indices.size == 0``): store each row's count in
-    ``counts[row]`` and its first ``K = st_idx.shape[1]`` entries in
-    ``st_idx/st_val[row]``. Final mode: for the rows with ``counts[row] > K``
-    write the entries straight to ``indptr[row]`` onwards. A row is always
-    computed in the same block as in staging mode, so bitwise identically.
-    """
-    n = xc.shape[0]
-    d_sae = W_enc.shape[1]
-    K = st_idx.shape[1]
-    final = indices.shape[0] > 0
-    rb = max(1, min(row_block, n))
-    nblk = (n + rb - 1) // rb
-    todo = np.empty(nblk, np.int64)
+@njit(cache=True)
+def _todo_blocks(block_mask):
+    """Indices of the row blocks with ``block_mask[b]`` set, int64."""
+    todo = np.empty(block_mask.shape[0], np.int64)
     m = 0
-    for b in range(nblk):
+    for b in range(block_mask.shape[0]):
         if block_mask[b]:
             todo[m] = b
             m += 1
+    return todo[:m]
+
+
+@njit(parallel=True, cache=True)
+def _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val):
+    """Pass 1 of :func:`encode_relu_csr` over every block of the fixed grid
+    of ``rb`` rows (parts of whole blocks per thread, single-threaded sgemm
+    into a per-thread workspace, compaction while cached): each row's count
+    to ``counts[row]`` and its first ``K = st_idx.shape[1]`` entries to
+    ``st_idx/st_val[row]``."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    K = st_idx.shape[1]
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        t0, t1 = _part_bounds(nblk, parts, p)
+        Y = np.empty((rb, d_sae), np.float32)
+        idx_ws = np.empty((rb, d_sae), np.int32)
+        for b in range(t0, t1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = Y[:i1 - i0]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            for r in range(i1 - i0):
+                row = i0 + r
+                cnt = _compact_row(blk, r, b_enc, idx_ws)
+                counts[row] = cnt
+                for q in range(min(cnt, K)):
+                    st_idx[row, q] = idx_ws[r, q]
+                    st_val[row, q] = blk[r, q]
+
+
+@njit(parallel=True, cache=True)
+def _encode_blocks_overflow(xc, W_enc, b_enc, rb, n_threads, todo, counts, K, indptr,
+                            indices, values):
+    """Pass 2 of :func:`encode_relu_csr`: recompute the row blocks ``todo``
+    (same grid, so each row bitwise as in pass 1) and write the rows with
+    more than ``K`` entries straight to ``indptr[row]`` onwards."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    m = todo.shape[0]
     parts = max(1, min(n_threads, m))
     for p in prange(parts):
         t0, t1 = _part_bounds(m, parts, p)
@@ -216,24 +241,16 @@ def _encode_blocks(xc, W_enc, b_enc, row_block, n_threads, block_mask, counts, s
         for t in range(t0, t1):
             i0 = todo[t] * rb
             i1 = min(n, i0 + rb)
-            nr = i1 - i0
-            blk = Y[:nr]
+            blk = Y[:i1 - i0]
             gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
-            for r in range(nr):
+            for r in range(i1 - i0):
                 row = i0 + r
-                if final:
-                    if counts[row] > K:
-                        cnt = _compact_row(blk, r, b_enc, idx_ws)
-                        o = indptr[row]
-                        for q in range(cnt):
-                            indices[o + q] = idx_ws[r, q]
-                            values[o + q] = blk[r, q]
-                else:
+                if counts[row] > K:
                     cnt = _compact_row(blk, r, b_enc, idx_ws)
-                    counts[row] = cnt
-                    for q in range(min(cnt, K)):
-                        st_idx[row, q] = idx_ws[r, q]
-                        st_val[row, q] = blk[r, q]
+                    o = indptr[row]
+                    for q in range(cnt):
+                        indices[o + q] = idx_ws[r, q]
+                        values[o + q] = blk[r, q]
 
 
 @njit(parallel=True, cache=True)
@@ -269,12 +286,8 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
     st_val = np.empty((n, K), np.float32)
     rb = max(1, min(row_block, n))
     nblk = (n + rb - 1) // rb
-    mask = np.ones(nblk, np.uint8)
-    none_i = np.empty(0, np.int32)
-    none_v = np.empty(0, np.float32)
     indptr = np.empty(n + 1, np.int64)
-    _encode_blocks(xc, W_enc, b_enc, rb, n_threads, mask, counts, st_idx, st_val, indptr,
-                   none_i, none_v)
+    _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val)
     indptr[0] = 0
     n_over = 0
     max_cnt = 0
@@ -288,11 +301,10 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
     values = np.empty(nnz, np.float32)
     _unstage(counts, st_idx, st_val, indptr, indices, values)
     if n_over > 0 and nnz > 0:
-        for b in range(nblk):
-            mask[b] = 0
-            for i in range(b * rb, min(n, b * rb + rb)):
-                if counts[i] > K:
-                    mask[b] = 1
-        _encode_blocks(xc, W_enc, b_enc, rb, n_threads, mask, counts, st_idx, st_val, indptr,
-                       indices, values)
+        mask = np.zeros(nblk, np.uint8)
+        for i in range(n):
+            if counts[i] > K:
+                mask[i // rb] = 1
+        _encode_blocks_overflow(xc, W_enc, b_enc, rb, n_threads, _todo_blocks(mask), counts, K,
+                                indptr, indices, values)
     return indptr, indices, values, max_cnt

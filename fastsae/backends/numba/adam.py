@@ -1,14 +1,17 @@
-"""Numba CPU Adam kernels (PyTorch semantics), fused over the parameters.
+"""Numba CPU Adam (PyTorch semantics): the per-element update and the flat
+update of 1-D parameters.
 
 ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g**2``;
 ``p -= lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)`` with ``t``
 the 1-based step, all in float32 in the reference's operation order. The
 big matrices are updated where their gradient is produced
-(:func:`fastsae._kernels.backward.feature_pass`), so the gradient is never
-written to memory; the functions here do the remaining flat updates and the
-stand-alone unit-norm renormalization.
+(:func:`fastsae.backends.numba.backward.feature_adam` and
+:func:`~fastsae.backends.numba.backward.topk_feature_adam` call
+:func:`adam_elem`), so the gradient is never written to memory;
+:func:`adam_flat` updates ``b_dec``.
 
-``consts`` is the float32 array built by :func:`adam_consts`:
+``c`` is the float32 ``[8]`` array of
+:func:`fastsae.backends.numerics.adam_constants`:
 ``[b1, b2, 1 - b1, 1 - b2, lr, eps, 1 - b1**t, 1 - b2**t]``.
 """
 
@@ -17,13 +20,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["adam_consts", "const_tuple", "adam_elem", "adam_flat", "normalize_rows"]
+from ..tunables import NUMBA_ADAM_FLAT_BLOCK
 
-
-def adam_consts(lr, beta1, beta2, eps, t):
-    """Adam's per-step float32 constants for 1-based step ``t``."""
-    return np.array([beta1, beta2, 1.0 - beta1, 1.0 - beta2, lr, eps,
-                     1.0 - beta1 ** t, 1.0 - beta2 ** t], dtype=np.float32)
+__all__ = ["const_tuple", "adam_elem", "adam_flat"]
 
 
 @njit(inline="always")
@@ -53,33 +52,15 @@ def adam_elem(p, g, m, v, c):
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_flat(p, g, m, v, c):
     """Adam on 1-D float32 arrays of equal length, in place, parallel over
-    blocks of 4096 elements."""
+    blocks of :data:`~fastsae.backends.tunables.NUMBA_ADAM_FLAT_BLOCK` elements."""
     n = p.shape[0]
-    nb = (n + 4095) // 4096
+    B = NUMBA_ADAM_FLAT_BLOCK
+    nb = (n + B - 1) // B
     cs = const_tuple(c)
     for b in prange(nb):
-        i0 = b * 4096
-        i1 = min(n, i0 + 4096)
+        i0 = b * B
+        i1 = min(n, i0 + B)
         # views indexed from 0: LLVM then knows no index wraps (vectorizes)
         pb, gb, mb, vb = p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1]
         for i in range(i1 - i0):
             pb[i], mb[i], vb[i] = adam_elem(pb[i], gb[i], mb[i], vb[i], cs)
-
-
-@njit(cache=True)
-def normalize_row(w):
-    """Rescale one row to unit L2 norm in place (zero rows stay zero)."""
-    s = np.float32(0.0)
-    for k in range(w.shape[0]):
-        s += w[k] * w[k]
-    nrm = np.sqrt(s)
-    if nrm > 0:
-        for k in range(w.shape[0]):
-            w[k] = w[k] / nrm
-
-
-@njit(parallel=True, cache=True)
-def normalize_rows(W):
-    """Rescale every nonzero row of ``W`` ``[d_sae, d_in]`` to unit norm."""
-    for j in prange(W.shape[0]):
-        normalize_row(W[j])

@@ -1,0 +1,365 @@
+"""The ``numba`` backend: Numba CPU kernels, parallel over the cores.
+
+This face is host glue only (no compiled code): it assembles the kernels of
+the package's modules, one per stage, named like every backend's:
+
+* :mod:`.encode` the ReLU encoders and the BLAS ``sgemm`` binding;
+* :mod:`.topk` the TopK, BatchTopK, JumpReLU and AuxK encoders;
+* :mod:`.decode` the CSR and dense decoders;
+* :mod:`.norms` decoder row norms and the L1 subgradient;
+* :mod:`.backward` the gradients (transpose, ``d_pre``, weight passes);
+* :mod:`.adam` the Adam update;
+* :mod:`.step` the compiled training-step cores.
+
+The functions here take already validated, C-contiguous float32 arrays (use
+them through :func:`fastsae.get_backend`, which validates once) and compute
+what :mod:`fastsae.backends.reference` defines. Block sizes come from
+:mod:`fastsae.backends.tunables` (``NUMBA_*``); the host numerics shared by
+every backend (Adam's constants, the AuxK weight, the step result) from
+:mod:`fastsae.backends.numerics`.
+
+Threads
+-------
+Numba's parallel loops use ``numba.get_num_threads()`` threads: set the
+environment variable ``NUMBA_NUM_THREADS`` before the first import of numba
+(that is the maximum), or call :func:`set_num_threads` (``numba.set_num_threads``)
+at any time (up to that maximum; it applies to the calling thread). The
+encoder's products run inside the parallel region, one single-threaded BLAS
+call per thread per block, so while a fastsae kernel runs BLAS is limited to
+one thread with threadpoolctl (and restored afterwards): the process never
+runs more compute threads than ``numba.get_num_threads()``. Nothing else is
+needed; in particular ``OPENBLAS_NUM_THREADS`` only affects BLAS calls made
+outside fastsae (and the BLAS product of :func:`decode` for dense, not-sparse
+codes).
+
+Results do not depend on the thread count: every parallel loop owns its
+outputs and sums in a fixed order.
+
+Compilation: every kernel is ``cache=True``; the first call in a fresh
+environment compiles them (tens of seconds), later processes load them from
+``__pycache__`` (see the issue's report for measured times).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from ...params import AdamState, Losses, SAEParams, StepResult
+from ...sparse import SparseCodes
+from .. import numerics as NU
+from ..host import synchronize, to_backend, to_numpy
+from ..tunables import (NUMBA_CSR_STAGE_MAX_BYTES, NUMBA_CSR_STAGE_START,
+                        NUMBA_RELU_ROW_BLOCK, NUMBA_TOPK_FEATURE_TILE, NUMBA_TOPK_ROW_BLOCK)
+from . import backward as B
+from . import decode as D
+from . import encode as E
+from . import norms as NR
+from . import step as S
+from . import topk as TK
+
+NAME = "numba"
+DEVICE_ARRAYS = False
+AUTO_SELECT = True
+
+__all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_available",
+           "get_num_threads", "set_num_threads", "to_backend", "to_numpy", "synchronize",
+           "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
+           "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
+           "encode_jumprelu", "topk_gradients", "train_step_topk"]
+
+
+def _description() -> str:
+    n = numba.config.NUMBA_NUM_THREADS
+    return f"Numba {numba.__version__} CPU, up to {n} thread{'s' if n != 1 else ''} " \
+           f"(numba.set_num_threads; layer {numba.config.THREADING_LAYER})"
+
+
+DESCRIPTION = _description()
+
+_controller = None
+
+
+def _blas_single():
+    """Context manager limiting BLAS (every loaded BLAS library) to one thread."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()  # after scipy's BLAS is loaded (encode imports it)
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def check_available() -> None:
+    """Raise with the reason when the kernels cannot run here (compiles and
+    runs a tiny product, which also checks scipy's BLAS is reachable)."""
+    a = np.ones((1, 1), np.float32)
+    c = np.zeros((1, 1), np.float32)
+    if E.gemm(a, a, c, 1.0, 0.0, False, False) != 0 or c[0, 0] != 1.0:
+        raise RuntimeError("Numba could not call scipy's BLAS sgemm")
+
+
+def get_num_threads() -> int:
+    """Threads Numba's parallel loops use now (``numba.get_num_threads()``)."""
+    return int(numba.get_num_threads())
+
+
+def set_num_threads(n) -> None:
+    """Use ``n`` threads, capped at ``NUMBA_NUM_THREADS`` (the size of Numba's
+    pool, fixed at its start; asking for more uses them all); ``None``: back
+    to that default maximum."""
+    top = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(top if n is None else min(int(n), top))
+
+
+# Staging width for the CSR encoder: per-row entries kept in the first pass.
+# Learned from the previous call's largest row (x1.5, power of two) so rows
+# rarely need the recompute path; bounded so the staging area stays small.
+_k_stage: dict = {}
+
+
+def _k_for(n: int, d_sae: int) -> int:
+    k = _k_stage.get(d_sae, NUMBA_CSR_STAGE_START)
+    cap = max(16, NUMBA_CSR_STAGE_MAX_BYTES // (8 * max(n, 1)))  # 8 bytes per staged entry
+    return int(max(1, min(k, d_sae, cap)))
+
+
+def _learn_k(d_sae: int, max_count: int) -> None:
+    want = 1
+    while want < max(16, int(max_count) * 3 // 2):
+        want *= 2
+    _k_stage[d_sae] = want
+
+
+def _encode_csr(xc, W_enc, b_enc):
+    n, d_sae = xc.shape[0], W_enc.shape[1]
+    with _blas_single():
+        indptr, indices, values, mx = E.encode_relu_csr(xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK,
+                                                        _k_for(n, d_sae), get_num_threads())
+    _learn_k(d_sae, mx)
+    return indptr, indices, values
+
+
+def _codes(indptr, indices, values, n, d_sae) -> SparseCodes:
+    return SparseCodes(indptr, indices, values, (int(n), int(d_sae)))
+
+
+# ---------------------------------------------------------------- forward
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)`` -> dense float32 ``[N, d_sae]``."""
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        return E.encode_relu_dense(xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, get_num_threads())
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+    """:func:`encode_relu` as canonical CSR, without a dense ``N x d_sae`` array."""
+    xc = E.centered(x, b_dec)
+    return _codes(*_encode_csr(xc, W_enc, b_enc), x.shape[0], W_enc.shape[1])
+
+
+def decode(codes, W_dec, b_dec):
+    """``codes @ W_dec + b_dec`` -> float32 ``[N, d_in]``; gather-accumulate
+    from CSR (dense codes are compacted first unless more than
+    ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` of them is nonzero)."""
+    if isinstance(codes, SparseCodes):
+        return D.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec)
+    return D.decode_dense(codes, W_dec, b_dec)
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row ``[d_sae]``."""
+    return NR.row_norms(W_dec)
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms_j`` at the active entries; same kind out as in."""
+    if isinstance(codes, SparseCodes):
+        vals = NR.l1_subgradient_csr(codes.indices, norms, float(l1_coefficient))
+        return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
+    return NR.l1_subgradient_dense(codes, norms, float(l1_coefficient))
+
+
+# ---------------------------------------------------------------- backward
+def _as_csr(codes):
+    if isinstance(codes, SparseCodes):
+        return codes.indptr, codes.indices, codes.values
+    return D.dense_to_csr(codes)
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`),
+    computed at the active entries only."""
+    indptr, indices, values = _as_csr(codes)
+    mse, l1, gWe, gbe, gWd, gbd = B.relu_gradients(
+        x, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values, x_hat,
+        float(l1_coefficient), decoder_norm == "unit_norm")
+    return (Losses(mse=float(mse), l1=float(l1), total=float(mse) + float(l1)),
+            SAEParams(gWe, gbe, gWd, gbd))
+
+
+# ---------------------------------------------------------------- training
+def _adam_moments(state: AdamState):
+    """The moment arrays ``(mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd)`` of
+    ``state`` (the front has checked them)."""
+    m, v = state.m, state.v
+    return m.W_enc, v.W_enc, m.b_enc, v.b_enc, m.W_dec, v.W_dec, m.b_dec, v.b_dec
+
+
+_NOCOUNTS = np.empty(0, np.int64)
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """One training step in place (see :func:`fastsae.backends.reference.train_step`):
+    a single compiled call (:func:`.step.train_step_core`) does the sparse
+    encode, decode, backward at the active entries and the fused Adam update
+    (+ unit-norm renormalization)."""
+    counts = _NOCOUNTS if fire_counts is None else fire_counts
+    t = state.step + 1
+    adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
+    n, d_sae = x.shape[0], params.d_sae
+    with _blas_single():
+        mse, l1, nnz, var, mx = S.train_step_core(
+            x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, *_adam_moments(state),
+            float(l1_coefficient), decoder_norm == "unit_norm", adam_c, counts,
+            NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), get_num_threads())
+    _learn_k(d_sae, mx)
+    state.step = t
+    return NU.relu_step_result(mse, l1, nnz, n, var)
+
+
+# ---------------------------------------------------------------- TopK family
+_NOMAP = np.empty(0, np.int32)  # identity column map
+_NOIDX = np.empty(0, np.int64)
+_NO_U8 = np.empty(0, np.uint8)
+_EMPTY1 = np.empty(0, np.float32)
+# BatchTopK candidate-buffer width learned per (d_sae, k) from the last call
+_cand: dict = {}
+
+
+def _topk_csr(xc, W_enc, b_enc, k, colmap):
+    with _blas_single():
+        return TK.encode_topk_csr(xc, W_enc, b_enc, NUMBA_TOPK_ROW_BLOCK, int(k),
+                                  get_num_threads(), colmap)
+
+
+def _batchtopk_csr(xc, W_enc, b_enc, k):
+    key = (int(W_enc.shape[1]), int(k))
+    with _blas_single():
+        indptr, indices, values, used = TK.encode_batchtopk_csr(
+            xc, W_enc, b_enc, NUMBA_TOPK_ROW_BLOCK, int(k), get_num_threads(), _cand.get(key))
+    _cand[key] = used
+    return indptr, indices, values
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """Per row the ``k`` largest pre-activations (ties: lower index), ReLU,
+    canonical CSR; fused with the product (no ``N x d_sae`` array)."""
+    xc = E.centered(x, b_dec)
+    return _codes(*_topk_csr(xc, W_enc, b_enc, k, _NOMAP), x.shape[0], W_enc.shape[1])
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    """The ``N * k`` largest pre-activations of the batch (ties: row-major
+    order), ReLU, canonical CSR."""
+    xc = E.centered(x, b_dec)
+    return _codes(*_batchtopk_csr(xc, W_enc, b_enc, k), x.shape[0], W_enc.shape[1])
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+    """``relu(pre) * (pre > threshold)`` as canonical CSR."""
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        out = TK.encode_jumprelu_csr(xc, W_enc, b_enc, threshold, NUMBA_RELU_ROW_BLOCK,
+                                     get_num_threads())
+    return _codes(*out, x.shape[0], W_enc.shape[1])
+
+
+def _aux_csr(xc, W_enc, b_enc, dead_mask, k_aux):
+    """AuxK selection: TopK over the dead columns only (gathered, so the
+    product is ``N x d_in x n_dead``), indices mapped back to features."""
+    dead = np.flatnonzero(dead_mask).astype(np.int32)
+    Wd, bd = TK.gather_columns(W_enc, b_enc, dead)
+    return _topk_csr(xc, Wd, bd, k_aux, dead)
+
+
+def _stack_csr(a, b):
+    """CSR with 2N rows: ``a``'s rows then ``b``'s (each ``(indptr, indices,
+    values)``)."""
+    ip = np.concatenate([a[0], a[0][-1] + b[0][1:]])
+    return ip, np.concatenate([a[1], b[1]]), np.concatenate([a[2], b[2]])
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients of a TopK/BatchTopK step (see
+    :func:`fastsae.backends.reference.topk_gradients`), at the active entries
+    only. The AuxK term is handled by stacking: rows ``N..2N-1`` carry the
+    aux codes with ``d_ehat`` in place of ``d_xhat`` and the same ``xc``, so
+    one sparse feature pass yields ``g_W_dec = f.T d_xhat + fa.T d_ehat``
+    and ``g_W_enc = xc.T (d_pre + d_pre_aux)``."""
+    W_enc, W_dec = params.W_enc, params.W_dec
+    aux_weight = float(aux_weight)
+    n = x.shape[0]
+    d_sae = W_dec.shape[0]
+    xc = E.centered(x, params.b_dec)
+    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    mse = float(row_sq.sum() / n)
+    aux_loss = 0.0
+    indptr, indices, values = codes.indptr, codes.indices, codes.values
+    dx, xcs = d_xhat, xc
+    if aux_codes is not None and aux_weight > 0:
+        aux = (aux_codes.indptr, aux_codes.indices, aux_codes.values)
+        e_hat = D.decode_csr(*aux, W_dec, np.zeros(W_dec.shape[1], np.float32))
+        d_ehat, a_row_sq = B.aux_residual(e_hat, x, x_hat, np.float32(aux_weight * 2.0 / n))
+        aux_loss = float(aux_weight * a_row_sq.sum() / n)
+        indptr, indices, values = _stack_csr((indptr, indices, values), aux)
+        dx = np.concatenate([d_xhat, d_ehat])
+        xcs = np.concatenate([xc, xc])
+    d_pre = B.d_pre_topk_csr(indptr, indices, values, dx, W_dec)
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_W_enc = np.empty((W_enc.shape[0], d_sae), np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
+    # TopK's decoder rows are unit-norm: projected gradient, no L1 term
+    B.feature_grads(colptr, rows, perm, values, d_pre, dx, xcs, W_dec, _EMPTY1, 0.0, True,
+                    g_W_enc, g_W_dec)
+    return (Losses(mse=mse, l1=0.0, total=mse + aux_loss, aux=aux_loss),
+            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step with optional AuxK, in place (see
+    :func:`fastsae.backends.reference.train_step_topk`): fused top-k (and
+    AuxK) encode, then :func:`.step.topk_step_core`: one row pass decoding
+    both codes into the two residual gradients, ``d_pre`` at the selected
+    entries, then one pass over tiles of features making both weight
+    gradients and consuming them with Adam (decoder rows renormalized as
+    they are updated)."""
+    n = x.shape[0]
+    t = state.step + 1
+    adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
+    W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    use_aux = NU.auxk_active(dead_mask, k_aux, aux_coefficient)
+    weight = NU.auxk_weight(dead_mask, k_aux, aux_coefficient) if use_aux else 0.0
+    if activation == "topk":
+        # centering, TopK and AuxK selection in one parallel region, one product
+        dead_u8 = dead_mask.astype(np.uint8) if use_aux else _NO_U8
+        with _blas_single():
+            xc, main, aux = TK.encode_topk_train(x, b_dec, W_enc, b_enc, NUMBA_TOPK_ROW_BLOCK,
+                                                 int(k), get_num_threads(), dead_u8, int(k_aux))
+    else:
+        xc = E.centered(x, b_dec)
+        main = _batchtopk_csr(xc, W_enc, b_enc, k)
+        aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
+               else (_NOIDX, _NOMAP, _EMPTY1))
+    counts = _NOCOUNTS if fire_counts is None else fire_counts
+    sq, a_sq, var = S.topk_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
+                                     *_adam_moments(state), adam_c, weight * 2.0 / n,
+                                     NUMBA_TOPK_FEATURE_TILE, counts)
+    state.step = t
+    aux_loss = weight * a_sq / n if use_aux else 0.0
+    return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2])

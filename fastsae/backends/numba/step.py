@@ -1,0 +1,126 @@
+"""Numba CPU training steps: the compiled cores of ``train_step`` (ReLU + L1)
+and ``train_step_topk`` (TopK/BatchTopK + AuxK), each chaining the kernels of
+:mod:`.encode`, :mod:`.decode`, :mod:`.norms`, :mod:`.backward` and
+:mod:`.adam` with no Python in between.
+
+Layouts: ``x`` float32 ``[N, d_in]``, parameters in SAELens layouts
+(``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]``) with their Adam moments of the same shapes, all
+C-contiguous, updated in place; ``adam_c`` is the float32 ``[8]`` array of
+:func:`fastsae.backends.numerics.adam_constants`; ``fire_counts`` int64
+``[d_sae]`` (empty: not counted). Both must run with BLAS limited to one
+thread (the face does it, see :mod:`fastsae.backends.numba`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import adam as A
+from . import backward as B
+from . import decode as D
+from . import encode as E
+from . import norms as NR
+
+__all__ = ["train_step_core", "topk_step_core"]
+
+
+@njit(parallel=True, cache=True)
+def _row_sq_dev(x, mean):
+    """``sum_k (x_ik - mean_k)**2`` per row, float64 ``[N]``."""
+    n, d = x.shape
+    out = np.empty(n, np.float64)
+    for i in prange(n):
+        s = 0.0
+        for k in range(d):
+            diff = np.float64(x[i, k]) - mean[k]
+            s += diff * diff
+        out[i] = s
+    return out
+
+
+@njit(cache=True)
+def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd,
+                    l1c, unit_norm, adam_c, fire_counts, row_block, k_stage, n_threads):
+    """One ReLU + L1 step: sparse encode (:func:`.encode.encode_relu_csr`,
+    ``row_block`` rows per block, ``k_stage`` staged entries per row),
+    decode fused with the residual, backward at the active entries and Adam
+    fused into the weight pass (:func:`.backward.feature_adam`); ``l1c`` is
+    the L1 coefficient, ``unit_norm`` the decoder-norm mode.
+
+    Returns ``(mse, l1, nnz, variance_of_x, max_row_count)``.
+    """
+    n, d_in = x.shape
+    d_sae = W_dec.shape[0]
+    # forward (sparse: no N x d_sae array)
+    xc = E.centered(x, b_dec)
+    indptr, indices, values, max_cnt = E.encode_relu_csr(xc, W_enc, b_enc, row_block,
+                                                         k_stage, n_threads)
+    d_xhat, row_sq = D.decode_residual_csr(indptr, indices, values, W_dec, b_dec, x)
+    # backward, at the active entries only (old W_dec / W_enc read here)
+    norms = NR.row_norms(W_dec)
+    penalty = np.ones(d_sae, np.float32) if unit_norm else norms
+    l1n = l1c / n
+    d_pre, row_l1 = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
+    colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    # W_dec, W_enc, b_enc: gradient tiles consumed by Adam as they are made
+    B.feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
+                   W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
+    A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
+    if fire_counts.shape[0] > 0:
+        for j in range(d_sae):
+            fire_counts[j] += colptr[j + 1] - colptr[j]
+    mse = row_sq.sum() / n
+    l1 = l1c * row_l1.sum() / n
+    mean = B.column_sums_rows(x) / n
+    var = _row_sq_dev(x, mean).sum() / n
+    return mse, l1, indptr[n], var, max_cnt
+
+
+@njit(cache=True, error_model="numpy")  # see adam.adam_elem
+def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
+                   b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
+                   aux_scale, tile, fire_counts):
+    """Everything of a TopK step after the encoder, in two parallel regions:
+    the row pass (decode, residual gradients, ``d_pre``, column sums; see
+    :func:`.backward.topk_row_pass`) and the weight pass over tiles of
+    ``tile`` features with Adam fused (:func:`.backward.topk_feature_adam`);
+    the AuxK codes (``a_indptr`` non-empty; ``aux_scale = 2 * weight / N``)
+    are rows ``N..2N-1`` of one transposed pattern. ``xc = x - b_dec``
+    (from the encoder). ``b_dec`` is updated serially (``d_in`` values).
+    Returns ``(sum of squared errors, sum of squared aux errors, variance
+    of x)``."""
+    n = x.shape[0]
+    d_sae, d_in = W_dec.shape
+    d_xhat, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.topk_row_pass(
+        indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale)
+    ip, ix, vv, dp = indptr, indices, values, d_pre
+    if a_indptr.shape[0] > 0:
+        nm = indptr[n]
+        ip = np.empty(2 * n + 1, np.int64)
+        ip[:n + 1] = indptr
+        ip[n + 1:] = nm + a_indptr[1:]
+        ix = np.concatenate((indices, a_indices))
+        vv = np.concatenate((values, a_values))
+        dp = np.concatenate((d_pre, a_d_pre))
+    colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
+    _, part = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc, W_dec,
+                                  W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
+    # g_b_dec = sum_i d_xhat_i - W_enc_old @ g_b_enc (tile partials in order)
+    for k in range(d_in):
+        s = 0.0
+        for t in range(part.shape[0]):
+            s += part[t, k]
+        g = np.float32(sum_dx[k]) - np.float32(s)
+        b_dec[k], mbd[k], vbd[k] = A.adam_elem(b_dec[k], g, mbd[k], vbd[k], adam_c)
+    if fire_counts.shape[0] > 0:
+        for p in range(indptr[n]):
+            fire_counts[indices[p]] += 1
+    m2 = 0.0
+    for k in range(d_in):
+        m2 += sum_x[k] * sum_x[k]
+    var = max(sum_xx - m2 / n, 0.0) / n
+    return sq, a_sq, var
