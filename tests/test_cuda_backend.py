@@ -5,7 +5,7 @@ numba is imported; ``tests/test_cuda_sim.py`` launches this file that way in
 a subprocess) or on a machine with a CUDA GPU; skipped otherwise. Under the
 simulator shapes stay tiny (every thread is a Python thread); the kernels
 then run with 8-thread blocks and 8x8 GEMM tiles (see
-``fastsae/_kernels/gpu_common.py``), so these shapes still cross every
+``fastsae/backends/cuda/common.py``), so these shapes still cross every
 tile, chunk and grid-stride boundary.
 
 Tolerances: values are compared with the float32 error bounds of
@@ -30,7 +30,8 @@ if not (config.ENABLE_CUDASIM or cuda.is_available()):
 
 import fastsae  # noqa: E402
 from fastsae import AdamState, SAEParams, SparseCodes  # noqa: E402
-from fastsae import cuda_backend as CB  # noqa: E402
+from fastsae.backends import cuda as CB  # noqa: E402
+from fastsae.backends.cuda import placement as CP  # noqa: E402
 from fastsae import reference as R  # noqa: E402
 
 from conftest import (U32, assert_codes_match, dot_bound, encode_oracle, f64,  # noqa: E402
@@ -336,7 +337,7 @@ def test_shape_changes_reuse_workspace(be):
         be.train_step(hp, hs, x, l1_coefficient=0.1, lr=1e-3)
         codes = be.encode_relu_sparse(x, p.W_enc, p.b_enc, p.b_dec)
         assert_codes_match(codes.to_dense(), pre, bound)
-    CB.clear_workspace()
+    CP.clear_workspace()
     x, p = _case((2, 3, 4))
     be.train_step(p.copy(), AdamState.zeros_like(p), x, l1_coefficient=0.1, lr=1e-3)
 
@@ -346,13 +347,13 @@ def test_bad_device_input_is_refused(be):
     x, p = _case((4, 6, 5))
     dp = be.to_backend(p)
     with pytest.raises(TypeError):
-        be.encode_relu(CB._wrap(cuda.to_device(x.astype(np.float64))), dp.W_enc, dp.b_enc,
+        be.encode_relu(CP._wrap(cuda.to_device(x.astype(np.float64))), dp.W_enc, dp.b_enc,
                        dp.b_dec)
     with pytest.raises(ValueError):
         be.encode_relu(x, dp.W_enc, dp.b_enc, dp.b_dec[:3])
     wide = be.to_backend(np.zeros((6, 10), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
-        be.encode_relu(x, CB._wrap(wide[:, ::2]), dp.b_enc, dp.b_dec)
+        be.encode_relu(x, CP._wrap(wide[:, ::2]), dp.b_enc, dp.b_dec)
     with pytest.raises(TypeError):
         be.train_step(dp, be.to_backend(AdamState.zeros_like(p)), x, l1_coefficient=0.1,
                       lr=1e-3, fire_counts=be.to_backend(np.zeros(5, np.float32)))

@@ -52,15 +52,14 @@ def test_cuda_backend_under_simulator():
 
 
 def _kernel_signatures():
+    import importlib
+
     from numba import types as T
 
-    from fastsae._kernels import gpu_adam as A
-    from fastsae._kernels import gpu_backward as B
-    from fastsae._kernels import gpu_common as K
-    from fastsae._kernels import gpu_decode as D
-    from fastsae._kernels import gpu_encode as E
-    from fastsae._kernels import gpu_norms as N
-    from fastsae._kernels import gpu_topk as TK
+    # import_module, not "from ... import": the face's decode() function
+    # shadows the decode module as an attribute of the package
+    A, B, K, D, E, N, TK = (importlib.import_module(f"fastsae.backends.cuda.{m}") for m in
+                            ("adam", "backward", "common", "decode", "encode", "norms", "topk"))
 
     f2, f1, d1 = T.float32[:, ::1], T.float32[::1], T.float64[::1]
     i64, i32, i2 = T.int64[::1], T.int32[::1], T.int32[:, ::1]
@@ -87,9 +86,9 @@ def _kernel_signatures():
         (B.transpose_kernel, (f2, f2)), (B.matvec_sub_kernel, (f2, f1, f1)),
         (TK.row_select_kernel, (u2, n, b1, b, i64, i32)),
         (TK.hist_kernel, (u1, n, n, i64)), (TK.row_ties_kernel, (u2, n, i32)),
-        (TK.batch_tie_cols_kernel, (u2, n, n, i64, i64, i32)),
+        (TK.batch_tie_cols_kernel, (u2, n, n, i64, b1, i64, i32)),
         (TK.mask_kernel, (f2, u2, i64, i32, b1, b, f2)), (TK.jumprelu_kernel, (f2, f1, f2)),
-        (TK.aux_residual_kernel, (f2, f2, f2, f, f, f2, d1)), (TK.min_kernel, (f1, d1, n)),
+        (B.aux_residual_kernel, (f2, f2, f2, f, f, f2, d1)), (TK.min_kernel, (f1, d1, n)),
     ]
 
 
@@ -118,7 +117,21 @@ def test_kernels_compile_for_a_real_gpu(monkeypatch):
 
     monkeypatch.setattr(dispatcher, "get_current_device",
                         lambda: types.SimpleNamespace(compute_capability=(9, 0)))
-    for kernel, sig in _kernel_signatures():
+    signatures = _kernel_signatures()
+    # every kernel of the package is in the list (a new one must be added)
+    import importlib
+
+    from numba.cuda.dispatcher import CUDADispatcher
+
+    kernels = {f"{m}.{name}" for m in ("adam", "backward", "common", "decode", "encode",
+                                       "norms", "topk")
+               for name, obj in vars(importlib.import_module(f"fastsae.backends.cuda.{m}")).items()
+               if isinstance(obj, CUDADispatcher) and not obj.targetoptions.get("device")
+               and obj.py_func.__module__ == f"fastsae.backends.cuda.{m}"}
+    listed = {f"{k.py_func.__module__.rsplit('.', 1)[1]}.{k.py_func.__name__}"
+              for k, _ in signatures}
+    assert kernels == listed
+    for kernel, sig in signatures:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert ".entry" in ptx, kernel.py_func.__name__
         if kernel.py_func.__name__ == "gemm_bias_act_kernel":

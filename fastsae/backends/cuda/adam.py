@@ -12,6 +12,10 @@ order, so each step matches PyTorch/NumPy float32 Adam up to FMA contraction:
 ``"unit_norm"`` mode, one block per decoder row, and then divides the
 updated row by its norm (rows of norm 0 are left as they are), saving a
 second pass over ``W_dec``.
+
+The scalars are those of :func:`fastsae.backends.numerics.adam_constants`,
+in its order (``b1, b2, 1 - b1, 1 - b2, lr, eps, bc1, bc2``); :func:`_adam`
+launches both kernels over the four parameter arrays.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ import math
 import numpy as np
 from numba import cuda
 
-from .gpu_common import BLOCK, block_sum
+from ...params import SAEParams
+from ..numerics import adam_constant_tuple
+from .common import BLOCK, _flat, block_sum, flat_grid, grid_for
 
 
 @cuda.jit(cache=True)
-def adam_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
+def adam_kernel(p, g, m, v, b1, b2, omb1, omb2, lr, eps, bc1, bc2):
     """One Adam step on 1-D float32 arrays p, g, m, v (same length), in place.
 
-    Scalars (float32): b1, omb1 = 1 - b1, b2, omb2 = 1 - b2, bias
-    corrections bc1, bc2, lr, eps. 1-D grid-stride loop, any launch shape.
+    Scalars (float32, in :func:`~fastsae.backends.numerics.adam_constants`'
+    order): b1, b2, omb1 = 1 - b1, omb2 = 1 - b2, lr, eps, bias corrections
+    bc1, bc2. 1-D grid-stride loop, any launch shape.
     """
     start = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -43,7 +50,7 @@ def adam_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
 
 
 @cuda.jit(cache=True)
-def adam_rows_renorm_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
+def adam_rows_renorm_kernel(p, g, m, v, b1, b2, omb1, omb2, lr, eps, bc1, bc2):
     """Adam step on 2-D float32 ``[R, d]`` arrays, then ``p[r] /= ||p[r]||``.
 
     One block of ``BLOCK`` threads per row (grid-stride over rows). Scalars
@@ -68,3 +75,19 @@ def adam_rows_renorm_kernel(p, g, m, v, b1, omb1, b2, omb2, bc1, bc2, lr, eps):
         if norm > 0:
             for k in range(t, d, BLOCK):  # the same thread wrote these elements
                 p[r, k] = p[r, k] / norm
+
+
+# ------------------------------------------------------------ host side
+def _adam(P, G, M, V, step, lr, beta1, beta2, eps, unit_norm):
+    """Adam step ``step + 1`` on every parameter (device SAEParams ``P`` with
+    gradients ``G`` and moments ``M``, ``V``, all in place); with
+    ``unit_norm`` the decoder rows are renormalized in the same pass."""
+    scalars = adam_constant_tuple(lr, beta1, beta2, eps, step + 1)
+    for name in SAEParams.NAMES:
+        p, g, m, v = (getattr(o, name) for o in (P, G, M, V))
+        if name == "W_dec" and unit_norm:
+            adam_rows_renorm_kernel[grid_for(p.shape[0]), BLOCK](p, g, m, v, *scalars)
+        else:
+            pf = _flat(p)
+            adam_kernel[flat_grid(pf.shape[0]), BLOCK](pf, _flat(g), _flat(m), _flat(v),
+                                                       *scalars)

@@ -1,7 +1,7 @@
 """CUDA sparse-aware backward pass (both decoder-norm modes).
 
 With ``d_xhat = 2 (x_hat - x) / N`` and CSR codes ``f`` (``nnz`` entries),
-every gradient of the reference (:func:`fastsae.reference.gradients`) only
+every gradient of the reference (:func:`fastsae.backends.reference.gradients`) only
 needs the active entries:
 
 * :func:`residual_kernel`: ``d_xhat``, and per-row ``sum (x_hat - x)**2``
@@ -27,6 +27,12 @@ needs the active entries:
 * :func:`transpose_kernel` turns ``g_W_enc^T`` into the ``[d_in, d_sae]``
   layout (both sides coalesced through a shared tile).
 * :func:`matvec_sub_kernel`: ``g_b_dec -= W_enc @ g_b_enc``.
+* :func:`aux_residual_kernel`: the AuxK term's residual gradient
+  ``d_ehat`` and its per-row squared error (TopK training).
+
+Host side: :func:`gradients` (ReLU/L1) and :func:`topk_gradients` (TopK,
+optional AuxK) and the passes the training steps share with them
+(:func:`_backward`, :func:`_topk_backward`, :func:`_feature_pass`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,16 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .gpu_common import BLOCK, GROUPS, LANES, TILE, TILE_ROWS, block_sum, block_sum2
+from ...params import Losses, SAEParams
+from ...sparse import SparseCodes
+from .common import (BLOCK, CHUNK_ROWS, COLSUM_ROWS, GROUPS, LANES, TILE, TILE_ROWS,
+                     _flat, _single_block, _zero, add_kernel, block_sum, block_sum2,
+                     exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
+from .decode import _sparse_decode
+from .encode import _dense_to_sparse
+from .norms import _norms
+from .placement import (_any_device, _codes_device, _device, _empty_like_params,
+                        _params_device, _params_out, _work, _work_at_least)
 
 _TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
 
@@ -316,3 +331,190 @@ def matvec_sub_kernel(W, vec, out):
         s = block_sum(sh, t, acc)
         if t == 0:
             out[k] = out[k] - s
+
+
+@cuda.jit(cache=True)
+def aux_residual_kernel(x, x_hat, e_hat, w, nf, d_ehat, row_sq):
+    """AuxK residual: ``err = e_hat - (x - x_hat)``, ``d_ehat = 2 w err /
+    nf``, ``row_sq[r] = sum_k err**2`` (float64). x, x_hat, e_hat, d_ehat
+    float32 ``[N, d_in]``; one block per row."""
+    sh = cuda.shared.array(BLOCK, np.float64)
+    t = cuda.threadIdx.x
+    n = x.shape[0]
+    d = x.shape[1]
+    two_w = np.float32(2.0) * w
+    for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        a = 0.0
+        for k in range(t, d, BLOCK):
+            err = e_hat[r, k] - (x[r, k] - x_hat[r, k])
+            d_ehat[r, k] = (two_w * err) / nf
+            a += np.float64(err) * np.float64(err)
+        total = block_sum(sh, t, a)
+        if t == 0:
+            row_sq[r] = total
+
+
+# ------------------------------------------------------------ host side
+def _colsum(A, div, out):
+    """``out = A.sum(axis=0) / div`` (float32), deterministic chunked order."""
+    n, d = A.shape
+    chunks = -(-n // COLSUM_ROWS)
+    partial = _work("colsum_partial", (chunks, d))
+    colsum_partial_kernel[(-(-d // BLOCK), chunks), BLOCK](A, COLSUM_ROWS, partial)
+    colsum_finish_kernel[-(-d // BLOCK), BLOCK](partial, np.float32(div), out)
+    return out
+
+
+def _residual(x, x_hat):
+    """``d_xhat`` (workspace) and the per-row squared error and squared
+    deviation from the batch mean (float64 workspaces)."""
+    n, d_in = x.shape
+    mean = _colsum(x, n, _work("mean", d_in))
+    d_xhat = _work("d_xhat", (n, d_in))
+    row_mse = _work("row_mse", n, np.float64)
+    row_var = _work("row_var", n, np.float64)
+    residual_kernel[grid_for(n), BLOCK](x, x_hat, mean, np.float32(n), d_xhat, row_mse,
+                                        row_var)
+    return d_xhat, row_mse, row_var
+
+
+def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag,
+                  weighted=False, l1_scale=np.float32(0), l1_feat=None):
+    """Sparse backward of one code set against ``d_xhat``: d_pre, a stable
+    CSR -> CSC transpose, then per feature ``g_W_dec`` (projected unless
+    ``weighted``), ``g_W_encT`` and ``g_b_enc`` overwritten; with
+    ``l1_scale`` the L1 term (``weighted``: by decoder norm) is included and
+    its per-feature parts written to ``l1_feat``. ``tag`` names the
+    workspaces of a second code set (AuxK). Returns the per-feature entry
+    counts (int64 [d_sae] workspace)."""
+    n = x.shape[0]
+    d_sae = P.W_enc.shape[1]
+    nnz = indices.shape[0]
+    norms = _norms(P.W_dec, _work("norms", d_sae))
+    dpre = _work_at_least("dpre" + tag, nnz, np.float32)
+    dpre_kernel[grid_for(n), (LANES, GROUPS)](indptr, indices, values, d_xhat, P.W_dec, norms,
+                                              weighted, l1_scale, dpre)
+    chunks = -(-n // CHUNK_ROWS)
+    counts = _work("csc_counts", (chunks, d_sae), np.int32)
+    _zero(counts)
+    csc_count_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, counts)
+    colcount = _work("colcount" + tag, d_sae, np.int64)
+    csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](counts, colcount)
+    colptr = _work("colptr", d_sae + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(colcount, colptr)
+    entry_of = _work_at_least("entry_of", nnz, np.int64)
+    row_of = _work_at_least("row_of", nnz, np.int32)
+    csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr, counts,
+                                             entry_of, row_of)
+    if l1_feat is None:
+        l1_feat = _work("l1_feat", d_sae)
+    feature_grad_kernel[grid_for(d_sae), BLOCK](
+        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, weighted,
+        l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
+    return colcount
+
+
+def _encoder_grads(P, g, g_W_encT):
+    """``g.W_enc = g_W_encT.T`` and ``g.b_dec -= W_enc @ g.b_enc``."""
+    d_sae, d_in = g_W_encT.shape
+    transpose_kernel[(-(-d_in // TILE), -(-d_sae // TILE)), (TILE, TILE_ROWS)](g_W_encT,
+                                                                              g.W_enc)
+    matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+
+
+def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
+    """Fill the gradient arrays ``g`` (SAEParams of device arrays) and
+    ``scal`` (float64 [3]: sum of squared errors, sum_j (sum_i f_ij) pen_j,
+    sum of squared deviations of x from its mean). Returns the per-feature
+    count of stored entries (int64 [d_sae], a workspace array)."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    l1_scale = np.float32(c / n)
+
+    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _colsum(d_xhat, 1, g.b_dec)
+
+    g_W_encT = _work("g_W_encT", (d_sae, d_in))
+    l1_feat = _work("l1_feat", d_sae)
+    colcount = _feature_pass(x, P, indptr, indices, values, d_xhat, g.W_dec, g_W_encT, g.b_enc,
+                             "", weighted, l1_scale, l1_feat)
+    _encoder_grads(P, g, g_W_encT)
+
+    _single_block(sum_kernel)(row_mse, scal, 0)
+    _single_block(sum_kernel)(l1_feat, scal, 1)
+    _single_block(sum_kernel)(row_var, scal, 2)
+    return colcount
+
+
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`)."""
+    dev = _any_device(x, params, codes, x_hat)
+    x, x_hat = _device(x), _device(x_hat)
+    P = _params_device(params)
+    if isinstance(codes, SparseCodes):
+        indptr, indices, values = _codes_device(codes)
+    else:
+        sc, _ = _dense_to_sparse(_device(codes))
+        indptr, indices, values = sc.indptr, sc.indices, sc.values
+    g = _empty_like_params(P, cached=False)
+    scal = _work("scalars", 3, np.float64)
+    _backward(x, P, indptr, indices, values, x_hat, l1_coefficient,
+              decoder_norm == "weighted_l1", g, scal)
+    s = scal.copy_to_host()
+    n = x.shape[0]
+    mse = float(s[0] / n)
+    l1 = float(l1_coefficient * s[1] / n)
+    return Losses(mse=mse, l1=l1, total=mse + l1), _params_out(g, dev)
+
+
+def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal):
+    """TopK gradients into ``g``; ``scal`` float64 [3]: squared error sum,
+    aux squared error sum, squared deviation sum. ``codes`` and ``aux`` (the
+    AuxK codes, or None) are ``(indptr, indices, values)`` device triples.
+    Returns the main codes' per-feature counts."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _colsum(d_xhat, 1, g.b_dec)
+    g_W_encT = _work("g_W_encT", (d_sae, d_in))
+    colcount = _feature_pass(x, P, *codes, d_xhat, g.W_dec, g_W_encT, g.b_enc, "")
+    row_aux = _work("row_aux", n, np.float64)
+    _zero(row_aux)
+    if aux is not None:
+        zero_bias = _work("zero_bias", d_in)
+        _zero(zero_bias)
+        e_hat = _work("e_hat", (n, d_in))
+        _sparse_decode(*aux, P.W_dec, zero_bias, e_hat)
+        d_ehat = _work("d_ehat", (n, d_in))
+        aux_residual_kernel[grid_for(n), BLOCK](x, x_hat, e_hat, np.float32(weight),
+                                                np.float32(n), d_ehat, row_aux)
+        a_W_dec = _work("aux_g_W_dec", (d_sae, d_in))
+        a_W_encT = _work("aux_g_W_encT", (d_sae, d_in))
+        a_b_enc = _work("aux_g_b_enc", d_sae)
+        _feature_pass(x, P, *aux, d_ehat, a_W_dec, a_W_encT, a_b_enc, "_aux")
+        for dst, src in ((g.W_dec, a_W_dec), (g_W_encT, a_W_encT), (g.b_enc, a_b_enc)):
+            add_kernel[flat_grid(dst.size), BLOCK](_flat(dst), _flat(src))
+    _encoder_grads(P, g, g_W_encT)
+    _single_block(sum_kernel)(row_mse, scal, 0)
+    _single_block(sum_kernel)(row_aux, scal, 1)
+    _single_block(sum_kernel)(row_var, scal, 2)
+    return colcount
+
+
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients of TopK training (see
+    :func:`fastsae.backends.reference.topk_gradients`)."""
+    dev = _any_device(x, params, codes, x_hat, aux_codes)
+    x, x_hat = _device(x), _device(x_hat)
+    P = _params_device(params)
+    aux = None
+    if aux_codes is not None and aux_weight > 0:
+        aux = _codes_device(aux_codes)
+    g = _empty_like_params(P, cached=False)
+    scal = _work("scalars_topk", 4, np.float64)
+    _topk_backward(x, P, _codes_device(codes), x_hat, aux, aux_weight, g, scal)
+    s = scal.copy_to_host()
+    n = x.shape[0]
+    mse = float(s[0] / n)
+    aux_loss = float(aux_weight * s[1] / n) if aux is not None else 0.0
+    return Losses(mse=mse, l1=0.0, total=mse + aux_loss, aux=aux_loss), _params_out(g, dev)

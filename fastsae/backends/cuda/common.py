@@ -1,10 +1,12 @@
-"""Launch geometry and shared device helpers for the numba.cuda kernels.
+"""Launch geometry, shared device helpers and small kernels of the CUDA backend.
 
-Every ``gpu_*.py`` kernel file takes its block and tile sizes from here, so
-one switch moves the whole CUDA backend between two geometries:
+Every kernel module of :mod:`fastsae.backends.cuda` takes its block and tile
+sizes from here, so one switch moves the whole CUDA backend between two
+geometries:
 
-* On a real GPU: 256-thread blocks, 128x128 GEMM tiles with 8x8 outputs per
-  thread, 32x32 transpose tiles.
+* On a real GPU: the ``CUDA_*`` values of :mod:`fastsae.backends.tunables`
+  (256-thread blocks, 128x128 GEMM tiles with 8x8 outputs per thread, 32x32
+  transpose tiles).
 * Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, read when numba is
   first imported), every GPU thread is a Python thread and every
   ``syncthreads()`` is a thread switch, so the very same kernels run with
@@ -14,12 +16,20 @@ one switch moves the whole CUDA backend between two geometries:
 Shared-memory array shapes must be compile-time constants in numba.cuda;
 module-level ints like the ones below are frozen into each kernel when it
 is compiled.
+
+Host side: :func:`grid_for` / :func:`flat_grid` size grid-stride launches,
+:func:`_single_block` makes a deliberate one-block launch, :func:`_zero`
+clears a device array.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import config, cuda
+
+from .. import tunables as T
 
 #: True when numba runs CUDA kernels in its Python simulator.
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -39,19 +49,19 @@ if SIMULATOR:
     CHUNK_ROWS = 2       # rows per chunk of the CSR -> CSC transposition
     COLSUM_ROWS = 3      # rows per partial column sum
 else:
-    BLOCK = 256
-    GRID_CAP = 65535
-    GEMM_BM = 128
-    GEMM_BN = 128
-    GEMM_BK = 8
-    GEMM_TM = 8
-    GEMM_TN = 8
-    LANES = 32
-    GROUPS = 8
-    TILE = 32
-    TILE_ROWS = 8
-    CHUNK_ROWS = 64
-    COLSUM_ROWS = 64
+    BLOCK = T.CUDA_BLOCK
+    GRID_CAP = T.CUDA_GRID_CAP
+    GEMM_BM = T.CUDA_GEMM_BM
+    GEMM_BN = T.CUDA_GEMM_BN
+    GEMM_BK = T.CUDA_GEMM_BK
+    GEMM_TM = T.CUDA_GEMM_TM
+    GEMM_TN = T.CUDA_GEMM_TN
+    LANES = T.CUDA_DOT_LANES
+    GROUPS = T.CUDA_DOT_GROUPS
+    TILE = T.CUDA_TRANSPOSE_TILE
+    TILE_ROWS = T.CUDA_TRANSPOSE_ROWS
+    CHUNK_ROWS = T.CUDA_CSC_CHUNK_ROWS
+    COLSUM_ROWS = T.CUDA_COLSUM_ROWS
 
 #: Shared ping-pong buffer of :func:`block_exclusive_scan` for BLOCK threads.
 SCAN_SHARED = 2 * BLOCK
@@ -73,6 +83,26 @@ def grid_for(n: int, per_block: int = 1) -> int:
 def flat_grid(n: int) -> int:
     """Blocks of ``BLOCK`` threads for a 1-D grid-stride loop over ``n`` items."""
     return grid_for(n, BLOCK)
+
+
+def _single_block(kernel):
+    """``kernel[1, BLOCK]``: a deliberate one-block launch (a short ordered
+    pass such as a scan), so numba's low-occupancy warning is silenced for
+    this configuration only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size")
+        return kernel[1, BLOCK]
+
+
+def _flat(a):
+    """The 1-D view of a C-contiguous device array."""
+    return a.reshape(a.size)
+
+
+def _zero(a):
+    """Set every element of device array ``a`` to 0 (any shape)."""
+    flat = _flat(a) if len(a.shape) > 1 else a
+    fill_kernel[flat_grid(flat.shape[0]), BLOCK](flat, flat.dtype.type(0))
 
 
 # ------------------------------------------------------------ device helpers

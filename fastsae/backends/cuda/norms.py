@@ -6,6 +6,9 @@ shared memory (float32, like the reference's float32 sum). The L1
 subgradient is elementwise: ``c * norms[j]`` at active entries. ``c`` is
 passed as float32 so the product is rounded exactly like NumPy's
 ``python_float * float32_array``.
+
+Host side: :func:`decoder_column_norms`, :func:`l1_subgradient` and
+:func:`_norms` (the backward passes' norms, into a workspace).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import math
 import numpy as np
 from numba import cuda
 
-from .gpu_common import BLOCK, block_sum
+from ...sparse import SparseCodes
+from .common import BLOCK, block_sum, flat_grid, grid_for
+from .placement import _any_device, _codes_device, _device, _empty, _out, _wrap
 
 
 @cuda.jit(cache=True)
@@ -70,3 +75,43 @@ def l1_sparse_kernel(indices, norms, c, out):
     step = cuda.gridsize(1)
     for p in range(start, indices.shape[0], step):
         out[p] = c * norms[indices[p]]
+
+
+# ------------------------------------------------------------ host side
+def _norms(W_dec, out):
+    """``out[j] = ||W_dec[j]||`` (device arrays); returns ``out``."""
+    row_norms_kernel[grid_for(W_dec.shape[0]), BLOCK](W_dec, out)
+    return out
+
+
+def decoder_column_norms(W_dec):
+    """L2 norm of each decoder row, float32 ``[d_sae]``."""
+    dev = _any_device(W_dec)
+    W_dec = _device(W_dec)
+    return _out(_norms(W_dec, _empty(W_dec.shape[0])), dev)
+
+
+def l1_subgradient(codes, norms, l1_coefficient):
+    """``l1_coefficient * norms[j]`` where ``codes[i, j] > 0``, else 0; same
+    kind as ``codes`` (sparse codes keep their pattern)."""
+    dev = _any_device(codes, norms)
+    norms = _device(norms)
+    c = np.float32(l1_coefficient)
+    if isinstance(codes, SparseCodes):
+        indptr, indices, _ = _codes_device(codes)
+        vals = _empty(max(indices.shape[0], 1))[:indices.shape[0]]
+        l1_sparse_kernel[flat_grid(indices.shape[0]), BLOCK](indices, norms, c, vals)
+        if not dev:
+            h = codes.to_host()
+            return SparseCodes(np.array(h.indptr, dtype=np.int64), np.array(h.indices, np.int32),
+                               vals.copy_to_host(), tuple(codes.shape))
+        out_ptr = _empty(indptr.shape[0], np.int64)
+        out_idx = _empty(max(indices.shape[0], 1), np.int32)[:indices.shape[0]]
+        out_ptr.copy_to_device(indptr)
+        if indices.shape[0]:
+            out_idx.copy_to_device(indices)
+        return SparseCodes(out_ptr, out_idx, _wrap(vals), tuple(codes.shape))
+    f = _device(codes)
+    out = _empty(f.shape)
+    l1_dense_kernel[flat_grid(f.shape[0] * f.shape[1]), BLOCK](f, norms, c, out)
+    return _out(out, dev)

@@ -9,7 +9,7 @@ Encoding a batch is
    memory; bias, ReLU and the per-row count of active features are the
    epilogue (row counts are reduced in shared memory first, so there is one
    global atomic per row per block tile, not one per thread).
-2. :func:`~fastsae._kernels.gpu_common.exclusive_scan_kernel` over the row
+2. :func:`~fastsae.backends.cuda.common.exclusive_scan_kernel` over the row
    counts gives ``indptr``.
 3. :func:`compact_rows_kernel` writes each row's nonzeros at their final
    places. Positions come from a block-wide prefix sum over each chunk of
@@ -23,6 +23,10 @@ The dense ``[N, d_sae]`` staging buffer costs one write and one read of
 product; writing the compact form straight from the epilogue would need the
 row counts before the product, i.e. a second product. The same GEMM kernel
 serves the dense decode (no shift, no ReLU, no counts).
+
+Host side: :func:`encode_relu`, :func:`encode_relu_sparse` and the helpers
+the other families reuse (:func:`_gemm`, :func:`_compact`,
+:func:`_encode_sparse`, :func:`_dense_to_sparse`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .gpu_common import (BLOCK, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_THREADS, GEMM_TM,
-                         GEMM_TN, GEMM_TX, GEMM_TY, SCAN_SHARED, block_exclusive_scan)
+from ...sparse import SparseCodes
+from .common import (BLOCK, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_THREADS, GEMM_TM, GEMM_TN,
+                     GEMM_TX, GEMM_TY, SCAN_SHARED, _single_block, _zero,
+                     block_exclusive_scan, exclusive_scan_kernel, grid_for)
+from .placement import (_any_device, _device, _empty, _out, _work, _work_at_least, _wrap)
 
 _PAD = 4  # shared A tile row padding: the transposed stores hit 32 distinct banks
 _SA_COLS = GEMM_BM + _PAD  # shared-array shapes must be plain constants
@@ -197,3 +204,69 @@ def compact_rows_kernel(dense, indptr, indices, values):
                     indices[pos + excl] = c
                     values[pos + excl] = v
                 pos += total
+
+
+# ------------------------------------------------------------ host side
+def _gemm(A, shift, B, bias, relu, out, row_counts=None):
+    """``out = act((A - shift) @ B + bias)`` (no shift when ``shift`` is
+    None), counting each row's positives into ``row_counts`` when given."""
+    grid, block = gemm_launch(A.shape[0], B.shape[1])
+    has_shift = shift is not None
+    if shift is None:
+        shift = bias  # never read
+    counts = row_counts if row_counts is not None else _work("dummy_counts", 1, np.int32)
+    gemm_bias_act_kernel[grid, block](A, shift, has_shift, B, bias, bool(relu), out, counts,
+                                      row_counts is not None)
+
+
+def _compact(dense, counts, indptr=None, fresh=True, tag=""):
+    """``(codes, nnz)``: the CSR of ``dense``'s nonzeros given per-row counts
+    (int32 [N]); fresh arrays, or workspaces named by ``tag``."""
+    n, d = dense.shape
+    if indptr is None:
+        indptr = _empty(n + 1, np.int64) if fresh else _work("indptr", n + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(counts, indptr)
+    nnz = int(indptr[n:n + 1].copy_to_host()[0])  # one scalar read: sizes the output
+    if fresh:
+        indices = _empty(max(nnz, 1), np.int32)[:nnz]
+        values = _empty(max(nnz, 1), np.float32)[:nnz]
+    else:
+        indices = _work_at_least("indices" + tag, nnz, np.int32)
+        values = _work_at_least("values" + tag, nnz, np.float32)
+    compact_rows_kernel[grid_for(n), BLOCK](dense, indptr, indices, values)
+    return SparseCodes(_wrap(indptr), _wrap(indices), _wrap(values), (int(n), int(d))), nnz
+
+
+def _encode_sparse(x, W_enc, b_enc, b_dec, fresh):
+    """``(codes, nnz)`` of the ReLU encoder, through the staging buffer."""
+    n, d_sae = x.shape[0], W_enc.shape[1]
+    dense = _work("enc_dense", (n, d_sae))
+    counts = _work("row_counts", n, np.int32)
+    _zero(counts)
+    _gemm(x, b_dec, W_enc, b_enc, True, dense, counts)
+    return _compact(dense, counts, fresh=fresh)
+
+
+def _dense_to_sparse(f):
+    """``(codes, nnz)`` of dense device codes ``f`` (workspace arrays)."""
+    counts = _work("row_counts_dense", f.shape[0], np.int32)
+    count_rows_kernel[grid_for(f.shape[0]), BLOCK](f, counts)
+    return _compact(f, counts, indptr=_work("indptr_dense", f.shape[0] + 1, np.int64),
+                    fresh=False)
+
+
+def encode_relu(x, W_enc, b_enc, b_dec):
+    """``relu((x - b_dec) @ W_enc + b_enc)``, dense float32 ``[N, d_sae]``."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    out = _empty((x.shape[0], W_enc.shape[1]))
+    _gemm(x, b_dec, W_enc, b_enc, True, out)
+    return _out(out, dev)
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+    """:func:`encode_relu` as canonical :class:`SparseCodes`."""
+    dev = _any_device(x, W_enc, b_enc, b_dec)
+    args = (_device(a) for a in (x, W_enc, b_enc, b_dec))
+    codes, _ = _encode_sparse(*args, fresh=True)
+    return codes if dev else codes.to_host()

@@ -7,7 +7,10 @@ broadcast reads. Work is ``nnz * d_in`` multiply-adds instead of the dense
 ``N * d_sae * d_in``. No atomics: every output element has one owner, and
 its terms are added in the row's (increasing feature) order, then the bias,
 as ``f @ W_dec + b_dec`` does. The dense-codes decode reuses
-:func:`fastsae._kernels.gpu_encode.gemm_bias_act_kernel`.
+:func:`fastsae.backends.cuda.encode.gemm_bias_act_kernel`.
+
+Host side: :func:`decode` and :func:`_sparse_decode` (also used by the
+training steps and the AuxK backward).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .gpu_common import BLOCK
+from ...sparse import SparseCodes
+from .common import BLOCK, grid_for
+from .encode import _gemm
+from .placement import _any_device, _codes_device, _device, _empty, _out
 
 
 @cuda.jit(cache=True)
@@ -37,3 +43,23 @@ def sparse_decode_kernel(indptr, indices, values, W_dec, b_dec, out):
             for p in range(s, e):
                 acc += values[p] * W_dec[indices[p], k]
             out[r, k] = acc + b_dec[k]
+
+
+# ------------------------------------------------------------ host side
+def _sparse_decode(indptr, indices, values, W_dec, b_dec, out):
+    """``out = codes @ W_dec + b_dec`` for device CSR arrays."""
+    sparse_decode_kernel[grid_for(out.shape[0]), BLOCK](indptr, indices, values, W_dec, b_dec,
+                                                        out)
+
+
+def decode(codes, W_dec, b_dec):
+    """``codes @ W_dec + b_dec``, float32 ``[N, d_in]``; codes dense or sparse."""
+    dev = _any_device(codes, W_dec, b_dec)
+    W_dec, b_dec = _device(W_dec), _device(b_dec)
+    n = int(codes.shape[0])
+    out = _empty((n, W_dec.shape[1]))
+    if isinstance(codes, SparseCodes):
+        _sparse_decode(*_codes_device(codes), W_dec, b_dec, out)
+    else:
+        _gemm(_device(codes), None, W_dec, b_dec, False, out)
+    return _out(out, dev)

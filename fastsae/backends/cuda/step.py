@@ -1,0 +1,131 @@
+"""The CUDA training steps: :func:`train_step` (ReLU + L1) and
+:func:`train_step_topk` (TopK / BatchTopK, optional AuxK).
+
+Each chains the families' passes on device arrays: encode into the staging
+buffer and compact to CSR (:mod:`.encode`, or the selection of :mod:`.topk`),
+sparse decode (:mod:`.decode`), the sparse backward (:mod:`.backward`) and
+the fused Adam (:mod:`.adam`, with the unit-norm projection fused into the
+decoder's update). Every intermediate is a cached workspace
+(:mod:`.placement`).
+
+On device params and state a step runs entirely on the GPU: the only host
+transfers are small reads (the number of active entries, which sizes the
+sparse codes; BatchTopK's four 256-bin histograms; the loss scalars of the
+returned :class:`StepResult`; the dead mask's count for AuxK). Host (NumPy)
+params and moments are copied over, updated there and copied back into the
+same arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...params import AdamState, SAEParams, StepResult
+from ..numerics import auxk_active, auxk_weight, relu_step_result, topk_step_result
+from .adam import _adam
+from .backward import _backward, _topk_backward
+from .common import BLOCK, _single_block, add_kernel, flat_grid
+from .decode import _sparse_decode
+from .encode import _encode_sparse
+from .placement import _device, _empty_like_params, _is_device, _work, to_numpy
+from .topk import _aux_codes, _pre, _topk_codes, min_kernel
+
+
+def _step_arrays(params: SAEParams, state: AdamState, fire_counts):
+    """Device arrays for a training step: ``(P, M, V, fc_dev, host_pairs)``.
+
+    Parameters and Adam moments already on the device are used in place;
+    host ones are copied over and listed in ``host_pairs`` (host array,
+    device copy) for :func:`_finish_step` to write back. ``fc_dev`` is
+    ``fire_counts`` when it is a device array, else None."""
+    host_pairs = []
+
+    def dev(a):
+        d = _device(a)
+        if not _is_device(a):
+            host_pairs.append((a, d))
+        return d
+
+    P, M, V = (SAEParams(*(dev(a) for a in o.arrays())) for o in (params, state.m, state.v))
+    fc_dev = None
+    if fire_counts is not None and _is_device(fire_counts):
+        fc_dev = _device(fire_counts, np.int64)
+    return P, M, V, fc_dev, host_pairs
+
+
+def _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs) -> np.ndarray:
+    """Adds this step's per-feature firing counts ``colcount`` to
+    ``fire_counts`` (on the device or the host), writes updated host
+    parameters and moments back, and returns the step's scalars on the host."""
+    if fc_dev is not None:
+        add_kernel[flat_grid(fc_dev.shape[0]), BLOCK](fc_dev, colcount)
+    s = scal.copy_to_host()
+    if fire_counts is not None and fc_dev is None:
+        fire_counts += colcount.copy_to_host().astype(fire_counts.dtype)
+    for h, d in host_pairs:
+        d.copy_to_host(h)
+    return s
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """Forward, backward and Adam update on batch ``x``, in place.
+
+    Device parameters and moments are updated where they are; host (NumPy)
+    ones are copied to the GPU and the updated values copied back into the
+    same arrays. ``fire_counts`` (int64 ``[d_sae]``, host or device) is
+    incremented by the number of rows each feature fired in.
+    """
+    P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
+    xd = _device(x)
+    n = xd.shape[0]
+    unit_norm = decoder_norm == "unit_norm"
+
+    codes, nnz = _encode_sparse(xd, P.W_enc, P.b_enc, P.b_dec, fresh=False)
+    x_hat = _work("x_hat", xd.shape)
+    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    G = _empty_like_params(P, cached=True)
+    scal = _work("scalars", 3, np.float64)
+    colcount = _backward(xd, P, codes.indptr, codes.indices, codes.values, x_hat,
+                         l1_coefficient, not unit_norm, G, scal)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, unit_norm)
+    state.step += 1
+    s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
+    return relu_step_result(s[0] / n, l1_coefficient * s[1] / n, nnz, n, s[2] / n)
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step with optional AuxK, in place (see
+    :func:`fastsae.backends.reference.train_step_topk`); device or host
+    arrays as :func:`train_step`."""
+    P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
+    xd = _device(x)
+    n = xd.shape[0]
+
+    pre = _pre(xd, P.W_enc, P.b_enc, P.b_dec)
+    codes, nnz = _topk_codes(pre, k, activation, fresh=False)
+    x_hat = _work("x_hat", xd.shape)
+    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    aux, weight = None, 0.0
+    dead_h = None if dead_mask is None else to_numpy(dead_mask)  # d_sae bools: counted here
+    if auxk_active(dead_h, k_aux, aux_coefficient):
+        dead = _device(dead_mask, np.bool_)  # the device mask in place, or a copy of the host one
+        ac, _ = _aux_codes(pre, dead, int(np.count_nonzero(dead_h)), k_aux, fresh=False)
+        aux = (ac.indptr, ac.indices, ac.values)
+        weight = auxk_weight(dead_h, k_aux, aux_coefficient)
+    G = _empty_like_params(P, cached=True)
+    scal = _work("scalars_topk", 4, np.float64)
+    colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
+                              weight, G, scal)
+    _single_block(min_kernel)(codes.values, scal, 3)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True)
+    state.step += 1
+    s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
+    aux_loss = weight * s[1] / n if aux is not None else 0.0
+    # the kept values' minimum was reduced on the device (s[3]); a one-entry
+    # stand-in (none when nothing was kept) gives topk_step_result the same min
+    kept_min = s[3:4] if nnz else s[:0]
+    return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min)
