@@ -1,7 +1,12 @@
-"""Build the optional Cython kernels in ``kernels/`` into ``fastsae``.
+"""Build the optional Cython kernels in ``kernels/cython/`` into ``fastsae``.
 
-Every ``kernels/NAME.pyx`` becomes the extension ``fastsae._cy_NAME``. The
-extensions are optional: without a working C compiler ``pip install .`` still
+Every ``kernels/cython/NAME.pyx`` becomes the extension
+``fastsae.backends.cython._NAME``, which the wrapper module
+``fastsae/backends/cython/NAME.py`` of the same name calls (see
+``kernels/README.md``). Shared declarations are ``kernels/cython/common.pxd``,
+cimported as ``common`` with ``kernels/cython`` on Cython's include path.
+The generated C goes to ``build/cython/`` (``build/cython_debug/`` for the
+debug build), never next to the sources. The extensions are optional: without a working C compiler ``pip install .`` still
 succeeds and ``fastsae.available_backends()`` reports the ``cython`` backend as
 unavailable with the import error as the reason.
 
@@ -81,6 +86,11 @@ class OptionalBuildExt(build_ext):
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Cython sources (relative: setuptools wants relative source paths). Not a
+# Cython package (a directory named ``cython`` would shadow ``cimport cython``
+# if its parent were on the include path), so the directory itself is on the
+# include path and its .pxd files are cimported by their plain names.
+PYX_DIR = os.path.join("kernels", "cython")
 GEN_DIR = os.path.join(HERE, "build", "fastsae_cython_include")
 
 
@@ -155,10 +165,10 @@ def _extensions():
               ("FASTSAE_OPENMP", "1" if openmp else "0"),
               ("FASTSAE_DEBUG", "1" if DEBUG else "0")]
     exts = []
-    for pyx in sorted(glob.glob(os.path.join("kernels", "*.pyx"))):
+    for pyx in sorted(glob.glob(os.path.join(PYX_DIR, "*.pyx"))):
         stem = os.path.splitext(os.path.basename(pyx))[0]
-        exts.append(Extension(f"fastsae._cy_{stem}", [pyx],
-                              include_dirs=[numpy.get_include(), "kernels", gen_dir],
+        exts.append(Extension(f"fastsae.backends.cython._{stem}", [pyx],
+                              include_dirs=[numpy.get_include(), PYX_DIR, gen_dir],
                               define_macros=macros, extra_compile_args=compile_args,
                               extra_link_args=link_args, optional=True))
     directives = {"language_level": "3", "boundscheck": DEBUG, "wraparound": DEBUG,
@@ -167,7 +177,7 @@ def _extensions():
     # regenerates it instead of reusing C made with the other directives.
     c_dir = os.path.join("build", "cython_debug" if DEBUG else "cython")
     return cythonize(exts, compiler_directives=directives, quiet=True,
-                     include_path=["kernels", gen_dir], build_dir=c_dir)
+                     include_path=[PYX_DIR, gen_dir], build_dir=c_dir)
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

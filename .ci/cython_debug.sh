@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the Cython kernels with bounds checking on (FASTSAE_CYTHON_DEBUG=1) in a
+# Build the Cython kernels (kernels/cython/*.pyx -> fastsae.backends.cython._*)
+# with bounds checking on (FASTSAE_CYTHON_DEBUG=1) in a
 # throw-away copy of this checkout and run the cython backend's tests against
 # that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
@@ -37,8 +38,10 @@ build_and_test() {  # $1: stage name, $2: extra env for the build, $3: preload l
         if [ -n "$3" ]; then pre=(LD_PRELOAD="$3" ASAN_OPTIONS=detect_leaks=0); fi
         # make sure the copy (not an installed fastsae) is what gets tested
         env "${pre[@]}" PYTHONPATH="$dir" "$PY" - <<'PYEOF'
-import os, fastsae, fastsae._cy_runtime as rt
+import os, fastsae
+from fastsae.backends.cython import _runtime as rt
 assert fastsae.__file__.startswith(os.getcwd()), fastsae.__file__
+assert rt.__file__.startswith(os.getcwd()), rt.__file__
 assert rt.DEBUG, "extensions were not built in debug mode"
 print("debug build OK:", fastsae.available_backends()[2])
 PYEOF

@@ -1,4 +1,5 @@
-"""Tests specific to the ``cython`` backend (compiled kernels in ``kernels/``).
+"""Tests specific to the ``cython`` backend (compiled kernels in ``kernels/cython/``,
+wrappers in ``fastsae/backends/cython/``).
 
 Every kernel is compared with the NumPy reference on shapes that exercise the
 tiling (one row, one feature, sizes that are not multiples of the tiles,
@@ -28,13 +29,16 @@ import pytest
 import fastsae
 from fastsae import backends
 from fastsae import reference as R
+from fastsae.backends import tunables
+from fastsae.backends.numerics import adam_constants
 from fastsae.params import AdamState, SAEParams
 from fastsae.sparse import SparseCodes
 
 try:
-    from fastsae import cython_backend as C
+    from fastsae.backends import cython as C
 
     C.check_available()
+    from fastsae.backends.cython import _threads as T
     HAVE_CY = True
 except ImportError:  # not built here: only the degradation tests run
     HAVE_CY = False
@@ -94,14 +98,14 @@ def _always_parallel(monkeypatch):
     default small kernels run on one thread), so races and edge cases of the
     parallel paths (N=1 with 2 threads, ...) are exercised."""
     if HAVE_CY:
-        monkeypatch.setattr(C, "_PAR_MIN_WORK", 0)
+        monkeypatch.setattr(T, "CYTHON_PARALLEL_MIN_WORK", 0)
 
 
 @needs_cy
 def test_small_kernels_run_serially_by_default(monkeypatch):
-    monkeypatch.setattr(C, "_PAR_MIN_WORK", 1 << 20)
-    assert C._threads(1000) == 1
-    assert C._threads(1 << 30) == C.get_num_threads()
+    monkeypatch.setattr(T, "CYTHON_PARALLEL_MIN_WORK", tunables.CYTHON_PARALLEL_MIN_WORK)
+    assert T.threads(tunables.CYTHON_PARALLEL_MIN_WORK - 1) == 1
+    assert T.threads(1 << 30) == C.get_num_threads()
 
 
 # ------------------------------------------------------------------ kernels
@@ -251,23 +255,22 @@ def test_train_step_matches_reference(be, shape, mode):
 @needs_cy
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_standalone_adam_kernel(renormalize):
-    """_cy_adam.adam_step (all four parameters in one parallel pass) equals
-    the reference's adam_update (+ normalize_decoder_rows)."""
-    from fastsae import _cy_adam
+    """_adam.adam_step (all four parameters in one parallel pass, constants
+    from numerics.adam_constants) equals the reference's adam_update (+
+    normalize_decoder_rows)."""
+    from fastsae.backends.cython import _adam
 
     x, p = _problem(9, 20, 70, 0.0, seed=4)
     rng = np.random.default_rng(4)
     g = SAEParams(*(rng.standard_normal(a.shape).astype(np.float32) for a in p.arrays()))
     p_r, p_c = p.copy(), p.copy()
     s_r, s_c = AdamState.zeros_like(p), AdamState.zeros_like(p)
-    f32 = np.float32
     for t in range(1, 4):
         R.adam_update(p_r, g, s_r, 1e-2, 0.9, 0.999, 1e-8)
         if renormalize:
             R.normalize_decoder_rows(p_r.W_dec)
-        _cy_adam.adam_step(*p_c.arrays(), *g.arrays(), *s_c.m.arrays(), *s_c.v.arrays(),
-                           f32(1e-2), f32(0.9), f32(1 - 0.9), f32(0.999), f32(1 - 0.999),
-                           f32(1 - 0.9 ** t), f32(1 - 0.999 ** t), f32(1e-8), renormalize, 2)
+        _adam.adam_step(*p_c.arrays(), *g.arrays(), *s_c.m.arrays(), *s_c.v.arrays(),
+                        adam_constants(1e-2, 0.9, 0.999, 1e-8, t), renormalize, 2)
         for a, b in zip(p_c.arrays() + s_c.m.arrays() + s_c.v.arrays(),
                         p_r.arrays() + s_r.m.arrays() + s_r.v.arrays()):
             _close(a, b, rtol=1e-5, atol_rel=1e-6)
@@ -303,14 +306,14 @@ def test_train_step_deterministic_repeats(be):
 @needs_cy
 def test_thread_count_control_and_independence(be):
     x, p = _problem(300, 48, 900, -1.5, seed=6)
-    old = C._num_threads
+    old = T._num_threads
     try:
         outs = []
         fixed = SparseCodes.from_dense(R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec))
         xh0 = R.decode(fixed, p.W_dec, p.b_dec)
         for nt in (1, 2, 3):
             C.set_num_threads(nt)
-            assert C.get_num_threads() == (nt if C.OPENMP else 1)
+            assert C.get_num_threads() == (nt if T.OPENMP else 1)
             # the encoder's tiles depend on the thread count, so its values may
             # differ in the last bit; decode and backward are fed fixed codes
             sc = be.encode_relu_sparse(x, p.W_enc, p.b_enc, p.b_dec)
@@ -353,38 +356,47 @@ def test_concurrent_python_threads_and_blas_limit_restored(be):
 
 @needs_cy
 def test_description_and_build_facts():
-    from fastsae import _cy_runtime
+    from fastsae.backends.cython import _runtime
 
     desc = C.DESCRIPTION
     assert ("OpenMP" in desc) or ("single-threaded" in desc)
-    assert _cy_runtime.BLAS_INT_BYTES in (4, 8)
+    assert _runtime.BLAS_INT_BYTES in (4, 8)
     status = {s.name: s for s in fastsae.available_backends()}
     assert status["cython"].available and "Cython" in status["cython"].reason
 
 
 # ------------------------------------------------------------------ safety
 @needs_cy
-def test_module_functions_refuse_bad_arrays():
-    """Called directly (no Backend wrapper), the module still refuses
-    arguments that would make compiled code read out of bounds."""
+def test_front_refuses_what_would_take_kernels_out_of_bounds(be):
+    """The backend module trusts its arguments (validation happens once, in
+    the front): the front must refuse every argument that would make the
+    compiled code read or write out of bounds, before the kernels run."""
     x, p = _problem(4, 6, 10, 0.0)
     bad = SparseCodes(np.array([0, 1, 1, 1, 2], np.int64), np.array([3, 10], np.int32),
                       np.ones(2, np.float32), (4, 10))
+    short = SparseCodes(np.array([0, 1, 1, 1, 3], np.int64), np.array([3, 4], np.int32),
+                        np.ones(2, np.float32), (4, 10))
+    for codes in (bad, short):
+        with pytest.raises(ValueError):
+            be.decode(codes, p.W_dec, p.b_dec)
+        with pytest.raises(ValueError):
+            be.l1_subgradient(codes, np.ones(10, np.float32), 0.1)
+        with pytest.raises(ValueError):
+            be.gradients(x, p, codes, x, 0.1, "weighted_l1")
     with pytest.raises(ValueError):
-        C.decode(bad, p.W_dec, p.b_dec)
+        be.encode_relu(x, p.W_enc[:5], p.b_enc, p.b_dec)
     with pytest.raises(ValueError):
-        C.l1_subgradient(bad, np.ones(10, np.float32), 0.1)
+        be.l1_subgradient(np.ones((4, 9), np.float32), np.ones(10, np.float32), 0.1)
+    with pytest.raises((ValueError, TypeError)):
+        be.train_step(p, AdamState(p.copy(), SAEParams(p.W_enc, p.b_enc, p.W_dec[:5],
+                                                        p.b_dec)),
+                      x, l1_coefficient=0.1, lr=1e-3)
     with pytest.raises(ValueError):
-        C.gradients(x, p, bad, x, 0.1, "weighted_l1")
-    with pytest.raises((ValueError, TypeError)):
-        C.encode_relu(x.astype(np.float64), p.W_enc, p.b_enc, p.b_dec)
-    with pytest.raises((ValueError, TypeError)):
-        C.encode_relu(x, p.W_enc[:5], p.b_enc, p.b_dec)
-    with pytest.raises((ValueError, TypeError)):
-        C.decoder_column_norms(np.asfortranarray(p.W_dec))
-    with pytest.raises(TypeError):
-        C.train_step(p, AdamState(p.copy(), SAEParams(*(a.astype(np.float64) for a in p.arrays()))),
-                     x, l1_coefficient=0.1, lr=1e-3)
+        be.train_step(p, AdamState.zeros_like(p), x, l1_coefficient=0.1, lr=1e-3,
+                      fire_counts=np.zeros(9, np.int64))
+    with pytest.raises(ValueError):
+        be.train_step_topk(p, AdamState.zeros_like(p), x, k=2, lr=1e-3,
+                           dead_mask=np.ones(9, bool), k_aux=2, aux_coefficient=0.1)
 
 
 @needs_cy
@@ -403,17 +415,17 @@ def test_debug_build_catches_out_of_bounds():
     """In a FASTSAE_CYTHON_DEBUG=1 build (see .ci/cython_debug.sh) an
     out-of-range index reaching a raw kernel raises instead of reading
     memory it does not own."""
-    from fastsae import _cy_decode, _cy_runtime
+    from fastsae.backends.cython import _decode, _runtime
 
-    if not _cy_runtime.DEBUG:
+    if not _runtime.DEBUG:
         if os.environ.get("FASTSAE_REQUIRE_DEBUG_BUILD"):
             pytest.fail("FASTSAE_REQUIRE_DEBUG_BUILD is set but the extensions are a release build")
         pytest.skip("release build (bounds checks off); .ci/cython_debug.sh runs this")
     W = np.ones((10, 6), np.float32)
     out = np.empty((1, 6), np.float32)
     with pytest.raises(IndexError):
-        _cy_decode.decode_csr(np.array([0, 1], np.int64), np.array([10], np.int32),
-                              np.ones(1, np.float32), W, np.zeros(6, np.float32), out, 1)
+        _decode.decode_csr(np.array([0, 1], np.int64), np.array([10], np.int32),
+                           np.ones(1, np.float32), W, np.zeros(6, np.float32), out, 1)
 
 
 # ------------------------------------------------------------------ degradation
@@ -421,12 +433,17 @@ def test_missing_extension_reports_cython_unavailable(monkeypatch):
     """Simulate an install without a C compiler: the extension modules cannot
     be imported. fastsae still works, available_backends() says why cython
     is missing, and get_backend('cython') raises a clear error."""
-    original = sys.modules.get("fastsae.cython_backend")
-    monkeypatch.setitem(sys.modules, "fastsae._cy_encode", None)  # import -> ImportError
-    monkeypatch.delattr(fastsae, "_cy_encode", raising=False)  # else `from . import` finds it
-    monkeypatch.delitem(sys.modules, "fastsae.cython_backend", raising=False)
-    if original is not None:
-        monkeypatch.setattr(fastsae, "cython_backend", original, raising=False)
+    pkg = "fastsae.backends.cython"
+    # a fresh import of the face and its Python modules (the compiled ones stay
+    # loaded: an extension module cannot be initialized twice), with one
+    # compiled module missing
+    for name, mod in list(sys.modules.items()):
+        if (name == pkg or name.startswith(pkg + ".")) and \
+                str(getattr(mod, "__file__", "")).endswith(".py"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, pkg + "._encode", None)  # import -> ImportError
+    if hasattr(backends, "cython"):  # the import below rebinds it: restore it afterwards
+        monkeypatch.setattr(backends, "cython", backends.cython)
     monkeypatch.setattr(backends, "_cache", {})
 
     status = {s.name: s for s in fastsae.available_backends()}
@@ -440,10 +457,15 @@ def test_missing_extension_reports_cython_unavailable(monkeypatch):
     be = fastsae.get_backend("numpy")
     x, p = _problem(3, 4, 5, 0.0)
     assert be.encode_relu(x, p.W_enc, p.b_enc, p.b_dec).shape == (3, 5)
-    broken = importlib.import_module("fastsae.cython_backend")
+    broken = importlib.import_module(pkg)
     with pytest.raises(ImportError):
         broken.check_available()
     assert broken.DESCRIPTION == "Cython kernels not built"
+    # the face still has the whole contract, each kernel raising the reason
+    assert all(hasattr(broken, name) for name in broken.__all__)
+    with pytest.raises(ImportError, match="not importable"):
+        broken.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)
+    assert broken.get_num_threads() == 1
 
 
 @pytest.mark.slow
@@ -473,9 +495,10 @@ def test_pip_install_without_c_compiler(tmp_path):
                         "--no-deps", "--target", str(target), "-q"],
                        cwd=src, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not list((target / "fastsae").glob("_cy_*"))
+    assert (target / "fastsae" / "backends" / "cython" / "__init__.py").exists()
+    assert not list((target / "fastsae" / "backends" / "cython").glob("_*.so"))
     # An editable install of the checkout under test (as in CI) puts a finder on
-    # sys.meta_path that would serve fastsae._cy_* from the source tree: drop it.
+    # sys.meta_path that would serve the compiled modules from the source tree: drop it.
     probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
              "getattr(f, '__module__', '')];"
              "import fastsae; s = {b.name: b for b in fastsae.available_backends()};"

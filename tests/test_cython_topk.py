@@ -23,9 +23,11 @@ from fastsae.params import AdamState, SAEParams
 from fastsae.sparse import SparseCodes
 
 try:
-    from fastsae import cython_backend as C
+    from fastsae.backends import cython as C
 
     C.check_available()
+    from fastsae.backends.cython import _threads as T
+    from fastsae.backends.cython import topk as CT
     HAVE_CY = True
 except ImportError:
     HAVE_CY = False
@@ -44,7 +46,7 @@ def be():
 def _always_parallel(monkeypatch):
     """Full thread team even for tiny shapes, so the parallel paths run."""
     if HAVE_CY:
-        monkeypatch.setattr(C, "_PAR_MIN_WORK", 0)
+        monkeypatch.setattr(T, "CYTHON_PARALLEL_MIN_WORK", 0)
 
 
 def _problem(n, d_in, d_sae, shift, seed=0):
@@ -125,7 +127,7 @@ def test_batchtopk_concentrated_rows_force_the_exact_fallback(be, monkeypatch):
     candidate pass (4k per row at first) is then incomplete and the kernel
     must widen it until the selection is proven exact. The widened width is
     remembered for the next call of the same (d_sae, k), which stays exact."""
-    monkeypatch.setattr(C, "_cand", {})  # start from the first-call width 4k
+    monkeypatch.setattr(CT, "_cand", {})  # start from the first-call width 4k
     x, p = _problem(64, 16, 300, -3.0, seed=4)
     x[5] *= 40.0  # row 5 dominates the batch selection
     k = 4
@@ -133,7 +135,7 @@ def test_batchtopk_concentrated_rows_force_the_exact_fallback(be, monkeypatch):
     want = R.encode_batchtopk(x, p.W_enc, p.b_enc, p.b_dec, k)
     assert want.row_counts()[5] > 4 * k  # the case this test is about
     _assert_codes(got, want, _pre64(x, p))
-    assert C._cand[(300, k)] > 4 * k
+    assert CT._cand[(300, k)] > 4 * k
     x2, p2 = _problem(64, 16, 300, -3.0, seed=5)
     _assert_codes(be.encode_batchtopk(x2, p2.W_enc, p2.b_enc, p2.b_dec, k),
                   R.encode_batchtopk(x2, p2.W_enc, p2.b_enc, p2.b_dec, k), _pre64(x2, p2))
@@ -176,7 +178,7 @@ def test_aux_selection(which):
     dead = {"none": np.zeros(90, bool), "all": np.ones(90, bool),
             "some": np.arange(90) % 3 == 0}[which]
     for k_aux in (1, 4, 200):
-        got = C._encode_aux(x, p.W_enc, p.b_enc, p.b_dec, dead, k_aux)
+        got = CT.encode_aux(x, p.W_enc, p.b_enc, p.b_dec, dead, k_aux)
         want = R.encode_topk_aux(x, p.W_enc, p.b_enc, p.b_dec, dead, k_aux)
         if which == "none":
             assert got.nnz == 0
@@ -217,7 +219,7 @@ def test_train_step_deterministic_across_threads_and_repeats(activation, aux):
     x, p0 = _problem(300, 32, 700, -1.0, seed=7)
     dead = (np.arange(700) % 5 == 0) if aux else None
     be = fastsae.get_backend("cython")
-    old = C._num_threads
+    old = T._num_threads
     outs = []
     try:
         for nt in (1, 2, 3, 2):
@@ -263,11 +265,3 @@ def test_train_step_matches_reference(be, activation, aux, shape):
         # gradients can move it by up to 2 lr
         np.testing.assert_allclose(a, b, rtol=0, atol=2.5e-3, err_msg=name)
     np.testing.assert_allclose(np.linalg.norm(pc.W_dec, axis=1), 1.0, rtol=1e-5)
-
-
-def test_bad_k(be):
-    x, p = _problem(3, 4, 5, 0.0)
-    with pytest.raises(ValueError):
-        C.encode_topk(x, p.W_enc, p.b_enc, p.b_dec, 0)
-    with pytest.raises(ValueError):
-        C.train_step_topk(p, AdamState.zeros_like(p), x, k=2, activation="nope", lr=1e-3)

@@ -1,4 +1,4 @@
-"""Fused top-m encoder (``fastsae._cy_topk``): per row, the ``m`` largest
+"""Fused top-m encoder (``fastsae.backends.cython._topk``): per row, the ``m`` largest
 *positive* pre-activations ``pre = (x - b_dec) @ W_enc + b_enc``, never
 forming the ``N x d_sae`` matrix; optionally, from the same tiles, the
 ``m_aux`` largest positive ones among a masked subset of the columns (AuxK's
@@ -30,7 +30,9 @@ Output per row: the ``cnt`` kept entries sorted by column (ascending) in the
 first slots, then value 0 / column -1 in the unused ones, and ``cnt``.
 
 BLAS must run single-threaded inside the parallel region (the Python wrapper
-limits it). Raw kernel: the caller validated shapes, dtypes and finiteness.
+limits it). Raw kernel: the validating front guarantees the inputs
+(C-contiguous, finite float32 of matching shapes); checked here is only what
+the wrapper supplies (output buffers, ``m``, tiling) and BLAS's 32-bit sizes.
 """
 
 cimport cython
@@ -38,7 +40,7 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport int64_t, int32_t
 
-from _common cimport _sgemm_rm, blas_int
+from common cimport _sgemm_rm, blas_int
 
 
 cdef inline bint _worse(float va, int32_t ca, float vb, int32_t cb) noexcept nogil:
@@ -199,12 +201,11 @@ def topm_rows(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1]
     [N, m_aux]``, ``aux_n``: the same among the columns where the mask is set.
     """
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
-    if (W_enc.shape[0] != d_in or b_enc.shape[0] != d_sae or b_dec.shape[0] != d_in
-            or out_v.shape[0] != n or out_c.shape[0] != n or out_n.shape[0] != n
+    if (out_v.shape[0] != n or out_c.shape[0] != n or out_n.shape[0] != n
             or out_v.shape[1] != m or out_c.shape[1] != m):
-        raise ValueError("topm_rows: shape mismatch")
-    if m < 1 or tm < 1 or tn < 1 or d_sae < 1 or d_in < 1:
-        raise ValueError("topm_rows: m, tiling and sizes must be >= 1")
+        raise ValueError("topm_rows: output shape mismatch")
+    if m < 1 or tm < 1 or tn < 1:
+        raise ValueError("topm_rows: m and the tiling must be >= 1")
     if max(n, d_in, d_sae) >= 2**31 - 1:
         raise ValueError("dimensions must fit BLAS's 32-bit integers")
     cdef bint use_aux = aux_mask is not None
@@ -215,9 +216,7 @@ def topm_rows(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1]
         ma = aux_v.shape[1]
         if (aux_mask.shape[0] != d_sae or aux_v.shape[0] != n or aux_c.shape[0] != n
                 or aux_c.shape[1] != ma or aux_n.shape[0] != n or ma < 1):
-            raise ValueError("topm_rows: aux shape mismatch")
-    if n == 0:
-        return
+            raise ValueError("topm_rows: aux output shape mismatch")
     tn = min(tn, d_sae)
     cdef Py_ssize_t nrb = (n + tm - 1) // tm, rb, r0, mr
     cdef float* xc = NULL

@@ -1,4 +1,4 @@
-"""Fused Adam update of all four SAE parameters (``fastsae._cy_adam``).
+"""Fused Adam update of all four SAE parameters (``fastsae.backends.cython._adam``).
 
 One parallel pass: the parameters are cut into tasks (chunks of the flat
 encoder weights and biases, blocks of whole decoder rows) that OpenMP
@@ -7,15 +7,17 @@ update are done in one visit. In ``unit_norm`` mode each decoder row is
 rescaled to unit norm right after its update, while it is in cache.
 
 Element arithmetic is float32 in the reference's order, so results match
-PyTorch/NumPy Adam to rounding. Raw kernels: the caller has validated shapes
-and dtypes and computed the bias corrections for step ``t``.
+PyTorch/NumPy Adam to rounding. The training steps do not call this: they
+fuse Adam into the backward's feature pass (``_backward.train_backward``);
+this is the stand-alone update of all four parameters from given gradients.
+Nothing validates its arguments before it, so it checks their shapes.
 """
 
 cimport cython
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-from _common cimport AdamConsts, _adam, _dot_d
+from common cimport AdamConsts, _adam, _adam_consts, _dot_d
 
 cdef enum:
     _CHUNK = 16384   # elements per task of the flat arrays
@@ -26,12 +28,12 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
               const float[:, ::1] gW_dec, const float[::1] gb_dec,
               float[:, ::1] mW_enc, float[::1] mb_enc, float[:, ::1] mW_dec, float[::1] mb_dec,
               float[:, ::1] vW_enc, float[::1] vb_enc, float[:, ::1] vW_dec, float[::1] vb_dec,
-              float lr, float b1, float omb1, float b2, float omb2, float bc1, float bc2,
-              float eps, bint renormalize, int nthreads):
-    """In-place Adam step. ``omb1 = 1 - beta1``, ``omb2 = 1 - beta2``,
-    ``bc1 = 1 - beta1**t``, ``bc2 = 1 - beta2**t`` (all rounded to float32 by
-    the caller, as NumPy does). ``renormalize``: rescale every nonzero
-    decoder row to unit L2 norm after its update (``unit_norm`` mode)."""
+              const float[::1] adam_consts, bint renormalize, int nthreads):
+    """In-place Adam step. ``adam_consts``: float32 ``[8]`` from
+    ``fastsae.backends.numerics.adam_constants`` (``beta1, beta2, 1 - beta1,
+    1 - beta2, lr, eps, 1 - beta1**t, 1 - beta2**t``). ``renormalize``:
+    rescale every nonzero decoder row to unit L2 norm after its update
+    (``unit_norm`` mode)."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if (gW_enc.shape[0] != d_in or mW_enc.shape[0] != d_in or vW_enc.shape[0] != d_in
             or gW_enc.shape[1] != d_sae or mW_enc.shape[1] != d_sae or vW_enc.shape[1] != d_sae
@@ -42,6 +44,8 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
             or vb_enc.shape[0] != d_sae or b_dec.shape[0] != d_in or gb_dec.shape[0] != d_in
             or mb_dec.shape[0] != d_in or vb_dec.shape[0] != d_in):
         raise ValueError("adam_step: shape mismatch")
+    if adam_consts.shape[0] != 8:
+        raise ValueError("adam_step: adam_consts must hold the 8 numerics.adam_constants")
 
     cdef Py_ssize_t n_enc = d_in * d_sae
     cdef Py_ssize_t t_enc = (n_enc + _CHUNK - 1) // _CHUNK
@@ -52,8 +56,7 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
     cdef Py_ssize_t ntasks = t_enc + t_dec + t_be + t_bd, task, s, cnt, r, r1, k
     cdef float nrm
     cdef float* w
-    cdef AdamConsts c
-    c.lr, c.b1, c.omb1, c.b2, c.omb2, c.bc1, c.bc2, c.eps = lr, b1, omb1, b2, omb2, bc1, bc2, eps
+    cdef AdamConsts c = _adam_consts(&adam_consts[0])
     for task in prange(ntasks, nogil=True, num_threads=nthreads, schedule="dynamic"):
         if task < t_enc:
             s = task * _CHUNK

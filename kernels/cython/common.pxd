@@ -1,4 +1,6 @@
-# Shared inline helpers of the Cython kernels (cimported by every kernels/*.pyx).
+# Shared inline helpers of the Cython kernels (cimported by every
+# kernels/cython/*.pyx as `from common cimport ...`; setup.py puts
+# kernels/cython on Cython's include path, see kernels/README.md).
 #
 # Everything here is `noexcept nogil` and works on raw pointers: callers take
 # the pointers from typed memoryviews (`&a[i, 0]`), so in a debug build
@@ -157,9 +159,17 @@ cdef inline void _sgemm_rm(blas_int M, blas_int N, blas_int K, float alpha,
 
 
 cdef struct AdamConsts:
-    # float32 constants of one Adam step t, rounded as NumPy rounds them:
-    # omb = 1 - beta, bc = 1 - beta**t.
-    float lr, b1, omb1, b2, omb2, bc1, bc2, eps
+    # float32 constants of one Adam step t, in the order of
+    # fastsae.backends.numerics.ADAM_CONSTANTS: omb = 1 - beta, bc = 1 - beta**t.
+    float b1, b2, omb1, omb2, lr, eps, bc1, bc2
+
+
+cdef inline AdamConsts _adam_consts(const float* c) noexcept nogil:
+    """The struct of the 8 floats of numerics.adam_constants (``c[0..7]``)."""
+    cdef AdamConsts a
+    a.b1, a.b2, a.omb1, a.omb2, a.lr, a.eps, a.bc1, a.bc2 = (
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
+    return a
 
 
 cdef inline void _adam(float* p, const float* g, float* m, float* v, Py_ssize_t n,

@@ -1,5 +1,5 @@
 """Fused encoder: tiled sgemm with a bias + ReLU (+ CSR compaction) epilogue
-(``fastsae._cy_encode``).
+(``fastsae.backends.cython._encode``).
 
 ``pre = (x - b_dec) @ W_enc + b_enc``; ``f = relu(pre)``.
 
@@ -17,7 +17,10 @@ BLAS must run single-threaded inside the parallel region (the Python wrapper
 limits it with threadpoolctl); without OpenMP the task loop is serial and BLAS
 may use its own threads.
 
-Raw kernels: the caller has validated shapes, dtypes and finiteness.
+Raw kernels: the validating front guarantees the inputs (C-contiguous,
+finite float32 of matching shapes); checked here is only what it cannot
+know: the output buffer and tiling the wrapper supplies, and that the sizes
+fit BLAS's 32-bit integers.
 """
 
 cimport cython
@@ -28,7 +31,7 @@ from libc.stdint cimport int64_t, int32_t
 
 import numpy as np
 
-from _common cimport _sgemm_rm, blas_int
+from common cimport _sgemm_rm, blas_int
 
 
 cdef struct _TaskOut:
@@ -168,9 +171,7 @@ cdef int _sparse_task(const float* x, const float* W, const float* b_enc, const 
     return 0
 
 
-def _check(x, W, b_enc, b_dec):
-    if x.shape[1] != W.shape[0] or b_enc.shape[0] != W.shape[1] or b_dec.shape[0] != W.shape[0]:
-        raise ValueError("encoder shape mismatch")
+def _check_blas_dims(x, W):
     if max(x.shape[0], W.shape[0], W.shape[1]) >= 2**31 - 1:
         raise ValueError("dimensions must fit BLAS's 32-bit integers")
 
@@ -183,7 +184,7 @@ def encode_dense(const float[:, ::1] x, const float[:, ::1] W_enc, const float[:
     ``x [N, d_in]``, ``W_enc [d_in, d_sae]``; tiles of ``tm`` rows by ``tn``
     features; each row block's features are split into ``chunks`` tasks.
     """
-    _check(x, W_enc, b_enc, b_dec)
+    _check_blas_dims(x, W_enc)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     if out.shape[0] != n or out.shape[1] != d_sae or tm < 1 or tn < 1 or chunks < 1:
         raise ValueError("bad output shape or tiling")
@@ -222,7 +223,7 @@ def encode_csr(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1
     Returns ``(indptr int64 [N+1], indices int32 [nnz], values float32 [nnz])``
     with the positive entries of each row in increasing feature order.
     """
-    _check(x, W_enc, b_enc, b_dec)
+    _check_blas_dims(x, W_enc)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     if tm < 1 or tn < 1 or chunks < 1:
         raise ValueError("bad tiling")

@@ -1,6 +1,6 @@
-"""Build facts of the compiled Cython kernels (``fastsae._cy_runtime``)."""
+"""Build facts of the compiled Cython kernels (``fastsae.backends.cython._runtime``)."""
 
-from _common cimport FASTSAE_OPENMP, FASTSAE_DEBUG, fastsae_max_threads, blas_int
+from common cimport FASTSAE_OPENMP, FASTSAE_DEBUG, fastsae_max_threads, blas_int
 
 #: Whether the kernels were compiled with OpenMP (else they run single-threaded).
 OPENMP = bool(FASTSAE_OPENMP)

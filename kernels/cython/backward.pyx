@@ -1,4 +1,4 @@
-"""Sparse-aware loss and gradients (``fastsae._cy_backward``).
+"""Sparse-aware loss and gradients (``fastsae.backends.cython._backward``).
 
 With ``f = relu(pre)`` in CSR form (``nnz = N * L0`` entries), every gradient
 except the dense ``dL/dx_hat`` is a sparse product:
@@ -26,8 +26,11 @@ except the dense ``dL/dx_hat`` is a sparse product:
 mode) inside the feature pass, as each block's gradients are produced, so a
 training step never stores the two big gradient matrices.
 
-Losses are accumulated in float64. Raw kernels: the caller has validated
-shapes, dtypes and sparse indices.
+Losses are accumulated in float64. Raw kernels: the validating front
+guarantees the inputs (C-contiguous float32 of matching shapes, canonical CSR
+with in-range int32 indices and ``indptr[N] == nnz``, Adam moments of the
+parameters' shapes, ``fire_counts`` int64 ``[d_sae]``); the wrapper supplies
+``norms [d_sae]`` and the gradient buffers, whose shapes are checked here.
 """
 
 cimport cython
@@ -39,21 +42,11 @@ from libc.stdint cimport int64_t, int32_t
 
 import numpy as np
 
-from _common cimport AdamConsts, _adam, _axpy, _dot, _dot_d
+from common cimport AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
     _CB = 64     # columns per block in column sums
-
-
-def _check_shapes(x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms):
-    n, d_in = x.shape[0], x.shape[1]
-    d_sae = W_enc.shape[1]
-    if (x_hat.shape[0] != n or x_hat.shape[1] != d_in or W_enc.shape[0] != d_in
-            or W_dec.shape[0] != d_sae or W_dec.shape[1] != d_in or b_dec.shape[0] != d_in
-            or indptr.shape[0] != n + 1 or indices.shape[0] < indptr[n]
-            or values.shape[0] < indptr[n] or norms.shape[0] != d_sae):
-        raise ValueError("backward: shape mismatch")
 
 
 def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
@@ -77,20 +70,17 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     pass maps row ``N + i`` to ``xc_i``). ``g_b_enc`` sums both parts;
     ``g_b_dec``'s ``sum_i d_xhat_i`` and ``fire_counts`` take the main rows
     only. ``aux = aux_weight * mean_i ||e_hat_i - e_i||^2``."""
-    _check_shapes(x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     cdef Py_ssize_t nnz = indptr[n]
     cdef bint use_aux = aux_indptr is not None
     cdef Py_ssize_t nnz_aux = 0
     if use_aux:
-        if (aux_indices is None or aux_values is None or aux_indptr.shape[0] != n + 1
-                or aux_indices.shape[0] < aux_indptr[n] or aux_values.shape[0] < aux_indptr[n]):
-            raise ValueError("backward: aux codes shape mismatch")
+        if aux_indices is None or aux_values is None:
+            raise ValueError("backward: aux_indptr needs aux_indices and aux_values")
         nnz_aux = aux_indptr[n]
     cdef Py_ssize_t n_rows = 2 * n if use_aux else n, nnz_all = nnz + nnz_aux
-    if (g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in
-            or (fire_counts is not None and fire_counts.shape[0] != d_sae)):
-        raise ValueError("backward: output shape mismatch")
+    if norms.shape[0] != d_sae or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in:
+        raise ValueError("backward: norms or output shape mismatch")
     cdef Py_ssize_t i, k, e, j, p, cb, k0, kk, nk
     cdef float nf = <float>n
     cdef float coef = <float>(l1_coefficient / n)   # d(l1)/d(f_ij) per unit penalty
@@ -336,29 +326,24 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    bint weighted, bint unit_norm,
                    float[:, ::1] mW_enc, float[::1] mb_enc, float[:, ::1] mW_dec,
                    float[::1] mb_dec, float[:, ::1] vW_enc, float[::1] vb_enc,
-                   float[:, ::1] vW_dec, float[::1] vb_dec, tuple adam_consts,
+                   float[:, ::1] vW_dec, float[::1] vb_dec, const float[::1] adam_consts,
                    int64_t[::1] fire_counts, int nthreads,
                    const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
                    const float[::1] aux_values=None, double aux_weight=0.0):
     """Backward pass with Adam fused into the feature pass: updates all
     parameters and moments in place; returns ``(mse, l1, aux)`` measured
     before the update. ``unit_norm``: project the decoder gradient and
-    renormalize each decoder row after its update. ``adam_consts``: ``(lr,
-    beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**t, 1 - beta2**t, eps)``.
+    renormalize each decoder row after its update. ``adam_consts``: float32
+    ``[8]`` from ``fastsae.backends.numerics.adam_constants`` (``beta1,
+    beta2, 1 - beta1, 1 - beta2, lr, eps, 1 - beta1**t, 1 - beta2**t``).
     With the AuxK codes (``aux_*``, CSR ``(N, d_sae)``) and ``aux_weight``
     the AuxK term's gradients are summed in the same feature pass (stacked
     rows, see :func:`_prepare`): one backward and one Adam update for both
     terms, no gradient matrices."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
-    if (b_enc.shape[0] != d_sae or mW_enc.shape[0] != d_in or mW_enc.shape[1] != d_sae
-            or vW_enc.shape[0] != d_in or vW_enc.shape[1] != d_sae
-            or mW_dec.shape[0] != d_sae or mW_dec.shape[1] != d_in
-            or vW_dec.shape[0] != d_sae or vW_dec.shape[1] != d_in
-            or mb_enc.shape[0] != d_sae or vb_enc.shape[0] != d_sae
-            or mb_dec.shape[0] != d_in or vb_dec.shape[0] != d_in or b_dec.shape[0] != d_in):
-        raise ValueError("train_backward: shape mismatch")
-    cdef AdamConsts c
-    c.lr, c.b1, c.omb1, c.b2, c.omb2, c.bc1, c.bc2, c.eps = adam_consts
+    if adam_consts.shape[0] != 8:
+        raise ValueError("train_backward: adam_consts must hold the 8 numerics.adam_constants")
+    cdef AdamConsts c = _adam_consts(&adam_consts[0])
     g_b_enc_a = np.empty(d_sae, dtype=np.float32)
     g_b_dec_a = np.empty(d_in, dtype=np.float32)
     (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,

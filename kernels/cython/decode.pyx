@@ -1,4 +1,4 @@
-"""Decoder ``x_hat = f @ W_dec + b_dec`` (``fastsae._cy_decode``).
+"""Decoder ``x_hat = f @ W_dec + b_dec`` (``fastsae.backends.cython._decode``).
 
 Sparse codes: each output row is ``b_dec`` plus the active decoder rows
 scaled by their activations, a gather-accumulate of ``N * L0 * d_in``
@@ -6,14 +6,17 @@ multiply-adds, parallel over rows (each thread owns its output rows: no
 races). Dense codes: the same gather, skipping zeros, when few entries are
 nonzero; otherwise a BLAS ``sgemm`` (row blocks in parallel).
 
-Raw kernels: the caller has validated shapes, dtypes and sparse indices.
+Raw kernels: the validating front guarantees the inputs (C-contiguous
+float32 of matching shapes; canonical CSR with in-range indices and
+``indptr[N] == nnz``); only the output buffer and the tiling, which the
+wrapper supplies, are checked.
 """
 
 cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, int32_t
 
-from _common cimport _axpy, _sgemm_rm, blas_int
+from common cimport _axpy, _sgemm_rm, blas_int
 
 
 def decode_csr(const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
@@ -21,10 +24,8 @@ def decode_csr(const int64_t[::1] indptr, const int32_t[::1] indices, const floa
                int nthreads):
     """``out [N, d_in] = csr @ W_dec + b_dec`` for CSR codes of ``N`` rows."""
     cdef Py_ssize_t n = indptr.shape[0] - 1, d_in = W_dec.shape[1], i, k, e
-    if out.shape[0] != n or out.shape[1] != d_in or b_dec.shape[0] != d_in:
-        raise ValueError("shape mismatch")
-    if indices.shape[0] < indptr[n] or values.shape[0] < indptr[n]:
-        raise ValueError("indptr points past the entries")
+    if out.shape[0] != n or out.shape[1] != d_in:
+        raise ValueError("out must have shape (N, d_in)")
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
         for k in range(d_in):
             out[i, k] = b_dec[k]
@@ -49,9 +50,8 @@ def decode_dense_gather(const float[:, ::1] f, const float[:, ::1] W_dec, const 
     per row, accumulate the decoder rows of its nonzero entries."""
     cdef Py_ssize_t n = f.shape[0], d_sae = f.shape[1], d_in = W_dec.shape[1], i, j, k
     cdef float v
-    if W_dec.shape[0] != d_sae or out.shape[0] != n or out.shape[1] != d_in \
-            or b_dec.shape[0] != d_in:
-        raise ValueError("shape mismatch")
+    if out.shape[0] != n or out.shape[1] != d_in:
+        raise ValueError("out must have shape (N, d_in)")
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
         for k in range(d_in):
             out[i, k] = b_dec[k]
@@ -66,9 +66,8 @@ def decode_dense_gemm(const float[:, ::1] f, const float[:, ::1] W_dec, const fl
     """``out = f @ W_dec + b_dec`` with one BLAS sgemm per block of ``tm`` rows
     (blocks in parallel; BLAS must be single-threaded when nthreads > 1)."""
     cdef Py_ssize_t n = f.shape[0], d_sae = f.shape[1], d_in = W_dec.shape[1], i, k, rb, r0, mr
-    if W_dec.shape[0] != d_sae or out.shape[0] != n or out.shape[1] != d_in \
-            or b_dec.shape[0] != d_in or tm < 1:
-        raise ValueError("shape mismatch")
+    if out.shape[0] != n or out.shape[1] != d_in or tm < 1:
+        raise ValueError("out must have shape (N, d_in) and tm must be >= 1")
     if max(n, d_sae, d_in) >= 2**31 - 1:
         raise ValueError("dimensions must fit BLAS's 32-bit integers")
     cdef Py_ssize_t nrb = (n + tm - 1) // tm

@@ -1,0 +1,94 @@
+"""Training steps of the ``cython`` backend: forward, sparse backward and
+Adam in place, never forming an ``N x d_sae`` matrix.
+
+Both steps end in one ``_backward.train_backward`` call, which applies Adam
+inside the backward's per-feature pass (see :mod:`.adam`), so no gradient
+matrix is stored. Arguments come from the validating front: ``params`` and
+the Adam moments C-contiguous float32 in SAELens layouts, ``x [N, d_in]``,
+``fire_counts`` int64 ``[d_sae]`` (writeable) or None, ``dead_mask`` bool
+``[d_sae]`` or None, ``decoder_norm`` and ``activation`` known modes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...params import AdamState, SAEParams, StepResult
+from ..numerics import auxk_active, auxk_weight, relu_step_result, topk_step_result
+from . import _backward
+from ._threads import threads
+from .adam import moment_arrays, step_constants
+from .decode import decode_csr
+from .encode import encode_relu_sparse
+from .norms import decoder_column_norms
+from .topk import encode_aux, encode_batchtopk, encode_topk, encode_topk_with_aux
+
+
+def _step_threads(n, d_in, d_sae, nnz):
+    return threads((3 * nnz + n) * d_in + 3 * d_in * d_sae)
+
+
+def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
+               decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
+               fire_counts=None) -> StepResult:
+    """Forward (fused sparse encode, sparse decode), sparse backward and fused
+    Adam on batch ``x``, updating ``params``, ``state`` and ``fire_counts``
+    in place. Returns the batch's losses, L0 and explained variance,
+    measured before the update."""
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    norms = decoder_column_norms(params.W_dec)
+    codes = encode_relu_sparse(x, params.W_enc, params.b_enc, params.b_dec)
+    x_hat = decode_csr(codes, params.W_dec, params.b_dec)
+    nt = _step_threads(n, d_in, d_sae, codes.indices.shape[0])
+    t, consts = step_constants(state, lr, beta1, beta2, eps)
+    mse, l1, _ = _backward.train_backward(
+        x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        codes.indptr, codes.indices, codes.values, norms, float(l1_coefficient),
+        decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
+        *moment_arrays(state), consts, fire_counts, nt)
+    state.step = t
+    var = _backward.batch_variance(x, threads(x.size))
+    return relu_step_result(mse, l1, codes.nnz, n, var)
+
+
+def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
+                    beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One TopK/BatchTopK step (fused top-k encode, sparse decode, AuxK,
+    sparse backward, Adam, decoder rows renormalized), in place; see
+    :func:`fastsae.reference.train_step_topk`.
+
+    Fused like the Numba backend's: with ``activation="topk"`` the AuxK
+    selection (top ``k_aux`` among the dead latents) is made in the same tile
+    epilogue as the TopK one (one encoder product; BatchTopK selects it with
+    its own pass over the gathered dead columns), and the backward and Adam
+    are one ``train_backward`` call for both loss terms (the AuxK codes are
+    stacked under the main ones)."""
+    n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    use_aux = auxk_active(dead_mask, k_aux, aux_coefficient)
+    aux_codes = None
+    if use_aux and activation == "topk":
+        codes, aux_codes = encode_topk_with_aux(x, params.W_enc, params.b_enc, params.b_dec,
+                                                k, dead_mask, k_aux)
+    else:
+        enc = encode_topk if activation == "topk" else encode_batchtopk
+        codes = enc(x, params.W_enc, params.b_enc, params.b_dec, k)
+        if use_aux:
+            aux_codes = encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
+                                   k_aux)
+    x_hat = decode_csr(codes, params.W_dec, params.b_dec)
+    nnz_all = codes.indices.shape[0] + (aux_codes.indices.shape[0] if use_aux else 0)
+    nt = _step_threads(n, d_in, d_sae, nnz_all)
+    t, consts = step_constants(state, lr, beta1, beta2, eps)
+    norms = np.ones(d_sae, dtype=np.float32)
+    aux_args = ()
+    if use_aux:
+        aux_args = (aux_codes.indptr, aux_codes.indices, aux_codes.values,
+                    auxk_weight(dead_mask, k_aux, aux_coefficient))
+    mse, _, aux = _backward.train_backward(
+        x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
+        *moment_arrays(state), consts, fire_counts, nt, *aux_args)
+    state.step = t
+    var = _backward.batch_variance(x, threads(x.size))
+    return topk_step_result(mse, aux, codes.nnz, n, var, codes.values)
