@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from . import data  # noqa: E402
 from .autoencoder import Autoencoder  # noqa: E402
 from .model import SparseAutoencoder  # noqa: E402
-from .trainer import TrainConfig, Trainer  # noqa: E402
+from .training import TrainConfig, Trainer  # noqa: E402
 
 __all__ = [
     "Backend", "BackendStatus", "available_backends", "get_backend",

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate as V
-from . import reference
+from .backends import validate as V
+from .backends import reference
 from .backends import Backend, get_backend
 
 __all__ = ["Autoencoder"]

@@ -4,6 +4,15 @@
 problem (known true features) and prints a final table. Errors print one
 line, ``fastsae: error: ...``, on stderr and exit with status 2 (no
 traceback).
+
+``train`` maps its flags onto :class:`fastsae.TrainConfig` and
+:class:`fastsae.SparseAutoencoder`; a flag left out keeps the Python API's
+default, except for what the Python API has no default for or that only the
+command line decides, all listed here: ``--d-sae`` (2 x the true features on
+the built-in problem, else 8 x ``d_in``), ``--k`` (32), ``--decoder-norm``
+(``unit_norm``, where the Python class defaults to ``weighted_l1``: on the
+built-in problem it recovers more true features at the same explained
+variance) and ``--threads`` (1 on the built-in problem, else unlimited).
 """
 
 from __future__ import annotations
@@ -22,6 +31,15 @@ DEFAULT_SYNTHETIC = {"n_rows": 131072, "d_in": 64, "n_features": 256, "l0": 5.0,
                      "magnitude": [0.5, 1.5], "noise": 0.0, "seed": 0}
 #: Default SAE width for the synthetic problem (2x its true features).
 DEFAULT_D_SAE_FACTOR = 2
+#: Default SAE width with ``--data`` (times ``d_in``).
+DEFAULT_D_SAE_PER_D_IN = 8
+#: ``--k`` default for topk/batchtopk.
+DEFAULT_K = 32
+#: ``--decoder-norm`` default; the Python class defaults to ``"weighted_l1"``.
+DEFAULT_DECODER_NORM = "unit_norm"
+#: ``--threads`` default on the built-in problem, whose small matrices lose
+#: more to thread synchronization than they gain.
+DEFAULT_SYNTHETIC_THREADS = 1
 
 
 class CLIError(Exception):
@@ -71,27 +89,40 @@ def _float(low=None, strict=False):
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .training import TrainConfig
 
+    D = TrainConfig()  # the flags' defaults are the Python API's
     p = _Parser(prog="fastsae", description="Fast sparse autoencoders.")
     p.add_argument("--version", action="version", version=f"fastsae {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{train,encode,info}", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train an SAE (default: the built-in synthetic problem)")
     t.add_argument("--data", help=".npy file or directory of .npy shards [rows, d_in]")
-    t.add_argument("--d-sae", type=_positive_int, help="number of SAE features")
-    t.add_argument("--l1", type=_float(0.0), help="L1 coefficient")
-    t.add_argument("--steps", type=_positive_int, help="training steps")
-    t.add_argument("--batch-size", type=_positive_int, help="rows per step")
-    t.add_argument("--lr", type=_float(0.0, strict=True), help="peak learning rate")
-    t.add_argument("--seed", type=_nonneg_int, help="seed (init and data order)")
+    t.add_argument("--d-sae", type=_positive_int,
+                   help=f"number of SAE features (default {DEFAULT_D_SAE_FACTOR} x the true "
+                   f"features on the built-in problem, else {DEFAULT_D_SAE_PER_D_IN} x d_in)")
+    t.add_argument("--l1", type=_float(0.0),
+                   help=f"L1 coefficient (default {D.l1_coefficient})")
+    t.add_argument("--steps", type=_positive_int,
+                   help=f"training steps (default {D.steps}; the warm-ups stay within the "
+                   "first tenth of the steps)")
+    t.add_argument("--batch-size", type=_positive_int,
+                   help=f"rows per step (default {D.batch_size})")
+    t.add_argument("--lr", type=_float(0.0, strict=True),
+                   help=f"peak learning rate (default {D.lr})")
+    t.add_argument("--seed", type=_nonneg_int,
+                   help=f"seed (init and data order; default {D.seed})")
     t.add_argument("--decoder-norm", choices=["weighted_l1", "unit_norm"],
-                   help="decoder scale control (default unit_norm: on the built-in problem "
-                   "it recovers more true features at the same explained variance)")
+                   help=f"decoder scale control (default {DEFAULT_DECODER_NORM}, unlike the "
+                   "Python class SparseAutoencoder, whose default is weighted_l1: on the "
+                   "built-in problem unit_norm recovers more true features at the same "
+                   "explained variance)")
     t.add_argument("--activation", choices=["relu", "topk", "batchtopk"],
                    help="relu (L1 penalty, default), topk (k largest per row) or batchtopk "
                    "(N*k largest per batch; saved as SAELens jumprelu for inference)")
     t.add_argument("--k", type=_positive_int,
-                   help="active features per row for topk/batchtopk (default 32, at most d_sae)")
+                   help=f"active features per row for topk/batchtopk (default {DEFAULT_K}, "
+                   "at most d_sae)")
     t.add_argument("--auxk", dest="auxk", action="store_true", default=None,
                    help="topk/batchtopk: add the AuxK loss against dead latents")
     t.add_argument("--k-aux", type=_positive_int,
@@ -101,14 +132,15 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="AuxK: tokens without firing for a latent to count as dead "
                    "(default min(10M, 500 steps of tokens))")
     t.add_argument("--resample-every", type=_nonneg_int,
-                   help="resample dead features every N steps (0: never)")
+                   help="resample dead features every N steps (default 0: never)")
     t.add_argument("--checkpoint-every", type=_nonneg_int,
                    help="checkpoint every N steps (needs --out; 0: only at the end)")
     t.add_argument("--backend", help="cuda, numba, cython or numpy (default: fastest usable)")
     t.add_argument("--threads", type=_positive_int,
-                   help="CPU threads for the kernels and BLAS (default: 1 for the built-in "
-                   "problem, whose small matrices lose more to thread synchronization than "
-                   "they gain; all cores with --data)")
+                   help="CPU threads for the backend and BLAS (default: "
+                   f"{DEFAULT_SYNTHETIC_THREADS} for the built-in problem, whose small "
+                   "matrices lose more to thread synchronization than they gain; the "
+                   "backend's default, all cores, with --data)")
     t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE")
     t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     t.add_argument("--plot", action="store_true",
@@ -140,7 +172,7 @@ _RESUME_FIXED = ("data_is_synthetic", "d_sae", "l1", "steps", "batch_size", "lr"
 def _cmd_train(args) -> int:
     from .data import open_source, synthetic
     from .model import SparseAutoencoder
-    from .trainer import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer, limit_threads
 
     if args.plot and not args.out and not args.resume:
         raise CLIError("--plot needs --out DIR to write the plots into")
@@ -176,7 +208,7 @@ def _cmd_train(args) -> int:
             d_sae = args.d_sae or DEFAULT_D_SAE_FACTOR * DEFAULT_SYNTHETIC["n_features"]
         else:
             source = open_source(args.data)
-            d_sae = args.d_sae or 8 * source.d_in
+            d_sae = args.d_sae or DEFAULT_D_SAE_PER_D_IN * source.d_in
         cfg = TrainConfig()
         for flag, field in (("l1", "l1_coefficient"), ("steps", "steps"),
                             ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
@@ -188,9 +220,6 @@ def _cmd_train(args) -> int:
             if v is not None:
                 setattr(cfg, field, v)
         cfg.progress = args.progress
-        # keep the warmups inside short runs
-        cfg.lr_warmup_steps = min(cfg.lr_warmup_steps, max(1, cfg.total_steps // 10))
-        cfg.l1_warmup_steps = min(cfg.l1_warmup_steps, max(1, cfg.total_steps // 10))
         act = args.activation or "relu"
         if act == "relu":
             for flag in ("k", "auxk", "k_aux", "aux_coefficient", "dead_tokens"):
@@ -202,17 +231,17 @@ def _cmd_train(args) -> int:
             if args.decoder_norm not in (None, "unit_norm"):
                 raise CLIError(f"--activation {act} trains unit-norm decoder rows: "
                                "--decoder-norm must be unit_norm")
-            k = args.k or 32
+            k = args.k or DEFAULT_K
             if k > d_sae:
                 raise CLIError(f"--k {k} exceeds the number of features (--d-sae {d_sae})")
         model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
-                                  decoder_norm=args.decoder_norm or "unit_norm",
+                                  decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM,
                                   seed=cfg.seed, activation=act, k=k)
         trainer = Trainer(model, source, cfg, out_dir=args.out, true_dictionary=true_dict,
                           backend=args.backend, extra_state=extra)
     synthetic_run = args.data is None and (not args.resume or true_dict is not None)
-    threads = args.threads or (1 if synthetic_run else None)
-    with _thread_limit(threads):
+    threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if synthetic_run else None)
+    with limit_threads(threads, trainer.backend):
         result = trainer.train()
     total_wall = time.perf_counter() - t_start
     m = dict(result.metrics)
@@ -229,46 +258,6 @@ def _cmd_train(args) -> int:
             written = _plots(out, result)
             print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
-
-
-class _thread_limit:
-    """Limit numba's and the BLAS/OpenMP pools' threads inside a ``with``
-    block (``None``: leave them alone)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        if self.n is None:
-            return self
-        from threadpoolctl import threadpool_limits
-        self._pool = threadpool_limits(limits=self.n)
-        self._numba = None
-        try:
-            import numba
-            self._numba = numba.get_num_threads()
-            numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
-        except Exception:  # numba missing or its pool unusable: BLAS limit only
-            self._numba = None
-        # the Cython backend sizes its OpenMP team itself
-        self._cy = sys.modules.get("fastsae.cython_backend")
-        if self._cy is not None and hasattr(self._cy, "set_num_threads"):
-            self._cy_prev = getattr(self._cy, "_num_threads", None)
-            self._cy.set_num_threads(self.n)
-        else:
-            self._cy = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.n is None:
-            return False
-        self._pool.restore_original_limits()
-        if self._cy is not None:
-            self._cy.set_num_threads(self._cy_prev)
-        if self._numba is not None:
-            import numba
-            numba.set_num_threads(self._numba)
-        return False
 
 
 def _syn_kwargs(syn: dict) -> dict:
@@ -381,6 +370,7 @@ def _cmd_encode(args) -> int:
 
     from .data import open_source
     from .model import SparseAutoencoder
+    from .training import limit_threads
 
     sae = SparseAutoencoder.load(args.sae, backend=args.backend)
     source = open_source(args.data)
@@ -393,7 +383,7 @@ def _cmd_encode(args) -> int:
     if not out.parent.exists():
         raise CLIError(f"output directory does not exist: {out.parent}")
     indptr, indices, values = [np.zeros(1, np.int64)], [], []
-    with _thread_limit(args.threads):
+    with limit_threads(args.threads, sae.backend):
         _encode_loop(sae, source, args.batch_size, indptr, indices, values)
     nnz = int(indptr[-1][-1])
     m = sp.csr_array((np.concatenate(values) if values else np.zeros(0, np.float32),

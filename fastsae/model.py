@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate as V
+from .backends import validate as V
 from .backends import Backend, get_backend
 from .io import read_sae_dir, write_sae_dir
 from .params import DECODER_NORM_MODES, SAEParams
@@ -147,6 +147,15 @@ class SparseAutoencoder:
     b_dec = property(lambda self: self.params.b_dec)
 
     @property
+    def fresh(self) -> bool:
+        """``True`` until the parameters are trained, loaded or replaced with
+        :meth:`set_params` (in-place edits of :attr:`params` keep it). A
+        :class:`fastsae.Trainer` treats fresh parameters as an initialization
+        for normalized inputs (and may set ``b_dec`` from the data), and other
+        parameters as trained for raw inputs, which it rescales."""
+        return self._fresh
+
+    @property
     def backend(self) -> Backend:
         """The kernel backend (resolved on first use)."""
         if self._backend is None:
@@ -243,18 +252,9 @@ class SparseAutoencoder:
         return _concat_codes(pieces, self.d_sae)
 
     def _encode_other(self, be, p, xb):
-        try:
-            if self.architecture == "topk":
-                return be.encode_topk(xb, p.W_enc, p.b_enc, p.b_dec, self.k)
-            return be.encode_jumprelu(xb, p.W_enc, p.b_enc, p.b_dec,
-                                      be.to_backend(self.threshold))
-        except NotImplementedError:
-            # a backend without this encoder yet: the NumPy reference on the host
-            ref, h = get_backend("numpy"), self.params
-            x = np.asarray(be.to_numpy(xb))
-            if self.architecture == "topk":
-                return ref.encode_topk(x, h.W_enc, h.b_enc, h.b_dec, self.k)
-            return ref.encode_jumprelu(x, h.W_enc, h.b_enc, h.b_dec, self.threshold)
+        if self.architecture == "topk":
+            return be.encode_topk(xb, p.W_enc, p.b_enc, p.b_dec, self.k)
+        return be.encode_jumprelu(xb, p.W_enc, p.b_enc, p.b_dec, be.to_backend(self.threshold))
 
     def decode(self, codes) -> np.ndarray:
         """``codes @ W_dec + b_dec`` for dense ``[N, d_sae]`` codes,

@@ -91,7 +91,7 @@ def test_autoencoder_resume_and_normalization(tmp_path):
     b = Autoencoder([4, 3, 4], seed=1)
     cfg_b = TrainConfig(**{**cfg.to_dict(), "steps": 40})
     tb = Trainer(b, x, cfg_b, out_dir=tmp_path / "b")
-    orig = tb._a.step
+    orig = tb.state.step
     calls = {"n": 0}
 
     def crash(*a_, **k):
@@ -99,7 +99,7 @@ def test_autoencoder_resume_and_normalization(tmp_path):
         if calls["n"] == 25:
             raise RuntimeError("simulated crash")
         return orig(*a_, **k)
-    tb._a.step = crash
+    tb.state.step = crash
     with pytest.raises(RuntimeError, match="simulated"):
         tb.train()
     rb = Trainer.resume(tmp_path / "b", x).train()

@@ -98,6 +98,22 @@ def test_train_on_shards_prints_table(acts, capsys):
     assert "recovered" not in out  # no ground truth for real data
 
 
+def test_train_flags_map_onto_python_defaults(trained):
+    """The CLI adds no training policy: the saved config is TrainConfig()'s
+    defaults with only the given flags changed (warm-ups resolve inside
+    TrainConfig), and the SAE gets the CLI's documented --decoder-norm default."""
+    from fastsae import TrainConfig
+    from fastsae.cli import DEFAULT_DECODER_NORM
+    from fastsae.training import read_checkpoint
+
+    _, st = read_checkpoint(trained)
+    want = dict(TrainConfig().to_dict(), steps=40, batch_size=64, checkpoint_every=20,
+                progress=False)
+    assert st["config"] == want
+    assert TrainConfig.from_dict(st["config"]).resolved_lr_warmup_steps() == 4
+    assert st["model"]["decoder_norm"] == DEFAULT_DECODER_NORM
+
+
 def test_resume_continues(trained, acts, capsys, tmp_path):
     code, out, err = run(capsys, "train", "--resume", str(trained), "--no-progress", "--json")
     assert code == 0, err
@@ -212,13 +228,31 @@ def test_default_train_meets_quality_bar(capsys, tmp_path):
     assert wall < 60, (wall, m)
 
 
-def test_threads_flag_is_applied_and_restored(acts, capsys):
+def test_threads_flag_is_applied_and_restored(acts, capsys, monkeypatch):
     import numba
+
+    import fastsae
 
     before = numba.get_num_threads()
     code, _, err = run(capsys, "train", "--data", str(acts / "x.npy"), "--steps", "5",
                        "--batch-size", "64", "--threads", "1")
     assert code == 0, err
     assert numba.get_num_threads() == before
+    # the chosen backend runs with --threads inside training and is restored after
+    seen, real = [], fastsae.Backend.train_step
+
+    def spy(self, *a, **k):
+        seen.append(self.get_num_threads())
+        return real(self, *a, **k)
+    monkeypatch.setattr(fastsae.Backend, "train_step", spy)
+    for s in fastsae.available_backends():
+        if not s.available or s.name == "cuda":
+            continue
+        be = fastsae.get_backend(s.name)
+        before, seen[:] = be.get_num_threads(), []
+        code, _, err = run(capsys, "train", "--data", str(acts / "x.npy"), "--steps", "2",
+                           "--batch-size", "64", "--threads", "1", "--backend", s.name)
+        assert code == 0, err
+        assert seen == [1, 1] and be.get_num_threads() == before, s.name
     code, _, err = run(capsys, "train", "--threads", "0")
     assert_clean_error(code, err, "--threads")

@@ -10,7 +10,7 @@ import pytest
 import fastsae
 from fastsae import SparseAutoencoder, TrainConfig, Trainer
 from fastsae.data import synthetic
-from fastsae.trainer import TrainingDiverged
+from fastsae.training import TrainingDiverged
 
 USABLE = [s.name for s in fastsae.available_backends() if s.available]
 
@@ -40,6 +40,21 @@ def test_schedules():
     assert c.lr_at(99) == pytest.approx(0.05)
     assert c.l1_at(0) == pytest.approx(0.1) and c.l1_at(19) == 2.0 and c.l1_at(60) == 2.0
     assert TrainConfig(total_tokens=1000, batch_size=300).total_steps == 4
+
+
+def test_default_warmups_stay_inside_short_runs():
+    """``None`` warm-ups: min(150 resp. 300, max(1, total_steps // 10))."""
+    for steps, lr_w, l1_w in ((5, 1, 1), (100, 10, 10), (2000, 150, 200), (50000, 150, 300)):
+        c = TrainConfig(steps=steps)
+        assert (c.resolved_lr_warmup_steps(), c.resolved_l1_warmup_steps()) == (lr_w, l1_w)
+    c = TrainConfig(steps=100, lr=1.0, l1_coefficient=2.0)
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == 1.0
+    assert c.l1_at(4) == pytest.approx(1.0) and c.l1_at(9) == 2.0
+    c = TrainConfig(steps=100, lr=1.0, lr_warmup_steps=0, l1_warmup_steps=0)
+    assert c.lr_at(0) == 1.0 and c.l1_at(0) == c.l1_coefficient
+    assert TrainConfig(total_tokens=512 * 40).resolved_lr_warmup_steps() == 4
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        TrainConfig(lr_warmup_steps=-1).validate()
 
 
 @pytest.mark.parametrize("field, value, err", [
@@ -139,14 +154,14 @@ def test_resume_equals_uninterrupted_run(problem, tmp_path, name):
         return m
     full = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "full").train()
     t = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "cut")
-    real_step, calls = t._a.step, {"n": 0}
+    real_step, calls = t.state.step, {"n": 0}
 
     def crashing_step(*a, **k):
         calls["n"] += 1
         if calls["n"] == 38:
             raise KeyboardInterrupt  # killed mid-run
         return real_step(*a, **k)
-    t._a.step = crashing_step
+    t.state.step = crashing_step
     with pytest.raises(KeyboardInterrupt):
         t.train()
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 30
@@ -209,13 +224,13 @@ def test_nan_in_data_is_rejected_with_step(problem):
 def test_divergence_stops_with_step_and_keeps_checkpoint(problem, tmp_path):
     cfg = _cfg(steps=200, checkpoint_every=2, lr_warmup_steps=0, lr=1e-3)
     t = Trainer(SparseAutoencoder(16, 32), problem.x, cfg, out_dir=tmp_path)
-    real = t._a.step
+    real = t.state.step
 
     def exploding(x, lr, l1c, fc):
         if t.step >= 5:
             lr = 1e38  # Adam moves every weight by ~lr: the loss overflows
         return real(x, lr, l1c, fc)
-    t._a.step = exploding
+    t.state.step = exploding
     with pytest.raises(TrainingDiverged, match=r"at step \d+ .*last good checkpoint .*step \d+"):
         t.train()
     _, st = Trainer.read_checkpoint(tmp_path)

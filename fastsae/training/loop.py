@@ -1,0 +1,397 @@
+"""The training loop: :class:`Trainer`, progress, NaN handling, resume.
+
+:class:`Trainer` trains a :class:`fastsae.SparseAutoencoder` (or the plain
+:class:`fastsae.Autoencoder`) on a data source. What is trained, and how one
+step runs, is the business of the model's :class:`~fastsae.training.state.
+TrainingState` (parameters and Adam state live on the backend, from
+``to_backend``, for the whole run; they come back to the host only for
+metrics, resampling and checkpoints); the loop owns the schedule, the data
+stream, the firing windows, the metrics log and the checkpoints.
+
+Files written when ``out_dir`` is given::
+
+    out_dir/checkpoint.safetensors  parameters, Adam moments, firing counts;
+                                    the run state (step, scale, data position,
+                                    RNG state, config) as JSON in the header
+    out_dir/checkpoint.json         the same run state, for people (not read)
+    out_dir/metrics.jsonl           one JSON object per logged step
+    out_dir/sae/                    the final SAE, SAELens format, on raw inputs
+    out_dir/summary.json            final metrics and feature-density histogram
+
+Every file is written atomically (see :mod:`fastsae.training.checkpoint`).
+Resuming from a checkpoint on the same backend continues bit for bit: the
+batches depend only on (seed, rows consumed), and everything else that
+evolves is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..autoencoder import Autoencoder
+from ..backends import get_backend
+from ..data import BatchStream, norm_scaling_factor, open_source, recovery, sample_rows
+from ..io import atomic_write_json
+from ..model import ACTIVATIONS, SparseAutoencoder
+from .checkpoint import CHECKPOINT_FILENAME, read_checkpoint, write_checkpoint
+from .config import TrainConfig
+from .metrics import FiringWindow, MetricsAccumulator, MetricsLog, none_if_nan
+from .state import TrainingState, make_state, model_from_info
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; names the step."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns.
+
+    ``metrics``: final evaluation (``mse``, ``explained_variance``, ``l0``,
+    ``dead_fraction``; MSE in training units, i.e. on normalized inputs),
+    throughput (``tokens_per_s``, ``wall_s``), ``backend``, ``steps`` and,
+    when a true dictionary was given, ``mean_max_cosine`` and ``recovered``.
+    ``history``: the logged metric records. ``density``: histogram of
+    log10 feature firing frequencies over the last window.
+    """
+
+    model: object
+    metrics: dict
+    history: list = field(default_factory=list)
+    density: dict | None = None
+
+
+class Trainer:
+    """Train a model on a data source.
+
+    Parameters
+    ----------
+    model : SparseAutoencoder or Autoencoder
+    data : array, ``.npy`` path, shard directory or :class:`fastsae.data.DataSource`
+    config : TrainConfig, optional
+    out_dir : path, optional
+        Checkpoints, metrics log, final SAE and summary go here.
+    true_dictionary : array ``[n_features, d_in]``, optional
+        Report ground-truth recovery against it.
+    backend : str or Backend, optional
+        Defaults to the model's backend.
+    extra_state : dict, optional
+        JSON-able information stored in checkpoints (e.g. how to rebuild the data).
+
+    Attributes: ``config``, ``model``, ``source`` (the data), ``backend``,
+    ``state`` (the :class:`~fastsae.training.state.TrainingState`), ``step``
+    (steps taken), ``window`` (:class:`~fastsae.training.metrics.FiringWindow`,
+    after :meth:`setup`), ``history`` (logged records),
+    ``last_checkpoint_step``.
+    """
+
+    def __init__(self, model, data, config: TrainConfig | None = None, *, out_dir=None,
+                 true_dictionary=None, backend=None, extra_state: dict | None = None):
+        self.config = (config or TrainConfig()).validate()
+        self.model = model
+        self.source = open_source(data)
+        if not isinstance(model, (SparseAutoencoder, Autoencoder)):
+            raise TypeError(f"model must be a SparseAutoencoder or an Autoencoder, "
+                            f"got {type(model).__name__}")
+        if isinstance(model, SparseAutoencoder):
+            if model.activation is None:
+                raise ValueError(f"fastsae cannot train this {model.architecture!r} SAE (it "
+                                 f"trains activations {', '.join(ACTIVATIONS)}; a jumprelu SAE "
+                                 "is trainable only when saved from a BatchTopK run)")
+            c = self.config
+            if c.activation is not None and c.activation != model.activation:
+                raise ValueError(f"TrainConfig.activation={c.activation!r} but the model's "
+                                 f"activation is {model.activation!r}")
+            if c.k is not None and c.k != model.k:
+                raise ValueError(f"TrainConfig.k={c.k} but the model's k is {model.k}")
+        if self.source.d_in != model.d_in:
+            raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
+                             f"d_in = {model.d_in}")
+        self.backend = get_backend(backend) if backend is not None else model.backend
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.true_dictionary = None
+        if true_dictionary is not None:
+            td = np.asarray(true_dictionary, dtype=np.float32)
+            if td.ndim != 2 or td.shape[1] != model.d_in:
+                raise ValueError(f"true_dictionary must be [n_features, {model.d_in}], "
+                                 f"got shape {td.shape}")
+            self.true_dictionary = td
+        self.extra_state = dict(extra_state or {})
+        self.state: TrainingState = make_state(model, self.config, self.backend)
+        self.step = 0
+        self.log = MetricsLog(self.out_dir)
+        self.window: FiringWindow | None = None
+        self.last_checkpoint_step = None
+        self._acc = MetricsAccumulator()
+        self._initialized = False
+
+    @property
+    def history(self) -> list[dict]:
+        """The logged metric and event records, oldest first."""
+        return self.log.history
+
+    # ------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Prepare a fresh run: input scale, initial parameters, data stream,
+        RNG, firing windows. :meth:`train` calls it when needed; a resumed
+        trainer is already set up."""
+        cfg = self.config
+        self.scale = norm_scaling_factor(self.source, seed=cfg.seed) \
+            if cfg.normalize_activations else 1.0
+        sample = None
+        if self.state.wants_init_sample():
+            sample = sample_rows(self.source, 65536, cfg.seed) * np.float32(self.scale)
+            if not np.isfinite(sample).all():
+                raise ValueError("the data contain NaN or infinite values")
+        self.state.init_fresh(self.scale, sample)
+        self.stream = BatchStream(self.source, cfg.batch_size, seed=cfg.seed, scale=self.scale)
+        self.rng = np.random.default_rng([cfg.seed, 0x7E5A])
+        self.window = FiringWindow(self.backend, self.state.n_features)
+        self._acc = MetricsAccumulator()
+        self._initialized = True
+
+    # ------------------------------------------------------------ dead features
+    def dead_fraction(self) -> float:
+        """Fraction of features that fired in none of the window's rows
+        (NaN for a model without features or before the first step)."""
+        return float("nan") if self.window is None else self.window.dead_fraction()
+
+    def feature_density(self) -> dict | None:
+        """Histogram of log10 firing frequency over the window (SAE only,
+        see :func:`fastsae.training.metrics.feature_density`)."""
+        return None if self.window is None else self.window.density(self.config.batch_size)
+
+    def _resample(self):
+        cfg = self.config
+        dead = self.window.counts() == 0
+        if not dead.any():
+            return
+        rows = self.rng.choice(self.source.n_rows, size=min(cfg.resample_samples,
+                                                            self.source.n_rows), replace=False)
+        x = self.source.take(np.sort(rows)) * np.float32(self.scale)
+        n = self.state.resample(dead, x, self.rng)
+        self.window.reset()  # a fresh window, so resampled features get a chance to fire
+        self.log.append({"step": self.step, "event": "resample", "resampled": n})
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT_FILENAME
+
+    def _run_state(self) -> dict:
+        from .. import __version__
+        return {
+            "fastsae_version": __version__,
+            "kind": self.state.kind, "step": int(self.step),
+            "adam_step": self.state.adam_step(),
+            "scale": float(self.scale), "stream": self.stream.state_dict(),
+            "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
+            "model": self.state.model_info(), "backend": self.backend.name,
+            "window": self.window.state_dict(),
+            "acc": self._acc.sums, "data": _source_location(self.source),
+            "data_rows": self.source.n_rows, "extra": self.extra_state,
+        }
+
+    def save_checkpoint(self, path=None) -> Path:
+        """Write the full training state atomically (default: out_dir's checkpoint)."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint path: give out_dir to the Trainer")
+        tensors = self.state.tensors()
+        tensors.update(self.window.tensors())
+        write_checkpoint(path, tensors, self._run_state())
+        self.last_checkpoint_step = self.step
+        return path
+
+    @staticmethod
+    def read_checkpoint(path) -> tuple[dict, dict]:
+        """``(tensors, run_state)`` of a checkpoint file or output directory
+        (see :func:`fastsae.training.checkpoint.read_checkpoint`)."""
+        return read_checkpoint(path)
+
+    @classmethod
+    def resume(cls, path, data=None, *, true_dictionary=None, backend=None, out_dir=None,
+               progress=None) -> "Trainer":
+        """A trainer that continues the run saved at ``path`` (a checkpoint or
+        an output directory). ``data`` defaults to the saved data path; the
+        model is rebuilt from the checkpoint."""
+        tensors, st = read_checkpoint(path)
+        model = model_from_info(st["model"], backend)
+        if data is None:
+            data = st["data"]
+            if not Path(str(data)).exists():
+                raise ValueError(f"the checkpoint's data ({data}) cannot be reopened: "
+                                 "pass the data explicitly")
+        config = TrainConfig.from_dict(st["config"])
+        if progress is not None:
+            config.progress = progress
+        p = Path(path)
+        if out_dir is None:
+            out_dir = p if p.is_dir() else p.parent
+        t = cls(model, data, config, out_dir=out_dir, true_dictionary=true_dictionary,
+                backend=backend, extra_state=st.get("extra"))
+        t._restore(tensors, st)
+        return t
+
+    def _restore(self, tensors, st):
+        self.scale = float(st["scale"])
+        self.state.load(tensors, st["adam_step"])
+        self.stream = BatchStream(self.source, self.config.batch_size, seed=self.config.seed,
+                                  scale=self.scale)
+        self.stream.load_state_dict(st["stream"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = st["rng"]
+        self.step = int(st["step"])
+        self.window = FiringWindow(self.backend, self.state.n_features)
+        self.window.load(tensors, st["window"])
+        self._acc = MetricsAccumulator(st.get("acc"))
+        self.last_checkpoint_step = self.step
+        self._initialized = True
+        self.log.truncate_after(self.step)  # the metrics log matches the checkpoint
+
+    # ------------------------------------------------------------ logging
+    def _recovery(self) -> dict | None:
+        if self.true_dictionary is None:
+            return None
+        rows = self.state.decoder_rows()
+        return None if rows is None else recovery(rows, self.true_dictionary)
+
+    def _flush_metrics(self, t_start, step0):
+        means = self._acc.means(self.state.metric_keys)
+        if means is None:
+            return None
+        cfg = self.config
+        rec = {"step": self.step, "tokens": self.step * cfg.batch_size, **means}
+        rec["dead_fraction"] = none_if_nan(self.dead_fraction())
+        rec["lr"] = cfg.lr_at(self.step - 1)
+        rec["l1_coefficient"] = cfg.l1_at(self.step - 1)
+        r = self._recovery()
+        if r is not None:
+            rec["mean_max_cosine"], rec["recovered"] = r["mean_max_cosine"], r["recovered"]
+        el = time.perf_counter() - t_start
+        rec["elapsed_s"] = el
+        rec["tokens_per_s"] = (self.step - step0) * cfg.batch_size / el if el > 0 else None
+        self._acc.clear()
+        self.log.append(rec)
+        return rec
+
+    # ------------------------------------------------------------ training
+    def _step(self, s: int, x: np.ndarray) -> dict:
+        """Step ``s`` (0-based) on the host batch ``x``, with the data check
+        and the divergence check."""
+        cfg, be = self.config, self.backend
+        lr, l1c = cfg.lr_at(s), cfg.l1_at(s)
+        xb = be.to_backend(x)
+        # The front scans host batches for NaN/inf itself; a device copy is
+        # not scanned there, so check the host batch here (one scan a step).
+        if xb is not x:
+            _check_batch(x, s)
+        try:
+            r = self.state.step(xb, lr, l1c, self.window.fire_counts)
+        except ValueError:
+            _check_batch(x, s)  # the front refused the batch: name the step and row
+            raise
+        if not math.isfinite(r["total"]):
+            where = (f"; the last good checkpoint is {self.checkpoint_path} (step "
+                     f"{self.last_checkpoint_step})" if self.last_checkpoint_step
+                     is not None else "; no checkpoint was written")
+            raise TrainingDiverged(
+                f"training diverged: the loss is {r['total']} at step {s + 1} "
+                f"(lr={lr:.3g}, l1_coefficient={l1c:.3g}){where}")
+        return r
+
+    def train(self) -> TrainResult:
+        """Run (or continue) training to ``config.total_steps``; returns a
+        :class:`TrainResult` and leaves the trained parameters in the model
+        (folded to raw inputs)."""
+        cfg = self.config
+        if not self._initialized:
+            self.setup()
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        total = cfg.total_steps
+        bar = None
+        if cfg.show_progress():
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, desc=f"fastsae[{self.backend.name}]",
+                       unit="step", file=sys.stderr, dynamic_ncols=True)
+        step0, t0 = self.step, time.perf_counter()
+        try:
+            while self.step < total:
+                r = self._step(self.step, self.stream.next_batch())
+                self.step += 1
+                self._acc.add(r)
+                self.window.record_step(cfg.dead_window)
+                if cfg.resample_due(self.step) and self.window.steps >= cfg.dead_window:
+                    self._resample()
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    rec = self._flush_metrics(t0, step0)
+                    if bar is not None and rec is not None:
+                        bar.set_postfix(mse=f"{rec['mse']:.4g}", l0=f"{rec['l0']:.3g}"
+                                        if rec["l0"] is not None else "-", refresh=False)
+                if (cfg.checkpoint_every and self.out_dir is not None
+                        and self.step % cfg.checkpoint_every == 0 and self.step < total):
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.backend.synchronize()
+        wall = time.perf_counter() - t0
+        return self._finish(wall, step0)
+
+    def _finish(self, wall, step0) -> TrainResult:
+        cfg = self.config
+        x = sample_rows(self.source, cfg.eval_rows, cfg.seed + 1) * np.float32(self.scale)
+        metrics = self.state.evaluate(x)
+        metrics["dead_fraction"] = none_if_nan(self.dead_fraction())
+        r = self._recovery()
+        if r is not None:
+            metrics["mean_max_cosine"], metrics["recovered"] = (r["mean_max_cosine"],
+                                                                r["recovered"])
+        trained = (self.step - step0) * cfg.batch_size
+        metrics.update({"steps": self.step, "tokens": self.step * cfg.batch_size,
+                        "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else None,
+                        "backend": self.backend.name, "scale": self.scale})
+        density = self.feature_density()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        self.state.export(self.scale)
+        if self.out_dir is not None:
+            self.state.save_model(self.out_dir / "sae", metadata={
+                "fastsae_training_steps": self.step,
+                "fastsae_activation_scale_folded": self.scale})
+            summary = {"metrics": metrics}
+            if density is not None:
+                summary["density"] = {k: v for k, v in density.items()
+                                      if k != "log10_frequency"}
+            atomic_write_json(self.out_dir / "summary.json", summary)
+        return TrainResult(self.model, metrics, list(self.history), density)
+
+
+def _check_batch(x: np.ndarray, s: int) -> None:
+    """Raise ``ValueError`` naming step ``s + 1``, row and column of the first
+    NaN or infinite value of the host batch ``x``."""
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"the data contain NaN or infinite values (batch of step "
+                         f"{s + 1}, row {bad[0]} column {bad[1]} of the batch)")
+
+
+def _source_location(source) -> str:
+    """An absolute path for file-backed sources (so a resume from another
+    working directory can reopen them), else the source's description."""
+    for attr in ("path", "directory"):
+        p = getattr(source, attr, None)
+        if p is not None:
+            return str(Path(p).resolve())
+    return source.description

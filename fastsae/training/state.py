@@ -1,0 +1,445 @@
+"""Per-architecture training state behind one small protocol.
+
+The loop (:class:`fastsae.training.Trainer`) knows nothing about what it
+trains: it talks to a :class:`TrainingState`, which holds the parameters and
+optimizer state on the backend and everything else that evolves with the
+architecture. Three implementations:
+
+:class:`SAEState`         ReLU SAE (L1 penalty; ``weighted_l1`` or ``unit_norm``
+                          decoder), the backend's fused ``train_step``
+:class:`TopKState`        TopK / BatchTopK SAE (``train_step_topk``), adds the
+                          AuxK dead-latent counters (``since``) and BatchTopK's
+                          running threshold (``threshold``)
+:class:`AutoencoderState` the plain :class:`fastsae.Autoencoder` (NumPy
+                          backward, no features)
+
+:func:`make_state` picks one for a model; :func:`model_from_info` rebuilds a
+model from the ``model_info()`` saved in a checkpoint.
+
+Units: during training the state works on inputs scaled by the run's
+``scale`` (see ``TrainConfig.normalize_activations``); :meth:`export` folds
+the scale back so the model works on raw inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..autoencoder import Autoencoder
+from ..backends import reference
+from ..io import SAEFormatError
+from ..model import SparseAutoencoder
+from ..params import AdamState, SAEParams
+from .config import TrainConfig
+
+__all__ = ["TrainingState", "SAEState", "TopKState", "AutoencoderState", "make_state",
+           "model_from_info", "fold_params"]
+
+
+class TrainingState(Protocol):
+    """What the training loop needs from an architecture.
+
+    Attributes: ``kind`` (``"sae"`` or ``"autoencoder"``, saved in
+    checkpoints), ``model``, ``backend``, ``n_features`` (features
+    whose firing is counted, or ``None``: no dead fraction, resampling or
+    density) and ``metric_keys`` (the step-result keys averaged into the
+    metrics log).
+    """
+
+    kind: str
+    n_features: int | None
+    metric_keys: tuple
+
+    def wants_init_sample(self) -> bool:
+        """Whether :meth:`init_fresh` needs a sample of (scaled) data rows."""
+
+    def init_fresh(self, scale: float, sample: np.ndarray | None) -> None:
+        """Start from the model's parameters (moved to inputs scaled by
+        ``scale``), with zero optimizer state."""
+
+    def step(self, x, lr: float, l1_coefficient: float, fire_counts) -> dict:
+        """One optimizer step on the backend batch ``x`` (float32 ``[N, d_in]``);
+        adds to ``fire_counts`` (int64 ``[n_features]`` on the backend, or
+        ``None``). Returns floats ``mse, l1, total, l0, explained_variance``
+        (and ``aux`` for AuxK) measured before the update."""
+
+    def adam_step(self) -> int:
+        """Optimizer steps taken so far."""
+
+    def tensors(self) -> dict:
+        """Host arrays for the checkpoint (see :mod:`fastsae.training.checkpoint`)."""
+
+    def load(self, tensors: dict, adam_step: int) -> None:
+        """Restore from :meth:`tensors`' output (raises ``SAEFormatError``)."""
+
+    def evaluate(self, x: np.ndarray) -> dict:
+        """``mse``, ``explained_variance`` (and ``l0``) on host rows ``x``."""
+
+    def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
+        """Re-initialize the features flagged in ``dead`` from rows ``x``;
+        returns how many."""
+
+    def decoder_rows(self) -> np.ndarray | None:
+        """Host ``W_dec [n_features, d_in]`` (for ground-truth recovery), or ``None``."""
+
+    def export(self, scale: float) -> None:
+        """Write the trained parameters back into the model, for raw inputs."""
+
+    def save_model(self, directory, metadata: dict):
+        """Save the exported model (SAELens layout); ``None`` when the model
+        has no such format."""
+
+    def model_info(self) -> dict:
+        """JSON-able description that :func:`model_from_info` rebuilds the model from."""
+
+
+def make_state(model, config: TrainConfig, backend) -> TrainingState:
+    """The training state for ``model`` (a SparseAutoencoder or an Autoencoder)."""
+    if isinstance(model, SparseAutoencoder):
+        cls = TopKState if model.activation in ("topk", "batchtopk") else SAEState
+        return cls(model, config, backend)
+    return AutoencoderState(model, config, backend)
+
+
+def model_from_info(info: dict, backend=None):
+    """Rebuild the (untrained) model described by a state's ``model_info()``."""
+    if info["type"] == "SparseAutoencoder":
+        act = info.get("activation", "relu")
+        return SparseAutoencoder(info["d_in"], info["d_sae"], decoder_norm=info["decoder_norm"],
+                                 backend=backend, seed=info["seed"], activation=act,
+                                 k=info.get("k") if act != "relu" else None)
+    return Autoencoder(info["layer_sizes"], info["output_relu"], backend=backend,
+                       seed=info["seed"])
+
+
+# ================================================================ SAE (ReLU)
+class SAEState:
+    """A ReLU SAE: parameters and Adam moments on the backend, trained with
+    the fused ``train_step`` (L1 penalty with the model's ``decoder_norm``)."""
+
+    kind = "sae"
+    metric_keys = ("mse", "l1", "total", "l0", "explained_variance")
+
+    def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
+        self.model, self.config, self.backend = model, config, backend
+        self.n_features = model.d_sae
+        self.params = None  # SAEParams on the backend
+        self.state = None  # AdamState on the backend
+
+    # ------------------------------------------------------------ setup
+    def wants_init_sample(self) -> bool:
+        return self.model.fresh and self.config.b_dec_init != "none"
+
+    def init_fresh(self, scale, sample):
+        m = self.model
+        host = m.params.copy()
+        if not m.fresh:
+            # trained parameters are for raw inputs: move them to the scaled space
+            host = fold_params(host, 1.0 / scale)
+        elif self.config.b_dec_init != "none":
+            tmp = m.copy()
+            tmp.params = host
+            tmp.init_b_dec(sample, self.config.b_dec_init)
+        self.params = self.backend.to_backend(host)
+        self.state = self.backend.to_backend(AdamState.zeros_like(host))
+
+    # ------------------------------------------------------------ training
+    def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
+        c = self.config
+        r = self.backend.train_step(self.params, self.state, x, l1_coefficient=l1_coefficient,
+                               lr=lr, decoder_norm=self.model.decoder_norm, beta1=c.beta1,
+                               beta2=c.beta2, eps=c.eps, fire_counts=fire_counts)
+        return {"mse": r.mse, "l1": r.l1, "total": r.total, "l0": r.l0,
+                "explained_variance": r.explained_variance}
+
+    def adam_step(self) -> int:
+        return int(self.state.step)
+
+    # ------------------------------------------------------------ inference
+    def encode(self, xd):
+        """Inference codes of backend rows ``xd`` with the current parameters."""
+        p = self.params
+        return self.backend.encode_relu_sparse(xd, p.W_enc, p.b_enc, p.b_dec)
+
+    def _reconstruct(self, x):
+        be, p = self.backend, self.params
+        codes = self.encode(be.to_backend(x))
+        x_hat = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)))
+        return codes, x_hat
+
+    def host_params(self) -> SAEParams:
+        """The current parameters as float32 host arrays (training units)."""
+        return _host(self.backend.to_numpy(self.params))
+
+    def decoder_rows(self) -> np.ndarray:
+        return self.host_params().W_dec
+
+    def evaluate(self, x) -> dict:
+        codes, x_hat = self._reconstruct(x)
+        mse = float(np.sum((x_hat.astype(np.float64) - x) ** 2) / x.shape[0])
+        return {"mse": mse, "explained_variance": reference.explained_variance(x, mse),
+                "l0": codes.to_host().l0}
+
+    def per_row_error(self, x) -> np.ndarray:
+        """Squared reconstruction error of each host row of ``x`` (float64)."""
+        _, x_hat = self._reconstruct(x)
+        return np.sum((x_hat.astype(np.float64) - x) ** 2, axis=1)
+
+    # ------------------------------------------------------------ checkpoints
+    def tensors(self) -> dict:
+        p, st = self.host_params(), self.backend.to_numpy(self.state)
+        out = {}
+        for n in SAEParams.NAMES:
+            out[f"param.{n}"] = p.as_dict()[n]
+            out[f"adam_m.{n}"] = np.asarray(getattr(st.m, n))
+            out[f"adam_v.{n}"] = np.asarray(getattr(st.v, n))
+        return out
+
+    def load(self, tensors: dict, adam_step: int):
+        def get(prefix):
+            return SAEParams(*(np.ascontiguousarray(tensors[f"{prefix}.{n}"], dtype=np.float32)
+                               for n in SAEParams.NAMES))
+        p = get("param")
+        if (p.d_in, p.d_sae) != (self.model.d_in, self.model.d_sae):
+            raise SAEFormatError("checkpoint parameters do not match the model's shape")
+        self.params = self.backend.to_backend(p)
+        state = AdamState(get("adam_m"), get("adam_v"), int(adam_step))
+        self.state = self.backend.to_backend(state)
+
+    # ------------------------------------------------------------ dead features
+    def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
+        """2023 paper: new decoder directions from poorly reconstructed inputs."""
+        idx = np.flatnonzero(dead)
+        if idx.size == 0:
+            return 0
+        err = self.per_row_error(x)
+        w = err * err  # probability proportional to the square of the loss
+        if not np.isfinite(w).all() or w.sum() <= 0:
+            w = np.ones_like(w)
+        pick = rng.choice(x.shape[0], size=idx.size, replace=idx.size > x.shape[0],
+                          p=w / w.sum())
+        host = self.backend.to_numpy(self.params)
+        st = self.backend.to_numpy(self.state)
+        W_enc, b_enc, W_dec, b_dec = (np.asarray(a) for a in host.arrays())
+        v = x[pick].astype(np.float64) - b_dec
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        alive = ~dead
+        enc_norm = np.linalg.norm(W_enc[:, alive], axis=0).mean() if alive.any() else 0.1
+        if self.model.decoder_norm == "unit_norm":
+            dec_norm = 1.0
+        else:
+            dec_norm = np.linalg.norm(W_dec[alive], axis=1).mean() if alive.any() else 0.1
+        W_dec[idx] = (v * dec_norm).astype(np.float32)
+        W_enc[:, idx] = (v.T * 0.2 * enc_norm).astype(np.float32)
+        b_enc[idx] = 0.0
+        for mom in (st.m, st.v):  # reset Adam for every modified weight and bias
+            np.asarray(mom.W_enc)[:, idx] = 0.0
+            np.asarray(mom.b_enc)[idx] = 0.0
+            np.asarray(mom.W_dec)[idx] = 0.0
+        self.params = self.backend.to_backend(SAEParams(W_enc, b_enc, W_dec, b_dec))
+        self.state = self.backend.to_backend(st)
+        return int(idx.size)
+
+    # ------------------------------------------------------------ export
+    def export(self, scale) -> None:
+        self.model.set_params(fold_params(self.host_params(), scale))
+
+    def save_model(self, directory, metadata: dict):
+        return self.model.save(directory, metadata=metadata)
+
+    def model_info(self) -> dict:
+        m = self.model
+        return {"type": "SparseAutoencoder", "d_in": m.d_in, "d_sae": m.d_sae,
+                "decoder_norm": m.decoder_norm, "seed": m.seed,
+                "activation": m.activation, "k": m.k}
+
+
+# ================================================================ SAE (TopK)
+class TopKState(SAEState):
+    """A TopK or BatchTopK SAE, trained with ``train_step_topk`` (unit-norm
+    decoder rows, no L1 term).
+
+    ``since`` (int64 ``[d_sae]``): tokens since each latent last fired, whose
+    ``>= dead_tokens`` entries are AuxK's dead mask. ``threshold`` (float, kept
+    in float64 and saved exactly): BatchTopK's running estimate of the
+    smallest kept activation, the JumpReLU threshold of the exported SAE.
+    """
+
+    def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
+        super().__init__(model, config, backend)
+        self.activation, self.k = model.activation, model.k
+        self.k_aux = config.resolved_k_aux(model.d_in, model.d_sae)
+        self.auxk = config.auxk_enabled(self.activation)
+        self.dead_tokens = config.resolved_dead_tokens()
+        if self.auxk:
+            self.metric_keys = SAEState.metric_keys + ("aux",)
+        self.since = np.zeros(model.d_sae, np.int64)
+        self.threshold = 0.0
+
+    def init_fresh(self, scale, sample):
+        super().init_fresh(scale, sample)
+        m = self.model
+        if self.activation == "batchtopk" and m.threshold is not None and not m.fresh:
+            self.threshold = float(np.mean(m.threshold, dtype=np.float64))
+
+    def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
+        cfg, be = self.config, self.backend
+        dead_mask, buf = None, fire_counts
+        if self.auxk:
+            dead_mask = be.to_backend(self.since >= self.dead_tokens)
+            # this step's firing counts alone, to know which latents fired
+            buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
+        r = be.train_step_topk(self.params, self.state, x, k=self.k, activation=self.activation,
+                               lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                               fire_counts=buf, dead_mask=dead_mask,
+                               k_aux=self.k_aux if self.auxk else 0,
+                               aux_coefficient=cfg.aux_coefficient if self.auxk else 0.0)
+        if self.auxk:
+            c = np.asarray(be.to_numpy(buf), dtype=np.int64)
+            fired = c > 0
+            self.since[fired] = 0
+            self.since[~fired] += x.shape[0]
+            if fire_counts is not None:
+                _add_counts(be, fire_counts, c)
+        if self.activation == "batchtopk":
+            m = float(r.extra.get("min_active", 0.0))
+            if m > 0:
+                lr_t = cfg.topk_threshold_lr
+                self.threshold = (1.0 - lr_t) * self.threshold + lr_t * m
+        return {"mse": r.mse, "l1": 0.0, "total": r.total, "l0": r.l0,
+                "explained_variance": r.explained_variance, "aux": r.aux}
+
+    def encode(self, xd):
+        """TopK codes, or for BatchTopK JumpReLU codes with the running threshold."""
+        be, p = self.backend, self.params
+        if self.activation == "topk":
+            return be.encode_topk(xd, p.W_enc, p.b_enc, p.b_dec, self.k)
+        thr = be.to_backend(np.full(self.model.d_sae, self.threshold, np.float32))
+        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, p.b_dec, thr)
+
+    def tensors(self) -> dict:
+        out = super().tensors()
+        out["topk.since"] = self.since.copy()
+        out["topk.threshold"] = np.array([self.threshold], np.float64)
+        return out
+
+    def load(self, tensors: dict, adam_step: int):
+        super().load(tensors, adam_step)
+        if "topk.since" not in tensors or "topk.threshold" not in tensors:
+            raise SAEFormatError("the checkpoint lacks the TopK state (topk.since, "
+                                 "topk.threshold)")
+        self.since = np.array(tensors["topk.since"], dtype=np.int64)
+        self.threshold = float(np.asarray(tensors["topk.threshold"])[0])
+
+    def export(self, scale) -> None:
+        super().export(scale)
+        if self.activation == "batchtopk":
+            # the fold keeps pre-activations unchanged, so the threshold carries over
+            m = self.model
+            m.threshold = np.full(m.d_sae, self.threshold, np.float32)
+            d = m.metadata.get("training_architecture_details")
+            m.metadata["training_architecture_details"] = {
+                **(d if isinstance(d, dict) else {}),
+                "topk_threshold_lr": self.config.topk_threshold_lr}
+
+
+# ================================================================ Autoencoder
+class AutoencoderState:
+    """The plain :class:`fastsae.Autoencoder`: its own NumPy Adam step on the
+    host (the forward pass runs on the backend's kernels); no features."""
+
+    kind = "autoencoder"
+    metric_keys = SAEState.metric_keys
+    n_features = None
+
+    def __init__(self, model: Autoencoder, config: TrainConfig, backend):
+        self.model, self.config, self.backend = model, config, backend
+        self.state = None  # the model's optimizer dict
+
+    def wants_init_sample(self) -> bool:
+        return False
+
+    def init_fresh(self, scale, sample):
+        self.state = self.model.init_optimizer()
+
+    def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
+        c = self.config
+        r = self.model.train_step(np.asarray(self.backend.to_numpy(x)), self.state, lr=lr,
+                                  beta1=c.beta1, beta2=c.beta2, eps=c.eps)
+        return {"mse": r["mse"], "l1": 0.0, "total": r["mse"], "l0": float("nan"),
+                "explained_variance": r["explained_variance"]}
+
+    def adam_step(self) -> int:
+        return int(self.state["step"])
+
+    def tensors(self) -> dict:
+        out = {f"param.{k}": v for k, v in self.model.arrays().items()}
+        out.update({f"adam_m.{k}": v for k, v in self.state["m"].items()})
+        out.update({f"adam_v.{k}": v for k, v in self.state["v"].items()})
+        return out
+
+    def load(self, tensors, adam_step):
+        self.state = self.model.init_optimizer()
+        for k, v in self.model.arrays().items():
+            v[...] = tensors[f"param.{k}"]
+            self.state["m"][k][...] = tensors[f"adam_m.{k}"]
+            self.state["v"][k][...] = tensors[f"adam_v.{k}"]
+        self.state["step"] = int(adam_step)
+
+    def evaluate(self, x) -> dict:
+        y = self.model.forward(x)
+        mse = float(np.sum((y.astype(np.float64) - x) ** 2) / x.shape[0])
+        return {"mse": mse, "explained_variance": reference.explained_variance(x, mse)}
+
+    def resample(self, dead, x, rng) -> int:
+        return 0  # no features
+
+    def decoder_rows(self):
+        return None
+
+    def export(self, scale) -> None:
+        # ReLU is positively homogeneous: a net trained on s*x, with outputs
+        # divided by s, equals the same weights with every bias divided by s.
+        if scale != 1.0:
+            for b in self.model.biases:
+                b[...] = (b.astype(np.float64) / scale).astype(np.float32)
+
+    def save_model(self, directory, metadata: dict):
+        return None  # no SAELens layout for a stacked autoencoder
+
+    def model_info(self) -> dict:
+        m = self.model
+        return {"type": "Autoencoder", "layer_sizes": m.layer_sizes,
+                "output_relu": m.output_relu, "seed": m.seed}
+
+
+# ================================================================ helpers
+def _add_counts(be, fire_counts, counts: np.ndarray) -> None:
+    """``fire_counts += counts`` where ``fire_counts`` lives on the backend."""
+    host = be.to_numpy(fire_counts)
+    if isinstance(fire_counts, np.ndarray) and host is fire_counts:
+        fire_counts += counts
+    else:  # a device array: write the sum back
+        fire_counts.copy_to_device(np.asarray(host, dtype=np.int64) + counts)
+
+
+def _host(p: SAEParams) -> SAEParams:
+    return SAEParams(*(np.ascontiguousarray(np.asarray(a), dtype=np.float32)
+                       for a in p.arrays()))
+
+
+def fold_params(p: SAEParams, s: float) -> SAEParams:
+    """Parameters for inputs ``x`` from parameters trained on ``s * x``.
+
+    ``pre = (s x - b_dec) W_enc + b_enc = (x - b_dec / s)(s W_enc) + b_enc`` and
+    ``x_hat = (f W_dec + b_dec) / s``: scale ``W_enc`` by ``s``, divide
+    ``W_dec`` and ``b_dec`` by ``s`` (as SAELens's
+    ``fold_activation_norm_scaling_factor``).
+    """
+    s64 = np.float64(s)
+    return SAEParams((p.W_enc.astype(np.float64) * s64).astype(np.float32),
+                     p.b_enc.astype(np.float32).copy(),
+                     (p.W_dec.astype(np.float64) / s64).astype(np.float32),
+                     (p.b_dec.astype(np.float64) / s64).astype(np.float32))
