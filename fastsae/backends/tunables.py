@@ -81,13 +81,15 @@ CYTHON_TILE_COLS = 512
 CYTHON_TOPK_TILE_ROWS = 512
 
 #: Row tiles of the Cython encoders and of the dense-codes sgemm decoder are
-#: ``min(ROWS, max(16, ceil(N / MIN_ROW_BLOCKS)))``: they depend on the batch
-#: size only, never on the thread count, because OpenBLAS rounds a product
-#: differently for another row count (its edge kernels), and results must not
-#: depend on the threads. The minimum block counts are the split 2 threads
-#: wanted (ReLU: one block per thread, more tasks come from feature chunks;
-#: top-k: 4 blocks per thread, it has no feature chunks), so small batches
-#: still run in parallel on these 2-core machines.
+#: ``min(ROWS, max(16, ceil(N / MIN_ROW_BLOCKS)))`` (one block's worth for
+#: work below ``CYTHON_PARALLEL_MIN_WORK``, which runs on one thread): they
+#: depend on the problem only, never on the thread count, because OpenBLAS
+#: rounds a product differently for another row count (its edge kernels) and
+#: results must not depend on the threads. The minimum block counts are the
+#: split 2 threads used before (ReLU: one block per thread, more tasks come
+#: from feature chunks; top-k: 4 blocks per thread, it has no feature
+#: chunks), so small batches still run in parallel on 2-core machines, and
+#: results equal 96df242's at 2 threads.
 CYTHON_RELU_MIN_ROW_BLOCKS = 2
 CYTHON_TOPK_MIN_ROW_BLOCKS = 8
 

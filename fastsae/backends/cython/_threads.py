@@ -89,3 +89,16 @@ def blas_single():
     """BLAS limited to one thread when the OpenMP loops call it (without
     OpenMP the loops are serial and BLAS keeps its own threads)."""
     return _blas_guard if OPENMP else contextlib.nullcontext()
+
+
+def row_tile(n: int, cap: int, min_blocks: int, work: int) -> int:
+    """Rows per sgemm tile for an ``n``-row product of about ``work``
+    multiply-adds: ``min(cap, max(16, ceil(n / min_blocks)))``, or with one
+    block's worth (``min_blocks = 1``) for work that runs on one thread
+    anyway (below :data:`CYTHON_PARALLEL_MIN_WORK`). It depends on the
+    problem only, never on the thread count: OpenBLAS rounds a product of
+    another row count differently, and results must not depend on threads
+    (see :data:`fastsae.backends.tunables.CYTHON_RELU_MIN_ROW_BLOCKS`)."""
+    if work < CYTHON_PARALLEL_MIN_WORK:
+        min_blocks = 1
+    return min(cap, max(16, -(-n // min_blocks)))

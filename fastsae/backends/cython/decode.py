@@ -17,8 +17,7 @@ from ...sparse import SparseCodes
 from ..tunables import (CYTHON_GATHER_MAX_DENSITY, CYTHON_RELU_MIN_ROW_BLOCKS,
                         CYTHON_RELU_TILE_ROWS)
 from . import _decode
-from ._threads import blas_single, threads
-from .encode import row_tile
+from ._threads import blas_single, row_tile, threads
 
 
 def decode_csr(codes: SparseCodes, W_dec, b_dec):
@@ -42,8 +41,9 @@ def decode(codes, W_dec, b_dec):
         nt = threads(f.size + nnz * W_dec.shape[1])
         _decode.decode_dense_gather(f, W_dec, b_dec, out, nt)
     else:
-        nt = threads(f.size * W_dec.shape[1])
-        tm = row_tile(f.shape[0], CYTHON_RELU_TILE_ROWS, CYTHON_RELU_MIN_ROW_BLOCKS)
+        work = f.size * W_dec.shape[1]
+        nt = threads(work)
+        tm = row_tile(f.shape[0], CYTHON_RELU_TILE_ROWS, CYTHON_RELU_MIN_ROW_BLOCKS, work)
         with blas_single():
             _decode.decode_dense_gemm(f, W_dec, b_dec, out, tm, nt)
     return out

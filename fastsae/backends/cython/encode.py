@@ -14,20 +14,15 @@ import numpy as np
 from ...sparse import SparseCodes
 from ..tunables import CYTHON_RELU_MIN_ROW_BLOCKS, CYTHON_RELU_TILE_ROWS, CYTHON_TILE_COLS
 from . import _encode
-from ._threads import blas_single, threads
+from ._threads import blas_single, row_tile, threads
 
 
-def row_tile(n: int, cap: int, min_blocks: int) -> int:
-    """Rows per sgemm tile for an ``n``-row batch: ``min(cap, max(16,
-    ceil(n / min_blocks)))``, independent of the thread count (see
-    :data:`fastsae.backends.tunables.CYTHON_RELU_MIN_ROW_BLOCKS`)."""
-    return min(cap, max(16, -(-n // min_blocks)))
-
-
-def _tiling(n: int, nthreads: int):
+def _tiling(n: int, work: int, nthreads: int):
     """Row tile, feature tile and feature chunks per row block, so that
-    there are at least ~4 tasks per thread when the batch allows it."""
-    tm = row_tile(n, CYTHON_RELU_TILE_ROWS, CYTHON_RELU_MIN_ROW_BLOCKS)
+    there are at least ~4 tasks per thread when the batch allows it (the
+    tiles depend on the problem, the chunks, which do not change any
+    product, on the threads)."""
+    tm = row_tile(n, CYTHON_RELU_TILE_ROWS, CYTHON_RELU_MIN_ROW_BLOCKS, work)
     nrb = -(-n // tm)
     chunks = max(1, -(-4 * nthreads // nrb)) if nthreads > 1 else 1
     return tm, CYTHON_TILE_COLS, chunks
@@ -35,9 +30,10 @@ def _tiling(n: int, nthreads: int):
 
 def encode_relu(x, W_enc, b_enc, b_dec):
     """``relu((x - b_dec) @ W_enc + b_enc)``, dense float32 ``[N, d_sae]``."""
-    nt = threads(x.shape[0] * W_enc.shape[0] * W_enc.shape[1])
+    work = x.shape[0] * W_enc.shape[0] * W_enc.shape[1]
+    nt = threads(work)
     out = np.empty((x.shape[0], W_enc.shape[1]), dtype=np.float32)
-    tm, tn, chunks = _tiling(x.shape[0], nt)
+    tm, tn, chunks = _tiling(x.shape[0], work, nt)
     with blas_single():
         _encode.encode_dense(x, W_enc, b_enc, b_dec, out, tm, tn, chunks, nt)
     return out
@@ -46,8 +42,9 @@ def encode_relu(x, W_enc, b_enc, b_dec):
 def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
     """:func:`encode_relu` as canonical :class:`SparseCodes`, without ever
     forming the dense ``[N, d_sae]`` matrix."""
-    nt = threads(x.shape[0] * W_enc.shape[0] * W_enc.shape[1])
-    tm, tn, chunks = _tiling(x.shape[0], nt)
+    work = x.shape[0] * W_enc.shape[0] * W_enc.shape[1]
+    nt = threads(work)
+    tm, tn, chunks = _tiling(x.shape[0], work, nt)
     with blas_single():
         indptr, indices, values = _encode.encode_csr(x, W_enc, b_enc, b_dec, tm, tn,
                                                      chunks, nt)

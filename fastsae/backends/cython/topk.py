@@ -17,8 +17,8 @@ import numpy as np
 from ...sparse import SparseCodes
 from ..tunables import CYTHON_TILE_COLS, CYTHON_TOPK_MIN_ROW_BLOCKS, CYTHON_TOPK_TILE_ROWS
 from . import _topk
-from ._threads import blas_single, threads
-from .encode import encode_relu_sparse, row_tile
+from ._threads import blas_single, row_tile, threads
+from .encode import encode_relu_sparse
 
 
 def _topm(x, W_enc, b_enc, b_dec, m, aux_mask=None, m_aux=0):
@@ -36,8 +36,9 @@ def _topm(x, W_enc, b_enc, b_dec, m, aux_mask=None, m_aux=0):
     if aux_mask is not None:
         aux = (np.empty((n, m_aux), dtype=np.float32), np.empty((n, m_aux), dtype=np.int32),
                np.empty(n, dtype=np.int64))
-    nt = threads(n * W_enc.shape[0] * d_sae)
-    tm = row_tile(n, CYTHON_TOPK_TILE_ROWS, CYTHON_TOPK_MIN_ROW_BLOCKS)
+    work = n * W_enc.shape[0] * d_sae
+    nt = threads(work)
+    tm = row_tile(n, CYTHON_TOPK_TILE_ROWS, CYTHON_TOPK_MIN_ROW_BLOCKS, work)
     with blas_single():
         if aux is None:
             _topk.topm_rows(x, W_enc, b_enc, b_dec, m, vals, cols, cnt, tm, CYTHON_TILE_COLS,
