@@ -58,7 +58,6 @@ def check_available() -> None:
 
 # The reference's only parallelism is NumPy's BLAS; its thread count is the
 # BLAS pools' (threadpoolctl), set for this process by set_num_threads.
-_default_threads = None
 
 
 def get_num_threads() -> int:
@@ -67,12 +66,14 @@ def get_num_threads() -> int:
     return max(pools) if pools else 1
 
 
+#: BLAS threads when fastsae was imported: what ``set_num_threads(None)``
+#: goes back to (read once, ~6 ms, before anything here limits the pools).
+_default_threads = get_num_threads()
+
+
 def set_num_threads(n) -> None:
     """Limit NumPy's BLAS to ``n`` threads for this process (``None``: back to
-    the count it had when this was first called)."""
-    global _default_threads
-    if _default_threads is None:
-        _default_threads = get_num_threads()
+    the count it had when fastsae was imported)."""
     threadpool_limits(limits=_default_threads if n is None else int(n), user_api="blas")
 
 

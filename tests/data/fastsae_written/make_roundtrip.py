@@ -34,7 +34,7 @@ NAMES = ("relu", "topk", "batchtopk")
 def write(out: Path) -> None:
     from fastsae import SparseAutoencoder
     from fastsae.data import synthetic
-    from fastsae.trainer import TrainConfig, Trainer
+    from fastsae import TrainConfig, Trainer
 
     ds = synthetic(n_rows=4096, d_in=16, n_features=48, l0=3.0, seed=7)
     x = ds.x[:32].copy()
