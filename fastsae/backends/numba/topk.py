@@ -429,24 +429,30 @@ def _jumprelu_keep(v, t):
     return v > t and v > 0
 
 
+@njit(inline="always")
+def _jumprelu_block(xc, W_enc, rb, b, Y):
+    """Row block ``b`` of JumpReLU's grid: its first row and its products
+    ``(x - b_dec) @ W_enc`` (no bias) in the leading rows of workspace ``Y``
+    (one single-threaded sgemm; the same in both passes)."""
+    i0 = b * rb
+    i1 = min(xc.shape[0], i0 + rb)
+    blk = Y[:i1 - i0]
+    gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+    return i0, blk
+
+
 @njit(parallel=True, cache=True)
 def _jumprelu_count(xc, W_enc, b_enc, thr, row_block, n_threads, counts):
     """JumpReLU's counting pass: ``counts[row]`` = kept entries, by blocks of
     ``row_block`` rows (parts of whole blocks per thread, one sgemm each)."""
-    n = xc.shape[0]
     d_sae = W_enc.shape[1]
-    rb = max(1, min(row_block, n))
-    nblk = (n + rb - 1) // rb
-    parts = max(1, min(n_threads, nblk))
+    rb, _, nblk, parts = _grid(xc.shape[0], d_sae, row_block, n_threads)
     for p in prange(parts):
         b0, b1 = _part_bounds(nblk, parts, p)
         Y = np.empty((rb, d_sae), np.float32)
         for b in range(b0, b1):
-            i0 = b * rb
-            i1 = min(n, i0 + rb)
-            blk = Y[:i1 - i0]
-            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
-            for r in range(i1 - i0):
+            i0, blk = _jumprelu_block(xc, W_enc, rb, b, Y)
+            for r in range(blk.shape[0]):
                 c = 0
                 for j in range(d_sae):
                     if _jumprelu_keep(blk[r, j] + b_enc[j], thr[j]):
@@ -458,20 +464,14 @@ def _jumprelu_count(xc, W_enc, b_enc, thr, row_block, n_threads, counts):
 def _jumprelu_fill(xc, W_enc, b_enc, thr, row_block, n_threads, indptr, indices, values):
     """JumpReLU's writing pass: the kept entries of each row to
     ``indptr[row]`` onwards (same grid and products as the counting pass)."""
-    n = xc.shape[0]
     d_sae = W_enc.shape[1]
-    rb = max(1, min(row_block, n))
-    nblk = (n + rb - 1) // rb
-    parts = max(1, min(n_threads, nblk))
+    rb, _, nblk, parts = _grid(xc.shape[0], d_sae, row_block, n_threads)
     for p in prange(parts):
         b0, b1 = _part_bounds(nblk, parts, p)
         Y = np.empty((rb, d_sae), np.float32)
         for b in range(b0, b1):
-            i0 = b * rb
-            i1 = min(n, i0 + rb)
-            blk = Y[:i1 - i0]
-            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
-            for r in range(i1 - i0):
+            i0, blk = _jumprelu_block(xc, W_enc, rb, b, Y)
+            for r in range(blk.shape[0]):
                 o = indptr[i0 + r]
                 for j in range(d_sae):
                     v = blk[r, j] + b_enc[j]
