@@ -7,7 +7,7 @@ rules around the kernels, so that every backend builds them the same way
 * :func:`adam_constants`: Adam's per-step constants in one fixed order
   (:data:`ADAM_CONSTANTS`), as a float32 array; every backend's fused Adam
   reads them from this array (or the tuple :func:`adam_constant_tuple`).
-* :func:`auxk_active` and :func:`auxk_weight`: whether a TopK step runs the
+* :func:`auxk_active` (:func:`auxk_requested`) and :func:`auxk_weight`: whether a TopK step runs the
   AuxK term, and its weight ``aux_coefficient * min(n_dead / k_aux, 1)``.
 * :func:`explained_variance`: ``1 - mse / var`` (1 for a constant batch).
 * :func:`relu_step_result` / :func:`topk_step_result`: the
@@ -25,7 +25,8 @@ import numpy as np
 
 from ..params import StepResult
 
-__all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_active",
+__all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_requested",
+           "auxk_active",
            "auxk_weight", "explained_variance", "relu_step_result", "topk_step_result",
            "min_active"]
 
@@ -50,11 +51,18 @@ def adam_constant_tuple(lr, beta1, beta2, eps, t) -> tuple:
     return tuple(adam_constants(lr, beta1, beta2, eps, t))
 
 
+def auxk_requested(dead_mask, k_aux, aux_coefficient) -> bool:
+    """The part of :func:`auxk_active` that does not read the mask: a mask
+    is given, ``k_aux > 0`` and ``aux_coefficient > 0`` (a device backend
+    fetches the mask only when this holds)."""
+    return bool(dead_mask is not None and int(k_aux) > 0 and float(aux_coefficient) > 0)
+
+
 def auxk_active(dead_mask, k_aux, aux_coefficient) -> bool:
     """Whether a TopK/BatchTopK step computes the AuxK term: a dead mask with
     at least one dead latent, ``k_aux > 0`` and ``aux_coefficient > 0``."""
-    return bool(dead_mask is not None and int(k_aux) > 0 and float(aux_coefficient) > 0
-                and np.any(np.asarray(dead_mask)))
+    return auxk_requested(dead_mask, k_aux, aux_coefficient) and bool(
+        np.any(np.asarray(dead_mask)))
 
 
 def auxk_weight(dead_mask, k_aux, aux_coefficient) -> float:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...params import AdamState, SAEParams, StepResult
-from ..numerics import auxk_active, auxk_weight, relu_step_result, topk_step_result
+from ..numerics import (auxk_active, auxk_requested, auxk_weight, relu_step_result,
+                        topk_step_result)
 from .adam import _adam
 from .backward import _backward, _topk_backward
 from .common import BLOCK, _single_block, add_kernel, flat_grid
@@ -110,7 +111,10 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     x_hat = _work("x_hat", xd.shape)
     _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
     aux, weight = None, 0.0
-    dead_h = None if dead_mask is None else to_numpy(dead_mask)  # d_sae bools: counted here
+    # the mask (d_sae bools) is counted on the host, fetched only when AuxK is
+    # asked for: a device mask is not copied on every step
+    dead_h = (to_numpy(dead_mask) if auxk_requested(dead_mask, k_aux, aux_coefficient)
+              else None)
     if auxk_active(dead_h, k_aux, aux_coefficient):
         dead = _device(dead_mask, np.bool_)  # the device mask in place, or a copy of the host one
         ac, _ = _aux_codes(pre, dead, int(np.count_nonzero(dead_h)), k_aux, fresh=False)
