@@ -216,3 +216,26 @@ def test_train_step_rejects_bad_state_and_counts(backend, prob):
         backend.train_step_topk(bp, st, x, k=0, lr=1e-3)
     assert st.step == 0
     np.testing.assert_array_equal(bp.W_enc, p.W_enc)  # nothing was updated
+
+
+@pytest.mark.parametrize("where", ["params.W_dec", "params.b_enc", "state.m.b_dec",
+                                   "state.v.W_enc"])
+@pytest.mark.parametrize("step", ["relu", "topk"])
+def test_read_only_parameters_or_moments_are_refused_before_any_update(backend, prob, where,
+                                                                       step):
+    """A training step updates parameters and moments in place: a read-only
+    one is refused, naming it, before anything is written."""
+    x, p = prob
+    bp, st = p.copy(), AdamState.zeros_like(p)
+    part, name = where.rsplit(".", 1)
+    owner = {"params": bp, "state.m": st.m, "state.v": st.v}[part]
+    getattr(owner, name).flags.writeable = False
+    before = [a.copy() for a in bp.arrays()] + [a.copy() for a in st.m.arrays()]
+    with pytest.raises(ValueError, match=rf"{where} is read-only"):
+        if step == "relu":
+            backend.train_step(bp, st, x, l1_coefficient=0.1, lr=1e-3)
+        else:
+            backend.train_step_topk(bp, st, x, k=2, lr=1e-3)
+    assert st.step == 0
+    for a, b in zip(list(bp.arrays()) + list(st.m.arrays()), before):
+        np.testing.assert_array_equal(a, b)
