@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SparseCodes"]
+__all__ = ["SparseCodes", "check_codes"]
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,19 +76,34 @@ class SparseCodes:
         return SparseCodes(*(np.asarray(a.copy_to_host() if hasattr(a, "copy_to_host") else a)
                              for a in (self.indptr, self.indices, self.values)), self.shape)
 
-    def to_dense(self) -> np.ndarray:
-        """Dense ``[N, d_sae]`` array (float32, or the values' wider dtype)."""
+    def checked(self, d_sae=None) -> "SparseCodes":
+        """These codes validated by :func:`check_codes` (``ValueError`` /
+        ``TypeError`` naming the bad part) in canonical dtypes: int64
+        ``indptr``, int32 ``indices``, float32 ``values``."""
+        return check_codes(self, d_sae)
+
+    def _host_checked(self) -> "SparseCodes":
+        """Host codes, checked, with canonical index dtypes but the values'
+        own float dtype (a float64 oracle keeps its precision)."""
         h = self.to_host()
+        c = check_codes(h, finite=False)  # an encoder's overflow (inf) is shown as it is
+        return SparseCodes(c.indptr, c.indices, np.asarray(h.values), c.shape)
+
+    def to_dense(self) -> np.ndarray:
+        """Dense ``[N, d_sae]`` array (float32, or the values' wider float
+        dtype); the codes are checked first (:func:`check_codes`)."""
+        h = self._host_checked()
         out = np.zeros(h.shape, dtype=np.result_type(h.values.dtype, np.float32))
         rows = np.repeat(np.arange(h.shape[0]), np.diff(h.indptr))
         out[rows, h.indices] = h.values
         return out
 
     def to_scipy(self):
-        """``scipy.sparse.csr_array`` sharing this object's data."""
+        """``scipy.sparse.csr_array`` of these codes (checked first; shares the
+        arrays when they already have the canonical dtypes)."""
         import scipy.sparse as sp
 
-        h = self.to_host()
+        h = self._host_checked()
         return sp.csr_array((h.values, h.indices, h.indptr), shape=h.shape)
 
     # ------------------------------------------------------------ properties
@@ -99,7 +116,7 @@ class SparseCodes:
 
     def row_counts(self) -> np.ndarray:
         """Number of active features in each row, int64 ``[N]``."""
-        return np.diff(self.to_host().indptr)
+        return np.diff(self._host_checked().indptr)
 
     @property
     def l0(self) -> float:
@@ -109,3 +126,130 @@ class SparseCodes:
     def __repr__(self) -> str:
         return (f"SparseCodes(shape={self.shape}, nnz={self.nnz}, "
                 f"l0={self.l0:.2f})")
+
+
+# ------------------------------------------------------------------ checks
+def device_shape_dtype(a) -> tuple:
+    """``(shape, dtype)`` of a device array, read from its interface (no copy)."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:  # the CUDA simulator's arrays
+        return tuple(a.shape), np.dtype(a.dtype)
+    return tuple(iface["shape"]), np.dtype(iface["typestr"])
+
+
+def is_device_array(a) -> bool:
+    """A GPU array (``__cuda_array_interface__``), or an array of the CUDA
+    simulator (which marks its arrays with ``__cuda_ndarray__``)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _as_index_array(a, name: str) -> np.ndarray:
+    """``a`` as a 1-D int64 array: any integer dtype, signed or unsigned, is
+    converted first (so the checks below run on values that cannot wrap);
+    values beyond int64 and every non-integer dtype are refused."""
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:
+        raise TypeError(f"{name} must be a 1-D integer array: {exc}") from None
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be a 1-D integer array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
+        raise ValueError(f"{name} holds {int(arr.max())}, beyond the int64 range of indices")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_codes(codes, d_sae=None, name: str = "codes", finite: bool = True) -> SparseCodes:
+    """Check a :class:`SparseCodes` fully and return it in canonical dtypes.
+
+    The one validation of codes, used by the kernel front and by
+    :class:`SparseCodes`'s own methods: compiled kernels index with these
+    arrays, so every index is proven in range first. ``indptr`` and
+    ``indices`` may have any integer dtype (signed or unsigned): they are
+    converted to int64 before any check (an unsigned ``indptr`` cannot hide
+    a decrease by wrapping), then ``indptr`` must start at 0, never decrease
+    and end at ``nnz``, and ``indices`` must lie in ``[0, d_sae)`` and
+    strictly increase within each row (no duplicates). ``values`` must be
+    real floating point and (unless ``finite`` is false) finite. Returns ``SparseCodes`` with int64
+    ``indptr``, int32 ``indices`` and float32 ``values`` (C-contiguous; the
+    arrays themselves when they already are). O(nnz).
+
+    Codes on a GPU (CUDA backend) are checked for dtypes and lengths only
+    (reading their contents would cost a device round trip); those the CUDA
+    backend makes are canonical by construction.
+    """
+    if not isinstance(codes, SparseCodes):
+        raise TypeError(f"{name} must be a fastsae.SparseCodes, got {type(codes).__name__}")
+    try:
+        n, cols = (int(s) for s in codes.shape)
+    except Exception:
+        raise ValueError(f"{name}.shape must be a pair of ints, got {codes.shape!r}") from None
+    if n <= 0 or cols <= 0:
+        raise ValueError(f"{name} must not be empty, got shape {codes.shape}")
+    if cols - 1 > np.iinfo(np.int32).max:
+        raise ValueError(f"{name} has d_sae = {cols}, beyond the int32 feature indices")
+    if d_sae is not None and cols != d_sae:
+        raise ValueError(f"{name} has d_sae (shape[1]) = {cols}, expected {d_sae} to match "
+                         "the other arguments")
+    arrays = (codes.indptr, codes.indices, codes.values)
+    if any(is_device_array(a) for a in arrays):
+        return _check_device_codes(codes, n, name)
+    indptr = _as_index_array(codes.indptr, f"{name}.indptr")
+    indices = _as_index_array(codes.indices, f"{name}.indices")
+    try:
+        values = np.asarray(codes.values)
+    except Exception as exc:
+        raise TypeError(f"{name}.values must be a 1-D float array: {exc}") from None
+    if values.dtype.kind != "f" or values.ndim != 1:
+        raise TypeError(f"{name}.values must be a 1-D float array, got dtype {values.dtype} "
+                        f"shape {values.shape}")
+    if indptr.shape[0] != n + 1:
+        raise ValueError(f"{name}.indptr must have length N + 1 = {n + 1}, "
+                         f"got {indptr.shape[0]}")
+    nnz = indices.shape[0]
+    if values.shape[0] != nnz:
+        raise ValueError(f"{name}: {nnz} indices but {values.shape[0]} values")
+    if indptr[0] != 0 or indptr[-1] != nnz or np.any(indptr[1:] < indptr[:-1]):
+        raise ValueError(f"{name}.indptr must start at 0, never decrease and end at "
+                         f"nnz = {nnz}")
+    if nnz:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= cols:
+            raise ValueError(f"{name}.indices must lie in [0, {cols}), got [{lo}, {hi}]")
+        # within a row each index must exceed the previous one; a row start
+        # (an entry that some indptr[i], 0 < i < N, points at) has no previous
+        row_start = np.zeros(nnz, dtype=bool)
+        row_start[indptr[:-1][indptr[:-1] < nnz]] = True
+        if np.any((indices[1:] <= indices[:-1]) & ~row_start[1:]):
+            raise ValueError(f"{name}.indices must be strictly increasing within each row "
+                             "(sorted, no duplicates)")
+        if finite and not np.isfinite(values).all():
+            raise ValueError(f"{name}.values contains NaN or infinite values")
+    return SparseCodes(np.ascontiguousarray(indptr, dtype=np.int64),
+                       np.ascontiguousarray(indices, dtype=np.int32),
+                       np.ascontiguousarray(values, dtype=np.float32), (n, cols))
+
+
+def _check_device_codes(codes, n: int, name: str) -> SparseCodes:
+    want = (("indptr", np.int64, (n + 1,)), ("indices", np.int32, None),
+            ("values", np.float32, None))
+    lengths = []
+    for part, dtype, shape in want:
+        a = getattr(codes, part)
+        if not is_device_array(a):
+            raise TypeError(f"{name}: {part} is on the host but the other arrays are on the "
+                            "device; move all three with the backend's to_backend")
+        got_shape, got_dtype = device_shape_dtype(a)
+        if got_dtype != dtype or len(got_shape) != 1:
+            raise TypeError(f"{name}.{part} must be a 1-D {np.dtype(dtype)} device array, "
+                            f"got {got_dtype} shape {got_shape}")
+        if shape is not None and got_shape != shape:
+            raise ValueError(f"{name}.{part} must have length N + 1 = {n + 1}, "
+                             f"got {got_shape[0]}")
+        lengths.append(got_shape[0])
+    if lengths[1] != lengths[2]:
+        raise ValueError(f"{name}: {lengths[1]} indices but {lengths[2]} values")
+    return codes

@@ -20,22 +20,9 @@ import numbers
 import numpy as np
 
 from ..params import DECODER_NORM_MODES, SAEParams
-from ..sparse import SparseCodes
-
-
-def is_device_array(a) -> bool:
-    """A GPU array (``__cuda_array_interface__``), or an array of the CUDA
-    simulator (which marks its arrays with ``__cuda_ndarray__``)."""
-    if isinstance(a, np.ndarray):
-        return False
-    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
-
-
-def _device_shape_dtype(a):
-    iface = getattr(a, "__cuda_array_interface__", None)
-    if iface is None:  # simulator array
-        return tuple(a.shape), np.dtype(a.dtype)
-    return tuple(iface["shape"]), np.dtype(iface["typestr"])
+from ..sparse import SparseCodes, check_codes
+from ..sparse import device_shape_dtype as _device_shape_dtype
+from ..sparse import is_device_array
 
 
 def as_float_array(a, name: str, ndim: int, allow_device: bool = False,
@@ -119,45 +106,10 @@ def encoder_args(x, W_enc, b_enc, b_dec, allow_device=False):
 
 
 def sparse_codes(codes: SparseCodes, d_sae: int | None = None, name: str = "codes"):
-    """Check a :class:`SparseCodes` fully (O(nnz)): compiled kernels index with
-    it, so every index must be in range before they run."""
-    if is_device_array(codes.values):
-        return codes  # produced by the device backend itself
-    try:
-        n, cols = (int(s) for s in codes.shape)
-    except Exception:
-        raise ValueError(f"{name}.shape must be a pair of ints, got {codes.shape!r}") from None
-    if n <= 0 or cols <= 0:
-        raise ValueError(f"{name} must not be empty, got shape {codes.shape}")
-    if d_sae is not None:
-        check_dim(name, cols, d_sae, "d_sae (shape[1])")
-    indptr, indices, values = (np.asarray(a) for a in (codes.indptr, codes.indices, codes.values))
-    if indptr.ndim != 1 or indptr.shape[0] != n + 1 or indptr.dtype.kind not in "iu":
-        raise ValueError(f"{name}.indptr must be an integer array of length N + 1 = {n + 1}, "
-                         f"got {indptr.dtype} shape {indptr.shape}")
-    if indices.ndim != 1 or indices.dtype.kind not in "iu":
-        raise ValueError(f"{name}.indices must be a 1-D integer array, got {indices.dtype}")
-    if values.ndim != 1 or values.dtype.kind != "f":
-        raise TypeError(f"{name}.values must be a 1-D float array, got {values.dtype}")
-    nnz = indices.shape[0]
-    if values.shape[0] != nnz:
-        raise ValueError(f"{name}: {nnz} indices but {values.shape[0]} values")
-    if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
-        raise ValueError(f"{name}.indptr must start at 0, never decrease and end at nnz={nnz}")
-    if nnz:
-        if indices.min() < 0 or indices.max() >= cols:
-            raise ValueError(f"{name}.indices must lie in [0, {cols}), got "
-                             f"[{indices.min()}, {indices.max()}]")
-        step = np.diff(indices.astype(np.int64))
-        row_start = np.zeros(nnz, dtype=bool)
-        row_start[indptr[1:-1][indptr[1:-1] < nnz]] = True
-        if np.any((step <= 0) & ~row_start[1:]):
-            raise ValueError(f"{name}.indices must be strictly increasing within each row")
-        if not np.isfinite(values).all():
-            raise ValueError(f"{name}.values contains NaN or infinite values")
-    return SparseCodes(np.ascontiguousarray(indptr, dtype=np.int64),
-                       np.ascontiguousarray(indices, dtype=np.int32),
-                       np.ascontiguousarray(values, dtype=np.float32), (n, cols))
+    """Check a :class:`SparseCodes` fully (O(nnz)) with
+    :func:`fastsae.sparse.check_codes`: compiled kernels index with it, so
+    every index must be in range before they run."""
+    return check_codes(codes, d_sae, name)
 
 
 def codes_arg(codes, d_sae: int | None = None, allow_device=False, name="codes"):
@@ -253,3 +205,18 @@ def fire_counts_arg(fire_counts, d_sae: int, allow_device=False) -> None:
         raise ValueError(f"fire_counts must have shape ({d_sae},), got {tuple(shape)}")
     if dtype != np.int64 or not contiguous:
         raise TypeError(f"fire_counts must be a writable, contiguous int64 array, got {dtype}")
+
+
+def no_aliasing(written: dict, read: dict | None = None) -> None:
+    """Refuse arrays that a step writes in place (``written``: name -> array)
+    when any of them shares memory with another written or read array: the
+    step would read values it has already overwritten. Host arrays only
+    (device allocations do not overlap unless made as views on purpose)."""
+    items = [(k, a) for k, a in written.items() if isinstance(a, np.ndarray)]
+    others = [(k, a) for k, a in (read or {}).items() if isinstance(a, np.ndarray)]
+    for i, (name, a) in enumerate(items):
+        for other, b in items[i + 1:] + others:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{name} and {other} share memory; a training step updates "
+                                 f"{name} in place, so every array it writes must be its own "
+                                 "(pass copies)")
