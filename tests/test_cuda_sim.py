@@ -32,7 +32,8 @@ _RUNNER = (
 
 
 def test_cuda_backend_under_simulator():
-    files = ["tests/test_cuda_backend.py", "tests/test_cuda_topk.py", "tests/test_topk.py"]
+    files = ["tests/test_cuda_backend.py", "tests/test_cuda_topk.py", "tests/test_topk.py",
+             "tests/test_robustness.py"]
     if (ROOT / "tests" / "test_contract.py").exists():
         files.append("tests/test_contract.py")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", FASTSAE_TEST_BACKENDS="cuda")
@@ -68,14 +69,14 @@ def _kernel_signatures():
     return [
         (K.exclusive_scan_kernel, (i32, i64)), (K.exclusive_scan_kernel, (i64, i64)),
         (K.sum_kernel, (d1, d1, n)), (K.sum_kernel, (f1, d1, n)),
-        (K.fill_kernel, (i32, T.int32)), (K.fill_kernel, (f1, f)), (K.add_kernel, (i64, i64)),
+        (K.fill_kernel, (i32, T.int32)), (K.fill_kernel, (f1, f)), (K.fill_kernel, (d1, T.float64)), (K.add_kernel, (i64, i64)),
         (E.gemm_bias_act_kernel, (f2, f1, b, f2, f1, b, f2, i32, b)),
         (E.count_rows_kernel, (f2, i32)), (E.compact_rows_kernel, (f2, i64, i32, f1)),
         (D.sparse_decode_kernel, (i64, i32, f1, f2, f1, f2)),
         (N.row_norms_kernel, (f2, f1)), (N.l1_dense_kernel, (f2, f1, f, f2)),
-        (N.l1_sparse_kernel, (i32, f1, f, f1)),
-        (A.adam_kernel, (f1, f1, f1, f1) + (f,) * 8),
-        (A.adam_rows_renorm_kernel, (f2, f2, f2, f2) + (f,) * 8),
+        (N.l1_sparse_kernel, (i32, f1, f1, f, f1)),
+        (A.adam_kernel, (f1, f1, f1, f1) + (f,) * 8 + (d1, n)),
+        (A.adam_rows_renorm_kernel, (f2, f2, f2, f2) + (f,) * 8 + (d1, n)),
         (B.residual_kernel, (f2, f2, f1, f, f2, d1, d1)),
         (B.colsum_partial_kernel, (f2, n, f2)), (B.colsum_finish_kernel, (f2, f, f1)),
         (B.dpre_kernel, (i64, i32, f1, f2, f2, f1, b, f, f1)),

@@ -9,11 +9,14 @@ these checks are what keep every compiled kernel inside its arrays.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
-from ..params import AdamState, SAEParams, StepResult
+from ..params import AdamState, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from . import validate as V
+from .numerics import loud_loss
 
 __all__ = ["Backend"]
 
@@ -25,7 +28,17 @@ class Backend:
     ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
     ``b_dec [d_in]``. float64 (or float16) inputs are converted to float32
     once; non-contiguous inputs are copied to C order. Bad inputs raise
-    ``TypeError``/``ValueError``.
+    ``TypeError``/``ValueError`` naming the argument.
+
+    Inputs must be finite (checked; a training step's parameters are not
+    scanned, see :meth:`train_step`). Arithmetic is float32: a result past
+    float32's range is ``inf``, never wrapped or clamped. Encoders: a
+    pre-activation that overflows is ``+inf`` (code ``inf``) or ``-inf``
+    (no code); one whose terms overflow with both signs is ``+inf``,
+    ``-inf`` or NaN depending on the summation order, which differs between
+    BLAS kernels and backends, and a NaN pre-activation never fires (no
+    encoder returns a NaN code). Losses above float32's largest value are
+    reported as ``inf``.
     """
 
     def __init__(self, name: str, module):
@@ -88,6 +101,22 @@ class Backend:
             raise ValueError(f"codes have {codes.shape[0]} rows but x has {x.shape[0]}")
         return x, params, codes, x_hat
 
+    @staticmethod
+    def _step_writes(params, state, x, fire_counts, dead_mask=None):
+        """Every array a step updates must be its own: refuse aliasing among
+        the parameters, the moments and ``fire_counts``, and with the batch
+        or mask they read (checked before anything is written)."""
+        written = {f"params.{k}": getattr(params, k) for k in SAEParams.NAMES}
+        for part in ("m", "v"):
+            moments = getattr(state, part)
+            written.update({f"state.{part}.{k}": getattr(moments, k) for k in SAEParams.NAMES})
+        if fire_counts is not None:
+            written["fire_counts"] = fire_counts
+        read = {"x": x}
+        if dead_mask is not None:
+            read["dead_mask"] = dead_mask
+        V.no_aliasing(written, read)
+
     def gradients(self, x, params: SAEParams, codes, x_hat, l1_coefficient,
                   decoder_norm="weighted_l1"):
         """Loss parts and parameter gradients for one batch.
@@ -100,7 +129,8 @@ class Backend:
         x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         mode = V.check_decoder_norm(decoder_norm)
-        return self._m.gradients(x, params, codes, x_hat, c, mode)
+        losses, grads = self._m.gradients(x, params, codes, x_hat, c, mode)
+        return _loud_losses(losses), grads
 
     def train_step(self, params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                    decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
@@ -111,6 +141,13 @@ class Backend:
         :meth:`to_backend`) are updated in place. ``fire_counts`` (int64
         ``[d_sae]``, optional) is incremented by how many rows each feature
         fired in. Returns the batch's losses, L0 and explained variance.
+
+        All or nothing: every array the step writes is checked first
+        (C-contiguous float32 of the right shape, writeable, sharing memory
+        with no other argument); a step that raises has changed nothing.
+        Finite or loud: when the update leaves any parameter inf or NaN
+        (counted in the fused Adam pass, which writes every parameter), the
+        reported ``mse``, penalty and ``total`` are NaN, on every backend.
         """
         params = V.params_inplace(params, self._device)
         V.adam_state_arg(state, params, self._device)
@@ -123,6 +160,7 @@ class Backend:
         beta2 = V.as_scalar(beta2, "beta2", high=1.0)
         eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
         mode = V.check_decoder_norm(decoder_norm)
+        self._step_writes(params, state, x, fire_counts)
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
                                   decoder_norm=mode, beta1=beta1, beta2=beta2, eps=eps,
                                   fire_counts=fire_counts)
@@ -158,14 +196,16 @@ class Backend:
                 raise ValueError(f"aux_codes have {aux_codes.shape[0]} rows but x has "
                                  f"{x.shape[0]}")
         w = V.as_scalar(aux_weight, "aux_weight")
-        return self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
+        losses, grads = self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
+        return _loud_losses(losses), grads
 
     def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
                         activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
                         fire_counts=None, dead_mask=None, k_aux=0,
                         aux_coefficient=0.0) -> StepResult:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
-        AuxK, in place; see :func:`fastsae.reference.train_step_topk`."""
+        AuxK, in place; see :func:`fastsae.reference.train_step_topk`. All
+        or nothing, finite or loud, as :meth:`train_step`."""
         params = V.params_inplace(params, self._device)
         V.adam_state_arg(state, params, self._device)
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
@@ -186,6 +226,7 @@ class Backend:
                                  f"got {tuple(dead_mask.shape)}")
             if not V.is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
                 raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
+        self._step_writes(params, state, x, fire_counts, dead_mask)
         return self._m.train_step_topk(
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
@@ -223,3 +264,9 @@ class Backend:
         if n is not None:
             n = V.as_int(n, "n")
         self._m.set_num_threads(n)
+
+
+def _loud_losses(losses: Losses) -> Losses:
+    """Loss parts past float32's range reported as inf (see
+    :func:`fastsae.backends.numerics.loud_loss`): backends sum in float64."""
+    return Losses(*(loud_loss(getattr(losses, f.name)) for f in fields(Losses)))

@@ -12,7 +12,7 @@ rules around the kernels, so that every backend builds them the same way
 * :func:`explained_variance`: ``1 - mse / var`` (1 for a constant batch).
 * :func:`relu_step_result` / :func:`topk_step_result`: the
   :class:`~fastsae.params.StepResult` of one step from the sums a backend
-  measured.
+  measured, finite or loud (:func:`loud_loss`).
 
 The NumPy reference keeps its textbook formulas (it is the oracle these are
 checked against); :mod:`fastsae.backends.reference` uses the AuxK rule and
@@ -26,9 +26,13 @@ import numpy as np
 from ..params import StepResult
 
 __all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_requested",
-           "auxk_active",
-           "auxk_weight", "explained_variance", "relu_step_result", "topk_step_result",
-           "min_active"]
+           "auxk_active", "auxk_weight", "explained_variance", "loud_loss", "relu_step_result",
+           "topk_step_result", "min_active", "FLOAT32_MAX"]
+
+#: float32's largest finite value. Backends sum losses in float64, so a sum
+#: past it would still look finite; :func:`loud_loss` reports it as inf, as
+#: the float32 reference does.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: The order of Adam's constants in :func:`adam_constants`'s array (and the
 #: indices kernels use): ``beta1, beta2, 1 - beta1, 1 - beta2, lr, eps,
@@ -82,10 +86,24 @@ def explained_variance(mse: float, var: float) -> float:
     return 1.0 - mse / var if var > 0 else 1.0
 
 
-def relu_step_result(mse, l1, nnz, n_rows, var) -> StepResult:
-    """The result of one ReLU (L1) step: losses as floats, ``l0 = nnz / N``."""
-    mse, l1 = float(mse), float(l1)
-    return StepResult(mse=mse, l1=l1, total=mse + l1, l0=float(nnz) / int(n_rows),
+def loud_loss(value, params_finite: bool = True) -> float:
+    """A loss as a float, finite or loud: NaN when the step left a parameter
+    inf or NaN (``params_finite`` false: the model is no longer usable,
+    whatever this batch measured), ``inf`` when it exceeds float32's range
+    (a float64 sum of float32 squares can hold 1e59; the float32 reference
+    cannot), else the value."""
+    v = float(value)
+    if not params_finite:
+        return float("nan")
+    return float("inf") if v > FLOAT32_MAX else (-float("inf") if v < -FLOAT32_MAX else v)
+
+
+def relu_step_result(mse, l1, nnz, n_rows, var, params_finite: bool = True) -> StepResult:
+    """The result of one ReLU (L1) step: losses as floats (see
+    :func:`loud_loss`; ``params_finite``: every updated parameter is finite),
+    ``l0 = nnz / N``."""
+    mse, l1 = loud_loss(mse, params_finite), loud_loss(l1, params_finite)
+    return StepResult(mse=mse, l1=l1, total=loud_loss(mse + l1), l0=float(nnz) / int(n_rows),
                       explained_variance=explained_variance(mse, var))
 
 
@@ -95,10 +113,12 @@ def min_active(values) -> float:
     return float(values.min()) if values.size else 0.0
 
 
-def topk_step_result(mse, aux, nnz, n_rows, var, values) -> StepResult:
+def topk_step_result(mse, aux, nnz, n_rows, var, values,
+                     params_finite: bool = True) -> StepResult:
     """The result of one TopK/BatchTopK step (no L1 term; ``aux`` is the AuxK
-    loss, already weighted); ``extra["min_active"]`` from the kept values."""
-    mse, aux = float(mse), float(aux)
-    return StepResult(mse=mse, l1=0.0, total=mse + aux, l0=float(nnz) / int(n_rows),
+    loss, already weighted; losses finite or loud as in
+    :func:`relu_step_result`); ``extra["min_active"]`` from the kept values."""
+    mse, aux = loud_loss(mse, params_finite), loud_loss(aux, params_finite)
+    return StepResult(mse=mse, l1=0.0, total=loud_loss(mse + aux), l0=float(nnz) / int(n_rows),
                       explained_variance=explained_variance(mse, var), aux=aux,
                       extra={"min_active": min_active(values)})

@@ -28,6 +28,8 @@ Conventions shared by every backend
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -88,8 +90,13 @@ def pre_activations(x, W_enc, b_enc, b_dec):
 
 
 def encode_relu(x, W_enc, b_enc, b_dec):
-    """``relu((x - b_dec) @ W_enc + b_enc)``, dense ``[N, d_sae]``."""
-    return np.maximum(pre_activations(x, W_enc, b_enc, b_dec), 0)
+    """``relu((x - b_dec) @ W_enc + b_enc)``, dense ``[N, d_sae]``: ``pre``
+    where ``pre > 0``, else 0. A NaN pre-activation (only float32 overflow
+    inside the product makes one: ``inf - inf``) does not fire, as in every
+    backend's kernels; a pre-activation that overflows to ``+inf`` fires
+    with code ``inf``."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    return np.where(pre > 0, pre, 0).astype(pre.dtype)
 
 
 def encode_relu_sparse(x, W_enc, b_enc, b_dec):
@@ -111,10 +118,12 @@ def l1_subgradient(codes, norms, l1_coefficient):
     """``l1_coefficient * norms_j`` where ``f_ij > 0``, zero elsewhere.
 
     Same kind as ``codes``: dense in, dense out; sparse in, sparse out (same
-    sparsity pattern).
+    sparsity pattern; a stored entry that is not positive gets 0, as in the
+    dense rule).
     """
     if isinstance(codes, SparseCodes):
-        vals = (l1_coefficient * norms[codes.indices]).astype(codes.values.dtype)
+        vals = np.where(codes.values > 0, l1_coefficient * norms[codes.indices],
+                        0).astype(codes.values.dtype)
         return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
     return np.where(codes > 0, l1_coefficient * norms[None, :], 0).astype(codes.dtype)
 
@@ -229,9 +238,21 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     active = f > 0
     if fire_counts is not None:
         fire_counts += active.sum(axis=0)
-    return StepResult(mse=loss.mse, l1=loss.l1, total=loss.total,
-                      l0=float(active.sum() / x.shape[0]),
-                      explained_variance=explained_variance(x, loss.mse))
+    return _finite_or_loud(StepResult(mse=loss.mse, l1=loss.l1, total=loss.total,
+                                      l0=float(active.sum() / x.shape[0]),
+                                      explained_variance=explained_variance(x, loss.mse)),
+                           params, "l1")
+
+
+def _finite_or_loud(r: StepResult, params: SAEParams, penalty: str) -> StepResult:
+    """The step's losses (``mse``, ``total`` and the ``penalty`` term, ``l1``
+    or ``aux``) NaN when the update left any parameter inf or NaN: the rule
+    of :func:`fastsae.backends.numerics.loud_loss`, which every backend
+    follows (the oracle can afford the scan)."""
+    if all(np.isfinite(a).all() for a in params.arrays()):
+        return r
+    nan = float("nan")
+    return replace(r, mse=nan, total=nan, explained_variance=nan, **{penalty: nan})
 
 
 # ---------------------------------------------------------------- TopK family
@@ -366,6 +387,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     normalize_decoder_rows(params.W_dec)
     if fire_counts is not None:
         fire_counts += np.bincount(codes.indices, minlength=params.d_sae)
-    return StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
-                      explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
-                      extra={"min_active": min_active(codes.values)})
+    return _finite_or_loud(
+        StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
+                   explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
+                   extra={"min_active": min_active(codes.values)}), params, "aux")

@@ -33,7 +33,8 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
     ``fastsae.backends.numerics.adam_constants`` (``beta1, beta2, 1 - beta1,
     1 - beta2, lr, eps, 1 - beta1**t, 1 - beta2**t``). ``renormalize``:
     rescale every nonzero decoder row to unit L2 norm after its update
-    (``unit_norm`` mode)."""
+    (``unit_norm`` mode). Returns how many updated parameters are inf or
+    NaN."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if (gW_enc.shape[0] != d_in or mW_enc.shape[0] != d_in or vW_enc.shape[0] != d_in
             or gW_enc.shape[1] != d_sae or mW_enc.shape[1] != d_sae or vW_enc.shape[1] != d_sae
@@ -54,6 +55,7 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
     cdef Py_ssize_t t_be = (d_sae + _CHUNK - 1) // _CHUNK
     cdef Py_ssize_t t_bd = (d_in + _CHUNK - 1) // _CHUNK
     cdef Py_ssize_t ntasks = t_enc + t_dec + t_be + t_bd, task, s, cnt, r, r1, k
+    cdef Py_ssize_t bad = 0
     cdef float nrm
     cdef float* w
     cdef AdamConsts c = _adam_consts(&adam_consts[0])
@@ -61,14 +63,14 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
         if task < t_enc:
             s = task * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, n_enc - s)
-            _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s, &vW_enc[0, 0] + s,
+            bad += _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s, &vW_enc[0, 0] + s,
                   cnt, &c)
         elif task < t_enc + t_dec:
             s = (task - t_enc) * rows_per
             r1 = min(s + rows_per, d_sae)
             for r in range(s, r1):
                 w = &W_dec[r, 0]
-                _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
+                bad += _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
                       d_in, &c)
                 if renormalize:
                     nrm = <float>sqrt(_dot_d(w, w, d_in))
@@ -78,10 +80,11 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
         elif task < t_enc + t_dec + t_be:
             s = (task - t_enc - t_dec) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_sae - s)
-            _adam(&b_enc[0] + s, &gb_enc[0] + s, &mb_enc[0] + s, &vb_enc[0] + s,
+            bad += _adam(&b_enc[0] + s, &gb_enc[0] + s, &mb_enc[0] + s, &vb_enc[0] + s,
                   cnt, &c)
         else:
             s = (task - t_enc - t_dec - t_be) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_in - s)
-            _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
+            bad += _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
                   cnt, &c)
+    return bad

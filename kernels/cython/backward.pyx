@@ -339,7 +339,8 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     With the AuxK codes (``aux_*``, CSR ``(N, d_sae)``) and ``aux_weight``
     the AuxK term's gradients are summed in the same feature pass (stacked
     rows, see :func:`_prepare`): one backward and one Adam update for both
-    terms, no gradient matrices."""
+    terms, no gradient matrices. Also returns ``bad``, how many updated
+    parameters are inf or NaN: ``(mse, l1, aux, bad)``."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if adam_consts.shape[0] != 8:
         raise ValueError("train_backward: adam_consts must hold the 8 numerics.adam_constants")
@@ -368,6 +369,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float* ve
     cdef float nrm
     cdef int failed = 0
+    cdef Py_ssize_t bad = 0
     # no entries: nothing is read through it (and &values[0] would be out of bounds)
     cdef const float* vals = &values_all[0] if values_all.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
@@ -387,23 +389,23 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                                    &perm[0], vals, &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
                                    w, norms[j], colsum[j], coef, weighted, unit_norm, n)
                     # W_dec row j is read above and by nothing else in this pass
-                    _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)
+                    bad += _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)
                     if unit_norm:
                         nrm = <float>sqrt(_dot_d(w, w, d_in))
                         if nrm > 0:
                             for k in range(d_in):
                                 w[k] = w[k] / nrm
-                    _adam(&b_enc[j], &g_b_enc[j], &mb_enc[j], &vb_enc[j], 1, &c)
+                    bad += _adam(&b_enc[j], &g_b_enc[j], &mb_enc[j], &vb_enc[j], 1, &c)
                 for k in range(d_in):  # the block's W_enc columns (16 contiguous floats)
                     for jj in range(nb):
                         gd[jj] = acc[jj * d_in + k]
-                    _adam(&W_enc[k, j0], gd, &mW_enc[k, j0], &vW_enc[k, j0], nb, &c)
+                    bad += _adam(&W_enc[k, j0], gd, &mW_enc[k, j0], &vW_enc[k, j0], nb, &c)
         free(acc)
         free(gd)
     if failed:
         raise MemoryError("train_backward: could not allocate a block buffer")
-    _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
-    return mse, l1, aux
+    bad += _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
+    return mse, l1, aux, bad
 
 
 def batch_variance(const float[:, ::1] x, int nthreads):

@@ -48,12 +48,13 @@ def l1_dense(const float[:, ::1] codes, const float[::1] norms, float c,
             out[i, j] = c * norms[j] if codes[i, j] > 0 else 0
 
 
-def l1_sparse(const int[::1] indices, const float[::1] norms, float c, float[::1] out,
-              int nthreads):
-    """Sparse: ``out[k] = c * norms[indices[k]]`` at every stored entry (the
-    reference's sparse rule: the pattern is kept as given)."""
+def l1_sparse(const int[::1] indices, const float[::1] values, const float[::1] norms,
+              float c, float[::1] out, int nthreads):
+    """Sparse: ``out[k] = c * norms[indices[k]]`` where ``values[k] > 0``,
+    else 0 (the dense rule at a stored zero or negative value; the pattern
+    is kept as given). ``indices`` must lie in ``[0, len(norms))``."""
     cdef Py_ssize_t nnz = indices.shape[0], k
-    if out.shape[0] != nnz:
-        raise ValueError("out must have one value per stored entry")
+    if out.shape[0] != nnz or values.shape[0] != nnz:
+        raise ValueError("values and out must have one value per stored entry")
     for k in prange(nnz, nogil=True, num_threads=nthreads, schedule="static"):
-        out[k] = c * norms[indices[k]]
+        out[k] = c * norms[indices[k]] if values[k] > 0 else 0

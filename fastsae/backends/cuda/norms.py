@@ -64,17 +64,20 @@ def l1_dense_kernel(codes, norms, c, out):
 
 
 @cuda.jit(cache=True)
-def l1_sparse_kernel(indices, norms, c, out):
-    """``out[p] = c * norms[indices[p]]`` for every stored entry p.
+def l1_sparse_kernel(indices, values, norms, c, out):
+    """``out[p] = c * norms[indices[p]]`` where ``values[p] > 0``, else 0.
 
-    indices: int32 ``[nnz]``; norms: float32 ``[d_sae]``; out: float32
-    ``[nnz]``; c: float32. Like the reference, stored entries are treated as
-    active whatever their sign (encoders only store positive values).
+    indices: int32 ``[nnz]``; values, out: float32 ``[nnz]``; norms: float32
+    ``[d_sae]``; c: float32. A stored zero or negative value gets 0, as in
+    the dense rule (encoders only store positive values).
     """
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for p in range(start, indices.shape[0], step):
-        out[p] = c * norms[indices[p]]
+        v = np.float32(0.0)
+        if values[p] > 0:
+            v = c * norms[indices[p]]
+        out[p] = v
 
 
 # ------------------------------------------------------------ host side
@@ -98,9 +101,9 @@ def l1_subgradient(codes, norms, l1_coefficient):
     norms = _device(norms)
     c = np.float32(l1_coefficient)
     if isinstance(codes, SparseCodes):
-        indptr, indices, _ = _codes_device(codes)
+        indptr, indices, values = _codes_device(codes)
         vals = _empty(max(indices.shape[0], 1))[:indices.shape[0]]
-        l1_sparse_kernel[flat_grid(indices.shape[0]), BLOCK](indices, norms, c, vals)
+        l1_sparse_kernel[flat_grid(indices.shape[0]), BLOCK](indices, values, norms, c, vals)
         if not dev:
             h = codes.to_host()
             return SparseCodes(np.array(h.indptr, dtype=np.int64), np.array(h.indices, np.int32),

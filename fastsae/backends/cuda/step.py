@@ -87,13 +87,15 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     x_hat = _work("x_hat", xd.shape)
     _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
     G = _empty_like_params(P, cached=True)
-    scal = _work("scalars", 3, np.float64)
+    # [0:3] the backward's sums, [3] Adam's non-finite flag: one fetch for all
+    scal = _work("scalars_step", 4, np.float64)
     colcount = _backward(xd, P, codes.indptr, codes.indices, codes.values, x_hat,
                          l1_coefficient, not unit_norm, G, scal)
-    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, unit_norm)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, unit_norm, scal, 3)
     state.step += 1
     s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
-    return relu_step_result(s[0] / n, l1_coefficient * s[1] / n, nnz, n, s[2] / n)
+    return relu_step_result(s[0] / n, l1_coefficient * s[1] / n, nnz, n, s[2] / n,
+                            params_finite=s[3] == 0)
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
@@ -121,15 +123,17 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         aux = (ac.indptr, ac.indices, ac.values)
         weight = auxk_weight(dead_h, k_aux, aux_coefficient)
     G = _empty_like_params(P, cached=True)
-    scal = _work("scalars_topk", 4, np.float64)
+    # [0:3] the backward's sums, [3] the kept minimum, [4] Adam's non-finite flag
+    scal = _work("scalars_topk_step", 5, np.float64)
     colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
                               weight, G, scal)
     _single_block(min_kernel)(codes.values, scal, 3)
-    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, 4)
     state.step += 1
     s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
     aux_loss = weight * s[1] / n if aux is not None else 0.0
     # the kept values' minimum was reduced on the device (s[3]); a one-entry
     # stand-in (none when nothing was kept) gives topk_step_result the same min
     kept_min = s[3:4] if nnz else s[:0]
-    return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min)
+    return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min,
+                            params_finite=s[4] == 0)

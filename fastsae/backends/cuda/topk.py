@@ -44,8 +44,12 @@ NO_KEY = 1 << 32
 
 @cuda.jit(device=True, inline=True)
 def _key(b):
-    """Order-preserving int64 key of float32 bits ``b`` (uint32)."""
+    """Order-preserving int64 key of float32 bits ``b`` (uint32); NaN gets
+    key 0, below ``-inf``, so it is never selected (as on the CPU backends,
+    whose ``v > threshold`` tests are false for NaN)."""
     k = np.int64(b)
+    if (k & 2147483647) > 2139095040:  # exponent all ones, mantissa not 0: NaN
+        return np.int64(0)
     if k >= 2147483648:
         k = 4294967295 - k
         if k == 2147483647:  # -0.0 -> key of +0.0

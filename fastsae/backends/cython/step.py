@@ -41,14 +41,14 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     x_hat = decode_csr(codes, params.W_dec, params.b_dec)
     nt = _step_threads(n, d_in, d_sae, codes.indices.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
-    mse, l1, _ = _backward.train_backward(
+    mse, l1, _, bad = _backward.train_backward(
         x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
         codes.indptr, codes.indices, codes.values, norms, float(l1_coefficient),
         decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
         *moment_arrays(state), consts, fire_counts, nt)
     state.step = t
     var = _backward.batch_variance(x, threads(x.size))
-    return relu_step_result(mse, l1, codes.nnz, n, var)
+    return relu_step_result(mse, l1, codes.nnz, n, var, params_finite=bad == 0)
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
@@ -85,10 +85,11 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     if use_aux:
         aux_args = (aux_codes.indptr, aux_codes.indices, aux_codes.values,
                     auxk_weight(dead_mask, k_aux, aux_coefficient))
-    mse, _, aux = _backward.train_backward(
+    mse, _, aux, bad = _backward.train_backward(
         x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
         codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
         *moment_arrays(state), consts, fire_counts, nt, *aux_args)
     state.step = t
     var = _backward.batch_variance(x, threads(x.size))
-    return topk_step_result(mse, aux, codes.nnz, n, var, codes.values)
+    return topk_step_result(mse, aux, codes.nnz, n, var, codes.values,
+                            params_finite=bad == 0)

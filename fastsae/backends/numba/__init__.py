@@ -174,7 +174,7 @@ def decoder_column_norms(W_dec):
 def l1_subgradient(codes, norms, l1_coefficient):
     """``l1_coefficient * norms_j`` at the active entries; same kind out as in."""
     if isinstance(codes, SparseCodes):
-        vals = NR.l1_subgradient_csr(codes.indices, norms, float(l1_coefficient))
+        vals = NR.l1_subgradient_csr(codes.indices, codes.values, norms, float(l1_coefficient))
         return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
     return NR.l1_subgradient_dense(codes, norms, float(l1_coefficient))
 
@@ -220,13 +220,13 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
     n, d_sae = x.shape[0], params.d_sae
     with _blas_single():
-        mse, l1, nnz, var, mx = S.train_step_core(
+        mse, l1, nnz, var, mx, bad = S.train_step_core(
             x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, *_adam_moments(state),
             float(l1_coefficient), decoder_norm == "unit_norm", adam_c, counts,
             NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), get_num_threads())
     _learn_k(d_sae, mx)
     state.step = t
-    return NU.relu_step_result(mse, l1, nnz, n, var)
+    return NU.relu_step_result(mse, l1, nnz, n, var, params_finite=bad == 0)
 
 
 # ---------------------------------------------------------------- TopK family
@@ -357,9 +357,10 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
                else (_NOIDX, _NOMAP, _EMPTY1))
     counts = _NOCOUNTS if fire_counts is None else fire_counts
-    sq, a_sq, var = S.topk_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
+    sq, a_sq, var, bad = S.topk_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
                                      *_adam_moments(state), adam_c, weight * 2.0 / n,
                                      NUMBA_TOPK_FEATURE_TILE, counts)
     state.step = t
     aux_loss = weight * a_sq / n if use_aux else 0.0
-    return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2])
+    return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2],
+                               params_finite=bad == 0)

@@ -22,7 +22,11 @@ from numba import njit, prange
 
 from ..tunables import NUMBA_ADAM_FLAT_BLOCK
 
-__all__ = ["const_tuple", "adam_elem", "adam_flat"]
+__all__ = ["const_tuple", "adam_elem", "adam_flat", "nonfinite"]
+
+#: float32's largest finite value: ``abs(p) <= FLT_MAX`` is false exactly for
+#: inf and NaN.
+FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
 @njit(inline="always")
@@ -49,18 +53,33 @@ def adam_elem(p, g, m, v, c):
     return p, m, v
 
 
+@njit(inline="always")
+def nonfinite(p):
+    """1 if float32 ``p`` is inf or NaN, else 0. Adam loops add it up for
+    every parameter they write (a select and an integer add, which
+    vectorize), so a non-finite parameter is noticed in the pass that
+    touches every parameter anyway, with no scan of its own."""
+    return 0 if abs(p) <= FLT_MAX else 1
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_flat(p, g, m, v, c):
     """Adam on 1-D float32 arrays of equal length, in place, parallel over
-    blocks of :data:`~fastsae.backends.tunables.NUMBA_ADAM_FLAT_BLOCK` elements."""
+    blocks of :data:`~fastsae.backends.tunables.NUMBA_ADAM_FLAT_BLOCK`
+    elements. Returns how many updated parameters are inf or NaN."""
     n = p.shape[0]
     B = NUMBA_ADAM_FLAT_BLOCK
     nb = (n + B - 1) // B
     cs = const_tuple(c)
+    bad = 0
     for b in prange(nb):
         i0 = b * B
         i1 = min(n, i0 + B)
         # views indexed from 0: LLVM then knows no index wraps (vectorizes)
         pb, gb, mb, vb = p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1]
+        nb_bad = 0
         for i in range(i1 - i0):
             pb[i], mb[i], vb[i] = adam_elem(pb[i], gb[i], mb[i], vb[i], cs)
+            nb_bad += nonfinite(pb[i])
+        bad += nb_bad
+    return bad

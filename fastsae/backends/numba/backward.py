@@ -45,7 +45,7 @@ from numba import njit, prange
 from ..tunables import (NUMBA_COLUMN_SUM_BLOCK, NUMBA_RELU_FEATURE_TILE,
                          NUMBA_TOPK_ROW_SUM_BLOCK)
 from . import norms as NR
-from .adam import adam_elem, const_tuple
+from .adam import adam_elem, const_tuple, nonfinite
 from .decode import _accumulate_row
 from .encode import centered
 
@@ -266,18 +266,21 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
     (constants ``adam_c``, see :func:`fastsae.backends.numerics.adam_constants`);
     in ``unit_norm`` mode each decoder row is renormalized right after its
     update. ``W_dec``'s old rows are read before they are overwritten, and
-    nothing else in this pass reads them.
+    nothing else in this pass reads them. Returns how many updated
+    parameters are inf or NaN (counted as they are written).
     """
     d_sae, d_in = W_dec.shape
     T = NUMBA_RELU_FEATURE_TILE
     ntiles = (d_sae + T - 1) // T
     c = np.float32(l1n)
     cs = const_tuple(adam_c)
+    bad = 0
     for t in prange(ntiles):
         j0 = t * T
         j1 = min(d_sae, j0 + T)
         ge = np.zeros((T, d_in), np.float32)
         gd = np.empty(d_in, np.float32)
+        tb = 0
         for j in range(j0, j1):
             _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
                           unit_norm, j, gd, ge[j - j0])
@@ -286,6 +289,7 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
             vr = vW_dec[j]
             for k in range(d_in):
                 w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
+                tb += nonfinite(w[k])
             if unit_norm:
                 s = np.float32(0.0)
                 for k in range(d_in):
@@ -296,11 +300,15 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
                         w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
                                                       vb_enc[j], cs)
+            tb += nonfinite(b_enc[j])
         # W_enc's tile row by row: row k gets T contiguous updates
         for k in range(d_in):
             for j in range(j0, j1):
                 W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
                     W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
+                tb += nonfinite(W_enc[k, j])
+        bad += tb
+    return bad
 
 
 @njit(parallel=True, cache=True)
@@ -482,10 +490,11 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     by row (``tile`` contiguous values per row of ``W_enc`` and of its
     moments): a wide tile keeps those strided accesses few and prefetchable.
 
-    Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in])``
-    with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the weights
-    before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum ``part``
-    over tiles in order).
+    Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in],
+    bad)`` with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the
+    weights before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum
+    ``part`` over tiles in order) and ``bad`` the number of updated
+    parameters that are inf or NaN.
     """
     d_sae, d_in = W_dec.shape
     n = xc.shape[0]
@@ -494,10 +503,12 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     g_b_enc = np.empty(d_sae, np.float32)
     part = np.zeros((ntiles, d_in), np.float64)
     cs = const_tuple(adam_c)
+    bad = 0
     for t in prange(ntiles):
         j0 = t * T
         j1 = min(d_sae, j0 + T)
         m = j1 - j0
+        tb = 0
         ge = np.zeros((T, d_in), np.float32)
         geT = np.empty((d_in, T), np.float32)
         gd = np.empty(d_in, np.float32)
@@ -527,12 +538,14 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             vr = vW_dec[j]
             for k in range(d_in):
                 w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
+                tb += nonfinite(w[k])
             nw = np.sqrt(_dot(w, w))
             if nw > 0:
                 for k in range(d_in):
                     w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], gb, mb_enc[j], vb_enc[j],
                                                       cs)
+            tb += nonfinite(b_enc[j])
         for jj in range(m):
             for k in range(d_in):
                 geT[k, jj] = ge[jj, k]
@@ -546,4 +559,6 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             pt[k] = _dot(wr, gbt)
             for jj in range(m):
                 wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], cs)
-    return g_b_enc, part
+                tb += nonfinite(wr[jj])
+        bad += tb
+    return g_b_enc, part, bad

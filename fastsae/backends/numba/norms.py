@@ -35,15 +35,15 @@ def row_norms(W_dec):
 
 
 @njit(parallel=True, cache=True)
-def l1_subgradient_csr(indices, norms, coef):
+def l1_subgradient_csr(indices, values, norms, coef):
     """Values of the L1 subgradient on the codes' pattern: ``coef * norms[j]``
-    for every stored entry (as the reference does; encoder output stores
-    only positive codes). Only the ``nnz`` active entries are touched."""
+    where the stored value is positive, 0 at a stored zero or negative value
+    (the dense rule). Only the ``nnz`` stored entries are touched."""
     nnz = indices.shape[0]
     out = np.empty(nnz, np.float32)
     c = np.float32(coef)
     for p in prange(nnz):
-        out[p] = c * norms[indices[p]]
+        out[p] = c * norms[indices[p]] if values[p] > 0 else np.float32(0.0)
     return out
 
 

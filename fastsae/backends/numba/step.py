@@ -49,7 +49,8 @@ def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
     fused into the weight pass (:func:`.backward.feature_adam`); ``l1c`` is
     the L1 coefficient, ``unit_norm`` the decoder-norm mode.
 
-    Returns ``(mse, l1, nnz, variance_of_x, max_row_count)``.
+    Returns ``(mse, l1, nnz, variance_of_x, max_row_count, bad)`` with
+    ``bad`` the number of updated parameters that are inf or NaN.
     """
     n, d_in = x.shape
     d_sae = W_dec.shape[0]
@@ -67,9 +68,9 @@ def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
     g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
     g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
     # W_dec, W_enc, b_enc: gradient tiles consumed by Adam as they are made
-    B.feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
-                   W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
-    A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
+    bad = B.feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
+                         unit_norm, W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
+    bad += A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
             fire_counts[j] += colptr[j + 1] - colptr[j]
@@ -77,7 +78,7 @@ def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
     l1 = l1c * row_l1.sum() / n
     mean = B.column_sums_rows(x) / n
     var = _row_sq_dev(x, mean).sum() / n
-    return mse, l1, indptr[n], var, max_cnt
+    return mse, l1, indptr[n], var, max_cnt, bad
 
 
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
@@ -92,7 +93,8 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
     are rows ``N..2N-1`` of one transposed pattern. ``xc = x - b_dec``
     (from the encoder). ``b_dec`` is updated serially (``d_in`` values).
     Returns ``(sum of squared errors, sum of squared aux errors, variance
-    of x)``."""
+    of x, bad)`` with ``bad`` the number of updated parameters that are inf
+    or NaN."""
     n = x.shape[0]
     d_sae, d_in = W_dec.shape
     d_xhat, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.topk_row_pass(
@@ -107,7 +109,7 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
         vv = np.concatenate((values, a_values))
         dp = np.concatenate((d_pre, a_d_pre))
     colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
-    _, part = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc, W_dec,
+    _, part, bad = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc, W_dec,
                                   W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
     # g_b_dec = sum_i d_xhat_i - W_enc_old @ g_b_enc (tile partials in order)
     for k in range(d_in):
@@ -116,6 +118,7 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
             s += part[t, k]
         g = np.float32(sum_dx[k]) - np.float32(s)
         b_dec[k], mbd[k], vbd[k] = A.adam_elem(b_dec[k], g, mbd[k], vbd[k], adam_c)
+        bad += A.nonfinite(b_dec[k])
     if fire_counts.shape[0] > 0:
         for p in range(indptr[n]):
             fire_counts[indices[p]] += 1
@@ -123,4 +126,4 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
     for k in range(d_in):
         m2 += sum_x[k] * sum_x[k]
     var = max(sum_xx - m2 / n, 0.0) / n
-    return sq, a_sq, var
+    return sq, a_sq, var, bad
