@@ -16,18 +16,25 @@ exactly these fields (its own details go inside ``metadata``) and reads any
 SAELens-style directory, ignoring fields it does not know.
 
 Everything is read with ``json`` and ``safetensors.numpy``: nothing is ever
-unpickled (``.pt``/``.pkl`` files are not opened).
+unpickled (``.pt``/``.pkl`` files are not opened). Weights may be float32,
+float64, float16 or bfloat16; NumPy has no bfloat16, so BF16 tensors are read
+from the file's bytes (8-byte little-endian header length, JSON header, data)
+and widened exactly to float32. All weights are converted to float32.
 
-Every file is written atomically: the bytes go to a temporary file in the
-target directory, are flushed and ``fsync``-ed, and the file is then renamed
-over the target with ``os.replace``. A crash mid-write leaves the previous
-file intact (plus, at worst, a stray ``.tmp`` file).
+Every file is written atomically: the bytes go to a temporary file
+``.NAME.XXXXXXXX.tmp`` in the target directory, are flushed and
+``fsync``-ed, and the file is then renamed over the target with
+``os.replace``. A crash mid-write leaves the previous file intact (plus, at
+worst, a stray temporary file, which the next successful write of the same
+target removes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -36,7 +43,7 @@ import numpy as np
 from .params import SAEParams
 
 __all__ = [
-    "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes",
+    "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes", "stale_tmp_files",
     "atomic_write_json", "write_sae_dir", "read_sae_dir", "save_tensors", "load_tensors",
 ]
 
@@ -78,8 +85,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _tmp_pattern(name: str) -> re.Pattern:
+    """The names ``tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp")`` makes
+    (8 characters from ``[a-z0-9_]`` between prefix and suffix)."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def stale_tmp_files(path) -> list[Path]:
+    """Temporary files that interrupted :func:`atomic_write_bytes` calls for
+    ``path`` left beside it (a process killed between write and rename)."""
+    path = Path(path)
+    pat = _tmp_pattern(path.name)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / n for n in names if pat.fullmatch(n)]
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); after
+    the rename, remove the temporary files earlier, interrupted writes of the
+    same ``path`` left behind (:func:`stale_tmp_files`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -97,6 +124,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+    for stale in stale_tmp_files(path):
+        try:
+            stale.unlink()
+        except OSError:  # gone already, or not ours to remove: the write itself succeeded
+            pass
 
 
 def atomic_write_json(path, obj) -> None:
@@ -114,18 +146,78 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
 
 
 def load_tensors(path) -> tuple[dict, dict]:
-    """Read a ``.safetensors`` file -> ``(arrays, metadata)``; clear errors."""
+    """Read a ``.safetensors`` file -> ``(arrays, metadata)``; clear errors.
+
+    BF16 tensors, which NumPy cannot represent, come back widened exactly to
+    float32 (a bfloat16 is the top 16 bits of a float32); every other dtype
+    comes back as stored.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
+        header = _read_header(path)
+        if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+            return _load_raw(path, header)
         with safe_open(str(path), framework="np") as fh:
             meta = fh.metadata() or {}
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
         raise SAEFormatError(f"cannot read {path} as safetensors: {exc}") from None
+    return arrays, meta
+
+
+#: safetensors dtype codes NumPy reads directly (BF16 is widened, see _load_raw).
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+              "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+              "U8": "u1", "BOOL": "?", "BF16": "<u2"}
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (raises ``ValueError`` when the
+    file is too short or the header is not a JSON object)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("the file is shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > os.path.getsize(path) - 8:
+            raise ValueError(f"header length {n} runs past the end of the file")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+def _load_raw(path: Path, header: dict) -> tuple[dict, dict]:
+    """Read every tensor of a safetensors file from its bytes, checking each
+    entry's dtype, shape and data offsets; BF16 is widened to float32."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    data = memoryview(blob)[8 + n:]
+    meta = header.get("__metadata__") or {}
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {dt!r}")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) for o in offs)):
+            raise ValueError(f"tensor {name!r} has a malformed header entry")
+        begin, end = offs
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dt]).itemsize
+        if not 0 <= begin <= end <= len(data) or end - begin != want:
+            raise ValueError(f"tensor {name!r}: data_offsets {offs} do not hold {dt} "
+                             f"{tuple(shape)} within the {len(data)}-byte data section")
+        a = np.frombuffer(data[begin:end], dtype=_ST_DTYPES[dt]).reshape(shape)
+        if dt == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        arrays[name] = np.array(a, dtype=a.dtype.newbyteorder("="))  # own, native order
     return arrays, meta
 
 
@@ -215,7 +307,9 @@ def _cfg_int(cfg, key, path) -> int:
 
 
 def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams, dict, dict]:
-    """Read a SAELens-style (or fastsae) SAE directory.
+    """Read a SAELens-style (or fastsae) SAE directory (float32, float64,
+    float16 or bfloat16 weights, all returned as float32: exact except for
+    float64).
 
     Returns ``(params, cfg, extras)`` with float32 host arrays such that, with
     ``pre = (x - b_dec) @ W_enc + b_enc``, SAELens's ``encode`` is
