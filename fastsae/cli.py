@@ -13,6 +13,12 @@ the built-in problem, else 8 x ``d_in``), ``--k`` (32), ``--decoder-norm``
 (``unit_norm``, where the Python class defaults to ``weighted_l1``: on the
 built-in problem it recovers more true features at the same explained
 variance) and ``--threads`` (1 on the built-in problem, else unlimited).
+
+``--out DIR`` holding a run is refused unless ``--resume DIR`` continues it
+or ``--overwrite`` replaces it (removing only fastsae's files there, see
+:mod:`fastsae.training.outdir`). ``--resume`` keeps the run's settings,
+backend and threads; naming another backend or thread count prints a
+one-line note that the result is not bit-exact with the original run.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "DEFAULT_SYNTHETIC"]
@@ -105,7 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"L1 coefficient (default {D.l1_coefficient})")
     t.add_argument("--steps", type=_positive_int,
                    help=f"training steps (default {D.steps}; the warm-ups stay within the "
-                   "first tenth of the steps)")
+                   "first tenth of the steps). Fixed when a run starts: with --resume it "
+                   "may only repeat the run's value")
     t.add_argument("--batch-size", type=_positive_int,
                    help=f"rows per step (default {D.batch_size})")
     t.add_argument("--lr", type=_float(0.0, strict=True),
@@ -135,14 +143,26 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="resample dead features every N steps (default 0: never)")
     t.add_argument("--checkpoint-every", type=_nonneg_int,
                    help="checkpoint every N steps (needs --out; 0: only at the end)")
-    t.add_argument("--backend", help="cuda, numba, cython or numpy (default: fastest usable)")
+    t.add_argument("--backend", help="cuda, numba, cython or numpy (default: fastest usable; "
+                   "with --resume, the run's own backend: another one works but is not "
+                   "bit-exact with the original run)")
     t.add_argument("--threads", type=_positive_int,
                    help="CPU threads for the backend and BLAS (default: "
                    f"{DEFAULT_SYNTHETIC_THREADS} for the built-in problem, whose small "
                    "matrices lose more to thread synchronization than they gain; the "
-                   "backend's default, all cores, with --data)")
-    t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE")
-    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+                   "backend's default, all cores, with --data; with --resume, the run's "
+                   "own)")
+    t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE. It "
+                   "must not hold a run already (unless --resume DIR is it, or --overwrite) "
+                   "and must be writable; both are checked before the first step")
+    t.add_argument("--resume", metavar="DIR",
+                   help="continue the run saved in DIR to the steps it was started with, "
+                   "with its settings, backend and threads (writes into DIR, or --out); "
+                   "run-defining flags (--steps, --lr, --d-sae, ...) may only repeat the "
+                   "run's values")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: remove the files fastsae wrote there "
+                   "(checkpoint, metrics, summary, sae/, plots), nothing else")
     t.add_argument("--plot", action="store_true",
                    help="write PNG plots into --out (needs matplotlib)")
     t.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -164,42 +184,117 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # =================================================================== train
-_RESUME_FIXED = ("data_is_synthetic", "d_sae", "l1", "steps", "batch_size", "lr", "seed",
-                 "decoder_norm", "resample_every", "activation", "k", "auxk", "k_aux",
-                 "aux_coefficient", "dead_tokens")
+#: Flags a resume cannot change, and where the run recorded each (given with
+#: the recorded value they are accepted, so the original command still works).
+_RESUME_FIXED = {
+    "d_sae": lambda st, c: st["model"].get("d_sae"),
+    "l1": lambda st, c: c.l1_coefficient,
+    "steps": lambda st, c: c.total_steps,
+    "batch_size": lambda st, c: c.batch_size,
+    "lr": lambda st, c: c.lr,
+    "seed": lambda st, c: c.seed,
+    "decoder_norm": lambda st, c: st["model"].get("decoder_norm"),
+    "resample_every": lambda st, c: c.resample_every,
+    "activation": lambda st, c: st["model"].get("activation"),
+    "k": lambda st, c: st["model"].get("k"),
+    "auxk": lambda st, c: c.auxk,
+    "k_aux": lambda st, c: c.k_aux,
+    "aux_coefficient": lambda st, c: c.aux_coefficient,
+    "dead_tokens": lambda st, c: c.dead_tokens,
+}
+
+
+def _check_out_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds a run other than the resumed one unless
+    ``--overwrite`` (before any data is generated or read)."""
+    from .training.outdir import run_files, same_dir
+
+    own = resume is not None and same_dir(out, resume)
+    if own and overwrite:
+        raise CLIError(f"--overwrite would delete the run --resume {resume} continues "
+                       "(use --overwrite only with a new run or another --out)")
+    if own or overwrite:
+        return
+    found = run_files(out)
+    if found:
+        names = ", ".join(str(p.relative_to(out)) for p in found)
+        raise CLIError(f"--out {out} already holds a fastsae run ({names}): pass --resume "
+                       f"{out} to continue it, or --overwrite to replace it (only fastsae's "
+                       "files there are removed)")
+
+
+def _resume_fixed_flags(args, st) -> None:
+    """Refuse the run-defining flags whose value differs from the run's."""
+    from .training import TrainConfig
+
+    cfg = TrainConfig.from_dict(st["config"] if isinstance(st.get("config"), dict) else {})
+    bad = []
+    for name, recorded in _RESUME_FIXED.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        try:
+            was = recorded(st, cfg)
+        except (AttributeError, KeyError, TypeError):
+            was = None
+        if v != was:
+            bad.append((f"--{name.replace('_', '-')}", v, was))
+    if not bad:
+        return
+    what = ", ".join(f"{f} {v} (the run has {w})" for f, v, w in bad)
+    hint = ""
+    if any(f == "--steps" for f, _, _ in bad):
+        hint = ("; a run's length is fixed when it starts, because the learning rate "
+                f"decays over its last {cfg.lr_decay_fraction:.0%} of steps: resume without "
+                "--steps to finish it, or start a new run with the --steps you want")
+    raise CLIError(f"{what} cannot change when resuming (a resumed run keeps the settings "
+                   f"saved in its checkpoint){hint}")
 
 
 def _cmd_train(args) -> int:
     from .data import open_source, synthetic
     from .model import SparseAutoencoder
-    from .training import TrainConfig, Trainer, limit_threads
+    from .training import TrainConfig, Trainer
+    from .training.loop import NotBitExactWarning
 
     if args.plot and not args.out and not args.resume:
         raise CLIError("--plot needs --out DIR to write the plots into")
     if args.checkpoint_every and not args.out and not args.resume:
         raise CLIError("--checkpoint-every needs --out DIR")
+    if args.overwrite and not args.out:
+        raise CLIError("--overwrite needs --out DIR (the run to replace)")
     t_start = time.perf_counter()
     true_dict = None
+    out = Path(args.out) if args.out else None
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in _RESUME_FIXED[1:]
-                 if getattr(args, k, None) is not None]
-        if given:
-            raise CLIError(f"{', '.join(given)} cannot change when resuming "
-                           "(the run's settings come from its checkpoint)")
         rdir = Path(args.resume)
         if not rdir.exists():
             raise CLIError(f"nothing to resume: {rdir} does not exist")
+        if out is not None:
+            _check_out_dir(out, rdir, args.overwrite)
         _, st = Trainer.read_checkpoint(rdir)
+        _resume_fixed_flags(args, st)
         syn = (st.get("extra") or {}).get("synthetic")
         data = args.data
         if data is None and syn is not None:
             ds = synthetic(**_syn_kwargs(syn))
             data, true_dict = ds.x, ds.dictionary
-        trainer = Trainer.resume(rdir, data, true_dictionary=true_dict, backend=args.backend,
-                                 out_dir=args.out or rdir, progress=args.progress)
+        threads = args.threads
+        if threads is None and "threads" not in st and syn is not None and args.data is None:
+            threads = DEFAULT_SYNTHETIC_THREADS  # a run from before threads were recorded
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotBitExactWarning)  # printed below, one line
+            trainer = Trainer.resume(rdir, data, true_dictionary=true_dict,
+                                     backend=args.backend, threads=threads,
+                                     out_dir=out or rdir, progress=args.progress,
+                                     overwrite=args.overwrite)
+        for note in trainer.notices:
+            print(f"fastsae: note: {note}", file=sys.stderr)
         if args.checkpoint_every is not None:  # cadence only: does not change the result
             trainer.config.checkpoint_every = args.checkpoint_every
     else:
+        if out is not None:
+            _check_out_dir(out, None, args.overwrite)
         extra = {}
         if args.data is None:
             ds = synthetic(**_syn_kwargs(DEFAULT_SYNTHETIC))
@@ -237,12 +332,11 @@ def _cmd_train(args) -> int:
         model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
                                   decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM,
                                   seed=cfg.seed, activation=act, k=k)
-        trainer = Trainer(model, source, cfg, out_dir=args.out, true_dictionary=true_dict,
-                          backend=args.backend, extra_state=extra)
-    synthetic_run = args.data is None and (not args.resume or true_dict is not None)
-    threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if synthetic_run else None)
-    with limit_threads(threads, trainer.backend):
-        result = trainer.train()
+        threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if args.data is None else None)
+        trainer = Trainer(model, source, cfg, out_dir=out, true_dictionary=true_dict,
+                          backend=args.backend, threads=threads, overwrite=args.overwrite,
+                          extra_state=extra)
+    result = trainer.train()
     total_wall = time.perf_counter() - t_start
     m = dict(result.metrics)
     m["total_wall_s"] = total_wall
@@ -325,10 +419,7 @@ def _plots(out: Path, result) -> list:
         ax.set_xlabel("step")
         ax.set_title(title)
         fig.tight_layout()
-        path = out / f"{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_fig(fig, plt, out / f"{key}.png"))
     if result.density:
         d = result.density
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -338,11 +429,21 @@ def _plots(out: Path, result) -> list:
         ax.set_ylabel("features")
         ax.set_title(f"feature density ({d['dead']} dead)")
         fig.tight_layout()
-        path = out / "feature_density.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_fig(fig, plt, out / "feature_density.png"))
     return written
+
+
+def _save_fig(fig, plt, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (like every other file of a run)."""
+    import io as _io
+
+    from .io import atomic_write_bytes
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 # ================================================================== encode

@@ -312,7 +312,8 @@ class SparseAutoencoder:
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
         :class:`fastsae.io.SAEFormatError` (a ``ValueError``). Nothing is
-        unpickled.
+        unpickled. Weights may be float32, float64, float16 or bfloat16; they
+        are converted exactly to float32.
         """
         params, cfg, extras = read_sae_dir(directory)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}

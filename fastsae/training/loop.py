@@ -19,9 +19,22 @@ Files written when ``out_dir`` is given::
     out_dir/summary.json            final metrics and feature-density histogram
 
 Every file is written atomically (see :mod:`fastsae.training.checkpoint`).
-Resuming from a checkpoint on the same backend continues bit for bit: the
-batches depend only on (seed, rows consumed), and everything else that
-evolves is saved.
+Before the first step the output directory is created and probed for
+writing, and a new run refuses a directory that already holds a run
+(:class:`~fastsae.training.outdir.RunExistsError`) unless ``overwrite=True``,
+which removes only fastsae's files there (see :mod:`fastsae.training.outdir`).
+
+Resuming from a checkpoint continues bit for bit: the batches depend only on
+(seed, rows consumed), everything else that evolves is saved, and the resumed
+run uses the backend and thread limit recorded in the checkpoint unless told
+otherwise (then a :class:`NotBitExactWarning` says so). A run's length is
+fixed when it starts (the learning rate decays over the last
+``lr_decay_fraction`` of its steps), so a resume finishes the steps it was
+started with.
+
+A step whose loss is NaN or infinite stops the run (:class:`TrainingDiverged`,
+naming the step and the last good checkpoint); so does a checkpoint whose
+parameters or optimizer state are no longer finite, which is then not written.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,18 +51,27 @@ import numpy as np
 from ..autoencoder import Autoencoder
 from ..backends import get_backend
 from ..data import BatchStream, norm_scaling_factor, open_source, recovery, sample_rows
-from ..io import atomic_write_json
+from ..io import SAEFormatError, atomic_write_json
 from ..model import ACTIVATIONS, SparseAutoencoder
 from .checkpoint import CHECKPOINT_FILENAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
-from .metrics import FiringWindow, MetricsAccumulator, MetricsLog, none_if_nan
+from .metrics import METRICS_FILENAME, FiringWindow, MetricsAccumulator, MetricsLog, none_if_nan
+from .outdir import RunExistsError, check_writable, remove_run, run_files, same_dir
 from .state import TrainingState, make_state, model_from_info
+from .threads import limit_threads
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "NotBitExactWarning"]
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; names the step."""
+    """The loss, the parameters or the optimizer state became NaN or
+    infinite; the message names the step and the last good checkpoint."""
+
+
+class NotBitExactWarning(UserWarning):
+    """A resumed run continues on another backend or thread count than the
+    one it was started with, so it will not match an uninterrupted run bit
+    for bit."""
 
 
 @dataclass
@@ -83,6 +106,13 @@ class Trainer:
         Report ground-truth recovery against it.
     backend : str or Backend, optional
         Defaults to the model's backend.
+    threads : int, optional
+        Limit the backend and BLAS/OpenMP to this many threads while training
+        (:func:`~fastsae.training.threads.limit_threads`; ``None``: no limit).
+        Recorded in checkpoints, and used again on resume.
+    overwrite : bool
+        ``out_dir`` may already hold a run only when this is true; the run's
+        files (and only those) are then removed before the first step.
     extra_state : dict, optional
         JSON-able information stored in checkpoints (e.g. how to rebuild the data).
 
@@ -90,11 +120,14 @@ class Trainer:
     ``state`` (the :class:`~fastsae.training.state.TrainingState`), ``step``
     (steps taken), ``window`` (:class:`~fastsae.training.metrics.FiringWindow`,
     after :meth:`setup`), ``history`` (logged records),
-    ``last_checkpoint_step``.
+    ``last_checkpoint_step`` and ``last_checkpoint_path`` (the newest
+    checkpoint written or resumed from, or ``None``), ``notices`` (one-line
+    remarks about a resume, also issued as :class:`NotBitExactWarning`).
     """
 
     def __init__(self, model, data, config: TrainConfig | None = None, *, out_dir=None,
-                 true_dictionary=None, backend=None, extra_state: dict | None = None):
+                 true_dictionary=None, backend=None, threads: int | None = None,
+                 overwrite: bool = False, extra_state: dict | None = None):
         self.config = (config or TrainConfig()).validate()
         self.model = model
         self.source = open_source(data)
@@ -116,7 +149,12 @@ class Trainer:
             raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
                              f"d_in = {model.d_in}")
         self.backend = get_backend(backend) if backend is not None else model.backend
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.overwrite = bool(overwrite)
         self.true_dictionary = None
         if true_dictionary is not None:
             td = np.asarray(true_dictionary, dtype=np.float32)
@@ -130,8 +168,12 @@ class Trainer:
         self.log = MetricsLog(self.out_dir)
         self.window: FiringWindow | None = None
         self.last_checkpoint_step = None
+        self.last_checkpoint_path: Path | None = None
+        self.notices: list[str] = []
         self._acc = MetricsAccumulator()
         self._initialized = False
+        self._resumed_from: Path | None = None  # the run directory a resume read
+        self._out_ready = False
 
     @property
     def history(self) -> list[dict]:
@@ -140,9 +182,10 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Prepare a fresh run: input scale, initial parameters, data stream,
-        RNG, firing windows. :meth:`train` calls it when needed; a resumed
-        trainer is already set up."""
+        """Prepare a fresh run: output directory (:meth:`prepare_out_dir`),
+        input scale, initial parameters, data stream, RNG, firing windows.
+        :meth:`train` calls it when needed; a resumed trainer is already set up."""
+        self.prepare_out_dir()
         cfg = self.config
         self.scale = norm_scaling_factor(self.source, seed=cfg.seed) \
             if cfg.normalize_activations else 1.0
@@ -157,6 +200,31 @@ class Trainer:
         self.window = FiringWindow(self.backend, self.state.n_features)
         self._acc = MetricsAccumulator()
         self._initialized = True
+
+    def prepare_out_dir(self) -> None:
+        """Make ``out_dir`` ready before the first step (once; nothing without
+        an ``out_dir``): refuse it with :class:`RunExistsError` when it holds a
+        run other than the one being resumed, unless ``overwrite`` (then that
+        run's files are removed, nothing else); create it and check it is
+        writable (``OSError`` naming it); start the metrics log there (a
+        resumed run's records up to its checkpoint)."""
+        if self.out_dir is None or self._out_ready:
+            return
+        own = self._resumed_from is not None and same_dir(self._resumed_from, self.out_dir)
+        if not own:
+            found = run_files(self.out_dir)
+            if found and not self.overwrite:
+                names = ", ".join(str(p.relative_to(self.out_dir)) for p in found)
+                raise RunExistsError(
+                    f"{self.out_dir} already holds a fastsae run ({names}): continue it with "
+                    f"Trainer.resume({str(self.out_dir)!r}) (fastsae train --resume) or "
+                    "replace it with overwrite=True (fastsae train --overwrite), which "
+                    "removes only fastsae's files there")
+            if found:
+                remove_run(self.out_dir)
+        check_writable(self.out_dir)
+        self.log.begin()
+        self._out_ready = True
 
     # ------------------------------------------------------------ dead features
     def dead_fraction(self) -> float:
@@ -195,21 +263,40 @@ class Trainer:
             "scale": float(self.scale), "stream": self.stream.state_dict(),
             "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
             "model": self.state.model_info(), "backend": self.backend.name,
+            "threads": self.threads, "threads_used": self.backend.get_num_threads(),
             "window": self.window.state_dict(),
             "acc": self._acc.sums, "data": _source_location(self.source),
             "data_rows": self.source.n_rows, "extra": self.extra_state,
         }
 
     def save_checkpoint(self, path=None) -> Path:
-        """Write the full training state atomically (default: out_dir's checkpoint)."""
+        """Write the full training state atomically (default: out_dir's
+        checkpoint). Raises :class:`TrainingDiverged`, writing nothing, when a
+        parameter or optimizer tensor holds NaN or infinite values (the
+        previous checkpoint stays the last good one)."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint path: give out_dir to the Trainer")
         tensors = self.state.tensors()
         tensors.update(self.window.tensors())
+        for name, a in tensors.items():
+            a = np.asarray(a)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise TrainingDiverged(
+                    f"training diverged: {name} holds NaN or infinite values after step "
+                    f"{self.step}, so no checkpoint was written{self._last_good()}")
         write_checkpoint(path, tensors, self._run_state())
-        self.last_checkpoint_step = self.step
+        self.last_checkpoint_step, self.last_checkpoint_path = self.step, path
         return path
+
+    def _last_good(self) -> str:
+        """``"; the last good checkpoint is ..."`` or why there is none."""
+        if self.last_checkpoint_path is not None:
+            return (f"; the last good checkpoint is {self.last_checkpoint_path} (step "
+                    f"{self.last_checkpoint_step})")
+        if self.out_dir is None:
+            return "; there is no checkpoint (no out_dir)"
+        return "; there is no checkpoint (none was written yet)"
 
     @staticmethod
     def read_checkpoint(path) -> tuple[dict, dict]:
@@ -218,27 +305,85 @@ class Trainer:
         return read_checkpoint(path)
 
     @classmethod
-    def resume(cls, path, data=None, *, true_dictionary=None, backend=None, out_dir=None,
-               progress=None) -> "Trainer":
+    def resume(cls, path, data=None, *, true_dictionary=None, backend=None, threads=None,
+               out_dir=None, progress=None, overwrite: bool = False) -> "Trainer":
         """A trainer that continues the run saved at ``path`` (a checkpoint or
-        an output directory). ``data`` defaults to the saved data path; the
-        model is rebuilt from the checkpoint."""
+        an output directory) to the steps it was started with.
+
+        ``data`` defaults to the saved data path; the model is rebuilt from
+        the checkpoint. ``backend`` and ``threads`` default to the ones the
+        run recorded (a recorded backend unusable here is a ``ValueError``
+        naming it); others are allowed, with a :class:`NotBitExactWarning`.
+        ``out_dir`` defaults to the run's own directory; another directory
+        must not hold a run unless ``overwrite``. A damaged checkpoint
+        (hash mismatch, missing tensor or run-state key, step beyond the
+        run's steps) raises :class:`fastsae.io.SAEFormatError` naming it.
+        """
         tensors, st = read_checkpoint(path)
-        model = model_from_info(st["model"], backend)
+        p = Path(path)
+        run_dir = p if p.is_dir() else p.parent
+        cpath = p / CHECKPOINT_FILENAME if p.is_dir() else p
+        tensors, st = _Checked(tensors, cpath, "tensor "), _Checked(st, cpath, "run state key ")
+        recorded = st["backend"]
+        notices = []
+        if backend is None:
+            try:
+                backend = get_backend(recorded)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{cpath}: the run was trained on backend {recorded!r}, which cannot be "
+                    f"used here ({exc}); pass another backend (backend=..., or --backend "
+                    "on the command line) to continue there, not bit-exactly") from None
+        else:
+            backend = get_backend(backend)
+            if backend.name != recorded:
+                notices.append(f"continuing on backend {backend.name!r}, not the run's "
+                               f"{recorded!r}")
+        used = st.get("threads")
+        if threads is None:
+            threads = used
+        else:
+            used = used if used is not None else st.get("threads_used")
+            if used is not None and threads != used:
+                notices.append(f"continuing with {threads} threads, not the run's {used}")
+        try:
+            model = model_from_info(st["model"], backend)
+            config = TrainConfig.from_dict(st["config"])
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, SAEFormatError):
+                raise
+            raise SAEFormatError(f"{cpath}: malformed run state ({exc})") from None
+        step, total = st["step"], config.total_steps
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+            raise SAEFormatError(f"{cpath}: the checkpoint is at step {step!r}, outside the "
+                                 f"run's 0..{total} steps (a damaged or hand-edited checkpoint)")
         if data is None:
-            data = st["data"]
-            if not Path(str(data)).exists():
+            data = st.get("data")
+            if data is None or not Path(str(data)).exists():
                 raise ValueError(f"the checkpoint's data ({data}) cannot be reopened: "
                                  "pass the data explicitly")
-        config = TrainConfig.from_dict(st["config"])
         if progress is not None:
             config.progress = progress
-        p = Path(path)
         if out_dir is None:
-            out_dir = p if p.is_dir() else p.parent
+            out_dir = run_dir
+        if overwrite and same_dir(out_dir, run_dir):
+            raise ValueError("overwrite=True would remove the run being resumed: it applies "
+                             "only to another out_dir")
         t = cls(model, data, config, out_dir=out_dir, true_dictionary=true_dictionary,
-                backend=backend, extra_state=st.get("extra"))
-        t._restore(tensors, st)
+                backend=backend, threads=threads, overwrite=overwrite,
+                extra_state=st.get("extra"))
+        t._resumed_from = run_dir
+        try:
+            t._restore(tensors, st)
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, SAEFormatError):
+                raise
+            raise SAEFormatError(f"{cpath}: malformed checkpoint ({exc})") from None
+        t.last_checkpoint_path = cpath
+        if notices:
+            t.notices.append("; ".join(notices) + ": the result is not bit-exact with the "
+                             "original run")
+            warnings.warn(t.notices[-1], NotBitExactWarning, stacklevel=2)
         return t
 
     def _restore(self, tensors, st):
@@ -255,7 +400,9 @@ class Trainer:
         self._acc = MetricsAccumulator(st.get("acc"))
         self.last_checkpoint_step = self.step
         self._initialized = True
-        self.log.truncate_after(self.step)  # the metrics log matches the checkpoint
+        # the metrics log matches the checkpoint (written at prepare_out_dir)
+        self.log.restore(self.step, self._resumed_from / METRICS_FILENAME
+                         if self._resumed_from is not None else None)
 
     # ------------------------------------------------------------ logging
     def _recovery(self) -> dict | None:
@@ -300,23 +447,23 @@ class Trainer:
             _check_batch(x, s)  # the front refused the batch: name the step and row
             raise
         if not math.isfinite(r["total"]):
-            where = (f"; the last good checkpoint is {self.checkpoint_path} (step "
-                     f"{self.last_checkpoint_step})" if self.last_checkpoint_step
-                     is not None else "; no checkpoint was written")
             raise TrainingDiverged(
                 f"training diverged: the loss is {r['total']} at step {s + 1} "
-                f"(lr={lr:.3g}, l1_coefficient={l1c:.3g}){where}")
+                f"(lr={lr:.3g}, l1_coefficient={l1c:.3g}){self._last_good()}")
         return r
 
     def train(self) -> TrainResult:
         """Run (or continue) training to ``config.total_steps``; returns a
         :class:`TrainResult` and leaves the trained parameters in the model
         (folded to raw inputs)."""
-        cfg = self.config
+        self.prepare_out_dir()
         if not self._initialized:
             self.setup()
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        with limit_threads(self.threads, self.backend):
+            return self._train()
+
+    def _train(self) -> TrainResult:
+        cfg = self.config
         total = cfg.total_steps
         bar = None
         if cfg.show_progress():
@@ -376,6 +523,26 @@ class Trainer:
                                       if k != "log10_frequency"}
             atomic_write_json(self.out_dir / "summary.json", summary)
         return TrainResult(self.model, metrics, list(self.history), density)
+
+
+class _Checked(dict):
+    """A checkpoint's tensors or run state whose missing entries raise one
+    :class:`SAEFormatError` naming them (nested objects too), not a
+    ``KeyError``."""
+
+    def __init__(self, d, path, what, where=""):
+        super().__init__(d)
+        self._path, self._what, self._where = path, what, where
+
+    def __missing__(self, key):
+        raise SAEFormatError(f"{self._path}: the checkpoint lacks {self._what}"
+                             f"{self._where + str(key)!r} (a damaged or hand-edited checkpoint)")
+
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        if isinstance(v, dict) and not isinstance(v, _Checked):
+            v = _Checked(v, self._path, self._what, f"{self._where}{key}.")
+        return v
 
 
 def _check_batch(x: np.ndarray, s: int) -> None:

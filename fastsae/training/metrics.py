@@ -168,17 +168,25 @@ class MetricsLog:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only the records up to ``step`` (on resume: the log then
-        matches the checkpoint); the kept records become the history."""
-        if self.path is None or not self.path.exists():
-            return
+    def restore(self, step: int, source: Path | None) -> None:
+        """On resume: the records of ``source`` (the resumed run's log) up to
+        ``step`` become the history, so the log matches the checkpoint.
+        Nothing is written until :meth:`begin`."""
         kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except ValueError:
-                pass
-        atomic_write_bytes(self.path, ("\n".join(kept) + "\n").encode() if kept else b"")
-        self.history = [json.loads(x) for x in kept]
+        if source is not None and Path(source).exists():
+            for line in Path(source).read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                    kept.append(rec)
+        self.history = kept
+
+    def begin(self) -> None:
+        """Write the history (empty for a fresh run) as the log file, atomically;
+        :meth:`append` adds to it from then on."""
+        if self.path is None:
+            return
+        body = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write_bytes(self.path, body.encode())
