@@ -141,12 +141,10 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
     the same result as the reference)."""
     codes = encode_relu_sparse(x, W_enc, b_enc, b_dec)
     keep = codes.values > threshold[codes.indices]
-    counts = np.add.reduceat(keep.astype(np.int64), codes.indptr[:-1]) if keep.size else None
-    indptr = np.zeros_like(codes.indptr)
-    if counts is not None:
-        # reduceat over an empty row repeats the next element: zero those rows
-        counts[codes.indptr[:-1] == codes.indptr[1:]] = 0
-        np.cumsum(counts, out=indptr[1:])
+    # kept entries before each position, read at the old row starts
+    kept_before = np.zeros(keep.size + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    indptr = kept_before[codes.indptr]
     return SparseCodes(indptr, np.ascontiguousarray(codes.indices[keep]),
                        np.ascontiguousarray(codes.values[keep]), codes.shape)
 
