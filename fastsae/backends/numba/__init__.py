@@ -306,10 +306,10 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     d_xhat, row_sq = B.residual_grad(x_hat, x)
     mse = float(row_sq.sum() / n)
     aux_loss = 0.0
-    indptr, indices, values = codes.indptr, codes.indices, codes.values
+    indptr, indices, values = _as_csr(codes)  # dense codes are allowed too
     dx, xcs = d_xhat, xc
     if aux_codes is not None and aux_weight > 0:
-        aux = (aux_codes.indptr, aux_codes.indices, aux_codes.values)
+        aux = _as_csr(aux_codes)
         e_hat = D.decode_csr(*aux, W_dec, np.zeros(W_dec.shape[1], np.float32))
         d_ehat, a_row_sq = B.aux_residual(e_hat, x, x_hat, np.float32(aux_weight * 2.0 / n))
         aux_loss = float(aux_weight * a_row_sq.sum() / n)
