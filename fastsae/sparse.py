@@ -44,10 +44,16 @@ class SparseCodes:
     # ------------------------------------------------------------ construction
     @classmethod
     def from_dense(cls, f) -> "SparseCodes":
-        """Build from a dense ``[N, d_sae]`` array; zeros are dropped."""
+        """Build from a dense, non-empty ``[N, d_sae]`` array of real numbers
+        (converted to float32); zeros, including values that round to 0 in
+        float32, are dropped."""
         f = np.asarray(f)
         if f.ndim != 2:
             raise ValueError(f"from_dense expects a 2-D array, got shape {f.shape}")
+        if f.dtype.kind not in "fiub":
+            raise TypeError(f"from_dense expects real numbers, got dtype {f.dtype}")
+        if f.size == 0:
+            raise ValueError(f"from_dense expects a non-empty array, got shape {f.shape}")
         f = np.ascontiguousarray(f, dtype=np.float32)
         rows, cols = np.nonzero(f)  # row-major order: columns sorted per row
         counts = np.bincount(rows, minlength=f.shape[0])
@@ -58,15 +64,29 @@ class SparseCodes:
 
     @classmethod
     def from_scipy(cls, m) -> "SparseCodes":
-        """Build from any ``scipy.sparse`` matrix or array (converted to CSR)."""
+        """Build from any non-empty ``scipy.sparse`` matrix or array of real
+        numbers (a converted copy: ``m`` is never modified). Duplicates are
+        summed, and zeros, including values that round to 0 in float32, are
+        dropped."""
         import scipy.sparse as sp
 
-        m = sp.csr_array(m)
+        if not sp.issparse(m):
+            raise TypeError(f"from_scipy expects a scipy.sparse matrix or array, "
+                            f"got {type(m).__name__}")
+        if m.dtype.kind not in "fiub":
+            raise TypeError(f"from_scipy expects real numbers, got dtype {m.dtype}")
+        if 0 in m.shape:
+            raise ValueError(f"from_scipy expects a non-empty matrix, got shape {m.shape}")
+        # a copy (m is never touched); duplicates summed in m's own dtype, as
+        # m.toarray() does, then rounded to float32 before zeros are dropped
+        m = sp.csr_array(m, copy=True)
         m.sum_duplicates()
+        m.data = m.data.astype(np.float32)
         m.eliminate_zeros()
         m.sort_indices()
         return cls(m.indptr.astype(np.int64), m.indices.astype(np.int32),
-                   m.data.astype(np.float32), (int(m.shape[0]), int(m.shape[1])))
+                   np.ascontiguousarray(m.data, dtype=np.float32),
+                   (int(m.shape[0]), int(m.shape[1])))
 
     # ---------------------------------------------------------------- export
     def to_host(self) -> "SparseCodes":
