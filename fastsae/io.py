@@ -141,7 +141,8 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     (``metadata``: str -> str)."""
     from safetensors.numpy import save
 
-    clean = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # np.asarray(order="C"), not ascontiguousarray, which turns a 0-d array into 1-d
+    clean = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     atomic_write_bytes(path, save(clean, metadata=metadata))
 
 

@@ -73,7 +73,7 @@ def write_checkpoint(path, tensors: dict, run_state: dict) -> Path:
     tensors go into the header. Returns ``path``."""
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, **run_state}
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # keeps 0-d shapes
     hashes = {k: tensor_sha256(v) for k, v in tensors.items()}
     save_tensors(path, tensors, {"fastsae": json.dumps(state), _HASH_KEY: json.dumps(hashes)})
     atomic_write_json(path.with_suffix(".json"), state)
