@@ -45,7 +45,7 @@ from numba import njit, prange
 from ..tunables import (NUMBA_COLUMN_SUM_BLOCK, NUMBA_RELU_FEATURE_TILE,
                          NUMBA_TOPK_ROW_SUM_BLOCK)
 from . import norms as NR
-from .adam import adam_elem, const_tuple, nonfinite
+from .adam import adam_elem, const_tuple, nonfinite_in
 from .decode import _accumulate_row
 from .encode import centered
 
@@ -266,8 +266,9 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
     (constants ``adam_c``, see :func:`fastsae.backends.numerics.adam_constants`);
     in ``unit_norm`` mode each decoder row is renormalized right after its
     update. ``W_dec``'s old rows are read before they are overwritten, and
-    nothing else in this pass reads them. Returns how many updated
-    parameters are inf or NaN (counted as they are written).
+    nothing else in this pass reads them. Returns a count that is nonzero
+    exactly when an updated parameter is inf or NaN (each row or tile piece
+    is checked right after its update, see :func:`.adam.nonfinite_in`).
     """
     d_sae, d_in = W_dec.shape
     T = NUMBA_RELU_FEATURE_TILE
@@ -289,7 +290,7 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
             vr = vW_dec[j]
             for k in range(d_in):
                 w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
-                tb += nonfinite(w[k])
+            tb += nonfinite_in(w)  # before a renormalization could hide an inf
             if unit_norm:
                 s = np.float32(0.0)
                 for k in range(d_in):
@@ -300,13 +301,13 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
                         w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
                                                       vb_enc[j], cs)
-            tb += nonfinite(b_enc[j])
+        tb += nonfinite_in(b_enc[j0:j1])
         # W_enc's tile row by row: row k gets T contiguous updates
         for k in range(d_in):
             for j in range(j0, j1):
                 W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
                     W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
-                tb += nonfinite(W_enc[k, j])
+            tb += nonfinite_in(W_enc[k, j0:j1])
         bad += tb
     return bad
 
@@ -493,8 +494,8 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in],
     bad)`` with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the
     weights before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum
-    ``part`` over tiles in order) and ``bad`` the number of updated
-    parameters that are inf or NaN.
+    ``part`` over tiles in order) and ``bad``, nonzero exactly when an
+    updated parameter is inf or NaN.
     """
     d_sae, d_in = W_dec.shape
     n = xc.shape[0]
@@ -538,14 +539,13 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             vr = vW_dec[j]
             for k in range(d_in):
                 w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
-                tb += nonfinite(w[k])
+            tb += nonfinite_in(w)  # before the renormalization could hide an inf
             nw = np.sqrt(_dot(w, w))
             if nw > 0:
                 for k in range(d_in):
                     w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], gb, mb_enc[j], vb_enc[j],
                                                       cs)
-            tb += nonfinite(b_enc[j])
         for jj in range(m):
             for k in range(d_in):
                 geT[k, jj] = ge[jj, k]
@@ -559,6 +559,7 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
             pt[k] = _dot(wr, gbt)
             for jj in range(m):
                 wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], cs)
-                tb += nonfinite(wr[jj])
+            tb += nonfinite_in(wr)
+        tb += nonfinite_in(b_enc[j0:j1])
         bad += tb
     return g_b_enc, part, bad

@@ -50,7 +50,7 @@ def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
     the L1 coefficient, ``unit_norm`` the decoder-norm mode.
 
     Returns ``(mse, l1, nnz, variance_of_x, max_row_count, bad)`` with
-    ``bad`` the number of updated parameters that are inf or NaN.
+    ``bad`` nonzero exactly when an updated parameter is inf or NaN.
     """
     n, d_in = x.shape
     d_sae = W_dec.shape[0]
@@ -93,8 +93,8 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
     are rows ``N..2N-1`` of one transposed pattern. ``xc = x - b_dec``
     (from the encoder). ``b_dec`` is updated serially (``d_in`` values).
     Returns ``(sum of squared errors, sum of squared aux errors, variance
-    of x, bad)`` with ``bad`` the number of updated parameters that are inf
-    or NaN."""
+    of x, bad)`` with ``bad`` nonzero exactly when an updated parameter is
+    inf or NaN."""
     n = x.shape[0]
     d_sae, d_in = W_dec.shape
     d_xhat, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.topk_row_pass(
