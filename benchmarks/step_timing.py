@@ -7,8 +7,10 @@ versions in alternating processes and compare the medians::
     python benchmarks/step_timing.py numba,cython topk,relu new
 
 Arguments: backends, step kinds (``topk``: ``train_step_topk(k=32)``; ``relu``:
-``train_step`` with weighted L1), and a label. 12 steps each, the first 2
-dropped (compilation, warm caches); prints median and min in ms.
+``train_step`` with weighted L1), a label and optionally the initial ``b_enc``
+value (default 0: half the features fire; -2.6 gives L0 about 39 at this
+shape, the sparse regime). 12 steps each, the first 2 dropped (compilation,
+warm caches); prints median and min in ms and the last step's L0.
 """
 import sys, time, statistics
 import numpy as np
@@ -19,7 +21,8 @@ n, d_in, d_sae = 4096, 512, 8192
 W_enc = (rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in)).astype(np.float32)
 W_dec = np.ascontiguousarray(W_enc.T); W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
 x = rng.normal(size=(n, d_in)).astype(np.float32)
-p = SAEParams(W_enc, np.zeros(d_sae, np.float32), W_dec, np.zeros(d_in, np.float32))
+b0 = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+p = SAEParams(W_enc, np.full(d_sae, b0, np.float32), W_dec, np.zeros(d_in, np.float32))
 for name in sys.argv[1].split(","):
     be = fastsae.get_backend(name)
     q = p.copy(); st = AdamState.zeros_like(q)
@@ -28,9 +31,9 @@ for name in sys.argv[1].split(","):
         for i in range(12):
             t = time.perf_counter()
             if kind == "topk":
-                be.train_step_topk(q, st, x, k=32, lr=1e-4)
+                r = be.train_step_topk(q, st, x, k=32, lr=1e-4)
             else:
-                be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-4)
+                r = be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-4)
             ts.append(time.perf_counter() - t)
         ts = ts[2:]
-        print(f"{sys.argv[3]} {name} {kind}: median {statistics.median(ts)*1e3:.1f} min {min(ts)*1e3:.1f} ms")
+        print(f"{sys.argv[3]} {name} {kind}: median {statistics.median(ts)*1e3:.1f} min {min(ts)*1e3:.1f} ms l0 {r.l0:.1f}")

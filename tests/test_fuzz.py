@@ -6,7 +6,8 @@ on 2 cores):
 
 * the front (:class:`fastsae.Backend`) of every usable backend (numpy,
   numba, cython; cuda on a real GPU, or under ``NUMBA_ENABLE_CUDASIM=1`` only
-  when ``FASTSAE_FUZZ_CUDA=1`` too, since the simulator is very slow):
+  when ``FASTSAE_FUZZ_CUDA=1`` too, since the simulator is very slow; then
+  ``FASTSAE_FUZZ_EXAMPLES=N`` makes it a smoke run of N examples):
   ``encode_relu``, ``encode_relu_sparse``, ``decode`` (dense and sparse codes),
   ``decoder_column_norms``, ``l1_subgradient``, ``gradients``,
   ``topk_gradients``, ``encode_topk``, ``encode_batchtopk``, ``encode_jumprelu``,
@@ -74,7 +75,10 @@ import fuzz_strategies as S
 from conftest import backend_names, is_cuda_sim
 from fuzz_strategies import F32_MAX, OVERFLOW, U, Int, Real, Slot, as_f32, f64
 
-EXAMPLES = 200
+#: 200 in CI and by default; ``FASTSAE_FUZZ_EXAMPLES`` lowers it for a smoke
+#: run of the opt-in CUDA simulator pass (``FASTSAE_FUZZ_CUDA=1``), whose
+#: every example costs seconds.
+EXAMPLES = int(os.environ.get("FASTSAE_FUZZ_EXAMPLES", "200"))
 fuzz = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=False)
 
