@@ -19,10 +19,15 @@ __version__ = "0.1.0"
 from . import data  # noqa: E402
 from .autoencoder import Autoencoder  # noqa: E402
 from .model import SparseAutoencoder  # noqa: E402
-from .training import TrainConfig, Trainer  # noqa: E402
+from .io import SAEFormatError  # noqa: E402
+from .training import (NotBitExactWarning, RunExistsError, TrainConfig, Trainer,  # noqa: E402
+                       TrainingDiverged)
 
 __all__ = [
     "Backend", "BackendStatus", "available_backends", "get_backend",
     "AdamState", "Losses", "SAEParams", "StepResult", "SparseCodes", "__version__",
     "SparseAutoencoder", "Trainer", "TrainConfig", "Autoencoder", "data",
+    # what a run raises or warns: a damaged file, a diverged run, an out_dir
+    # holding a run, a resume that is not bit-exact
+    "SAEFormatError", "TrainingDiverged", "RunExistsError", "NotBitExactWarning",
 ]

@@ -643,3 +643,18 @@ def test_help_documents_the_rules():
     for phrase in ("--overwrite", "must not hold a run already", "bit-exact",
                    "may only repeat the run's values", "must be writable"):
         assert phrase in text, phrase
+
+
+def test_what_a_run_raises_is_importable_from_the_top_level():
+    """The errors and warning a user catches around a run are fastsae's own
+    top-level names, the same classes the trainer raises."""
+    from fastsae.io import SAEFormatError
+    from fastsae.training import NotBitExactWarning, RunExistsError, TrainingDiverged
+
+    assert fastsae.SAEFormatError is SAEFormatError and issubclass(SAEFormatError, ValueError)
+    assert fastsae.TrainingDiverged is TrainingDiverged
+    assert fastsae.RunExistsError is RunExistsError and issubclass(RunExistsError,
+                                                                   FileExistsError)
+    assert fastsae.NotBitExactWarning is NotBitExactWarning
+    assert {"SAEFormatError", "TrainingDiverged", "RunExistsError",
+            "NotBitExactWarning"} <= set(fastsae.__all__)
