@@ -331,3 +331,28 @@ def test_encoders_on_huge_finite_inputs(backend):
                                        err_msg=name)
         elif (got["encode_relu"][mixed] == want[mixed]).all():
             np.testing.assert_allclose(a, topk_want[name], rtol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------ dense codes
+@pytest.mark.parametrize("fn", ["gradients", "topk_gradients"])
+def test_dense_codes_give_what_sparse_codes_give(backend, fn):
+    """The contract takes codes dense or as SparseCodes (and AuxK codes the
+    same way): both give the same losses and gradients (numba and cuda
+    raised AttributeError on dense codes in topk_gradients; found by the
+    fuzz suite)."""
+    x, p = _problem(7)
+    sparse = backend.encode_topk(x, p.W_enc, p.b_enc, p.b_dec, 3)
+    dense = _host(backend, sparse).to_dense()
+    x_hat = np.asarray(_host(backend, backend.decode(sparse, p.W_dec, p.b_dec)))
+    if fn == "gradients":
+        out_s = backend.gradients(x, p, sparse, x_hat, 0.1)
+        out_d = backend.gradients(x, p, dense, x_hat, 0.1)
+    else:
+        aux_s = backend.encode_topk(x, p.W_enc, p.b_enc - 0.5, p.b_dec, 2)
+        aux_d = _host(backend, aux_s).to_dense()
+        out_s = backend.topk_gradients(x, p, sparse, x_hat, aux_s, 0.25)
+        out_d = backend.topk_gradients(x, p, dense, x_hat, aux_d, 0.25)
+    (ls, gs), (ld, gd) = out_s, out_d
+    assert ls.total == pytest.approx(ld.total, rel=1e-6)
+    for a, b in zip(_host(backend, gs).arrays(), _host(backend, gd).arrays()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -446,16 +446,22 @@ def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
     return colcount
 
 
+def _csr_device(codes, tag="_dense"):
+    """``(indptr, indices, values)`` on the device of sparse or dense codes
+    (the contract allows both; dense ones are compacted into workspaces
+    named by ``tag``)."""
+    if isinstance(codes, SparseCodes):
+        return _codes_device(codes)
+    sc, _ = _dense_to_sparse(_device(codes), tag)
+    return sc.indptr, sc.indices, sc.values
+
+
 def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`)."""
     dev = _any_device(x, params, codes, x_hat)
     x, x_hat = _device(x), _device(x_hat)
     P = _params_device(params)
-    if isinstance(codes, SparseCodes):
-        indptr, indices, values = _codes_device(codes)
-    else:
-        sc, _ = _dense_to_sparse(_device(codes))
-        indptr, indices, values = sc.indptr, sc.indices, sc.values
+    indptr, indices, values = _csr_device(codes)
     g = _empty_like_params(P, cached=False)
     scal = _work("scalars", 3, np.float64)
     _backward(x, P, indptr, indices, values, x_hat, l1_coefficient,
@@ -509,10 +515,10 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     P = _params_device(params)
     aux = None
     if aux_codes is not None and aux_weight > 0:
-        aux = _codes_device(aux_codes)
+        aux = _csr_device(aux_codes, "_dense_aux")  # lives beside the main codes
     g = _empty_like_params(P, cached=False)
     scal = _work("scalars_topk", 4, np.float64)
-    _topk_backward(x, P, _codes_device(codes), x_hat, aux, aux_weight, g, scal)
+    _topk_backward(x, P, _csr_device(codes), x_hat, aux, aux_weight, g, scal)
     s = scal.copy_to_host()
     n = x.shape[0]
     mse = float(s[0] / n)

@@ -247,12 +247,14 @@ def _encode_sparse(x, W_enc, b_enc, b_dec, fresh):
     return _compact(dense, counts, fresh=fresh)
 
 
-def _dense_to_sparse(f):
-    """``(codes, nnz)`` of dense device codes ``f`` (workspace arrays)."""
-    counts = _work("row_counts_dense", f.shape[0], np.int32)
+def _dense_to_sparse(f, tag="_dense"):
+    """``(codes, nnz)`` of dense device codes ``f``, in workspace arrays named
+    by ``tag``: codes that must live at the same time (a TopK gradient's
+    codes and AuxK codes) need different tags."""
+    counts = _work("row_counts" + tag, f.shape[0], np.int32)
     count_rows_kernel[grid_for(f.shape[0]), BLOCK](f, counts)
-    return _compact(f, counts, indptr=_work("indptr_dense", f.shape[0] + 1, np.int64),
-                    fresh=False)
+    return _compact(f, counts, indptr=_work("indptr" + tag, f.shape[0] + 1, np.int64),
+                    fresh=False, tag=tag)
 
 
 def encode_relu(x, W_enc, b_enc, b_dec):
