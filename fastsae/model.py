@@ -15,7 +15,7 @@ from .backends import validate as V
 from .backends import Backend, get_backend
 from .io import read_sae_dir, write_sae_dir
 from .params import DECODER_NORM_MODES, SAEParams
-from .sparse import SparseCodes
+from .sparse import SparseCodes, check_codes
 
 __all__ = ["SparseAutoencoder", "geometric_median", "ACTIVATIONS"]
 
@@ -263,7 +263,7 @@ class SparseAutoencoder:
             codes = SparseCodes.from_scipy(codes)
         be, p = self.backend, self._device_params()
         if isinstance(codes, SparseCodes):
-            codes = V.sparse_codes(codes, self.d_sae)
+            codes = check_codes(codes, self.d_sae)
             dev = SparseCodes(*(be.to_backend(a) for a in (codes.indptr, codes.indices,
                                                             codes.values)), codes.shape)
             return self._to_host(be.decode(dev, p.W_dec, p.b_dec))
@@ -313,7 +313,7 @@ class SparseAutoencoder:
         architecture or tensors that do not match the cfg raise
         :class:`fastsae.io.SAEFormatError` (a ``ValueError``). Nothing is
         unpickled. Weights may be float32, float64, float16 or bfloat16; they
-        are converted exactly to float32.
+        are converted to float32 (exactly, except float64, which is rounded).
         """
         params, cfg, extras = read_sae_dir(directory)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}

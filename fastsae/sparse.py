@@ -166,9 +166,10 @@ def is_device_array(a) -> bool:
 
 
 def _as_index_array(a, name: str) -> np.ndarray:
-    """``a`` as a 1-D int64 array: any integer dtype, signed or unsigned, is
-    converted first (so the checks below run on values that cannot wrap);
-    values beyond int64 and every non-integer dtype are refused."""
+    """``a`` as a 1-D integer array in its own dtype, signed or unsigned;
+    values beyond int64 and every non-integer dtype are refused. The checks
+    only compare these values (no differences, which wrap in unsigned
+    dtypes), so they need no int64 copy."""
     try:
         arr = np.asarray(a)
     except Exception as exc:
@@ -179,7 +180,7 @@ def _as_index_array(a, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
         raise ValueError(f"{name} holds {int(arr.max())}, beyond the int64 range of indices")
-    return arr.astype(np.int64, copy=False)
+    return arr
 
 
 def check_codes(codes, d_sae=None, name: str = "codes", finite: bool = True) -> SparseCodes:
@@ -188,14 +189,15 @@ def check_codes(codes, d_sae=None, name: str = "codes", finite: bool = True) -> 
     The one validation of codes, used by the kernel front and by
     :class:`SparseCodes`'s own methods: compiled kernels index with these
     arrays, so every index is proven in range first. ``indptr`` and
-    ``indices`` may have any integer dtype (signed or unsigned): they are
-    converted to int64 before any check (an unsigned ``indptr`` cannot hide
-    a decrease by wrapping), then ``indptr`` must start at 0, never decrease
-    and end at ``nnz``, and ``indices`` must lie in ``[0, d_sae)`` and
-    strictly increase within each row (no duplicates). ``values`` must be
-    real floating point and (unless ``finite`` is false) finite. Returns ``SparseCodes`` with int64
-    ``indptr``, int32 ``indices`` and float32 ``values`` (C-contiguous; the
-    arrays themselves when they already are). O(nnz).
+    ``indices`` may have any integer dtype (signed or unsigned): the checks
+    compare values and never subtract them, so an unsigned ``indptr`` cannot
+    hide a decrease by wrapping (``np.diff`` would). ``indptr`` must start
+    at 0, never decrease and end at ``nnz``, and ``indices`` must lie in
+    ``[0, d_sae)`` and strictly increase within each row (no duplicates).
+    ``values`` must be real floating point and (unless ``finite`` is false)
+    finite. Returns ``SparseCodes`` with int64 ``indptr``, int32 ``indices``
+    and float32 ``values`` (C-contiguous; the arrays themselves when they
+    already are), converted once the checks have passed. O(nnz).
 
     Codes on a GPU (CUDA backend) are checked for dtypes and lengths only
     (reading their contents would cost a device round trip); those the CUDA
@@ -217,7 +219,8 @@ def check_codes(codes, d_sae=None, name: str = "codes", finite: bool = True) -> 
     arrays = (codes.indptr, codes.indices, codes.values)
     if any(is_device_array(a) for a in arrays):
         return _check_device_codes(codes, n, name)
-    indptr = _as_index_array(codes.indptr, f"{name}.indptr")
+    # int64 (no copy when canonical): row starts index an nnz-long mask below
+    indptr = _as_index_array(codes.indptr, f"{name}.indptr").astype(np.int64, copy=False)
     indices = _as_index_array(codes.indices, f"{name}.indices")
     try:
         values = np.asarray(codes.values)
@@ -248,7 +251,7 @@ def check_codes(codes, d_sae=None, name: str = "codes", finite: bool = True) -> 
                              "(sorted, no duplicates)")
         if finite and not np.isfinite(values).all():
             raise ValueError(f"{name}.values contains NaN or infinite values")
-    return SparseCodes(np.ascontiguousarray(indptr, dtype=np.int64),
+    return SparseCodes(np.ascontiguousarray(indptr),
                        np.ascontiguousarray(indices, dtype=np.int32),
                        np.ascontiguousarray(values, dtype=np.float32), (n, cols))
 

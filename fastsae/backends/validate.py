@@ -105,16 +105,9 @@ def encoder_args(x, W_enc, b_enc, b_dec, allow_device=False):
     return x, W_enc, b_enc, b_dec
 
 
-def sparse_codes(codes: SparseCodes, d_sae: int | None = None, name: str = "codes"):
-    """Check a :class:`SparseCodes` fully (O(nnz)) with
-    :func:`fastsae.sparse.check_codes`: compiled kernels index with it, so
-    every index must be in range before they run."""
-    return check_codes(codes, d_sae, name)
-
-
 def codes_arg(codes, d_sae: int | None = None, allow_device=False, name="codes"):
     if isinstance(codes, SparseCodes):
-        return sparse_codes(codes, d_sae, name)
+        return check_codes(codes, d_sae, name)  # O(nnz): kernels index with them
     f = as_float_array(codes, name, 2, allow_device)
     if d_sae is not None:
         check_dim(name, f.shape[1], d_sae, "d_sae (shape[1])")
