@@ -63,15 +63,15 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
         if task < t_enc:
             s = task * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, n_enc - s)
-            bad += _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s, &vW_enc[0, 0] + s,
-                  cnt, &c)
+            bad += _adam(&W_enc[0, 0] + s, &gW_enc[0, 0] + s, &mW_enc[0, 0] + s,
+                         &vW_enc[0, 0] + s, cnt, &c)
         elif task < t_enc + t_dec:
             s = (task - t_enc) * rows_per
             r1 = min(s + rows_per, d_sae)
             for r in range(s, r1):
                 w = &W_dec[r, 0]
                 bad += _adam(w, &gW_dec[r, 0], &mW_dec[r, 0], &vW_dec[r, 0],
-                      d_in, &c)
+                             d_in, &c)
                 if renormalize:
                     nrm = <float>sqrt(_dot_d(w, w, d_in))
                     if nrm > 0:
@@ -81,10 +81,10 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
             s = (task - t_enc - t_dec) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_sae - s)
             bad += _adam(&b_enc[0] + s, &gb_enc[0] + s, &mb_enc[0] + s, &vb_enc[0] + s,
-                  cnt, &c)
+                         cnt, &c)
         else:
             s = (task - t_enc - t_dec - t_be) * _CHUNK
             cnt = min(<Py_ssize_t>_CHUNK, d_in - s)
             bad += _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
-                  cnt, &c)
+                         cnt, &c)
     return bad

@@ -25,7 +25,8 @@ def l1_subgradient(codes, norms, l1_coefficient):
     c = np.float32(l1_coefficient)
     if isinstance(codes, SparseCodes):
         vals = np.empty(codes.indices.shape[0], dtype=np.float32)
-        _norms.l1_sparse(codes.indices, codes.values, norms, c, vals, threads(codes.indices.shape[0]))
+        _norms.l1_sparse(codes.indices, codes.values, norms, c, vals,
+                         threads(codes.indices.shape[0]))
         return SparseCodes(codes.indptr.copy(), codes.indices.copy(), vals, codes.shape)
     out = np.empty(codes.shape, dtype=np.float32)
     _norms.l1_dense(codes, norms, c, out, threads(codes.size))

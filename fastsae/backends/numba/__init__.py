@@ -358,8 +358,8 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
                else (_NOIDX, _NOMAP, _EMPTY1))
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     sq, a_sq, var, bad = S.topk_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
-                                     *_adam_moments(state), adam_c, weight * 2.0 / n,
-                                     NUMBA_TOPK_FEATURE_TILE, counts)
+                                          *_adam_moments(state), adam_c, weight * 2.0 / n,
+                                          NUMBA_TOPK_FEATURE_TILE, counts)
     state.step = t
     aux_loss = weight * a_sq / n if use_aux else 0.0
     return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2],

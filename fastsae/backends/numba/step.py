@@ -109,8 +109,9 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
         vv = np.concatenate((values, a_values))
         dp = np.concatenate((d_pre, a_d_pre))
     colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
-    _, part, bad = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc, W_dec,
-                                  W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
+    _, part, bad = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc,
+                                       W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
+                                       adam_c, tile)
     # g_b_dec = sum_i d_xhat_i - W_enc_old @ g_b_enc (tile partials in order)
     for k in range(d_in):
         s = 0.0
