@@ -60,10 +60,33 @@ NUMBA_CSR_STAGE_START = 128
 #: Upper bound of the CSR encoder's staging area, bytes.
 NUMBA_CSR_STAGE_MAX_BYTES = 256 << 20
 
-#: Dense codes with more than ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` of
-#: their entries nonzero are decoded with BLAS, sparser ones through CSR
-#: (the scan to CSR plus ``N * L0 * d_in`` work beats the GEMM below 1/8).
-NUMBA_DENSE_DECODE_INVERSE_DENSITY = 8
+#: Codes (CSR or dense) with at least this fraction of their entries nonzero
+#: are decoded by the Numba backend with BLAS, sparser ones by a
+#: gather-accumulate through CSR (its ``N * L0 * d_in`` work beats the GEMM
+#: below about 1/8 at paper size: benchmarks/RESULTS.md, "density"). Read at
+#: call time.
+NUMBA_DENSE_DECODE_MIN_DENSITY = 0.125
+
+#: Features per block of the Numba dense ReLU path's weight pass
+#: (``dense._feature_adam``): each block's two gradient GEMMs are
+#: ``FB x N x d_in`` (K = N deep, so BLAS runs near its peak) and their
+#: outputs (``FB x d_in`` floats each, 512 KiB at d_in=512) stay in L2 for
+#: the fused Adam; a fixed grid, so results do not depend on the threads.
+NUMBA_DENSE_FEATURE_BLOCK = 256
+
+#: Density (nonzeros / (N * d_sae)) from which the Numba ReLU ``train_step``,
+#: ``decode`` of CSR codes and ``gradients`` take the dense path (BLAS
+#: products over dense codes) instead of the sparse one. Read at call time
+#: (tests set 0.0 to force dense, 2.0 to force sparse). Measured crossover:
+#: see benchmarks/RESULTS.md, "density".
+NUMBA_RELU_DENSE_MIN_DENSITY = 0.05
+
+#: Row blocks the Numba ReLU ``train_step`` encodes first to measure the
+#: batch's density (``encode.encode_relu_adaptive``; they are kept, not
+#: recomputed). A fixed count, never the thread count, so the path taken
+#: does not depend on the threads; 2 = one block per core here (512 rows at
+#: the default row block: the density of a few million entries).
+NUMBA_RELU_PROBE_BLOCKS = 2
 
 # ------------------------------------------------------------------ cython
 #: Encoder tile of the Cython ReLU encoders: ``ROWS x COLS`` floats
@@ -101,6 +124,10 @@ CYTHON_GATHER_MAX_DENSITY = 0.1
 #: run on one thread: waking the OpenMP team costs more than it saves (and on
 #: a busy machine a descheduled worker can stall the team for a tick).
 CYTHON_PARALLEL_MIN_WORK = 1 << 20
+
+#: Density from which the Cython ReLU ``train_step``, ``decode`` of CSR codes
+#: and ``gradients`` take the dense path; read at call time, as Numba's.
+CYTHON_RELU_DENSE_MIN_DENSITY = 0.05
 
 # ------------------------------------------------------------------ cuda
 # Launch geometry of the CUDA kernels on a real GPU (under the simulator

@@ -49,11 +49,14 @@ from threadpoolctl import ThreadpoolController
 from ...params import AdamState, Losses, SAEParams, StepResult
 from ...sparse import SparseCodes
 from .. import numerics as NU
+from .. import tunables as TU
 from ..host import synchronize, to_backend, to_numpy
 from ..tunables import (NUMBA_CSR_STAGE_MAX_BYTES, NUMBA_CSR_STAGE_START,
-                        NUMBA_RELU_ROW_BLOCK, NUMBA_TOPK_FEATURE_TILE, NUMBA_TOPK_ROW_BLOCK)
+                        NUMBA_RELU_PROBE_BLOCKS, NUMBA_RELU_ROW_BLOCK, NUMBA_TOPK_FEATURE_TILE,
+                        NUMBA_TOPK_ROW_BLOCK)
 from . import backward as B
 from . import decode as D
+from . import dense as DN
 from . import encode as E
 from . import norms as NR
 from . import step as S
@@ -158,12 +161,19 @@ def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
 
 
 def decode(codes, W_dec, b_dec):
-    """``codes @ W_dec + b_dec`` -> float32 ``[N, d_in]``; gather-accumulate
-    from CSR (dense codes are compacted first unless more than
-    ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` of them is nonzero)."""
+    """``codes @ W_dec + b_dec`` -> float32 ``[N, d_in]``: a gather-accumulate
+    from CSR below
+    :data:`~fastsae.backends.tunables.NUMBA_DENSE_DECODE_MIN_DENSITY`, BLAS
+    products from it on (CSR codes scattered into cached row blocks, see
+    :func:`.dense.decode_csr`; dense codes straight to BLAS)."""
     if isinstance(codes, SparseCodes):
+        n, d_sae = codes.shape
+        if codes.nnz >= TU.NUMBA_DENSE_DECODE_MIN_DENSITY * n * d_sae:
+            with _blas_single():
+                return DN.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec,
+                                     NUMBA_RELU_ROW_BLOCK, get_num_threads())
         return D.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec)
-    return D.decode_dense(codes, W_dec, b_dec)
+    return D.decode_dense(codes, W_dec, b_dec, float(TU.NUMBA_DENSE_DECODE_MIN_DENSITY))
 
 
 def decoder_column_norms(W_dec):
@@ -187,12 +197,29 @@ def _as_csr(codes):
 
 
 def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
-    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`),
-    computed at the active entries only."""
-    indptr, indices, values = _as_csr(codes)
-    mse, l1, gWe, gbe, gWd, gbd = B.relu_gradients(
-        x, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values, x_hat,
-        float(l1_coefficient), decoder_norm == "unit_norm")
+    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`):
+    at the active entries only below
+    :data:`~fastsae.backends.tunables.NUMBA_RELU_DENSE_MIN_DENSITY`, with
+    BLAS products over dense codes from it on (:func:`.dense.relu_gradients`)."""
+    n, d_sae = x.shape[0], params.d_sae
+    unit = decoder_norm == "unit_norm"
+    sparse_in = isinstance(codes, SparseCodes)
+    counts = None if sparse_in else D.row_nnz(codes)
+    nnz = codes.nnz if sparse_in else int(counts.sum())
+    if nnz >= TU.NUMBA_RELU_DENSE_MIN_DENSITY * n * d_sae:
+        f = (DN.csr_to_dense(codes.indptr, codes.indices, codes.values, d_sae) if sparse_in
+             else codes)
+        xc = E.centered(x, params.b_dec)
+        with _blas_single():
+            mse, l1, gWe, gbe, gWd, gbd = DN.relu_gradients(
+                x, xc, f, x_hat, params.W_enc, params.W_dec, NR.row_norms(params.W_dec),
+                float(l1_coefficient), unit, NUMBA_RELU_ROW_BLOCK, get_num_threads())
+    else:
+        indptr, indices, values = (_as_csr(codes) if sparse_in
+                                   else D.csr_of_counts(codes, counts))
+        mse, l1, gWe, gbe, gWd, gbd = B.relu_gradients(
+            x, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values, x_hat,
+            float(l1_coefficient), unit)
     return (Losses(mse=float(mse), l1=float(l1), total=float(mse) + float(l1)),
             SAEParams(gWe, gbe, gWd, gbd))
 
@@ -211,20 +238,38 @@ _NOCOUNTS = np.empty(0, np.int64)
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
                fire_counts=None) -> StepResult:
-    """One training step in place (see :func:`fastsae.backends.reference.train_step`):
-    a single compiled call (:func:`.step.train_step_core`) does the sparse
-    encode, decode, backward at the active entries and the fused Adam update
-    (+ unit-norm renormalization)."""
+    """One training step in place (see :func:`fastsae.backends.reference.train_step`).
+
+    The encoder (:func:`.encode.encode_relu_adaptive`) measures this batch's
+    density on its first row blocks: from
+    :data:`~fastsae.backends.tunables.NUMBA_RELU_DENSE_MIN_DENSITY` on it
+    hands dense codes to :func:`.dense.step_core` (BLAS products), below it
+    CSR codes to :func:`.step.train_step_core` (decode, backward at the
+    active entries); both fuse Adam (+ unit-norm renormalization) into
+    their weight pass."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
     n, d_sae = x.shape[0], params.d_sae
+    W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    unit = decoder_norm == "unit_norm"
+    nt = get_num_threads()
+    xc = E.centered(x, b_dec)
     with _blas_single():
-        mse, l1, nnz, var, mx, bad = S.train_step_core(
-            x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, *_adam_moments(state),
-            float(l1_coefficient), decoder_norm == "unit_norm", adam_c, counts,
-            NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), get_num_threads())
-    _learn_k(d_sae, mx)
+        dense, f, indptr, indices, values, mx = E.encode_relu_adaptive(
+            xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), nt,
+            float(TU.NUMBA_RELU_DENSE_MIN_DENSITY), NUMBA_RELU_PROBE_BLOCKS)
+        norms = NR.row_norms(W_dec)
+        if dense:
+            mse, l1, nnz, bad = DN.step_core(
+                x, xc, f, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state), norms,
+                float(l1_coefficient), unit, adam_c, counts, NUMBA_RELU_ROW_BLOCK, nt)
+        else:
+            _learn_k(d_sae, mx)
+            mse, l1, nnz, bad = S.train_step_core(
+                x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec,
+                *_adam_moments(state), norms, float(l1_coefficient), unit, adam_c, counts)
+    var = S.batch_variance(x)
     state.step = t
     return NU.relu_step_result(mse, l1, nnz, n, var, params_finite=bad == 0)
 

@@ -50,8 +50,9 @@ from .decode import _accumulate_row
 from .encode import centered
 
 __all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "column_sums_rows",
-           "b_dec_grad", "feature_grads", "feature_adam", "residual_grad", "relu_gradients",
-           "aux_residual", "topk_row_pass", "topk_feature_adam"]
+           "decoder_row_grad_tail", "decoder_row_adam", "b_dec_grad", "feature_grads",
+           "feature_adam", "residual_grad", "relu_gradients", "aux_residual", "topk_row_pass",
+           "topk_feature_adam"]
 
 
 @njit(cache=True)
@@ -203,7 +204,18 @@ def _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c
         for k in range(d_in):
             gd[k] += fv * dx[k]
             gej[k] += dp * xi[k]
-    w = W_dec[j]
+    nrm = np.float32(0.0) if unit_norm else norms[j]
+    decoder_row_grad_tail(gd, W_dec[j], nrm, csum, c, unit_norm)
+
+
+@njit(inline="always")
+def decoder_row_grad_tail(gd, w, nrm, csum, c, unit_norm):
+    """Finish decoder row ``w``'s gradient ``gd`` (``sum_i f_ij d_xhat_i``)
+    in place: in ``unit_norm`` mode remove its component along ``w``; else
+    add the L1 term ``c * csum * w / nrm`` (``csum = sum_i f_ij``, ``nrm =
+    |w|``; nothing when either is 0). Shared by the sparse and dense
+    (:mod:`.dense`) weight passes."""
+    d_in = gd.shape[0]
     if unit_norm:
         # remove the component along the decoder row (sequential sums, as ever)
         sq = np.float32(0.0)
@@ -216,11 +228,31 @@ def _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c
             for k in range(d_in):
                 gd[k] -= coef * w[k]
     else:
-        nrm = norms[j]
         if nrm > 0 and csum != 0:
             coef = c * csum
             for k in range(d_in):
                 gd[k] += coef * (w[k] / nrm)
+
+
+@njit(inline="always")
+def decoder_row_adam(w, gd, mr, vr, cs, unit_norm):
+    """Adam on decoder row ``w`` with gradient ``gd`` (moments ``mr``,
+    ``vr``; constants tuple ``cs``), then in ``unit_norm`` mode its
+    renormalization; returns 1 if the updated row holds an inf or NaN
+    (checked before a renormalization could hide it), else 0."""
+    d_in = w.shape[0]
+    for k in range(d_in):
+        w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
+    bad = nonfinite_in(w)
+    if unit_norm:
+        s = np.float32(0.0)
+        for k in range(d_in):
+            s += w[k] * w[k]
+        nw = np.sqrt(s)
+        if nw > 0:
+            for k in range(d_in):
+                w[k] = w[k] / nw
+    return bad
 
 
 @njit(parallel=True, cache=True)
@@ -285,20 +317,7 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
         for j in range(j0, j1):
             _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
                           unit_norm, j, gd, ge[j - j0])
-            w = W_dec[j]
-            mr = mW_dec[j]
-            vr = vW_dec[j]
-            for k in range(d_in):
-                w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
-            tb += nonfinite_in(w)  # before a renormalization could hide an inf
-            if unit_norm:
-                s = np.float32(0.0)
-                for k in range(d_in):
-                    s += w[k] * w[k]
-                nw = np.sqrt(s)
-                if nw > 0:
-                    for k in range(d_in):
-                        w[k] = w[k] / nw
+            tb += decoder_row_adam(W_dec[j], gd, mW_dec[j], vW_dec[j], cs, unit_norm)
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], g_b_enc[j], mb_enc[j],
                                                       vb_enc[j], cs)
         tb += nonfinite_in(b_enc[j0:j1])

@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..tunables import NUMBA_DENSE_DECODE_INVERSE_DENSITY
 from .encode import gemm
 
-__all__ = ["decode_csr", "decode_residual_csr", "dense_to_csr", "decode_dense",
-           "decode_dense_gemm"]
+__all__ = ["decode_csr", "decode_residual_csr", "row_nnz", "csr_from_counts", "csr_of_counts",
+           "dense_to_csr", "decode_dense", "decode_dense_gemm"]
 
 
 @njit(cache=True)
@@ -79,7 +78,8 @@ def decode_residual_csr(indptr, indices, values, W_dec, b_dec, x):
 
 
 @njit(parallel=True, cache=True)
-def _row_nnz(f):
+def row_nnz(f):
+    """Nonzeros per row of dense ``f`` ``[N, d]`` (int64 ``[N]``)."""
     n, d = f.shape
     counts = np.empty(n, np.int64)
     for i in prange(n):
@@ -117,28 +117,33 @@ def csr_from_counts(counts):
 
 
 @njit(cache=True)
-def dense_to_csr(f):
+def csr_of_counts(f, counts):
     """Canonical CSR ``(indptr, indices, values)`` of the nonzeros of dense
-    ``f`` ``[N, d_sae]`` (negative entries are kept, like the reference's
-    dense formulas see them)."""
-    indptr, indices, values = csr_from_counts(_row_nnz(f))
+    ``f`` ``[N, d_sae]`` whose rows hold ``counts`` nonzeros (negative
+    entries are kept, like the reference's dense formulas see them)."""
+    indptr, indices, values = csr_from_counts(counts)
     _fill_csr(f, indptr, indices, values)
     return indptr, indices, values
 
 
 @njit(cache=True)
-def decode_dense(f, W_dec, b_dec):
-    """Decode dense codes ``f`` ``[N, d_sae]``: through CSR when at most
-    ``1 / NUMBA_DENSE_DECODE_INVERSE_DENSITY`` (1/8) of the entries are
-    nonzero (one parallel scan of ``f``, then ``N * L0 * d_in`` work), else
-    with BLAS (:func:`decode_dense_gemm`)."""
+def dense_to_csr(f):
+    """:func:`csr_of_counts` of ``f``, counting its nonzeros first."""
+    return csr_of_counts(f, row_nnz(f))
+
+
+@njit(cache=True)
+def decode_dense(f, W_dec, b_dec, min_density):
+    """Decode dense codes ``f`` ``[N, d_sae]``: through CSR below
+    ``min_density`` nonzeros per entry (the face passes
+    :data:`~fastsae.backends.tunables.NUMBA_DENSE_DECODE_MIN_DENSITY`; one
+    parallel scan of ``f``, then ``N * L0 * d_in`` work), else with BLAS
+    (:func:`decode_dense_gemm`)."""
     n, d = f.shape
-    counts = _row_nnz(f)
-    if counts.sum() * NUMBA_DENSE_DECODE_INVERSE_DENSITY > n * d:
+    counts = row_nnz(f)
+    if counts.sum() >= min_density * n * d:
         return decode_dense_gemm(f, W_dec, b_dec)
-    indptr, indices, values = csr_from_counts(counts)
-    _fill_csr(f, indptr, indices, values)
-    return decode_csr(indptr, indices, values, W_dec, b_dec)
+    return decode_csr(*csr_of_counts(f, counts), W_dec, b_dec)
 
 
 @njit(parallel=True, cache=True)

@@ -38,7 +38,8 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (numba_xxgemm resolves sgemm from it)
 from numba import njit, prange, types
 
-__all__ = ["gemm", "warm_gemm", "centered", "encode_relu_dense", "encode_relu_csr"]
+__all__ = ["gemm", "warm_gemm", "centered", "encode_relu_dense", "encode_relu_csr",
+           "encode_relu_adaptive"]
 
 _F32P = types.CPointer(types.float32)
 # int numba_xxgemm(kind, transa, transb, m, n, k, *alpha, *a, lda, *b, ldb,
@@ -195,19 +196,21 @@ def _todo_blocks(block_mask):
 
 
 @njit(parallel=True, cache=True)
-def _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val):
-    """Pass 1 of :func:`encode_relu_csr` over every block of the fixed grid
-    of ``rb`` rows (parts of whole blocks per thread, single-threaded sgemm
-    into a per-thread workspace, compaction while cached): each row's count
-    to ``counts[row]`` and its first ``K = st_idx.shape[1]`` entries to
-    ``st_idx/st_val[row]``."""
+def _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, b_first, counts, st_idx, st_val):
+    """Pass 1 of :func:`encode_relu_csr` over the blocks ``b_first..`` of
+    the fixed grid of ``rb`` rows (parts of whole blocks per thread,
+    single-threaded sgemm into a per-thread workspace, compaction while
+    cached): each row's count to ``counts[row]`` and its first ``K =
+    st_idx.shape[1]`` entries to ``st_idx/st_val[row]``."""
     n = xc.shape[0]
     d_sae = W_enc.shape[1]
     K = st_idx.shape[1]
-    nblk = (n + rb - 1) // rb
+    nblk = (n + rb - 1) // rb - b_first
     parts = max(1, min(n_threads, nblk))
     for p in prange(parts):
         t0, t1 = _part_bounds(nblk, parts, p)
+        t0 += b_first
+        t1 += b_first
         Y = np.empty((rb, d_sae), np.float32)
         idx_ws = np.empty((rb, d_sae), np.int32)
         for b in range(t0, t1):
@@ -278,16 +281,24 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
     their final place. Call with BLAS limited to one thread.
     """
     n = xc.shape[0]
-    d_sae = W_enc.shape[1]
-    K = max(1, min(k_stage, d_sae))
+    K = max(1, min(k_stage, W_enc.shape[1]))
     warm_gemm()
     counts = np.zeros(n, np.int64)
     st_idx = np.empty((n, K), np.int32)
     st_val = np.empty((n, K), np.float32)
     rb = max(1, min(row_block, n))
+    _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, 0, counts, st_idx, st_val)
+    return _finish_csr(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val)
+
+
+@njit(cache=True)
+def _finish_csr(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val):
+    """After pass 1: the exact CSR from the staging area, rows that overflowed
+    it recomputed (:func:`_encode_blocks_overflow`)."""
+    n = xc.shape[0]
+    K = st_idx.shape[1]
     nblk = (n + rb - 1) // rb
     indptr = np.empty(n + 1, np.int64)
-    _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, counts, st_idx, st_val)
     indptr[0] = 0
     n_over = 0
     max_cnt = 0
@@ -308,3 +319,115 @@ def encode_relu_csr(xc, W_enc, b_enc, row_block, k_stage, n_threads):
         _encode_blocks_overflow(xc, W_enc, b_enc, rb, n_threads, _todo_blocks(mask), counts, K,
                                 indptr, indices, values)
     return indptr, indices, values, max_cnt
+
+
+@njit(parallel=True, cache=True)
+def _probe_blocks(xc, W_enc, rb, b_enc, probe):
+    """The first ``P = probe.shape[0]`` blocks of the grid, one per thread:
+    ``xc @ W_enc`` into ``probe[p]`` (bias not added) and the count of
+    positive ``pre + b_enc`` per block (int64 ``[P]``)."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    P = probe.shape[0]
+    cnt = np.zeros(P, np.int64)
+    for p in prange(P):
+        i0 = p * rb
+        i1 = min(n, i0 + rb)
+        blk = probe[p, :i1 - i0]
+        gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+        c = 0
+        for r in range(i1 - i0):
+            for j in range(d_sae):
+                c += 1 if blk[r, j] + b_enc[j] > 0 else 0
+        cnt[p] = c
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def _stage_probe(probe, b_enc, rb, counts, st_idx, st_val):
+    """Pass 1 of the CSR encoder for the probed blocks (compacted in place)."""
+    n = counts.shape[0]
+    d_sae = probe.shape[2]
+    K = st_idx.shape[1]
+    for p in prange(probe.shape[0]):
+        i0 = p * rb
+        i1 = min(n, i0 + rb)
+        blk = probe[p, :i1 - i0]
+        idx_ws = np.empty((i1 - i0, d_sae), np.int32)
+        for r in range(i1 - i0):
+            cnt = _compact_row(blk, r, b_enc, idx_ws)
+            counts[i0 + r] = cnt
+            for q in range(min(cnt, K)):
+                st_idx[i0 + r, q] = idx_ws[r, q]
+                st_val[i0 + r, q] = blk[r, q]
+
+
+@njit(parallel=True, cache=True)
+def _dense_rest(xc, W_enc, b_enc, rb, n_threads, probe, out):
+    """Dense codes into ``out``: the probed blocks copied with bias and ReLU,
+    the others computed as :func:`encode_relu_dense` does."""
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    P = probe.shape[0]
+    for p in prange(P):
+        i0 = p * rb
+        i1 = min(n, i0 + rb)
+        for r in range(i1 - i0):
+            src = probe[p, r]
+            dst = out[i0 + r]
+            for j in range(d_sae):
+                v = src[j] + b_enc[j]
+                dst[j] = v if v > 0 else np.float32(0.0)
+    nblk = (n + rb - 1) // rb - P
+    parts = max(1, min(n_threads, nblk))
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        for b in range(b0 + P, b1 + P):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            blk = out[i0:i1]
+            gemm(xc[i0:i1], W_enc, blk, 1.0, 0.0, False, False)
+            _bias_relu_block(blk, b_enc)
+
+
+@njit(cache=True)
+def encode_relu_adaptive(xc, W_enc, b_enc, row_block, k_stage, n_threads, min_density,
+                         probe_blocks):
+    """``relu(xc @ W_enc + b_enc)`` as dense codes or CSR, whichever this
+    batch's density calls for: ``(dense, f, indptr, indices, values,
+    max_row_count)``, with ``f`` float32 ``[N, d_sae]`` when ``dense`` (the
+    CSR arrays then empty) and the CSR of :func:`encode_relu_csr` otherwise
+    (``f`` empty).
+
+    The first ``probe_blocks`` blocks of the fixed grid are computed first
+    (in parallel) and their density (positives over entries) decides: at
+    least ``min_density`` -> dense, else CSR. Those blocks are reused either
+    way, so the probe costs one thread barrier, not work. The decision
+    depends on the inputs only: never on earlier calls nor on the thread
+    count (the probe is a fixed number of blocks), and every value is what
+    the dense or CSR encoder computes. Call with BLAS limited to one thread.
+    """
+    n = xc.shape[0]
+    d_sae = W_enc.shape[1]
+    warm_gemm()
+    rb = max(1, min(row_block, n))
+    nblk = (n + rb - 1) // rb
+    P = max(1, min(probe_blocks, nblk))
+    probe = np.empty((P, rb, d_sae), np.float32)
+    pcnt = _probe_blocks(xc, W_enc, rb, b_enc, probe)
+    rows = min(n, P * rb)
+    no_idx = np.empty(0, np.int64)
+    if pcnt.sum() >= min_density * rows * d_sae:
+        f = np.empty((n, d_sae), np.float32)
+        _dense_rest(xc, W_enc, b_enc, rb, n_threads, probe, f)
+        return True, f, no_idx, np.empty(0, np.int32), np.empty(0, np.float32), 0
+    K = max(1, min(k_stage, d_sae))
+    counts = np.zeros(n, np.int64)
+    st_idx = np.empty((n, K), np.int32)
+    st_val = np.empty((n, K), np.float32)
+    _stage_probe(probe, b_enc, rb, counts, st_idx, st_val)
+    if nblk > P:
+        _encode_blocks_stage(xc, W_enc, b_enc, rb, n_threads, P, counts, st_idx, st_val)
+    indptr, indices, values, mx = _finish_csr(xc, W_enc, b_enc, rb, n_threads, counts, st_idx,
+                                              st_val)
+    return False, np.empty((0, 0), np.float32), indptr, indices, values, mx

@@ -1,7 +1,8 @@
-"""Numba CPU training steps: the compiled cores of ``train_step`` (ReLU + L1)
-and ``train_step_topk`` (TopK/BatchTopK + AuxK), each chaining the kernels of
-:mod:`.encode`, :mod:`.decode`, :mod:`.norms`, :mod:`.backward` and
-:mod:`.adam` with no Python in between.
+"""Numba CPU training steps: the compiled cores of ``train_step`` (ReLU + L1,
+its sparse path; the dense one is :func:`.dense.step_core`) and
+``train_step_topk`` (TopK/BatchTopK + AuxK), each chaining the kernels of
+:mod:`.decode`, :mod:`.norms`, :mod:`.backward` and :mod:`.adam` after the
+encoder (:mod:`.encode`, :mod:`.topk`) with no Python in between.
 
 Layouts: ``x`` float32 ``[N, d_in]``, parameters in SAELens layouts
 (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
@@ -20,10 +21,8 @@ from numba import njit, prange
 from . import adam as A
 from . import backward as B
 from . import decode as D
-from . import encode as E
-from . import norms as NR
 
-__all__ = ["train_step_core", "topk_step_core"]
+__all__ = ["batch_variance", "train_step_core", "topk_step_core"]
 
 
 @njit(parallel=True, cache=True)
@@ -41,26 +40,31 @@ def _row_sq_dev(x, mean):
 
 
 @njit(cache=True)
-def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd,
-                    l1c, unit_norm, adam_c, fire_counts, row_block, k_stage, n_threads):
-    """One ReLU + L1 step: sparse encode (:func:`.encode.encode_relu_csr`,
-    ``row_block`` rows per block, ``k_stage`` staged entries per row),
-    decode fused with the residual, backward at the active entries and Adam
-    fused into the weight pass (:func:`.backward.feature_adam`); ``l1c`` is
-    the L1 coefficient, ``unit_norm`` the decoder-norm mode.
+def batch_variance(x):
+    """Mean over rows of ``|x_i - mean(x)|**2`` (float64), the denominator
+    of the explained variance."""
+    n = x.shape[0]
+    mean = B.column_sums_rows(x) / n
+    return _row_sq_dev(x, mean).sum() / n
 
-    Returns ``(mse, l1, nnz, variance_of_x, max_row_count, bad)`` with
-    ``bad`` nonzero exactly when an updated parameter is inf or NaN.
+
+@njit(cache=True)
+def train_step_core(x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec, mWe, vWe,
+                    mbe, vbe, mWd, vWd, mbd, vbd, norms, l1c, unit_norm, adam_c, fire_counts):
+    """A ReLU + L1 step after the encoder on its CSR codes (sparse: see
+    :func:`.encode.encode_relu_adaptive`), in place: decode fused with the
+    residual, backward at the active entries and Adam fused into the weight
+    pass (:func:`.backward.feature_adam`); ``xc = x - b_dec``, ``norms`` the
+    decoder row norms, ``l1c`` the L1 coefficient, ``unit_norm`` the
+    decoder-norm mode.
+
+    Returns ``(mse, l1, nnz, bad)`` with ``bad`` nonzero exactly when an
+    updated parameter is inf or NaN.
     """
     n, d_in = x.shape
     d_sae = W_dec.shape[0]
-    # forward (sparse: no N x d_sae array)
-    xc = E.centered(x, b_dec)
-    indptr, indices, values, max_cnt = E.encode_relu_csr(xc, W_enc, b_enc, row_block,
-                                                         k_stage, n_threads)
     d_xhat, row_sq = D.decode_residual_csr(indptr, indices, values, W_dec, b_dec, x)
     # backward, at the active entries only (old W_dec / W_enc read here)
-    norms = NR.row_norms(W_dec)
     penalty = np.ones(d_sae, np.float32) if unit_norm else norms
     l1n = l1c / n
     d_pre, row_l1 = B.d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
@@ -76,9 +80,7 @@ def train_step_core(x, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd,
             fire_counts[j] += colptr[j + 1] - colptr[j]
     mse = row_sq.sum() / n
     l1 = l1c * row_l1.sum() / n
-    mean = B.column_sums_rows(x) / n
-    var = _row_sq_dev(x, mean).sum() / n
-    return mse, l1, indptr[n], var, max_cnt, bad
+    return mse, l1, indptr[n], bad
 
 
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
