@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build the Cython kernels (kernels/cython/*.pyx -> fastsae.backends.cython._*)
-# with bounds checking on (FASTSAE_CYTHON_DEBUG=1) in a
-# throw-away copy of this checkout and run the cython backend's tests against
-# that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
+# Build the Cython kernels (kernels/cython/*.pyx -> fastsae.backends.cython._*,
+# dense.pyx included) with bounds checking on (FASTSAE_CYTHON_DEBUG=1) in a
+# throw-away copy of this checkout and run the cython backend's tests (and the
+# cython half of tests/test_density.py, both sides of the density switch)
+# against that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
 #
 # Then, where the compiler ships AddressSanitizer, the same again with
@@ -48,6 +49,12 @@ PYEOF
         env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
             "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py \
             tests/test_cython_topk.py "${@:4}"
+        # the dense path of the ReLU family (kernels/cython/dense.pyx) and the
+        # encoder's density switch, both sides of it
+        if [ -f tests/test_density.py ]; then
+            env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
+                "$PY" -m pytest -q -p no:cacheprovider tests/test_density.py -k cython "${@:4}"
+        fi
     )
 }
 

@@ -74,12 +74,15 @@ NUMBA_DENSE_DECODE_MIN_DENSITY = 0.125
 #: the fused Adam; a fixed grid, so results do not depend on the threads.
 NUMBA_DENSE_FEATURE_BLOCK = 256
 
-#: Density (nonzeros / (N * d_sae)) from which the Numba ReLU ``train_step``,
-#: ``decode`` of CSR codes and ``gradients`` take the dense path (BLAS
-#: products over dense codes) instead of the sparse one. Read at call time
-#: (tests set 0.0 to force dense, 2.0 to force sparse). Measured crossover:
-#: see benchmarks/RESULTS.md, "density".
-NUMBA_RELU_DENSE_MIN_DENSITY = 0.05
+#: Density (nonzeros / (N * d_sae)) from which the Numba ReLU ``train_step``
+#: and ``gradients`` take the dense path (BLAS products over dense codes)
+#: instead of the sparse one. Read at call time (tests set 0.0 to force
+#: dense, 2.0 to force sparse). Measured crossover of ``train_step`` (AMD
+#: EPYC, 2 cores, busy machine, so +-20%): about 0.075-0.09 at paper size
+#: (L0 620-750 of 8192), about 0.12 at batch 512, d_in 384, d_sae 6144;
+#: ``gradients`` about 0.11. One value between them; near the crossover the
+#: two paths cost about the same (benchmarks/RESULTS.md, "Density").
+NUMBA_RELU_DENSE_MIN_DENSITY = 0.09
 
 #: Row blocks the Numba ReLU ``train_step`` encodes first to measure the
 #: batch's density (``encode.encode_relu_adaptive``; they are kept, not
@@ -116,18 +119,64 @@ CYTHON_TOPK_TILE_ROWS = 512
 CYTHON_RELU_MIN_ROW_BLOCKS = 2
 CYTHON_TOPK_MIN_ROW_BLOCKS = 8
 
-#: Dense codes with at most this fraction of nonzeros are decoded by the
-#: Cython backend with a gather (skipping zeros); denser ones by sgemm.
-CYTHON_GATHER_MAX_DENSITY = 0.1
+#: Codes (CSR or dense) with at least this fraction of their entries nonzero
+#: are decoded by the Cython backend with sgemm (CSR codes scattered into
+#: dense row blocks first), sparser ones by a gather that skips zeros
+#: (measured crossover about 0.125 at paper size, as Numba's). Read at call
+#: time.
+CYTHON_DENSE_DECODE_MIN_DENSITY = 0.125
 
 #: Cython kernels with less work than this (multiply-adds or element visits)
 #: run on one thread: waking the OpenMP team costs more than it saves (and on
 #: a busy machine a descheduled worker can stall the team for a tick).
 CYTHON_PARALLEL_MIN_WORK = 1 << 20
 
-#: Density from which the Cython ReLU ``train_step``, ``decode`` of CSR codes
-#: and ``gradients`` take the dense path; read at call time, as Numba's.
-CYTHON_RELU_DENSE_MIN_DENSITY = 0.05
+#: Density from which the Cython ReLU ``train_step`` and ``gradients`` take
+#: the dense path; read at call time, measured as Numba's (crossovers within
+#: the same ranges).
+CYTHON_RELU_DENSE_MIN_DENSITY = 0.09
+
+# Blocks of the Cython dense ReLU path (fastsae/backends/cython/dense.py,
+# kernels/cython/dense.pyx) and of its dense encoder continuation; all
+# depend on the shape only, so results do not depend on the thread count.
+
+#: The dense backward's feature pass works on blocks of about
+#: ``d_sae / CYTHON_DENSE_MIN_FEATURE_BLOCKS`` features (a multiple of 64,
+#: clamped to ``[..._FEATURE_BLOCK_MIN, ..._FEATURE_BLOCK_MAX]``): each block
+#: runs three sgemms over its rows, then Adam on its ``W_dec`` rows and
+#: ``W_enc`` columns. Big blocks, because each sgemm's BLAS packing costs
+#: about ``1/block`` of its product (paper size, one thread: the pass took
+#: 4.0x the bare matmul with 256-feature blocks and 1024-row chunks,
+#: 3.3-3.5x with 768-1024 features and 2048-4096 rows; three products'
+#: floor 2.7x).
+CYTHON_DENSE_MIN_FEATURE_BLOCKS = 8
+CYTHON_DENSE_FEATURE_BLOCK_MIN = 256
+CYTHON_DENSE_FEATURE_BLOCK_MAX = 1024
+#: Rows per chunk of a feature block: the ``ROW_CHUNK x block`` ``d_pre``
+#: tile (16 MiB per thread at 1024 features) is made, masked and summed,
+#: then fed to the two gradient sgemms, which accumulate over the chunks in
+#: order. At paper size one chunk (4096 rows) measured ~8% faster than two
+#: (one thread, CPU time: 3.05x against 3.30x the bare matmul).
+CYTHON_DENSE_ROW_CHUNK = 4096
+#: Row blocks of the dense step's row pass (``x_hat = f @ W_dec``, one sgemm
+#: each, ``K = d_sae``): about ``N / 8`` rows, clamped to ``[256, 1024]``.
+CYTHON_DENSE_ROW_BLOCK_MIN = 256
+CYTHON_DENSE_ROW_BLOCK_MAX = 1024
+#: Row blocks of the dense CSR decoder (a ``rows x d_sae`` scatter buffer
+#: and one sgemm per block): about ``N / 8`` rows, clamped to ``[64, 512]``.
+CYTHON_DENSE_DECODE_ROWS_MIN = 64
+CYTHON_DENSE_DECODE_ROWS_MAX = 512
+#: Dense continuation of the ReLU step's encoder
+#: (``cython.encode.encode_relu_switch``): at least ``MIN_TASKS`` tiles where
+#: the shape allows, of at most ``MAX_ROWS`` rows and at least ``MIN_COLS``
+#: features. Far bigger tiles than the CSR encoder's (whose tile must stay in
+#: L2 for its compaction): a tile's BLAS packing costs about ``1/rows +
+#: 1/cols`` of its product, and the dense epilogue streams (at paper size
+#: 1.02x the bare matmul for 1024 x 8192 tiles against 1.18x for 256 x 512,
+#: one thread).
+CYTHON_DENSE_ENCODE_MIN_TASKS = 8
+CYTHON_DENSE_ENCODE_MAX_ROWS = 1024
+CYTHON_DENSE_ENCODE_MIN_COLS = 512
 
 # ------------------------------------------------------------------ cuda
 # Launch geometry of the CUDA kernels on a real GPU (under the simulator

@@ -13,6 +13,14 @@ compaction of the positive entries) runs on it while it is still in cache.
 The dense ``N x d_sae`` pre-activation matrix is never written for the sparse
 output, and never re-read for the dense one.
 
+Density switch (``encode_probe``): the first row block of the grid is
+computed alone (its feature tiles in parallel, each tile exactly as the CSR
+task computes it) into dense rows while its positives are counted; the
+caller then continues dense (``encode_dense`` from ``row0``, the probe rows
+stay as they are) or sparse (``encode_csr`` with ``probe``: row block 0's
+entries are compacted from the probe rows, no product is recomputed, and the
+CSR is bit-identical to one built without a probe).
+
 BLAS must run single-threaded inside the parallel region (the Python wrapper
 limits it with threadpoolctl); without OpenMP the task loop is serial and BLAS
 may use its own threads.
@@ -32,6 +40,45 @@ from libc.stdint cimport int64_t, int32_t
 import numpy as np
 
 from common cimport _sgemm_rm, blas_int
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* The probe's tile epilogue: out[r, j] = relu(tile[r, j] + b[j]) for a
+       rows x nc tile (row strides nc and ldo); returns the number of
+       positives. The select is a bit mask (+0.0 where v <= 0 or NaN, as
+       `v if v > 0 else 0` gives) so that GCC vectorizes the loop with the
+       count in it. */
+    static int64_t fastsae_probe_epilogue(const float* restrict tile, const float* restrict b,
+                                          float* restrict out, Py_ssize_t ldo,
+                                          Py_ssize_t rows, Py_ssize_t nc) {
+        Py_ssize_t r, j;
+        int64_t cnt = 0;
+        for (r = 0; r < rows; r++) {
+            const float* restrict t = tile + r * nc;
+            float* restrict o = out + r * ldo;
+            int32_t c = 0;
+            for (j = 0; j < nc; j++) {
+                float v = t[j] + b[j];
+                int32_t pos = v > 0;
+                uint32_t bits;
+                memcpy(&bits, &v, 4);
+                bits &= (uint32_t)(-pos);
+                memcpy(&v, &bits, 4);
+                o[j] = v;
+                c += pos;
+            }
+            cnt += c;
+        }
+        return cnt;
+    }
+    """
+    int64_t _probe_epilogue "fastsae_probe_epilogue"(const float* tile, const float* b,
+                                                     float* out, Py_ssize_t ldo,
+                                                     Py_ssize_t rows,
+                                                     Py_ssize_t nc) noexcept nogil
 
 
 cdef struct _TaskOut:
@@ -171,6 +218,46 @@ cdef int _sparse_task(const float* x, const float* W, const float* b_enc, const 
     return 0
 
 
+cdef int _compact_task(const float* f, Py_ssize_t ld, Py_ssize_t mr, Py_ssize_t c0,
+                       Py_ssize_t c1, _TaskOut* res) noexcept nogil:
+    """The positive entries of dense rows ``f[0:mr, c0:c1]`` (row stride
+    ``ld``) into res, row-major (the layout ``_sparse_task`` ends with).
+
+    Returns 0, or -1 when memory ran out (res then owns nothing)."""
+    cdef Py_ssize_t r, j, cnt, n = 0
+    cdef const float* row
+    res.idx = NULL
+    res.val = NULL
+    res.cursor = 0
+    res.rowcnt = <int64_t*>malloc(max(mr, 1) * sizeof(int64_t))
+    if res.rowcnt == NULL:
+        return -1
+    for r in range(mr):
+        row = f + r * ld
+        cnt = 0
+        for j in range(c0, c1):
+            cnt += row[j] > 0
+        res.rowcnt[r] = cnt
+        n += cnt
+    res.idx = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+    res.val = <float*>malloc(max(n, 1) * sizeof(float))
+    if res.idx == NULL or res.val == NULL:
+        free(res.idx); free(res.val); free(res.rowcnt)
+        res.idx = NULL
+        res.val = NULL
+        res.rowcnt = NULL
+        return -1
+    n = 0
+    for r in range(mr):
+        row = f + r * ld
+        for j in range(c0, c1):
+            if row[j] > 0:
+                res.idx[n] = <int32_t>j
+                res.val[n] = row[j]
+                n += 1
+    return 0
+
+
 def _check_blas_dims(x, W):
     if max(x.shape[0], W.shape[0], W.shape[1]) >= 2**31 - 1:
         raise ValueError("dimensions must fit BLAS's 32-bit integers")
@@ -178,17 +265,21 @@ def _check_blas_dims(x, W):
 
 def encode_dense(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
                  const float[::1] b_dec, float[:, ::1] out, Py_ssize_t tm, Py_ssize_t tn,
-                 Py_ssize_t chunks, int nthreads):
+                 Py_ssize_t chunks, int nthreads, Py_ssize_t row0=0):
     """relu((x - b_dec) @ W_enc + b_enc) into ``out [N, d_sae]``.
 
     ``x [N, d_in]``, ``W_enc [d_in, d_sae]``; tiles of ``tm`` rows by ``tn``
     features; each row block's features are split into ``chunks`` tasks.
+    ``row0``: the row blocks start there (``row0, row0 + tm, ...``); rows
+    before it are left as they are (``encode_probe`` made them).
     """
     _check_blas_dims(x, W_enc)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     if out.shape[0] != n or out.shape[1] != d_sae or tm < 1 or tn < 1 or chunks < 1:
         raise ValueError("bad output shape or tiling")
-    cdef Py_ssize_t nrb = (n + tm - 1) // tm
+    if row0 < 0 or row0 > n:
+        raise ValueError("row0 must be in [0, N]")
+    cdef Py_ssize_t nrb = (n - row0 + tm - 1) // tm
     cdef Py_ssize_t ntiles = (d_sae + tn - 1) // tn
     chunks = min(chunks, ntiles)
     cdef Py_ssize_t per = (ntiles + chunks - 1) // chunks  # tiles per chunk
@@ -204,7 +295,7 @@ def encode_dense(const float[:, ::1] x, const float[:, ::1] W_enc, const float[:
             else:
                 rb = task // chunks
                 cc = task % chunks
-                r0 = rb * tm
+                r0 = row0 + rb * tm
                 mr = min(tm, n - r0)
                 c0 = cc * per * tn
                 c1 = min(d_sae, (cc + 1) * per * tn)
@@ -215,18 +306,67 @@ def encode_dense(const float[:, ::1] x, const float[:, ::1] W_enc, const float[:
         raise MemoryError("encode_dense: could not allocate a tile buffer")
 
 
+def encode_probe(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
+                 const float[::1] b_dec, float[:, ::1] out, Py_ssize_t tm, Py_ssize_t tn,
+                 int nthreads):
+    """Row block 0 of the encoder's grid (rows ``0 : min(tm, N)``), dense:
+    ``relu`` of each ``tm x tn`` tile written into ``out[0:mr, :]``
+    (``out [>= mr, d_sae]``); returns how many entries are positive.
+
+    Each tile is one task (tiles in parallel) and is computed exactly as
+    ``encode_csr``'s task computes it (same sgemm shapes into a tile buffer),
+    so compacting these rows (``encode_csr(..., probe=out[:mr])``) gives the
+    CSR's bits; ``encode_dense(..., row0=tm)`` continues the dense codes."""
+    _check_blas_dims(x, W_enc)
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    if tm < 1 or tn < 1:
+        raise ValueError("bad tiling")
+    cdef Py_ssize_t mr = min(tm, n)
+    if out.shape[0] < mr or out.shape[1] != d_sae:
+        raise ValueError("encode_probe: out must have at least min(tm, N) rows of d_sae")
+    cdef Py_ssize_t ntiles = (d_sae + tn - 1) // tn, t, cs, nc
+    xc_a = np.empty((max(mr, 1), d_in), dtype=np.float32)
+    cdef float[:, ::1] xc = xc_a
+    cdef float* tile = NULL
+    cdef int failed = 0
+    cdef int64_t cnt = 0
+    _center_rows(&x[0, 0], &b_dec[0], &xc[0, 0], mr, d_in)
+    with nogil, parallel(num_threads=nthreads):
+        tile = <float*>malloc(mr * min(tn, d_sae) * sizeof(float))
+        for t in prange(ntiles, schedule="dynamic"):
+            if tile == NULL:
+                failed += 1
+            else:
+                cs = t * tn
+                nc = min(tn, d_sae - cs)
+                _sgemm_rm(<blas_int>mr, <blas_int>nc, <blas_int>d_in, 1.0, &xc[0, 0],
+                          <blas_int>d_in, &W_enc[0, 0] + cs, <blas_int>d_sae, 0.0, tile,
+                          <blas_int>nc)
+                cnt += _probe_epilogue(tile, &b_enc[cs], &out[0, 0] + cs, d_sae, mr, nc)
+        free(tile)
+    if failed:
+        raise MemoryError("encode_probe: could not allocate a tile buffer")
+    return int(cnt)
+
+
 def encode_csr(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
                const float[::1] b_dec, Py_ssize_t tm, Py_ssize_t tn, Py_ssize_t chunks,
-               int nthreads):
+               int nthreads, const float[:, ::1] probe=None):
     """relu((x - b_dec) @ W_enc + b_enc) as canonical CSR.
 
     Returns ``(indptr int64 [N+1], indices int32 [nnz], values float32 [nnz])``
     with the positive entries of each row in increasing feature order.
+    ``probe`` (``[min(tm, N), d_sae]``, from :func:`encode_probe` with the
+    same ``tm, tn``): row block 0 is compacted from it instead of computed.
     """
     _check_blas_dims(x, W_enc)
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
     if tm < 1 or tn < 1 or chunks < 1:
         raise ValueError("bad tiling")
+    cdef bint use_probe = probe is not None
+    if use_probe and (probe.shape[0] != min(tm, n) or probe.shape[1] != d_sae):
+        raise ValueError("encode_csr: probe must have shape (min(tm, N), d_sae)")
+    cdef const float* probe_p = &probe[0, 0] if use_probe else NULL
     cdef Py_ssize_t nrb = (n + tm - 1) // tm
     cdef Py_ssize_t ntiles = (d_sae + tn - 1) // tn
     chunks = min(chunks, ntiles)
@@ -261,8 +401,11 @@ def encode_csr(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1
                     mr = min(tm, n - r0)
                     c0 = cc * per * tn
                     c1 = min(d_sae, (cc + 1) * per * tn)
-                    if _sparse_task(&x[0, 0], &W_enc[0, 0], &b_enc[0], &b_dec[0], d_in, d_sae,
-                                    r0, mr, c0, c1, tn, xc, tile, &res[task]) != 0:
+                    if rb == 0 and use_probe:
+                        if _compact_task(probe_p, d_sae, mr, c0, c1, &res[task]) != 0:
+                            failed += 1
+                    elif _sparse_task(&x[0, 0], &W_enc[0, 0], &b_enc[0], &b_dec[0], d_in,
+                                      d_sae, r0, mr, c0, c1, tn, xc, tile, &res[task]) != 0:
                         failed += 1
             free(xc)
             free(tile)

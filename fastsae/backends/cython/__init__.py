@@ -3,8 +3,8 @@
 Every kernel source ``kernels/cython/NAME.pyx`` is compiled by ``setup.py``
 into ``fastsae.backends.cython._NAME`` and called from the wrapper module of
 the same name here (``encode``, ``topk``, ``decode``, ``norms``,
-``backward``, ``adam``; ``step`` assembles the training steps, ``_threads``
-holds the thread control; ``kernels/README.md`` has the table). They are the
+``backward``, ``adam``, ``dense``; ``step`` assembles the training steps,
+``_threads`` holds the thread control; ``kernels/README.md`` has the table). They are the
 same algorithms as the Numba backend:
 
 * encode: tiled BLAS ``sgemm`` (from ``scipy.linalg.cython_blas``) with the
@@ -15,7 +15,13 @@ same algorithms as the Numba backend:
   each feature's gradients are accumulated by one thread (race-free);
 * Adam: in the training steps fused into the backward's per-feature pass (so
   the gradient matrices are never stored); ``_adam.adam_step`` is the
-  stand-alone one-pass update of all four parameters.
+  stand-alone one-pass update of all four parameters;
+* dense path (``_dense``, wrapper ``dense``): at high code density the ReLU
+  ``train_step``, ``decode`` of sparse codes and ``gradients`` use dense
+  BLAS products instead (the step decides from this batch's density on the
+  encoder's first row block, against
+  ``tunables.CYTHON_RELU_DENSE_MIN_DENSITY``, decode against
+  ``CYTHON_DENSE_DECODE_MIN_DENSITY``; both read at call time).
 
 The extensions are optional. When they were not built (no C compiler at
 install time) or fail to import, :func:`check_available` raises
@@ -50,7 +56,8 @@ AUTO_SELECT = True
 
 _IMPORT_ERROR: Exception | None = None
 try:  # the compiled kernels are optional
-    from . import _adam, _backward, _decode, _encode, _norms, _runtime, _topk  # noqa: F401
+    from . import (_adam, _backward, _decode, _dense, _encode, _norms,  # noqa: F401
+                   _runtime, _topk)
 except ImportError as exc:  # not built, or built for another Python/NumPy
     _IMPORT_ERROR = exc
 

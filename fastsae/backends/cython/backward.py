@@ -2,6 +2,10 @@
 computed from the active entries only (``kernels/cython/backward.pyx``):
 sparse ``d_pre``, a CSR -> CSC transpose so that each feature's gradients
 are summed by one thread (race-free, deterministic for any thread count).
+ReLU ``gradients`` of codes with a density (stored entries of sparse codes,
+nonzeros of dense ones, over ``N * d_sae``) of at least
+:data:`~fastsae.backends.tunables.CYTHON_RELU_DENSE_MIN_DENSITY` (read at
+call time) go to :func:`.dense.gradients` (dense BLAS products) instead.
 
 Arrays come from the validating front: ``x, x_hat [N, d_in]``,
 :class:`~fastsae.params.SAEParams` in SAELens layouts, codes dense
@@ -14,7 +18,8 @@ import numpy as np
 
 from ...params import Losses, SAEParams
 from ...sparse import SparseCodes
-from . import _backward, _decode
+from .. import tunables as TU
+from . import _backward, _decode, dense
 from .encode import csr_arrays
 from .norms import decoder_column_norms
 from ._threads import threads
@@ -41,6 +46,12 @@ def _grads_into(x, params: SAEParams, csr, x_hat, l1_coefficient, decoder_norm, 
 def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     """Loss parts and gradients (see :func:`fastsae.reference.gradients`)."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
+    if isinstance(codes, SparseCodes):
+        nnz = codes.indices.shape[0]
+    else:
+        nnz = _decode.count_nonzero(codes, threads(n * d_sae))
+    if nnz / (n * d_sae) >= TU.CYTHON_RELU_DENSE_MIN_DENSITY:
+        return dense.gradients(x, params, codes, x_hat, l1_coefficient, decoder_norm)
     csr = csr_arrays(codes, threads(n * d_sae))
     nt = _backward_threads(n, d_in, d_sae, csr[1].shape[0])
     norms = decoder_column_norms(params.W_dec)

@@ -2,9 +2,11 @@
 ``x_hat = codes @ W_dec + b_dec``, float32 ``[N, d_in]``.
 
 Sparse codes: a gather-accumulate of the active decoder rows, parallel over
-rows. Dense codes: the same gather (skipping zeros) when at most
-:data:`~fastsae.backends.tunables.CYTHON_GATHER_MAX_DENSITY` of the entries
-are nonzero, else one ``sgemm`` per row block. Arrays come from the
+rows; codes with a density ``nnz / (N * d_sae)`` of at least
+:data:`~fastsae.backends.tunables.CYTHON_DENSE_DECODE_MIN_DENSITY` (read at
+call time) go to :func:`.dense.decode_csr` (row blocks scattered dense, one
+sgemm each) instead. Dense codes: the same gather (skipping zeros) below
+that density, else one ``sgemm`` per row block. Arrays come from the
 validating front (``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, C-contiguous
 float32; canonical :class:`SparseCodes`).
 """
@@ -14,14 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from ...sparse import SparseCodes
-from ..tunables import (CYTHON_GATHER_MAX_DENSITY, CYTHON_RELU_MIN_ROW_BLOCKS,
-                        CYTHON_RELU_TILE_ROWS)
-from . import _decode
+from .. import tunables as TU
+from ..tunables import CYTHON_RELU_MIN_ROW_BLOCKS, CYTHON_RELU_TILE_ROWS
+from . import _decode, dense
 from ._threads import blas_single, row_tile, threads
 
 
 def decode_csr(codes: SparseCodes, W_dec, b_dec):
-    """:func:`decode` of sparse codes (also used inside the training steps)."""
+    """:func:`decode` of sparse codes by the gather (also used inside the
+    training steps' sparse paths, which decided on sparse already)."""
     n, d_in = codes.shape[0], W_dec.shape[1]
     out = np.empty((n, d_in), dtype=np.float32)
     _decode.decode_csr(codes.indptr, codes.indices, codes.values, W_dec, b_dec, out,
@@ -32,12 +35,15 @@ def decode_csr(codes: SparseCodes, W_dec, b_dec):
 def decode(codes, W_dec, b_dec):
     """``codes @ W_dec + b_dec``, float32 ``[N, d_in]``; codes dense or sparse."""
     if isinstance(codes, SparseCodes):
+        cells = codes.shape[0] * codes.shape[1]
+        if cells and codes.indices.shape[0] / cells >= TU.CYTHON_DENSE_DECODE_MIN_DENSITY:
+            return dense.decode_csr(codes, W_dec, b_dec)
         return decode_csr(codes, W_dec, b_dec)
     f = codes
     nt = threads(f.size)
     out = np.empty((f.shape[0], W_dec.shape[1]), dtype=np.float32)
     nnz = _decode.count_nonzero(f, nt)
-    if nnz <= CYTHON_GATHER_MAX_DENSITY * f.size:
+    if nnz < TU.CYTHON_DENSE_DECODE_MIN_DENSITY * f.size:
         nt = threads(f.size + nnz * W_dec.shape[1])
         _decode.decode_dense_gather(f, W_dec, b_dec, out, nt)
     else:

@@ -1,5 +1,12 @@
 """Training steps of the ``cython`` backend: forward, sparse backward and
-Adam in place, never forming an ``N x d_sae`` matrix.
+Adam in place, never forming an ``N x d_sae`` matrix (except on the ReLU
+step's dense path, below).
+
+The ReLU step measures this batch's code density on the encoder's first row
+block (:func:`.encode.encode_relu_switch`); at or above
+:data:`~fastsae.backends.tunables.CYTHON_RELU_DENSE_MIN_DENSITY` (read at
+call time) it continues with dense codes and :func:`.dense.step` (dense BLAS
+products, Adam fused), else with CSR codes and the sparse path below.
 
 Both steps end in one ``_backward.train_backward`` call, which applies Adam
 inside the backward's per-feature pass (see :mod:`.adam`), so no gradient
@@ -14,12 +21,13 @@ from __future__ import annotations
 import numpy as np
 
 from ...params import AdamState, SAEParams, StepResult
+from .. import tunables as TU
 from ..numerics import auxk_active, auxk_weight, relu_step_result, topk_step_result
-from . import _backward
+from . import _backward, dense
 from ._threads import threads
 from .adam import moment_arrays, step_constants
 from .decode import decode_csr
-from .encode import encode_relu_sparse
+from .encode import encode_relu_switch
 from .norms import decoder_column_norms
 from .topk import encode_aux, encode_batchtopk, encode_topk, encode_topk_with_aux
 
@@ -33,11 +41,18 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                fire_counts=None) -> StepResult:
     """Forward (fused sparse encode, sparse decode), sparse backward and fused
     Adam on batch ``x``, updating ``params``, ``state`` and ``fire_counts``
-    in place. Returns the batch's losses, L0 and explained variance,
-    measured before the update."""
+    in place; or, when this batch's codes are dense (see the module
+    docstring), the same with dense codes through :func:`.dense.step`.
+    Returns the batch's losses, L0 and explained variance, measured before
+    the update."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     norms = decoder_column_norms(params.W_dec)
-    codes = encode_relu_sparse(x, params.W_enc, params.b_enc, params.b_dec)
+    f, codes = encode_relu_switch(x, params.W_enc, params.b_enc, params.b_dec,
+                                  TU.CYTHON_RELU_DENSE_MIN_DENSITY)
+    if f is not None:
+        return dense.step(params, state, x, f, norms, l1_coefficient=l1_coefficient, lr=lr,
+                          decoder_norm=decoder_norm, beta1=beta1, beta2=beta2, eps=eps,
+                          fire_counts=fire_counts)
     x_hat = decode_csr(codes, params.W_dec, params.b_dec)
     nt = _step_threads(n, d_in, d_sae, codes.indices.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
