@@ -213,7 +213,7 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
         with _blas_single():
             mse, l1, gWe, gbe, gWd, gbd = DN.relu_gradients(
                 x, xc, f, x_hat, params.W_enc, params.W_dec, NR.row_norms(params.W_dec),
-                float(l1_coefficient), unit, NUMBA_RELU_ROW_BLOCK, get_num_threads())
+                float(l1_coefficient), unit, get_num_threads())
     else:
         indptr, indices, values = (_as_csr(codes) if sparse_in
                                    else D.csr_of_counts(codes, counts))
@@ -263,7 +263,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
         if dense:
             mse, l1, nnz, bad = DN.step_core(
                 x, xc, f, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state), norms,
-                float(l1_coefficient), unit, adam_c, counts, NUMBA_RELU_ROW_BLOCK, nt)
+                float(l1_coefficient), unit, adam_c, counts, nt)
         else:
             _learn_k(d_sae, mx)
             mse, l1, nnz, bad = S.train_step_core(

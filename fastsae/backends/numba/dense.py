@@ -23,8 +23,8 @@ the face on each call's own inputs) the training step, ``decode`` and
 Layouts as everywhere in this backend: ``x``, ``xc = x - b_dec`` float32
 ``[N, d_in]``; ``f`` float32 ``[N, d_sae]``; ``W_enc [d_in, d_sae]``,
 ``W_dec [d_sae, d_in]``; all C-contiguous. Every product is a
-single-threaded sgemm on one block of a fixed grid (rows of
-:data:`~fastsae.backends.tunables.NUMBA_RELU_ROW_BLOCK`, features of
+single-threaded sgemm on one block of a grid fixed by the shape (rows:
+:func:`row_block`, features of
 :data:`~fastsae.backends.tunables.NUMBA_DENSE_FEATURE_BLOCK`) inside a
 parallel loop, and column sums are summed per row block then over blocks in
 order, so results do not depend on the thread count. Call with BLAS limited
@@ -36,12 +36,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..tunables import NUMBA_DENSE_FEATURE_BLOCK
+from ..tunables import (NUMBA_DENSE_FEATURE_BLOCK, NUMBA_DENSE_ROW_BLOCK_MAX,
+                         NUMBA_DENSE_ROW_MIN_BLOCKS)
 from .adam import adam_elem, const_tuple, nonfinite_in
 from .backward import b_dec_grad, column_sums_rows, decoder_row_grad_tail, decoder_row_adam
 from .encode import _part_bounds, gemm, warm_gemm
 
-__all__ = ["step_core", "relu_gradients", "decode_csr", "csr_to_dense"]
+__all__ = ["row_block", "step_core", "relu_gradients", "decode_csr", "csr_to_dense"]
+
+
+@njit(cache=True)
+def row_block(n):
+    """Rows per block of :func:`_row_pass` (shape-only, see
+    :data:`~fastsae.backends.tunables.NUMBA_DENSE_ROW_BLOCK_MAX`)."""
+    rb = (n + NUMBA_DENSE_ROW_MIN_BLOCKS - 1) // NUMBA_DENSE_ROW_MIN_BLOCKS
+    return max(1, min(NUMBA_DENSE_ROW_BLOCK_MAX, rb))
 
 
 @njit(parallel=True, cache=True)
@@ -205,7 +214,7 @@ def _feature_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, fb, g
 
 @njit(cache=True, error_model="numpy")
 def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd,
-              norms, l1c, unit_norm, adam_c, fire_counts, row_block, n_threads):
+              norms, l1c, unit_norm, adam_c, fire_counts, n_threads):
     """A ReLU + L1 step after the encoder, on dense codes ``f`` (``relu(xc
     W_enc + b_enc)``, float32 ``[N, d_sae]``), in place: the row pass, the
     bias gradients (``g_b_dec`` from the old ``W_enc``), the feature pass
@@ -218,7 +227,7 @@ def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd
     penalty = np.ones(d_sae, np.float32) if unit_norm else norms
     c = np.float32(l1c / n)
     d_xhat, d_pre, row_sq, pd, pf, pc = _row_pass(
-        f, x, np.empty((0, 0), np.float32), W_dec, b_dec, penalty, c, row_block, n_threads)
+        f, x, np.empty((0, 0), np.float32), W_dec, b_dec, penalty, c, row_block(n), n_threads)
     g_b_enc, csum, cnt = _column_totals(pd, pf, pc)
     g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
     bad = _feature_adam(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, g_b_enc,
@@ -237,8 +246,7 @@ def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd
 
 
 @njit(cache=True)
-def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, row_block,
-                   n_threads):
+def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, n_threads):
     """The ReLU loss's parts and gradients from dense codes ``f`` and the
     given ``x_hat``: ``(mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec)`` (see
     :func:`fastsae.backends.reference.gradients`)."""
@@ -248,7 +256,7 @@ def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, row_blo
     penalty = np.ones(d_sae, np.float32) if unit_norm else norms
     c = np.float32(l1c / n)
     d_xhat, d_pre, row_sq, pd, pf, pc = _row_pass(
-        f, x, x_hat, W_dec, np.empty(0, np.float32), penalty, c, row_block, n_threads)
+        f, x, x_hat, W_dec, np.empty(0, np.float32), penalty, c, row_block(n), n_threads)
     g_b_enc, csum, _ = _column_totals(pd, pf, pc)
     g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
     g_W_enc = np.empty((d_in, d_sae), np.float32)
