@@ -9,8 +9,10 @@ versions in alternating processes and compare the medians::
 Arguments: backends, step kinds (``topk``: ``train_step_topk(k=32)``; ``relu``:
 ``train_step`` with weighted L1), a label and optionally the initial ``b_enc``
 value (default 0: half the features fire; -2.6 gives L0 about 39 at this
-shape, the sparse regime). 12 steps each, the first 2 dropped (compilation,
-warm caches); prints median and min in ms and the last step's L0.
+shape, the sparse regime) and optionally the ReLU path, ``auto`` (default),
+``dense`` or ``sparse`` (the numba/cython density thresholds set to 0 or 2).
+12 steps each, the first 2 dropped (compilation, warm caches); prints median
+and min in ms and the last step's L0.
 """
 import sys, time, statistics
 import numpy as np
@@ -22,6 +24,11 @@ W_enc = (rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in)).astype(np.float32)
 W_dec = np.ascontiguousarray(W_enc.T); W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
 x = rng.normal(size=(n, d_in)).astype(np.float32)
 b0 = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+path = sys.argv[5] if len(sys.argv) > 5 else "auto"
+if path != "auto":
+    from fastsae.backends import tunables
+    for _name in ("NUMBA_RELU_DENSE_MIN_DENSITY", "CYTHON_RELU_DENSE_MIN_DENSITY"):
+        setattr(tunables, _name, {"dense": 0.0, "sparse": 2.0}[path])
 p = SAEParams(W_enc, np.full(d_sae, b0, np.float32), W_dec, np.zeros(d_in, np.float32))
 for name in sys.argv[1].split(","):
     be = fastsae.get_backend(name)
