@@ -84,13 +84,15 @@ class Losses:
     ``f_ij * ||W_dec[j]||`` (``weighted_l1``) or of ``f_ij`` (``unit_norm``),
     averaged over the rows. ``total = mse + l1``. For TopK activations there
     is no L1 term; ``aux`` holds the (already weighted) AuxK loss, included in
-    ``total``.
+    ``total``. For JumpReLU, ``l0_loss`` holds the (weighted) L0 term,
+    included in ``total``.
     """
 
     mse: float
     l1: float
     total: float
     aux: float = 0.0
+    l0_loss: float = 0.0
 
 
 @dataclass

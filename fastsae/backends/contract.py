@@ -81,6 +81,9 @@ _ADAM = (("lr", "float > 0"), ("beta1", "float in [0, 1)"), ("beta2", "float in 
          ("eps", "float > 0"))
 _FIRE = ("fire_counts", "int64 [d_sae] or None; += rows each feature fired in")
 _ENC = (_X, _W_ENC, _B_ENC, _B_DEC)
+_LOG_THETA = ("log_threshold", "float32 [d_sae]: JumpReLU thresholds are exp(log_threshold)")
+_BANDWIDTH = ("bandwidth", "float > 0: width of the rectangle kernel")
+_L0C = ("l0_coefficient", "float >= 0")
 
 ATTRIBUTES = (
     Attribute("NAME", str, "the backend's registry name"),
@@ -142,6 +145,19 @@ FUNCTIONS = (
               ("aux_coefficient", "float >= 0")),
              "StepResult with aux and extra['min_active']",
              inplace=("params", "state", "fire_counts")),
+    # ------------------------------------------------------------ JumpReLU family
+    Function("jumprelu_gradients", "jumprelu",
+             (_X, _PARAMS, _LOG_THETA, _BANDWIDTH, _L0C),
+             "(Losses with l0_loss, SAEParams of gradients (W_dec's projected), "
+             "float32 [d_sae] gradient of log_threshold)"),
+    Function("train_step_jumprelu", "jumprelu",
+             (_PARAMS_IO, _STATE, _X, ("*", ""), _LOG_THETA,
+              ("threshold_m", "float32 [d_sae], Adam's first moment of log_threshold"),
+              ("threshold_v", "float32 [d_sae], Adam's second moment of log_threshold"),
+              _BANDWIDTH, _L0C, *_ADAM, _FIRE),
+             "StepResult with extra['l0_loss'] (before the update)",
+             inplace=("params", "state", "log_threshold", "threshold_m", "threshold_v",
+                      "fire_counts")),
 )
 
 #: Every name a backend face must define.

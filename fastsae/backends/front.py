@@ -102,7 +102,7 @@ class Backend:
         return x, params, codes, x_hat
 
     @staticmethod
-    def _step_writes(params, state, x, fire_counts, dead_mask=None):
+    def _step_writes(params, state, x, fire_counts, dead_mask=None, extra_written=None):
         """Every array a step updates must be its own: refuse aliasing among
         the parameters, the moments and ``fire_counts``, and with the batch
         or mask they read (checked before anything is written)."""
@@ -112,6 +112,7 @@ class Backend:
             written.update({f"state.{part}.{k}": getattr(moments, k) for k in SAEParams.NAMES})
         if fire_counts is not None:
             written["fire_counts"] = fire_counts
+        written.update(extra_written or {})
         read = {"x": x}
         if dead_mask is not None:
             read["dead_mask"] = dead_mask
@@ -231,6 +232,56 @@ class Backend:
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
             aux_coefficient=aux_coefficient)
+
+    # ------------------------------------------------------------ JumpReLU family
+    def jumprelu_gradients(self, x, params: SAEParams, log_threshold, bandwidth,
+                           l0_coefficient):
+        """Losses and gradients of a JumpReLU step at thresholds
+        ``exp(log_threshold)`` (see :func:`fastsae.reference.jumprelu_gradients`):
+        ``(Losses, SAEParams, g_log_threshold)``; the codes are computed
+        inside (the threshold's pseudo-gradient needs the pre-activations
+        just below each threshold, which codes do not hold)."""
+        params = V.params_arg(params, self._device)
+        x = V.as_float_array(x, "x", 2, self._device)
+        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        log_threshold = V.as_float_array(log_threshold, "log_threshold", 1, self._device)
+        V.check_dim("log_threshold", log_threshold.shape[0], params.d_sae, "length")
+        bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
+        l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
+        losses, grads, g_lt = self._m.jumprelu_gradients(x, params, log_threshold, bandwidth,
+                                                         l0c)
+        return _loud_losses(losses), grads, g_lt
+
+    def train_step_jumprelu(self, params: SAEParams, state: AdamState, x, *, log_threshold,
+                            threshold_m, threshold_v, bandwidth, l0_coefficient, lr,
+                            beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+        """One JumpReLU step in place: the four parameters, ``log_threshold``
+        and its Adam moments ``threshold_m``/``threshold_v`` (float32
+        ``[d_sae]``, updated in place at the same Adam step); see
+        :func:`fastsae.reference.train_step_jumprelu`. All or nothing, finite
+        or loud, as :meth:`train_step`."""
+        params = V.params_inplace(params, self._device)
+        V.adam_state_arg(state, params, self._device)
+        V.fire_counts_arg(fire_counts, params.d_sae, self._device)
+        for name, a in (("log_threshold", log_threshold), ("threshold_m", threshold_m),
+                        ("threshold_v", threshold_v)):
+            V.float_vector_inplace(a, name, params.d_sae, self._device)
+        x = V.as_float_array(x, "x", 2, self._device)
+        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
+        l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
+        lr = V.as_scalar(lr, "lr")
+        beta1 = V.as_scalar(beta1, "beta1", high=1.0)
+        beta2 = V.as_scalar(beta2, "beta2", high=1.0)
+        eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
+        self._step_writes(params, state, x, fire_counts,
+                          extra_written={"log_threshold": log_threshold,
+                                         "threshold_m": threshold_m,
+                                         "threshold_v": threshold_v})
+        return self._m.train_step_jumprelu(
+            params, state, x, log_threshold=log_threshold, threshold_m=threshold_m,
+            threshold_v=threshold_v, bandwidth=bandwidth, l0_coefficient=l0c, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts)
 
     # ------------------------------------------------------------ placement
     def to_backend(self, obj):

@@ -122,3 +122,25 @@ def topk_step_result(mse, aux, nnz, n_rows, var, values,
     return StepResult(mse=mse, l1=0.0, total=loud_loss(mse + aux), l0=float(nnz) / int(n_rows),
                       explained_variance=explained_variance(mse, var), aux=aux,
                       extra={"min_active": min_active(values)})
+
+
+def jumprelu_step_result(mse, l0_loss, nnz, n_rows, var,
+                         params_finite: bool = True) -> StepResult:
+    """The result of one JumpReLU step: ``extra["l0_loss"]`` is the weighted
+    L0 term (``l0_coefficient * nnz / N``), in ``total``; no L1 or aux term;
+    ``params_finite`` covers the four parameters and ``log_threshold``."""
+    mse, l0_loss = loud_loss(mse, params_finite), loud_loss(l0_loss, params_finite)
+    return StepResult(mse=mse, l1=0.0, total=loud_loss(mse + l0_loss),
+                      l0=float(nnz) / int(n_rows), explained_variance=explained_variance(mse, var),
+                      extra={"l0_loss": l0_loss})
+
+
+def jumprelu_window(log_threshold, bandwidth):
+    """``(theta, lo, hi)`` per feature in ``log_threshold``'s dtype: JumpReLU's
+    thresholds ``exp(log_threshold)`` and the open window ``lo < pre < hi``
+    of the rectangle kernel, ``theta -/+ bandwidth / 2`` (see the reference's
+    JumpReLU section). Every backend computes them with this function, so
+    window membership agrees bit for bit given the same pre-activations."""
+    theta = np.exp(log_threshold)
+    half = log_threshold.dtype.type(0.5 * bandwidth)
+    return theta, theta - half, theta + half

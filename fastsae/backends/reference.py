@@ -37,7 +37,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from ..params import AdamState, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from .host import synchronize, to_backend, to_numpy  # noqa: F401  (contract: placement)
-from .numerics import auxk_active, auxk_weight, min_active
+from .numerics import auxk_active, auxk_weight, jumprelu_step_result, min_active
+from .numerics import jumprelu_window as _jumprelu_window
 from .numerics import explained_variance as _explained_variance
 
 from .contract import NAMES as _CONTRACT
@@ -45,7 +46,7 @@ from .contract import NAMES as _CONTRACT
 #: The contract, plus the oracle's own building blocks that tests use.
 __all__ = list(_CONTRACT) + ["pre_activations", "losses", "adam_update",
                              "normalize_decoder_rows", "explained_variance", "encode_topk_aux",
-                             "aux_scale"]
+                             "aux_scale", "jumprelu_window", "adam_vector"]
 
 NAME = "numpy"
 DESCRIPTION = "dense NumPy reference (the oracle)"
@@ -391,3 +392,106 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
                    explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
                    extra={"min_active": min_active(codes.values)}), params, "aux")
+
+
+# ---------------------------------------------------------------- JumpReLU family
+# Training a JumpReLU SAE (Rajamanoharan et al. 2024, as SAELens 6.54 trains
+# it in its "step" sparsity mode), with a unit-norm decoder (as Gemma Scope
+# trained; gradient of W_dec projected, rows renormalized after each update).
+#
+#   theta = exp(log_threshold)                  per feature, float32 [d_sae]
+#   pre   = (x - b_dec) @ W_enc + b_enc
+#   f     = pre * (pre > theta)                 (theta > 0, so relu is implied)
+#   x_hat = f @ W_dec + b_dec
+#   mse   = mean_i sum_k (x_hat_ik - x_ik)**2
+#   l0_loss = l0_coefficient * mean_i sum_j H(pre_ij - theta_j)
+#   total = mse + l0_loss
+#
+# Window (the rectangle kernel of bandwidth eps): lo_j < pre_ij < hi_j with
+# lo = theta - 0.5 * eps and hi = theta + 0.5 * eps, both computed once per
+# feature in the working dtype (SAELens's -0.5 < (pre - theta) / eps < 0.5,
+# up to rounding at the edges; per-feature bounds let a fused encoder test
+# each entry with one comparison, pre > lo).
+#
+# Gradients, with d_f = d_xhat @ W_dec.T, d_xhat = 2 (x_hat - x) / N:
+#   pre:   d_pre = d_f where pre > theta (the jump's straight-through part)
+#   theta: sum_i over the window of
+#            -(theta / eps) * d_f_ij          (JumpReLU's pseudo-derivative)
+#            -(1 / eps) * l0_coefficient / N  (Step's, for the L0 term)
+#   log_threshold: the theta gradient times theta.
+# Only entries with pre > lo are ever needed: the active ones (pre > theta)
+# and the window's. Both pseudo-derivatives are exact derivatives of smoothed
+# surrogates: S(z) = clip(z / eps + 1/2, 0, 1) replaces H(pre - theta) in the
+# L0 term, and theta0 * (S(pre - theta) - S(pre - theta0)) is added to each
+# code for the reconstruction term (zero at theta = theta0, the current point).
+
+#: ``(theta, lo, hi)`` of the window (shared by every backend).
+jumprelu_window = _jumprelu_window
+
+
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+    """Losses and gradients of a JumpReLU SAE step (see the section comment).
+
+    ``log_threshold`` float ``[d_sae]``. Returns ``(Losses, SAEParams,
+    g_log_threshold)``: ``Losses.l0_loss`` holds the weighted L0 term
+    (``l1`` and ``aux`` are 0), the ``W_dec`` gradient is projected (parallel
+    component of each row removed), ``g_log_threshold`` has
+    ``log_threshold``'s shape.
+    """
+    n = x.shape[0]
+    W_enc, W_dec = params.W_enc, params.W_dec
+    dt = x.dtype.type
+    xc = x - params.b_dec
+    pre = xc @ W_enc + params.b_enc
+    theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
+    active = pre > theta[None, :]
+    window = (pre > lo[None, :]) & (pre < hi[None, :])
+    f = np.where(active, pre, 0).astype(pre.dtype)
+    x_hat = f @ W_dec + params.b_dec
+    d_xhat = 2.0 * (x_hat - x) / n
+    g_W_dec = _project_out_parallel(f.T @ d_xhat, W_dec)
+    g_b_dec = d_xhat.sum(axis=0)
+    d_f = d_xhat @ W_dec.T
+    d_pre = np.where(active, d_f, 0).astype(pre.dtype)
+    g_W_enc = xc.T @ d_pre
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
+    inv_eps = 1.0 / bandwidth
+    g_theta = (-(theta * dt(inv_eps)) * np.where(window, d_f, 0).sum(axis=0)
+               - dt(inv_eps * l0_coefficient / n) * window.sum(axis=0))
+    g_log_threshold = (g_theta * theta).astype(log_threshold.dtype)
+    mse = float(np.sum((x_hat - x) ** 2) / n)
+    l0_loss = float(l0_coefficient * active.sum() / n)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec), g_log_threshold)
+
+
+def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
+    """Adam on one extra parameter array (the thresholds), in place, at the
+    1-based step ``t`` that :func:`adam_update` just used."""
+    m[...] = beta1 * m + (1 - beta1) * g
+    v[...] = beta2 * v + (1 - beta2) * g * g
+    p -= (lr * (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)).astype(p.dtype)
+
+
+def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
+                        threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
+                        beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+    """One JumpReLU training step (forward, backward, Adam on the four
+    parameters and on ``log_threshold`` with its moments ``threshold_m``,
+    ``threshold_v`` at the same step ``t``, decoder-row renormalization), in
+    place. ``StepResult.extra["l0_loss"]`` is the weighted L0 term; ``l0``
+    the measured L0 (active entries per row)."""
+    loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient)
+    theta = np.exp(log_threshold)
+    pre = pre_activations(x, params.W_enc, params.b_enc, params.b_dec)
+    active = pre > theta[None, :]
+    adam_update(params, grads, state, lr, beta1, beta2, eps)
+    adam_vector(log_threshold, g_lt, threshold_m, threshold_v, state.step, lr, beta1, beta2, eps)
+    normalize_decoder_rows(params.W_dec)
+    if fire_counts is not None:
+        fire_counts += active.sum(axis=0)
+    finite = (all(np.isfinite(a).all() for a in params.arrays())
+              and bool(np.isfinite(log_threshold).all()))
+    return jumprelu_step_result(loss.mse, loss.l0_loss, int(active.sum()), x.shape[0],
+                                float(np.sum((x - x.mean(axis=0)) ** 2) / x.shape[0]), finite)

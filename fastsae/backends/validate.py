@@ -200,6 +200,29 @@ def fire_counts_arg(fire_counts, d_sae: int, allow_device=False) -> None:
         raise TypeError(f"fire_counts must be a writable, contiguous int64 array, got {dtype}")
 
 
+def float_vector_inplace(a, name: str, length: int, allow_device=False):
+    """A float32 ``[length]`` array a training step updates in place (the
+    JumpReLU thresholds and their moments): C-contiguous, writeable, never
+    converted (a converted copy would silently not be trained)."""
+    if allow_device and is_device_array(a):
+        shape, dtype = _device_shape_dtype(a)
+        contiguous, writeable = True, True
+    elif isinstance(a, np.ndarray):
+        shape, dtype = a.shape, a.dtype
+        contiguous, writeable = a.flags.c_contiguous, a.flags.writeable
+    else:
+        raise TypeError(f"{name} must be a float32 array (updated in place), "
+                        f"got {type(a).__name__}")
+    if tuple(shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(shape)}")
+    if dtype != np.float32 or not contiguous:
+        raise TypeError(f"{name} must be a C-contiguous float32 array (updated in place), "
+                        f"got {dtype}, C-contiguous={contiguous}")
+    if not writeable:
+        raise ValueError(f"{name} is read-only; a training step updates it in place")
+    return a
+
+
 def no_aliasing(written: dict, read: dict | None = None) -> None:
     """Refuse arrays that a step writes in place (``written``: name -> array)
     when any of them shares memory with another written or read array: the
