@@ -100,6 +100,23 @@ NUMBA_RELU_DENSE_MIN_DENSITY = 0.09
 #: the default row block: the density of a few million entries).
 NUMBA_RELU_PROBE_BLOCKS = 2
 
+# JumpReLU training (fastsae/backends/numba/jumprelu.py).
+#: Rows per block of the Numba JumpReLU training encoder (the ReLU
+#: encoder's grid and reason: ``ROW_BLOCK x d_sae`` pre-activations in L3
+#: between the product and the ``pre > lo`` compaction).
+NUMBA_JUMPRELU_ROW_BLOCK = 256
+#: Features per tile of the sparse JumpReLU step's weight pass (it is the
+#: TopK step's kernel, ``backward.topk_feature_adam``; same reason).
+NUMBA_JUMPRELU_FEATURE_TILE = 64
+#: Candidate density (entries with ``pre > theta - bandwidth/2``, over
+#: ``N * d_sae``) from which the Numba JumpReLU step and gradients take the
+#: dense path (BLAS products over dense codes). Read at call time (tests set
+#: 0.0 to force dense, 2.0 to force sparse).
+NUMBA_JUMPRELU_DENSE_MIN_DENSITY = 0.09
+#: Row blocks encoded first to measure that density (kept, not recomputed);
+#: a fixed count, so the path never depends on the threads.
+NUMBA_JUMPRELU_PROBE_BLOCKS = 2
+
 # ------------------------------------------------------------------ cython
 #: Encoder tile of the Cython ReLU encoders: ``ROWS x COLS`` floats
 #: (256 x 512 = 512 KiB, half of a core's L2) computed by one sgemm; its
@@ -187,6 +204,30 @@ CYTHON_DENSE_ENCODE_MIN_TASKS = 8
 CYTHON_DENSE_ENCODE_MAX_ROWS = 1024
 CYTHON_DENSE_ENCODE_MIN_COLS = 512
 
+# JumpReLU training of the Cython backend (fastsae/backends/cython/jumprelu.py,
+# kernels/cython/jumprelu.pyx); its dense feature pass uses the dense ReLU
+# path's blocks (CYTHON_DENSE_*_FEATURE_BLOCK*, CYTHON_DENSE_ROW_CHUNK), its
+# dense encoder continuation CYTHON_DENSE_ENCODE_*.
+
+#: Row tile of the candidate encoder (tiles of ``ROWS x CYTHON_TILE_COLS``,
+#: cut as ``CYTHON_RELU_TILE_ROWS`` is, shape-only; read at call time): 512
+#: as the top-k encoders (paper size, 2 cores, loaded machine, interleaved
+#: A/B: 1.09-1.18x the bare matmul against 1.15-1.25x at 256 rows; 1024 and
+#: 2048 within the noise).
+CYTHON_JUMPRELU_TILE_ROWS = 512
+#: Candidate density (entries with ``pre > theta - bandwidth/2`` over
+#: ``rows * d_sae``, measured on row block 0 of the encoder's grid) from which
+#: the Cython JumpReLU step and gradients take the dense path. Read at call
+#: time (tests set 0.0 to force dense, 2.0 to force sparse). Measured
+#: crossover of ``train_step_jumprelu`` at paper size (2 loaded cores,
+#: bandwidth 0.05, one step each path, 3 rounds): sparse/dense time 0.76 at
+#: candidate density 0.05, 0.96 at 0.09, 1.14 at 0.14.
+CYTHON_JUMPRELU_DENSE_MIN_DENSITY = 0.09
+#: Bytes of the per-thread ``f`` buffer of the dense JumpReLU row pass
+#: (``rows x d_sae`` float32; rows = this / (4 d_sae), at least 16): 8 MiB,
+#: 256 rows at d_sae = 8192, each chunk one ``x_hat`` sgemm.
+CYTHON_JUMPRELU_DENSE_ROW_BUFFER = 8 << 20
+
 # ------------------------------------------------------------------ cuda
 # Launch geometry of the CUDA kernels on a real GPU (under the simulator
 # fastsae.backends.cuda.common uses a tiny test geometry instead). Not yet
@@ -223,3 +264,8 @@ CUDA_TRANSPOSE_ROWS = 8
 CUDA_CSC_CHUNK_ROWS = 64
 #: Rows per partial column sum (bias gradient, batch mean).
 CUDA_COLSUM_ROWS = 64
+#: JumpReLU training: above this fraction of candidate entries (pre > theta -
+#: bandwidth/2) per N x d_sae, the step takes the dense path (GEMMs for
+#: decode, d_f, g_W_enc and g_W_dec) instead of the sparse backward. A guess
+#: (the CPU backends measured about 0.09 for theirs), not yet measured on a GPU.
+CUDA_JUMPRELU_DENSE_MIN_DENSITY = 0.05

@@ -9,7 +9,9 @@ the package's modules, one per stage, named like every backend's:
 * :mod:`.norms` decoder row norms and the L1 subgradient;
 * :mod:`.backward` the gradients (transpose, ``d_pre``, weight passes);
 * :mod:`.adam` the Adam update;
-* :mod:`.step` the compiled training-step cores.
+* :mod:`.step` the compiled training-step cores;
+* :mod:`.jumprelu` JumpReLU training (candidate encoder, sparse and dense
+  step cores).
 
 The functions here take already validated, C-contiguous float32 arrays (use
 them through :func:`fastsae.get_backend`, which validates once) and compute
@@ -58,6 +60,7 @@ from . import backward as B
 from . import decode as D
 from . import dense as DN
 from . import encode as E
+from . import jumprelu as JR
 from . import norms as NR
 from . import step as S
 from . import topk as TK
@@ -70,7 +73,8 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "get_num_threads", "set_num_threads", "to_backend", "to_numpy", "synchronize",
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
-           "encode_jumprelu", "topk_gradients", "train_step_topk"]
+           "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
+           "train_step_jumprelu"]
 
 
 def _description() -> str:
@@ -409,3 +413,103 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     aux_loss = weight * a_sq / n if use_aux else 0.0
     return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2],
                                params_finite=bad == 0)
+
+
+# ---------------------------------------------------------------- JumpReLU family
+# Staging width of the JumpReLU candidate encoder, learned per d_sae as the
+# ReLU encoder's (its own table: candidates are not the ReLU codes).
+_jr_stage: dict = {}
+
+
+def _jr_k(n: int, d_sae: int) -> int:
+    k = _jr_stage.get(d_sae, NUMBA_CSR_STAGE_START)
+    cap = max(16, NUMBA_CSR_STAGE_MAX_BYTES // (8 * max(n, 1)))
+    return int(max(1, min(k, d_sae, cap)))
+
+
+def _jr_learn(d_sae: int, max_count: int) -> None:
+    want = 1
+    while want < max(16, int(max_count) * 3 // 2):
+        want *= 2
+    _jr_stage[d_sae] = want
+
+
+def _jr_encode(xc, W_enc, b_enc, lo, nt):
+    """The adaptive candidate encoder (call with BLAS limited to one thread):
+    ``(dense, pre, indptr, indices, values)``."""
+    n, d_sae = xc.shape[0], W_enc.shape[1]
+    dense, pre, indptr, indices, values, mx = JR.encode_adaptive(
+        xc, W_enc, b_enc, lo, TU.NUMBA_JUMPRELU_ROW_BLOCK, _jr_k(n, d_sae), nt,
+        float(TU.NUMBA_JUMPRELU_DENSE_MIN_DENSITY), TU.NUMBA_JUMPRELU_PROBE_BLOCKS)
+    if not dense:
+        _jr_learn(d_sae, mx)
+    return dense, pre, indptr, indices, values
+
+
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+    """Losses and gradients of a JumpReLU step (see
+    :func:`fastsae.backends.reference.jumprelu_gradients`): the candidates
+    ``pre > theta - bandwidth/2`` from the fused encoder, then the gradients
+    at those entries only (:func:`.jumprelu.sparse_gradients`), or with BLAS
+    products from
+    :data:`~fastsae.backends.tunables.NUMBA_JUMPRELU_DENSE_MIN_DENSITY` on
+    (:func:`.jumprelu.dense_gradients`)."""
+    n = x.shape[0]
+    W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
+    inv_bw = 1.0 / float(bandwidth)
+    l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
+    nt = get_num_threads()
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
+        if dense:
+            out = JR.dense_gradients(x, xc, pre, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw,
+                                     l0s, nt)
+        else:
+            out = JR.sparse_gradients(x, xc, indptr, indices, values, theta, hi, W_enc, W_dec,
+                                      b_dec, inv_bw, l0s)
+    sq, nnz, gWe, gbe, gWd, gbd, g_lt = out
+    mse = float(sq) / n
+    l0_loss = float(l0_coefficient) * int(nnz) / n
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+            SAEParams(gWe, gbe, gWd, gbd), g_lt)
+
+
+def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
+                        threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
+                        eps=1e-8, fire_counts=None) -> StepResult:
+    """One JumpReLU step in place (see
+    :func:`fastsae.backends.reference.train_step_jumprelu`): the fused
+    candidate encoder, then below
+    :data:`~fastsae.backends.tunables.NUMBA_JUMPRELU_DENSE_MIN_DENSITY`
+    :func:`.jumprelu.sparse_step_core` (the TopK step's row and weight
+    passes on the active entries, one dot per window entry), from it on
+    :func:`.jumprelu.dense_step_core` (BLAS products); both fuse Adam on the
+    four parameters (decoder rows renormalized) and on ``log_threshold``."""
+    counts = _NOCOUNTS if fire_counts is None else fire_counts
+    t = state.step + 1
+    adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
+    n = x.shape[0]
+    W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
+    inv_bw = 1.0 / float(bandwidth)
+    l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
+    nt = get_num_threads()
+    xc = E.centered(x, b_dec)
+    with _blas_single():
+        dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
+        if dense:
+            sq, nnz, bad = JR.dense_step_core(
+                x, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
+                log_threshold, threshold_m, threshold_v, adam_c, inv_bw, l0s, counts, nt)
+            var = S.batch_variance(x)
+        else:
+            sq, nnz, var, bad = JR.sparse_step_core(
+                x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
+                *_adam_moments(state), log_threshold, threshold_m, threshold_v, adam_c, inv_bw,
+                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts)
+    state.step = t
+    nnz = int(nnz)
+    return NU.jumprelu_step_result(float(sq) / n, float(l0_coefficient) * nnz / n, nnz, n,
+                                   float(var), params_finite=bad == 0)
