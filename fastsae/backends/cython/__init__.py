@@ -3,7 +3,8 @@
 Every kernel source ``kernels/cython/NAME.pyx`` is compiled by ``setup.py``
 into ``fastsae.backends.cython._NAME`` and called from the wrapper module of
 the same name here (``encode``, ``topk``, ``decode``, ``norms``,
-``backward``, ``adam``, ``dense``; ``step`` assembles the training steps,
+``backward``, ``adam``, ``dense``, ``jumprelu``; ``step`` assembles the
+ReLU and TopK training steps, ``jumprelu`` the JumpReLU one,
 ``_threads`` holds the thread control; ``kernels/README.md`` has the table). They are the
 same algorithms as the Numba backend:
 
@@ -48,7 +49,8 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "get_num_threads", "set_num_threads", "to_backend", "to_numpy", "synchronize",
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
-           "encode_jumprelu", "topk_gradients", "train_step_topk"]
+           "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
+           "train_step_jumprelu"]
 
 NAME = "cython"
 DEVICE_ARRAYS = False
@@ -56,8 +58,8 @@ AUTO_SELECT = True
 
 _IMPORT_ERROR: Exception | None = None
 try:  # the compiled kernels are optional
-    from . import (_adam, _backward, _decode, _dense, _encode, _norms,  # noqa: F401
-                   _runtime, _topk)
+    from . import (_adam, _backward, _decode, _dense, _encode, _jumprelu,  # noqa: F401
+                   _norms, _runtime, _topk)
 except ImportError as exc:  # not built, or built for another Python/NumPy
     _IMPORT_ERROR = exc
 
@@ -76,6 +78,7 @@ if _IMPORT_ERROR is None:
     from .backward import gradients, topk_gradients
     from .decode import decode
     from .encode import encode_relu, encode_relu_sparse
+    from .jumprelu import jumprelu_gradients, train_step_jumprelu
     from .norms import decoder_column_norms, l1_subgradient
     from .step import train_step, train_step_topk
     from .topk import encode_batchtopk, encode_jumprelu, encode_topk
@@ -88,7 +91,7 @@ else:
 
     (encode_relu, encode_relu_sparse, decode, decoder_column_norms, l1_subgradient, gradients,
      train_step, encode_topk, encode_batchtopk, encode_jumprelu, topk_gradients,
-     train_step_topk) = (_unavailable,) * 12
+     train_step_topk, jumprelu_gradients, train_step_jumprelu) = (_unavailable,) * 14
 
 
 def get_num_threads() -> int:

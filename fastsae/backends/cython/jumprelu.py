@@ -1,0 +1,144 @@
+"""JumpReLU training of the ``cython`` backend (compiled ``_jumprelu``,
+``kernels/cython/jumprelu.pyx``): :func:`jumprelu_gradients` and
+:func:`train_step_jumprelu` (see :func:`fastsae.reference.train_step_jumprelu`).
+
+Per call, per feature (float32, exactly as the reference's
+``jumprelu_window``): ``theta = exp(log_threshold)``, ``lo = theta - bw/2``,
+``hi = theta + bw/2``. Only the *candidates* ``pre > lo`` (the active entries
+``pre > theta`` and the window's ``lo < pre < hi``) matter, so:
+
+* sparse path: the fused encoder keeps the candidates as CSR (``pre``
+  values; ``N x d_sae`` is never formed), then one
+  ``_jumprelu.sparse_backward`` call decodes (active entries), computes
+  ``d_f`` at the candidates, the four gradients and the threshold's, and
+  (training step) applies Adam to all five parameters in its per-feature
+  pass, renormalizing the decoder rows;
+* dense path (a fresh JumpReLU SAE fires about half its features): the
+  encoder's first row block measures the candidates' density (shape-only
+  grid, so the choice does not depend on the threads); at or above
+  :data:`~fastsae.backends.tunables.CYTHON_JUMPRELU_DENSE_MIN_DENSITY` (read
+  at call time: 0.0 forces dense, anything above 1 sparse) ``pre`` is made
+  dense and ``_jumprelu.dense_backward`` does the same with BLAS products.
+
+Which path ran: the calls go through this module's attributes
+``_sparse_backward`` and ``_dense_backward`` (tests replace them to spy).
+Arrays come from the validating front (C-contiguous float32 in SAELens
+layouts, ``log_threshold`` and its moments float32 ``[d_sae]``,
+``fire_counts`` int64 ``[d_sae]`` or None, ``bandwidth > 0``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...params import AdamState, Losses, SAEParams, StepResult
+from .. import tunables as TU
+from .. import numerics as NU
+from ..numerics import jumprelu_step_result
+from . import _backward, _jumprelu
+from ._threads import blas_single, row_tile, threads
+from .adam import moment_arrays, step_constants
+from .dense import feature_block
+from .encode import dense_tiling
+
+__all__ = ["jumprelu_gradients", "train_step_jumprelu", "window", "encode_candidates"]
+
+
+#: ``(theta, lo, hi)`` float32 ``[d_sae]`` (the function every backend uses).
+window = NU.jumprelu_window
+
+
+def _tiling(n: int, work: int, nthreads: int):
+    """Row tile, feature tile and feature chunks per row block of the
+    candidate encoder (as the ReLU encoder's ``encode._tiling``, with the
+    JumpReLU row tile): tiles depend on the shape only, chunks (which change
+    no product) on the threads."""
+    tm = row_tile(n, TU.CYTHON_JUMPRELU_TILE_ROWS, TU.CYTHON_RELU_MIN_ROW_BLOCKS, work)
+    nrb = -(-n // tm)
+    chunks = max(1, -(-4 * nthreads // nrb)) if nthreads > 1 else 1
+    return tm, TU.CYTHON_TILE_COLS, chunks
+
+
+def encode_candidates(x, W_enc, b_enc, b_dec, lo, min_density):
+    """``(pre, None)`` with the dense ``pre [N, d_sae]`` when the candidates'
+    density on row block 0 of the encoder's grid is at least
+    ``min_density``, else ``(None, (indptr, indices, values))``: the
+    candidates ``pre > lo`` as canonical CSR holding ``pre``."""
+    n, d_sae = int(x.shape[0]), int(W_enc.shape[1])
+    work = n * W_enc.shape[0] * d_sae
+    nt = threads(work)
+    tm, tn, chunks = _tiling(n, work, nt)
+    mr = min(tm, n)
+    pre = np.empty((n, d_sae), dtype=np.float32)
+    with blas_single():
+        cnt0 = _jumprelu.encode_probe(x, W_enc, b_enc, b_dec, lo, pre, tm, tn, nt)
+        if mr * d_sae and cnt0 / (mr * d_sae) >= min_density:
+            if n > mr:
+                dtm, dtn = dense_tiling(n - mr, d_sae)
+                _jumprelu.encode_dense(x, W_enc, b_enc, b_dec, pre, dtm, dtn, nt, mr)
+            return pre, None
+        csr = _jumprelu.encode_csr(x, W_enc, b_enc, b_dec, lo, tm, tn, chunks, nt, pre[:mr])
+    return None, csr
+
+
+def _row_chunk(n: int, d_sae: int) -> int:
+    """Rows per chunk of the dense row pass (its ``f`` buffer is ``rows x
+    d_sae`` per thread): shape-only."""
+    cap = max(16, TU.CYTHON_JUMPRELU_DENSE_ROW_BUFFER // max(1, 4 * d_sae))
+    return max(1, min(n, cap))
+
+
+# The kernels, reached through these attributes (tests replace them to see
+# which path ran).
+_sparse_backward = _jumprelu.sparse_backward
+_dense_backward = _jumprelu.dense_backward
+
+
+def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, moments=(),
+         consts=None, threshold_m=None, threshold_v=None, fire_counts=None, grads=None):
+    """Encode, then the sparse or the dense backward: ``(mse, nnz, bad)``."""
+    n, d_in, d_sae = int(x.shape[0]), params.d_in, params.d_sae
+    theta, lo, hi = window(log_threshold, bandwidth)
+    pre, csr = encode_candidates(x, params.W_enc, params.b_enc, params.b_dec, lo,
+                                 TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)
+    common = (float(bandwidth), float(l0_coefficient), log_threshold, adam, tuple(moments),
+              consts, threshold_m, threshold_v, fire_counts)
+    if pre is not None:
+        with blas_single():
+            return _dense_backward(
+                x, pre, params.W_enc, params.b_enc, params.W_dec, params.b_dec, theta, lo, hi,
+                *common, _row_chunk(n, d_sae), feature_block(d_sae), TU.CYTHON_DENSE_ROW_CHUNK,
+                threads(n * d_in * d_sae), grads)
+    indptr, indices, values = csr
+    nt = threads((3 * indices.shape[0] + n) * d_in + 3 * d_in * d_sae)
+    return _sparse_backward(x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, indptr,
+                            indices, values, theta, hi, *common, nt, grads)
+
+
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+    """Losses and gradients of a JumpReLU step (see
+    :func:`fastsae.reference.jumprelu_gradients`): ``(Losses, SAEParams,
+    g_log_threshold)``, the ``W_dec`` gradient projected."""
+    n = int(x.shape[0])
+    g = SAEParams(*(np.empty_like(a) for a in params.arrays()))
+    g_lt = np.empty_like(log_threshold)
+    mse, nnz, _ = _run(x, params, log_threshold, bandwidth, l0_coefficient, False,
+                       grads=(g.W_enc, g.b_enc, g.W_dec, g.b_dec, g_lt))
+    l0_loss = float(l0_coefficient) * nnz / n
+    return Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss), g, g_lt
+
+
+def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
+                        threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
+                        eps=1e-8, fire_counts=None) -> StepResult:
+    """One JumpReLU step in place (see the module docstring): the four
+    parameters, ``log_threshold`` and its moments (Adam at step
+    ``state.step + 1``), decoder rows renormalized, ``fire_counts`` added to."""
+    n = int(x.shape[0])
+    t, consts = step_constants(state, lr, beta1, beta2, eps)
+    mse, nnz, bad = _run(x, params, log_threshold, bandwidth, l0_coefficient, True,
+                         moment_arrays(state), consts, threshold_m, threshold_v, fire_counts)
+    state.step = t
+    var = _backward.batch_variance(x, threads(x.size))
+    return jumprelu_step_result(mse, float(l0_coefficient) * nnz / n, nnz, n, var,
+                                params_finite=bad == 0)
