@@ -19,6 +19,9 @@ code that launches them:
 ``adam``       fused Adam (+ the unit-norm renormalization)
 ``topk``       exact radix selection (TopK, BatchTopK, AuxK), JumpReLU
 ``step``       :func:`train_step`, :func:`train_step_topk`
+``jumprelu``   JumpReLU training: candidate epilogue (``pre > theta - bw/2``),
+               sparse backward with the threshold's pseudo-gradient,
+               :func:`jumprelu_gradients`, :func:`train_step_jumprelu`
 
 Arrays: every function takes NumPy arrays (copied to the GPU, results copied
 back) or device arrays (numba's, or anything with
@@ -40,6 +43,7 @@ from .backward import gradients, topk_gradients
 from .common import SIMULATOR
 from .decode import decode
 from .encode import encode_relu, encode_relu_sparse
+from .jumprelu import jumprelu_gradients, train_step_jumprelu
 from .norms import decoder_column_norms, l1_subgradient
 from .placement import to_backend, to_numpy
 from .step import train_step, train_step_topk
@@ -49,7 +53,8 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "get_num_threads", "set_num_threads", "to_backend", "to_numpy", "synchronize",
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
-           "encode_jumprelu", "topk_gradients", "train_step_topk"]
+           "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
+           "train_step_jumprelu"]
 
 NAME = "cuda"
 #: Functions accept and return device arrays (see :mod:`.placement`).

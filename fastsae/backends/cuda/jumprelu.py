@@ -1,0 +1,464 @@
+"""CUDA kernels of the JumpReLU family: training with the rectangle-kernel
+pseudo-gradients (see the "JumpReLU family" section of
+:mod:`fastsae.backends.reference`).
+
+A step only needs the entries with ``pre > lo`` (``lo = theta - bw/2``): the
+active ones (``pre > theta``) and the window's (``lo < pre < hi``). It runs
+
+1. :func:`window_kernel`: ``theta = exp(log_threshold)``, ``lo``, ``hi`` per
+   feature, in float32 exactly as ``reference.jumprelu_window`` does.
+2. The encoder GEMM of :mod:`.encode` (no activation) into a staging buffer.
+3. The epilogue: :func:`candidate_count_kernel` counts each row's candidates
+   (``pre > lo[c]``, one comparison per entry), an exclusive scan gives the
+   candidates' CSR ``indptr`` (the one scalar read of the step: their total,
+   which sizes the buffers), and :func:`candidate_compact_kernel` writes
+   them in increasing column order: ``values = f`` (``pre`` when ``pre >
+   theta``, else 0: a window entry below the threshold) and the raw ``pre``.
+4. The sparse decode of :mod:`.decode` over the candidates (an entry with
+   ``f = 0`` adds an exact 0), the residual and ``g_b_dec`` of
+   :mod:`.backward`.
+5. :func:`jump_dpre_kernel`: ``d_f = d_xhat . W_dec[j]`` at every candidate,
+   and ``d_pre = d_f`` where active, else 0.
+6. The stable CSR -> CSC transposition and the per-feature gradient kernel of
+   :mod:`.backward` (unit-norm projection of ``g_W_dec``), unchanged: the
+   candidates with ``f = 0`` contribute exact zeros.
+7. :func:`theta_grad_kernel`: per feature, over its CSC list (row order,
+   deterministic), the window's sum of ``d_f`` and count, and the active
+   count; ``g_log_threshold`` as the reference combines them.
+8. ``g_W_enc`` by transposition, ``g_b_dec -= W_enc @ g_b_enc``; the fused
+   Adam of :mod:`.adam` on the four parameters (decoder rows renormalized in
+   the same pass) and on ``log_threshold`` at the same step.
+
+Dense path: when the candidates exceed ``CUDA_JUMPRELU_DENSE_MIN_DENSITY``
+of ``N x d_sae`` (a fresh SAE fires about half its features), steps 4-8
+become GEMMs on dense arrays (:func:`_jump_dense`): codes ``f`` by
+:func:`~fastsae.backends.cuda.topk.jumprelu_kernel`, ``x_hat = f @ W_dec +
+b_dec``, ``d_f = d_xhat @ W_dec.T``, one column pass
+(:func:`dense_feature_kernel`: ``d_pre``, ``g_b_enc``, the threshold's
+gradient, active counts), ``g_W_enc = (x - b_dec).T @ d_pre``, ``g_W_dec =
+f.T @ d_xhat`` projected by :func:`project_rows_kernel`.
+
+No float atomics: results are bit-for-bit reproducible on one GPU. On device
+arrays only scalars come back to the host (the candidate count, then the
+loss sums and the non-finite flag in one fetch).
+
+Host side: :func:`jumprelu_gradients`, :func:`train_step_jumprelu`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from ...params import AdamState, Losses, SAEParams, StepResult
+from .. import tunables as TU
+from ..numerics import adam_constant_tuple, jumprelu_step_result
+from .adam import _adam, adam_kernel
+from .backward import (_colsum, _encoder_grads, _residual, csc_count_kernel,
+                       csc_fill_kernel, csc_offsets_kernel, feature_grad_kernel,
+                       matvec_sub_kernel, transpose_kernel)
+from .common import (BLOCK, CHUNK_ROWS, GROUPS, LANES, SCAN_SHARED, TILE, TILE_ROWS,
+                     _single_block, _zero, block_exclusive_scan, block_sum2,
+                     exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
+from .decode import _sparse_decode
+from .encode import _gemm
+from .placement import (_any_device, _device, _empty, _empty_like_params, _is_device,
+                        _out, _params_device, _params_out, _work, _work_at_least)
+from .step import _finish_step, _step_arrays
+from .topk import jumprelu_kernel
+
+
+# ------------------------------------------------------------ kernels
+@cuda.jit(cache=True)
+def window_kernel(log_threshold, half, theta, lo, hi):
+    """``theta = exp(log_threshold)``, ``lo = theta - half``, ``hi = theta +
+    half``; all float32 ``[d_sae]``, ``half`` float32 (``lo``, ``hi``
+    rounded as ``reference.jumprelu_window`` rounds them). Grid-stride."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for j in range(start, theta.shape[0], step):
+        v = log_threshold[j]
+        # float32 exp overflows above ~88.72; the guard (NaN passes through
+        # to exp) only keeps the simulator's float64 math.exp from raising
+        t = np.float32(math.inf) if v > 88.75 else np.float32(math.exp(v))
+        theta[j] = t
+        lo[j] = t - half
+        hi[j] = t + half
+
+
+@cuda.jit(cache=True)
+def candidate_count_kernel(pre, lo, counts):
+    """``counts[r]`` = entries of row ``r`` with ``pre[r, c] > lo[c]``.
+
+    pre: float32 ``[N, d]``; lo: float32 ``[d]``; counts: int32 ``[N]``.
+    One block of ``BLOCK`` threads per row (grid-stride over rows)."""
+    t = cuda.threadIdx.x
+    n = pre.shape[0]
+    d = pre.shape[1]
+    for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        total = 0
+        for base in range(0, d, BLOCK):
+            c = base + t
+            flag = 0
+            if c < d and pre[r, c] > lo[c]:
+                flag = 1
+            total += cuda.syncthreads_count(flag)
+        if t == 0:
+            counts[r] = total
+
+
+@cuda.jit(cache=True)
+def candidate_compact_kernel(pre, lo, theta, indptr, indices, values, cand_pre):
+    """The candidates (``pre > lo``) as canonical CSR.
+
+    indptr: int64 ``[N + 1]`` (exclusive scan of the candidate counts);
+    outputs indices int32, values float32 (``f``: ``pre`` where ``pre >
+    theta``, else 0) and cand_pre float32 (``pre``), all ``[n_cand]``. One
+    block per row; chunk by chunk of ``BLOCK`` columns, a block scan places
+    each candidate (increasing columns, deterministic, no atomics); empty
+    chunks are skipped after one ``syncthreads_or``."""
+    sh = cuda.shared.array(SCAN_SHARED, np.int64)
+    t = cuda.threadIdx.x
+    n = pre.shape[0]
+    d = pre.shape[1]
+    for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        pos = indptr[r]
+        for base in range(0, d, BLOCK):
+            c = base + t
+            v = np.float32(0.0)
+            flag = 0
+            if c < d:
+                v = pre[r, c]
+                if v > lo[c]:
+                    flag = 1
+            if cuda.syncthreads_or(flag):  # uniform: skip chunks without candidates
+                excl, total = block_exclusive_scan(sh, t, flag)
+                if flag:
+                    q = pos + excl
+                    indices[q] = c
+                    cand_pre[q] = v
+                    values[q] = v if v > theta[c] else np.float32(0.0)
+                pos += total
+
+
+@cuda.jit(cache=True)
+def jump_dpre_kernel(indptr, indices, values, d_xhat, W_dec, dpre, dfc):
+    """At each candidate ``p = (i, j)``: ``dfc[p] = d_xhat[i] . W_dec[j]``
+    and ``dpre[p] = dfc[p]`` if ``values[p] > 0`` (active) else 0.
+
+    Shapes as :func:`fastsae.backends.cuda.backward.dpre_kernel`, whose
+    layout this follows: block ``(LANES, GROUPS)``, a group of ``LANES``
+    threads per entry (coalesced over ``d_in``, fixed tree order), one row
+    per block (grid-stride)."""
+    sh = cuda.shared.array((GROUPS, LANES), np.float32)
+    lane = cuda.threadIdx.x
+    grp = cuda.threadIdx.y
+    n = d_xhat.shape[0]
+    d_in = d_xhat.shape[1]
+    for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        s = indptr[r]
+        e = indptr[r + 1]
+        for base in range(s, e, GROUPS):  # same trip count for the whole block
+            p = base + grp
+            acc = np.float32(0.0)
+            if p < e:
+                j = indices[p]
+                for k in range(lane, d_in, LANES):
+                    acc += d_xhat[r, k] * W_dec[j, k]
+            sh[grp, lane] = acc
+            cuda.syncthreads()
+            w = LANES // 2
+            while w > 0:
+                if lane < w:
+                    sh[grp, lane] += sh[grp, lane + w]
+                cuda.syncthreads()
+                w //= 2
+            if lane == 0 and p < e:
+                df = sh[grp, 0]
+                dfc[p] = df
+                if values[p] > 0:
+                    dpre[p] = df
+                else:
+                    dpre[p] = np.float32(0.0)
+            cuda.syncthreads()
+
+
+@cuda.jit(cache=True)
+def theta_grad_kernel(colptr, entry_of, values, cand_pre, dfc, theta, hi, inv_eps, l0_term,
+                      g_lt, act_count):
+    """Per feature ``j``, over its CSC list (row order): the window's (``pre
+    < hi[j]``; all candidates are ``> lo[j]``) sum ``s`` of ``d_f`` and count
+    ``nw``, and the active count (``values > 0``) into ``act_count[j]``
+    (int64); ``g_lt[j] = (float32(-(theta inv_eps) s) - l0_term nw) theta``
+    with the last two operations in float64, as the reference's NumPy
+    expression promotes them. inv_eps, l0_term (``inv_eps * l0c / N``):
+    float32. One thread per feature (grid-stride)."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for j in range(start, theta.shape[0], step):
+        s = np.float32(0.0)
+        nw = np.int64(0)
+        na = np.int64(0)
+        h = hi[j]
+        for q in range(colptr[j], colptr[j + 1]):
+            p = entry_of[q]
+            if cand_pre[p] < h:
+                s += dfc[p]
+                nw += 1
+            if values[p] > 0:
+                na += 1
+        th = theta[j]
+        a = (-(th * inv_eps)) * s
+        g = np.float64(a) - np.float64(l0_term) * np.float64(nw)
+        g_lt[j] = np.float32(g * np.float64(th))
+        act_count[j] = na
+
+
+# ------------------------------------------------------------ dense path
+@cuda.jit(cache=True)
+def dense_feature_kernel(pre, dpre, theta, lo, hi, inv_eps, l0_term, g_b_enc, g_lt,
+                         act_count):
+    """Dense path, per feature ``j`` (column): ``dpre`` holds ``d_f`` on
+    entry and ``d_pre`` (``d_f`` where ``pre > theta``, else 0) on exit;
+    ``g_b_enc[j] = sum_i d_pre``, the active count, and ``g_lt[j]`` from the
+    window (``lo < pre < hi``) as :func:`theta_grad_kernel` combines them.
+    pre, dpre: float32 ``[N, d_sae]``. One thread per column, rows in order
+    (consecutive threads read consecutive columns: coalesced)."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = pre.shape[0]
+    for j in range(start, pre.shape[1], step):
+        th = theta[j]
+        l = lo[j]
+        h = hi[j]
+        s = np.float32(0.0)
+        gb = np.float32(0.0)
+        nw = np.int64(0)
+        na = np.int64(0)
+        for i in range(n):
+            v = pre[i, j]
+            df = dpre[i, j]
+            if v > l and v < h:
+                s += df
+                nw += 1
+            if v > th:
+                gb += df
+                na += 1
+            else:
+                dpre[i, j] = np.float32(0.0)
+        g_b_enc[j] = gb
+        a = (-(th * inv_eps)) * s
+        g = np.float64(a) - np.float64(l0_term) * np.float64(nw)
+        g_lt[j] = np.float32(g * np.float64(th))
+        act_count[j] = na
+
+
+@cuda.jit(cache=True)
+def sub_rows_kernel(x, b, out):
+    """``out = x - b`` row-wise; x, out float32 ``[N, d]``, b float32 ``[d]``.
+    Grid-stride over the flat index."""
+    n = x.shape[0]
+    d = x.shape[1]
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for e in range(start, n * d, step):
+        r = e // d
+        c = e - r * d
+        out[r, c] = x[r, c] - b[c]
+
+
+@cuda.jit(cache=True)
+def project_rows_kernel(g, W):
+    """``g[r] -= (g[r] . W[r] / ||W[r]||^2) W[r]`` (rows with ``W[r] = 0``
+    unchanged), as :func:`fastsae.backends.cuda.backward.feature_grad_kernel`
+    projects. g, W float32 ``[R, d]``; one block per row (grid-stride)."""
+    sh = cuda.shared.array((2, BLOCK), np.float32)
+    t = cuda.threadIdx.x
+    d = W.shape[1]
+    for r in range(cuda.blockIdx.x, W.shape[0], cuda.gridDim.x):
+        dot = np.float32(0.0)
+        sq = np.float32(0.0)
+        for k in range(t, d, BLOCK):
+            w = W[r, k]
+            dot += g[r, k] * w
+            sq += w * w
+        dsum, ssum = block_sum2(sh, t, dot, sq)
+        if ssum > 0:
+            proj = dsum / ssum
+            for k in range(t, d, BLOCK):
+                g[r, k] -= proj * W[r, k]
+
+
+# ------------------------------------------------------------ host side
+def _transpose(src, name):
+    """``src.T`` into a workspace (the shared-tile transpose of :mod:`.backward`)."""
+    R_, C = src.shape
+    dst = _work(name, (C, R_))
+    transpose_kernel[(-(-C // TILE), -(-R_ // TILE)), (TILE, TILE_ROWS)](src, dst)
+    return dst
+
+
+def _zeros(name, n):
+    z = _work(name, n)
+    _zero(z)
+    return z
+
+
+def _jump_dense(x, P, pre, theta, lo, hi, inv_eps, l0_term, g, g_lt):
+    """The dense path of :func:`_jump_backward` (many candidates): codes,
+    decode, ``d_f`` and the weight gradients by GEMMs; returns ``(row_mse,
+    row_var, act_count)``."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    f = _work("jump_dense_f", (n, d_sae))
+    jumprelu_kernel[flat_grid(n * d_sae), BLOCK](pre, theta, f)  # theta >= 0: relu implied
+    x_hat = _work("x_hat", (n, d_in))
+    _gemm(f, None, P.W_dec, P.b_dec, False, x_hat)
+    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _colsum(d_xhat, 1, g.b_dec)
+    dpre = _work("jump_dense_dpre", (n, d_sae))
+    _gemm(d_xhat, None, _transpose(P.W_dec, "jump_W_decT"), _zeros("jump_zero_sae", d_sae),
+          False, dpre)  # d_f
+    act_count = _work("jump_act_count", d_sae, np.int64)
+    dense_feature_kernel[flat_grid(d_sae), BLOCK](pre, dpre, theta, lo, hi, inv_eps, l0_term,
+                                                  g.b_enc, g_lt, act_count)
+    xc = _work("jump_xc", (n, d_in))
+    sub_rows_kernel[flat_grid(n * d_in), BLOCK](x, P.b_dec, xc)
+    _gemm(_transpose(xc, "jump_xcT"), None, dpre, _zeros("jump_zero_sae", d_sae), False,
+          g.W_enc)
+    _gemm(_transpose(f, "jump_fT"), None, d_xhat, _zeros("jump_zero_in", d_in), False, g.W_dec)
+    project_rows_kernel[grid_for(d_sae), BLOCK](g.W_dec, P.W_dec)
+    matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+    return row_mse, row_var, act_count
+
+
+def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal):
+    """Forward and backward of one JumpReLU step on device arrays: fills the
+    gradients ``g`` (SAEParams, ``W_dec``'s projected), ``g_lt`` (float32
+    ``[d_sae]``) and ``scal[0:3]`` (float64: sum of squared errors, sum of
+    squared deviations of ``x`` from its mean, number of active entries).
+    Returns the per-feature active counts (int64 ``[d_sae]`` workspace)."""
+    n, d_in = x.shape
+    d_sae = P.W_enc.shape[1]
+    theta = _work("jump_theta", d_sae)
+    lo = _work("jump_lo", d_sae)
+    hi = _work("jump_hi", d_sae)
+    window_kernel[flat_grid(d_sae), BLOCK](log_threshold, np.float32(0.5 * bandwidth), theta,
+                                           lo, hi)
+    # encoder GEMM + candidate epilogue
+    pre = _work("jump_pre", (n, d_sae))
+    _gemm(x, P.b_dec, P.W_enc, P.b_enc, False, pre)
+    counts = _work("jump_row_counts", n, np.int32)
+    candidate_count_kernel[grid_for(n), BLOCK](pre, lo, counts)
+    indptr = _work("jump_indptr", n + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(counts, indptr)
+    nc = int(indptr[n:n + 1].copy_to_host()[0])  # one scalar read: sizes the buffers
+    inv_eps = 1.0 / bandwidth
+    inv_eps32, l0_term = np.float32(inv_eps), np.float32(inv_eps * l0_coefficient / n)
+    if nc > TU.CUDA_JUMPRELU_DENSE_MIN_DENSITY * n * d_sae:
+        row_mse, row_var, act_count = _jump_dense(x, P, pre, theta, lo, hi, inv_eps32,
+                                                  l0_term, g, g_lt)
+        _sums(row_mse, row_var, act_count, scal)
+        return act_count
+    indices = _work_at_least("jump_indices", nc, np.int32)
+    values = _work_at_least("jump_values", nc, np.float32)
+    cand_pre = _work_at_least("jump_cand_pre", nc, np.float32)
+    candidate_compact_kernel[grid_for(n), BLOCK](pre, lo, theta, indptr, indices, values,
+                                                 cand_pre)
+    # decode, residual, g_b_dec's first part
+    x_hat = _work("x_hat", (n, d_in))
+    _sparse_decode(indptr, indices, values, P.W_dec, P.b_dec, x_hat)
+    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _colsum(d_xhat, 1, g.b_dec)
+    # d_f at the candidates
+    dpre = _work_at_least("jump_dpre", nc, np.float32)
+    dfc = _work_at_least("jump_df", nc, np.float32)
+    jump_dpre_kernel[grid_for(n), (LANES, GROUPS)](indptr, indices, values, d_xhat, P.W_dec,
+                                                   dpre, dfc)
+    # stable CSR -> CSC (as backward._feature_pass)
+    chunks = -(-n // CHUNK_ROWS)
+    ccounts = _work("csc_counts", (chunks, d_sae), np.int32)
+    _zero(ccounts)
+    csc_count_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, ccounts)
+    colcount = _work("jump_colcount", d_sae, np.int64)
+    csc_offsets_kernel[-(-d_sae // BLOCK), BLOCK](ccounts, colcount)
+    colptr = _work("colptr", d_sae + 1, np.int64)
+    _single_block(exclusive_scan_kernel)(colcount, colptr)
+    entry_of = _work_at_least("entry_of", nc, np.int64)
+    row_of = _work_at_least("row_of", nc, np.int32)
+    csc_fill_kernel[grid_for(chunks), BLOCK](indptr, indices, CHUNK_ROWS, colptr, ccounts,
+                                             entry_of, row_of)
+    # per-feature gradients: unit-norm mode (norms are not read), no L1 term
+    g_W_encT = _work("g_W_encT", (d_sae, d_in))
+    norms = _work("jump_norms_unused", d_sae)
+    l1_feat = _work("l1_feat", d_sae)
+    feature_grad_kernel[grid_for(d_sae), BLOCK](
+        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, False,
+        np.float32(0.0), g.W_dec, g_W_encT, g.b_enc, l1_feat)
+    act_count = _work("jump_act_count", d_sae, np.int64)
+    theta_grad_kernel[flat_grid(d_sae), BLOCK](colptr, entry_of, values, cand_pre, dfc, theta,
+                                               hi, inv_eps32, l0_term, g_lt, act_count)
+    _encoder_grads(P, g, g_W_encT)
+    _sums(row_mse, row_var, act_count, scal)
+    return act_count
+
+
+def _sums(row_mse, row_var, act_count, scal):
+    _single_block(sum_kernel)(row_mse, scal, 0)
+    _single_block(sum_kernel)(row_var, scal, 1)
+    _single_block(sum_kernel)(act_count, scal, 2)
+
+
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+    """Losses and gradients of a JumpReLU step (see
+    :func:`fastsae.backends.reference.jumprelu_gradients`): ``(Losses,
+    SAEParams, g_log_threshold)``, on the device when any argument is."""
+    dev = _any_device(x, params, log_threshold)
+    x, lt = _device(x), _device(log_threshold)
+    P = _params_device(params)
+    g = _empty_like_params(P, cached=False)
+    g_lt = _empty(P.W_enc.shape[1])
+    scal = _work("scalars_jump", 3, np.float64)
+    _jump_backward(x, P, lt, float(bandwidth), float(l0_coefficient), g, g_lt, scal)
+    s = scal.copy_to_host()
+    n = x.shape[0]
+    mse = float(s[0] / n)
+    l0_loss = float(l0_coefficient * s[2] / n)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+            _params_out(g, dev), _out(g_lt, dev))
+
+
+def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
+                        threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
+                        beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+    """One JumpReLU step in place (see
+    :func:`fastsae.backends.reference.train_step_jumprelu`): Adam on the four
+    parameters and on ``log_threshold`` (moments ``threshold_m``,
+    ``threshold_v``) at the same step, decoder rows renormalized; device or
+    host arrays as :func:`fastsae.backends.cuda.step.train_step`."""
+    P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
+    vecs = []
+    for a in (log_threshold, threshold_m, threshold_v):
+        d = _device(a)
+        if not _is_device(a):
+            host_pairs.append((a, d))
+        vecs.append(d)
+    lt, tm, tv = vecs
+    xd = _device(x)
+    n = xd.shape[0]
+    G = _empty_like_params(P, cached=True)
+    g_lt = _work("jump_g_lt", P.W_enc.shape[1])
+    # [0:3] the backward's sums, [3] Adam's non-finite flag: one fetch for all
+    scal = _work("scalars_jump_step", 4, np.float64)
+    act_count = _jump_backward(xd, P, lt, float(bandwidth), float(l0_coefficient), G, g_lt,
+                               scal)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, 3)
+    consts = adam_constant_tuple(lr, beta1, beta2, eps, state.step + 1)
+    adam_kernel[flat_grid(lt.shape[0]), BLOCK](lt, g_lt, tm, tv, *consts, scal, np.int64(3))
+    state.step += 1
+    s = _finish_step(scal, act_count, fire_counts, fc_dev, host_pairs)
+    nnz = int(s[2])
+    return jumprelu_step_result(s[0] / n, l0_coefficient * nnz / n, nnz, n, s[1] / n,
+                                params_finite=s[3] == 0)
