@@ -125,9 +125,24 @@ def _build_parser() -> argparse.ArgumentParser:
                    "Python class SparseAutoencoder, whose default is weighted_l1: on the "
                    "built-in problem unit_norm recovers more true features at the same "
                    "explained variance)")
-    t.add_argument("--activation", choices=["relu", "topk", "batchtopk"],
-                   help="relu (L1 penalty, default), topk (k largest per row) or batchtopk "
-                   "(N*k largest per batch; saved as SAELens jumprelu for inference)")
+    t.add_argument("--activation", choices=["relu", "topk", "batchtopk", "jumprelu"],
+                   help="relu (L1 penalty, default), topk (k largest per row), batchtopk "
+                   "(N*k largest per batch; saved as SAELens jumprelu for inference) or "
+                   "jumprelu (learned per-feature thresholds, L0 penalty)")
+    t.add_argument("--target-l0", type=_float(0.0, strict=True),
+                   help="relu: adjust the L1 coefficient during training so that the run "
+                   "ends at this L0 (active features per row); --l1 then only sets the "
+                   "starting point")
+    t.add_argument("--l0-coefficient", type=_float(0.0),
+                   help=f"jumprelu: weight of the L0 penalty (default {D.l0_coefficient})")
+    t.add_argument("--l0-warm-up-steps", type=_nonneg_int,
+                   help="jumprelu: steps over which the L0 coefficient rises linearly from 0 "
+                   f"(default {D.l0_warm_up_steps}: none)")
+    t.add_argument("--jumprelu-bandwidth", type=_float(0.0, strict=True),
+                   help="jumprelu: width of the rectangle kernel of the thresholds' "
+                   f"pseudo-gradient (default {D.jumprelu_bandwidth})")
+    t.add_argument("--jumprelu-init-threshold", type=_float(0.0, strict=True),
+                   help=f"jumprelu: initial threshold (default {D.jumprelu_init_threshold})")
     t.add_argument("--k", type=_positive_int,
                    help=f"active features per row for topk/batchtopk (default {DEFAULT_K}, "
                    "at most d_sae)")
@@ -201,7 +216,16 @@ _RESUME_FIXED = {
     "k_aux": lambda st, c: c.k_aux,
     "aux_coefficient": lambda st, c: c.aux_coefficient,
     "dead_tokens": lambda st, c: c.dead_tokens,
+    "target_l0": lambda st, c: c.target_l0,
+    "l0_coefficient": lambda st, c: c.l0_coefficient,
+    "l0_warm_up_steps": lambda st, c: c.l0_warm_up_steps,
+    "jumprelu_bandwidth": lambda st, c: c.jumprelu_bandwidth,
+    "jumprelu_init_threshold": lambda st, c: c.jumprelu_init_threshold,
 }
+
+#: The JumpReLU-only flags.
+_JUMPRELU_FLAGS = ("l0_coefficient", "l0_warm_up_steps", "jumprelu_bandwidth",
+                   "jumprelu_init_threshold")
 
 
 def _check_out_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
@@ -310,18 +334,34 @@ def _cmd_train(args) -> int:
                             ("resample_every", "resample_every"),
                             ("checkpoint_every", "checkpoint_every"), ("auxk", "auxk"),
                             ("k_aux", "k_aux"), ("aux_coefficient", "aux_coefficient"),
-                            ("dead_tokens", "dead_tokens")):
+                            ("dead_tokens", "dead_tokens"), ("target_l0", "target_l0"),
+                            *((f, f) for f in _JUMPRELU_FLAGS)):
             v = getattr(args, flag)
             if v is not None:
                 setattr(cfg, field, v)
         cfg.progress = args.progress
         act = args.activation or "relu"
-        if act == "relu":
+        if args.target_l0 is not None and act != "relu":
+            raise CLIError(f"--target-l0 applies to --activation relu (a {act} SAE's "
+                           + ("L0 is set by --k)" if act in ("topk", "batchtopk") else
+                              "L0 is set by --l0-coefficient; a target-L0 controller for it "
+                              "is not implemented)"))
+        if act != "jumprelu":
+            for flag in _JUMPRELU_FLAGS:
+                if getattr(args, flag) is not None:
+                    raise CLIError(f"--{flag.replace('_', '-')} needs --activation jumprelu")
+        elif args.l1 is not None:
+            raise CLIError("--l1 does not apply to --activation jumprelu (it has no L1 term; "
+                           "its sparsity is set by --l0-coefficient)")
+        if act in ("relu", "jumprelu"):
             for flag in ("k", "auxk", "k_aux", "aux_coefficient", "dead_tokens"):
                 if getattr(args, flag) is not None:
                     raise CLIError(f"--{flag.replace('_', '-')} needs --activation topk "
                                    "or batchtopk")
             k = None
+            if act == "jumprelu" and args.decoder_norm not in (None, "unit_norm"):
+                raise CLIError("--activation jumprelu trains unit-norm decoder rows: "
+                               "--decoder-norm must be unit_norm")
         else:
             if args.decoder_norm not in (None, "unit_norm"):
                 raise CLIError(f"--activation {act} trains unit-norm decoder rows: "

@@ -44,11 +44,15 @@ from .params import SAEParams
 
 __all__ = [
     "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes", "stale_tmp_files",
-    "atomic_write_json", "write_sae_dir", "read_sae_dir", "save_tensors", "load_tensors",
+    "atomic_write_json", "write_sae_dir", "read_sae_dir", "read_gemma_scope", "save_tensors",
+    "load_tensors", "GEMMA_SCOPE_FILENAME", "is_gemma_scope",
 ]
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
+#: Gemma Scope's published file: one ``params.npz`` per SAE.
+GEMMA_SCOPE_FILENAME = "params.npz"
+_GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 #: Tensors of a standard SAE and their shapes in terms of (d_in, d_sae).
 _TENSOR_SHAPES = {
@@ -414,3 +418,75 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
         extras["threshold"] = thr
     params = SAEParams(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"])
     return params, cfg, extras
+
+
+# ============================================================ Gemma Scope
+def is_gemma_scope(path) -> bool:
+    """Whether ``path`` is Gemma Scope's layout: a ``.npz`` file, or a
+    directory holding ``params.npz`` and no ``cfg.json``."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".npz"
+    return ((path / GEMMA_SCOPE_FILENAME).is_file()
+            and not (path / CFG_FILENAME).exists())
+
+
+def read_gemma_scope(path) -> tuple[SAEParams, dict, dict]:
+    """Read a Gemma Scope SAE (``params.npz``, or the directory holding it):
+    ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``,
+    ``b_dec [d_in]``, ``threshold [d_sae]``, with Gemma Scope's equations
+    ``pre = x @ W_enc + b_enc`` (``b_dec`` is not subtracted),
+    ``f = relu(pre) * (pre > threshold)``, ``x_hat = f @ W_dec + b_dec``.
+
+    Returned like :func:`read_sae_dir`, with ``b_dec @ W_enc`` folded into
+    ``b_enc`` (so the usual ``pre = (x - b_dec) @ W_enc + b_enc`` holds) and a
+    cfg of ``architecture: "jumprelu"``. The archive is opened with
+    ``allow_pickle=False``: an object array (a pickle) is refused, never
+    loaded. Other keys, missing keys, mismatched shapes, non-float or
+    non-finite values raise :class:`SAEFormatError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Gemma Scope file not found: {path}")
+    f = path / GEMMA_SCOPE_FILENAME if path.is_dir() else path
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # np.load would try other formats (a pickle)
+            raise SAEFormatError(f"{f} is not a readable .npz archive (no zip header)")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            names = sorted(z.files)
+            missing = [k for k in _GEMMA_SCOPE_KEYS if k not in z.files]
+            if missing:
+                raise SAEFormatError(f"{f} is not a Gemma Scope SAE: it lacks "
+                                     f"{', '.join(missing)} (found: {', '.join(names) or 'none'})")
+            arrays = {k: z[k] for k in _GEMMA_SCOPE_KEYS}
+    except SAEFormatError:
+        raise
+    except ValueError as exc:  # object arrays need pickle: refused
+        raise SAEFormatError(f"{f}: {exc} (pickled arrays are never loaded)") from None
+    except (OSError, EOFError, KeyError) as exc:
+        raise SAEFormatError(f"{f} is not a readable .npz archive: {exc}") from None
+    W_enc = arrays["W_enc"]
+    if W_enc.ndim != 2:
+        raise SAEFormatError(f"{f}: W_enc must be 2-D [d_in, d_sae], got shape {W_enc.shape}")
+    d_in, d_sae = W_enc.shape
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+              "b_dec": (d_in,), "threshold": (d_sae,)}
+    out = {}
+    for k, want in shapes.items():
+        a = arrays[k]
+        if tuple(a.shape) != want:
+            raise SAEFormatError(f"{f}: {k} has shape {tuple(a.shape)}, expected {want} "
+                                 f"(from W_enc's {W_enc.shape})")
+        if a.dtype.kind != "f":
+            raise SAEFormatError(f"{f}: {k} has dtype {a.dtype}, expected float")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise SAEFormatError(f"{f}: {k} contains NaN or infinite values")
+        out[k] = a
+    fold = out["b_dec"].astype(np.float64) @ out["W_enc"].astype(np.float64)
+    b_enc = (out["b_enc"] + fold).astype(np.float32)
+    cfg = {"architecture": "jumprelu", "d_in": int(d_in), "d_sae": int(d_sae),
+           "apply_b_dec_to_input": False, "metadata": {"source_format": "gemma_scope"}}
+    params = SAEParams(out["W_enc"], b_enc, out["W_dec"], out["b_dec"])
+    return params, cfg, {"threshold": out["threshold"]}

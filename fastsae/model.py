@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends import validate as V
 from .backends import Backend, get_backend
-from .io import read_sae_dir, write_sae_dir
+from .io import is_gemma_scope, read_gemma_scope, read_sae_dir, write_sae_dir
 from .params import DECODER_NORM_MODES, SAEParams
 from .sparse import SparseCodes, check_codes
 
@@ -35,7 +35,7 @@ def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray
 
 
 #: Training activations of :class:`SparseAutoencoder`.
-ACTIVATIONS = ("relu", "topk", "batchtopk")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 class SparseAutoencoder:
@@ -43,10 +43,12 @@ class SparseAutoencoder:
 
     ``pre = (x - b_dec) @ W_enc + b_enc``, ``f = act(pre)``,
     ``x_hat = f @ W_dec + b_dec``, where ``act`` is ReLU (``activation="relu"``),
-    the ``k`` largest entries of each row after ReLU (``"topk"``), or, for
-    ``"batchtopk"``, the ``N * k`` largest of the batch during training and a
+    the ``k`` largest entries of each row after ReLU (``"topk"``), for
+    ``"batchtopk"`` the ``N * k`` largest of the batch during training and a
     per-feature threshold (JumpReLU, as SAELens runs BatchTopK SAEs) at
-    inference.
+    inference, or for ``"jumprelu"`` ``pre * (pre > threshold)`` with learned
+    per-feature thresholds (Rajamanoharan et al. 2024, Gemma Scope; trained
+    with an L0 penalty, see :class:`fastsae.TrainConfig`).
 
     Parameters
     ----------
@@ -55,8 +57,8 @@ class SparseAutoencoder:
     decoder_norm : ``"weighted_l1"`` or ``"unit_norm"``
         How training controls the decoder's scale (see
         :data:`fastsae.params.DECODER_NORM_MODES`). Default ``"weighted_l1"``
-        for ReLU; TopK/BatchTopK always use ``"unit_norm"``.
-    activation : ``"relu"``, ``"topk"`` or ``"batchtopk"``
+        for ReLU; TopK, BatchTopK and JumpReLU always use ``"unit_norm"``.
+    activation : ``"relu"``, ``"topk"``, ``"batchtopk"`` or ``"jumprelu"``
     k : int
         Active features per row (topk, batchtopk; required there).
     backend : str or Backend, optional
@@ -81,10 +83,16 @@ class SparseAutoencoder:
         d_sae = V.as_int(d_sae, "d_sae")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if activation == "relu":
+        if activation in ("relu", "jumprelu"):
             if k is not None:
                 raise ValueError("k is only used by the topk and batchtopk activations")
+        if activation == "relu":
             decoder_norm = "weighted_l1" if decoder_norm is None else decoder_norm
+        elif activation == "jumprelu":
+            if decoder_norm not in (None, "unit_norm"):
+                raise ValueError("jumprelu SAEs train with unit-norm decoder rows "
+                                 f"(decoder_norm='unit_norm'), got {decoder_norm!r}")
+            decoder_norm = "unit_norm"
         else:
             if k is None:
                 raise ValueError(f"activation {activation!r} needs k (active features per row)")
@@ -115,17 +123,19 @@ class SparseAutoencoder:
         #: (``k`` largest pre-activations per row, then ReLU) or ``"jumprelu"``
         #: (``relu(pre) * (pre > threshold)``; a BatchTopK SAE at inference).
         self.architecture = {"relu": "standard", "topk": "topk",
-                             "batchtopk": "jumprelu"}[activation]
-        #: How the SAE trains: ``"relu"``, ``"topk"``, ``"batchtopk"``, or
-        #: ``None`` for a loaded architecture fastsae cannot train (a plain
-        #: ``jumprelu`` SAE).
+                             "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[activation]
+        #: How the SAE trains: ``"relu"``, ``"topk"``, ``"batchtopk"``,
+        #: ``"jumprelu"``, or ``None`` for a loaded SAE fastsae cannot train.
         self.activation: str | None = activation
         self.k: int | None = k
         #: Per-feature threshold of the ``jumprelu`` architecture; a BatchTopK
         #: SAE fills it with the trainer's running estimate of the smallest
-        #: kept activation (0 before training: plain ReLU).
+        #: kept activation, a JumpReLU SAE with its learned thresholds (0
+        #: before training: plain ReLU; the trainer starts a fresh JumpReLU
+        #: SAE at ``TrainConfig.jumprelu_init_threshold``).
         self.threshold: np.ndarray | None = (np.zeros(d_sae, np.float32)
-                                             if activation == "batchtopk" else None)
+                                             if activation in ("batchtopk", "jumprelu")
+                                             else None)
         #: Free-form information saved in cfg.json's metadata.
         self.metadata: dict = {}
         # True until trained or loaded: the Trainer then treats the parameters
@@ -295,6 +305,8 @@ class SparseAutoencoder:
             meta["training_architecture_details"] = {
                 **(details if isinstance(details, dict) else {}),
                 "k": int(self.k), "rescale_acts_by_decoder_norm": False}
+        elif self.activation == "jumprelu":
+            meta["training_architecture"] = "jumprelu"
         if metadata:
             meta.update(metadata)
         k = self.k if self.architecture == "topk" else None
@@ -305,9 +317,13 @@ class SparseAutoencoder:
     def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
         """Load a fastsae- or SAELens-written SAE directory: ``"standard"``
         (ReLU), ``"topk"`` or ``"jumprelu"`` (e.g. a BatchTopK SAE saved for
-        inference). Standard, topk and BatchTopK (``jumprelu`` with metadata
-        ``training_architecture: "batchtopk"`` and its ``k``) SAEs can be
-        trained further; other ``jumprelu`` SAEs only run.
+        inference). All can be trained further: a ``jumprelu`` SAE with
+        metadata ``training_architecture: "batchtopk"`` and its ``k`` as a
+        BatchTopK SAE, any other ``jumprelu`` SAE (SAELens's JumpReLU saves,
+        Gemma Scope) as JumpReLU; training a JumpReLU SAE needs positive
+        thresholds (they are learned as ``log(threshold)``). ``directory`` may
+        also be Gemma Scope's published layout: a ``params.npz`` file or a
+        directory holding one (see :func:`fastsae.io.read_gemma_scope`).
 
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
@@ -315,7 +331,10 @@ class SparseAutoencoder:
         unpickled. Weights may be float32, float64, float16 or bfloat16; they
         are converted to float32 (exactly, except float64, which is rounded).
         """
-        params, cfg, extras = read_sae_dir(directory)
+        if is_gemma_scope(directory):
+            params, cfg, extras = read_gemma_scope(directory)
+        else:
+            params, cfg, extras = read_sae_dir(directory)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         mode = meta.get("fastsae_decoder_norm", "weighted_l1")
         if mode not in DECODER_NORM_MODES:
@@ -330,14 +349,15 @@ class SparseAutoencoder:
         sae.architecture = cfg.get("architecture", "standard")
         sae.k = extras.get("k")
         sae.threshold = extras.get("threshold")
-        sae.activation = {"standard": "relu", "topk": "topk"}.get(sae.architecture)
+        sae.activation = {"standard": "relu", "topk": "topk",
+                          "jumprelu": "jumprelu"}.get(sae.architecture)
         details = meta.get("training_architecture_details")
         if (sae.architecture == "jumprelu" and meta.get("training_architecture") == "batchtopk"
                 and isinstance(details, dict) and isinstance(details.get("k"), int)
                 and not isinstance(details.get("k"), bool) and 1 <= details["k"] <= sae.d_sae):
             # a BatchTopK SAE saved for inference: trainable further
             sae.activation, sae.k = "batchtopk", details["k"]
-        if sae.activation in ("topk", "batchtopk"):
+        if sae.activation in ("topk", "batchtopk", "jumprelu"):
             sae.decoder_norm = "unit_norm"
         sae.metadata = {k: v for k, v in meta.items()
                         if k not in ("fastsae_version", "fastsae_decoder_norm",

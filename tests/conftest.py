@@ -100,3 +100,28 @@ SHAPES_CUDA_SIM = [(1, 1, 1), (1, 3, 7), (7, 5, 1), (13, 9, 17), (20, 8, 33)]
 
 def shapes_for(backend_name):
     return SHAPES_CUDA_SIM if backend_name == "cuda" and is_cuda_sim() else SHAPES
+
+
+def fast_cpu_backend() -> str:
+    """The fastest usable CPU backend for training tests: numba, then cython,
+    else the numpy reference."""
+    for name in ("numba", "cython"):
+        try:
+            fastsae.get_backend(name)
+            return name
+        except Exception:  # backend not usable here
+            pass
+    return "numpy"
+
+
+def crash_at_step(trainer, n: int) -> None:
+    """Make ``trainer``'s ``n``-th state step (1-based) raise
+    KeyboardInterrupt: an interrupted run, for the exact-resume tests."""
+    real_step, calls = trainer.state.step, {"n": 0}
+
+    def crashing_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    trainer.state.step = crashing_step

@@ -225,9 +225,9 @@ def test_topk_rescale_by_decoder_norm_is_folded(tmp_path):
     np.testing.assert_allclose(sae.reconstruct(x.astype(np.float32)), x_hat, atol=5e-5)
 
 
-def test_plain_jumprelu_sae_cannot_be_trained(tmp_path):
-    # topk and BatchTopK-saved SAEs train further; a jumprelu SAE without
-    # training_architecture "batchtopk" (e.g. a published JumpReLU SAE) does not
+def test_plain_jumprelu_sae_trains_as_jumprelu(tmp_path):
+    # BatchTopK-saved SAEs train further as BatchTopK; a jumprelu SAE without
+    # training_architecture "batchtopk" (e.g. a published JumpReLU SAE) as JumpReLU
     import json
     import shutil
 
@@ -237,9 +237,7 @@ def test_plain_jumprelu_sae_cannot_be_trained(tmp_path):
     cfg["metadata"].pop("training_architecture", None)
     (d / "cfg.json").write_text(json.dumps(cfg))
     sae = SparseAutoencoder.load(d)
-    assert sae.activation is None
-    with pytest.raises(ValueError, match="cannot train this 'jumprelu' SAE"):
-        fastsae.Trainer(sae, np.ones((10, sae.d_in), np.float32))
+    assert (sae.activation, sae.decoder_norm) == ("jumprelu", "unit_norm")
     assert SparseAutoencoder.load(DATA / "topk").activation == "topk"
     bt = SparseAutoencoder.load(DATA / "batchtopk_inference")
     assert (bt.activation, bt.k) == ("batchtopk", 4)

@@ -17,18 +17,9 @@ from fastsae.cli import main as cli_main
 from fastsae.data import recovery, synthetic
 from fastsae import TrainConfig, Trainer
 
+from conftest import crash_at_step, fast_cpu_backend
 
-def _fast_backend() -> str:
-    for name in ("numba", "cython"):
-        try:
-            fastsae.get_backend(name)
-            return name
-        except Exception:  # backend not usable here
-            pass
-    return "numpy"
-
-
-BE = _fast_backend()
+BE = fast_cpu_backend()
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +126,7 @@ def test_resume_is_exact(problem, tmp_path, activation):
     full_t = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "full")
     full = full_t.train()
     t = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "cut")
-    real_step, calls = t.state.step, {"n": 0}
-
-    def crashing_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 27:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    t.state.step = crashing_step
+    crash_at_step(t, 27)
     with pytest.raises(KeyboardInterrupt):
         t.train()
     rt = Trainer.resume(tmp_path / "cut", problem.x, backend=BE)

@@ -12,6 +12,8 @@ from fastsae import SparseAutoencoder, TrainConfig, Trainer
 from fastsae.data import synthetic
 from fastsae.training import TrainingDiverged
 
+from conftest import crash_at_step
+
 USABLE = [s.name for s in fastsae.available_backends() if s.available]
 
 
@@ -154,14 +156,7 @@ def test_resume_equals_uninterrupted_run(problem, tmp_path, name):
         return m
     full = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "full").train()
     t = Trainer(model(), problem.x, cfg, out_dir=tmp_path / "cut")
-    real_step, calls = t.state.step, {"n": 0}
-
-    def crashing_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 38:
-            raise KeyboardInterrupt  # killed mid-run
-        return real_step(*a, **k)
-    t.state.step = crashing_step
+    crash_at_step(t, 38)  # killed mid-run
     with pytest.raises(KeyboardInterrupt):
         t.train()
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 30

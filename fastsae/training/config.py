@@ -80,6 +80,29 @@ class TrainConfig:
     topk_threshold_lr * min_active`` after every step with an active feature
     (SAELens), which the saved SAE uses at inference (``jumprelu``).
 
+    JumpReLU (``activation="jumprelu"``; names and defaults as SAELens 6.54's
+    ``JumpReLUTrainingSAEConfig``, step sparsity mode): no L1 term, unit-norm
+    decoder rows, thresholds ``exp(log_threshold)`` learned by Adam at the
+    run's learning rate from the rectangle-kernel pseudo-gradient of
+    bandwidth ``jumprelu_bandwidth``; the loss adds ``l0_coefficient * L0``
+    (L0 per row, averaged over the batch), the coefficient rising linearly
+    over ``l0_warm_up_steps`` (0: none). A fresh SAE starts with every
+    threshold at ``jumprelu_init_threshold``. Thresholds and bandwidth are in
+    the units of the (normalized) training inputs' pre-activations. The
+    defaults are SAELens's except ``jumprelu_init_threshold`` (SAELens: 0.01,
+    for inputs it does not normalize): with fastsae's normalized inputs a
+    fresh SAE's pre-activations are about 0.1, and starting the thresholds
+    there took the built-in synthetic problem from 15% to 99% of its true
+    features recovered in 1000 steps (``benchmarks/jumprelu_defaults.py``).
+
+    ``target_l0`` (ReLU): instead of a fixed L1 coefficient, a controller
+    (:mod:`fastsae.training.controller`) multiplies the scheduled
+    ``l1_coefficient`` (with its warm-up) by a factor it adjusts after every
+    step from the batch's L0, so that the run ends near that L0;
+    ``target_l0_gain`` is its integral gain per step. The configured
+    coefficient then only sets the starting point. TopK and BatchTopK set
+    their L0 with ``k``; JumpReLU is not controlled yet (see the module).
+
     ``log_every``: metrics cadence (steps). ``checkpoint_every``: checkpoint
     cadence (steps, 0 = only at the end; needs an output directory).
     ``eval_rows``: rows of the final evaluation. ``progress``: tqdm bar
@@ -115,6 +138,12 @@ class TrainConfig:
     aux_coefficient: float = 1.0 / 32
     dead_tokens: int | None = None
     topk_threshold_lr: float = 0.01
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    jumprelu_init_threshold: float = 0.1
+    jumprelu_bandwidth: float = 0.05
+    target_l0: float | None = None
+    target_l0_gain: float = 0.02
 
     # ------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
@@ -152,6 +181,14 @@ class TrainConfig:
             raise TypeError("auxk must be True or False")
         V.as_scalar(self.aux_coefficient, "aux_coefficient")
         V.as_scalar(self.topk_threshold_lr, "topk_threshold_lr", high=1.0)
+        V.as_scalar(self.l0_coefficient, "l0_coefficient")
+        V.as_int(self.l0_warm_up_steps, "l0_warm_up_steps", low=0)
+        V.as_scalar(self.jumprelu_init_threshold, "jumprelu_init_threshold", low=0.0,
+                    low_inclusive=False)
+        V.as_scalar(self.jumprelu_bandwidth, "jumprelu_bandwidth", low=0.0, low_inclusive=False)
+        if self.target_l0 is not None:
+            V.as_scalar(self.target_l0, "target_l0", low=0.0, low_inclusive=False)
+        V.as_scalar(self.target_l0_gain, "target_l0_gain", low=0.0, low_inclusive=False)
         return self
 
     # ------------------------------------------------------------ derived values
@@ -217,6 +254,11 @@ class TrainConfig:
         if warmup:
             return self.l1_coefficient * min(1.0, (s + 1) / warmup)
         return self.l1_coefficient
+
+    def l0_at(self, s: int) -> float:
+        """JumpReLU's L0 coefficient at the step with 0-based index ``s``."""
+        w = int(self.l0_warm_up_steps)
+        return self.l0_coefficient * min(1.0, (s + 1) / w) if w else self.l0_coefficient
 
     # ------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict:

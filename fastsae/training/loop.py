@@ -55,6 +55,7 @@ from ..io import SAEFormatError, atomic_write_json
 from ..model import ACTIVATIONS, SparseAutoencoder
 from .checkpoint import CHECKPOINT_FILENAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
+from .controller import L0Controller
 from .metrics import METRICS_FILENAME, FiringWindow, MetricsAccumulator, MetricsLog, none_if_nan
 from .outdir import RunExistsError, check_writable, remove_run, run_files, same_dir
 from .state import TrainingState, make_state, model_from_info
@@ -137,14 +138,21 @@ class Trainer:
         if isinstance(model, SparseAutoencoder):
             if model.activation is None:
                 raise ValueError(f"fastsae cannot train this {model.architecture!r} SAE (it "
-                                 f"trains activations {', '.join(ACTIVATIONS)}; a jumprelu SAE "
-                                 "is trainable only when saved from a BatchTopK run)")
+                                 f"trains activations {', '.join(ACTIVATIONS)})")
             c = self.config
             if c.activation is not None and c.activation != model.activation:
                 raise ValueError(f"TrainConfig.activation={c.activation!r} but the model's "
                                  f"activation is {model.activation!r}")
             if c.k is not None and c.k != model.k:
                 raise ValueError(f"TrainConfig.k={c.k} but the model's k is {model.k}")
+            if c.target_l0 is not None and model.activation in ("topk", "batchtopk"):
+                raise ValueError(f"target_l0 applies to relu SAEs; a {model.activation} "
+                                 "SAE's L0 is set by k")
+            if c.target_l0 is not None and model.activation == "jumprelu":
+                raise ValueError("target_l0 is not implemented for jumprelu SAEs (see "
+                                 "fastsae.training.controller): set l0_coefficient instead")
+        elif self.config.target_l0 is not None:
+            raise ValueError("target_l0 applies to SparseAutoencoder models only")
         if self.source.d_in != model.d_in:
             raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
                              f"d_in = {model.d_in}")
@@ -171,6 +179,8 @@ class Trainer:
         self.last_checkpoint_path: Path | None = None
         self.notices: list[str] = []
         self._acc = MetricsAccumulator()
+        self.controller = (L0Controller(self.config.target_l0, gain=self.config.target_l0_gain)
+                           if self.config.target_l0 is not None else None)
         self._initialized = False
         self._resumed_from: Path | None = None  # the run directory a resume read
         self._out_ready = False
@@ -266,6 +276,8 @@ class Trainer:
             "threads": self.threads, "threads_used": self.backend.get_num_threads(),
             "window": self.window.state_dict(),
             "acc": self._acc.sums, "data": _source_location(self.source),
+            "controller": (self.controller.state_dict() if self.controller is not None
+                           else None),
             "data_rows": self.source.n_rows, "extra": self.extra_state,
         }
 
@@ -398,6 +410,12 @@ class Trainer:
         self.window = FiringWindow(self.backend, self.state.n_features)
         self.window.load(tensors, st["window"])
         self._acc = MetricsAccumulator(st.get("acc"))
+        if self.controller is not None:
+            try:
+                self.controller.load_state_dict(st["controller"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SAEFormatError(f"the checkpoint lacks this run's target-L0 controller "
+                                     f"state ({exc})") from None
         self.last_checkpoint_step = self.step
         self._initialized = True
         # the metrics log matches the checkpoint (written at prepare_out_dir)
@@ -419,7 +437,9 @@ class Trainer:
         rec = {"step": self.step, "tokens": self.step * cfg.batch_size, **means}
         rec["dead_fraction"] = none_if_nan(self.dead_fraction())
         rec["lr"] = cfg.lr_at(self.step - 1)
-        rec["l1_coefficient"] = cfg.l1_at(self.step - 1)
+        key = ("l0_coefficient" if getattr(self.model, "activation", None) == "jumprelu"
+               else "l1_coefficient")
+        rec[key] = self.sparsity_coefficient(self.step - 1)
         r = self._recovery()
         if r is not None:
             rec["mean_max_cosine"], rec["recovered"] = r["mean_max_cosine"], r["recovered"]
@@ -431,11 +451,20 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------ training
+    def sparsity_coefficient(self, s: int) -> float:
+        """The sparsity coefficient of the step with 0-based index ``s``: the
+        L0 coefficient for JumpReLU, else the L1 one, with its warm-up, times
+        the target-L0 controller's current multiplier (when on)."""
+        cfg = self.config
+        c = (cfg.l0_at(s) if getattr(self.model, "activation", None) == "jumprelu"
+             else cfg.l1_at(s))
+        return c * self.controller.factor if self.controller is not None else c
+
     def _step(self, s: int, x: np.ndarray) -> dict:
         """Step ``s`` (0-based) on the host batch ``x``, with the data check
         and the divergence check."""
         cfg, be = self.config, self.backend
-        lr, l1c = cfg.lr_at(s), cfg.l1_at(s)
+        lr, l1c = cfg.lr_at(s), self.sparsity_coefficient(s)
         xb = be.to_backend(x)
         # The front scans host batches for NaN/inf itself; a device copy is
         # not scanned there, so check the host batch here (one scan a step).
@@ -449,7 +478,9 @@ class Trainer:
         if not math.isfinite(r["total"]):
             raise TrainingDiverged(
                 f"training diverged: the loss is {r['total']} at step {s + 1} "
-                f"(lr={lr:.3g}, l1_coefficient={l1c:.3g}){self._last_good()}")
+                f"(lr={lr:.3g}, sparsity coefficient={l1c:.3g}){self._last_good()}")
+        if self.controller is not None:
+            self.controller.update(r["l0"])
         return r
 
     def train(self) -> TrainResult:

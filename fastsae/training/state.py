@@ -10,6 +10,8 @@ architecture. Three implementations:
 :class:`TopKState`        TopK / BatchTopK SAE (``train_step_topk``), adds the
                           AuxK dead-latent counters (``since``) and BatchTopK's
                           running threshold (``threshold``)
+:class:`JumpReLUState`    JumpReLU SAE (``train_step_jumprelu``), adds the
+                          learned ``log_threshold`` and its Adam moments
 :class:`AutoencoderState` the plain :class:`fastsae.Autoencoder` (NumPy
                           backward, no features)
 
@@ -34,7 +36,8 @@ from ..model import SparseAutoencoder
 from ..params import AdamState, SAEParams
 from .config import TrainConfig
 
-__all__ = ["TrainingState", "SAEState", "TopKState", "AutoencoderState", "make_state",
+__all__ = ["TrainingState", "SAEState", "TopKState", "JumpReLUState", "AutoencoderState",
+           "make_state",
            "model_from_info", "fold_params"]
 
 
@@ -60,7 +63,9 @@ class TrainingState(Protocol):
         ``scale``), with zero optimizer state."""
 
     def step(self, x, lr: float, l1_coefficient: float, fire_counts) -> dict:
-        """One optimizer step on the backend batch ``x`` (float32 ``[N, d_in]``);
+        """One optimizer step on the backend batch ``x`` (float32 ``[N, d_in]``)
+        with sparsity coefficient ``l1_coefficient`` (JumpReLU: its L0
+        coefficient; unused by TopK);
         adds to ``fire_counts`` (int64 ``[n_features]`` on the backend, or
         ``None``). Returns floats ``mse, l1, total, l0, explained_variance``
         (and ``aux`` for AuxK) measured before the update."""
@@ -98,7 +103,8 @@ class TrainingState(Protocol):
 def make_state(model, config: TrainConfig, backend) -> TrainingState:
     """The training state for ``model`` (a SparseAutoencoder or an Autoencoder)."""
     if isinstance(model, SparseAutoencoder):
-        cls = TopKState if model.activation in ("topk", "batchtopk") else SAEState
+        cls = {"topk": TopKState, "batchtopk": TopKState,
+               "jumprelu": JumpReLUState}.get(model.activation, SAEState)
         return cls(model, config, backend)
     return AutoencoderState(model, config, backend)
 
@@ -109,7 +115,7 @@ def model_from_info(info: dict, backend=None):
         act = info.get("activation", "relu")
         return SparseAutoencoder(info["d_in"], info["d_sae"], decoder_norm=info["decoder_norm"],
                                  backend=backend, seed=info["seed"], activation=act,
-                                 k=info.get("k") if act != "relu" else None)
+                                 k=info.get("k") if act in ("topk", "batchtopk") else None)
     return Autoencoder(info["layer_sizes"], info["output_relu"], backend=backend,
                        seed=info["seed"])
 
@@ -343,6 +349,120 @@ class TopKState(SAEState):
             m.metadata["training_architecture_details"] = {
                 **(d if isinstance(d, dict) else {}),
                 "topk_threshold_lr": self.config.topk_threshold_lr}
+
+
+# ================================================================ SAE (JumpReLU)
+class JumpReLUState(SAEState):
+    """A JumpReLU SAE, trained with ``train_step_jumprelu`` (unit-norm decoder
+    rows, L0 penalty; see :class:`TrainConfig`).
+
+    ``log_threshold`` and its Adam moments live on the backend beside the
+    parameters and share their Adam step. A fresh SAE starts every threshold
+    at ``jumprelu_init_threshold``; a trained one (loaded, e.g. a SAELens or
+    Gemma Scope JumpReLU SAE) first has its decoder norms folded into the
+    encoder and the thresholds (``W_enc[:, j] * n_j``, ``b_enc[j] * n_j``,
+    ``threshold[j] * n_j``, ``W_dec[j] / n_j``: the same function, unit-norm
+    rows), as SAELens's ``fold_W_dec_norm`` does.
+    """
+
+    metric_keys = ("mse", "l0_loss", "total", "l0", "explained_variance")
+
+    def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
+        super().__init__(model, config, backend)
+        self.log_threshold = self.threshold_m = self.threshold_v = None
+
+    def init_fresh(self, scale, sample):
+        m, cfg = self.model, self.config
+        if m.fresh:
+            super().init_fresh(scale, sample)
+            theta = np.full(m.d_sae, cfg.jumprelu_init_threshold, np.float64)
+        else:
+            host = _host(m.params)
+            theta = np.asarray(m.threshold, dtype=np.float64)
+            if theta.shape != (m.d_sae,) or not np.all(theta > 0):
+                raise ValueError("training a JumpReLU SAE needs a positive threshold for every "
+                                 "feature (thresholds are learned as log(threshold)); this "
+                                 f"SAE has {int(np.sum(~(theta > 0)))} that are not")
+            host = fold_params(host, 1.0 / scale)  # to the training inputs' units
+            norms = np.linalg.norm(host.W_dec.astype(np.float64), axis=1)
+            if not np.all(norms > 0):
+                raise ValueError("training a JumpReLU SAE needs nonzero decoder rows; "
+                                 f"{int(np.sum(norms <= 0))} rows are zero")
+            host = SAEParams((host.W_enc * norms[None, :]).astype(np.float32),
+                             (host.b_enc * norms).astype(np.float32),
+                             (host.W_dec / norms[:, None]).astype(np.float32), host.b_dec)
+            theta = theta * norms
+            self.params = self.backend.to_backend(host)
+            self.state = self.backend.to_backend(AdamState.zeros_like(host))
+        self.log_threshold = self.backend.to_backend(np.log(theta).astype(np.float32))
+        self.threshold_m = self.backend.to_backend(np.zeros(m.d_sae, np.float32))
+        self.threshold_v = self.backend.to_backend(np.zeros(m.d_sae, np.float32))
+
+    def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
+        cfg = self.config
+        r = self.backend.train_step_jumprelu(
+            self.params, self.state, x, log_threshold=self.log_threshold,
+            threshold_m=self.threshold_m, threshold_v=self.threshold_v,
+            bandwidth=cfg.jumprelu_bandwidth, l0_coefficient=l1_coefficient,
+            lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=fire_counts)
+        return {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,
+                "explained_variance": r.explained_variance}
+
+    def host_threshold(self) -> np.ndarray:
+        """The current thresholds ``exp(log_threshold)`` as a float32 host array."""
+        lt = np.asarray(self.backend.to_numpy(self.log_threshold), dtype=np.float32)
+        return np.exp(lt)
+
+    def encode(self, xd):
+        be, p = self.backend, self.params
+        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, p.b_dec,
+                                  be.to_backend(self.host_threshold()))
+
+    def tensors(self) -> dict:
+        out = super().tensors()
+        for name in ("log_threshold", "threshold_m", "threshold_v"):
+            out[f"jumprelu.{name}"] = np.asarray(self.backend.to_numpy(getattr(self, name)),
+                                                 dtype=np.float32)
+        return out
+
+    def load(self, tensors: dict, adam_step: int):
+        super().load(tensors, adam_step)
+        d = self.model.d_sae
+        for name in ("log_threshold", "threshold_m", "threshold_v"):
+            a = tensors.get(f"jumprelu.{name}")
+            if a is None or np.asarray(a).shape != (d,):
+                raise SAEFormatError(f"the checkpoint lacks the JumpReLU state (jumprelu.{name} "
+                                     f"of shape ({d},))")
+            setattr(self, name, self.backend.to_backend(
+                np.ascontiguousarray(a, dtype=np.float32)))
+
+    def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
+        n = super().resample(dead, x, rng)
+        if n:  # a fresh threshold (and moments) for each re-initialized feature
+            idx = np.flatnonzero(dead)
+            lt, tm, tv = (np.array(self.backend.to_numpy(a), dtype=np.float32)
+                          for a in (self.log_threshold, self.threshold_m, self.threshold_v))
+            lt[idx] = np.log(np.float32(self.config.jumprelu_init_threshold))
+            tm[idx] = 0.0
+            tv[idx] = 0.0
+            self.log_threshold, self.threshold_m, self.threshold_v = (
+                self.backend.to_backend(a) for a in (lt, tm, tv))
+        return n
+
+    def export(self, scale) -> None:
+        super().export(scale)
+        m, cfg = self.model, self.config
+        # the fold keeps pre-activations unchanged, so the thresholds carry over
+        m.threshold = self.host_threshold()
+        d = m.metadata.get("training_architecture_details")
+        m.metadata["training_architecture_details"] = {
+            **(d if isinstance(d, dict) else {}),
+            "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
+            "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
+            "jumprelu_sparsity_loss_mode": "step",
+            "l0_coefficient": cfg.l0_coefficient,
+            "l0_warm_up_steps": cfg.l0_warm_up_steps,
+            "pre_act_loss_coefficient": None}
 
 
 # ================================================================ Autoencoder
