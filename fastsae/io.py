@@ -45,7 +45,7 @@ from .params import SAEParams
 __all__ = [
     "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes", "stale_tmp_files",
     "atomic_write_json", "write_sae_dir", "read_sae_dir", "read_gemma_scope", "save_tensors",
-    "load_tensors", "GEMMA_SCOPE_FILENAME", "is_gemma_scope",
+    "load_tensors", "GEMMA_SCOPE_FILENAME", "is_gemma_scope", "fold_decoder_norms",
 ]
 
 CFG_FILENAME = "cfg.json"
@@ -311,6 +311,16 @@ def _cfg_int(cfg, key, path) -> int:
     return v
 
 
+def fold_decoder_norms(p: SAEParams, norms) -> SAEParams:
+    """SAELens's ``fold_W_dec_norm``: ``W_enc[:, j] * n_j``, ``b_enc[j] * n_j``,
+    ``W_dec[j] / n_j`` (``norms`` positive, float64 ``[d_sae]``), float32. The
+    codes are scaled by the norms and the reconstruction is unchanged; a
+    threshold on the codes scales by the norms too."""
+    return SAEParams((p.W_enc * norms[None, :]).astype(np.float32),
+                     (p.b_enc * norms).astype(np.float32),
+                     (p.W_dec / norms[:, None]).astype(np.float32), p.b_dec)
+
+
 def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams, dict, dict]:
     """Read a SAELens-style (or fastsae) SAE directory (float32, float64,
     float16 or bfloat16 weights, all returned as float32: exact except for
@@ -401,10 +411,9 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
             raise SAEFormatError(f"{cpath}: rescale_acts_by_decoder_norm must be true or false")
         if rescale:
             n = np.linalg.norm(out["W_dec"].astype(np.float64), axis=1)
-            n = np.where(n > 0, n, 1.0)
-            out["W_enc"] = (out["W_enc"] * n[None, :]).astype(np.float32)
-            out["b_enc"] = (out["b_enc"] * n).astype(np.float32)
-            out["W_dec"] = (out["W_dec"] / n[:, None]).astype(np.float32)
+            folded = fold_decoder_norms(SAEParams(out["W_enc"], out["b_enc"], out["W_dec"],
+                                                  out["b_dec"]), np.where(n > 0, n, 1.0))
+            out["W_enc"], out["b_enc"], out["W_dec"] = folded.W_enc, folded.b_enc, folded.W_dec
     elif arch == "jumprelu":
         if "threshold" not in arrays:
             raise SAEFormatError(f"{wpath} has no tensor 'threshold' (needed by jumprelu)")

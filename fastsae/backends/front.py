@@ -156,10 +156,7 @@ class Backend:
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
-        lr = V.as_scalar(lr, "lr")
-        beta1 = V.as_scalar(beta1, "beta1", high=1.0)
-        beta2 = V.as_scalar(beta2, "beta2", high=1.0)
-        eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
+        lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         mode = V.check_decoder_norm(decoder_norm)
         self._step_writes(params, state, x, fire_counts)
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
@@ -217,10 +214,7 @@ class Backend:
         k = V.as_int(k, "k")
         k_aux = V.as_int(k_aux, "k_aux", low=0)
         aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
-        lr = V.as_scalar(lr, "lr")
-        beta1 = V.as_scalar(beta1, "beta1", high=1.0)
-        beta2 = V.as_scalar(beta2, "beta2", high=1.0)
-        eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
+        lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         if dead_mask is not None:
             if tuple(dead_mask.shape) != (params.d_sae,):
                 raise ValueError(f"dead_mask must have shape ({params.d_sae},), "
@@ -270,10 +264,7 @@ class Backend:
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
         bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
         l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
-        lr = V.as_scalar(lr, "lr")
-        beta1 = V.as_scalar(beta1, "beta1", high=1.0)
-        beta2 = V.as_scalar(beta2, "beta2", high=1.0)
-        eps = V.as_scalar(eps, "eps", low=0.0, low_inclusive=False)
+        lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         self._step_writes(params, state, x, fire_counts,
                           extra_written={"log_threshold": log_threshold,
                                          "threshold_m": threshold_m,

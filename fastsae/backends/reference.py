@@ -217,8 +217,12 @@ def normalize_decoder_rows(W_dec):
 
 def explained_variance(x, mse):
     """``1 - mse / mean_i ||x_i - mean(x)||**2`` (1.0 for a constant batch)."""
-    var = float(np.sum((x - x.mean(axis=0)) ** 2) / x.shape[0])
-    return _explained_variance(mse, var)
+    return _explained_variance(mse, _batch_variance(x))
+
+
+def _batch_variance(x) -> float:
+    """``mean_i ||x_i - mean(x)||**2``."""
+    return float(np.sum((x - x.mean(axis=0)) ** 2) / x.shape[0])
 
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
@@ -429,6 +433,17 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
 jumprelu_window = _jumprelu_window
 
 
+def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth):
+    """``(x - b_dec, pre, theta, active, window)``: the centred batch, the
+    pre-activations, the thresholds and the active and window masks."""
+    xc = x - params.b_dec
+    pre = xc @ params.W_enc + params.b_enc
+    theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
+    active = pre > theta[None, :]
+    window = (pre > lo[None, :]) & (pre < hi[None, :])
+    return xc, pre, theta, active, window
+
+
 def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
     """Losses and gradients of a JumpReLU SAE step (see the section comment).
 
@@ -441,11 +456,7 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
     n = x.shape[0]
     W_enc, W_dec = params.W_enc, params.W_dec
     dt = x.dtype.type
-    xc = x - params.b_dec
-    pre = xc @ W_enc + params.b_enc
-    theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
-    active = pre > theta[None, :]
-    window = (pre > lo[None, :]) & (pre < hi[None, :])
+    xc, pre, theta, active, window = _jumprelu_forward(x, params, log_threshold, bandwidth)
     f = np.where(active, pre, 0).astype(pre.dtype)
     x_hat = f @ W_dec + params.b_dec
     d_xhat = 2.0 * (x_hat - x) / n
@@ -482,10 +493,8 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     ``threshold_v`` at the same step ``t``, decoder-row renormalization), in
     place. ``StepResult.extra["l0_loss"]`` is the weighted L0 term; ``l0``
     the measured L0 (active entries per row)."""
+    active = _jumprelu_forward(x, params, log_threshold, bandwidth)[3]  # before the update
     loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient)
-    theta = np.exp(log_threshold)
-    pre = pre_activations(x, params.W_enc, params.b_enc, params.b_dec)
-    active = pre > theta[None, :]
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     adam_vector(log_threshold, g_lt, threshold_m, threshold_v, state.step, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
@@ -494,4 +503,4 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     finite = (all(np.isfinite(a).all() for a in params.arrays())
               and bool(np.isfinite(log_threshold).all()))
     return jumprelu_step_result(loss.mse, loss.l0_loss, int(active.sum()), x.shape[0],
-                                float(np.sum((x - x.mean(axis=0)) ** 2) / x.shape[0]), finite)
+                                _batch_variance(x), finite)

@@ -79,6 +79,14 @@ def as_scalar(value, name: str, low: float = 0.0, low_inclusive: bool = True,
     return v
 
 
+def adam_args(lr, beta1, beta2, eps) -> tuple:
+    """Adam's settings of a training step, checked: ``lr >= 0``, betas in
+    ``[0, 1)``, ``eps > 0``; returned as floats."""
+    return (as_scalar(lr, "lr"), as_scalar(beta1, "beta1", high=1.0),
+            as_scalar(beta2, "beta2", high=1.0),
+            as_scalar(eps, "eps", low=0.0, low_inclusive=False))
+
+
 def as_int(value, name: str, low: int = 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..autoencoder import Autoencoder
 from ..backends import reference
-from ..io import SAEFormatError
+from ..io import SAEFormatError, fold_decoder_norms
 from ..model import SparseAutoencoder
 from ..params import AdamState, SAEParams
 from .config import TrainConfig
@@ -388,9 +388,7 @@ class JumpReLUState(SAEState):
             if not np.all(norms > 0):
                 raise ValueError("training a JumpReLU SAE needs nonzero decoder rows; "
                                  f"{int(np.sum(norms <= 0))} rows are zero")
-            host = SAEParams((host.W_enc * norms[None, :]).astype(np.float32),
-                             (host.b_enc * norms).astype(np.float32),
-                             (host.W_dec / norms[:, None]).astype(np.float32), host.b_dec)
+            host = fold_decoder_norms(host, norms)
             theta = theta * norms
             self.params = self.backend.to_backend(host)
             self.state = self.backend.to_backend(AdamState.zeros_like(host))

@@ -446,6 +446,16 @@ def _jr_encode(xc, W_enc, b_enc, lo, nt):
     return dense, pre, indptr, indices, values
 
 
+def _jr_prepare(x, params, log_threshold, bandwidth, l0_coefficient):
+    """What both JumpReLU entry points start from: ``(n, theta, lo, hi,
+    1 / bandwidth, the Step term's scale, threads, x - b_dec)``."""
+    n = x.shape[0]
+    theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
+    inv_bw = 1.0 / float(bandwidth)
+    l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
+    return n, theta, lo, hi, inv_bw, l0s, get_num_threads(), E.centered(x, params.b_dec)
+
+
 def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.backends.reference.jumprelu_gradients`): the candidates
@@ -454,13 +464,9 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
     products from
     :data:`~fastsae.backends.tunables.NUMBA_JUMPRELU_DENSE_MIN_DENSITY` on
     (:func:`.jumprelu.dense_gradients`)."""
-    n = x.shape[0]
+    n, theta, lo, hi, inv_bw, l0s, nt, xc = _jr_prepare(x, params, log_threshold, bandwidth,
+                                                        l0_coefficient)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
-    theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
-    inv_bw = 1.0 / float(bandwidth)
-    l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
-    nt = get_num_threads()
-    xc = E.centered(x, b_dec)
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
         if dense:
@@ -490,13 +496,9 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
-    n = x.shape[0]
+    n, theta, lo, hi, inv_bw, l0s, nt, xc = _jr_prepare(x, params, log_threshold, bandwidth,
+                                                        l0_coefficient)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
-    theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
-    inv_bw = 1.0 / float(bandwidth)
-    l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
-    nt = get_num_threads()
-    xc = E.centered(x, b_dec)
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
         if dense:
