@@ -253,3 +253,17 @@ def test_quality_jumprelu_recovers_more_at_lower_l0(record_property):
     record_property("jumprelu_vs_relu", str(res))
     assert res["jumprelu"][0] >= res["relu"][0]
     assert res["jumprelu"][1] < res["relu"][1]
+
+
+def test_loaded_sae_with_a_zero_decoder_row_gives_a_clear_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "jr"
+    shutil.copytree(DATA / "save_inference_model", d)
+    t = load_file(str(d / "sae_weights.safetensors"))
+    t["W_dec"][5] = 0.0
+    save_file(t, str(d / "sae_weights.safetensors"))
+    sae = SparseAutoencoder.load(d, backend="numpy")
+    x = _fixture("save_model")[0]
+    with pytest.raises(ValueError, match="nonzero decoder rows; 1 rows are zero"):
+        Trainer(sae, np.tile(x, (8, 1)), _cfg(steps=1, batch_size=16)).train()

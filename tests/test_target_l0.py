@@ -111,3 +111,19 @@ def test_relu_run_ends_within_ten_percent_of_the_target(target, record_property)
           f"({100 * (l0 / target - 1):+.1f}%), EV {r.metrics['explained_variance']:.3f}")
     record_property("final_l0", l0)
     assert abs(l0 / target - 1) <= 0.10
+
+
+def test_checkpoint_without_controller_state_is_refused(tmp_path):
+    from fastsae.io import SAEFormatError
+    from fastsae.training.checkpoint import read_checkpoint, write_checkpoint
+
+    ds = synthetic(n_rows=2048, d_in=16, n_features=32, l0=3.0, seed=1)
+    cfg = TrainConfig(steps=4, batch_size=64, target_l0=5.0, progress=False, eval_rows=256)
+    Trainer(SparseAutoencoder(16, 32, backend="numpy"), ds.x, cfg,
+            out_dir=tmp_path / "run").train()
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    tensors, st = read_checkpoint(path)
+    st["controller"] = None
+    write_checkpoint(path, tensors, st)
+    with pytest.raises(SAEFormatError, match="target-L0 controller"):
+        Trainer.resume(tmp_path / "run", ds.x, backend="numpy")
