@@ -85,7 +85,9 @@ class Losses:
     averaged over the rows. ``total = mse + l1``. For TopK activations there
     is no L1 term; ``aux`` holds the (already weighted) AuxK loss, included in
     ``total``. For JumpReLU, ``l0_loss`` holds the (weighted) L0 term,
-    included in ``total``.
+    included in ``total``. For Matryoshka SAEs, ``prefix_mse`` holds the
+    squared error of each prefix's reconstruction (one per width, the last
+    equal to ``mse``), and ``total = sum(prefix_mse) + aux``.
     """
 
     mse: float
@@ -93,6 +95,7 @@ class Losses:
     total: float
     aux: float = 0.0
     l0_loss: float = 0.0
+    prefix_mse: tuple = ()
 
 
 @dataclass

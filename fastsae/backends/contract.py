@@ -84,6 +84,9 @@ _ENC = (_X, _W_ENC, _B_ENC, _B_DEC)
 _LOG_THETA = ("log_threshold", "float32 [d_sae]: JumpReLU thresholds are exp(log_threshold)")
 _BANDWIDTH = ("bandwidth", "float > 0: width of the rectangle kernel")
 _L0C = ("l0_coefficient", "float >= 0")
+_WIDTHS = ("widths", "int64 [L] host array: strictly increasing prefix widths, the last d_sae")
+_AUXK = (("dead_mask", "bool [d_sae] or None"), ("k_aux", "int >= 0"),
+         ("aux_coefficient", "float >= 0"))
 
 ATTRIBUTES = (
     Attribute("NAME", str, "the backend's registry name"),
@@ -140,9 +143,7 @@ FUNCTIONS = (
              "(Losses with aux, SAEParams of gradients; W_dec's projected)"),
     Function("train_step_topk", "topk",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"),
-              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE,
-              ("dead_mask", "bool [d_sae] or None"), ("k_aux", "int >= 0"),
-              ("aux_coefficient", "float >= 0")),
+              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK),
              "StepResult with aux and extra['min_active']",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ JumpReLU family
@@ -158,6 +159,19 @@ FUNCTIONS = (
              "StepResult with extra['l0_loss'] (before the update)",
              inplace=("params", "state", "log_threshold", "threshold_m", "threshold_v",
                       "fire_counts")),
+    # ------------------------------------------------------------ Matryoshka family
+    Function("matryoshka_gradients", "matryoshka",
+             (_X, _PARAMS, _CODES, _WIDTHS,
+              ("aux_codes", "SparseCodes [N, d_sae] of the AuxK selection, or None"),
+              ("aux_weight", "float >= 0")),
+             "(Losses with prefix_mse (one per width) and aux, SAEParams of gradients; "
+             "W_dec's projected)"),
+    Function("train_step_matryoshka", "matryoshka",
+             (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"), _WIDTHS, *_ADAM, _FIRE,
+              *_AUXK),
+             "StepResult with aux, extra['min_active'] and extra['prefix_mse'] (a tuple, "
+             "one per width; the last is mse)",
+             inplace=("params", "state", "fire_counts")),
 )
 
 #: Every name a backend face must define.

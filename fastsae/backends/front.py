@@ -92,10 +92,11 @@ class Backend:
         params = V.params_arg(params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
-        x_hat = V.as_float_array(x_hat, "x_hat", 2, self._device)
-        if tuple(x_hat.shape) != tuple(x.shape):
-            raise ValueError(f"x_hat must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(x_hat.shape)}")
+        if x_hat is not None:  # None: the step decodes inside (Matryoshka's prefixes)
+            x_hat = V.as_float_array(x_hat, "x_hat", 2, self._device)
+            if tuple(x_hat.shape) != tuple(x.shape):
+                raise ValueError(f"x_hat must have the shape of x {tuple(x.shape)}, "
+                                 f"got {tuple(x_hat.shape)}")
         codes = V.codes_arg(codes, params.d_sae, self._device)
         if codes.shape[0] != x.shape[0]:
             raise ValueError(f"codes have {codes.shape[0]} rows but x has {x.shape[0]}")
@@ -188,14 +189,17 @@ class Backend:
         """Losses and gradients of a TopK/BatchTopK step (see
         :func:`fastsae.reference.topk_gradients`)."""
         x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
+        aux_codes, w = self._aux_args(x, params, aux_codes, aux_weight)
+        losses, grads = self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
+        return _loud_losses(losses), grads
+
+    def _aux_args(self, x, params, aux_codes, aux_weight):
         if aux_codes is not None:
             aux_codes = V.codes_arg(aux_codes, params.d_sae, self._device, "aux_codes")
             if aux_codes.shape[0] != x.shape[0]:
                 raise ValueError(f"aux_codes have {aux_codes.shape[0]} rows but x has "
                                  f"{x.shape[0]}")
-        w = V.as_scalar(aux_weight, "aux_weight")
-        losses, grads = self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
-        return _loud_losses(losses), grads
+        return aux_codes, V.as_scalar(aux_weight, "aux_weight")
 
     def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
                         activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -215,12 +219,7 @@ class Backend:
         k_aux = V.as_int(k_aux, "k_aux", low=0)
         aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
-        if dead_mask is not None:
-            if tuple(dead_mask.shape) != (params.d_sae,):
-                raise ValueError(f"dead_mask must have shape ({params.d_sae},), "
-                                 f"got {tuple(dead_mask.shape)}")
-            if not V.is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
-                raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
+        V.dead_mask_arg(dead_mask, params.d_sae)
         self._step_writes(params, state, x, fire_counts, dead_mask)
         return self._m.train_step_topk(
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
@@ -274,6 +273,41 @@ class Backend:
             threshold_v=threshold_v, bandwidth=bandwidth, l0_coefficient=l0c, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts)
 
+    # ------------------------------------------------------------ Matryoshka family
+    def matryoshka_gradients(self, x, params: SAEParams, codes, widths, aux_codes=None,
+                             aux_weight=0.0):
+        """Losses and gradients of a Matryoshka BatchTopK step over the
+        prefixes ``widths`` (see :func:`fastsae.reference.matryoshka_gradients`).
+        ``codes`` are the batch's codes; no prefix needs its own decode."""
+        x, params, codes, _ = self._gradient_args(x, params, codes, None)
+        widths = V.widths_arg(widths, params.d_sae)
+        aux_codes, w = self._aux_args(x, params, aux_codes, aux_weight)
+        losses, grads = self._m.matryoshka_gradients(x, params, codes, widths, aux_codes, w)
+        return _loud_losses(losses), grads
+
+    def train_step_matryoshka(self, params: SAEParams, state: AdamState, x, *, k, widths, lr,
+                              beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
+                              dead_mask=None, k_aux=0, aux_coefficient=0.0) -> StepResult:
+        """One Matryoshka BatchTopK step with optional AuxK, in place; see
+        :func:`fastsae.reference.train_step_matryoshka`. All or nothing,
+        finite or loud, as :meth:`train_step`."""
+        params = V.params_inplace(params, self._device)
+        V.adam_state_arg(state, params, self._device)
+        V.fire_counts_arg(fire_counts, params.d_sae, self._device)
+        x = V.as_float_array(x, "x", 2, self._device)
+        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        k = V.as_int(k, "k")
+        widths = V.widths_arg(widths, params.d_sae)
+        k_aux = V.as_int(k_aux, "k_aux", low=0)
+        aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
+        lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
+        V.dead_mask_arg(dead_mask, params.d_sae)
+        self._step_writes(params, state, x, fire_counts, dead_mask)
+        return self._m.train_step_matryoshka(
+            params, state, x, k=k, widths=widths, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
+            aux_coefficient=aux_coefficient)
+
     # ------------------------------------------------------------ placement
     def to_backend(self, obj):
         """Move an array, :class:`SAEParams` or :class:`AdamState` to where this
@@ -311,4 +345,6 @@ class Backend:
 def _loud_losses(losses: Losses) -> Losses:
     """Loss parts past float32's range reported as inf (see
     :func:`fastsae.backends.numerics.loud_loss`): backends sum in float64."""
-    return Losses(*(loud_loss(getattr(losses, f.name)) for f in fields(Losses)))
+    def loud(v):
+        return tuple(loud_loss(e) for e in v) if isinstance(v, tuple) else loud_loss(v)
+    return Losses(*(loud(getattr(losses, f.name)) for f in fields(Losses)))

@@ -27,7 +27,8 @@ from ..params import StepResult
 
 __all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_requested",
            "auxk_active", "auxk_weight", "explained_variance", "loud_loss", "relu_step_result",
-           "topk_step_result", "min_active", "FLOAT32_MAX"]
+           "topk_step_result", "min_active", "FLOAT32_MAX", "matryoshka_levels",
+           "matryoshka_step_result"]
 
 #: float32's largest finite value. Backends sum losses in float64, so a sum
 #: past it would still look finite; :func:`loud_loss` reports it as inf, as
@@ -144,3 +145,31 @@ def jumprelu_window(log_threshold, bandwidth):
     theta = np.exp(log_threshold)
     half = log_threshold.dtype.type(0.5 * bandwidth)
     return theta, theta - half, theta + half
+
+
+def matryoshka_levels(widths, d_sae: int) -> np.ndarray:
+    """int32 ``[d_sae]``: the Matryoshka level of each feature, the index
+    ``g`` of the first width with ``j < widths[g]`` (so features
+    ``widths[g-1] <= j < widths[g]`` are level ``g``, and a feature of level
+    ``g`` is in the reconstructions of prefixes ``g, g+1, ..., L-1``)."""
+    return np.searchsorted(np.asarray(widths, np.int64), np.arange(d_sae),
+                           side="right").astype(np.int32)
+
+
+def matryoshka_step_result(prefix_sq, aux, nnz, n_rows, var, values,
+                           params_finite: bool = True) -> StepResult:
+    """The result of one Matryoshka BatchTopK step from the per-prefix sums
+    of squared errors ``prefix_sq`` (length L, the last the full
+    reconstruction's): ``mse`` is the full one, ``total = sum of the
+    prefixes' mse + aux``; ``extra`` adds ``prefix_mse`` and
+    ``prefix_explained_variance`` (tuples, one per width) to the BatchTopK
+    ``min_active``."""
+    n = int(n_rows)
+    pm = tuple(loud_loss(float(s) / n, params_finite) for s in prefix_sq)
+    aux = loud_loss(aux, params_finite)
+    r = StepResult(mse=pm[-1], l1=0.0, total=loud_loss(sum(pm) + aux),
+                   l0=float(nnz) / n, explained_variance=explained_variance(pm[-1], var),
+                   aux=aux, extra={"min_active": min_active(values)})
+    r.extra["prefix_mse"] = pm
+    r.extra["prefix_explained_variance"] = tuple(explained_variance(m, var) for m in pm)
+    return r

@@ -37,7 +37,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from ..params import AdamState, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from .host import synchronize, to_backend, to_numpy  # noqa: F401  (contract: placement)
-from .numerics import auxk_active, auxk_weight, jumprelu_step_result, min_active
+from .numerics import (auxk_active, auxk_weight, jumprelu_step_result, matryoshka_step_result,
+                       min_active)
 from .numerics import jumprelu_window as _jumprelu_window
 from .numerics import explained_variance as _explained_variance
 
@@ -504,3 +505,92 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
               and bool(np.isfinite(log_threshold).all()))
     return jumprelu_step_result(loss.mse, loss.l0_loss, int(active.sum()), x.shape[0],
                                 _batch_variance(x), finite)
+
+
+# ---------------------------------------------------------------- Matryoshka family
+# Matryoshka BatchTopK (Bussmann et al. 2025; SAELens 6.54's
+# matryoshka_batchtopk with use_matryoshka_aux_loss false): the BatchTopK
+# codes f of the batch, selected once, and L nested prefixes of the
+# dictionary given by strictly increasing widths w_0 < ... < w_{L-1} = d_sae.
+# Unit-norm decoder, as for TopK (so SAELens's rescale_acts_by_decoder_norm
+# is the identity here).
+#
+#   x_hat_l = f[:, :w_l] @ W_dec[:w_l] + b_dec       prefix l's reconstruction
+#   prefix_mse_l = mean_i sum_k (x_hat_l - x)_ik**2   (prefix_mse_{L-1} = mse)
+#   total = sum_l prefix_mse_l + aux                 (aux: AuxK on the full
+#                                                     residual x - x_hat_{L-1})
+#
+# A feature j of level g (w_{g-1} <= j < w_g) is in prefixes g..L-1, so its
+# gradient signal in row i is the suffix sum D_g = sum_{l >= g} 2 (x_hat_l - x) / N:
+#   g_W_dec[j] = sum_i f_ij D_g(i)   (+ AuxK's, then the parallel part removed)
+#   d_pre_ij  = D_g(i) . W_dec[j]    at the selected entries (+ AuxK's)
+#   g_b_dec   = sum_i D_0(i) - W_enc @ g_b_enc  (b_dec is in every prefix)
+# With one width this is exactly the BatchTopK step.
+
+def _prefix_codes(f, widths):
+    """Dense codes restricted to each prefix: ``[f * (j < w_l) for l]``."""
+    cols = np.arange(f.shape[1])
+    return [np.where(cols[None, :] < w, f, 0).astype(f.dtype) for w in widths]
+
+
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+    """Losses and gradients of a Matryoshka BatchTopK step (see the section
+    comment): ``codes`` the batch's BatchTopK codes, ``widths`` int ``[L]``.
+    ``Losses.prefix_mse`` has one entry per width (the last is ``mse``),
+    ``total = sum(prefix_mse) + aux``; the ``W_dec`` gradient is projected."""
+    f = _dense(codes)
+    n = x.shape[0]
+    W_enc, W_dec = params.W_enc, params.W_dec
+    g_W_dec = np.zeros_like(W_dec)
+    d_pre = np.zeros_like(f)
+    g_b_dec = np.zeros_like(params.b_dec)
+    prefix_mse = []
+    for fl in _prefix_codes(f, widths):
+        # each prefix's loss differentiated on its own, summed
+        r = fl @ W_dec + params.b_dec - x
+        prefix_mse.append(float(np.sum(r ** 2) / n))
+        d_xhat = 2.0 * r / n
+        g_W_dec += fl.T @ d_xhat
+        d_pre += np.where(fl > 0, d_xhat @ W_dec.T, 0)
+        g_b_dec += d_xhat.sum(axis=0)
+    x_hat = f @ W_dec + params.b_dec
+    aux = 0.0
+    if aux_codes is not None and aux_weight > 0:
+        fa = _dense(aux_codes)
+        err = fa @ W_dec - (x - x_hat)
+        aux = float(aux_weight * np.sum(err ** 2) / n)
+        d_ehat = aux_weight * 2.0 * err / n
+        g_W_dec = g_W_dec + fa.T @ d_ehat
+        d_pre = d_pre + np.where(fa > 0, d_ehat @ W_dec.T, 0)
+    g_W_enc = (x - params.b_dec).T @ d_pre
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
+    g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    mse = prefix_mse[-1]
+    return (Losses(mse=mse, l1=0.0, total=sum(prefix_mse) + aux, aux=aux,
+                   prefix_mse=tuple(prefix_mse)),
+            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+
+
+def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr,
+                          beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
+                          k_aux=0, aux_coefficient=0.0) -> StepResult:
+    """One Matryoshka BatchTopK training step (BatchTopK encode, AuxK,
+    backward over the prefixes, Adam, decoder-row renormalization), in
+    place; AuxK as in :func:`train_step_topk`. ``StepResult.extra`` holds
+    ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
+    codes = encode_batchtopk(x, params.W_enc, params.b_enc, params.b_dec, k)
+    aux_codes, weight = None, 0.0
+    if auxk_active(dead_mask, k_aux, aux_coefficient):
+        aux_codes = encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
+                                    k_aux)
+        weight = aux_scale(dead_mask, k_aux, aux_coefficient)
+    loss, grads = matryoshka_gradients(x, params, codes, widths, aux_codes, weight)
+    adam_update(params, grads, state, lr, beta1, beta2, eps)
+    normalize_decoder_rows(params.W_dec)
+    if fire_counts is not None:
+        fire_counts += np.bincount(codes.indices, minlength=params.d_sae)
+    finite = all(np.isfinite(a).all() for a in params.arrays())
+    n = x.shape[0]
+    return matryoshka_step_result([m * n for m in loss.prefix_mse], loss.aux, codes.nnz, n,
+                                  _batch_variance(x), codes.values, finite)

@@ -95,6 +95,36 @@ def as_int(value, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def widths_arg(widths, d_sae: int) -> np.ndarray:
+    """Matryoshka prefix widths: a non-empty sequence of integers, strictly
+    increasing, the first >= 1 and the last equal to ``d_sae``; returned as
+    a fresh int64 host array (kernels index with it, so it is checked here)."""
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__"):
+        raise TypeError(f"widths must be a sequence of integers, got {type(widths).__name__}")
+    a = np.asarray(widths)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"widths must be a non-empty 1-D sequence, got shape {a.shape}")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"widths must be integers, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a[0] < 1 or np.any(np.diff(a) <= 0):
+        raise ValueError(f"widths must be strictly increasing and >= 1, got {a.tolist()}")
+    if a[-1] != d_sae:
+        raise ValueError(f"widths: the last width must be d_sae ({d_sae}), got {int(a[-1])}")
+    return a
+
+
+def dead_mask_arg(dead_mask, d_sae: int) -> None:
+    """AuxK's mask of dead latents: bool ``[d_sae]`` (host or device) or None."""
+    if dead_mask is None:
+        return
+    if tuple(dead_mask.shape) != (d_sae,):
+        raise ValueError(f"dead_mask must have shape ({d_sae},), "
+                         f"got {tuple(dead_mask.shape)}")
+    if not is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
+        raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
+
+
 def check_decoder_norm(mode) -> str:
     if mode not in DECODER_NORM_MODES:
         raise ValueError(f"decoder_norm must be one of {DECODER_NORM_MODES}, got {mode!r}")
