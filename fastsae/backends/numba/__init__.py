@@ -11,7 +11,9 @@ the package's modules, one per stage, named like every backend's:
 * :mod:`.adam` the Adam update;
 * :mod:`.step` the compiled training-step cores;
 * :mod:`.jumprelu` JumpReLU training (candidate encoder, sparse and dense
-  step cores).
+  step cores);
+* :mod:`.matryoshka` Matryoshka BatchTopK (the TopK step's kernels over
+  nested prefixes, and its stand-alone gradients).
 
 The functions here take already validated, C-contiguous float32 arrays (use
 them through :func:`fastsae.get_backend`, which validates once) and compute
@@ -44,6 +46,8 @@ environment compiles them (tens of seconds), later processes load them from
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -61,6 +65,7 @@ from . import decode as D
 from . import dense as DN
 from . import encode as E
 from . import jumprelu as JR
+from . import matryoshka as MT
 from . import norms as NR
 from . import step as S
 from . import topk as TK
@@ -74,7 +79,7 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
            "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
-           "train_step_jumprelu"]
+           "train_step_jumprelu", "matryoshka_gradients", "train_step_matryoshka"]
 
 
 def _description() -> str:
@@ -383,11 +388,26 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
                     k_aux=0, aux_coefficient=0.0) -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`): fused top-k (and
-    AuxK) encode, then :func:`.step.topk_step_core`: one row pass decoding
+    AuxK) encode, then :func:`.step.prefix_step_core` (one prefix): one row pass decoding
     both codes into the two residual gradients, ``d_pre`` at the selected
     entries, then one pass over tiles of features making both weight
     gradients and consuming them with Adam (decoder rows renormalized as
     they are updated)."""
+    sq, aux_loss, main, var, bad = _selection_step(
+        params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
+        aux_coefficient, None)
+    n = x.shape[0]
+    return NU.topk_step_result(sq[0] / n, aux_loss, main[0][-1], n, var, main[2],
+                               params_finite=bad == 0)
+
+
+def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts,
+                    dead_mask, k_aux, aux_coefficient, widths):
+    """The TopK family's step, shared by :func:`train_step_topk` and
+    :func:`train_step_matryoshka` (``widths`` None: one prefix): encode
+    (and AuxK), then :func:`.step.prefix_step_core`. Returns ``(float64 [L]
+    per-prefix sums of squared errors, aux loss, the CSR codes, variance of
+    x, bad)``."""
     n = x.shape[0]
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -406,13 +426,38 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
                else (_NOIDX, _NOMAP, _EMPTY1))
     counts = _NOCOUNTS if fire_counts is None else fire_counts
-    sq, a_sq, var, bad = S.topk_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
-                                          *_adam_moments(state), adam_c, weight * 2.0 / n,
-                                          NUMBA_TOPK_FEATURE_TILE, counts)
+    levels = _levels(widths, params.d_sae)
+    sq, a_sq, var, bad = S.prefix_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
+                                            *_adam_moments(state), adam_c, weight * 2.0 / n,
+                                            NUMBA_TOPK_FEATURE_TILE, counts, levels,
+                                            _workspace(levels, n, params.d_in))
     state.step = t
     aux_loss = weight * a_sq / n if use_aux else 0.0
-    return NU.topk_step_result(sq / n, aux_loss, main[0][-1], n, var, main[2],
-                               params_finite=bad == 0)
+    return sq, aux_loss, main, var, bad
+
+
+_ws = threading.local()
+
+
+def _workspace(levels, n, d_in):
+    """The row pass's ``D`` ``[L, N, d_in]`` float32 (overwritten by every
+    step), kept per thread for the last shape: a fresh one of ``L > 1``
+    gradients is over glibc's mmap threshold and paged in anew on every
+    step (~20 ms at paper size, L = 4). With one prefix a fresh array."""
+    shape = (int(levels[-1]) + 1, int(n), int(d_in))
+    if shape[0] == 1:
+        return np.empty(shape, np.float32)
+    d = getattr(_ws, "D", None)
+    if d is None or d.shape != shape:
+        d = _ws.D = np.empty(shape, np.float32)
+    return d
+
+
+def _levels(widths, d_sae):
+    """Each feature's prefix level (int32 ``[d_sae]``); ``widths`` None: all 0."""
+    if widths is None:
+        return np.zeros(d_sae, np.int32)
+    return NU.matryoshka_levels(widths, d_sae)
 
 
 # ---------------------------------------------------------------- JumpReLU family
@@ -515,3 +560,46 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     nnz = int(nnz)
     return NU.jumprelu_step_result(float(sq) / n, float(l0_coefficient) * nnz / n, nnz, n,
                                    float(var), params_finite=bad == 0)
+
+
+# ---------------------------------------------------------------- Matryoshka family
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+    """Losses (``prefix_mse`` one per width, ``total = sum(prefix_mse) +
+    aux``) and gradients (``W_dec``'s projected) of a Matryoshka BatchTopK
+    step on the given codes (see
+    :func:`fastsae.backends.reference.matryoshka_gradients`):
+    :func:`.matryoshka.gradients_core`, the training step's row pass (the
+    prefix residuals as partial sums of each row's decode) and a weight pass
+    writing the gradients; AuxK's term when ``aux_codes`` and ``aux_weight >
+    0``."""
+    n = x.shape[0]
+    aux_weight = float(aux_weight)
+    indptr, indices, values = _as_csr(codes)  # dense codes are allowed too
+    use_aux = aux_codes is not None and aux_weight > 0
+    aux = _as_csr(aux_codes) if use_aux else (_NOIDX, _NOMAP, _EMPTY1)
+    xc = E.centered(x, params.b_dec)
+    levels = _levels(widths, params.d_sae)
+    sq, a_sq, gWe, gbe, gWd, gbd = MT.gradients_core(
+        x, xc, indptr, indices, values, *aux, params.W_enc, params.W_dec, params.b_dec,
+        aux_weight * 2.0 / n, levels, _workspace(levels, n, params.d_in))
+    pm = tuple(float(s) / n for s in sq)
+    aux_loss = aux_weight * float(a_sq) / n if use_aux else 0.0
+    return (Losses(mse=pm[-1], l1=0.0, total=sum(pm) + aux_loss, aux=aux_loss, prefix_mse=pm),
+            SAEParams(gWe, gbe, gWd, gbd))
+
+
+def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr, beta1=0.9,
+                          beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None, k_aux=0,
+                          aux_coefficient=0.0) -> StepResult:
+    """One Matryoshka BatchTopK step with optional AuxK, in place (see
+    :func:`fastsae.backends.reference.train_step_matryoshka`): the BatchTopK
+    step (:func:`train_step_topk`'s encoder and
+    :func:`.step.prefix_step_core`) with the features' prefix levels: the
+    row pass keeps each prefix's partial reconstruction as the row's entries
+    cross its width and the weight pass sums each feature's level's
+    gradient, no extra pass over the decoder."""
+    sq, aux_loss, main, var, bad = _selection_step(
+        params, state, x, k, "batchtopk", lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
+        aux_coefficient, widths)
+    return NU.matryoshka_step_result(sq, aux_loss, main[0][-1], x.shape[0], var, main[2],
+                                     params_finite=bad == 0)

@@ -7,7 +7,9 @@ forms (:func:`feature_grads` writes the gradients, :func:`feature_adam`
 consumes them with Adam), the stand-alone ReLU gradients
 (:func:`relu_gradients`), the AuxK residual (:func:`aux_residual`) and the
 TopK training step's two passes (:func:`topk_row_pass`,
-:func:`topk_feature_adam`). The compiled training steps that chain them are
+:func:`topk_feature_adam`: :func:`prefix_row_pass` and
+:func:`prefix_feature_adam` with one prefix; with several they are the
+Matryoshka BatchTopK step's). The compiled training steps that chain them are
 in :mod:`fastsae.backends.numba.step`.
 
 Inputs: CSR codes ``f`` (``indptr`` int64 ``[N+1]``, ``indices`` int32,
@@ -51,7 +53,8 @@ from .encode import centered
 
 __all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "column_sums_rows",
            "decoder_row_grad_tail", "decoder_row_adam", "b_dec_grad", "feature_grads",
-           "feature_adam", "residual_grad", "relu_gradients", "aux_residual", "topk_row_pass",
+           "feature_adam", "residual_grad", "relu_gradients", "aux_residual", "prefix_row_pass",
+           "topk_row_pass", "prefix_feature_grad", "project_row", "prefix_feature_adam",
            "topk_feature_adam"]
 
 
@@ -401,29 +404,48 @@ def aux_residual(e_hat, x, x_hat, scale):
 
 
 @njit(parallel=True, cache=True)
-def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x,
-                  aux_scale):
-    """The TopK step's row pass: decode, residual gradients, ``d_pre`` and
-    column sums in one parallel region over fixed blocks of rows.
+def prefix_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x,
+                    aux_scale, levels, D):
+    """The TopK step's row pass, over nested prefixes of the dictionary:
+    decode, residual gradients, ``d_pre`` and column sums in one parallel
+    region over fixed blocks of rows.
 
-    Per row ``i``: ``x_hat = f_i @ W_dec + b_dec``, ``d_xhat = 2 (x_hat - x)
-    / N``; with AuxK codes (``a_indptr`` non-empty) ``err = fa_i @ W_dec -
-    (x - x_hat)`` and ``d_ehat = aux_scale * err``; then ``d_pre`` at every
-    selected entry, ``d_xhat_i . W_dec[j]`` (main) and ``d_ehat_i . W_dec[j]``
-    (aux), while the decoder rows are still in cache from the decode.
+    ``levels`` int32 ``[d_sae]`` is nondecreasing, each feature's prefix
+    level (:func:`fastsae.backends.numerics.matryoshka_levels`), ``L =
+    levels[-1] + 1`` prefixes; TopK/BatchTopK pass all zeros (one prefix:
+    the TopK step, bit for bit). Per row ``i``, walking its entries in
+    increasing feature order (canonical CSR), ``acc = sum_p f_p W_dec[j_p]``
+    is stored as prefix ``l``'s partial reconstruction each time the entry
+    level passes ``l`` (an empty level copies ``acc``: no prefix decodes on
+    its own); then ``r_l = acc_l + b_dec - x_i`` and the suffix sums ``D_g =
+    sum_{l >= g} 2 r_l / N`` are made in place, from the last level down.
+    With AuxK codes (``a_indptr`` non-empty) ``err = fa_i @ W_dec - (x -
+    x_hat)`` on the full reconstruction and ``d_ehat = aux_scale * err``;
+    then ``d_pre`` at every selected entry, ``D_level(j)(i) . W_dec[j]``
+    (main) and ``d_ehat_i . W_dec[j]`` (aux), while the decoder rows are
+    still in cache from the decode.
 
-    Returns ``(d_xhat, d_ehat, d_pre, a_d_pre, sq_err, a_sq_err, sum_dx,
-    sum_x, sum_xx)``: float32 ``[N, d_in]`` (``d_ehat`` ``[0, d_in]``
-    without AuxK), ``d_pre`` per entry in CSR order, the float64 totals of
-    squared errors, float64 column sums of ``d_xhat`` and of ``x' = x -
-    x[0]`` ``[d_in]`` and the float64 sum of ``x'**2`` (the batch variance
-    is ``(sum_xx - |sum_x|**2 / N) / N``).
+    ``D`` float32 ``[L, N, d_in]`` (C-contiguous) is the output, written
+    whole: the caller's workspace, so a step can reuse it (a fresh array of
+    ``L`` gradients is paged in by the kernel each time, measured ~20 ms at
+    paper size with ``L = 4``).
+
+    Returns ``(D, d_ehat, d_pre, a_d_pre, sq_err, a_sq_err, sum_dx, sum_x,
+    sum_xx)``: ``D`` float32 ``[L, N, d_in]`` (``D[0]`` is ``d_xhat =
+    2 (x_hat - x) / N`` with one prefix), ``d_ehat`` ``[N, d_in]`` (``[0,
+    d_in]`` without AuxK), ``d_pre`` per entry in CSR order, ``sq_err``
+    float64 ``[L]`` the per-prefix sums of squared errors, ``a_sq_err`` the
+    aux one, float64 column sums of ``D_0`` (summed as ``sum_l 2 r_l / N``)
+    and of ``x' = x - x[0]``
+    ``[d_in]`` and the float64 sum of ``x'**2`` (the batch variance is
+    ``(sum_xx - |sum_x|**2 / N) / N``).
     """
     n = indptr.shape[0] - 1
     d_in = W_dec.shape[1]
+    nl = levels[levels.shape[0] - 1] + 1
+    top = nl - 1
     has_aux = a_indptr.shape[0] > 0
     na = n if has_aux else 0
-    d_xhat = np.empty((n, d_in), np.float32)
     d_ehat = np.empty((na, d_in), np.float32)
     d_pre = np.empty(indices.shape[0], np.float32)
     a_d_pre = np.empty(a_indices.shape[0], np.float32)
@@ -433,14 +455,31 @@ def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
     nb = (n + RB - 1) // RB
     p_dx = np.zeros((nb, d_in), np.float64)
     p_x = np.zeros((nb, d_in), np.float64)
-    p_sc = np.zeros((nb, 3), np.float64)  # squared error, aux squared error, sum x'**2
+    # per block: each prefix's squared error, then aux squared error, sum x'**2
+    p_sc = np.zeros((nb, nl + 2), np.float64)
     x0 = x[0]  # shift for the variance sums (x' = x - x[0]: no cancellation)
     for b in prange(nb):
         sdx = p_dx[b]
         sx = p_x[b]
         for i in range(b * RB, min(n, b * RB + RB)):
-            acc = d_xhat[i]
-            _accumulate_row(indptr, indices, values, W_dec, i, acc)
+            acc = D[top, i]
+            if top == 0:
+                _accumulate_row(indptr, indices, values, W_dec, i, acc)
+            else:
+                acc[:] = 0.0
+                lv = 0
+                for p in range(indptr[i], indptr[i + 1]):
+                    j = indices[p]
+                    while lv < levels[j]:  # crossed a width: prefix lv is complete
+                        D[lv, i] = acc
+                        lv += 1
+                    v = values[p]
+                    w = W_dec[j]
+                    for k in range(d_in):
+                        acc[k] += v * w[k]
+                while lv < top:
+                    D[lv, i] = acc
+                    lv += 1
             s = 0.0
             sxx = 0.0
             if has_aux:
@@ -461,7 +500,7 @@ def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
                     err = e[k] - (xk - xh)
                     sa += np.float64(err) * err
                     e[k] = asc * err
-                p_sc[b, 1] += sa
+                p_sc[b, nl] += sa
                 for p in range(a_indptr[i], a_indptr[i + 1]):
                     a_d_pre[p] = _dot(e, W_dec[a_indices[p]]) if a_values[p] > 0 else 0.0
             else:
@@ -475,20 +514,51 @@ def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
                     xs = np.float64(xk) - x0[k]
                     sx[k] += xs
                     sxx += xs * xs
+            p_sc[b, top] += s
+            p_sc[b, nl + 1] += sxx
+            for lv in range(top - 1, -1, -1):  # D_lv = 2 r_lv / N + D_{lv+1}
+                r = D[lv, i]
+                nx = D[lv + 1, i]
+                s = 0.0
+                for k in range(d_in):
+                    diff = (r[k] + b_dec[k]) - x[i, k]
+                    s += np.float64(diff) * diff
+                    g = scale * diff
+                    r[k] = g + nx[k]
+                    sdx[k] += g
+                p_sc[b, lv] += s
+            lv = 0
+            dl = D[0, i]
             for p in range(indptr[i], indptr[i + 1]):
-                d_pre[p] = _dot(acc, W_dec[indices[p]]) if values[p] > 0 else 0.0
-            p_sc[b, 0] += s
-            p_sc[b, 2] += sxx
+                j = indices[p]
+                if levels[j] != lv:
+                    lv = levels[j]
+                    dl = D[lv, i]
+                d_pre[p] = _dot(dl, W_dec[j]) if values[p] > 0 else 0.0
     sum_dx = np.zeros(d_in, np.float64)
     sum_x = np.zeros(d_in, np.float64)
-    sc = np.zeros(3, np.float64)
+    sc = np.zeros(nl + 2, np.float64)
     for b in range(nb):
         for k in range(d_in):
             sum_dx[k] += p_dx[b, k]
             sum_x[k] += p_x[b, k]
-        for q in range(3):
+        for q in range(nl + 2):
             sc[q] += p_sc[b, q]
-    return d_xhat, d_ehat, d_pre, a_d_pre, sc[0], sc[1], sum_dx, sum_x, sc[2]
+    return D, d_ehat, d_pre, a_d_pre, sc[:nl], sc[nl], sum_dx, sum_x, sc[nl + 1]
+
+
+@njit(cache=True)
+def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x,
+                  aux_scale):
+    """The TopK step's row pass: :func:`prefix_row_pass` with one prefix.
+    Returns ``(d_xhat, d_ehat, d_pre, a_d_pre, sq_err, a_sq_err, sum_dx,
+    sum_x, sum_xx)``, ``d_xhat = 2 (x_hat - x) / N`` float32 ``[N, d_in]``
+    and ``sq_err`` a float64 (see there for the rest)."""
+    D = np.empty((1, x.shape[0], W_dec.shape[1]), np.float32)
+    D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = prefix_row_pass(
+        indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
+        np.zeros(W_dec.shape[0], np.int32), D)
+    return D[0], d_ehat, d_pre, a_d_pre, sq[0], a_sq, sum_dx, sum_x, sum_xx
 
 
 @njit(inline="always")
@@ -498,22 +568,60 @@ def _axpy(a, x, y):
         y[k] += a * x[k]
 
 
+@njit(inline="always")
+def prefix_feature_grad(colptr, rows, perm, values, d_pre, dx, d_ehat, xc, j, gd, gej):
+    """Feature ``j``'s weight gradients in the TopK weight passes: ``gd =
+    g_W_dec[j]`` (unit-norm projected: the component along ``W_dec[j]``
+    removed by the caller, see :func:`project_row`) and ``gej += g_W_enc[:,
+    j]`` (``gej`` starts zeroed); returns ``g_b_enc[j]``. ``dx`` is the
+    ``[N, d_in]`` residual gradient of ``j``'s prefix level; pattern rows
+    ``N + i`` are AuxK's, paired with ``d_ehat[i]`` and ``xc[i]``; rows in
+    increasing order."""
+    n = xc.shape[0]
+    gd[:] = 0.0
+    gb = np.float32(0.0)
+    for q in range(colptr[j], colptr[j + 1]):
+        i = rows[q]
+        p = perm[q]
+        dp = d_pre[p]
+        gb += dp
+        if i < n:
+            _axpy(values[p], dx[i], gd)
+            _axpy(dp, xc[i], gej)
+        else:
+            _axpy(values[p], d_ehat[i - n], gd)
+            _axpy(dp, xc[i - n], gej)
+    return gb
+
+
+@njit(inline="always")
+def project_row(gd, w):
+    """Remove from ``gd`` its component along ``w`` (unit-norm decoder)."""
+    sq = _dot(w, w)
+    if sq > 0:
+        coef = _dot(gd, w) / sq
+        for k in range(gd.shape[0]):
+            gd[k] -= coef * w[k]
+
+
 @njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
-def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
-                      b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
-    """TopK training step's weight pass: per feature, the gradients of
-    ``W_dec`` (unit-norm projected), ``W_enc`` and ``b_enc``, consumed by
-    Adam at once, decoder rows renormalized after their update. Parallel
-    over tiles of ``tile`` features (each thread owns its features; rows
-    summed in increasing order, so the result does not depend on the thread
-    count).
+def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc, W_dec, W_enc,
+                        b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
+    """TopK training step's weight pass, over nested prefixes: per feature
+    ``j``, the gradients of ``W_dec`` (unit-norm projected), ``W_enc`` and
+    ``b_enc`` (:func:`prefix_feature_grad` with ``D[levels[j]]``, the suffix
+    sum of ``j``'s level from :func:`prefix_row_pass`), consumed by Adam at
+    once, decoder rows renormalized after their update. Parallel over tiles
+    of ``tile`` features (each thread owns its features; rows summed in
+    increasing order, so the result does not depend on the thread count).
 
     The pattern may have up to ``2N`` rows (``N = xc.shape[0]``): row ``i <
-    N`` pairs ``d_xhat[i]`` with ``xc[i]``, row ``N + i`` (AuxK codes) pairs
-    ``d_ehat[i]`` with the same ``xc[i]``; nothing is stacked in memory.
-    ``W_enc``'s tile gradient is transposed in cache and the tile updated row
-    by row (``tile`` contiguous values per row of ``W_enc`` and of its
-    moments): a wide tile keeps those strided accesses few and prefetchable.
+    N`` pairs ``D[levels[j], i]`` with ``xc[i]``, row ``N + i`` (AuxK codes)
+    pairs ``d_ehat[i]`` with the same ``xc[i]``; nothing is stacked in
+    memory. ``W_enc``'s tile gradient is transposed in cache and the tile
+    updated row by row (``tile`` contiguous values per row of ``W_enc`` and
+    of its moments): a wide tile keeps those strided accesses few and
+    prefetchable.
 
     Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in],
     bad)`` with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the
@@ -522,7 +630,6 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
     updated parameter is inf or NaN.
     """
     d_sae, d_in = W_dec.shape
-    n = xc.shape[0]
     T = max(1, tile)
     ntiles = (d_sae + T - 1) // T
     g_b_enc = np.empty(d_sae, np.float32)
@@ -538,27 +645,11 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
         geT = np.empty((d_in, T), np.float32)
         gd = np.empty(d_in, np.float32)
         for j in range(j0, j1):
-            gd[:] = 0.0
-            gej = ge[j - j0]
-            gb = np.float32(0.0)
-            for q in range(colptr[j], colptr[j + 1]):
-                i = rows[q]
-                p = perm[q]
-                dp = d_pre[p]
-                gb += dp
-                if i < n:
-                    _axpy(values[p], d_xhat[i], gd)
-                    _axpy(dp, xc[i], gej)
-                else:
-                    _axpy(values[p], d_ehat[i - n], gd)
-                    _axpy(dp, xc[i - n], gej)
+            gb = prefix_feature_grad(colptr, rows, perm, values, d_pre, D[levels[j]], d_ehat,
+                                     xc, j, gd, ge[j - j0])
             g_b_enc[j] = gb
             w = W_dec[j]
-            sq = _dot(w, w)
-            if sq > 0:
-                coef = _dot(gd, w) / sq
-                for k in range(d_in):
-                    gd[k] -= coef * w[k]
+            project_row(gd, w)
             mr = mW_dec[j]
             vr = vW_dec[j]
             for k in range(d_in):
@@ -587,3 +678,17 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
         tb += nonfinite_in(b_enc[j0:j1])
         bad += tb
     return g_b_enc, part, bad
+
+
+@njit(cache=True, error_model="numpy")  # see adam.adam_elem
+def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
+                      b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
+    """TopK training step's weight pass: :func:`prefix_feature_adam` with one
+    prefix, ``d_xhat`` float32 ``[N, d_in]`` (C-contiguous) its residual
+    gradient. Returns ``(g_b_enc, part, bad)`` as that does."""
+    n, d_in = d_xhat.shape
+    return prefix_feature_adam(colptr, rows, perm, values, d_pre,
+                               d_xhat.reshape((1, n, d_in)),
+                               np.zeros(W_dec.shape[0], np.int32), d_ehat, xc, W_dec, W_enc,
+                               b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
+                               tile)

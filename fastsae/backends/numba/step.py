@@ -1,6 +1,7 @@
 """Numba CPU training steps: the compiled cores of ``train_step`` (ReLU + L1,
 its sparse path; the dense one is :func:`.dense.step_core`) and
-``train_step_topk`` (TopK/BatchTopK + AuxK), each chaining the kernels of
+``train_step_topk`` (TopK/BatchTopK + AuxK; generalized to nested prefixes
+it is also ``train_step_matryoshka``'s), each chaining the kernels of
 :mod:`.decode`, :mod:`.norms`, :mod:`.backward` and :mod:`.adam` after the
 encoder (:mod:`.encode`, :mod:`.topk`) with no Python in between.
 
@@ -23,7 +24,7 @@ from . import adam as A
 from . import backward as B
 from . import decode as D
 
-__all__ = ["batch_variance", "train_step_core", "topk_step_core"]
+__all__ = ["batch_variance", "train_step_core", "prefix_step_core", "topk_step_core"]
 
 
 @njit(cache=True)
@@ -94,23 +95,28 @@ def train_step_core(x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec, 
 
 
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
-def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
-                   b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
-                   aux_scale, tile, fire_counts):
-    """Everything of a TopK step after the encoder, in two parallel regions:
-    the row pass (decode, residual gradients, ``d_pre``, column sums; see
-    :func:`.backward.topk_row_pass`) and the weight pass over tiles of
-    ``tile`` features with Adam fused (:func:`.backward.topk_feature_adam`);
+def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
+                     b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
+                     aux_scale, tile, fire_counts, levels, D):
+    """Everything of a TopK step after the encoder, over the nested prefixes
+    of ``levels`` (int32 ``[d_sae]``, each feature's prefix level; all zeros:
+    the TopK/BatchTopK step), in two parallel regions: the row pass (decode,
+    prefix residuals and their suffix sums ``D``, ``d_pre``, column sums;
+    see :func:`.backward.prefix_row_pass`) and the weight pass over tiles of
+    ``tile`` features with Adam fused (:func:`.backward.prefix_feature_adam`);
     the AuxK codes (``a_indptr`` non-empty; ``aux_scale = 2 * weight / N``)
     are rows ``N..2N-1`` of one transposed pattern. ``xc = x - b_dec``
-    (from the encoder). ``b_dec`` is updated serially (``d_in`` values).
-    Returns ``(sum of squared errors, sum of squared aux errors, variance
+    (from the encoder). ``b_dec`` is updated serially (``d_in`` values,
+    gradient ``sum_i D_0(i) - W_enc @ g_b_enc``). Returns ``(float64 [L]
+    per-prefix sums of squared errors, sum of squared aux errors, variance
     of x, bad)`` with ``bad`` nonzero exactly when an updated parameter is
-    inf or NaN."""
+    inf or NaN. ``D`` float32 ``[L, N, d_in]`` is the row pass's workspace
+    (overwritten)."""
     n = x.shape[0]
     d_sae, d_in = W_dec.shape
-    d_xhat, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.topk_row_pass(
-        indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale)
+    D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.prefix_row_pass(
+        indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
+        levels, D)
     ip, ix, vv, dp = indptr, indices, values, d_pre
     if a_indptr.shape[0] > 0:
         nm = indptr[n]
@@ -121,10 +127,10 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
         vv = np.concatenate((values, a_values))
         dp = np.concatenate((d_pre, a_d_pre))
     colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
-    _, part, bad = B.topk_feature_adam(colptr, rows, perm, vv, dp, d_xhat, d_ehat, xc,
-                                       W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
-                                       adam_c, tile)
-    # g_b_dec = sum_i d_xhat_i - W_enc_old @ g_b_enc (tile partials in order)
+    _, part, bad = B.prefix_feature_adam(colptr, rows, perm, vv, dp, D, levels, d_ehat, xc,
+                                         W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
+                                         adam_c, tile)
+    # g_b_dec = sum_i D_0(i) - W_enc_old @ g_b_enc (tile partials in order)
     for k in range(d_in):
         s = 0.0
         for t in range(part.shape[0]):
@@ -140,3 +146,18 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
         m2 += sum_x[k] * sum_x[k]
     var = max(sum_xx - m2 / n, 0.0) / n
     return sq, a_sq, var, bad
+
+
+@njit(cache=True, error_model="numpy")  # see adam.adam_elem
+def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
+                   b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
+                   aux_scale, tile, fire_counts):
+    """Everything of a TopK step after the encoder: :func:`prefix_step_core`
+    with one prefix. Returns ``(sum of squared errors, sum of squared aux
+    errors, variance of x, bad)``."""
+    d_sae, d_in = W_dec.shape
+    sq, a_sq, var, bad = prefix_step_core(
+        x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc, b_enc, W_dec,
+        b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c, aux_scale, tile, fire_counts,
+        np.zeros(d_sae, np.int32), np.empty((1, x.shape[0], d_in), np.float32))
+    return sq[0], a_sq, var, bad
