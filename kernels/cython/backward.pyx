@@ -55,14 +55,30 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
              const float[::1] norms, double l1_coefficient, bint weighted,
              float[::1] g_b_enc, float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads,
              const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
-             const float[::1] aux_values=None, double aux_weight=0.0):
+             const float[::1] aux_values=None, double aux_weight=0.0,
+             const int64_t[::1] widths=None, double[::1] prefix_sq=None):
     """Passes 1-4 (all but the feature pass). Fills ``g_b_enc``, ``g_b_dec``
     (and adds to ``fire_counts`` unless None); returns ``(mse, l1, aux, d_xhat,
     xc, d_pre, colptr, rows, perm, colsum_f, values)``.
 
+    Matryoshka levels (``widths`` not None, int64 ``[L]``, strictly
+    increasing, the last ``d_sae``; ``x_hat`` None): the row pass builds the
+    prefix residuals itself, walking each row's entries (increasing feature
+    order) as the decode does, ``acc = b_dec + sum f_ij W_dec[j]``, and
+    storing ``r_l = acc - x_i`` each time the feature index reaches
+    ``widths[l]`` (so no prefix needs its own pass over ``W_dec``). Then, in
+    place, the suffix sums ``D_g = sum_{l >= g} 2 r_l / N``: ``d_xhat`` has
+    ``L N`` level rows (row ``g N + i`` is ``D_g(i)``; the AuxK rows follow
+    at ``L N + i``), ``d_pre`` of an entry of feature ``j`` (level ``g``,
+    the first with ``j < widths[g]``) is ``D_g(i) . W_dec[j]``, and ``rows``
+    names the level row, so the feature pass sums ``f_ij D_g(i)``.
+    ``prefix_sq`` (float64 ``[L]``, or None) receives each prefix's sum of
+    squared errors (not divided by N); ``mse`` is the full one's. Without
+    ``widths`` this is the one-level case with the given ``x_hat``.
+
     With the AuxK codes (``aux_indptr`` not None; CSR ``(N, d_sae)``) the
-    entries are *stacked* as Numba's backend does: rows ``N..2N-1`` are the
-    aux codes' rows, with ``d_ehat_i = aux_weight * 2 (e_hat_i - (x_i -
+    entries are *stacked* as Numba's backend does: rows ``N..2N-1`` (after
+    the ``L N`` level rows with ``widths``: ``L N + i``) are the aux codes' rows, with ``d_ehat_i = aux_weight * 2 (e_hat_i - (x_i -
     x_hat_i)) / N`` (``e_hat = aux @ W_dec``, no bias) in place of
     ``d_xhat_i`` and the same ``xc_i``. The returned ``d_xhat`` then has
     ``2N`` rows, ``values``/``d_pre`` (and ``perm``) index the main entries
@@ -78,21 +94,35 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
         if aux_indices is None or aux_values is None:
             raise ValueError("backward: aux_indptr needs aux_indices and aux_values")
         nnz_aux = aux_indptr[n]
-    cdef Py_ssize_t n_rows = 2 * n if use_aux else n, nnz_all = nnz + nnz_aux
+    cdef bint given = widths is None   # x_hat given: one level
+    if given == (x_hat is None):
+        raise ValueError("backward: pass x_hat or widths (Matryoshka), not both")
+    one_width_a = np.full(1, d_sae, dtype=np.int64)
+    cdef const int64_t[::1] wv = one_width_a if given else widths
+    cdef Py_ssize_t n_lev = wv.shape[0], last = n_lev - 1
+    if n_lev < 1 or (prefix_sq is not None and prefix_sq.shape[0] != n_lev):
+        raise ValueError("backward: widths and prefix_sq must have the same length >= 1")
+    cdef Py_ssize_t aux_row0 = n_lev * n    # first AuxK row of the stacked rows
+    cdef Py_ssize_t n_rows = aux_row0 + n if use_aux else aux_row0, nnz_all = nnz + nnz_aux
+    if n_rows >= 2**31 - 1:
+        raise ValueError("backward: (levels + AuxK) * N rows must fit int32")
     if norms.shape[0] != d_sae or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in:
         raise ValueError("backward: norms or output shape mismatch")
-    cdef Py_ssize_t i, k, e, j, p, cb, k0, kk, nk
+    cdef Py_ssize_t i, k, e, j, p, cb, k0, kk, nk, g
     cdef float nf = <float>n
     cdef float coef = <float>(l1_coefficient / n)   # d(l1)/d(f_ij) per unit penalty
     cdef float pen
     cdef double acc_d
+    cdef float* full
+    cdef float* lev
+    cdef const int64_t* wp = &wv[0]
 
     cdef float ascale = <float>(aux_weight * 2.0 / n) if n > 0 else 0
     cdef float err
     cdef double acc_a
     d_xhat_a = np.empty((n_rows, d_in), dtype=np.float32)
     xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature later
-    row_sq_a = np.empty(n, dtype=np.float64)
+    row_sq_a = np.empty((n_lev, n), dtype=np.float64)
     row_l1_a = np.empty(n, dtype=np.float64)
     row_aux_a = np.zeros(n, dtype=np.float64)
     d_pre_a = np.empty(max(nnz_all, 1), dtype=np.float32)
@@ -101,7 +131,8 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     else:
         values_all_a = np.asarray(values)
     cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
-    cdef double[::1] row_sq = row_sq_a, row_l1 = row_l1_a, row_aux = row_aux_a
+    cdef double[:, ::1] row_sq = row_sq_a
+    cdef double[::1] row_l1 = row_l1_a, row_aux = row_aux_a
     cdef float[::1] d_pre = d_pre_a
     cdef const float[::1] values_all = values_all_a
     cdef const int64_t[::1] a_ip
@@ -112,43 +143,84 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
         a_ix = aux_indices
         a_v = aux_values
 
-    # 1 + 2. dL/dx_hat, squared error, x - b_dec; d_pre at stored entries, l1 per row
+    # 1 + 2. per row: the residuals r_l = x_hat_l - x (given, or the prefix ones from
+    #    one walk over the row's entries), squared errors, AuxK's term (its residual is
+    #    the full r), then the suffix sums D_g in place and x - b_dec; d_pre at stored
+    #    entries (D of the entry's level), l1 per row. Assignments, not +=, inside the
+    #    prange (Cython would make an in-place one a reduction).
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
-        for k in range(d_in):
-            d_xhat[i, k] = x_hat[i, k] - x[i, k]   # the difference, for now
-        row_sq[i] = _dot_d(&d_xhat[i, 0], &d_xhat[i, 0], d_in)
-        for k in range(d_in):
-            d_xhat[i, k] = (2.0 * d_xhat[i, k]) / nf
-            xc[i, k] = x[i, k] - b_dec[k]
-        acc_d = 0
-        for e in range(indptr[i], indptr[i + 1]):
-            j = indices[e]
-            pen = norms[j] if weighted else 1.0
-            acc_d = acc_d + <double>values[e] * pen
-            if values[e] > 0:
-                d_pre[e] = _dot(&d_xhat[i, 0], &W_dec[j, 0], d_in) + coef * pen
-            else:
-                d_pre[e] = 0
-        row_l1[i] = acc_d
-        if use_aux:
-            # e_hat_i gathered into row n + i, then turned into d_ehat_i in place
+        full = &d_xhat[last * n + i, 0]
+        if given:
             for k in range(d_in):
-                d_xhat[n + i, k] = 0
+                full[k] = x_hat[i, k] - x[i, k]   # the difference, for now
+        else:
+            for k in range(d_in):
+                full[k] = b_dec[k]
+            g = 0
+            for e in range(indptr[i], indptr[i + 1]):
+                j = indices[e]
+                while g < last and j >= wp[g]:   # prefix g is complete
+                    lev = &d_xhat[g * n + i, 0]
+                    for k in range(d_in):
+                        lev[k] = full[k] - x[i, k]
+                    g = g + 1
+                _axpy(values[e], &W_dec[j, 0], full, d_in)
+            while g < last:   # levels no entry of this row reaches
+                lev = &d_xhat[g * n + i, 0]
+                for k in range(d_in):
+                    lev[k] = full[k] - x[i, k]
+                g = g + 1
+            for k in range(d_in):
+                full[k] = full[k] - x[i, k]
+        for g in range(n_lev):
+            lev = &d_xhat[g * n + i, 0]
+            row_sq[g, i] = _dot_d(lev, lev, d_in)
+        if use_aux:
+            # e_hat_i gathered into its stacked row, then turned into d_ehat_i in
+            # place; e_hat - (x - x_hat) = e_hat + r exactly (negation is exact)
+            lev = &d_xhat[aux_row0 + i, 0]
+            for k in range(d_in):
+                lev[k] = 0
             for e in range(a_ip[i], a_ip[i + 1]):
-                _axpy(a_v[e], &W_dec[a_ix[e], 0], &d_xhat[n + i, 0], d_in)
+                _axpy(a_v[e], &W_dec[a_ix[e], 0], lev, d_in)
             acc_a = 0
             for k in range(d_in):
-                err = d_xhat[n + i, k] - (x[i, k] - x_hat[i, k])
+                err = lev[k] + full[k]
                 acc_a = acc_a + <double>err * err
-                d_xhat[n + i, k] = ascale * err
+                lev[k] = ascale * err
             row_aux[i] = acc_a
             for e in range(a_ip[i], a_ip[i + 1]):
                 j = a_ix[e]
                 if a_v[e] > 0:
-                    d_pre[nnz + e] = _dot(&d_xhat[n + i, 0], &W_dec[j, 0], d_in)
+                    d_pre[nnz + e] = _dot(lev, &W_dec[j, 0], d_in)
                 else:
                     d_pre[nnz + e] = 0
-    mse = float(row_sq_a.sum()) / n
+        for k in range(d_in):
+            full[k] = (2.0 * full[k]) / nf
+            xc[i, k] = x[i, k] - b_dec[k]
+        for g in range(last - 1, -1, -1):   # D_g = D_{g+1} + 2 r_g / N
+            lev = &d_xhat[g * n + i, 0]
+            full = &d_xhat[(g + 1) * n + i, 0]
+            for k in range(d_in):
+                lev[k] = full[k] + (2.0 * lev[k]) / nf
+        acc_d = 0
+        g = 0
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            while g < last and j >= wp[g]:
+                g = g + 1
+            pen = norms[j] if weighted else 1.0
+            acc_d = acc_d + <double>values[e] * pen
+            if values[e] > 0:
+                d_pre[e] = _dot(&d_xhat[g * n + i, 0], &W_dec[j, 0], d_in) + coef * pen
+            else:
+                d_pre[e] = 0
+        row_l1[i] = acc_d
+    sq_a = row_sq_a.sum(axis=1)
+    if prefix_sq is not None:
+        for g in range(n_lev):
+            prefix_sq[g] = sq_a[g]
+    mse = float(sq_a[last]) / n
     l1 = l1_coefficient * float(row_l1_a.sum()) / n
     aux = aux_weight * float(row_aux_a.sum()) / n if use_aux else 0.0
 
@@ -175,10 +247,13 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     fill = fill_a
     with nogil:
         for i in range(n):
+            g = 0
             for e in range(indptr[i], indptr[i + 1]):
                 j = indices[e]
+                while g < last and j >= wp[g]:
+                    g += 1
                 p = fill[j]
-                rows[p] = <int32_t>i
+                rows[p] = <int32_t>(g * n + i)   # the entry's level row of d_xhat
                 perm[p] = e
                 fill[j] = p + 1
                 g_b_enc[j] += d_pre[e]
@@ -192,7 +267,7 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
                 for e in range(a_ip[i], a_ip[i + 1]):
                     j = a_ix[e]
                     p = fill[j]
-                    rows[p] = <int32_t>(n + i)
+                    rows[p] = <int32_t>(aux_row0 + i)
                     perm[p] = nnz + e
                     fill[j] = p + 1
                     g_b_enc[j] += d_pre[nnz + e]
@@ -233,7 +308,7 @@ cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssiz
                                 Py_ssize_t n_x) noexcept nogil:
     """Feature j: gd = g_W_dec[j] (with the norm term / projection),
     acc_row += g_W_enc[:, j] (acc_row must start at 0). Stacked row i >= n_x
-    (AuxK) reads xc row i - n_x."""
+    (a Matryoshka level row, or AuxK's) reads xc row i mod n_x."""
     cdef Py_ssize_t p, i, e, k, ix
     cdef float fv, dp, t
     cdef double sq, gdot
@@ -245,7 +320,9 @@ cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssiz
         dp = d_pre[e]
         _axpy(fv, d_xhat + i * d_in, gd, d_in)
         if dp != 0:
-            ix = i - n_x if i >= n_x else i
+            ix = i
+            while ix >= n_x:   # (level or AuxK) * n_x + row: at most L steps
+                ix -= n_x
             _axpy(dp, xc + ix * d_in, acc_row, d_in)
     if weighted:
         if nrm > 0 and colsum != 0:
@@ -266,8 +343,13 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                   const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
                   const float[::1] norms, double l1_coefficient, bint weighted, bint project,
                   float[:, ::1] g_W_enc, float[::1] g_b_enc, float[:, ::1] g_W_dec,
-                  float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads):
-    """Fill the four gradient arrays; return ``(mse, l1)`` as Python floats.
+                  float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads,
+                  const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
+                  const float[::1] aux_values=None, double aux_weight=0.0,
+                  const int64_t[::1] widths=None, double[::1] prefix_sq=None):
+    """Fill the four gradient arrays; return ``(mse, l1)`` as Python floats
+    (``(mse, l1, aux)`` when the AuxK codes ``aux_*`` are given: their term's
+    gradients are summed in, stacked rows as in :func:`train_backward`).
 
     ``x, x_hat [N, d_in]``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
     ``b_dec [d_in]``, CSR codes of shape ``(N, d_sae)``, ``norms [d_sae]``
@@ -275,15 +357,21 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     plus the norm's own gradient); else the penalty is 1. ``project``: remove
     from each ``g_W_dec`` row its component along ``W_dec``'s row
     (``unit_norm``). ``fire_counts`` (int64 ``[d_sae]`` or None) is
-    incremented by each feature's number of positive entries.
+    incremented by each feature's number of positive entries. Matryoshka
+    prefixes: ``widths`` (int64 ``[L]``, the last ``d_sae``) with ``x_hat``
+    None, ``prefix_sq`` float64 ``[L]`` receives each prefix's sum of squared
+    errors (see :func:`_prepare`).
     """
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if (g_W_enc.shape[0] != d_in or g_W_enc.shape[1] != d_sae or g_W_dec.shape[0] != d_sae
             or g_W_dec.shape[1] != d_in):
         raise ValueError("gradients_csr: output shape mismatch")
-    mse, l1, _, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a, _ = _prepare(
+    (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
+     values_all_a) = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
-        weighted, g_b_enc, g_b_dec, fire_counts, nthreads)
+        weighted, g_b_enc, g_b_dec, fire_counts, nthreads, aux_indptr, aux_indices,
+        aux_values, aux_weight, widths, prefix_sq)
+    cdef const float[::1] values_all = values_all_a
     cdef Py_ssize_t n = x.shape[0]
     cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
     cdef const float[::1] d_pre = d_pre_a, colsum = colsum_a
@@ -294,7 +382,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float* acc = NULL
     cdef int failed = 0
     # no entries: nothing is read through it (and &values[0] would be out of bounds)
-    cdef const float* vals = &values[0] if values.shape[0] > 0 else NULL
+    cdef const float* vals = &values_all[0] if values_all.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
         for jb in prange(nblocks, schedule="dynamic"):
@@ -316,6 +404,8 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
         free(acc)
     if failed:
         raise MemoryError("gradients_csr: could not allocate a block buffer")
+    if aux_indptr is not None:
+        return mse, l1, aux
     return mse, l1
 
 
@@ -329,7 +419,8 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    float[:, ::1] vW_dec, float[::1] vb_dec, const float[::1] adam_consts,
                    int64_t[::1] fire_counts, int nthreads,
                    const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
-                   const float[::1] aux_values=None, double aux_weight=0.0):
+                   const float[::1] aux_values=None, double aux_weight=0.0,
+                   const int64_t[::1] widths=None, double[::1] prefix_sq=None):
     """Backward pass with Adam fused into the feature pass: updates all
     parameters and moments in place; returns ``(mse, l1, aux)`` measured
     before the update. ``unit_norm``: project the decoder gradient and
@@ -340,7 +431,10 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     the AuxK term's gradients are summed in the same feature pass (stacked
     rows, see :func:`_prepare`): one backward and one Adam update for both
     terms, no gradient matrices. Also returns ``bad``, how many updated
-    parameters are inf or NaN: ``(mse, l1, aux, bad)``."""
+    parameters are inf or NaN: ``(mse, l1, aux, bad)``. Matryoshka prefixes
+    (``widths``, ``x_hat`` None, ``prefix_sq``): see :func:`_prepare`; the
+    step is then the BatchTopK one with each feature's signal its level's
+    suffix sum ``D_g``."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
     if adam_consts.shape[0] != 8:
         raise ValueError("train_backward: adam_consts must hold the 8 numerics.adam_constants")
@@ -351,7 +445,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
      values_all_a) = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
         weighted, g_b_enc_a, g_b_dec_a, fire_counts, nthreads, aux_indptr, aux_indices,
-        aux_values, aux_weight)
+        aux_values, aux_weight, widths, prefix_sq)
     cdef const float[::1] values_all = values_all_a
     cdef Py_ssize_t n = x.shape[0]
     cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a

@@ -4,7 +4,8 @@ Every kernel source ``kernels/cython/NAME.pyx`` is compiled by ``setup.py``
 into ``fastsae.backends.cython._NAME`` and called from the wrapper module of
 the same name here (``encode``, ``topk``, ``decode``, ``norms``,
 ``backward``, ``adam``, ``dense``, ``jumprelu``; ``step`` assembles the
-ReLU and TopK training steps, ``jumprelu`` the JumpReLU one,
+ReLU and TopK training steps, ``jumprelu`` the JumpReLU one, ``matryoshka``
+the Matryoshka BatchTopK one (on ``_backward``'s kernels, given widths),
 ``_threads`` holds the thread control; ``kernels/README.md`` has the table). They are the
 same algorithms as the Numba backend:
 
@@ -50,7 +51,7 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
            "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
-           "train_step_jumprelu"]
+           "train_step_jumprelu", "matryoshka_gradients", "train_step_matryoshka"]
 
 NAME = "cython"
 DEVICE_ARRAYS = False
@@ -79,6 +80,7 @@ if _IMPORT_ERROR is None:
     from .decode import decode
     from .encode import encode_relu, encode_relu_sparse
     from .jumprelu import jumprelu_gradients, train_step_jumprelu
+    from .matryoshka import matryoshka_gradients, train_step_matryoshka
     from .norms import decoder_column_norms, l1_subgradient
     from .step import train_step, train_step_topk
     from .topk import encode_batchtopk, encode_jumprelu, encode_topk
@@ -91,7 +93,8 @@ else:
 
     (encode_relu, encode_relu_sparse, decode, decoder_column_norms, l1_subgradient, gradients,
      train_step, encode_topk, encode_batchtopk, encode_jumprelu, topk_gradients,
-     train_step_topk, jumprelu_gradients, train_step_jumprelu) = (_unavailable,) * 14
+     train_step_topk, jumprelu_gradients, train_step_jumprelu, matryoshka_gradients,
+     train_step_matryoshka) = (_unavailable,) * 16
 
 
 def get_num_threads() -> int:

@@ -69,16 +69,30 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
                     k_aux=0, aux_coefficient=0.0) -> StepResult:
-    """One TopK/BatchTopK step (fused top-k encode, sparse decode, AuxK,
-    sparse backward, Adam, decoder rows renormalized), in place; see
-    :func:`fastsae.reference.train_step_topk`.
+    """One TopK/BatchTopK step (fused top-k encode, AuxK, sparse backward
+    with the decode fused into its row pass, Adam, decoder rows
+    renormalized), in place; see :func:`fastsae.reference.train_step_topk`.
 
     Fused like the Numba backend's: with ``activation="topk"`` the AuxK
     selection (top ``k_aux`` among the dead latents) is made in the same tile
     epilogue as the TopK one (one encoder product; BatchTopK selects it with
     its own pass over the gathered dead columns), and the backward and Adam
     are one ``train_backward`` call for both loss terms (the AuxK codes are
-    stacked under the main ones)."""
+    stacked under the main ones), run as one Matryoshka level ``[d_sae]``."""
+    codes, prefix_sq, aux, bad, var = selection_step(
+        params, state, x, k, activation, np.array([params.d_sae], np.int64), lr, beta1, beta2,
+        eps, fire_counts, dead_mask, k_aux, aux_coefficient)
+    return topk_step_result(prefix_sq[0] / x.shape[0], aux, codes.nnz, x.shape[0], var,
+                            codes.values, params_finite=bad == 0)
+
+
+def selection_step(params, state, x, k, activation, widths, lr, beta1, beta2, eps,
+                   fire_counts, dead_mask, k_aux, aux_coefficient):
+    """The TopK-family step (TopK or BatchTopK selection, AuxK, backward over
+    the Matryoshka prefixes ``widths`` with Adam fused), in place: returns
+    ``(codes, prefix_sq, aux, bad, var)`` with ``prefix_sq`` each prefix's
+    sum of squared errors (float64 ``[L]``), ``aux`` the weighted AuxK loss,
+    ``bad`` nonzero when an update is non-finite, ``var`` the batch variance."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     use_aux = auxk_active(dead_mask, k_aux, aux_coefficient)
     aux_codes = None
@@ -91,20 +105,19 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         if use_aux:
             aux_codes = encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
                                    k_aux)
-    x_hat = decode_csr(codes, params.W_dec, params.b_dec)
     nnz_all = codes.indices.shape[0] + (aux_codes.indices.shape[0] if use_aux else 0)
     nt = _step_threads(n, d_in, d_sae, nnz_all)
     t, consts = step_constants(state, lr, beta1, beta2, eps)
-    norms = np.ones(d_sae, dtype=np.float32)
     aux_args = ()
     if use_aux:
         aux_args = (aux_codes.indptr, aux_codes.indices, aux_codes.values,
                     auxk_weight(dead_mask, k_aux, aux_coefficient))
-    mse, _, aux, bad = _backward.train_backward(
-        x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
-        codes.indptr, codes.indices, codes.values, norms, 0.0, False, True,
-        *moment_arrays(state), consts, fire_counts, nt, *aux_args)
+    prefix_sq = np.zeros(widths.shape[0], dtype=np.float64)
+    _, _, aux, bad = _backward.train_backward(
+        x, None, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
+        codes.indptr, codes.indices, codes.values, np.ones(d_sae, dtype=np.float32), 0.0,
+        False, True, *moment_arrays(state), consts, fire_counts, nt, *aux_args,
+        widths=widths, prefix_sq=prefix_sq)
     state.step = t
     var = _backward.batch_variance(x, threads(x.size))
-    return topk_step_result(mse, aux, codes.nnz, n, var, codes.values,
-                            params_finite=bad == 0)
+    return codes, prefix_sq, aux, bad, var
