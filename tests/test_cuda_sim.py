@@ -63,6 +63,7 @@ def _kernel_signatures():
                             ("adam", "backward", "common", "decode", "encode", "norms", "topk"))
 
     f2, f1, d1 = T.float32[:, ::1], T.float32[::1], T.float64[::1]
+    f3, d2 = T.float32[:, :, ::1], T.float64[:, ::1]  # Matryoshka levels [L, N, d_in]
     i64, i32, i2 = T.int64[::1], T.int32[::1], T.int32[:, ::1]
     b, f, n = T.boolean, T.float32, T.int64
     u1, u2, b1 = T.uint32[::1], T.uint32[:, ::1], T.boolean[::1]
@@ -72,18 +73,18 @@ def _kernel_signatures():
         (K.fill_kernel, (i32, T.int32)), (K.fill_kernel, (f1, f)), (K.fill_kernel, (d1, T.float64)), (K.add_kernel, (i64, i64)),
         (E.gemm_bias_act_kernel, (f2, f1, b, f2, f1, b, f2, i32, b)),
         (E.count_rows_kernel, (f2, i32)), (E.compact_rows_kernel, (f2, i64, i32, f1)),
-        (D.sparse_decode_kernel, (i64, i32, f1, f2, f1, f2)),
+        (D.sparse_decode_kernel, (i64, i32, f1, f2, f1, i64, f3)),
         (N.row_norms_kernel, (f2, f1)), (N.l1_dense_kernel, (f2, f1, f, f2)),
         (N.l1_sparse_kernel, (i32, f1, f1, f, f1)),
         (A.adam_kernel, (f1, f1, f1, f1) + (f,) * 8 + (d1, n)),
         (A.adam_rows_renorm_kernel, (f2, f2, f2, f2) + (f,) * 8 + (d1, n)),
-        (B.residual_kernel, (f2, f2, f1, f, f2, d1, d1)),
+        (B.residual_kernel, (f2, f3, f1, f, f3, d2, d1)),
         (B.colsum_partial_kernel, (f2, n, f2)), (B.colsum_finish_kernel, (f2, f, f1)),
-        (B.dpre_kernel, (i64, i32, f1, f2, f2, f1, b, f, f1)),
+        (B.dpre_kernel, (i64, i32, f1, f3, i64, f2, f1, b, f, f1)),
         (B.csc_count_kernel, (i64, i32, n, i2)), (B.csc_offsets_kernel, (i2, i64)),
         (B.csc_fill_kernel, (i64, i32, n, i64, i2, i64, i32)),
-        (B.feature_grad_kernel, (i64, i64, i32, f1, f1, f2, f2, f1, f2, f1, b, f, f2, f2, f1,
-                                 f1)),
+        (B.feature_grad_kernel, (i64, i64, i32, f1, f1, f3, i64, f2, f1, f2, f1, b, f, f2, f2,
+                                 f1, f1)),
         (B.transpose_kernel, (f2, f2)), (B.matvec_sub_kernel, (f2, f1, f1)),
         (TK.row_select_kernel, (u2, n, b1, b, i64, i32)),
         (TK.hist_kernel, (u1, n, n, i64)), (TK.row_ties_kernel, (u2, n, i32)),

@@ -22,6 +22,10 @@ code that launches them:
 ``jumprelu``   JumpReLU training: candidate epilogue (``pre > theta - bw/2``),
                sparse backward with the threshold's pseudo-gradient,
                :func:`jumprelu_gradients`, :func:`train_step_jumprelu`
+``matryoshka`` Matryoshka BatchTopK training: the TopK family's kernels
+               with prefix levels (one decode walk stores every prefix's
+               reconstruction; suffix-summed residual gradients),
+               :func:`matryoshka_gradients`, :func:`train_step_matryoshka`
 
 Arrays: every function takes NumPy arrays (copied to the GPU, results copied
 back) or device arrays (numba's, or anything with
@@ -44,6 +48,7 @@ from .common import SIMULATOR
 from .decode import decode
 from .encode import encode_relu, encode_relu_sparse
 from .jumprelu import jumprelu_gradients, train_step_jumprelu
+from .matryoshka import matryoshka_gradients, train_step_matryoshka
 from .norms import decoder_column_norms, l1_subgradient
 from .placement import to_backend, to_numpy
 from .step import train_step, train_step_topk
@@ -54,7 +59,7 @@ __all__ = ["NAME", "DESCRIPTION", "DEVICE_ARRAYS", "AUTO_SELECT", "check_availab
            "encode_relu", "encode_relu_sparse", "decode", "decoder_column_norms",
            "l1_subgradient", "gradients", "train_step", "encode_topk", "encode_batchtopk",
            "encode_jumprelu", "topk_gradients", "train_step_topk", "jumprelu_gradients",
-           "train_step_jumprelu"]
+           "train_step_jumprelu", "matryoshka_gradients", "train_step_matryoshka"]
 
 NAME = "cuda"
 #: Functions accept and return device arrays (see :mod:`.placement`).

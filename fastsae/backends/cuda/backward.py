@@ -30,6 +30,14 @@ needs the active entries:
 * :func:`aux_residual_kernel`: the AuxK term's residual gradient
   ``d_ehat`` and its per-row squared error (TopK training).
 
+Matryoshka levels. The residual, d_pre and per-feature kernels take
+``d_xhat`` as ``[L, N, d_in]`` and the prefix widths (int64 ``[L]``): level
+``l`` holds the suffix sum ``D_l = sum_{m >= l} 2 (x_hat_m - x) / N`` of the
+prefixes' residual gradients, and feature ``j`` of level ``g`` (the first
+``g`` with ``j < widths[g]``) reads ``D_g`` in place of ``d_xhat``. Every
+other model is the one level ``L = 1`` (a ``[1, N, d_in]`` view; widths
+unread), with the same arithmetic as before.
+
 Host side: :func:`gradients` (ReLU/L1) and :func:`topk_gradients` (TopK,
 optional AuxK) and the passes the training steps share with them
 (:func:`_backward`, :func:`_topk_backward`, :func:`_feature_pass`).
@@ -45,7 +53,7 @@ from ...sparse import SparseCodes
 from .common import (BLOCK, CHUNK_ROWS, COLSUM_ROWS, GROUPS, LANES, TILE, TILE_ROWS,
                      _flat, _single_block, _zero, add_kernel, block_sum, block_sum2,
                      exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
-from .decode import _sparse_decode
+from .decode import _no_widths, _one_level, _sparse_decode
 from .encode import _dense_to_sparse
 from .norms import _norms
 from .placement import (_any_device, _codes_device, _device, _empty_like_params,
@@ -54,34 +62,57 @@ from .placement import (_any_device, _codes_device, _device, _empty_like_params,
 _TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
 
 
+@cuda.jit(device=True, inline=True)
+def _level(widths, nl, j):
+    """The Matryoshka level of feature ``j``: the first ``g`` with ``j <
+    widths[g]`` among ``nl`` levels (0, and ``widths`` unread, when ``nl ==
+    1``)."""
+    g = 0
+    while g < nl - 1 and j >= widths[g]:
+        g += 1
+    return g
+
+
 @cuda.jit(cache=True)
 def residual_kernel(x, x_hat, mean, nf, d_xhat, row_mse, row_var):
-    """``d_xhat = (2 (x_hat - x)) / nf``; per-row sums of squares.
+    """Per level ``l`` (from the last down): ``d_xhat[l] = d_xhat[l + 1] +
+    (2 (x_hat[l] - x)) / nf`` (the last level: no first term), i.e. the
+    suffix sums of the prefixes' residual gradients; per-row sums of squares.
 
-    x, x_hat, d_xhat: float32 ``[N, d_in]``; mean: float32 ``[d_in]`` (batch
-    mean of x); nf: float32 N; row_mse, row_var: float64 ``[N]`` outputs
-    (``sum_k (x_hat - x)**2`` and ``sum_k (x - mean)**2``). One block of
-    ``BLOCK`` threads per row.
+    x: float32 ``[N, d_in]``; x_hat, d_xhat: float32 ``[L, N, d_in]`` (L = 1:
+    one reconstruction, ``d_xhat = 2 (x_hat - x) / nf``); mean: float32
+    ``[d_in]`` (batch mean of x); nf: float32 N; row_mse: float64 ``[L, N]``
+    (``sum_k (x_hat[l] - x)**2``), row_var: float64 ``[N]`` (``sum_k (x -
+    mean)**2``). One block of ``BLOCK`` threads per row; each thread owns
+    its columns on every level, so the suffix needs no barrier.
     """
     sh = cuda.shared.array((2, BLOCK), np.float64)
     t = cuda.threadIdx.x
+    nl = x_hat.shape[0]
     n = x.shape[0]
     d = x.shape[1]
     two = np.float32(2.0)
     for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-        a = 0.0
-        b = 0.0
-        for k in range(t, d, BLOCK):
-            xv = x[r, k]
-            diff = x_hat[r, k] - xv
-            d_xhat[r, k] = (two * diff) / nf
-            a += np.float64(diff) * np.float64(diff)
-            dv = np.float64(xv - mean[k])
-            b += dv * dv
-        sa, sb = block_sum2(sh, t, a, b)
-        if t == 0:
-            row_mse[r] = sa
-            row_var[r] = sb
+        for lev in range(nl - 1, -1, -1):
+            last = lev == nl - 1
+            a = 0.0
+            b = 0.0
+            for k in range(t, d, BLOCK):
+                xv = x[r, k]
+                diff = x_hat[lev, r, k] - xv
+                g = (two * diff) / nf
+                if not last:
+                    g = d_xhat[lev + 1, r, k] + g
+                d_xhat[lev, r, k] = g
+                a += np.float64(diff) * np.float64(diff)
+                if last:
+                    dv = np.float64(xv - mean[k])
+                    b += dv * dv
+            sa, sb = block_sum2(sh, t, a, b)
+            if t == 0:
+                row_mse[lev, r] = sa
+                if last:
+                    row_var[r] = sb
 
 
 @cuda.jit(cache=True)
@@ -119,13 +150,16 @@ def colsum_finish_kernel(partial, div, out):
 
 
 @cuda.jit(cache=True)
-def dpre_kernel(indptr, indices, values, d_xhat, W_dec, norms, weighted, l1_scale, dpre):
+def dpre_kernel(indptr, indices, values, d_xhat, widths, W_dec, norms, weighted, l1_scale,
+                dpre):
     """Gradient at each stored entry's pre-activation.
 
-    ``dpre[p] = d_xhat[i] . W_dec[j] + l1_scale * pen_j`` if ``values[p] >
-    0`` else 0, for entry ``p`` = (row i, feature j); ``pen_j = norms[j]``
-    when ``weighted`` else 1. indptr int64 ``[N + 1]``, indices int32,
-    values/dpre float32 ``[nnz]``, d_xhat float32 ``[N, d_in]``, W_dec
+    ``dpre[p] = d_xhat[g, i] . W_dec[j] + l1_scale * pen_j`` if ``values[p]
+    > 0`` else 0, for entry ``p`` = (row i, feature j) and ``g`` the level of
+    j (:func:`_level`; 0 with one level); ``pen_j = norms[j]`` when
+    ``weighted`` else 1. indptr int64 ``[N + 1]``, indices int32,
+    values/dpre float32 ``[nnz]``, d_xhat float32 ``[L, N, d_in]``, widths
+    int64 ``[L]`` (unread when L = 1), W_dec
     float32 ``[d_sae, d_in]``, norms float32 ``[d_sae]``, l1_scale float32
     (``c / N``). Block ``(LANES, GROUPS)``: each group of LANES threads does
     one entry's dot product, GROUPS entries at a time; one row per block
@@ -134,8 +168,9 @@ def dpre_kernel(indptr, indices, values, d_xhat, W_dec, norms, weighted, l1_scal
     sh = cuda.shared.array((GROUPS, LANES), np.float32)
     lane = cuda.threadIdx.x
     grp = cuda.threadIdx.y
-    n = d_xhat.shape[0]
-    d_in = d_xhat.shape[1]
+    nl = d_xhat.shape[0]
+    n = d_xhat.shape[1]
+    d_in = d_xhat.shape[2]
     for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
         s = indptr[r]
         e = indptr[r + 1]
@@ -144,8 +179,9 @@ def dpre_kernel(indptr, indices, values, d_xhat, W_dec, norms, weighted, l1_scal
             acc = np.float32(0.0)
             if p < e:
                 j = indices[p]
+                g = _level(widths, nl, j)
                 for k in range(lane, d_in, LANES):
-                    acc += d_xhat[r, k] * W_dec[j, k]
+                    acc += d_xhat[g, r, k] * W_dec[j, k]
             sh[grp, lane] = acc
             cuda.syncthreads()
             w = LANES // 2
@@ -225,26 +261,30 @@ def csc_fill_kernel(indptr, indices, chunk_rows, colptr, offsets, entry_of, row_
 
 
 @cuda.jit(cache=True)
-def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, x, b_dec, W_dec,
-                        norms, weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat):
+def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, b_dec,
+                        W_dec, norms, weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat):
     """Per-feature gradients from the CSC lists; one block per feature.
 
-    For feature j with entries (row i, value f, d_pre) in row order:
-    ``g_W_dec[j] = sum f d_xhat[i]`` plus, if ``weighted``, ``(l1_scale *
-    sum f) * W_dec[j] / norms[j]`` (norm 0: nothing), else (unit_norm) minus
+    For feature j of level g (:func:`_level`; 0 with one level) with entries
+    (row i, value f, d_pre) in row order: ``g_W_dec[j] = sum f d_xhat[g, i]``
+    plus, if ``weighted``, ``(l1_scale * sum f) * W_dec[j] / norms[j]``
+    (norm 0: nothing), else (unit_norm) minus
     its component along ``W_dec[j]``; ``g_W_encT[j] = sum d_pre (x[i] -
     b_dec)``; ``g_b_enc[j] = sum d_pre``; ``l1_feat[j] = (sum f) * pen_j``
     (pen = norm or 1). Shapes: g_W_dec, g_W_encT, W_dec float32 ``[d_sae,
-    d_in]``; x, d_xhat float32 ``[N, d_in]``; colptr int64 ``[d_sae + 1]``;
+    d_in]``; x float32 ``[N, d_in]``; d_xhat float32 ``[L, N, d_in]``;
+    widths int64 ``[L]`` (unread when L = 1); colptr int64 ``[d_sae + 1]``;
     entry_of int64, row_of int32 ``[nnz]``. Block ``BLOCK`` threads over
     d_in. Every thread walks the entry list itself (it is cached and short
     next to d_in) so no barrier is needed except the unit-norm reductions.
     """
     sh = cuda.shared.array((2, BLOCK), np.float32)
     t = cuda.threadIdx.x
+    nl = d_xhat.shape[0]
     d_sae = W_dec.shape[0]
     d_in = W_dec.shape[1]
     for j in range(cuda.blockIdx.x, d_sae, cuda.gridDim.x):
+        g = _level(widths, nl, j)
         s = colptr[j]
         e = colptr[j + 1]
         fs = np.float32(0.0)
@@ -266,7 +306,7 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, x, b_dec
             for q in range(s, e):
                 p = entry_of[q]
                 i = row_of[q]
-                ad += values[p] * d_xhat[i, k]
+                ad += values[p] * d_xhat[g, i, k]
                 ae += dpre[p] * (x[i, k] - bk)
             w = W_dec[j, k]
             if weighted and nj > 0:
@@ -367,20 +407,29 @@ def _colsum(A, div, out):
 
 def _residual(x, x_hat):
     """``d_xhat`` (workspace) and the per-row squared error and squared
-    deviation from the batch mean (float64 workspaces)."""
+    deviation from the batch mean (float64 workspaces). ``x_hat`` ``[N,
+    d_in]`` gives ``d_xhat`` ``[N, d_in]`` and ``row_mse`` ``[N]``; the
+    Matryoshka prefixes' ``[L, N, d_in]`` give the suffix sums ``d_xhat``
+    ``[L, N, d_in]`` (see :func:`residual_kernel`) and ``row_mse`` ``[L, N]``."""
     n, d_in = x.shape
+    levels = _one_level(x_hat)
+    nl = levels.shape[0]
     mean = _colsum(x, n, _work("mean", d_in))
-    d_xhat = _work("d_xhat", (n, d_in))
-    row_mse = _work("row_mse", n, np.float64)
+    d_xhat = _work("d_xhat", (nl, n, d_in))
+    row_mse = _work("row_mse", (nl, n), np.float64)
     row_var = _work("row_var", n, np.float64)
-    residual_kernel[grid_for(n), BLOCK](x, x_hat, mean, np.float32(n), d_xhat, row_mse,
+    residual_kernel[grid_for(n), BLOCK](x, levels, mean, np.float32(n), d_xhat, row_mse,
                                         row_var)
+    if len(x_hat.shape) == 2:
+        return d_xhat.reshape(n, d_in), row_mse.reshape(n), row_var
     return d_xhat, row_mse, row_var
 
 
 def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag,
-                  weighted=False, l1_scale=np.float32(0), l1_feat=None):
-    """Sparse backward of one code set against ``d_xhat``: d_pre, a stable
+                  weighted=False, l1_scale=np.float32(0), l1_feat=None, widths=None):
+    """Sparse backward of one code set against ``d_xhat`` (``[N, d_in]``, or
+    the Matryoshka suffix sums ``[L, N, d_in]`` with ``widths``, int64
+    device ``[L]``: feature j reads its level's): d_pre, a stable
     CSR -> CSC transpose, then per feature ``g_W_dec`` (projected unless
     ``weighted``), ``g_W_encT`` and ``g_b_enc`` overwritten; with
     ``l1_scale`` the L1 term (``weighted``: by decoder norm) is included and
@@ -390,10 +439,13 @@ def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_
     n = x.shape[0]
     d_sae = P.W_enc.shape[1]
     nnz = indices.shape[0]
+    d_xhat = _one_level(d_xhat)
+    if widths is None:
+        widths = _no_widths()
     norms = _norms(P.W_dec, _work("norms", d_sae))
     dpre = _work_at_least("dpre" + tag, nnz, np.float32)
-    dpre_kernel[grid_for(n), (LANES, GROUPS)](indptr, indices, values, d_xhat, P.W_dec, norms,
-                                              weighted, l1_scale, dpre)
+    dpre_kernel[grid_for(n), (LANES, GROUPS)](indptr, indices, values, d_xhat, widths, P.W_dec,
+                                              norms, weighted, l1_scale, dpre)
     chunks = -(-n // CHUNK_ROWS)
     counts = _work("csc_counts", (chunks, d_sae), np.int32)
     _zero(counts)
@@ -409,8 +461,8 @@ def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_
     if l1_feat is None:
         l1_feat = _work("l1_feat", d_sae)
     feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, weighted,
-        l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
+        colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, P.b_dec, P.W_dec, norms,
+        weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
     return colcount
 
 
@@ -473,17 +525,25 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     return Losses(mse=mse, l1=l1, total=mse + l1), _params_out(g, dev)
 
 
-def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal):
-    """TopK gradients into ``g``; ``scal`` float64 [3]: squared error sum,
-    aux squared error sum, squared deviation sum. ``codes`` and ``aux`` (the
-    AuxK codes, or None) are ``(indptr, indices, values)`` device triples.
-    Returns the main codes' per-feature counts."""
+def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal, widths=None):
+    """TopK gradients into ``g``; ``scal`` float64 [L + 2]: the squared
+    error sum of each of the L reconstructions, the aux squared error sum,
+    the squared deviation sum. ``codes`` and ``aux`` (the AuxK codes, or
+    None) are ``(indptr, indices, values)`` device triples. ``x_hat`` is the
+    reconstruction ``[N, d_in]`` (L = 1), or with ``widths`` (int64 device
+    ``[L]``) the Matryoshka prefixes' ``[L, N, d_in]``: each feature's
+    gradient signal is then the suffix sum over the prefixes containing it,
+    and AuxK works on the full (last) one's residual. Returns the main
+    codes' per-feature counts."""
     n, d_in = x.shape
     d_sae = P.W_enc.shape[1]
-    d_xhat, row_mse, row_var = _residual(x, x_hat)
-    _colsum(d_xhat, 1, g.b_dec)
+    levels = _one_level(x_hat)
+    nl = levels.shape[0]
+    d_xhat, row_mse, row_var = _residual(x, levels)
+    _colsum(d_xhat[0], 1, g.b_dec)  # level 0's suffix sum: b_dec is in every prefix
     g_W_encT = _work("g_W_encT", (d_sae, d_in))
-    colcount = _feature_pass(x, P, *codes, d_xhat, g.W_dec, g_W_encT, g.b_enc, "")
+    colcount = _feature_pass(x, P, *codes, d_xhat, g.W_dec, g_W_encT, g.b_enc, "",
+                             widths=widths)
     row_aux = _work("row_aux", n, np.float64)
     _zero(row_aux)
     if aux is not None:
@@ -492,7 +552,7 @@ def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal):
         e_hat = _work("e_hat", (n, d_in))
         _sparse_decode(*aux, P.W_dec, zero_bias, e_hat)
         d_ehat = _work("d_ehat", (n, d_in))
-        aux_residual_kernel[grid_for(n), BLOCK](x, x_hat, e_hat, np.float32(weight),
+        aux_residual_kernel[grid_for(n), BLOCK](x, levels[nl - 1], e_hat, np.float32(weight),
                                                 np.float32(n), d_ehat, row_aux)
         a_W_dec = _work("aux_g_W_dec", (d_sae, d_in))
         a_W_encT = _work("aux_g_W_encT", (d_sae, d_in))
@@ -501,9 +561,10 @@ def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal):
         for dst, src in ((g.W_dec, a_W_dec), (g_W_encT, a_W_encT), (g.b_enc, a_b_enc)):
             add_kernel[flat_grid(dst.size), BLOCK](_flat(dst), _flat(src))
     _encoder_grads(P, g, g_W_encT)
-    _single_block(sum_kernel)(row_mse, scal, 0)
-    _single_block(sum_kernel)(row_aux, scal, 1)
-    _single_block(sum_kernel)(row_var, scal, 2)
+    for lev in range(nl):
+        _single_block(sum_kernel)(row_mse[lev], scal, lev)
+    _single_block(sum_kernel)(row_aux, scal, nl)
+    _single_block(sum_kernel)(row_var, scal, nl + 1)
     return colcount
 
 

@@ -62,7 +62,7 @@ from .backward import (_colsum, _encoder_grads, _residual, csc_count_kernel,
 from .common import (BLOCK, CHUNK_ROWS, GROUPS, LANES, SCAN_SHARED, TILE, TILE_ROWS,
                      _single_block, _zero, block_exclusive_scan, block_sum2,
                      exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
-from .decode import _sparse_decode
+from .decode import _no_widths, _one_level, _sparse_decode
 from .encode import _gemm
 from .placement import (_any_device, _device, _empty, _empty_like_params, _is_device,
                         _out, _params_device, _params_out, _work, _work_at_least)
@@ -395,8 +395,8 @@ def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal
     norms = _work("jump_norms_unused", d_sae)
     l1_feat = _work("l1_feat", d_sae)
     feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, d_xhat, x, P.b_dec, P.W_dec, norms, False,
-        np.float32(0.0), g.W_dec, g_W_encT, g.b_enc, l1_feat)
+        colptr, entry_of, row_of, values, dpre, _one_level(d_xhat), _no_widths(), x, P.b_dec,
+        P.W_dec, norms, False, np.float32(0.0), g.W_dec, g_W_encT, g.b_enc, l1_feat)
     act_count = _work("jump_act_count", d_sae, np.int64)
     theta_grad_kernel[flat_grid(d_sae), BLOCK](colptr, entry_of, values, cand_pre, dfc, theta,
                                                hi, inv_eps32, l0_term, g_lt, act_count)

@@ -1,5 +1,7 @@
 """The CUDA training steps: :func:`train_step` (ReLU + L1) and
-:func:`train_step_topk` (TopK / BatchTopK, optional AuxK).
+:func:`train_step_topk` (TopK / BatchTopK, optional AuxK); the TopK
+family's step (:func:`_selection_step`) also runs the Matryoshka one
+(:mod:`.matryoshka`).
 
 Each chains the families' passes on device arrays: encode into the staging
 buffer and compact to CSR (:mod:`.encode`, or the selection of :mod:`.topk`),
@@ -26,7 +28,7 @@ from ..numerics import (auxk_active, auxk_requested, auxk_weight, relu_step_resu
 from .adam import _adam
 from .backward import _backward, _topk_backward
 from .common import BLOCK, _single_block, add_kernel, flat_grid
-from .decode import _sparse_decode
+from .decode import _sparse_decode, _widths_device
 from .encode import _encode_sparse
 from .placement import _device, _empty_like_params, _is_device, _work, to_numpy
 from .topk import _aux_codes, _pre, _topk_codes, min_kernel
@@ -104,14 +106,38 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`); device or host
     arrays as :func:`train_step`."""
+    s, nnz, n, aux_loss, kept_min, finite = _selection_step(
+        params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
+        aux_coefficient)
+    return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min,
+                            params_finite=finite)
+
+
+def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts,
+                    dead_mask, k_aux, aux_coefficient, widths=None):
+    """The TopK family's step (TopK / BatchTopK selection, optional AuxK,
+    sparse backward, Adam with the decoder rows renormalized), in place.
+    ``widths`` (host int64 ``[L]``): Matryoshka prefixes, whose
+    reconstructions come from one decode walk and whose suffix-summed
+    residual gradients feed one backward (see :mod:`.backward`).
+
+    Returns ``(s, nnz, n, aux_loss, kept_min, finite)``: ``s`` the host
+    scalars, ``s[:L]`` each reconstruction's sum of squared errors (L = 1
+    without widths) and ``s[L + 1]`` the sum of squared deviations of ``x``;
+    ``kept_min`` the kept values' minimum as a one-entry array (empty when
+    nothing was kept)."""
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     xd = _device(x)
-    n = xd.shape[0]
+    n, d_in = xd.shape
+    nl = 1 if widths is None else len(widths)
 
     pre = _pre(xd, P.W_enc, P.b_enc, P.b_dec)
     codes, nnz = _topk_codes(pre, k, activation, fresh=False)
-    x_hat = _work("x_hat", xd.shape)
-    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    if widths is None:
+        x_hat, wd = _work("x_hat", xd.shape), None
+    else:
+        x_hat, wd = _work("x_hat_prefixes", (nl, n, d_in)), _widths_device(widths)
+    _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat, wd)
     aux, weight = None, 0.0
     # the mask (d_sae bools) is counted on the host, fetched only when AuxK is
     # asked for: a device mask is not copied on every step
@@ -123,17 +149,16 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
         aux = (ac.indptr, ac.indices, ac.values)
         weight = auxk_weight(dead_h, k_aux, aux_coefficient)
     G = _empty_like_params(P, cached=True)
-    # [0:3] the backward's sums, [3] the kept minimum, [4] Adam's non-finite flag
-    scal = _work("scalars_topk_step", 5, np.float64)
+    # [0:L+2] the backward's sums, [L+2] the kept minimum, [L+3] Adam's non-finite flag
+    scal = _work("scalars_topk_step", nl + 4, np.float64)
     colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
-                              weight, G, scal)
-    _single_block(min_kernel)(codes.values, scal, 3)
-    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, 4)
+                              weight, G, scal, wd)
+    _single_block(min_kernel)(codes.values, scal, nl + 2)
+    _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, nl + 3)
     state.step += 1
     s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
-    aux_loss = weight * s[1] / n if aux is not None else 0.0
-    # the kept values' minimum was reduced on the device (s[3]); a one-entry
-    # stand-in (none when nothing was kept) gives topk_step_result the same min
-    kept_min = s[3:4] if nnz else s[:0]
-    return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min,
-                            params_finite=s[4] == 0)
+    aux_loss = weight * s[nl] / n if aux is not None else 0.0
+    # the kept values' minimum was reduced on the device; a one-entry
+    # stand-in (none when nothing was kept) gives the step results the same min
+    kept_min = s[nl + 2:nl + 3] if nnz else s[:0]
+    return s, nnz, n, aux_loss, kept_min, s[nl + 3] == 0
