@@ -58,6 +58,19 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
+def _int_list(s):
+    """``--widths 1024,2048,4096``: positive integers separated by commas."""
+    try:
+        v = [int(p) for p in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, "
+                                         f"got {s!r}")
+    return v
+
+
 def _positive_int(s):
     try:
         v = int(s)
@@ -125,10 +138,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    "Python class SparseAutoencoder, whose default is weighted_l1: on the "
                    "built-in problem unit_norm recovers more true features at the same "
                    "explained variance)")
-    t.add_argument("--activation", choices=["relu", "topk", "batchtopk", "jumprelu"],
+    t.add_argument("--activation",
+                   choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"],
                    help="relu (L1 penalty, default), topk (k largest per row), batchtopk "
-                   "(N*k largest per batch; saved as SAELens jumprelu for inference) or "
-                   "jumprelu (learned per-feature thresholds, L0 penalty)")
+                   "(N*k largest per batch; saved as SAELens jumprelu for inference), "
+                   "jumprelu (learned per-feature thresholds, L0 penalty) or "
+                   "matryoshka_batchtopk (batchtopk whose loss sums the reconstructions of "
+                   "nested prefixes of the features, see --widths)")
+    t.add_argument("--widths", type=_int_list,
+                   help="matryoshka_batchtopk: prefix widths, comma-separated, strictly "
+                   "increasing, the last equal to --d-sae (default d_sae/8,d_sae/4,"
+                   "d_sae/2,d_sae)")
     t.add_argument("--target-l0", type=_float(0.0, strict=True),
                    help="relu: adjust the L1 coefficient during training so that the run "
                    "ends at this L0 (active features per row); --l1 then only sets the "
@@ -144,10 +164,12 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--jumprelu-init-threshold", type=_float(0.0, strict=True),
                    help=f"jumprelu: initial threshold (default {D.jumprelu_init_threshold})")
     t.add_argument("--k", type=_positive_int,
-                   help=f"active features per row for topk/batchtopk (default {DEFAULT_K}, "
+                   help=f"active features per row for topk/batchtopk/matryoshka_batchtopk "
+                   f"(default {DEFAULT_K}, "
                    "at most d_sae)")
     t.add_argument("--auxk", dest="auxk", action="store_true", default=None,
-                   help="topk/batchtopk: add the AuxK loss against dead latents")
+                   help="topk/batchtopk/matryoshka_batchtopk: add the AuxK loss against "
+                   "dead latents")
     t.add_argument("--k-aux", type=_positive_int,
                    help="AuxK latents per row (default: the power of two nearest d_in/2)")
     t.add_argument("--aux-coefficient", type=_float(0.0), help="AuxK weight (default 1/32)")
@@ -212,6 +234,7 @@ _RESUME_FIXED = {
     "resample_every": lambda st, c: c.resample_every,
     "activation": lambda st, c: st["model"].get("activation"),
     "k": lambda st, c: st["model"].get("k"),
+    "widths": lambda st, c: st["model"].get("widths"),
     "auxk": lambda st, c: c.auxk,
     "k_aux": lambda st, c: c.k_aux,
     "aux_coefficient": lambda st, c: c.aux_coefficient,
@@ -276,8 +299,9 @@ def _resume_fixed_flags(args, st) -> None:
 
 
 def _cmd_train(args) -> int:
+    from .backends import validate as V
     from .data import open_source, synthetic
-    from .model import SparseAutoencoder
+    from .model import TOPK_ACTIVATIONS, SparseAutoencoder
     from .training import TrainConfig, Trainer
     from .training.loop import NotBitExactWarning
 
@@ -343,7 +367,7 @@ def _cmd_train(args) -> int:
         act = args.activation or "relu"
         if args.target_l0 is not None and act != "relu":
             raise CLIError(f"--target-l0 applies to --activation relu (a {act} SAE's "
-                           + ("L0 is set by --k)" if act in ("topk", "batchtopk") else
+                           + ("L0 is set by --k)" if act in TOPK_ACTIVATIONS else
                               "L0 is set by --l0-coefficient; a target-L0 controller for it "
                               "is not implemented)"))
         if act != "jumprelu":
@@ -356,8 +380,8 @@ def _cmd_train(args) -> int:
         if act in ("relu", "jumprelu"):
             for flag in ("k", "auxk", "k_aux", "aux_coefficient", "dead_tokens"):
                 if getattr(args, flag) is not None:
-                    raise CLIError(f"--{flag.replace('_', '-')} needs --activation topk "
-                                   "or batchtopk")
+                    raise CLIError(f"--{flag.replace('_', '-')} needs --activation topk, "
+                                   "batchtopk or matryoshka_batchtopk")
             k = None
             if act == "jumprelu" and args.decoder_norm not in (None, "unit_norm"):
                 raise CLIError("--activation jumprelu trains unit-norm decoder rows: "
@@ -369,9 +393,16 @@ def _cmd_train(args) -> int:
             k = args.k or DEFAULT_K
             if k > d_sae:
                 raise CLIError(f"--k {k} exceeds the number of features (--d-sae {d_sae})")
+        if args.widths is not None:
+            if act != "matryoshka_batchtopk":
+                raise CLIError("--widths needs --activation matryoshka_batchtopk")
+            try:
+                V.widths_arg(args.widths, d_sae)
+            except ValueError as exc:
+                raise CLIError(f"--{exc} (--d-sae {d_sae})") from None
         model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
                                   decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM,
-                                  seed=cfg.seed, activation=act, k=k)
+                                  seed=cfg.seed, activation=act, k=k, widths=args.widths)
         threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if args.data is None else None)
         trainer = Trainer(model, source, cfg, out_dir=out, true_dictionary=true_dict,
                           backend=args.backend, threads=threads, overwrite=args.overwrite,
@@ -420,6 +451,8 @@ def _fmt(v, pct=False):
 def _table(m: dict, trainer) -> str:
     rows = [("MSE (normalized inputs)", _fmt(m.get("mse"))),
             ("explained variance", _fmt(m.get("explained_variance"), pct=True)),
+            *((f"  by the first {k.rsplit('_', 1)[1]} features", _fmt(v, pct=True))
+              for k, v in m.items() if k.startswith("explained_variance_")),
             ("L0 (active features/row)", _fmt(m.get("l0"))),
             ("dead features", _fmt(m.get("dead_fraction"), pct=True))]
     if "recovered" in m:

@@ -40,11 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import validate as V
 from .params import SAEParams
 
 __all__ = [
     "SAEFormatError", "CFG_FILENAME", "WEIGHTS_FILENAME", "atomic_write_bytes", "stale_tmp_files",
-    "atomic_write_json", "write_sae_dir", "read_sae_dir", "read_gemma_scope", "save_tensors",
+    "atomic_write_json", "write_sae_dir", "read_sae_dir", "read_gemma_scope", "read_sparsify", "is_sparsify", "save_tensors",
     "load_tensors", "GEMMA_SCOPE_FILENAME", "is_gemma_scope", "fold_decoder_norms",
 ]
 
@@ -52,6 +53,8 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 #: Gemma Scope's published file: one ``params.npz`` per SAE.
 GEMMA_SCOPE_FILENAME = "params.npz"
+#: EleutherAI sparsify's weights file (beside its own cfg.json).
+SPARSIFY_FILENAME = "sae.safetensors"
 _GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 #: Tensors of a standard SAE and their shapes in terms of (d_in, d_sae).
@@ -68,7 +71,21 @@ _DTYPES = {"float32", "float16", "float64", "bfloat16"}
 
 #: Architectures fastsae reads and writes: ReLU, TopK (per row) and JumpReLU
 #: (how SAELens saves a BatchTopK-trained SAE for inference).
-_ARCHITECTURES = ("standard", "topk", "jumprelu")
+_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+
+#: A gated SAE's tensors (SAELens's GatedSAE): no ``b_enc``; ``b_gate`` and
+#: ``b_mag`` biases and ``r_mag`` the magnitude path's log scale per feature.
+_GATED_SHAPES = {
+    "W_enc": _TENSOR_SHAPES["W_enc"],
+    "W_dec": _TENSOR_SHAPES["W_dec"],
+    "b_dec": _TENSOR_SHAPES["b_dec"],
+    "b_gate": _TENSOR_SHAPES["b_enc"],
+    "b_mag": _TENSOR_SHAPES["b_enc"],
+    "r_mag": _TENSOR_SHAPES["b_enc"],
+}
+#: What :func:`read_sae_dir` reads: the written ones and SAELens's training
+#: saves of BatchTopK SAEs (which run as ``jumprelu`` at the saved threshold).
+_READ_ARCHITECTURES = _ARCHITECTURES + ("batchtopk", "matryoshka_batchtopk")
 
 
 class SAEFormatError(ValueError):
@@ -238,17 +255,26 @@ def _metadata_block(metadata: dict | None) -> dict:
 
 def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None, *,
                   architecture: str = "standard", k: int | None = None,
-                  threshold=None) -> Path:
+                  threshold=None, widths=None, training: dict | None = None,
+                  gate: dict | None = None) -> Path:
     """Write an SAE as a SAELens directory (cfg.json + weights).
 
     ``params`` are host float32 arrays for raw (unnormalized) inputs;
     ``metadata`` is merged into cfg.json's ``metadata`` object.
     ``architecture``: ``"standard"`` (ReLU), ``"topk"`` (needs ``k``; written
     with ``rescale_acts_by_decoder_norm: false``) or ``"jumprelu"`` (needs
-    ``threshold [d_sae]``, stored as a tensor, as SAELens does).
+    ``threshold [d_sae]``, stored as a tensor, as SAELens does), or
+    SAELens's training save of a BatchTopK SAE, ``"batchtopk"`` or
+    ``"matryoshka_batchtopk"`` (needs ``k``, ``threshold`` a float stored as
+    the float64 scalar tensor ``topk_threshold``, and for Matryoshka
+    ``widths``; ``training`` adds SAELens training fields to the cfg's top
+    level and ``metadata.training_architecture_details``). ``"gated"`` needs
+    ``gate`` (``W_enc``, ``b_gate``, ``r_mag`` as :func:`read_sae_dir` returns
+    them; ``params`` then hold the magnitude path, whose ``b_enc`` is ``b_mag``).
     """
-    if architecture not in _ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {_ARCHITECTURES}, got {architecture!r}")
+    if architecture not in _READ_ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {_READ_ARCHITECTURES}, "
+                         f"got {architecture!r}")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
@@ -260,9 +286,29 @@ def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None, *,
         if tensors[name].shape != shape(d_in, d_sae):
             raise ValueError(f"{name} has shape {tensors[name].shape}, "
                              f"expected {shape(d_in, d_sae)}")
-    if architecture == "topk":
+    if architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
         if k is None or not 1 <= int(k) <= d_sae:
-            raise ValueError(f"a topk SAE needs 1 <= k <= d_sae={d_sae}, got {k!r}")
+            raise ValueError(f"a {architecture} SAE needs 1 <= k <= d_sae={d_sae}, got {k!r}")
+    fields = {}
+    if architecture == "gated":
+        tensors = {"W_enc": np.ascontiguousarray(gate["W_enc"], np.float32),
+                   "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],
+                   "b_gate": np.ascontiguousarray(gate["b_gate"], np.float32),
+                   "b_mag": tensors["b_enc"],
+                   "r_mag": np.ascontiguousarray(gate["r_mag"], np.float32)}
+    if architecture in ("batchtopk", "matryoshka_batchtopk"):
+        t = float(threshold)
+        if not np.isfinite(t):
+            raise ValueError(f"topk_threshold must be finite, got {t}")
+        # SAELens stores it first, a 0-d float64 tensor
+        tensors = {"topk_threshold": np.array(t, np.float64), **tensors}
+        fields = {"k": int(k), **(training or {}), "rescale_acts_by_decoder_norm": False}
+        if architecture == "matryoshka_batchtopk":
+            fields["matryoshka_widths"] = V.widths_arg(widths, d_sae).tolist()
+            fields["use_matryoshka_aux_loss"] = False
+        metadata = dict(metadata or {})
+        metadata["training_architecture"] = architecture
+        metadata["training_architecture_details"] = dict(fields)
     if architecture == "jumprelu":
         thr = np.ascontiguousarray(np.asarray(threshold), dtype=np.float32)
         if thr.shape != (d_sae,):
@@ -283,6 +329,7 @@ def write_sae_dir(directory, params: SAEParams, metadata: dict | None = None, *,
     if architecture == "topk":
         cfg["k"] = int(k)
         cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(fields)
     cfg["architecture"] = architecture
     save_tensors(directory / WEIGHTS_FILENAME, tensors)  # no __metadata__, as SAELens
     atomic_write_bytes(directory / CFG_FILENAME, json.dumps(cfg).encode())
@@ -321,7 +368,7 @@ def fold_decoder_norms(p: SAEParams, norms) -> SAEParams:
                      (p.W_dec / norms[:, None]).astype(np.float32), p.b_dec)
 
 
-def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams, dict, dict]:
+def read_sae_dir(directory, *, architectures=_READ_ARCHITECTURES) -> tuple[SAEParams, dict, dict]:
     """Read a SAELens-style (or fastsae) SAE directory (float32, float64,
     float16 or bfloat16 weights, all returned as float32: exact except for
     float64).
@@ -331,8 +378,13 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
     ``relu(pre)`` (``"standard"``), ReLU of the ``k`` largest ``pre`` per row
     (``"topk"``, ``extras["k"]``) or ``relu(pre) * (pre > threshold)``
     (``"jumprelu"``, ``extras["threshold"]``), and ``decode`` is
-    ``f @ W_dec + b_dec``. A topk cfg with ``rescale_acts_by_decoder_norm:
-    true`` is converted by folding the decoder norms into ``W_enc``, ``b_enc``
+    ``f @ W_dec + b_dec``. SAELens's training saves of ``"batchtopk"`` and
+    ``"matryoshka_batchtopk"`` SAEs (``k``, ``matryoshka_widths`` and a
+    float64 scalar tensor ``topk_threshold``) run as ``"jumprelu"`` at that
+    threshold (``extras["threshold"]``, one value per feature; their
+    ``extras["k"]``, and ``extras["widths"]`` with ``d_sae`` appended when
+    the last width is smaller, as SAELens does). A topk-family cfg with
+    ``rescale_acts_by_decoder_norm: true`` is converted by folding the decoder norms into ``W_enc``, ``b_enc``
     and ``W_dec`` (SAELens's ``fold_W_dec_norm``), which gives the same
     codes times the norms and the same reconstruction. A cfg with
     ``apply_b_dec_to_input: false`` is converted exactly (in real arithmetic)
@@ -381,7 +433,7 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
         raise SAEFormatError(f"{directory} has no {WEIGHTS_FILENAME}{hint}")
     arrays, _ = load_tensors(wpath)
     out = {}
-    for name, shape_of in _TENSOR_SHAPES.items():
+    for name, shape_of in (_GATED_SHAPES if arch == "gated" else _TENSOR_SHAPES).items():
         if name not in arrays:
             raise SAEFormatError(f"{wpath} has no tensor {name!r} "
                                  f"(found: {', '.join(sorted(arrays)) or 'none'})")
@@ -396,17 +448,32 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
         if not np.isfinite(a).all():
             raise SAEFormatError(f"{wpath}: {name} contains NaN or infinite values")
         out[name] = a
+    extras = {}
+    if arch == "gated":
+        # the magnitude path is a ReLU SAE: W_enc * exp(r_mag), b_mag (float32, as
+        # SAELens computes it); the gate keeps W_enc and b_gate
+        gate_W = out["W_enc"]
+        out["W_enc"] = (gate_W * np.exp(out["r_mag"])[None, :]).astype(np.float32)
+        out["b_enc"] = out["b_mag"]
+        extras["gate"] = {"W_enc": gate_W, "b_gate": out["b_gate"], "r_mag": out["r_mag"]}
     if not apply_b_dec:
         # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
-        fold = out["b_dec"].astype(np.float64) @ out["W_enc"].astype(np.float64)
-        out["b_enc"] = (out["b_enc"] + fold).astype(np.float32)
-    extras = {}
-    if arch == "topk":
+        b_dec = out["b_dec"].astype(np.float64)
+        out["b_enc"] = (out["b_enc"] + b_dec @ out["W_enc"].astype(np.float64)).astype(np.float32)
+        if arch == "gated":
+            g = extras["gate"]
+            g["b_gate"] = (g["b_gate"] + b_dec @ g["W_enc"].astype(np.float64)).astype(np.float32)
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         k = _cfg_int(cfg, "k", cpath)
         if k > d_sae:
             raise SAEFormatError(f"{cpath}: k = {k} exceeds d_sae = {d_sae}")
         extras["k"] = k
-        rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+        if arch != "topk":
+            extras["threshold"] = _topk_threshold(arrays, wpath, d_sae)
+        if arch == "matryoshka_batchtopk":
+            extras["widths"] = _matryoshka_widths(cfg.get("matryoshka_widths"), d_sae, cpath)
+        # SAELens's TopK-family default is true: read as SAELens would run it
+        rescale = cfg.get("rescale_acts_by_decoder_norm", arch != "topk")
         if not isinstance(rescale, bool):
             raise SAEFormatError(f"{cpath}: rescale_acts_by_decoder_norm must be true or false")
         if rescale:
@@ -427,6 +494,99 @@ def read_sae_dir(directory, *, architectures=_ARCHITECTURES) -> tuple[SAEParams,
         extras["threshold"] = thr
     params = SAEParams(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"])
     return params, cfg, extras
+
+
+def _topk_threshold(arrays, wpath, d_sae: int) -> np.ndarray:
+    """SAELens's BatchTopK ``topk_threshold`` (a float scalar tensor) per feature."""
+    if "topk_threshold" not in arrays:
+        raise SAEFormatError(f"{wpath} has no tensor 'topk_threshold' (a BatchTopK training "
+                             "save holds one)")
+    t = arrays["topk_threshold"]
+    if t.size != 1 or t.ndim > 1 or t.dtype.kind != "f" or not np.isfinite(t).all():
+        raise SAEFormatError(f"{wpath}: topk_threshold must be one finite float, got shape "
+                             f"{tuple(t.shape)} dtype {t.dtype}")
+    return np.full(d_sae, float(t.reshape(())), np.float32)
+
+
+def _matryoshka_widths(widths, d_sae: int, cpath) -> list[int]:
+    """cfg's ``matryoshka_widths``, with ``d_sae`` appended when the last is
+    smaller (SAELens's rule), checked strictly increasing."""
+    if (not isinstance(widths, list) or not widths
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths)):
+        raise SAEFormatError(f"{cpath}: matryoshka_widths must be a non-empty list of "
+                             f"integers, got {widths!r}")
+    if widths[-1] < d_sae:
+        widths = widths + [d_sae]
+    try:
+        return V.widths_arg(widths, d_sae).tolist()
+    except ValueError as exc:
+        raise SAEFormatError(f"{cpath}: matryoshka_widths: {exc}") from None
+
+
+# ============================================================ sparsify
+def is_sparsify(path) -> bool:
+    """Whether ``path`` is a directory in EleutherAI sparsify's layout:
+    ``cfg.json`` and ``sae.safetensors``, no SAELens weights file."""
+    path = Path(path)
+    return (path.is_dir() and (path / SPARSIFY_FILENAME).is_file()
+            and (path / CFG_FILENAME).is_file() and not (path / WEIGHTS_FILENAME).exists())
+
+
+def read_sparsify(directory) -> tuple[SAEParams, dict, dict]:
+    """Read a sparsify (eai-sparsify 1.x, ``SparseCoder.save_to_disk``) TopK
+    SAE: ``encoder.weight [d_sae, d_in]`` (``nn.Linear`` layout, transposed
+    here to ``W_enc``), ``encoder.bias``, ``W_dec [d_sae, d_in]``, ``b_dec``;
+    ``d_sae = num_latents or d_in * expansion_factor``. sparsify encodes
+    ``topk(relu((x - b_dec) @ W_enc + b_enc), k)``: the same codes as
+    fastsae's topk (top-k then ReLU). ``W_dec`` is not renormalized.
+
+    Returned like :func:`read_sae_dir` (a cfg of ``architecture: "topk"``,
+    ``extras["k"]``). Transcoders (``transcode``/``skip_connection``),
+    ``groupmax`` activations, other tensors or shapes raise
+    :class:`SAEFormatError` naming what is not supported.
+    """
+    directory = Path(directory)
+    cpath = directory / CFG_FILENAME
+    cfg = _read_cfg(directory)
+    act = cfg.get("activation", "topk")
+    if act != "topk":
+        raise SAEFormatError(f"{cpath}: sparsify activation {act!r} is not supported "
+                             "(only 'topk')")
+    for flag in ("transcode", "skip_connection"):
+        if cfg.get(flag, False) is not False:
+            raise SAEFormatError(f"{cpath}: a sparsify transcoder ({flag}: {cfg[flag]!r}) "
+                                 "cannot be loaded as an SAE: fastsae does not run "
+                                 "transcoders yet")
+    d_in = _cfg_int(cfg, "d_in", cpath)
+    n = cfg.get("num_latents", 0)
+    if n in (0, None):
+        n = d_in * _cfg_int(cfg, "expansion_factor", cpath)
+    d_sae = _cfg_int({"num_latents": n}, "num_latents", cpath)
+    k = _cfg_int(cfg, "k", cpath)
+    if k > d_sae:
+        raise SAEFormatError(f"{cpath}: k = {k} exceeds the number of latents {d_sae}")
+    wpath = directory / SPARSIFY_FILENAME
+    arrays, _ = load_tensors(wpath)
+    want = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
+            "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if set(arrays) != set(want):
+        raise SAEFormatError(f"{wpath} holds {', '.join(sorted(arrays))}; a sparsify SAE "
+                             f"holds exactly {', '.join(sorted(want))}")
+    out = {}
+    for name, shape in want.items():
+        a = arrays[name]
+        if tuple(a.shape) != shape or a.dtype.kind != "f":
+            raise SAEFormatError(f"{wpath}: {name} has shape {tuple(a.shape)} and dtype "
+                                 f"{a.dtype}, expected float {shape} (d_in={d_in}, "
+                                 f"d_sae={d_sae})")
+        if not np.isfinite(a).all():
+            raise SAEFormatError(f"{wpath}: {name} contains NaN or infinite values")
+        out[name] = np.ascontiguousarray(a, dtype=np.float32)
+    params = SAEParams(np.ascontiguousarray(out["encoder.weight"].T), out["encoder.bias"],
+                       out["W_dec"], out["b_dec"])
+    info = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae,
+            "metadata": {"converted_from": "sparsify", "sparsify_cfg": cfg}}
+    return params, info, {"k": k}
 
 
 # ============================================================ Gemma Scope

@@ -13,11 +13,12 @@ import numpy as np
 
 from .backends import validate as V
 from .backends import Backend, get_backend
-from .io import is_gemma_scope, read_gemma_scope, read_sae_dir, write_sae_dir
+from .io import (is_gemma_scope, is_sparsify, read_gemma_scope, read_sae_dir, read_sparsify,
+                 write_sae_dir)
 from .params import DECODER_NORM_MODES, SAEParams
 from .sparse import SparseCodes, check_codes
 
-__all__ = ["SparseAutoencoder", "geometric_median", "ACTIVATIONS"]
+__all__ = ["SparseAutoencoder", "geometric_median", "ACTIVATIONS", "default_matryoshka_widths"]
 
 
 def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
@@ -35,7 +36,20 @@ def geometric_median(x, *, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray
 
 
 #: Training activations of :class:`SparseAutoencoder`.
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
+
+#: Activations that select a fixed number ``k`` of codes per row (on average).
+TOPK_ACTIVATIONS = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def default_matryoshka_widths(d_sae: int) -> list[int]:
+    """``[d_sae/8, d_sae/4, d_sae/2, d_sae]`` (rounded down; repeated or zero
+    widths dropped): four nested prefixes, each twice the one before."""
+    out = []
+    for w in (d_sae // 8, d_sae // 4, d_sae // 2, d_sae):
+        if w >= 1 and (not out or w > out[-1]):
+            out.append(w)
+    return out
 
 
 class SparseAutoencoder:
@@ -49,6 +63,10 @@ class SparseAutoencoder:
     inference, or for ``"jumprelu"`` ``pre * (pre > threshold)`` with learned
     per-feature thresholds (Rajamanoharan et al. 2024, Gemma Scope; trained
     with an L0 penalty, see :class:`fastsae.TrainConfig`).
+    ``"matryoshka_batchtopk"`` (Bussmann et al. 2025) encodes as BatchTopK
+    and trains nested prefixes of the dictionary: the loss sums the
+    reconstruction errors of the first ``widths[0]``, ``widths[1]``, ...
+    features, so the first features learn the most general directions.
 
     Parameters
     ----------
@@ -58,9 +76,15 @@ class SparseAutoencoder:
         How training controls the decoder's scale (see
         :data:`fastsae.params.DECODER_NORM_MODES`). Default ``"weighted_l1"``
         for ReLU; TopK, BatchTopK and JumpReLU always use ``"unit_norm"``.
-    activation : ``"relu"``, ``"topk"``, ``"batchtopk"`` or ``"jumprelu"``
+    activation : ``"relu"``, ``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or
+        ``"matryoshka_batchtopk"``
     k : int
-        Active features per row (topk, batchtopk; required there).
+        Active features per row (topk, batchtopk, matryoshka_batchtopk;
+        required there).
+    widths : sequence of int, optional
+        ``matryoshka_batchtopk`` only: the prefix widths, strictly increasing
+        and ending at ``d_sae`` (SAELens's ``matryoshka_widths``). Default
+        :func:`default_matryoshka_widths`: ``[d_sae/8, d_sae/4, d_sae/2, d_sae]``.
     backend : str or Backend, optional
         Kernel backend; ``None`` picks the fastest usable one when first needed.
     seed : int
@@ -78,14 +102,17 @@ class SparseAutoencoder:
 
     def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str | None = None,
                  backend=None, seed: int = 0, init_norm: float = 0.1,
-                 activation: str = "relu", k: int | None = None):
+                 activation: str = "relu", k: int | None = None, widths=None):
         d_in = V.as_int(d_in, "d_in")
         d_sae = V.as_int(d_sae, "d_sae")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if activation in ("relu", "jumprelu"):
             if k is not None:
-                raise ValueError("k is only used by the topk and batchtopk activations")
+                raise ValueError("k is only used by the topk, batchtopk and "
+                                 "matryoshka_batchtopk activations")
+        if widths is not None and activation != "matryoshka_batchtopk":
+            raise ValueError("widths are only used by the matryoshka_batchtopk activation")
         if activation == "relu":
             decoder_norm = "weighted_l1" if decoder_norm is None else decoder_norm
         elif activation == "jumprelu":
@@ -121,20 +148,30 @@ class SparseAutoencoder:
                                 np.zeros(d_in, np.float32))
         #: How the SAE encodes (and is saved): ``"standard"`` (ReLU), ``"topk"``
         #: (``k`` largest pre-activations per row, then ReLU) or ``"jumprelu"``
-        #: (``relu(pre) * (pre > threshold)``; a BatchTopK SAE at inference).
-        self.architecture = {"relu": "standard", "topk": "topk",
-                             "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[activation]
-        #: How the SAE trains: ``"relu"``, ``"topk"``, ``"batchtopk"``,
-        #: ``"jumprelu"``, or ``None`` for a loaded SAE fastsae cannot train.
+        #: (``relu(pre) * (pre > threshold)``; a BatchTopK or Matryoshka SAE at
+        #: inference).
+        self.architecture = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                             "jumprelu": "jumprelu",
+                             "matryoshka_batchtopk": "jumprelu"}[activation]
+        #: How the SAE trains: one of :data:`ACTIVATIONS`, or ``None`` for a
+        #: loaded SAE fastsae cannot train.
         self.activation: str | None = activation
         self.k: int | None = k
+        #: Matryoshka prefix widths (a list of int), ``None`` for other SAEs.
+        self.widths: list[int] | None = None
+        #: A loaded gated SAE's gate (``W_enc``, ``b_gate``, ``r_mag``; the
+        #: parameters hold its magnitude path), ``None`` for other SAEs.
+        self.gate: dict | None = None
+        if activation == "matryoshka_batchtopk":
+            self.widths = (default_matryoshka_widths(d_sae) if widths is None
+                           else V.widths_arg(widths, d_sae).tolist())
         #: Per-feature threshold of the ``jumprelu`` architecture; a BatchTopK
         #: SAE fills it with the trainer's running estimate of the smallest
         #: kept activation, a JumpReLU SAE with its learned thresholds (0
         #: before training: plain ReLU; the trainer starts a fresh JumpReLU
         #: SAE at ``TrainConfig.jumprelu_init_threshold``).
         self.threshold: np.ndarray | None = (np.zeros(d_sae, np.float32)
-                                             if activation in ("batchtopk", "jumprelu")
+                                             if self.architecture == "jumprelu"
                                              else None)
         #: Free-form information saved in cfg.json's metadata.
         self.metadata: dict = {}
@@ -193,12 +230,16 @@ class SparseAutoencoder:
         new.metadata = dict(self.metadata)
         if self.threshold is not None:
             new.threshold = self.threshold.copy()
+        if self.widths is not None:
+            new.widths = list(self.widths)
         return new
 
     def __repr__(self) -> str:
         arch = "" if self.architecture == "standard" else f", architecture={self.architecture!r}"
-        if self.activation in ("topk", "batchtopk"):
+        if self.activation in TOPK_ACTIVATIONS:
             arch = f", activation={self.activation!r}, k={self.k}"
+        if self.widths is not None:
+            arch += f", widths={self.widths}"
         return (f"SparseAutoencoder(d_in={self.d_in}, d_sae={self.d_sae}, "
                 f"decoder_norm={self.decoder_norm!r}{arch})")
 
@@ -264,13 +305,37 @@ class SparseAutoencoder:
     def _encode_other(self, be, p, xb):
         if self.architecture == "topk":
             return be.encode_topk(xb, p.W_enc, p.b_enc, p.b_dec, self.k)
+        if self.architecture == "gated":
+            # f = gate * mag: mag is the ReLU SAE in params; the gate is needed only
+            # where mag > 0, one d_in dot product per active entry
+            mag = be.encode_relu_sparse(xb, p.W_enc, p.b_enc, p.b_dec).to_host()
+            g = self.gate
+            xc = np.asarray(be.to_numpy(xb)) - self.params.b_dec
+            rows = np.repeat(np.arange(mag.shape[0]), np.diff(mag.indptr))
+            pre = np.einsum("ij,ji->i", xc[rows], g["W_enc"][:, mag.indices]) \
+                + g["b_gate"][mag.indices]
+            keep = pre > 0
+            counts = np.bincount(rows[keep], minlength=mag.shape[0])
+            return SparseCodes(np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+                               mag.indices[keep], mag.values[keep], mag.shape)
         return be.encode_jumprelu(xb, p.W_enc, p.b_enc, p.b_dec, be.to_backend(self.threshold))
 
-    def decode(self, codes) -> np.ndarray:
+    def decode(self, codes, *, width: int | None = None) -> np.ndarray:
         """``codes @ W_dec + b_dec`` for dense ``[N, d_sae]`` codes,
-        :class:`SparseCodes` or any ``scipy.sparse`` matrix."""
+        :class:`SparseCodes` or any ``scipy.sparse`` matrix. With ``width``,
+        only the first ``width`` features are decoded (a Matryoshka prefix's
+        reconstruction)."""
         if not isinstance(codes, (SparseCodes, np.ndarray)) and hasattr(codes, "tocsr"):
             codes = SparseCodes.from_scipy(codes)
+        if width is not None:
+            width = V.as_int(width, "width")
+            if width > self.d_sae:
+                raise ValueError(f"width must be at most d_sae={self.d_sae}, got {width}")
+            if not isinstance(codes, SparseCodes):
+                codes = V.codes_arg(codes, self.d_sae).copy()
+                codes[:, width:] = 0
+            else:
+                codes = check_codes(codes, self.d_sae).prefix(width)
         be, p = self.backend, self._device_params()
         if isinstance(codes, SparseCodes):
             codes = check_codes(codes, self.d_sae)
@@ -288,30 +353,54 @@ class SparseAutoencoder:
         return self.reconstruct(x)
 
     # ------------------------------------------------------------------- I/O
-    def save(self, directory, *, metadata: dict | None = None):
+    def save(self, directory, *, metadata: dict | None = None, layout: str = "inference"):
         """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's format.
 
         The SAE works on raw activations; fastsae's own settings go into
         cfg.json's ``metadata``. Each file is written atomically.
+        ``layout="training"`` (BatchTopK and Matryoshka SAEs only) writes
+        SAELens's training save instead of its inference save: architecture
+        ``batchtopk`` / ``matryoshka_batchtopk`` with the threshold as the
+        float64 scalar ``topk_threshold``, which SAELens's
+        ``TrainingSAE.load_from_disk`` reads (its ``SAE.load_from_disk`` reads
+        only the inference save).
         """
+        if layout not in ("inference", "training"):
+            raise ValueError(f"layout must be 'inference' or 'training', got {layout!r}")
+        batch = self.activation in ("batchtopk", "matryoshka_batchtopk")
+        if layout == "training" and not batch:
+            raise ValueError("layout='training' is for batchtopk and matryoshka_batchtopk "
+                             f"SAEs (SAELens saves other SAEs one way); this one is "
+                             f"{self.activation or self.architecture!r}")
         meta = {"fastsae_decoder_norm": self.decoder_norm}
         meta.update(self.metadata)
-        if self.activation == "batchtopk":
+        details = meta.get("training_architecture_details")
+        details = dict(details) if isinstance(details, dict) else {}
+        if batch:
             # SAELens's layout for a BatchTopK SAE saved for inference: a jumprelu
             # SAE, training settings only in the metadata; decoder rows are unit
             # norm here, so there are no decoder norms to fold into the weights.
-            meta["training_architecture"] = "batchtopk"
-            details = meta.get("training_architecture_details")
-            meta["training_architecture_details"] = {
-                **(details if isinstance(details, dict) else {}),
-                "k": int(self.k), "rescale_acts_by_decoder_norm": False}
+            meta["training_architecture"] = self.activation
+            details.update(k=int(self.k), rescale_acts_by_decoder_norm=False)
+            if self.widths is not None:
+                details.update(matryoshka_widths=list(self.widths),
+                               use_matryoshka_aux_loss=False)
+            meta["training_architecture_details"] = details
         elif self.activation == "jumprelu":
             meta["training_architecture"] = "jumprelu"
         if metadata:
             meta.update(metadata)
+        if layout == "training":
+            thr = np.unique(self.threshold)
+            if thr.size != 1:
+                raise ValueError("a BatchTopK training save holds one threshold; this SAE's "
+                                 "per-feature thresholds differ")
+            return write_sae_dir(directory, self.params, meta, architecture=self.activation,
+                                 k=self.k, threshold=float(thr[0]), widths=self.widths,
+                                 training=details)
         k = self.k if self.architecture == "topk" else None
         return write_sae_dir(directory, self.params, meta, architecture=self.architecture,
-                             k=k, threshold=self.threshold)
+                             k=k, threshold=self.threshold, gate=self.gate)
 
     @classmethod
     def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
@@ -323,7 +412,11 @@ class SparseAutoencoder:
         Gemma Scope) as JumpReLU; training a JumpReLU SAE needs positive
         thresholds (they are learned as ``log(threshold)``). ``directory`` may
         also be Gemma Scope's published layout: a ``params.npz`` file or a
-        directory holding one (see :func:`fastsae.io.read_gemma_scope`).
+        directory holding one (see :func:`fastsae.io.read_gemma_scope`), or
+        an EleutherAI sparsify TopK SAE's directory (``cfg.json`` and
+        ``sae.safetensors``, see :func:`fastsae.io.read_sparsify`). A SAELens
+        ``gated`` SAE loads and runs (not trains); SAELens's BatchTopK and
+        Matryoshka training saves load as trainable SAEs.
 
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
@@ -333,6 +426,8 @@ class SparseAutoencoder:
         """
         if is_gemma_scope(directory):
             params, cfg, extras = read_gemma_scope(directory)
+        elif is_sparsify(directory):
+            params, cfg, extras = read_sparsify(directory)
         else:
             params, cfg, extras = read_sae_dir(directory)
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
@@ -349,15 +444,29 @@ class SparseAutoencoder:
         sae.architecture = cfg.get("architecture", "standard")
         sae.k = extras.get("k")
         sae.threshold = extras.get("threshold")
-        sae.activation = {"standard": "relu", "topk": "topk",
-                          "jumprelu": "jumprelu"}.get(sae.architecture)
+        sae.widths = extras.get("widths")
+        sae.gate = extras.get("gate")
+        sae.activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
+                          "matryoshka_batchtopk": "matryoshka_batchtopk"}.get(sae.architecture)
+        if sae.architecture == "matryoshka_batchtopk":
+            sae.architecture = "jumprelu"  # SAELens's training save; it runs as jumprelu
         details = meta.get("training_architecture_details")
-        if (sae.architecture == "jumprelu" and meta.get("training_architecture") == "batchtopk"
-                and isinstance(details, dict) and isinstance(details.get("k"), int)
-                and not isinstance(details.get("k"), bool) and 1 <= details["k"] <= sae.d_sae):
-            # a BatchTopK SAE saved for inference: trainable further
-            sae.activation, sae.k = "batchtopk", details["k"]
-        if sae.activation in ("topk", "batchtopk", "jumprelu"):
+        trained_as = meta.get("training_architecture")
+        if (sae.architecture == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk")
+                and sae.activation == "jumprelu" and isinstance(details, dict)):
+            # a BatchTopK or Matryoshka SAE saved for inference: trainable further
+            k = details.get("k")
+            widths = details.get("matryoshka_widths")
+            if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= sae.d_sae:
+                if trained_as == "batchtopk":
+                    sae.activation, sae.k = "batchtopk", k
+                else:
+                    try:
+                        sae.widths = V.widths_arg(widths, sae.d_sae).tolist()
+                        sae.activation, sae.k = "matryoshka_batchtopk", k
+                    except (TypeError, ValueError):
+                        pass  # not trainable as Matryoshka: runs (and trains) as JumpReLU
+        if sae.activation in ("topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"):
             sae.decoder_norm = "unit_norm"
         sae.metadata = {k: v for k, v in meta.items()
                         if k not in ("fastsae_version", "fastsae_decoder_norm",

@@ -126,6 +126,17 @@ class SparseCodes:
         h = self._host_checked()
         return sp.csr_array((h.values, h.indices, h.indptr), shape=h.shape)
 
+    def prefix(self, width: int) -> "SparseCodes":
+        """The codes of features ``[0, width)`` only (a Matryoshka prefix),
+        same shape, canonical, on the host."""
+        h = self._host_checked()
+        keep = h.indices < int(width)
+        rows = np.repeat(np.arange(h.shape[0]), np.diff(h.indptr))
+        counts = np.bincount(rows[keep], minlength=h.shape[0])
+        indptr = np.zeros(h.shape[0] + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return SparseCodes(indptr, h.indices[keep], h.values[keep], h.shape)
+
     # ------------------------------------------------------------ properties
     @property
     def nnz(self) -> int:

@@ -239,7 +239,7 @@ def test_quality_jumprelu_recovers_more_at_lower_l0(record_property):
     reaches at least the ReLU run's true-feature recovery at a lower L0, same
     steps and batch."""
     ds = synthetic(n_rows=131072, d_in=64, n_features=256, l0=5.0, seed=0)
-    steps = 1000 if BE != "numpy" else 400
+    steps = 1000  # at 400 steps JumpReLU has not yet recovered the features (measured)
     res = {}
     for act in ("relu", "jumprelu"):
         m = SparseAutoencoder(64, 512, activation=act, backend=BE, seed=0,

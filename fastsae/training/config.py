@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from ..backends import validate as V
-from ..model import ACTIVATIONS
+from ..model import ACTIVATIONS, TOPK_ACTIVATIONS
 
 __all__ = ["TrainConfig", "LR_WARMUP_CAP", "L1_WARMUP_CAP"]
 
@@ -63,7 +63,8 @@ class TrainConfig:
     inputs the SAE reconstructs worst (2023 paper), using
     ``resample_samples`` random rows.
 
-    TopK/BatchTopK (models built with ``activation="topk"``/``"batchtopk"``;
+    TopK/BatchTopK (models built with ``activation="topk"``/``"batchtopk"``
+    or ``"matryoshka_batchtopk"``, whose prefix widths are the model's;
     ``activation`` and ``k`` here default to the model's and, when given, must
     match it): no L1 term (the L1 fields are ignored), unit-norm decoder rows.
     ``auxk`` adds the AuxK loss (OpenAI 2024): the main reconstruction's error
@@ -225,7 +226,7 @@ class TrainConfig:
 
     def auxk_enabled(self, activation: str) -> bool:
         """Whether a model with this activation trains with the AuxK loss."""
-        return activation in ("topk", "batchtopk") and self.auxk and self.aux_coefficient > 0
+        return activation in TOPK_ACTIVATIONS and self.auxk and self.aux_coefficient > 0
 
     def resample_due(self, step: int) -> bool:
         """Whether dead features are resampled after ``step`` steps (1-based):

@@ -52,7 +52,7 @@ from ..autoencoder import Autoencoder
 from ..backends import get_backend
 from ..data import BatchStream, norm_scaling_factor, open_source, recovery, sample_rows
 from ..io import SAEFormatError, atomic_write_json
-from ..model import ACTIVATIONS, SparseAutoencoder
+from ..model import ACTIVATIONS, TOPK_ACTIVATIONS, SparseAutoencoder
 from .checkpoint import CHECKPOINT_FILENAME, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .controller import L0Controller
@@ -145,7 +145,7 @@ class Trainer:
                                  f"activation is {model.activation!r}")
             if c.k is not None and c.k != model.k:
                 raise ValueError(f"TrainConfig.k={c.k} but the model's k is {model.k}")
-            if c.target_l0 is not None and model.activation in ("topk", "batchtopk"):
+            if c.target_l0 is not None and model.activation in TOPK_ACTIVATIONS:
                 raise ValueError(f"target_l0 applies to relu SAEs; a {model.activation} "
                                  "SAE's L0 is set by k")
             if c.target_l0 is not None and model.activation == "jumprelu":

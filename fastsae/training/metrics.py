@@ -8,7 +8,8 @@ window: no counts, a NaN dead fraction, no density.
 
 :class:`MetricsLog` is ``out_dir/metrics.jsonl``: one JSON object per logged
 step, ``{"step", "tokens", "mse", "l1", "total", "l0",
-"explained_variance"[, "aux"], "dead_fraction", "lr", "l1_coefficient"
+"explained_variance"[, "aux"][, "explained_variance_<width>" per Matryoshka
+prefix], "dead_fraction", "lr", "l1_coefficient"
 [, "mean_max_cosine", "recovered"], "elapsed_s", "tokens_per_s"}``, plus
 event records such as ``{"step", "event": "resample", "resampled"}``.
 NaN and infinite values are written as ``null``.
@@ -29,7 +30,8 @@ __all__ = ["FiringWindow", "MetricsLog", "MetricsAccumulator", "feature_density"
 
 METRICS_FILENAME = "metrics.jsonl"
 #: Keys of a training state's step result that are averaged into the log
-#: (``"aux"`` only when the state lists it in ``metric_keys``).
+#: (``"aux"`` only when the state lists it in ``metric_keys``), beside a
+#: Matryoshka state's ``explained_variance_<width>`` keys.
 STEP_KEYS = ("mse", "l1", "total", "l0", "explained_variance", "aux")
 
 
@@ -140,7 +142,7 @@ class MetricsAccumulator:
     def add(self, result: dict) -> None:
         s = self.sums
         s["n"] = s.get("n", 0) + 1
-        for k in STEP_KEYS:
+        for k in (*STEP_KEYS, *(k for k in result if k.startswith("explained_variance_"))):
             s[k] = s.get(k, 0.0) + float(result.get(k, 0.0))
 
     def means(self, keys) -> dict | None:

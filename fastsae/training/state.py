@@ -32,8 +32,9 @@ import numpy as np
 from ..autoencoder import Autoencoder
 from ..backends import reference
 from ..io import SAEFormatError, fold_decoder_norms
-from ..model import SparseAutoencoder
+from ..model import TOPK_ACTIVATIONS, SparseAutoencoder
 from ..params import AdamState, SAEParams
+from ..sparse import SparseCodes
 from .config import TrainConfig
 
 __all__ = ["TrainingState", "SAEState", "TopKState", "JumpReLUState", "AutoencoderState",
@@ -103,8 +104,8 @@ class TrainingState(Protocol):
 def make_state(model, config: TrainConfig, backend) -> TrainingState:
     """The training state for ``model`` (a SparseAutoencoder or an Autoencoder)."""
     if isinstance(model, SparseAutoencoder):
-        cls = {"topk": TopKState, "batchtopk": TopKState,
-               "jumprelu": JumpReLUState}.get(model.activation, SAEState)
+        cls = {"topk": TopKState, "batchtopk": TopKState, "jumprelu": JumpReLUState,
+               "matryoshka_batchtopk": MatryoshkaState}.get(model.activation, SAEState)
         return cls(model, config, backend)
     return AutoencoderState(model, config, backend)
 
@@ -115,7 +116,8 @@ def model_from_info(info: dict, backend=None):
         act = info.get("activation", "relu")
         return SparseAutoencoder(info["d_in"], info["d_sae"], decoder_norm=info["decoder_norm"],
                                  backend=backend, seed=info["seed"], activation=act,
-                                 k=info.get("k") if act in ("topk", "batchtopk") else None)
+                                 k=info.get("k") if act in TOPK_ACTIVATIONS else None,
+                                 widths=info.get("widths"))
     return Autoencoder(info["layer_sizes"], info["output_relu"], backend=backend,
                        seed=info["seed"])
 
@@ -259,7 +261,7 @@ class SAEState:
         m = self.model
         return {"type": "SparseAutoencoder", "d_in": m.d_in, "d_sae": m.d_sae,
                 "decoder_norm": m.decoder_norm, "seed": m.seed,
-                "activation": m.activation, "k": m.k}
+                "activation": m.activation, "k": m.k, "widths": m.widths}
 
 
 # ================================================================ SAE (TopK)
@@ -283,11 +285,13 @@ class TopKState(SAEState):
             self.metric_keys = SAEState.metric_keys + ("aux",)
         self.since = np.zeros(model.d_sae, np.int64)
         self.threshold = 0.0
+        #: BatchTopK selection (over the batch) and its running threshold
+        self.batch_selection = self.activation in ("batchtopk", "matryoshka_batchtopk")
 
     def init_fresh(self, scale, sample):
         super().init_fresh(scale, sample)
         m = self.model
-        if self.activation == "batchtopk" and m.threshold is not None and not m.fresh:
+        if self.batch_selection and m.threshold is not None and not m.fresh:
             self.threshold = float(np.mean(m.threshold, dtype=np.float64))
 
     def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
@@ -297,11 +301,9 @@ class TopKState(SAEState):
             dead_mask = be.to_backend(self.since >= self.dead_tokens)
             # this step's firing counts alone, to know which latents fired
             buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
-        r = be.train_step_topk(self.params, self.state, x, k=self.k, activation=self.activation,
-                               lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                               fire_counts=buf, dead_mask=dead_mask,
-                               k_aux=self.k_aux if self.auxk else 0,
-                               aux_coefficient=cfg.aux_coefficient if self.auxk else 0.0)
+        r = self._train_step(x, lr, fire_counts=buf, dead_mask=dead_mask,
+                             k_aux=self.k_aux if self.auxk else 0,
+                             aux_coefficient=cfg.aux_coefficient if self.auxk else 0.0)
         if self.auxk:
             c = np.asarray(be.to_numpy(buf), dtype=np.int64)
             fired = c > 0
@@ -309,13 +311,23 @@ class TopKState(SAEState):
             self.since[~fired] += x.shape[0]
             if fire_counts is not None:
                 _add_counts(be, fire_counts, c)
-        if self.activation == "batchtopk":
+        if self.batch_selection:
             m = float(r.extra.get("min_active", 0.0))
             if m > 0:
                 lr_t = cfg.topk_threshold_lr
                 self.threshold = (1.0 - lr_t) * self.threshold + lr_t * m
         return {"mse": r.mse, "l1": 0.0, "total": r.total, "l0": r.l0,
-                "explained_variance": r.explained_variance, "aux": r.aux}
+                "explained_variance": r.explained_variance, "aux": r.aux, **self._extra(r)}
+
+    def _train_step(self, x, lr, **auxk):
+        c = self.config
+        return self.backend.train_step_topk(self.params, self.state, x, k=self.k,
+                                            activation=self.activation, lr=lr, beta1=c.beta1,
+                                            beta2=c.beta2, eps=c.eps, **auxk)
+
+    def _extra(self, r) -> dict:
+        """Metrics of a step beyond the TopK ones (none here)."""
+        return {}
 
     def encode(self, xd):
         """TopK codes, or for BatchTopK JumpReLU codes with the running threshold."""
@@ -341,7 +353,7 @@ class TopKState(SAEState):
 
     def export(self, scale) -> None:
         super().export(scale)
-        if self.activation == "batchtopk":
+        if self.batch_selection:
             # the fold keeps pre-activations unchanged, so the threshold carries over
             m = self.model
             m.threshold = np.full(m.d_sae, self.threshold, np.float32)
@@ -349,6 +361,42 @@ class TopKState(SAEState):
             m.metadata["training_architecture_details"] = {
                 **(d if isinstance(d, dict) else {}),
                 "topk_threshold_lr": self.config.topk_threshold_lr}
+
+
+# ================================================================ SAE (Matryoshka)
+class MatryoshkaState(TopKState):
+    """A Matryoshka BatchTopK SAE, trained with ``train_step_matryoshka``
+    over the model's prefix ``widths`` (BatchTopK selection, running
+    threshold, AuxK and export as :class:`TopKState`). Logs and evaluates
+    each prefix's explained variance as ``explained_variance_<width>``."""
+
+    def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
+        super().__init__(model, config, backend)
+        self.widths = list(model.widths)
+        self._prefix_keys = tuple(f"explained_variance_{w}" for w in self.widths[:-1])
+        self.metric_keys = self.metric_keys + self._prefix_keys
+
+    def _train_step(self, x, lr, **auxk):
+        c = self.config
+        return self.backend.train_step_matryoshka(self.params, self.state, x, k=self.k,
+                                                  widths=self.widths, lr=lr, beta1=c.beta1,
+                                                  beta2=c.beta2, eps=c.eps, **auxk)
+
+    def _extra(self, r) -> dict:
+        return dict(zip(self._prefix_keys, r.extra["prefix_explained_variance"]))
+
+    def evaluate(self, x) -> dict:
+        out = super().evaluate(x)
+        be, p = self.backend, self.params
+        codes = self.encode(be.to_backend(x)).to_host()
+        for w, key in zip(self.widths[:-1], self._prefix_keys):
+            c = codes.prefix(w)
+            dev = SparseCodes(*(be.to_backend(a) for a in (c.indptr, c.indices, c.values)),
+                              c.shape)
+            x_hat = np.asarray(be.to_numpy(be.decode(dev, p.W_dec, p.b_dec)), np.float64)
+            out[key] = reference.explained_variance(x, float(np.sum((x_hat - x) ** 2)
+                                                            / x.shape[0]))
+        return out
 
 
 # ================================================================ SAE (JumpReLU)
