@@ -335,6 +335,19 @@ def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
 aux_scale = auxk_weight
 
 
+def _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight):
+    """AuxK's ``(loss, W_dec gradient, d_pre)``: ``e_hat = aux_codes @ W_dec``
+    fits the held-constant residual ``x - x_hat``; zeros when AuxK is off."""
+    n = x.shape[0]
+    if aux_codes is None or aux_weight <= 0:
+        return 0.0, 0.0, 0.0
+    fa = _dense(aux_codes)
+    err = fa @ W_dec - (x - x_hat)
+    d_ehat = aux_weight * 2.0 * err / n
+    return (float(aux_weight * np.sum(err ** 2) / n), fa.T @ d_ehat,
+            np.where(fa > 0, d_ehat @ W_dec.T, 0))
+
+
 def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
     """Losses and gradients for TopK/BatchTopK training (unit-norm decoder).
 
@@ -353,14 +366,9 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     g_b_dec = d_xhat.sum(axis=0)
     d_pre = np.where(f > 0, d_xhat @ W_dec.T, 0)
     mse = float(np.sum((x_hat - x) ** 2) / n)
-    aux = 0.0
-    if aux_codes is not None and aux_weight > 0:
-        fa = _dense(aux_codes)
-        err = fa @ W_dec - (x - x_hat)
-        aux = float(aux_weight * np.sum(err ** 2) / n)
-        d_ehat = aux_weight * 2.0 * err / n
-        g_W_dec = g_W_dec + fa.T @ d_ehat
-        d_pre = d_pre + np.where(fa > 0, d_ehat @ W_dec.T, 0)
+    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight)
+    g_W_dec = g_W_dec + g_aux_W_dec
+    d_pre = d_pre + d_aux_pre
     g_W_enc = (x - params.b_dec).T @ d_pre
     g_b_enc = d_pre.sum(axis=0)
     g_b_dec = g_b_dec - g_b_enc @ W_enc.T
@@ -554,14 +562,9 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
         d_pre += np.where(fl > 0, d_xhat @ W_dec.T, 0)
         g_b_dec += d_xhat.sum(axis=0)
     x_hat = f @ W_dec + params.b_dec
-    aux = 0.0
-    if aux_codes is not None and aux_weight > 0:
-        fa = _dense(aux_codes)
-        err = fa @ W_dec - (x - x_hat)
-        aux = float(aux_weight * np.sum(err ** 2) / n)
-        d_ehat = aux_weight * 2.0 * err / n
-        g_W_dec = g_W_dec + fa.T @ d_ehat
-        d_pre = d_pre + np.where(fa > 0, d_ehat @ W_dec.T, 0)
+    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight)
+    g_W_dec = g_W_dec + g_aux_W_dec
+    d_pre = d_pre + d_aux_pre
     g_W_enc = (x - params.b_dec).T @ d_pre
     g_b_enc = d_pre.sum(axis=0)
     g_b_dec = g_b_dec - g_b_enc @ W_enc.T

@@ -54,7 +54,7 @@ from .encode import centered
 __all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "column_sums_rows",
            "decoder_row_grad_tail", "decoder_row_adam", "b_dec_grad", "feature_grads",
            "feature_adam", "residual_grad", "relu_gradients", "aux_residual", "prefix_row_pass",
-           "topk_row_pass", "prefix_feature_grad", "project_row", "prefix_feature_adam",
+           "topk_row_pass", "stacked_csc", "prefix_feature_grad", "project_row", "prefix_feature_adam",
            "topk_feature_adam"]
 
 
@@ -559,6 +559,25 @@ def topk_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_dec,
         indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
         np.zeros(W_dec.shape[0], np.int32), D)
     return D[0], d_ehat, d_pre, a_d_pre, sq[0], a_sq, sum_dx, sum_x, sum_xx
+
+
+@njit(cache=True)
+def stacked_csc(indptr, indices, values, d_pre, a_indptr, a_indices, a_values, a_d_pre, d_sae):
+    """The weight pass's transposed pattern: the main codes' rows ``0..N-1``
+    and, when ``a_indptr`` is non-empty, the AuxK codes' as rows
+    ``N..2N-1``: ``(colptr, rows, perm, values, d_pre)`` with the values and
+    ``d_pre`` of the stacked CSR (see :func:`csr_to_csc`)."""
+    ip, ix, vv, dp = indptr, indices, values, d_pre
+    if a_indptr.shape[0] > 0:
+        n = indptr.shape[0] - 1
+        ip = np.empty(2 * n + 1, np.int64)
+        ip[:n + 1] = indptr
+        ip[n + 1:] = indptr[n] + a_indptr[1:]
+        ix = np.concatenate((indices, a_indices))
+        vv = np.concatenate((values, a_values))
+        dp = np.concatenate((d_pre, a_d_pre))
+    colptr, rows, perm = csr_to_csc(ip, ix, d_sae)
+    return colptr, rows, perm, vv, dp
 
 
 @njit(inline="always")

@@ -65,21 +65,12 @@ def gradients_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
     weight / N``): ``(float64 [L] per-prefix sums of squared errors, sum of
     squared aux errors, g_W_enc, g_b_enc, g_W_dec, g_b_dec)``; ``D`` float32
     ``[L, N, d_in]`` the row pass's workspace (overwritten)."""
-    n = x.shape[0]
     d_sae, d_in = W_dec.shape
     D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, _, _ = B.prefix_row_pass(
         indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
         levels, D)
-    ip, ix, vv, dp = indptr, indices, values, d_pre
-    if a_indptr.shape[0] > 0:
-        nm = indptr[n]
-        ip = np.empty(2 * n + 1, np.int64)
-        ip[:n + 1] = indptr
-        ip[n + 1:] = nm + a_indptr[1:]
-        ix = np.concatenate((indices, a_indices))
-        vv = np.concatenate((values, a_values))
-        dp = np.concatenate((d_pre, a_d_pre))
-    colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
+    colptr, rows, perm, vv, dp = B.stacked_csc(indptr, indices, values, d_pre, a_indptr,
+                                               a_indices, a_values, a_d_pre, d_sae)
     g_W_enc = np.empty((d_in, d_sae), np.float32)
     g_W_dec = np.empty((d_sae, d_in), np.float32)
     g_b_enc = prefix_feature_grads(colptr, rows, perm, vv, dp, D, levels, d_ehat, xc, W_dec,

@@ -117,16 +117,8 @@ def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_valu
     D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.prefix_row_pass(
         indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
         levels, D)
-    ip, ix, vv, dp = indptr, indices, values, d_pre
-    if a_indptr.shape[0] > 0:
-        nm = indptr[n]
-        ip = np.empty(2 * n + 1, np.int64)
-        ip[:n + 1] = indptr
-        ip[n + 1:] = nm + a_indptr[1:]
-        ix = np.concatenate((indices, a_indices))
-        vv = np.concatenate((values, a_values))
-        dp = np.concatenate((d_pre, a_d_pre))
-    colptr, rows, perm = B.csr_to_csc(ip, ix, d_sae)
+    colptr, rows, perm, vv, dp = B.stacked_csc(indptr, indices, values, d_pre, a_indptr,
+                                               a_indices, a_values, a_d_pre, d_sae)
     _, part, bad = B.prefix_feature_adam(colptr, rows, perm, vv, dp, D, levels, d_ehat, xc,
                                          W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
                                          adam_c, tile)
