@@ -133,7 +133,8 @@ def test_apply_b_dec_false_is_folded_exactly(tmp_path):
     ({"d_sae": None}, "missing the required field 'd_sae'"),
     ({"d_sae": 65}, "W_enc has shape"),
     ({"d_in": "16"}, "positive integer"),
-    ({"architecture": "gated"}, "architecture 'gated' is not supported"),
+    ({"architecture": "jumprelu_skip_transcoder"},
+     "architecture 'jumprelu_skip_transcoder' is not supported"),
     ({"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm'"),
     ({"dtype": "int8"}, "unsupported dtype"),
 ])
