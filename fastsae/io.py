@@ -342,7 +342,7 @@ def _read_cfg(directory: Path) -> dict:
         raise SAEFormatError(f"{directory} has no {CFG_FILENAME}: not an SAE directory")
     try:
         cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # too deep: refused
         raise SAEFormatError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{path} must hold a JSON object")
