@@ -335,6 +335,14 @@ def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
 aux_scale = auxk_weight
 
 
+def _auxk_selection(x, params: SAEParams, dead_mask, k_aux, aux_coefficient):
+    """A training step's AuxK ``(codes, weight)``; ``(None, 0.0)`` when off."""
+    if not auxk_active(dead_mask, k_aux, aux_coefficient):
+        return None, 0.0
+    return (encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask, k_aux),
+            aux_scale(dead_mask, k_aux, aux_coefficient))
+
+
 def _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight):
     """AuxK's ``(loss, W_dec gradient, d_pre)``: ``e_hat = aux_codes @ W_dec``
     fits the held-constant residual ``x - x_hat``; zeros when AuxK is off."""
@@ -391,11 +399,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     encode = encode_topk if activation == "topk" else encode_batchtopk
     codes = encode(x, params.W_enc, params.b_enc, params.b_dec, k)
     x_hat = decode(codes, params.W_dec, params.b_dec)
-    aux_codes, weight = None, 0.0
-    if auxk_active(dead_mask, k_aux, aux_coefficient):
-        aux_codes = encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
-                                    k_aux)
-        weight = aux_scale(dead_mask, k_aux, aux_coefficient)
+    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient)
     loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
@@ -583,11 +587,7 @@ def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, 
     place; AuxK as in :func:`train_step_topk`. ``StepResult.extra`` holds
     ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
     codes = encode_batchtopk(x, params.W_enc, params.b_enc, params.b_dec, k)
-    aux_codes, weight = None, 0.0
-    if auxk_active(dead_mask, k_aux, aux_coefficient):
-        aux_codes = encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
-                                    k_aux)
-        weight = aux_scale(dead_mask, k_aux, aux_coefficient)
+    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient)
     loss, grads = matryoshka_gradients(x, params, codes, widths, aux_codes, weight)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
