@@ -208,11 +208,24 @@ class Backend:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
         AuxK, in place; see :func:`fastsae.reference.train_step_topk`. All
         or nothing, finite or loud, as :meth:`train_step`."""
+        if activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
+        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient = self._selection_step_args(
+            params, state, x, k, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
+            aux_coefficient)
+        return self._m.train_step_topk(
+            params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
+            aux_coefficient=aux_coefficient)
+
+    def _selection_step_args(self, params, state, x, k, lr, beta1, beta2, eps, fire_counts,
+                             dead_mask, k_aux, aux_coefficient):
+        """The TopK-family steps' common checks (nothing is written before
+        they pass): ``(params, x, k, lr, beta1, beta2, eps, k_aux,
+        aux_coefficient)`` validated."""
         params = V.params_inplace(params, self._device)
         V.adam_state_arg(state, params, self._device)
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
-        if activation not in ("topk", "batchtopk"):
-            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
         k = V.as_int(k, "k")
@@ -221,10 +234,7 @@ class Backend:
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         V.dead_mask_arg(dead_mask, params.d_sae)
         self._step_writes(params, state, x, fire_counts, dead_mask)
-        return self._m.train_step_topk(
-            params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
-            aux_coefficient=aux_coefficient)
+        return params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient
 
     # ------------------------------------------------------------ JumpReLU family
     def jumprelu_gradients(self, x, params: SAEParams, log_threshold, bandwidth,
@@ -291,18 +301,10 @@ class Backend:
         """One Matryoshka BatchTopK step with optional AuxK, in place; see
         :func:`fastsae.reference.train_step_matryoshka`. All or nothing,
         finite or loud, as :meth:`train_step`."""
-        params = V.params_inplace(params, self._device)
-        V.adam_state_arg(state, params, self._device)
-        V.fire_counts_arg(fire_counts, params.d_sae, self._device)
-        x = V.as_float_array(x, "x", 2, self._device)
-        V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
-        k = V.as_int(k, "k")
+        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient = self._selection_step_args(
+            params, state, x, k, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
+            aux_coefficient)
         widths = V.widths_arg(widths, params.d_sae)
-        k_aux = V.as_int(k_aux, "k_aux", low=0)
-        aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
-        lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
-        V.dead_mask_arg(dead_mask, params.d_sae)
-        self._step_writes(params, state, x, fire_counts, dead_mask)
         return self._m.train_step_matryoshka(
             params, state, x, k=k, widths=widths, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
