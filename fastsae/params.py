@@ -2,8 +2,11 @@
 
 Layouts follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
 ``W_dec [d_sae, d_in]`` (each feature's decoder vector is a contiguous row),
-``b_dec [d_in]``; float32, C-contiguous. On the CUDA backend the same
-containers hold device arrays.
+``b_dec [d_in]``; float32, C-contiguous. A transcoder (input ``x [N,
+d_in]``, target ``y [N, d_out]``) has ``W_dec [d_sae, d_out]``, ``b_dec
+[d_out]`` and, for a skip transcoder, ``W_skip [d_out, d_in]`` (SAELens's
+``nn.Linear`` layout, applied as ``x @ W_skip.T``). On the CUDA backend the
+same containers hold device arrays.
 """
 
 from __future__ import annotations
@@ -24,14 +27,24 @@ DECODER_NORM_MODES = ("weighted_l1", "unit_norm")
 
 @dataclass
 class SAEParams:
-    """The four SAE parameter arrays (also used for their gradients)."""
+    """The SAE parameter arrays (also used for their gradients and Adam
+    moments): the four of every SAE, and ``W_skip`` (``None`` unless a skip
+    transcoder)."""
 
     W_enc: object
     b_enc: object
     W_dec: object
     b_dec: object
+    W_skip: object = None
 
+    #: The four arrays every SAE and transcoder has.
     NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    @property
+    def names(self) -> tuple:
+        """The names of the arrays these parameters hold (``NAMES``, plus
+        ``"W_skip"`` when there is one)."""
+        return self.NAMES + (("W_skip",) if self.W_skip is not None else ())
 
     @property
     def d_in(self) -> int:
@@ -41,18 +54,27 @@ class SAEParams:
     def d_sae(self) -> int:
         return int(self.W_enc.shape[1])
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction (``d_in`` for an SAE)."""
+        return int(self.W_dec.shape[1])
+
     def arrays(self):
-        return [getattr(self, n) for n in self.NAMES]
+        return [getattr(self, n) for n in self.names]
 
     def as_dict(self) -> dict:
-        return {n: getattr(self, n) for n in self.NAMES}
+        return {n: getattr(self, n) for n in self.names}
+
+    def _like(self, fn) -> "SAEParams":
+        return SAEParams(*(fn(getattr(self, n)) for n in self.NAMES),
+                         W_skip=None if self.W_skip is None else fn(self.W_skip))
 
     def copy(self) -> "SAEParams":
-        return SAEParams(*(a.copy() for a in self.arrays()))
+        return self._like(lambda a: a.copy())
 
     @classmethod
     def zeros_like(cls, other: "SAEParams") -> "SAEParams":
-        return cls(*(np.zeros(a.shape, dtype=np.float32) for a in other.arrays()))
+        return other._like(lambda a: np.zeros(a.shape, dtype=np.float32))
 
 
 @dataclass

@@ -143,14 +143,14 @@ def test_bad_scalars_and_modes(backend, prob):
         backend.l1_subgradient(f, norms, "0.1")
     with pytest.raises(ValueError, match="decoder_norm must be one of"):
         backend.gradients(x, p, f, xh, 0.1, "l2")
-    with pytest.raises(ValueError, match="x_hat must have the shape"):
+    with pytest.raises(ValueError, match=r"x_hat must have shape \(N, d_out\)"):
         backend.gradients(x, p, f, xh[:, :3], 0.1)
     with pytest.raises(ValueError, match="codes have 4 rows"):
         backend.gradients(x, p, f[:4], xh, 0.1)
     with pytest.raises(TypeError, match="SAEParams"):
         backend.gradients(x, p.as_dict(), f, xh, 0.1)
     bad = SAEParams(p.W_enc, p.b_enc, p.W_dec.T.copy(), p.b_dec)
-    with pytest.raises(ValueError, match=r"W_dec must have shape \(d_sae, d_in\)"):
+    with pytest.raises(ValueError, match=r"W_dec must have shape \(d_sae, d_out\)"):
         backend.gradients(x, bad, f, xh, 0.1)
 
 

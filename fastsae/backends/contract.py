@@ -15,6 +15,14 @@ Conventions of every entry below:
   ``int32`` ``indices``, ``bool`` ``dead_mask``), in SAELens layouts:
   ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
   ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``;
+* transcoders: every gradient and training function takes ``y`` last
+  (``None``: an SAE, whose target is ``x``). Given ``y [N, d_out]``, the
+  encoder reads ``x`` uncentered, the parameters have ``W_dec [d_sae,
+  d_out]``, ``b_dec [d_out]`` and, for a skip transcoder, ``params.W_skip
+  [d_out, d_in]`` (added as ``x @ W_skip.T``, trained by Adam with the
+  rest); losses, AuxK and explained variance are taken against ``y``. The
+  encoders' ``b_dec`` argument is the input centering: an SAE passes its
+  ``b_dec``, a transcoder zeros (``reference.input_centering``);
 * ``codes`` are dense ``[N, d_sae]`` or canonical :class:`~fastsae.SparseCodes`
   (CSR, sorted unique column indices per row);
 * ``params`` is :class:`~fastsae.SAEParams`, ``state`` :class:`~fastsae.AdamState`;
@@ -76,7 +84,8 @@ _CODES = ("codes", "dense float32 [N, d_sae] or SparseCodes (canonical CSR)")
 _PARAMS = ("params", "SAEParams")
 _PARAMS_IO = ("params", "SAEParams, updated in place")
 _STATE = ("state", "AdamState (moments of params' shapes, step), updated in place")
-_X_HAT = ("x_hat", "float32 [N, d_in], the decode of codes")
+_X_HAT = ("x_hat", "float32 [N, d_out], the reconstruction of codes (with the skip term)")
+_Y = ("y", "float32 [N, d_out] or None: a transcoder's target (None: an SAE)")
 _ADAM = (("lr", "float > 0"), ("beta1", "float in [0, 1)"), ("beta2", "float in [0, 1)"),
          ("eps", "float > 0"))
 _FIRE = ("fire_counts", "int64 [d_sae] or None; += rows each feature fired in")
@@ -122,11 +131,11 @@ FUNCTIONS = (
     # ------------------------------------------------------------ backward / training
     Function("gradients", "backward",
              (_X, _PARAMS, _CODES, _X_HAT, ("l1_coefficient", "float >= 0"),
-              ("decoder_norm", "'weighted_l1' or 'unit_norm'")),
+              ("decoder_norm", "'weighted_l1' or 'unit_norm'"), _Y),
              "(Losses, SAEParams of gradients)"),
     Function("train_step", "training",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("l1_coefficient", "float >= 0"), _ADAM[0],
-              ("decoder_norm", "'weighted_l1' or 'unit_norm'"), *_ADAM[1:], _FIRE),
+              ("decoder_norm", "'weighted_l1' or 'unit_norm'"), *_ADAM[1:], _FIRE, _Y),
              "StepResult (losses, L0, explained variance of the batch, before the update)",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ TopK family
@@ -139,23 +148,23 @@ FUNCTIONS = (
     Function("topk_gradients", "topk",
              (_X, _PARAMS, _CODES, _X_HAT,
               ("aux_codes", "SparseCodes [N, d_sae] of the AuxK selection, or None"),
-              ("aux_weight", "float >= 0")),
+              ("aux_weight", "float >= 0"), _Y),
              "(Losses with aux, SAEParams of gradients; W_dec's projected)"),
     Function("train_step_topk", "topk",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"),
-              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK),
+              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK, _Y),
              "StepResult with aux and extra['min_active']",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ JumpReLU family
     Function("jumprelu_gradients", "jumprelu",
-             (_X, _PARAMS, _LOG_THETA, _BANDWIDTH, _L0C),
+             (_X, _PARAMS, _LOG_THETA, _BANDWIDTH, _L0C, _Y),
              "(Losses with l0_loss, SAEParams of gradients (W_dec's projected), "
              "float32 [d_sae] gradient of log_threshold)"),
     Function("train_step_jumprelu", "jumprelu",
              (_PARAMS_IO, _STATE, _X, ("*", ""), _LOG_THETA,
               ("threshold_m", "float32 [d_sae], Adam's first moment of log_threshold"),
               ("threshold_v", "float32 [d_sae], Adam's second moment of log_threshold"),
-              _BANDWIDTH, _L0C, *_ADAM, _FIRE),
+              _BANDWIDTH, _L0C, *_ADAM, _FIRE, _Y),
              "StepResult with extra['l0_loss'] (before the update)",
              inplace=("params", "state", "log_threshold", "threshold_m", "threshold_v",
                       "fire_counts")),
@@ -163,12 +172,12 @@ FUNCTIONS = (
     Function("matryoshka_gradients", "matryoshka",
              (_X, _PARAMS, _CODES, _WIDTHS,
               ("aux_codes", "SparseCodes [N, d_sae] of the AuxK selection, or None"),
-              ("aux_weight", "float >= 0")),
+              ("aux_weight", "float >= 0"), _Y),
              "(Losses with prefix_mse (one per width) and aux, SAEParams of gradients; "
              "W_dec's projected)"),
     Function("train_step_matryoshka", "matryoshka",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"), _WIDTHS, *_ADAM, _FIRE,
-              *_AUXK),
+              *_AUXK, _Y),
              "StepResult with aux, extra['min_active'] and extra['prefix_mse'] (a tuple, "
              "one per width; the last is mse)",
              inplace=("params", "state", "fire_counts")),

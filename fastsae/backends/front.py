@@ -61,8 +61,8 @@ class Backend:
         return self._m.encode_relu_sparse(*args)
 
     def decode(self, codes, W_dec, b_dec):
-        """``codes @ W_dec + b_dec`` -> float32 ``[N, d_in]``; codes dense
-        ``[N, d_sae]`` or :class:`SparseCodes`."""
+        """``codes @ W_dec + b_dec`` -> float32 ``[N, d_out]`` (``d_in`` for
+        an SAE); codes dense ``[N, d_sae]`` or :class:`SparseCodes`."""
         W_dec = V.as_float_array(W_dec, "W_dec", 2, self._device)
         b_dec = V.as_float_array(b_dec, "b_dec", 1, self._device)
         d_sae, d_in = W_dec.shape
@@ -86,58 +86,66 @@ class Backend:
         return self._m.l1_subgradient(codes, norms, c)
 
     # ------------------------------------------------------------ training
-    def _gradient_args(self, x, params, codes, x_hat):
-        """Validate the batch, parameters, codes and reconstruction that a
-        gradient computation takes, and check they agree with each other."""
+    def _gradient_args(self, x, params, codes, x_hat, y=None):
+        """Validate the batch, parameters, codes, reconstruction and target
+        (``y``, a transcoder's) that a gradient computation takes, and check
+        they agree with each other."""
         params = V.params_arg(params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        y = V.target_arg(x, y, params, self._device)
         if x_hat is not None:  # None: the step decodes inside (Matryoshka's prefixes)
             x_hat = V.as_float_array(x_hat, "x_hat", 2, self._device)
-            if tuple(x_hat.shape) != tuple(x.shape):
-                raise ValueError(f"x_hat must have the shape of x {tuple(x.shape)}, "
+            want = (x.shape[0], params.d_out)
+            if tuple(x_hat.shape) != want:
+                raise ValueError(f"x_hat must have shape (N, d_out) = {want}, "
                                  f"got {tuple(x_hat.shape)}")
         codes = V.codes_arg(codes, params.d_sae, self._device)
         if codes.shape[0] != x.shape[0]:
             raise ValueError(f"codes have {codes.shape[0]} rows but x has {x.shape[0]}")
-        return x, params, codes, x_hat
+        return x, params, codes, x_hat, y
 
     @staticmethod
-    def _step_writes(params, state, x, fire_counts, dead_mask=None, extra_written=None):
+    def _step_writes(params, state, x, fire_counts, dead_mask=None, extra_written=None,
+                     y=None):
         """Every array a step updates must be its own: refuse aliasing among
-        the parameters, the moments and ``fire_counts``, and with the batch
-        or mask they read (checked before anything is written)."""
-        written = {f"params.{k}": getattr(params, k) for k in SAEParams.NAMES}
+        the parameters, the moments and ``fire_counts``, and with the batch,
+        target or mask they read (checked before anything is written)."""
+        written = {f"params.{k}": getattr(params, k) for k in params.names}
         for part in ("m", "v"):
             moments = getattr(state, part)
-            written.update({f"state.{part}.{k}": getattr(moments, k) for k in SAEParams.NAMES})
+            written.update({f"state.{part}.{k}": getattr(moments, k) for k in params.names})
         if fire_counts is not None:
             written["fire_counts"] = fire_counts
         written.update(extra_written or {})
         read = {"x": x}
+        if y is not None:
+            read["y"] = y
         if dead_mask is not None:
             read["dead_mask"] = dead_mask
         V.no_aliasing(written, read)
 
     def gradients(self, x, params: SAEParams, codes, x_hat, l1_coefficient,
-                  decoder_norm="weighted_l1"):
+                  decoder_norm="weighted_l1", y=None):
         """Loss parts and parameter gradients for one batch.
 
         ``codes`` must be the encoding of ``x`` under ``params`` (dense or
-        sparse) and ``x_hat`` its decode. Returns ``(Losses, SAEParams)``;
-        see :mod:`fastsae.reference` for the loss normalization and the
-        ``decoder_norm`` modes.
+        sparse) and ``x_hat`` its reconstruction; ``y`` a transcoder's target
+        (``None``: an SAE). Returns ``(Losses, SAEParams)``; see
+        :mod:`fastsae.reference` for the loss normalization, the
+        ``decoder_norm`` modes and transcoders.
         """
-        x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
+        x, params, codes, x_hat, y = self._gradient_args(x, params, codes, x_hat, y)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         mode = V.check_decoder_norm(decoder_norm)
-        losses, grads = self._m.gradients(x, params, codes, x_hat, c, mode)
+        losses, grads = self._m.gradients(x, params, codes, x_hat, c, mode, y)
         return _loud_losses(losses), grads
 
     def train_step(self, params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                    decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-                   fire_counts=None) -> StepResult:
-        """Forward, backward and Adam update on batch ``x``, in place.
+                   fire_counts=None, y=None) -> StepResult:
+        """Forward, backward and Adam update on batch ``x``, in place
+        (``y``: a transcoder's target, see :mod:`fastsae.reference`).
 
         ``params`` and ``state`` (arrays of this backend, see
         :meth:`to_backend`) are updated in place. ``fire_counts`` (int64
@@ -155,14 +163,15 @@ class Backend:
         V.adam_state_arg(state, params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        y = V.target_arg(x, y, params, self._device)
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         mode = V.check_decoder_norm(decoder_norm)
-        self._step_writes(params, state, x, fire_counts)
+        self._step_writes(params, state, x, fire_counts, y=y)
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
                                   decoder_norm=mode, beta1=beta1, beta2=beta2, eps=eps,
-                                  fire_counts=fire_counts)
+                                  fire_counts=fire_counts, y=y)
 
     # ------------------------------------------------------------ TopK family
     def encode_topk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
@@ -185,12 +194,12 @@ class Backend:
         return self._m.encode_jumprelu(*args, threshold)
 
     def topk_gradients(self, x, params: SAEParams, codes, x_hat, aux_codes=None,
-                       aux_weight=0.0):
+                       aux_weight=0.0, y=None):
         """Losses and gradients of a TopK/BatchTopK step (see
-        :func:`fastsae.reference.topk_gradients`)."""
-        x, params, codes, x_hat = self._gradient_args(x, params, codes, x_hat)
+        :func:`fastsae.reference.topk_gradients`); ``y`` a transcoder's target."""
+        x, params, codes, x_hat, y = self._gradient_args(x, params, codes, x_hat, y)
         aux_codes, w = self._aux_args(x, params, aux_codes, aux_weight)
-        losses, grads = self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w)
+        losses, grads = self._m.topk_gradients(x, params, codes, x_hat, aux_codes, w, y)
         return _loud_losses(losses), grads
 
     def _aux_args(self, x, params, aux_codes, aux_weight):
@@ -204,60 +213,64 @@ class Backend:
     def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
                         activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
                         fire_counts=None, dead_mask=None, k_aux=0,
-                        aux_coefficient=0.0) -> StepResult:
+                        aux_coefficient=0.0, y=None) -> StepResult:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
         AuxK, in place; see :func:`fastsae.reference.train_step_topk`. All
-        or nothing, finite or loud, as :meth:`train_step`."""
+        or nothing, finite or loud, as :meth:`train_step`; ``y`` a
+        transcoder's target."""
         if activation not in ("topk", "batchtopk"):
             raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
-        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient = self._selection_step_args(
-            params, state, x, k, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-            aux_coefficient)
+        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y = \
+            self._selection_step_args(params, state, x, k, lr, beta1, beta2, eps, fire_counts,
+                                      dead_mask, k_aux, aux_coefficient, y)
         return self._m.train_step_topk(
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
-            aux_coefficient=aux_coefficient)
+            aux_coefficient=aux_coefficient, y=y)
 
     def _selection_step_args(self, params, state, x, k, lr, beta1, beta2, eps, fire_counts,
-                             dead_mask, k_aux, aux_coefficient):
+                             dead_mask, k_aux, aux_coefficient, y):
         """The TopK-family steps' common checks (nothing is written before
         they pass): ``(params, x, k, lr, beta1, beta2, eps, k_aux,
-        aux_coefficient)`` validated."""
+        aux_coefficient, y)`` validated."""
         params = V.params_inplace(params, self._device)
         V.adam_state_arg(state, params, self._device)
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        y = V.target_arg(x, y, params, self._device)
         k = V.as_int(k, "k")
         k_aux = V.as_int(k_aux, "k_aux", low=0)
         aux_coefficient = V.as_scalar(aux_coefficient, "aux_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         V.dead_mask_arg(dead_mask, params.d_sae)
-        self._step_writes(params, state, x, fire_counts, dead_mask)
-        return params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient
+        self._step_writes(params, state, x, fire_counts, dead_mask, y=y)
+        return params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y
 
     # ------------------------------------------------------------ JumpReLU family
     def jumprelu_gradients(self, x, params: SAEParams, log_threshold, bandwidth,
-                           l0_coefficient):
+                           l0_coefficient, y=None):
         """Losses and gradients of a JumpReLU step at thresholds
         ``exp(log_threshold)`` (see :func:`fastsae.reference.jumprelu_gradients`):
         ``(Losses, SAEParams, g_log_threshold)``; the codes are computed
         inside (the threshold's pseudo-gradient needs the pre-activations
-        just below each threshold, which codes do not hold)."""
+        just below each threshold, which codes do not hold); ``y`` a transcoder's target."""
         params = V.params_arg(params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        y = V.target_arg(x, y, params, self._device)
         log_threshold = V.as_float_array(log_threshold, "log_threshold", 1, self._device)
         V.check_dim("log_threshold", log_threshold.shape[0], params.d_sae, "length")
         bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
         l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
         losses, grads, g_lt = self._m.jumprelu_gradients(x, params, log_threshold, bandwidth,
-                                                         l0c)
+                                                         l0c, y)
         return _loud_losses(losses), grads, g_lt
 
     def train_step_jumprelu(self, params: SAEParams, state: AdamState, x, *, log_threshold,
                             threshold_m, threshold_v, bandwidth, l0_coefficient, lr,
-                            beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+                            beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
+                            y=None) -> StepResult:
         """One JumpReLU step in place: the four parameters, ``log_threshold``
         and its Adam moments ``threshold_m``/``threshold_v`` (float32
         ``[d_sae]``, updated in place at the same Adam step); see
@@ -271,44 +284,47 @@ class Backend:
             V.float_vector_inplace(a, name, params.d_sae, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
+        y = V.target_arg(x, y, params, self._device)
         bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
         l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         self._step_writes(params, state, x, fire_counts,
                           extra_written={"log_threshold": log_threshold,
                                          "threshold_m": threshold_m,
-                                         "threshold_v": threshold_v})
+                                         "threshold_v": threshold_v}, y=y)
         return self._m.train_step_jumprelu(
             params, state, x, log_threshold=log_threshold, threshold_m=threshold_m,
             threshold_v=threshold_v, bandwidth=bandwidth, l0_coefficient=l0c, lr=lr,
-            beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts)
+            beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts, y=y)
 
     # ------------------------------------------------------------ Matryoshka family
     def matryoshka_gradients(self, x, params: SAEParams, codes, widths, aux_codes=None,
-                             aux_weight=0.0):
+                             aux_weight=0.0, y=None):
         """Losses and gradients of a Matryoshka BatchTopK step over the
         prefixes ``widths`` (see :func:`fastsae.reference.matryoshka_gradients`).
-        ``codes`` are the batch's codes; no prefix needs its own decode."""
-        x, params, codes, _ = self._gradient_args(x, params, codes, None)
+        ``codes`` are the batch's codes; no prefix needs its own decode; ``y``
+        a transcoder's target."""
+        x, params, codes, _, y = self._gradient_args(x, params, codes, None, y)
         widths = V.widths_arg(widths, params.d_sae)
         aux_codes, w = self._aux_args(x, params, aux_codes, aux_weight)
-        losses, grads = self._m.matryoshka_gradients(x, params, codes, widths, aux_codes, w)
+        losses, grads = self._m.matryoshka_gradients(x, params, codes, widths, aux_codes, w, y)
         return _loud_losses(losses), grads
 
     def train_step_matryoshka(self, params: SAEParams, state: AdamState, x, *, k, widths, lr,
                               beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
-                              dead_mask=None, k_aux=0, aux_coefficient=0.0) -> StepResult:
+                              dead_mask=None, k_aux=0, aux_coefficient=0.0,
+                              y=None) -> StepResult:
         """One Matryoshka BatchTopK step with optional AuxK, in place; see
         :func:`fastsae.reference.train_step_matryoshka`. All or nothing,
-        finite or loud, as :meth:`train_step`."""
-        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient = self._selection_step_args(
-            params, state, x, k, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-            aux_coefficient)
+        finite or loud, as :meth:`train_step`; ``y`` a transcoder's target."""
+        params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y = \
+            self._selection_step_args(params, state, x, k, lr, beta1, beta2, eps, fire_counts,
+                                      dead_mask, k_aux, aux_coefficient, y)
         widths = V.widths_arg(widths, params.d_sae)
         return self._m.train_step_matryoshka(
             params, state, x, k=k, widths=widths, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
-            aux_coefficient=aux_coefficient)
+            aux_coefficient=aux_coefficient, y=y)
 
     # ------------------------------------------------------------ placement
     def to_backend(self, obj):

@@ -18,6 +18,15 @@ Conventions shared by every backend
 * ``total = mse + l1``.
 * The ReLU's derivative at ``pre == 0`` is taken as 0; a zero-norm decoder row
   has derivative 0 for its norm.
+* Transcoders (``y`` given to a gradient or step function): the encoder
+  reads the input as it is, ``pre = x @ W_enc + b_enc`` (no ``b_dec``: it
+  is ``d_out`` wide), and the reconstruction of the target ``y [N, d_out]``
+  is ``y_hat = f @ W_dec + b_dec (+ x @ W_skip.T`` for a skip transcoder,
+  ``params.W_skip`` not ``None``); every loss, explained variance and AuxK
+  residual is taken against ``y``. The encoders take the input centering
+  as their ``b_dec`` argument: an SAE passes its ``b_dec``, a transcoder
+  zeros (:func:`input_centering`). ``W_skip``'s gradient is
+  ``dL/dy_hat.T @ x`` (one dense GEMM); Adam updates it with the rest.
 * ``"unit_norm"`` gradients of ``W_dec`` have the component parallel to each
   row removed: ``g_j - (g_j . w_j) w_j / ||w_j||**2``.
 * Adam as in PyTorch: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``,
@@ -47,7 +56,8 @@ from .contract import NAMES as _CONTRACT
 #: The contract, plus the oracle's own building blocks that tests use.
 __all__ = list(_CONTRACT) + ["pre_activations", "losses", "adam_update",
                              "normalize_decoder_rows", "explained_variance", "encode_topk_aux",
-                             "aux_scale", "jumprelu_window", "adam_vector"]
+                             "aux_scale", "jumprelu_window", "adam_vector",
+                             "input_centering", "reconstruct"]
 
 NAME = "numpy"
 DESCRIPTION = "dense NumPy reference (the oracle)"
@@ -83,6 +93,46 @@ def set_num_threads(n) -> None:
 
 def _dense(codes):
     return codes.to_dense() if isinstance(codes, SparseCodes) else codes
+
+
+# ---------------------------------------------------------------- SAE or transcoder
+def input_centering(params: SAEParams, y=None):
+    """What the encoders subtract from their input: ``b_dec`` for an SAE
+    (``y`` None), zeros ``[d_in]`` for a transcoder."""
+    if y is None:
+        return params.b_dec
+    return np.zeros(params.d_in, dtype=params.W_enc.dtype)
+
+
+def _target(x, y):
+    """What the reconstruction fits: ``x`` for an SAE, ``y`` for a transcoder."""
+    return x if y is None else y
+
+
+def reconstruct(codes, params: SAEParams, x):
+    """The model's output from its codes: ``codes @ W_dec + b_dec``, plus the
+    skip term ``x @ W_skip.T`` of a skip transcoder."""
+    out = _dense(codes) @ params.W_dec + params.b_dec
+    if params.W_skip is not None:
+        out = out + x @ params.W_skip.T
+    return out
+
+
+def _encoder_input(x, params: SAEParams, y):
+    """The encoder's input as its weights see it: ``x - b_dec`` or ``x``."""
+    return x - input_centering(params, y)
+
+
+def _finish_grads(x, params: SAEParams, y, d_xhat, d_pre, g_W_enc_in, g_W_dec):
+    """The gradients from ``dL/dx_hat`` (summed over prefixes) and ``d_pre``:
+    ``b_enc``, ``b_dec`` (with the centering's term for an SAE) and
+    ``W_skip``'s ``d_xhat.T @ x``. ``g_W_enc_in`` is ``W_enc``'s."""
+    g_b_enc = d_pre.sum(axis=0)
+    g_b_dec = d_xhat.sum(axis=0)
+    if y is None:
+        g_b_dec = g_b_dec - g_b_enc @ params.W_enc.T
+    g_skip = None if params.W_skip is None else d_xhat.T @ x
+    return SAEParams(g_W_enc_in, g_b_enc, g_W_dec, g_b_dec, g_skip)
 
 
 # ---------------------------------------------------------------- forward
@@ -152,18 +202,21 @@ def _project_out_parallel(g_W_dec, W_dec):
     return g_W_dec - coef * W_dec
 
 
-def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm, y=None):
     """Loss parts and gradients of ``total`` w.r.t. every parameter.
 
     ``codes`` (dense or sparse) must be ``encode_relu`` of ``x`` under
-    ``params`` and ``x_hat`` its decode. Returns ``(Losses, SAEParams)`` with
-    the gradients in the parameters' layouts. In ``"unit_norm"`` mode the
-    ``W_dec`` gradient is projected (parallel component removed).
+    ``params`` and ``x_hat`` its reconstruction (:func:`reconstruct`).
+    ``y``: a transcoder's target (see the module docstring). Returns
+    ``(Losses, SAEParams)`` with the gradients in the parameters' layouts. In
+    ``"unit_norm"`` mode the ``W_dec`` gradient is projected (parallel
+    component removed).
     """
     f = _dense(codes)
     n = x.shape[0]
-    W_enc, W_dec = params.W_enc, params.W_dec
-    d_xhat = 2.0 * (x_hat - x) / n  # dL/dx_hat
+    t = _target(x, y)
+    W_dec = params.W_dec
+    d_xhat = 2.0 * (x_hat - t) / n  # dL/dx_hat
     norms = decoder_column_norms(W_dec)
     if decoder_norm == "weighted_l1":
         penalty = norms
@@ -172,7 +225,6 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
 
     # decoder: x_hat = f @ W_dec + b_dec
     g_W_dec = f.T @ d_xhat
-    g_b_dec = d_xhat.sum(axis=0)
     if decoder_norm == "weighted_l1":
         # d/dW_dec[j] of l1c/n * sum_i f_ij ||W_dec[j]||
         unit = np.divide(W_dec, norms[:, None], out=np.zeros_like(W_dec),
@@ -183,15 +235,12 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     d_f = d_xhat @ W_dec.T + (l1_coefficient / n) * penalty[None, :]
     d_pre = np.where(f > 0, d_f, 0)
 
-    # encoder: pre = (x - b_dec) @ W_enc + b_enc
-    g_W_enc = (x - params.b_dec).T @ d_pre
-    g_b_enc = d_pre.sum(axis=0)
-    g_b_dec = g_b_dec - d_pre.sum(axis=0) @ W_enc.T
-
+    # encoder: pre = (x - b_dec) @ W_enc + b_enc (a transcoder: x @ W_enc + b_enc)
+    g_W_enc = _encoder_input(x, params, y).T @ d_pre
     if decoder_norm == "unit_norm":
         g_W_dec = _project_out_parallel(g_W_dec, W_dec)
-    grads = SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec)
-    return losses(x, params, f, x_hat, l1_coefficient, decoder_norm), grads
+    grads = _finish_grads(x, params, y, d_xhat, d_pre, g_W_enc, g_W_dec)
+    return losses(t, params, f, x_hat, l1_coefficient, decoder_norm), grads
 
 
 # ---------------------------------------------------------------- optimizer
@@ -199,7 +248,7 @@ def adam_update(params: SAEParams, grads: SAEParams, state: AdamState, lr,
                 beta1, beta2, eps):
     """One Adam update of every parameter, in place; advances ``state.step``."""
     t = state.step + 1
-    for name in SAEParams.NAMES:
+    for name in params.names:
         p, g = getattr(params, name), getattr(grads, name)
         m, v = getattr(state.m, name), getattr(state.v, name)
         m[...] = beta1 * m + (1 - beta1) * g
@@ -228,16 +277,17 @@ def _batch_variance(x) -> float:
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None) -> StepResult:
+               fire_counts=None, y=None) -> StepResult:
     """Forward, backward and Adam update on one batch, in place.
 
     ``fire_counts`` (int64 ``[d_sae]``, optional) is incremented by the
-    number of rows in which each feature fired. Returns the batch's losses,
-    L0 and explained variance, measured before the update.
+    number of rows in which each feature fired. ``y``: a transcoder's target
+    (module docstring). Returns the batch's losses, L0 and explained
+    variance (of the target), measured before the update.
     """
-    f = encode_relu(x, params.W_enc, params.b_enc, params.b_dec)
-    x_hat = decode(f, params.W_dec, params.b_dec)
-    loss, grads = gradients(x, params, f, x_hat, l1_coefficient, decoder_norm)
+    f = encode_relu(x, params.W_enc, params.b_enc, input_centering(params, y))
+    x_hat = reconstruct(f, params, x)
+    loss, grads = gradients(x, params, f, x_hat, l1_coefficient, decoder_norm, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     if decoder_norm == "unit_norm":
         normalize_decoder_rows(params.W_dec)
@@ -246,7 +296,8 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
         fire_counts += active.sum(axis=0)
     return _finite_or_loud(StepResult(mse=loss.mse, l1=loss.l1, total=loss.total,
                                       l0=float(active.sum() / x.shape[0]),
-                                      explained_variance=explained_variance(x, loss.mse)),
+                                      explained_variance=explained_variance(_target(x, y),
+                                                                            loss.mse)),
                            params, "l1")
 
 
@@ -335,17 +386,19 @@ def encode_topk_aux(x, W_enc, b_enc, b_dec, dead_mask, k_aux):
 aux_scale = auxk_weight
 
 
-def _auxk_selection(x, params: SAEParams, dead_mask, k_aux, aux_coefficient):
+def _auxk_selection(x, params: SAEParams, dead_mask, k_aux, aux_coefficient, y=None):
     """A training step's AuxK ``(codes, weight)``; ``(None, 0.0)`` when off."""
     if not auxk_active(dead_mask, k_aux, aux_coefficient):
         return None, 0.0
-    return (encode_topk_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask, k_aux),
+    return (encode_topk_aux(x, params.W_enc, params.b_enc, input_centering(params, y),
+                            dead_mask, k_aux),
             aux_scale(dead_mask, k_aux, aux_coefficient))
 
 
 def _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight):
     """AuxK's ``(loss, W_dec gradient, d_pre)``: ``e_hat = aux_codes @ W_dec``
-    fits the held-constant residual ``x - x_hat``; zeros when AuxK is off."""
+    fits the held-constant residual ``x - x_hat`` (``x`` the target: a
+    transcoder's ``y``); zeros when AuxK is off."""
     n = x.shape[0]
     if aux_codes is None or aux_weight <= 0:
         return 0.0, 0.0, 0.0
@@ -356,8 +409,9 @@ def _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight):
             np.where(fa > 0, d_ehat @ W_dec.T, 0))
 
 
-def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
-    """Losses and gradients for TopK/BatchTopK training (unit-norm decoder).
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0, y=None):
+    """Losses and gradients for TopK/BatchTopK training (unit-norm decoder);
+    ``y`` a transcoder's target (module docstring).
 
     ``mse`` as for ReLU SAEs, no L1 term. With ``aux_codes`` (AuxK selection,
     see :func:`encode_topk_aux`) and ``aux_weight`` (see :func:`aux_scale`),
@@ -368,28 +422,25 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     """
     f = _dense(codes)
     n = x.shape[0]
-    W_enc, W_dec = params.W_enc, params.W_dec
-    d_xhat = 2.0 * (x_hat - x) / n
+    t = _target(x, y)
+    W_dec = params.W_dec
+    d_xhat = 2.0 * (x_hat - t) / n
     g_W_dec = f.T @ d_xhat
-    g_b_dec = d_xhat.sum(axis=0)
     d_pre = np.where(f > 0, d_xhat @ W_dec.T, 0)
-    mse = float(np.sum((x_hat - x) ** 2) / n)
-    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight)
-    g_W_dec = g_W_dec + g_aux_W_dec
+    mse = float(np.sum((x_hat - t) ** 2) / n)
+    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(t, x_hat, W_dec, aux_codes, aux_weight)
+    g_W_dec = _project_out_parallel(g_W_dec + g_aux_W_dec, W_dec)
     d_pre = d_pre + d_aux_pre
-    g_W_enc = (x - params.b_dec).T @ d_pre
-    g_b_enc = d_pre.sum(axis=0)
-    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
-    g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    g_W_enc = _encoder_input(x, params, y).T @ d_pre
     return (Losses(mse=mse, l1=0.0, total=mse + aux, aux=aux),
-            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+            _finish_grads(x, params, y, d_xhat, d_pre, g_W_enc, g_W_dec))
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One TopK/BatchTopK training step (forward, AuxK, backward, Adam,
-    decoder-row renormalization), in place.
+    decoder-row renormalization), in place; ``y`` a transcoder's target.
 
     ``dead_mask`` (bool ``[d_sae]``) marks the latents AuxK may use; AuxK is
     on when it is given, ``k_aux > 0`` and ``aux_coefficient > 0``.
@@ -397,17 +448,17 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     batch (0.0 if none): the trainer's running BatchTopK threshold follows it.
     """
     encode = encode_topk if activation == "topk" else encode_batchtopk
-    codes = encode(x, params.W_enc, params.b_enc, params.b_dec, k)
-    x_hat = decode(codes, params.W_dec, params.b_dec)
-    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient)
-    loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight)
+    codes = encode(x, params.W_enc, params.b_enc, input_centering(params, y), k)
+    x_hat = reconstruct(codes, params, x)
+    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient, y)
+    loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
     if fire_counts is not None:
         fire_counts += np.bincount(codes.indices, minlength=params.d_sae)
     return _finite_or_loud(
         StepResult(mse=loss.mse, l1=0.0, total=loss.total, l0=codes.l0,
-                   explained_variance=explained_variance(x, loss.mse), aux=loss.aux,
+                   explained_variance=explained_variance(_target(x, y), loss.mse), aux=loss.aux,
                    extra={"min_active": min_active(codes.values)}), params, "aux")
 
 
@@ -446,10 +497,11 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
 jumprelu_window = _jumprelu_window
 
 
-def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth):
-    """``(x - b_dec, pre, theta, active, window)``: the centred batch, the
-    pre-activations, the thresholds and the active and window masks."""
-    xc = x - params.b_dec
+def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None):
+    """``(x - b_dec, pre, theta, active, window)``: the centred batch (a
+    transcoder's ``x``), the pre-activations, the thresholds and the active
+    and window masks."""
+    xc = _encoder_input(x, params, y)
     pre = xc @ params.W_enc + params.b_enc
     theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
     active = pre > theta[None, :]
@@ -457,8 +509,10 @@ def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth):
     return xc, pre, theta, active, window
 
 
-def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
-    """Losses and gradients of a JumpReLU SAE step (see the section comment).
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
+                       y=None):
+    """Losses and gradients of a JumpReLU SAE step (see the section comment);
+    ``y`` a transcoder's target (module docstring).
 
     ``log_threshold`` float ``[d_sae]``. Returns ``(Losses, SAEParams,
     g_log_threshold)``: ``Losses.l0_loss`` holds the weighted L0 term
@@ -467,27 +521,25 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
     ``log_threshold``'s shape.
     """
     n = x.shape[0]
-    W_enc, W_dec = params.W_enc, params.W_dec
+    t = _target(x, y)
+    W_dec = params.W_dec
     dt = x.dtype.type
-    xc, pre, theta, active, window = _jumprelu_forward(x, params, log_threshold, bandwidth)
+    xc, pre, theta, active, window = _jumprelu_forward(x, params, log_threshold, bandwidth, y)
     f = np.where(active, pre, 0).astype(pre.dtype)
-    x_hat = f @ W_dec + params.b_dec
-    d_xhat = 2.0 * (x_hat - x) / n
+    x_hat = reconstruct(f, params, x)
+    d_xhat = 2.0 * (x_hat - t) / n
     g_W_dec = _project_out_parallel(f.T @ d_xhat, W_dec)
-    g_b_dec = d_xhat.sum(axis=0)
     d_f = d_xhat @ W_dec.T
     d_pre = np.where(active, d_f, 0).astype(pre.dtype)
-    g_W_enc = xc.T @ d_pre
-    g_b_enc = d_pre.sum(axis=0)
-    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
+    grads = _finish_grads(x, params, y, d_xhat, d_pre, xc.T @ d_pre, g_W_dec)
     inv_eps = 1.0 / bandwidth
     g_theta = (-(theta * dt(inv_eps)) * np.where(window, d_f, 0).sum(axis=0)
                - dt(inv_eps * l0_coefficient / n) * window.sum(axis=0))
     g_log_threshold = (g_theta * theta).astype(log_threshold.dtype)
-    mse = float(np.sum((x_hat - x) ** 2) / n)
+    mse = float(np.sum((x_hat - t) ** 2) / n)
     l0_loss = float(l0_coefficient * active.sum() / n)
-    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
-            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec), g_log_threshold)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss), grads,
+            g_log_threshold)
 
 
 def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
@@ -500,14 +552,15 @@ def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
                         threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
-                        beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+                        beta2=0.999, eps=1e-8, fire_counts=None, y=None) -> StepResult:
     """One JumpReLU training step (forward, backward, Adam on the four
     parameters and on ``log_threshold`` with its moments ``threshold_m``,
     ``threshold_v`` at the same step ``t``, decoder-row renormalization), in
     place. ``StepResult.extra["l0_loss"]`` is the weighted L0 term; ``l0``
-    the measured L0 (active entries per row)."""
-    active = _jumprelu_forward(x, params, log_threshold, bandwidth)[3]  # before the update
-    loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient)
+    the measured L0 (active entries per row); ``y`` a transcoder's target."""
+    active = _jumprelu_forward(x, params, log_threshold, bandwidth, y)[3]  # before the update
+    loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient,
+                                           y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     adam_vector(log_threshold, g_lt, threshold_m, threshold_v, state.step, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
@@ -516,7 +569,7 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     finite = (all(np.isfinite(a).all() for a in params.arrays())
               and bool(np.isfinite(log_threshold).all()))
     return jumprelu_step_result(loss.mse, loss.l0_loss, int(active.sum()), x.shape[0],
-                                _batch_variance(x), finite)
+                                _batch_variance(_target(x, y)), finite)
 
 
 # ---------------------------------------------------------------- Matryoshka family
@@ -545,50 +598,50 @@ def _prefix_codes(f, widths):
     return [np.where(cols[None, :] < w, f, 0).astype(f.dtype) for w in widths]
 
 
-def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0,
+                         y=None):
     """Losses and gradients of a Matryoshka BatchTopK step (see the section
-    comment): ``codes`` the batch's BatchTopK codes, ``widths`` int ``[L]``.
+    comment): ``codes`` the batch's BatchTopK codes, ``widths`` int ``[L]``;
+    ``y`` a transcoder's target (every prefix's reconstruction has the skip term).
     ``Losses.prefix_mse`` has one entry per width (the last is ``mse``),
     ``total = sum(prefix_mse) + aux``; the ``W_dec`` gradient is projected."""
     f = _dense(codes)
     n = x.shape[0]
-    W_enc, W_dec = params.W_enc, params.W_dec
+    t = _target(x, y)
+    W_dec = params.W_dec
     g_W_dec = np.zeros_like(W_dec)
     d_pre = np.zeros_like(f)
-    g_b_dec = np.zeros_like(params.b_dec)
+    D_0 = np.zeros_like(t)  # dL/dx_hat summed over the prefixes: b_dec's and W_skip's
     prefix_mse = []
     for fl in _prefix_codes(f, widths):
         # each prefix's loss differentiated on its own, summed
-        r = fl @ W_dec + params.b_dec - x
+        r = reconstruct(fl, params, x) - t
         prefix_mse.append(float(np.sum(r ** 2) / n))
         d_xhat = 2.0 * r / n
         g_W_dec += fl.T @ d_xhat
         d_pre += np.where(fl > 0, d_xhat @ W_dec.T, 0)
-        g_b_dec += d_xhat.sum(axis=0)
-    x_hat = f @ W_dec + params.b_dec
-    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(x, x_hat, W_dec, aux_codes, aux_weight)
-    g_W_dec = g_W_dec + g_aux_W_dec
+        D_0 += d_xhat
+    x_hat = reconstruct(f, params, x)
+    aux, g_aux_W_dec, d_aux_pre = _auxk_terms(t, x_hat, W_dec, aux_codes, aux_weight)
+    g_W_dec = _project_out_parallel(g_W_dec + g_aux_W_dec, W_dec)
     d_pre = d_pre + d_aux_pre
-    g_W_enc = (x - params.b_dec).T @ d_pre
-    g_b_enc = d_pre.sum(axis=0)
-    g_b_dec = g_b_dec - g_b_enc @ W_enc.T
-    g_W_dec = _project_out_parallel(g_W_dec, W_dec)
+    g_W_enc = _encoder_input(x, params, y).T @ d_pre
     mse = prefix_mse[-1]
     return (Losses(mse=mse, l1=0.0, total=sum(prefix_mse) + aux, aux=aux,
                    prefix_mse=tuple(prefix_mse)),
-            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+            _finish_grads(x, params, y, D_0, d_pre, g_W_enc, g_W_dec))
 
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr,
                           beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                          k_aux=0, aux_coefficient=0.0) -> StepResult:
+                          k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One Matryoshka BatchTopK training step (BatchTopK encode, AuxK,
     backward over the prefixes, Adam, decoder-row renormalization), in
-    place; AuxK as in :func:`train_step_topk`. ``StepResult.extra`` holds
+    place; AuxK as in :func:`train_step_topk`; ``y`` a transcoder's target. ``StepResult.extra`` holds
     ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
-    codes = encode_batchtopk(x, params.W_enc, params.b_enc, params.b_dec, k)
-    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient)
-    loss, grads = matryoshka_gradients(x, params, codes, widths, aux_codes, weight)
+    codes = encode_batchtopk(x, params.W_enc, params.b_enc, input_centering(params, y), k)
+    aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient, y)
+    loss, grads = matryoshka_gradients(x, params, codes, widths, aux_codes, weight, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
     if fire_counts is not None:
@@ -596,4 +649,4 @@ def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, 
     finite = all(np.isfinite(a).all() for a in params.arrays())
     n = x.shape[0]
     return matryoshka_step_result([m * n for m in loss.prefix_mse], loss.aux, codes.nnz, n,
-                                  _batch_variance(x), codes.values, finite)
+                                  _batch_variance(_target(x, y)), codes.values, finite)

@@ -153,6 +153,10 @@ def codes_arg(codes, d_sae: int | None = None, allow_device=False, name="codes")
 
 
 def params_arg(params, allow_device=False, check_finite=True) -> SAEParams:
+    """The parameters of an SAE or a transcoder: ``W_enc [d_in, d_sae]``,
+    ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``,
+    ``W_skip [d_out, d_in]`` or None. Whether ``d_out`` may differ from
+    ``d_in`` (a transcoder) is :func:`target_arg`'s to say."""
     if not isinstance(params, SAEParams):
         raise TypeError(f"params must be a fastsae.SAEParams, got {type(params).__name__}")
     W_enc = as_float_array(params.W_enc, "W_enc", 2, allow_device, check_finite)
@@ -161,11 +165,38 @@ def params_arg(params, allow_device=False, check_finite=True) -> SAEParams:
     W_dec = as_float_array(params.W_dec, "W_dec", 2, allow_device, check_finite)
     b_dec = as_float_array(params.b_dec, "b_dec", 1, allow_device, check_finite)
     check_dim("b_enc", b_enc.shape[0], d_sae, "length")
-    if tuple(W_dec.shape) != (d_sae, d_in):
-        raise ValueError(f"W_dec must have shape (d_sae, d_in) = {(d_sae, d_in)}, "
-                         f"got {tuple(W_dec.shape)}")
-    check_dim("b_dec", b_dec.shape[0], d_in, "length")
-    return SAEParams(W_enc, b_enc, W_dec, b_dec)
+    if W_dec.shape[0] != d_sae:
+        raise ValueError(f"W_dec must have shape (d_sae, d_out) with d_sae = {d_sae} rows "
+                         f"(W_enc's columns), got {tuple(W_dec.shape)}")
+    d_out = W_dec.shape[1]
+    check_dim("b_dec", b_dec.shape[0], d_out, "length (W_dec's columns)")
+    W_skip = None
+    if params.W_skip is not None:
+        W_skip = as_float_array(params.W_skip, "W_skip", 2, allow_device, check_finite)
+        if tuple(W_skip.shape) != (d_out, d_in):
+            raise ValueError(f"W_skip must have shape (d_out, d_in) = {(d_out, d_in)}, "
+                             f"got {tuple(W_skip.shape)}")
+    return SAEParams(W_enc, b_enc, W_dec, b_dec, W_skip)
+
+
+def target_arg(x, y, params: SAEParams, allow_device=False):
+    """The reconstruction target: ``None`` for an SAE (its target is ``x``:
+    ``d_out`` must equal ``d_in`` and there is no ``W_skip``), else a
+    transcoder's ``y`` float32 ``[N, d_out]`` with ``x``'s rows. Returns
+    ``y`` converted (finite, C-contiguous float32)."""
+    if y is None:
+        if params.d_out != params.d_in:
+            raise ValueError(f"W_dec has d_out = {params.d_out} columns but x has d_in = "
+                             f"{params.d_in}: a transcoder needs its target y")
+        if params.W_skip is not None:
+            raise ValueError("params has W_skip (a skip transcoder) but no target y was given")
+        return None
+    y = as_float_array(y, "y", 2, allow_device)
+    check_dim("y", y.shape[1], params.d_out, "d_out (shape[1], W_dec's columns)")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}: a transcoder's "
+                         "input and target rows must pair up")
+    return y
 
 
 def params_inplace(params, allow_device=False) -> SAEParams:
@@ -173,7 +204,7 @@ def params_inplace(params, allow_device=False) -> SAEParams:
     already be C-contiguous float32 (a converted copy would silently not be
     trained). Not scanned for NaN: a non-finite loss stops the trainer."""
     checked = params_arg(params, allow_device, check_finite=False)
-    for name in SAEParams.NAMES:
+    for name in checked.names:
         a = getattr(params, name)
         if getattr(checked, name) is not a:
             a = np.asarray(a)
@@ -200,7 +231,10 @@ def adam_state_arg(state, params: SAEParams, allow_device=False) -> None:
         if not isinstance(moments, SAEParams):
             raise TypeError(f"state.{part} must be a fastsae.SAEParams, "
                             f"got {type(moments).__name__}")
-        for name in SAEParams.NAMES:
+        if (moments.W_skip is None) != (params.W_skip is None):
+            raise ValueError(f"state.{part}.W_skip must be an array exactly when params has "
+                             f"W_skip (a skip transcoder)")
+        for name in params.names:
             a, p = getattr(moments, name), getattr(params, name)
             if allow_device and is_device_array(a):
                 shape, dtype = _device_shape_dtype(a)
