@@ -13,7 +13,10 @@ the package's modules, one per stage, named like every backend's:
 * :mod:`.jumprelu` JumpReLU training (candidate encoder, sparse and dense
   step cores);
 * :mod:`.matryoshka` Matryoshka BatchTopK (the TopK step's kernels over
-  nested prefixes, and its stand-alone gradients).
+  nested prefixes, and its stand-alone gradients);
+* :mod:`.transcoder` transcoders and skip transcoders (``y`` given): the
+  target and encoder input handed to the same kernels, ``W_skip``'s
+  gradient and Adam.
 
 The functions here take already validated, C-contiguous float32 arrays (use
 them through :func:`fastsae.get_backend`, which validates once) and compute
@@ -69,6 +72,7 @@ from . import matryoshka as MT
 from . import norms as NR
 from . import step as S
 from . import topk as TK
+from . import transcoder as TC
 
 NAME = "numba"
 DEVICE_ARRAYS = False
@@ -129,17 +133,18 @@ def set_num_threads(n) -> None:
 _k_stage: dict = {}
 
 
-def _k_for(n: int, d_sae: int) -> int:
-    k = _k_stage.get(d_sae, NUMBA_CSR_STAGE_START)
+def _k_for(n: int, d_sae: int, table=None) -> int:
+    """The staging width for ``n`` rows from ``table`` (None: ``_k_stage``)."""
+    k = (_k_stage if table is None else table).get(d_sae, NUMBA_CSR_STAGE_START)
     cap = max(16, NUMBA_CSR_STAGE_MAX_BYTES // (8 * max(n, 1)))  # 8 bytes per staged entry
     return int(max(1, min(k, d_sae, cap)))
 
 
-def _learn_k(d_sae: int, max_count: int) -> None:
+def _learn_k(d_sae: int, max_count: int, table=None) -> None:
     want = 1
     while want < max(16, int(max_count) * 3 // 2):
         want *= 2
-    _k_stage[d_sae] = want
+    (_k_stage if table is None else table)[d_sae] = want
 
 
 def _encode_csr(xc, W_enc, b_enc):
@@ -205,12 +210,14 @@ def _as_csr(codes):
     return D.dense_to_csr(codes)
 
 
-def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm, y=None):
     """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`):
     at the active entries only below
     :data:`~fastsae.backends.tunables.NUMBA_RELU_DENSE_MIN_DENSITY`, with
-    BLAS products over dense codes from it on (:func:`.dense.relu_gradients`)."""
+    BLAS products over dense codes from it on (:func:`.dense.relu_gradients`).
+    ``y``: a transcoder's target (``x_hat`` its full reconstruction)."""
     n, d_sae = x.shape[0], params.d_sae
+    t = x if y is None else y  # x_hat has the skip term: the residual is against y
     unit = decoder_norm == "unit_norm"
     sparse_in = isinstance(codes, SparseCodes)
     counts = None if sparse_in else D.row_nnz(codes)
@@ -218,19 +225,37 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     if nnz >= TU.NUMBA_RELU_DENSE_MIN_DENSITY * n * d_sae:
         f = (DN.csr_to_dense(codes.indptr, codes.indices, codes.values, d_sae) if sparse_in
              else codes)
-        xc = E.centered(x, params.b_dec)
+        xc = TC.encoder_input(x, params, y)
         with _blas_single():
-            mse, l1, gWe, gbe, gWd, gbd = DN.relu_gradients(
-                x, xc, f, x_hat, params.W_enc, params.W_dec, NR.row_norms(params.W_dec),
-                float(l1_coefficient), unit, get_num_threads())
+            mse, l1, gWe, gbe, gWd, gbd, dx = DN.relu_gradients(
+                t, xc, f, x_hat, params.W_enc, params.W_dec, NR.row_norms(params.W_dec),
+                float(l1_coefficient), unit, get_num_threads(), y is None)
     else:
         indptr, indices, values = (_as_csr(codes) if sparse_in
                                    else D.csr_of_counts(codes, counts))
-        mse, l1, gWe, gbe, gWd, gbd = B.relu_gradients(
-            x, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values, x_hat,
-            float(l1_coefficient), unit)
+        mse, l1, gWe, gbe, gWd, gbd, dx = B.relu_gradients(
+            t, TC.encoder_input(x, params, y), params.W_enc, params.W_dec, indptr, indices,
+            values, x_hat, float(l1_coefficient), unit, y is None)
     return (Losses(mse=float(mse), l1=float(l1), total=float(mse) + float(l1)),
-            SAEParams(gWe, gbe, gWd, gbd))
+            _grads(params, gWe, gbe, gWd, gbd, dx, x))
+
+
+def _grads(params, gWe, gbe, gWd, gbd, D, x) -> SAEParams:
+    """The gradients as SAEParams (with ``W_skip``'s from ``D = dL/dy_hat``
+    for a skip transcoder, :func:`.transcoder.grads`)."""
+    if params.W_skip is None:
+        return SAEParams(gWe, gbe, gWd, gbd)
+    with _blas_single():
+        return TC.grads(params, gWe, gbe, gWd, gbd, D, x, get_num_threads())
+
+
+def _target(x, params, y):
+    """The kernels' target (:func:`.transcoder.target`; the skip product
+    with BLAS limited to one thread)."""
+    if params.W_skip is None:
+        return x if y is None else y
+    with _blas_single():
+        return TC.target(x, params, y, get_num_threads())
 
 
 # ---------------------------------------------------------------- training
@@ -246,7 +271,7 @@ _NOCOUNTS = np.empty(0, np.int64)
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None) -> StepResult:
+               fire_counts=None, y=None) -> StepResult:
     """One training step in place (see :func:`fastsae.backends.reference.train_step`).
 
     The encoder (:func:`.encode.encode_relu_adaptive`) measures this batch's
@@ -255,7 +280,8 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     hands dense codes to :func:`.dense.step_core` (BLAS products), below it
     CSR codes to :func:`.step.train_step_core` (decode, backward at the
     active entries); both fuse Adam (+ unit-norm renormalization) into
-    their weight pass."""
+    their weight pass. ``y``: a transcoder's target (:mod:`.transcoder`:
+    the kernels fit ``y`` less the skip term; ``W_skip``'s Adam after them)."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -263,22 +289,25 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
     unit = decoder_norm == "unit_norm"
     nt = get_num_threads()
-    xc = E.centered(x, b_dec)
+    xc = TC.encoder_input(x, params, y)
     with _blas_single():
+        tgt = TC.target(x, params, y, nt)
         dense, f, indptr, indices, values, mx = E.encode_relu_adaptive(
             xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), nt,
             float(TU.NUMBA_RELU_DENSE_MIN_DENSITY), NUMBA_RELU_PROBE_BLOCKS)
         norms = NR.row_norms(W_dec)
         if dense:
-            mse, l1, nnz, bad = DN.step_core(
-                x, xc, f, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state), norms,
-                float(l1_coefficient), unit, adam_c, counts, nt)
+            mse, l1, nnz, bad, dx = DN.step_core(
+                tgt, xc, f, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state), norms,
+                float(l1_coefficient), unit, adam_c, counts, nt, y is None)
         else:
             _learn_k(d_sae, mx)
-            mse, l1, nnz, bad = S.train_step_core(
-                x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec,
-                *_adam_moments(state), norms, float(l1_coefficient), unit, adam_c, counts)
-    var = S.batch_variance(x)
+            mse, l1, nnz, bad, dx = S.train_step_core(
+                tgt, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec,
+                *_adam_moments(state), norms, float(l1_coefficient), unit, adam_c, counts,
+                y is None)
+        bad += TC.skip_adam(params, state, dx, x, adam_c)
+    var = S.batch_variance(x if y is None else y)
     state.step = t
     return NU.relu_step_result(mse, l1, nnz, n, var, params_finite=bad == 0)
 
@@ -345,19 +374,22 @@ def _stack_csr(a, b):
     return ip, np.concatenate([a[1], b[1]]), np.concatenate([a[2], b[2]])
 
 
-def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0,
+                   y=None):
     """Losses and gradients of a TopK/BatchTopK step (see
     :func:`fastsae.backends.reference.topk_gradients`), at the active entries
     only. The AuxK term is handled by stacking: rows ``N..2N-1`` carry the
     aux codes with ``d_ehat`` in place of ``d_xhat`` and the same ``xc``, so
     one sparse feature pass yields ``g_W_dec = f.T d_xhat + fa.T d_ehat``
-    and ``g_W_enc = xc.T (d_pre + d_pre_aux)``."""
+    and ``g_W_enc = xc.T (d_pre + d_pre_aux)``. ``y``: a transcoder's
+    target (``x_hat`` its full reconstruction: residuals against ``y``)."""
     W_enc, W_dec = params.W_enc, params.W_dec
     aux_weight = float(aux_weight)
     n = x.shape[0]
     d_sae = W_dec.shape[0]
-    xc = E.centered(x, params.b_dec)
-    d_xhat, row_sq = B.residual_grad(x_hat, x)
+    t = x if y is None else y
+    xc = TC.encoder_input(x, params, y)
+    d_xhat, row_sq = B.residual_grad(x_hat, t)
     mse = float(row_sq.sum() / n)
     aux_loss = 0.0
     indptr, indices, values = _as_csr(codes)  # dense codes are allowed too
@@ -365,7 +397,7 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     if aux_codes is not None and aux_weight > 0:
         aux = _as_csr(aux_codes)
         e_hat = D.decode_csr(*aux, W_dec, np.zeros(W_dec.shape[1], np.float32))
-        d_ehat, a_row_sq = B.aux_residual(e_hat, x, x_hat, np.float32(aux_weight * 2.0 / n))
+        d_ehat, a_row_sq = B.aux_residual(e_hat, t, x_hat, np.float32(aux_weight * 2.0 / n))
         aux_loss = float(aux_weight * a_row_sq.sum() / n)
         indptr, indices, values = _stack_csr((indptr, indices, values), aux)
         dx = np.concatenate([d_xhat, d_ehat])
@@ -373,41 +405,43 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
     d_pre = B.d_pre_topk_csr(indptr, indices, values, dx, W_dec)
     colptr, rows, perm = B.csr_to_csc(indptr, indices, d_sae)
     g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
-    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, y is None)
     g_W_enc = np.empty((W_enc.shape[0], d_sae), np.float32)
     g_W_dec = np.empty(W_dec.shape, np.float32)
     # TopK's decoder rows are unit-norm: projected gradient, no L1 term
     B.feature_grads(colptr, rows, perm, values, d_pre, dx, xcs, W_dec, _EMPTY1, 0.0, True,
                     g_W_enc, g_W_dec)
     return (Losses(mse=mse, l1=0.0, total=mse + aux_loss, aux=aux_loss),
-            SAEParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec))
+            _grads(params, g_W_enc, g_b_enc, g_W_dec, g_b_dec, d_xhat, x))
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`): fused top-k (and
     AuxK) encode, then :func:`.step.prefix_step_core` (one prefix): one row pass decoding
     both codes into the two residual gradients, ``d_pre`` at the selected
     entries, then one pass over tiles of features making both weight
     gradients and consuming them with Adam (decoder rows renormalized as
-    they are updated)."""
+    they are updated). ``y``: a transcoder's target."""
     sq, aux_loss, main, var, bad = _selection_step(
         params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient, None)
+        aux_coefficient, None, y)
     n = x.shape[0]
     return NU.topk_step_result(sq[0] / n, aux_loss, main[0][-1], n, var, main[2],
                                params_finite=bad == 0)
 
 
 def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts,
-                    dead_mask, k_aux, aux_coefficient, widths):
+                    dead_mask, k_aux, aux_coefficient, widths, y):
     """The TopK family's step, shared by :func:`train_step_topk` and
     :func:`train_step_matryoshka` (``widths`` None: one prefix): encode
-    (and AuxK), then :func:`.step.prefix_step_core`. Returns ``(float64 [L]
-    per-prefix sums of squared errors, aux loss, the CSR codes, variance of
-    x, bad)``."""
+    (and AuxK), then :func:`.step.prefix_step_core` (a transcoder: on the
+    target of :func:`.transcoder.target`, then ``W_skip``'s Adam from the
+    row pass's ``D_0``). Returns ``(float64 [L] per-prefix sums of squared
+    errors, aux loss, the CSR codes, variance of the target (x or y),
+    bad)``."""
     n = x.shape[0]
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -418,19 +452,25 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
         # centering, TopK and AuxK selection in one parallel region, one product
         dead_u8 = dead_mask.astype(np.uint8) if use_aux else _NO_U8
         with _blas_single():
-            xc, main, aux = TK.encode_topk_train(x, b_dec, W_enc, b_enc, NUMBA_TOPK_ROW_BLOCK,
-                                                 int(k), get_num_threads(), dead_u8, int(k_aux))
+            xc, main, aux = TK.encode_topk_train(x, TC.encoder_centering(params, y), W_enc,
+                                                 b_enc, NUMBA_TOPK_ROW_BLOCK, int(k),
+                                                 get_num_threads(), dead_u8, int(k_aux))
     else:
-        xc = E.centered(x, b_dec)
+        xc = TC.encoder_input(x, params, y)
         main = _batchtopk_csr(xc, W_enc, b_enc, k)
         aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
                else (_NOIDX, _NOMAP, _EMPTY1))
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     levels = _levels(widths, params.d_sae)
-    sq, a_sq, var, bad = S.prefix_step_core(x, xc, *main, *aux, W_enc, b_enc, W_dec, b_dec,
-                                            *_adam_moments(state), adam_c, weight * 2.0 / n,
-                                            NUMBA_TOPK_FEATURE_TILE, counts, levels,
-                                            _workspace(levels, n, params.d_in))
+    ws = _workspace(levels, n, params.d_out)
+    sq, a_sq, var, bad = S.prefix_step_core(_target(x, params, y), xc, *main, *aux, W_enc,
+                                            b_enc, W_dec, b_dec, *_adam_moments(state), adam_c,
+                                            weight * 2.0 / n, NUMBA_TOPK_FEATURE_TILE, counts,
+                                            levels, ws, y is None)
+    if params.W_skip is not None:  # the kernel's variance is of y - x W_skip^T
+        with _blas_single():
+            bad += TC.skip_adam(params, state, ws[0], x, adam_c)
+        var = S.batch_variance(y)
     state.step = t
     aux_loss = weight * a_sq / n if use_aux else 0.0
     return sq, aux_loss, main, var, bad
@@ -439,12 +479,12 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
 _ws = threading.local()
 
 
-def _workspace(levels, n, d_in):
-    """The row pass's ``D`` ``[L, N, d_in]`` float32 (overwritten by every
+def _workspace(levels, n, d_out):
+    """The row pass's ``D`` ``[L, N, d_out]`` float32 (overwritten by every
     step), kept per thread for the last shape: a fresh one of ``L > 1``
     gradients is over glibc's mmap threshold and paged in anew on every
     step (~20 ms at paper size, L = 4). With one prefix a fresh array."""
-    shape = (int(levels[-1]) + 1, int(n), int(d_in))
+    shape = (int(levels[-1]) + 1, int(n), int(d_out))
     if shape[0] == 1:
         return np.empty(shape, np.float32)
     d = getattr(_ws, "D", None)
@@ -462,21 +502,9 @@ def _levels(widths, d_sae):
 
 # ---------------------------------------------------------------- JumpReLU family
 # Staging width of the JumpReLU candidate encoder, learned per d_sae as the
-# ReLU encoder's (its own table: candidates are not the ReLU codes).
+# ReLU encoder's (_k_for, _learn_k; its own table: candidates are not the
+# ReLU codes).
 _jr_stage: dict = {}
-
-
-def _jr_k(n: int, d_sae: int) -> int:
-    k = _jr_stage.get(d_sae, NUMBA_CSR_STAGE_START)
-    cap = max(16, NUMBA_CSR_STAGE_MAX_BYTES // (8 * max(n, 1)))
-    return int(max(1, min(k, d_sae, cap)))
-
-
-def _jr_learn(d_sae: int, max_count: int) -> None:
-    want = 1
-    while want < max(16, int(max_count) * 3 // 2):
-        want *= 2
-    _jr_stage[d_sae] = want
 
 
 def _jr_encode(xc, W_enc, b_enc, lo, nt):
@@ -484,52 +512,55 @@ def _jr_encode(xc, W_enc, b_enc, lo, nt):
     ``(dense, pre, indptr, indices, values)``."""
     n, d_sae = xc.shape[0], W_enc.shape[1]
     dense, pre, indptr, indices, values, mx = JR.encode_adaptive(
-        xc, W_enc, b_enc, lo, TU.NUMBA_JUMPRELU_ROW_BLOCK, _jr_k(n, d_sae), nt,
+        xc, W_enc, b_enc, lo, TU.NUMBA_JUMPRELU_ROW_BLOCK, _k_for(n, d_sae, _jr_stage), nt,
         float(TU.NUMBA_JUMPRELU_DENSE_MIN_DENSITY), TU.NUMBA_JUMPRELU_PROBE_BLOCKS)
     if not dense:
-        _jr_learn(d_sae, mx)
+        _learn_k(d_sae, mx, _jr_stage)
     return dense, pre, indptr, indices, values
 
 
-def _jr_prepare(x, params, log_threshold, bandwidth, l0_coefficient):
+def _jr_prepare(x, params, log_threshold, bandwidth, l0_coefficient, y):
     """What both JumpReLU entry points start from: ``(n, theta, lo, hi,
-    1 / bandwidth, the Step term's scale, threads, x - b_dec)``."""
+    1 / bandwidth, the Step term's scale, threads, the encoder input (x -
+    b_dec, or a transcoder's x), the residual's target)``."""
     n = x.shape[0]
     theta, lo, hi = NU.jumprelu_window(log_threshold, bandwidth)
     inv_bw = 1.0 / float(bandwidth)
     l0s = inv_bw * float(l0_coefficient) / n  # the Step term's scale, rounded as the reference
-    return n, theta, lo, hi, inv_bw, l0s, get_num_threads(), E.centered(x, params.b_dec)
+    return (n, theta, lo, hi, inv_bw, l0s, get_num_threads(), TC.encoder_input(x, params, y),
+            _target(x, params, y))
 
 
-def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
+                       y=None):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.backends.reference.jumprelu_gradients`): the candidates
     ``pre > theta - bandwidth/2`` from the fused encoder, then the gradients
     at those entries only (:func:`.jumprelu.sparse_gradients`), or with BLAS
     products from
     :data:`~fastsae.backends.tunables.NUMBA_JUMPRELU_DENSE_MIN_DENSITY` on
-    (:func:`.jumprelu.dense_gradients`)."""
-    n, theta, lo, hi, inv_bw, l0s, nt, xc = _jr_prepare(x, params, log_threshold, bandwidth,
-                                                        l0_coefficient)
+    (:func:`.jumprelu.dense_gradients`). ``y``: a transcoder's target."""
+    n, theta, lo, hi, inv_bw, l0s, nt, xc, tgt = _jr_prepare(x, params, log_threshold,
+                                                             bandwidth, l0_coefficient, y)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
         if dense:
-            out = JR.dense_gradients(x, xc, pre, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw,
-                                     l0s, nt)
+            out = JR.dense_gradients(tgt, xc, pre, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw,
+                                     l0s, nt, y is None)
         else:
-            out = JR.sparse_gradients(x, xc, indptr, indices, values, theta, hi, W_enc, W_dec,
-                                      b_dec, inv_bw, l0s)
-    sq, nnz, gWe, gbe, gWd, gbd, g_lt = out
+            out = JR.sparse_gradients(tgt, xc, indptr, indices, values, theta, hi, W_enc,
+                                      W_dec, b_dec, inv_bw, l0s, y is None)
+    sq, nnz, gWe, gbe, gWd, gbd, g_lt, dx = out
     mse = float(sq) / n
     l0_loss = float(l0_coefficient) * int(nnz) / n
     return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
-            SAEParams(gWe, gbe, gWd, gbd), g_lt)
+            _grads(params, gWe, gbe, gWd, gbd, dx, x), g_lt)
 
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
-                        eps=1e-8, fire_counts=None) -> StepResult:
+                        eps=1e-8, fire_counts=None, y=None) -> StepResult:
     """One JumpReLU step in place (see
     :func:`fastsae.backends.reference.train_step_jumprelu`): the fused
     candidate encoder, then below
@@ -537,25 +568,31 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     :func:`.jumprelu.sparse_step_core` (the TopK step's row and weight
     passes on the active entries, one dot per window entry), from it on
     :func:`.jumprelu.dense_step_core` (BLAS products); both fuse Adam on the
-    four parameters (decoder rows renormalized) and on ``log_threshold``."""
+    four parameters (decoder rows renormalized) and on ``log_threshold``;
+    ``y``: a transcoder's target (``W_skip``'s Adam after the core)."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
-    n, theta, lo, hi, inv_bw, l0s, nt, xc = _jr_prepare(x, params, log_threshold, bandwidth,
-                                                        l0_coefficient)
+    n, theta, lo, hi, inv_bw, l0s, nt, xc, tgt = _jr_prepare(x, params, log_threshold,
+                                                             bandwidth, l0_coefficient, y)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    center = y is None
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
         if dense:
-            sq, nnz, bad = JR.dense_step_core(
-                x, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
-                log_threshold, threshold_m, threshold_v, adam_c, inv_bw, l0s, counts, nt)
-            var = S.batch_variance(x)
+            sq, nnz, bad, dx = JR.dense_step_core(
+                tgt, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
+                log_threshold, threshold_m, threshold_v, adam_c, inv_bw, l0s, counts, nt,
+                center)
+            var = None
         else:
-            sq, nnz, var, bad = JR.sparse_step_core(
-                x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
+            sq, nnz, var, bad, dx = JR.sparse_step_core(
+                tgt, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
                 *_adam_moments(state), log_threshold, threshold_m, threshold_v, adam_c, inv_bw,
-                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts)
+                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts, center)
+        bad += TC.skip_adam(params, state, dx, x, adam_c)
+    if var is None or params.W_skip is not None:  # the kernel's is of y - x W_skip^T
+        var = S.batch_variance(x if y is None else y)
     state.step = t
     nnz = int(nnz)
     return NU.jumprelu_step_result(float(sq) / n, float(l0_coefficient) * nnz / n, nnz, n,
@@ -563,7 +600,8 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
 
 
 # ---------------------------------------------------------------- Matryoshka family
-def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0,
+                         y=None):
     """Losses (``prefix_mse`` one per width, ``total = sum(prefix_mse) +
     aux``) and gradients (``W_dec``'s projected) of a Matryoshka BatchTopK
     step on the given codes (see
@@ -571,35 +609,36 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
     :func:`.matryoshka.gradients_core`, the training step's row pass (the
     prefix residuals as partial sums of each row's decode) and a weight pass
     writing the gradients; AuxK's term when ``aux_codes`` and ``aux_weight >
-    0``."""
+    0``; ``y``: a transcoder's target (every prefix has the skip term)."""
     n = x.shape[0]
     aux_weight = float(aux_weight)
     indptr, indices, values = _as_csr(codes)  # dense codes are allowed too
     use_aux = aux_codes is not None and aux_weight > 0
     aux = _as_csr(aux_codes) if use_aux else (_NOIDX, _NOMAP, _EMPTY1)
-    xc = E.centered(x, params.b_dec)
+    xc = TC.encoder_input(x, params, y)
     levels = _levels(widths, params.d_sae)
+    ws = _workspace(levels, n, params.d_out)
     sq, a_sq, gWe, gbe, gWd, gbd = MT.gradients_core(
-        x, xc, indptr, indices, values, *aux, params.W_enc, params.W_dec, params.b_dec,
-        aux_weight * 2.0 / n, levels, _workspace(levels, n, params.d_in))
+        _target(x, params, y), xc, indptr, indices, values, *aux, params.W_enc, params.W_dec,
+        params.b_dec, aux_weight * 2.0 / n, levels, ws, y is None)
     pm = tuple(float(s) / n for s in sq)
     aux_loss = aux_weight * float(a_sq) / n if use_aux else 0.0
     return (Losses(mse=pm[-1], l1=0.0, total=sum(pm) + aux_loss, aux=aux_loss, prefix_mse=pm),
-            SAEParams(gWe, gbe, gWd, gbd))
+            _grads(params, gWe, gbe, gWd, gbd, ws[0], x))
 
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr, beta1=0.9,
                           beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None, k_aux=0,
-                          aux_coefficient=0.0) -> StepResult:
+                          aux_coefficient=0.0, y=None) -> StepResult:
     """One Matryoshka BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_matryoshka`): the BatchTopK
     step (:func:`train_step_topk`'s encoder and
     :func:`.step.prefix_step_core`) with the features' prefix levels: the
     row pass keeps each prefix's partial reconstruction as the row's entries
     cross its width and the weight pass sums each feature's level's
-    gradient, no extra pass over the decoder."""
+    gradient, no extra pass over the decoder. ``y``: a transcoder's target."""
     sq, aux_loss, main, var, bad = _selection_step(
         params, state, x, k, "batchtopk", lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient, widths)
+        aux_coefficient, widths, y)
     return NU.matryoshka_step_result(sq, aux_loss, main[0][-1], x.shape[0], var, main[2],
                                      params_finite=bad == 0)

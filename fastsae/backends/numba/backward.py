@@ -13,9 +13,13 @@ Matryoshka BatchTopK step's). The compiled training steps that chain them are
 in :mod:`fastsae.backends.numba.step`.
 
 Inputs: CSR codes ``f`` (``indptr`` int64 ``[N+1]``, ``indices`` int32,
-``values`` float32), ``d_xhat = 2 (x_hat - x) / N`` float32 ``[N, d_in]``,
-``xc = x - b_dec`` float32 ``[N, d_in]``, parameters in SAELens layouts
-(``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), all C-contiguous.
+``values`` float32), ``d_xhat = 2 (x_hat - t) / N`` float32 ``[N, d_out]``
+against the target ``t`` (``x`` for an SAE, a transcoder's ``y``, less the
+skip term for a skip transcoder), the encoder input ``xc`` float32 ``[N,
+d_in]`` (``x - b_dec``, a transcoder's ``x``), parameters in SAELens layouts
+(``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``), all C-contiguous.
+Loops over the reconstruction run over ``d_out = W_dec.shape[1]``, loops
+over the encoder's input over ``d_in = W_enc.shape[0]`` (equal for an SAE).
 
 The gradient w.r.t. the pre-activations is zero wherever ``f`` is, so:
 
@@ -49,7 +53,6 @@ from ..tunables import (NUMBA_COLUMN_SUM_BLOCK, NUMBA_RELU_FEATURE_TILE,
 from . import norms as NR
 from .adam import adam_elem, const_tuple, nonfinite_in
 from .decode import _accumulate_row
-from .encode import centered
 
 __all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "column_sums_rows",
            "decoder_row_grad_tail", "decoder_row_adam", "b_dec_grad", "feature_grads",
@@ -180,13 +183,19 @@ def column_sums_rows(A):
 
 
 @njit(cache=True)
-def b_dec_grad(d_xhat_colsum, W_enc, g_b_enc):
+def b_dec_grad(d_xhat_colsum, W_enc, g_b_enc, center):
     """``g_b_dec = sum_i d_xhat_i - W_enc @ g_b_enc`` (float32 ``[d_in]``;
-    serial: one vectorized pass over ``W_enc``)."""
-    d_in = W_enc.shape[0]
-    out = np.empty(d_in, np.float32)
-    for k in range(d_in):
-        out[k] = np.float32(d_xhat_colsum[k]) - _dot(W_enc[k], g_b_enc)
+    serial: one vectorized pass over ``W_enc``). ``center`` False (a
+    transcoder, whose encoder does not subtract ``b_dec``): ``sum_i
+    d_xhat_i`` alone, float32 ``[d_out]``."""
+    d = d_xhat_colsum.shape[0]
+    out = np.empty(d, np.float32)
+    if center:
+        for k in range(d):
+            out[k] = np.float32(d_xhat_colsum[k]) - _dot(W_enc[k], g_b_enc)
+    else:
+        for k in range(d):
+            out[k] = np.float32(d_xhat_colsum[k])
     return out
 
 
@@ -197,8 +206,11 @@ def _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c
     :func:`feature_adam`: ``gd = g_W_dec[j]`` (with the decoder-norm term)
     and ``gej += g_W_enc[:, j]`` (``gej`` starts zeroed), rows ``i``
     increasing. ``c = float32(l1n)``; ``norms`` is only read in
-    ``weighted_l1`` mode (``unit_norm`` False)."""
-    d_in = gd.shape[0]
+    ``weighted_l1`` mode (``unit_norm`` False). ``gd`` is ``d_out`` wide,
+    ``gej`` ``d_in``: one fused loop when they are equal (an SAE), two
+    otherwise (the same sums per element either way)."""
+    d_out = gd.shape[0]
+    d_in = gej.shape[0]
     gd[:] = 0.0
     csum = np.float32(0.0)
     for q in range(colptr[j], colptr[j + 1]):
@@ -209,9 +221,15 @@ def _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c
         csum += fv
         dx = d_xhat[i]
         xi = xc[i]
-        for k in range(d_in):
-            gd[k] += fv * dx[k]
-            gej[k] += dp * xi[k]
+        if d_out == d_in:
+            for k in range(d_in):
+                gd[k] += fv * dx[k]
+                gej[k] += dp * xi[k]
+        else:
+            for k in range(d_out):
+                gd[k] += fv * dx[k]
+            for k in range(d_in):
+                gej[k] += dp * xi[k]
     nrm = np.float32(0.0) if unit_norm else norms[j]
     decoder_row_grad_tail(gd, W_dec[j], nrm, csum, c, unit_norm)
 
@@ -278,7 +296,8 @@ def feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l
     ``g_W_enc[:, j] = sum_i d_pre_ij xc_i``, rows ``i`` increasing. The
     pattern's row ``i`` pairs ``d_xhat[i]`` with ``xc[i]``.
     """
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
+    d_in = g_W_enc.shape[0]
     T = NUMBA_RELU_FEATURE_TILE
     ntiles = (d_sae + T - 1) // T
     c = np.float32(l1n)
@@ -286,7 +305,7 @@ def feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l
         j0 = t * T
         j1 = min(d_sae, j0 + T)
         ge = np.zeros((T, d_in), np.float32)
-        gd = np.empty(d_in, np.float32)
+        gd = np.empty(d_out, np.float32)
         for j in range(j0, j1):
             _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
                           unit_norm, j, gd, ge[j - j0])
@@ -310,7 +329,8 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
     exactly when an updated parameter is inf or NaN (each row or tile piece
     is checked right after its update, see :func:`.adam.nonfinite_in`).
     """
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
+    d_in = W_enc.shape[0]
     T = NUMBA_RELU_FEATURE_TILE
     ntiles = (d_sae + T - 1) // T
     c = np.float32(l1n)
@@ -320,7 +340,7 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
         j0 = t * T
         j1 = min(d_sae, j0 + T)
         ge = np.zeros((T, d_in), np.float32)
-        gd = np.empty(d_in, np.float32)
+        gd = np.empty(d_out, np.float32)
         tb = 0
         for j in range(j0, j1):
             _feature_grad(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, c,
@@ -341,8 +361,9 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
 
 @njit(parallel=True, cache=True)
 def residual_grad(x_hat, x):
-    """``(d_xhat, row_sq)`` from a given ``x_hat``: ``d_xhat = 2 (x_hat - x) /
-    N`` float32 ``[N, d_in]`` and ``row_sq[i] = sum_k (x_hat - x)_ik**2``
+    """``(d_xhat, row_sq)`` from a given ``x_hat`` and its target ``x``
+    (a transcoder's ``y``): ``d_xhat = 2 (x_hat - x) / N`` float32 ``[N,
+    d_out]`` and ``row_sq[i] = sum_k (x_hat - x)_ik**2``
     (float64). :func:`fastsae.backends.numba.decode.decode_residual_csr` fuses this
     with the decode in the training step."""
     n, d = x.shape
@@ -360,30 +381,35 @@ def residual_grad(x_hat, x):
 
 
 @njit(cache=True)
-def relu_gradients(x, W_enc, W_dec, b_dec, indptr, indices, values, x_hat, l1c, unit_norm):
-    """The ReLU loss's parts and gradients from given codes (CSR) and
-    ``x_hat``: ``(mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec)``, computed at
-    the active entries only (see :func:`fastsae.backends.reference.gradients`).
-    ``l1c`` is the L1 coefficient; ``unit_norm`` selects the decoder-norm
-    mode (penalty 1 and the projection) over ``weighted_l1``."""
-    n, d_in = x.shape
+def relu_gradients(t, xc, W_enc, W_dec, indptr, indices, values, x_hat, l1c, unit_norm,
+                   center):
+    """The ReLU loss's parts and gradients from given codes (CSR), their
+    reconstruction ``x_hat`` and its target ``t`` ``[N, d_out]``, with the
+    encoder input ``xc`` ``[N, d_in]``: ``(mse, l1, g_W_enc, g_b_enc,
+    g_W_dec, g_b_dec, d_xhat)``, computed at the active entries only (see
+    :func:`fastsae.backends.reference.gradients`). ``l1c`` is the L1
+    coefficient; ``unit_norm`` selects the decoder-norm mode (penalty 1 and
+    the projection) over ``weighted_l1``; ``center`` whether the encoder
+    subtracted ``b_dec`` (an SAE: ``g_b_dec`` has its term, see
+    :func:`b_dec_grad`). ``d_xhat = 2 (x_hat - t) / N`` is returned for a
+    skip transcoder's ``W_skip`` gradient."""
+    n = t.shape[0]
     d_sae = W_dec.shape[0]
-    xc = centered(x, b_dec)
-    d_xhat, row_sq = residual_grad(x_hat, x)
+    d_xhat, row_sq = residual_grad(x_hat, t)
     norms = NR.row_norms(W_dec)
     penalty = np.ones(d_sae, np.float32) if unit_norm else norms
     l1n = l1c / n
     d_pre, row_l1 = d_pre_csr(indptr, indices, values, d_xhat, W_dec, penalty, l1n)
     colptr, rows, perm = csr_to_csc(indptr, indices, d_sae)
     g_b_enc = column_sums_csc(colptr, perm, d_pre)
-    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
-    g_W_enc = np.empty((d_in, d_sae), np.float32)
-    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc, center)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
     feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
                   g_W_enc, g_W_dec)
     mse = row_sq.sum() / n
     l1 = l1c * row_l1.sum() / n
-    return mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+    return mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec, d_xhat
 
 
 @njit(parallel=True, cache=True)
@@ -425,7 +451,11 @@ def prefix_row_pass(indptr, indices, values, a_indptr, a_indices, a_values, W_de
     (main) and ``d_ehat_i . W_dec[j]`` (aux), while the decoder rows are
     still in cache from the decode.
 
-    ``D`` float32 ``[L, N, d_in]`` (C-contiguous) is the output, written
+    ``x`` is the reconstruction's target (``[N, d_out]``, ``d_out =
+    W_dec.shape[1]``: a transcoder's ``y``, less its skip term); the
+    variance sums are of it.
+
+    ``D`` float32 ``[L, N, d_out]`` (C-contiguous) is the output, written
     whole: the caller's workspace, so a step can reuse it (a fresh array of
     ``L`` gradients is paged in by the kernel each time, measured ~20 ms at
     paper size with ``L = 4``).
@@ -634,7 +664,9 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     of ``tile`` features (each thread owns its features; rows summed in
     increasing order, so the result does not depend on the thread count).
 
-    The pattern may have up to ``2N`` rows (``N = xc.shape[0]``): row ``i <
+    ``W_dec`` rows are ``d_out`` wide, ``W_enc`` columns ``d_in`` (they
+    differ for a transcoder). The pattern may have up to ``2N`` rows (``N =
+    xc.shape[0]``): row ``i <
     N`` pairs ``D[levels[j], i]`` with ``xc[i]``, row ``N + i`` (AuxK codes)
     pairs ``d_ehat[i]`` with the same ``xc[i]``; nothing is stacked in
     memory. ``W_enc``'s tile gradient is transposed in cache and the tile
@@ -648,7 +680,8 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     ``part`` over tiles in order) and ``bad``, nonzero exactly when an
     updated parameter is inf or NaN.
     """
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
+    d_in = W_enc.shape[0]
     T = max(1, tile)
     ntiles = (d_sae + T - 1) // T
     g_b_enc = np.empty(d_sae, np.float32)
@@ -662,7 +695,7 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
         tb = 0
         ge = np.zeros((T, d_in), np.float32)
         geT = np.empty((d_in, T), np.float32)
-        gd = np.empty(d_in, np.float32)
+        gd = np.empty(d_out, np.float32)
         for j in range(j0, j1):
             gb = prefix_feature_grad(colptr, rows, perm, values, d_pre, D[levels[j]], d_ehat,
                                      xc, j, gd, ge[j - j0])
@@ -671,12 +704,12 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
             project_row(gd, w)
             mr = mW_dec[j]
             vr = vW_dec[j]
-            for k in range(d_in):
+            for k in range(d_out):
                 w[k], mr[k], vr[k] = adam_elem(w[k], gd[k], mr[k], vr[k], cs)
             tb += nonfinite_in(w)  # before the renormalization could hide an inf
             nw = np.sqrt(_dot(w, w))
             if nw > 0:
-                for k in range(d_in):
+                for k in range(d_out):
                     w[k] = w[k] / nw
             b_enc[j], mb_enc[j], vb_enc[j] = adam_elem(b_enc[j], gb, mb_enc[j], vb_enc[j],
                                                       cs)

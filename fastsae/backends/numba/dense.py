@@ -20,9 +20,11 @@ the face on each call's own inputs) the training step, ``decode`` and
 * :func:`decode_csr`: CSR codes scattered row block by row block into a
   cached dense block, then one GEMM per block.
 
-Layouts as everywhere in this backend: ``x``, ``xc = x - b_dec`` float32
-``[N, d_in]``; ``f`` float32 ``[N, d_sae]``; ``W_enc [d_in, d_sae]``,
-``W_dec [d_sae, d_in]``; all C-contiguous. Every product is a
+Layouts as everywhere in this backend: the target ``x`` float32 ``[N,
+d_out]`` (an SAE's ``x``; a transcoder's ``y``, less the skip term), the
+encoder input ``xc`` ``[N, d_in]`` (``x - b_dec``; a transcoder's ``x``);
+``f`` float32 ``[N, d_sae]``; ``W_enc [d_in, d_sae]``, ``W_dec [d_sae,
+d_out]``; all C-contiguous. Every product is a
 single-threaded sgemm on one block of a grid fixed by the shape (rows:
 :func:`row_block`, features of
 :data:`~fastsae.backends.tunables.NUMBA_DENSE_FEATURE_BLOCK`) inside a
@@ -170,14 +172,15 @@ def _feature_adam(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, g_b_en
     """Gradients of each block of ``fb`` features consumed by Adam as they
     are made (``W_dec`` rows renormalized in ``unit_norm`` mode); returns
     the non-finite count (see :func:`.adam.nonfinite_in`)."""
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
+    d_in = W_enc.shape[0]
     nblk = (d_sae + fb - 1) // fb
     cs = const_tuple(adam_c)
     bad = 0
     for t in prange(nblk):
         j0 = t * fb
         j1 = min(d_sae, j0 + fb)
-        gd = np.empty((fb, d_in), np.float32)
+        gd = np.empty((fb, d_out), np.float32)
         ge = np.empty((d_in, fb), np.float32)
         g, e = _block_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, j0, j1,
                             gd, ge)
@@ -199,12 +202,13 @@ def _feature_adam(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, g_b_en
 def _feature_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, fb, g_W_enc,
                    g_W_dec):
     """:func:`_feature_adam`'s gradients written to ``g_W_enc`` and ``g_W_dec``."""
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
+    d_in = g_W_enc.shape[0]
     nblk = (d_sae + fb - 1) // fb
     for t in prange(nblk):
         j0 = t * fb
         j1 = min(d_sae, j0 + fb)
-        gd = np.empty((fb, d_in), np.float32)
+        gd = np.empty((fb, d_out), np.float32)
         ge = np.empty((d_in, fb), np.float32)
         g, e = _block_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, j0, j1,
                             gd, ge)
@@ -214,13 +218,15 @@ def _feature_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, fb, g
 
 @njit(cache=True, error_model="numpy")
 def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd,
-              norms, l1c, unit_norm, adam_c, fire_counts, n_threads):
+              norms, l1c, unit_norm, adam_c, fire_counts, n_threads, center):
     """A ReLU + L1 step after the encoder, on dense codes ``f`` (``relu(xc
     W_enc + b_enc)``, float32 ``[N, d_sae]``), in place: the row pass, the
     bias gradients (``g_b_dec`` from the old ``W_enc``), the feature pass
     with Adam fused and ``b_dec``'s Adam. ``norms`` are ``W_dec``'s row
-    norms (the L1 penalty in ``weighted_l1`` mode). Returns ``(mse, l1,
-    nnz, bad)``; ``fire_counts`` (int64 ``[d_sae]`` or empty) is added to."""
+    norms (the L1 penalty in ``weighted_l1`` mode); ``center`` False for a
+    transcoder (no ``- W_enc @ g_b_enc`` in ``g_b_dec``). Returns ``(mse,
+    l1, nnz, bad, d_xhat)``; ``fire_counts`` (int64 ``[d_sae]`` or empty)
+    is added to."""
     n = x.shape[0]
     d_sae = W_dec.shape[0]
     warm_gemm()
@@ -229,7 +235,7 @@ def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd
     d_xhat, d_pre, row_sq, pd, pf, pc = _row_pass(
         f, x, np.empty((0, 0), np.float32), W_dec, b_dec, penalty, c, row_block(n), n_threads)
     g_b_enc, csum, cnt = _column_totals(pd, pf, pc)
-    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc, center)
     bad = _feature_adam(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum, g_b_enc,
                         W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c,
                         NUMBA_DENSE_FEATURE_BLOCK)
@@ -242,15 +248,16 @@ def step_core(x, xc, f, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
             fire_counts[j] += cnt[j]
-    return row_sq.sum() / n, l1c * _l1_total(csum, penalty) / n, nnz, bad
+    return row_sq.sum() / n, l1c * _l1_total(csum, penalty) / n, nnz, bad, d_xhat
 
 
 @njit(cache=True)
-def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, n_threads):
+def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, n_threads, center):
     """The ReLU loss's parts and gradients from dense codes ``f`` and the
-    given ``x_hat``: ``(mse, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec)`` (see
-    :func:`fastsae.backends.reference.gradients`)."""
-    n, d_in = x.shape
+    given ``x_hat`` of target ``x``: ``(mse, l1, g_W_enc, g_b_enc, g_W_dec,
+    g_b_dec, d_xhat)`` (see :func:`fastsae.backends.reference.gradients`;
+    ``center`` as in :func:`step_core`)."""
+    n = x.shape[0]
     d_sae = W_dec.shape[0]
     warm_gemm()
     penalty = np.ones(d_sae, np.float32) if unit_norm else norms
@@ -258,13 +265,13 @@ def relu_gradients(x, xc, f, x_hat, W_enc, W_dec, norms, l1c, unit_norm, n_threa
     d_xhat, d_pre, row_sq, pd, pf, pc = _row_pass(
         f, x, x_hat, W_dec, np.empty(0, np.float32), penalty, c, row_block(n), n_threads)
     g_b_enc, csum, _ = _column_totals(pd, pf, pc)
-    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc)
-    g_W_enc = np.empty((d_in, d_sae), np.float32)
-    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    g_b_dec = b_dec_grad(column_sums_rows(d_xhat), W_enc, g_b_enc, center)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
     _feature_grads(f, d_pre, d_xhat, xc, W_dec, norms, c, unit_norm, csum,
                    NUMBA_DENSE_FEATURE_BLOCK, g_W_enc, g_W_dec)
     l1 = l1c * _l1_total(csum, penalty) / n
-    return row_sq.sum() / n, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec
+    return row_sq.sum() / n, l1, g_W_enc, g_b_enc, g_W_dec, g_b_dec, d_xhat
 
 
 @njit(parallel=True, cache=True)

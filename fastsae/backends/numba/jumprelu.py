@@ -32,6 +32,13 @@ threshold's pseudo-gradient needs ``d_f`` there). So:
   ``pre``, ``x_hat = f W_dec``, ``d_f = d_xhat W_dec^T``, the window sums and
   ``d_pre``) and :mod:`.dense`'s feature pass with Adam fused.
 
+Transcoders: the step cores and gradients take the reconstruction's target
+``x`` (``[N, d_out]``: a transcoder's ``y``, less the skip term ``x @
+W_skip.T`` for a skip transcoder, computed by the face) separately from the
+encoder input ``xc`` (``[N, d_in]``), and ``center`` (False: ``g_b_dec``
+without ``- W_enc @ g_b_enc``); they return ``d_xhat = dL/dx_hat`` for the
+skip gradient.
+
 Results do not depend on the thread count: fixed block grids, every
 parallel loop owns its outputs, sums in a fixed order. Call every kernel
 with BLAS limited to one thread (the face does it).
@@ -43,9 +50,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..tunables import NUMBA_DENSE_FEATURE_BLOCK
-from . import adam as A
 from . import backward as B
 from . import dense as DN
+from . import step as S
 from .adam import adam_elem, const_tuple, nonfinite_in
 from .decode import csr_from_counts
 from .encode import _part_bounds, _todo_blocks, gemm, warm_gemm
@@ -395,55 +402,46 @@ def _sparse_front(x, indptr, indices, values, theta, hi, W_dec, b_dec, inv_bw, l
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
 def sparse_step_core(x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
                      mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c,
-                     inv_bw, l0s, tile, fire_counts):
+                     inv_bw, l0s, tile, fire_counts, center):
     """A JumpReLU step after the encoder on its candidate CSR, in place:
     the four parameters (Adam fused into the TopK weight pass, decoder rows
     renormalized), ``b_dec``, and ``log_threshold`` with its moments
-    ``tm``/``tv``. Returns ``(sum of squared errors, nnz, variance of x,
-    bad)``, ``bad`` nonzero exactly when an updated parameter or threshold
-    is inf or NaN."""
+    ``tm``/``tv``. Returns ``(sum of squared errors, nnz, variance of the
+    target x, bad, d_xhat)``, ``bad`` nonzero exactly when an updated
+    parameter or threshold is inf or NaN."""
     n = x.shape[0]
-    d_sae, d_in = W_dec.shape
+    d_sae, d_out = W_dec.shape
     ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, sum_x, sum_xx, g_lt = _sparse_front(
         x, indptr, indices, values, theta, hi, W_dec, b_dec, inv_bw, l0s)
     colptr, rows, perm = B.csr_to_csc(ip_a, ix_a, d_sae)
     _, part, bad = B.topk_feature_adam(colptr, rows, perm, v_a, d_pre, d_xhat,
-                                       np.empty((0, d_in), np.float32), xc, W_dec, W_enc,
+                                       np.empty((0, d_out), np.float32), xc, W_dec, W_enc,
                                        b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
-    for k in range(d_in):
-        s = 0.0
-        for t in range(part.shape[0]):
-            s += part[t, k]
-        g = np.float32(sum_dx[k]) - np.float32(s)
-        b_dec[k], mbd[k], vbd[k] = adam_elem(b_dec[k], g, mbd[k], vbd[k], adam_c)
-        bad += A.nonfinite(b_dec[k])
+    bad += S._b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
     bad += _threshold_adam(log_threshold, g_lt, tm, tv, adam_c)
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
             fire_counts[j] += colptr[j + 1] - colptr[j]
-    m2 = 0.0
-    for k in range(d_in):
-        m2 += sum_x[k] * sum_x[k]
-    var = max(sum_xx - m2 / n, 0.0) / n
-    return sq, ip_a[n], var, bad
+    return sq, ip_a[n], S.shifted_variance(sum_x, sum_xx, n), bad, d_xhat
 
 
 @njit(cache=True)
 def sparse_gradients(x, xc, indptr, indices, values, theta, hi, W_enc, W_dec, b_dec, inv_bw,
-                     l0s):
+                     l0s, center):
     """The gradients at the candidates: ``(sum of squared errors, nnz,
-    g_W_enc, g_b_enc, g_W_dec (projected), g_b_dec, g_log_threshold)``."""
-    d_sae, d_in = W_dec.shape
+    g_W_enc, g_b_enc, g_W_dec (projected), g_b_dec, g_log_threshold,
+    d_xhat)``."""
+    d_sae = W_dec.shape[0]
     ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, _, _, g_lt = _sparse_front(
         x, indptr, indices, values, theta, hi, W_dec, b_dec, inv_bw, l0s)
     colptr, rows, perm = B.csr_to_csc(ip_a, ix_a, d_sae)
     g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
-    g_b_dec = B.b_dec_grad(sum_dx, W_enc, g_b_enc)
-    g_W_enc = np.empty((d_in, d_sae), np.float32)
-    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    g_b_dec = B.b_dec_grad(sum_dx, W_enc, g_b_enc, center)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
     B.feature_grads(colptr, rows, perm, v_a, d_pre, d_xhat, xc, W_dec, np.empty(0, np.float32),
                     0.0, True, g_W_enc, g_W_dec)
-    return sq, ip_a[x.shape[0]], g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt
+    return sq, ip_a[x.shape[0]], g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat
 
 
 # ---------------------------------------------------------------- dense path
@@ -556,15 +554,16 @@ def _dense_front(x, P, W_dec, b_dec, theta, lo, hi, inv_bw, l0s, n_threads):
 @njit(cache=True, error_model="numpy")
 def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe,
                     mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c, inv_bw, l0s,
-                    fire_counts, n_threads):
+                    fire_counts, n_threads, center):
     """:func:`sparse_step_core` on dense pre-activations ``P`` (overwritten
     with the codes): BLAS products, the ReLU dense path's feature pass with
-    Adam fused (unit-norm). Returns ``(sum of squared errors, nnz, bad)``."""
+    Adam fused (unit-norm). Returns ``(sum of squared errors, nnz, bad,
+    d_xhat)``."""
     d_sae = W_dec.shape[0]
     warm_gemm()
     d_xhat, D, sq, g_b_enc, cnt, g_lt = _dense_front(x, P, W_dec, b_dec, theta, lo, hi,
                                                      inv_bw, l0s, n_threads)
-    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
     bad = DN._feature_adam(P, D, d_xhat, xc, W_dec, np.empty(0, np.float32), np.float32(0.0),
                            True, np.zeros(d_sae, np.float64), g_b_enc, W_enc, b_enc, mWe, vWe,
                            mbe, vbe, mWd, vWd, adam_c, NUMBA_DENSE_FEATURE_BLOCK)
@@ -576,19 +575,20 @@ def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vW
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
             fire_counts[j] += cnt[j]
-    return sq, cnt.sum(), bad
+    return sq, cnt.sum(), bad, d_xhat
 
 
 @njit(cache=True)
-def dense_gradients(x, xc, P, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw, l0s, n_threads):
+def dense_gradients(x, xc, P, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw, l0s, n_threads,
+                    center):
     """:func:`sparse_gradients` on dense pre-activations ``P`` (overwritten)."""
-    d_sae, d_in = W_dec.shape
+    d_sae = W_dec.shape[0]
     warm_gemm()
     d_xhat, D, sq, g_b_enc, cnt, g_lt = _dense_front(x, P, W_dec, b_dec, theta, lo, hi,
                                                      inv_bw, l0s, n_threads)
-    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc)
-    g_W_enc = np.empty((d_in, d_sae), np.float32)
-    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
     DN._feature_grads(P, D, d_xhat, xc, W_dec, np.empty(0, np.float32), np.float32(0.0), True,
                       np.zeros(d_sae, np.float64), NUMBA_DENSE_FEATURE_BLOCK, g_W_enc, g_W_dec)
-    return sq, cnt.sum(), g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt
+    return sq, cnt.sum(), g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat

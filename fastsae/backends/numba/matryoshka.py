@@ -34,11 +34,12 @@ __all__ = ["prefix_feature_grads", "gradients_core"]
 def prefix_feature_grads(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc, W_dec,
                          g_W_enc, g_W_dec, tile):
     """The weight pass of :func:`.backward.prefix_feature_adam` writing the
-    gradients: ``g_W_dec`` ``[d_sae, d_in]`` (unit-norm projected) and
+    gradients: ``g_W_dec`` ``[d_sae, d_out]`` (unit-norm projected) and
     ``g_W_enc`` ``[d_in, d_sae]`` written whole; returns ``g_b_enc`` float32
     ``[d_sae]``. Parallel over tiles of ``tile`` features, each owned by one
     thread, rows summed in increasing order (thread-count independent)."""
-    d_sae, d_in = W_dec.shape
+    d_sae = W_dec.shape[0]
+    d_in = g_W_enc.shape[0]
     T = max(1, tile)
     ntiles = (d_sae + T - 1) // T
     g_b_enc = np.empty(d_sae, np.float32)
@@ -59,21 +60,24 @@ def prefix_feature_grads(colptr, rows, perm, values, d_pre, D, levels, d_ehat, x
 
 @njit(cache=True)
 def gradients_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
-                   W_dec, b_dec, aux_scale, levels, D):
+                   W_dec, b_dec, aux_scale, levels, D, center):
     """Losses and gradients of a Matryoshka BatchTopK step on given CSR codes
     (and AuxK codes when ``a_indptr`` is non-empty, ``aux_scale = 2 *
     weight / N``): ``(float64 [L] per-prefix sums of squared errors, sum of
     squared aux errors, g_W_enc, g_b_enc, g_W_dec, g_b_dec)``; ``D`` float32
-    ``[L, N, d_in]`` the row pass's workspace (overwritten)."""
-    d_sae, d_in = W_dec.shape
+    ``[L, N, d_out]`` the row pass's workspace (overwritten; ``D[0]`` is then
+    ``dL/dx_hat`` summed over the prefixes). ``x`` is the target (``[N,
+    d_out]``), ``xc`` the encoder input, ``center`` as in
+    :func:`.step.prefix_step_core`."""
+    d_sae = W_dec.shape[0]
     D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, _, _ = B.prefix_row_pass(
         indptr, indices, values, a_indptr, a_indices, a_values, W_dec, b_dec, x, aux_scale,
         levels, D)
     colptr, rows, perm, vv, dp = B.stacked_csc(indptr, indices, values, d_pre, a_indptr,
                                                a_indices, a_values, a_d_pre, d_sae)
-    g_W_enc = np.empty((d_in, d_sae), np.float32)
-    g_W_dec = np.empty((d_sae, d_in), np.float32)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
     g_b_enc = prefix_feature_grads(colptr, rows, perm, vv, dp, D, levels, d_ehat, xc, W_dec,
                                    g_W_enc, g_W_dec, NUMBA_TOPK_FEATURE_TILE)
-    g_b_dec = B.b_dec_grad(sum_dx, W_enc, g_b_enc)
+    g_b_dec = B.b_dec_grad(sum_dx, W_enc, g_b_enc, center)
     return sq, a_sq, g_W_enc, g_b_enc, g_W_dec, g_b_dec
