@@ -10,6 +10,9 @@ Element arithmetic is float32 in the reference's order, so results match
 PyTorch/NumPy Adam to rounding. The training steps do not call this: they
 fuse Adam into the backward's feature pass (``_backward.train_backward``);
 this is the stand-alone update of all four parameters from given gradients.
+:func:`adam_flat` is the same update of one flat array: the skip
+transcoder's ``W_skip``, which the training steps update after their kernel
+(its gradient ``D.T @ x`` needs the kernel's ``D``).
 Nothing validates its arguments before it, so it checks their shapes.
 """
 
@@ -87,4 +90,26 @@ def adam_step(float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[
             cnt = min(<Py_ssize_t>_CHUNK, d_in - s)
             bad += _adam(&b_dec[0] + s, &gb_dec[0] + s, &mb_dec[0] + s, &vb_dec[0] + s,
                          cnt, &c)
+    return bad
+
+
+def adam_flat(float[::1] p, const float[::1] g, float[::1] m, float[::1] v,
+              const float[::1] adam_consts, int nthreads):
+    """In-place Adam step of one flat float32 array (a C-contiguous
+    parameter seen through ``ravel``: the skip transcoder's ``W_skip``), in
+    chunks of ``_CHUNK`` elements in parallel, with the constants and
+    arithmetic of :func:`adam_step`. Returns how many updated parameters
+    are inf or NaN."""
+    cdef Py_ssize_t n = p.shape[0]
+    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
+        raise ValueError("adam_flat: shape mismatch")
+    if adam_consts.shape[0] != 8:
+        raise ValueError("adam_flat: adam_consts must hold the 8 numerics.adam_constants")
+    cdef AdamConsts c = _adam_consts(&adam_consts[0])
+    cdef Py_ssize_t ntasks = (n + _CHUNK - 1) // _CHUNK, task, s, cnt
+    cdef Py_ssize_t bad = 0
+    for task in prange(ntasks, nogil=True, num_threads=nthreads, schedule="static"):
+        s = task * _CHUNK
+        cnt = min(<Py_ssize_t>_CHUNK, n - s)
+        bad += _adam(&p[0] + s, &g[0] + s, &m[0] + s, &v[0] + s, cnt, &c)
     return bad

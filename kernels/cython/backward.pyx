@@ -26,11 +26,21 @@ except the dense ``dL/dx_hat`` is a sparse product:
 mode) inside the feature pass, as each block's gradients are produced, so a
 training step never stores the two big gradient matrices.
 
+Transcoders (``target=``, ``center=False``, ``d_target=``): the residuals
+are taken against ``target [N, d_out]`` instead of ``x`` (every loop over
+the reconstruction runs over ``d_out = W_dec.shape[1]``, the encoder
+input's over ``d_in``), the feature pass reads ``x`` itself instead of
+``x - b_dec``, ``g_b_dec`` has no ``- W_enc @ g_b_enc`` term, and
+``d_target`` receives ``dL/dx_hat`` (summed over the Matryoshka prefixes)
+for the caller's skip-weight gradient.
+
 Losses are accumulated in float64. Raw kernels: the validating front
 guarantees the inputs (C-contiguous float32 of matching shapes, canonical CSR
 with in-range int32 indices and ``indptr[N] == nnz``, Adam moments of the
 parameters' shapes, ``fire_counts`` int64 ``[d_sae]``); the wrapper supplies
-``norms [d_sae]`` and the gradient buffers, whose shapes are checked here.
+``norms [d_sae]`` and the gradient buffers, whose shapes are checked here,
+as are every extent the loops index by (``d_in``, ``d_out``, ``d_sae``,
+``N``: :func:`_check_shapes`) and the moments' shapes.
 """
 
 cimport cython
@@ -49,6 +59,25 @@ cdef enum:
     _CB = 64     # columns per block in column sums
 
 
+def _check_shapes(const float[:, ::1] x, const float[:, ::1] target,
+                  const float[:, ::1] x_hat, const float[:, ::1] W_enc,
+                  const float[:, ::1] W_dec, const float[::1] b_dec, const int64_t[::1] indptr,
+                  bint center):
+    """Every extent the row and feature passes index by, checked once before
+    any nogil code: ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae,
+    d_out]``, ``b_dec``, ``target`` and ``x_hat`` (None or) ``d_out`` wide,
+    ``indptr [N + 1]``; centering subtracts ``b_dec`` from ``x``, so it needs
+    ``d_out == d_in``."""
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t d_out = W_dec.shape[1]
+    if (W_enc.shape[0] != d_in or W_dec.shape[0] != d_sae or b_dec.shape[0] != d_out
+            or target.shape[0] != n or target.shape[1] != d_out
+            or (x_hat is not None and (x_hat.shape[0] != n or x_hat.shape[1] != d_out))
+            or indptr.shape[0] != n + 1 or (center and d_out != d_in)):
+        raise ValueError("backward: shape mismatch among x, target, x_hat, the parameters "
+                         "and the codes")
+
+
 def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
              const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
              const int64_t[::1] indptr, const int32_t[::1] indices, const float[::1] values,
@@ -56,7 +85,8 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
              float[::1] g_b_enc, float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads,
              const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
              const float[::1] aux_values=None, double aux_weight=0.0,
-             const int64_t[::1] widths=None, double[::1] prefix_sq=None):
+             const int64_t[::1] widths=None, double[::1] prefix_sq=None,
+             const float[:, ::1] target=None, bint center=True, float[:, ::1] d_target=None):
     """Passes 1-4 (all but the feature pass). Fills ``g_b_enc``, ``g_b_dec``
     (and adds to ``fire_counts`` unless None); returns ``(mse, l1, aux, d_xhat,
     xc, d_pre, colptr, rows, perm, colsum_f, values)``.
@@ -85,8 +115,22 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     then the aux ones, and ``rows`` holds stacked row numbers (the feature
     pass maps row ``N + i`` to ``xc_i``). ``g_b_enc`` sums both parts;
     ``g_b_dec``'s ``sum_i d_xhat_i`` and ``fire_counts`` take the main rows
-    only. ``aux = aux_weight * mean_i ||e_hat_i - e_i||^2``."""
+    only. ``aux = aux_weight * mean_i ||e_hat_i - e_i||^2``.
+
+    Transcoders: ``target [N, d_out]`` (None: ``x``) is what the
+    reconstruction fits (residuals ``x_hat - target``; ``d_out =
+    W_dec.shape[1]``), ``x [N, d_in]`` stays the encoder input; ``center``
+    False drops the centering (``xc = x``, no ``- W_enc @ g_b_enc`` in
+    ``g_b_dec``). ``d_target`` (float32 ``[N, d_out]`` or None) receives
+    ``D_0``, ``dL/dx_hat`` summed over the prefixes (the skip weights'
+    signal)."""
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t d_out = W_dec.shape[1]
+    if target is None:
+        target = x
+    _check_shapes(x, target, x_hat, W_enc, W_dec, b_dec, indptr, center)
+    if d_target is not None and (d_target.shape[0] != n or d_target.shape[1] != d_out):
+        raise ValueError("backward: d_target must be (N, d_out)")
     cdef Py_ssize_t nnz = indptr[n]
     cdef bint use_aux = aux_indptr is not None
     cdef Py_ssize_t nnz_aux = 0
@@ -106,7 +150,7 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef Py_ssize_t n_rows = aux_row0 + n if use_aux else aux_row0, nnz_all = nnz + nnz_aux
     if n_rows >= 2**31 - 1:
         raise ValueError("backward: (levels + AuxK) * N rows must fit int32")
-    if norms.shape[0] != d_sae or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in:
+    if norms.shape[0] != d_sae or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_out:
         raise ValueError("backward: norms or output shape mismatch")
     cdef Py_ssize_t i, k, e, j, p, cb, k0, kk, nk, g
     cdef float nf = <float>n
@@ -120,8 +164,9 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef float ascale = <float>(aux_weight * 2.0 / n) if n > 0 else 0
     cdef float err
     cdef double acc_a
-    d_xhat_a = np.empty((n_rows, d_in), dtype=np.float32)
-    xc_a = np.empty((n, d_in), dtype=np.float32)   # x - b_dec, gathered per feature later
+    d_xhat_a = np.empty((n_rows, d_out), dtype=np.float32)
+    # x - b_dec, gathered per feature later (a transcoder's encoder reads x itself)
+    xc_a = np.empty((n, d_in), dtype=np.float32) if center else np.asarray(x)
     row_sq_a = np.empty((n_lev, n), dtype=np.float64)
     row_l1_a = np.empty(n, dtype=np.float64)
     row_aux_a = np.zeros(n, dtype=np.float64)
@@ -130,7 +175,8 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
         values_all_a = np.concatenate([np.asarray(values[:nnz]), np.asarray(aux_values[:nnz_aux])])
     else:
         values_all_a = np.asarray(values)
-    cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cdef float[:, ::1] d_xhat = d_xhat_a
+    cdef float[:, ::1] xcw = xc_a if center else None   # written only when centering
     cdef double[:, ::1] row_sq = row_sq_a
     cdef double[::1] row_l1 = row_l1_a, row_aux = row_aux_a
     cdef float[::1] d_pre = d_pre_a
@@ -151,40 +197,40 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
         full = &d_xhat[last * n + i, 0]
         if given:
-            for k in range(d_in):
-                full[k] = x_hat[i, k] - x[i, k]   # the difference, for now
+            for k in range(d_out):
+                full[k] = x_hat[i, k] - target[i, k]   # the difference, for now
         else:
-            for k in range(d_in):
+            for k in range(d_out):
                 full[k] = b_dec[k]
             g = 0
             for e in range(indptr[i], indptr[i + 1]):
                 j = indices[e]
                 while g < last and j >= wp[g]:   # prefix g is complete
                     lev = &d_xhat[g * n + i, 0]
-                    for k in range(d_in):
-                        lev[k] = full[k] - x[i, k]
+                    for k in range(d_out):
+                        lev[k] = full[k] - target[i, k]
                     g = g + 1
-                _axpy(values[e], &W_dec[j, 0], full, d_in)
+                _axpy(values[e], &W_dec[j, 0], full, d_out)
             while g < last:   # levels no entry of this row reaches
                 lev = &d_xhat[g * n + i, 0]
-                for k in range(d_in):
-                    lev[k] = full[k] - x[i, k]
+                for k in range(d_out):
+                    lev[k] = full[k] - target[i, k]
                 g = g + 1
-            for k in range(d_in):
-                full[k] = full[k] - x[i, k]
+            for k in range(d_out):
+                full[k] = full[k] - target[i, k]
         for g in range(n_lev):
             lev = &d_xhat[g * n + i, 0]
-            row_sq[g, i] = _dot_d(lev, lev, d_in)
+            row_sq[g, i] = _dot_d(lev, lev, d_out)
         if use_aux:
             # e_hat_i gathered into its stacked row, then turned into d_ehat_i in
             # place; e_hat - (x - x_hat) = e_hat + r exactly (negation is exact)
             lev = &d_xhat[aux_row0 + i, 0]
-            for k in range(d_in):
+            for k in range(d_out):
                 lev[k] = 0
             for e in range(a_ip[i], a_ip[i + 1]):
-                _axpy(a_v[e], &W_dec[a_ix[e], 0], lev, d_in)
+                _axpy(a_v[e], &W_dec[a_ix[e], 0], lev, d_out)
             acc_a = 0
-            for k in range(d_in):
+            for k in range(d_out):
                 err = lev[k] + full[k]
                 acc_a = acc_a + <double>err * err
                 lev[k] = ascale * err
@@ -192,16 +238,18 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
             for e in range(a_ip[i], a_ip[i + 1]):
                 j = a_ix[e]
                 if a_v[e] > 0:
-                    d_pre[nnz + e] = _dot(lev, &W_dec[j, 0], d_in)
+                    d_pre[nnz + e] = _dot(lev, &W_dec[j, 0], d_out)
                 else:
                     d_pre[nnz + e] = 0
-        for k in range(d_in):
+        for k in range(d_out):
             full[k] = (2.0 * full[k]) / nf
-            xc[i, k] = x[i, k] - b_dec[k]
+        if center:
+            for k in range(d_in):
+                xcw[i, k] = x[i, k] - b_dec[k]
         for g in range(last - 1, -1, -1):   # D_g = D_{g+1} + 2 r_g / N
             lev = &d_xhat[g * n + i, 0]
             full = &d_xhat[(g + 1) * n + i, 0]
-            for k in range(d_in):
+            for k in range(d_out):
                 lev[k] = full[k] + (2.0 * lev[k]) / nf
         acc_d = 0
         g = 0
@@ -212,7 +260,7 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
             pen = norms[j] if weighted else 1.0
             acc_d = acc_d + <double>values[e] * pen
             if values[e] > 0:
-                d_pre[e] = _dot(&d_xhat[g * n + i, 0], &W_dec[j, 0], d_in) + coef * pen
+                d_pre[e] = _dot(&d_xhat[g * n + i, 0], &W_dec[j, 0], d_out) + coef * pen
             else:
                 d_pre[e] = 0
         row_l1[i] = acc_d
@@ -272,8 +320,9 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
                     fill[j] = p + 1
                     g_b_enc[j] += d_pre[nnz + e]
 
-    # 4. g_b_dec = column sums of d_xhat - W_enc @ g_b_enc (W_enc before any update)
-    cdef Py_ssize_t ncb = (d_in + _CB - 1) // _CB
+    # 4. g_b_dec = column sums of d_xhat - W_enc @ g_b_enc (W_enc before any update; the
+    #    second term only when centering)
+    cdef Py_ssize_t ncb = (d_out + _CB - 1) // _CB
     cdef double* cs = NULL
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
@@ -283,7 +332,7 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
                 failed += 1
             else:
                 k0 = cb * _CB
-                nk = min(<Py_ssize_t>_CB, d_in - k0)
+                nk = min(<Py_ssize_t>_CB, d_out - k0)
                 for kk in range(nk):
                     cs[kk] = 0
                 for i in range(n):
@@ -294,31 +343,35 @@ def _prepare(const float[:, ::1] x, const float[:, ::1] x_hat,
         free(cs)
     if failed:
         raise MemoryError("backward: could not allocate a column buffer")
-    for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
-        g_b_dec[k] = g_b_dec[k] - _dot(&W_enc[k, 0], &g_b_enc[0], d_sae)
+    if center:   # b_dec's share through the encoder's centering (SAEs only)
+        for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
+            g_b_dec[k] = g_b_dec[k] - _dot(&W_enc[k, 0], &g_b_enc[0], d_sae)
+    if d_target is not None:   # D_0: level 0's rows (the suffix sum over every prefix)
+        d_target[:, :] = d_xhat[:n, :]
     return (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
             values_all_a)
 
 
 cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssize_t d_in,
+                                Py_ssize_t d_out,
                                 const int64_t* colptr, const int32_t* rows, const int64_t* perm,
                                 const float* values, const float* d_pre, const float* d_xhat,
                                 const float* xc, const float* w, float nrm, float colsum,
                                 float coef, bint weighted, bint project,
                                 Py_ssize_t n_x) noexcept nogil:
-    """Feature j: gd = g_W_dec[j] (with the norm term / projection),
-    acc_row += g_W_enc[:, j] (acc_row must start at 0). Stacked row i >= n_x
+    """Feature j: gd = g_W_dec[j] (``d_out``, with the norm term /
+    projection), acc_row += g_W_enc[:, j] (``d_in``; acc_row must start at 0). Stacked row i >= n_x
     (a Matryoshka level row, or AuxK's) reads xc row i mod n_x."""
     cdef Py_ssize_t p, i, e, k, ix
     cdef float fv, dp, t
     cdef double sq, gdot
-    memset(gd, 0, d_in * sizeof(float))
+    memset(gd, 0, d_out * sizeof(float))
     for p in range(colptr[j], colptr[j + 1]):
         i = rows[p]
         e = perm[p]
         fv = values[e]
         dp = d_pre[e]
-        _axpy(fv, d_xhat + i * d_in, gd, d_in)
+        _axpy(fv, d_xhat + i * d_out, gd, d_out)
         if dp != 0:
             ix = i
             while ix >= n_x:   # (level or AuxK) * n_x + row: at most L steps
@@ -327,14 +380,14 @@ cdef inline void _feature_grads(Py_ssize_t j, float* gd, float* acc_row, Py_ssiz
     if weighted:
         if nrm > 0 and colsum != 0:
             t = coef * colsum
-            for k in range(d_in):
+            for k in range(d_out):
                 gd[k] += t * (w[k] / nrm)
     if project:
-        sq = _dot_d(w, w, d_in)
+        sq = _dot_d(w, w, d_out)
         if sq > 0:
-            gdot = _dot_d(gd, w, d_in)
+            gdot = _dot_d(gd, w, d_out)
             t = <float>(gdot / sq)
-            for k in range(d_in):
+            for k in range(d_out):
                 gd[k] -= t * w[k]
 
 
@@ -346,7 +399,9 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                   float[::1] g_b_dec, int64_t[::1] fire_counts, int nthreads,
                   const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
                   const float[::1] aux_values=None, double aux_weight=0.0,
-                  const int64_t[::1] widths=None, double[::1] prefix_sq=None):
+                  const int64_t[::1] widths=None, double[::1] prefix_sq=None,
+                  const float[:, ::1] target=None, bint center=True,
+                  float[:, ::1] d_target=None):
     """Fill the four gradient arrays; return ``(mse, l1)`` as Python floats
     (``(mse, l1, aux)`` when the AuxK codes ``aux_*`` are given: their term's
     gradients are summed in, stacked rows as in :func:`train_backward`).
@@ -360,17 +415,19 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     incremented by each feature's number of positive entries. Matryoshka
     prefixes: ``widths`` (int64 ``[L]``, the last ``d_sae``) with ``x_hat``
     None, ``prefix_sq`` float64 ``[L]`` receives each prefix's sum of squared
-    errors (see :func:`_prepare`).
+    errors (see :func:`_prepare`). Transcoders (``target``, ``center``,
+    ``d_target``): see :func:`_prepare`; ``x_hat`` and ``W_dec``'s rows are
+    then ``d_out`` wide.
     """
-    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1], d_out = W_dec.shape[1]
     if (g_W_enc.shape[0] != d_in or g_W_enc.shape[1] != d_sae or g_W_dec.shape[0] != d_sae
-            or g_W_dec.shape[1] != d_in):
+            or g_W_dec.shape[1] != d_out):
         raise ValueError("gradients_csr: output shape mismatch")
     (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
      values_all_a) = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
         weighted, g_b_enc, g_b_dec, fire_counts, nthreads, aux_indptr, aux_indices,
-        aux_values, aux_weight, widths, prefix_sq)
+        aux_values, aux_weight, widths, prefix_sq, target, center, d_target)
     cdef const float[::1] values_all = values_all_a
     cdef Py_ssize_t n = x.shape[0]
     cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
@@ -394,7 +451,7 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
                 memset(acc, 0, _FB * d_in * sizeof(float))
                 for jj in range(nb):
                     j = j0 + jj
-                    _feature_grads(j, &g_W_dec[j, 0], acc + jj * d_in, d_in, &colptr[0],
+                    _feature_grads(j, &g_W_dec[j, 0], acc + jj * d_in, d_in, d_out, &colptr[0],
                                    &rows[0], &perm[0], vals, &d_pre[0], &d_xhat[0, 0],
                                    &xc[0, 0], &W_dec[j, 0], norms[j], colsum[j], coef,
                                    weighted, project, n)
@@ -420,7 +477,9 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    int64_t[::1] fire_counts, int nthreads,
                    const int64_t[::1] aux_indptr=None, const int32_t[::1] aux_indices=None,
                    const float[::1] aux_values=None, double aux_weight=0.0,
-                   const int64_t[::1] widths=None, double[::1] prefix_sq=None):
+                   const int64_t[::1] widths=None, double[::1] prefix_sq=None,
+                   const float[:, ::1] target=None, bint center=True,
+                   float[:, ::1] d_target=None):
     """Backward pass with Adam fused into the feature pass: updates all
     parameters and moments in place; returns ``(mse, l1, aux)`` measured
     before the update. ``unit_norm``: project the decoder gradient and
@@ -434,18 +493,28 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     parameters are inf or NaN: ``(mse, l1, aux, bad)``. Matryoshka prefixes
     (``widths``, ``x_hat`` None, ``prefix_sq``): see :func:`_prepare`; the
     step is then the BatchTopK one with each feature's signal its level's
-    suffix sum ``D_g``."""
-    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1]
+    suffix sum ``D_g``. Transcoders (``target``, ``center``, ``d_target``):
+    see :func:`_prepare` (the skip weights, not known here, are the
+    caller's: their forward term is in ``target``, their gradient needs
+    ``d_target``)."""
+    cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1], d_out = W_dec.shape[1]
     if adam_consts.shape[0] != 8:
         raise ValueError("train_backward: adam_consts must hold the 8 numerics.adam_constants")
     cdef AdamConsts c = _adam_consts(&adam_consts[0])
     g_b_enc_a = np.empty(d_sae, dtype=np.float32)
-    g_b_dec_a = np.empty(d_in, dtype=np.float32)
+    g_b_dec_a = np.empty(d_out, dtype=np.float32)
+    if (mW_enc.shape[0] != d_in or mW_enc.shape[1] != d_sae or vW_enc.shape[0] != d_in
+            or vW_enc.shape[1] != d_sae or mW_dec.shape[0] != d_sae
+            or mW_dec.shape[1] != d_out or vW_dec.shape[0] != d_sae
+            or vW_dec.shape[1] != d_out or b_enc.shape[0] != d_sae
+            or mb_enc.shape[0] != d_sae or vb_enc.shape[0] != d_sae
+            or mb_dec.shape[0] != d_out or vb_dec.shape[0] != d_out):
+        raise ValueError("train_backward: Adam moments of other shapes than the parameters")
     (mse, l1, aux, d_xhat_a, xc_a, d_pre_a, colptr_a, rows_a, perm_a, colsum_a,
      values_all_a) = _prepare(
         x, x_hat, W_enc, W_dec, b_dec, indptr, indices, values, norms, l1_coefficient,
         weighted, g_b_enc_a, g_b_dec_a, fire_counts, nthreads, aux_indptr, aux_indices,
-        aux_values, aux_weight, widths, prefix_sq)
+        aux_values, aux_weight, widths, prefix_sq, target, center, d_target)
     cdef const float[::1] values_all = values_all_a
     cdef Py_ssize_t n = x.shape[0]
     cdef const float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
@@ -468,7 +537,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     cdef const float* vals = &values_all[0] if values_all.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
-        gd = <float*>malloc(max(d_in, <Py_ssize_t>_FB) * sizeof(float))  # also a W_enc row piece
+        gd = <float*>malloc(max(d_out, <Py_ssize_t>_FB) * sizeof(float))  # also a W_enc row piece
         for jb in prange(nblocks, schedule="dynamic"):
             if acc == NULL or gd == NULL:
                 failed += 1
@@ -479,15 +548,15 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                 for jj in range(nb):
                     j = j0 + jj
                     w = &W_dec[j, 0]
-                    _feature_grads(j, gd, acc + jj * d_in, d_in, &colptr[0], &rows[0],
+                    _feature_grads(j, gd, acc + jj * d_in, d_in, d_out, &colptr[0], &rows[0],
                                    &perm[0], vals, &d_pre[0], &d_xhat[0, 0], &xc[0, 0],
                                    w, norms[j], colsum[j], coef, weighted, unit_norm, n)
                     # W_dec row j is read above and by nothing else in this pass
-                    bad += _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_in, &c)
+                    bad += _adam(w, gd, &mW_dec[j, 0], &vW_dec[j, 0], d_out, &c)
                     if unit_norm:
-                        nrm = <float>sqrt(_dot_d(w, w, d_in))
+                        nrm = <float>sqrt(_dot_d(w, w, d_out))
                         if nrm > 0:
-                            for k in range(d_in):
+                            for k in range(d_out):
                                 w[k] = w[k] / nrm
                     bad += _adam(&b_enc[j], &g_b_enc[j], &mb_enc[j], &vb_enc[j], 1, &c)
                 for k in range(d_in):  # the block's W_enc columns (16 contiguous floats)
@@ -498,7 +567,7 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
         free(gd)
     if failed:
         raise MemoryError("train_backward: could not allocate a block buffer")
-    bad += _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
+    bad += _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_out, &c)
     return mse, l1, aux, bad
 
 

@@ -31,6 +31,12 @@ inside the OpenMP loops; the wrapper limits BLAS with threadpoolctl):
   per block.
 * :func:`csr_to_dense`: CSR codes into a dense ``[N, d_sae]`` array.
 
+Transcoders (``target=``, ``center=False``, ``d_target=``): as in
+``backward.pyx``, the residual is taken against ``target [N, d_out]``, the
+feature pass multiplies by ``x`` itself (no ``xc`` is formed), the
+``W_enc_old @ g_b_enc`` shares are skipped and ``d_target`` receives
+``d_xhat``.
+
 Every grid (row blocks, feature blocks, row chunks, column blocks) is fixed
 by the wrapper from the problem's shape only, and every output element has
 one writer, so results do not depend on the thread count. No gradient matrix
@@ -40,7 +46,9 @@ Raw kernels: the validating front guarantees the inputs (C-contiguous float32
 of matching shapes, canonical CSR, Adam moments of the parameters' shapes,
 ``fire_counts`` int64 ``[d_sae]``); checked here (O(1)) is what the wrapper
 supplies: output and work buffers' shapes, the grid sizes, the Adam
-constants' length, and that sizes fit BLAS's 32-bit integers.
+constants' length, and that sizes fit BLAS's 32-bit integers; and every
+extent the loops index by (``d_in``, ``d_out``, ``d_sae``, ``N``, the
+moments: :func:`_check_model`).
 """
 
 cimport cython
@@ -118,34 +126,39 @@ def _check_grid(Py_ssize_t tm, Py_ssize_t fb, Py_ssize_t rc):
         raise ValueError("dense: block sizes must be >= 1")
 
 
-cdef void _row_pass(const float[:, ::1] x, const float* f, const float* x_hat,
-                    const float[:, ::1] W_dec, const float[::1] b_dec,
-                    float[:, ::1] d_xhat, float[:, ::1] xc, double[::1] row_sq,
+cdef void _row_pass(const float[:, ::1] target, const float[:, ::1] x, const float* f,
+                    const float* x_hat, const float[:, ::1] W_dec, const float[::1] b_dec,
+                    float[:, ::1] d_xhat, float* xc, double[::1] row_sq,
                     Py_ssize_t tm, int nthreads) noexcept nogil:
-    """d_xhat, xc and the squared error per row over row blocks of ``tm``.
-    With ``f`` (``[N, d_sae]``): ``x_hat = f @ W_dec + b_dec`` is made here
-    (one sgemm per block, into ``d_xhat``); else ``x_hat`` is given."""
+    """d_xhat (against ``target [N, d_out]``), xc and the squared error per
+    row over row blocks of ``tm``. With ``f`` (``[N, d_sae]``): ``x_hat = f
+    @ W_dec + b_dec`` is made here (one sgemm per block, into ``d_xhat``);
+    else ``x_hat`` is given. ``xc`` (``[N, d_in]`` row-major) gets ``x -
+    b_dec``; NULL: no centering (a transcoder's encoder reads ``x``)."""
     cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_dec.shape[0]
+    cdef Py_ssize_t d_out = W_dec.shape[1]
     cdef Py_ssize_t nrb = (n + tm - 1) // tm, rb, r0, mr, i, k
     cdef float nf = <float>n
     for rb in prange(nrb, num_threads=nthreads, schedule="dynamic"):
         r0 = rb * tm
         mr = min(tm, n - r0)
         if f != NULL:
-            _sgemm_rm(<blas_int>mr, <blas_int>d_in, <blas_int>d_sae, 1.0, f + r0 * d_sae,
-                      <blas_int>d_sae, &W_dec[0, 0], <blas_int>d_in, 0.0, &d_xhat[r0, 0],
-                      <blas_int>d_in)
+            _sgemm_rm(<blas_int>mr, <blas_int>d_out, <blas_int>d_sae, 1.0, f + r0 * d_sae,
+                      <blas_int>d_sae, &W_dec[0, 0], <blas_int>d_out, 0.0, &d_xhat[r0, 0],
+                      <blas_int>d_out)
         for i in range(r0, r0 + mr):
             if f != NULL:
-                for k in range(d_in):
-                    d_xhat[i, k] = (d_xhat[i, k] + b_dec[k]) - x[i, k]
+                for k in range(d_out):
+                    d_xhat[i, k] = (d_xhat[i, k] + b_dec[k]) - target[i, k]
             else:
-                for k in range(d_in):
-                    d_xhat[i, k] = x_hat[i * d_in + k] - x[i, k]
-            row_sq[i] = _dot_d(&d_xhat[i, 0], &d_xhat[i, 0], d_in)
-            for k in range(d_in):
+                for k in range(d_out):
+                    d_xhat[i, k] = x_hat[i * d_out + k] - target[i, k]
+            row_sq[i] = _dot_d(&d_xhat[i, 0], &d_xhat[i, 0], d_out)
+            for k in range(d_out):
                 d_xhat[i, k] = (2.0 * d_xhat[i, k]) / nf
-                xc[i, k] = x[i, k] - b_dec[k]
+            if xc != NULL:
+                for k in range(d_in):
+                    xc[i * d_in + k] = x[i, k] - b_dec[k]
 
 
 cdef int _column_sums(const float[:, ::1] a, double[::1] out, int nthreads) noexcept nogil:
@@ -177,7 +190,7 @@ cdef int _column_sums(const float[:, ::1] a, double[::1] out, int nthreads) noex
 cdef struct _Bufs:
     # per-thread work buffers of the feature pass
     float* dp       # d_pre chunk [rc, fb]
-    float* gd       # g_W_dec block [fb, d_in] (Adam mode)
+    float* gd       # g_W_dec block [fb, d_out] (Adam mode)
     float* ge       # g_W_enc block, row-major [d_in, fb] (Adam mode)
     float* cpen     # (l1c / N) * pen_j of the block [fb]
     double* gbe     # column sums of d_pre [fb]
@@ -185,11 +198,12 @@ cdef struct _Bufs:
     int64_t* cn     # positives per feature [fb]
 
 
-cdef _Bufs _alloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, bint adam) noexcept nogil:
+cdef _Bufs _alloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, Py_ssize_t d_out,
+                  bint adam) noexcept nogil:
     """A thread's buffers (any pointer NULL when out of memory, see _ok)."""
     cdef _Bufs b
     b.dp = <float*>malloc(rc * fb * sizeof(float))
-    b.gd = <float*>malloc(fb * d_in * sizeof(float)) if adam else NULL
+    b.gd = <float*>malloc(fb * d_out * sizeof(float)) if adam else NULL
     b.ge = <float*>malloc(fb * d_in * sizeof(float)) if adam else NULL
     b.cpen = <float*>malloc(fb * sizeof(float))
     b.gbe = <double*>malloc(fb * sizeof(double))
@@ -213,12 +227,14 @@ cdef Py_ssize_t _feature_block(
         float[:, ::1] W_enc, float[:, ::1] W_dec, const float[::1] norms, float coef,
         bint weighted, bint unit_norm, Py_ssize_t rc,
         double[::1] colsum_f, int64_t[::1] counts, float[::1] g_b_enc, double[:, ::1] part,
-        bint adam, float[::1] b_enc, float[:, ::1] mW_enc, float[::1] mb_enc,
+        bint center, bint adam, float[::1] b_enc, float[:, ::1] mW_enc, float[::1] mb_enc,
         float[:, ::1] mW_dec, float[:, ::1] vW_enc, float[::1] vb_enc, float[:, ::1] vW_dec,
         const AdamConsts* c, float[:, ::1] g_W_enc, float[:, ::1] g_W_dec) noexcept nogil:
     """One feature block ``j0 : j0 + nb`` (block number ``jb``) of the feature
-    pass (see the module docstring). Returns the Adam non-finite count."""
-    cdef Py_ssize_t n = f.shape[0], d_sae = f.shape[1], d_in = d_xhat.shape[1]
+    pass (see the module docstring); ``part`` (W_enc_old's share of g_b_dec)
+    only when ``center``. Returns the Adam non-finite count."""
+    cdef Py_ssize_t n = f.shape[0], d_sae = f.shape[1], d_out = d_xhat.shape[1]
+    cdef Py_ssize_t d_in = xc.shape[1]
     cdef Py_ssize_t c0, rcn, i, jj, j, k
     cdef Py_ssize_t bad = 0
     cdef float* gd
@@ -247,13 +263,13 @@ cdef Py_ssize_t _feature_block(
         rcn = min(rc, n - c0)
         beta = 0.0 if c0 == 0 else 1.0
         # d_pre chunk [rcn, nb] = d_xhat[c0:] @ W_dec[blk].T (column-major nb x rcn)
-        _gemm(b'T', b'N', nb, rcn, d_in, &W_dec[j0, 0], d_in, &d_xhat[c0, 0], d_in, 0.0,
+        _gemm(b'T', b'N', nb, rcn, d_out, &W_dec[j0, 0], d_out, &d_xhat[c0, 0], d_out, 0.0,
               b.dp, nb)
         # + penalty, ReLU mask, column sums, fire counts, while in cache
         _epilogue(b.dp, &f[c0, 0] + j0, d_sae, b.cpen, b.gbe, b.cs, b.cn, rcn, nb)
-        # g_W_dec[blk] (+)= f[c0:, blk].T @ d_xhat[c0:]  (column-major d_in x nb)
-        _gemm(b'N', b'T', d_in, nb, rcn, &d_xhat[c0, 0], d_in, &f[c0, 0] + j0, d_sae, beta,
-              gd, d_in)
+        # g_W_dec[blk] (+)= f[c0:, blk].T @ d_xhat[c0:]  (column-major d_out x nb)
+        _gemm(b'N', b'T', d_out, nb, rcn, &d_xhat[c0, 0], d_out, &f[c0, 0] + j0, d_sae, beta,
+              gd, d_out)
         # g_W_enc[:, blk] (+)= xc[c0:].T @ d_pre  (column-major nb x d_in)
         _gemm(b'N', b'T', nb, d_in, rcn, b.dp, nb, &xc[c0, 0], d_in, beta, ge, ldge)
         c0 += rcn
@@ -263,8 +279,9 @@ cdef Py_ssize_t _feature_block(
         colsum_f[j] = b.cs[jj]
         counts[j] = b.cn[jj]
     # this block's share of W_enc_old @ g_b_enc (before W_enc is updated)
-    for k in range(d_in):
-        part[jb, k] = _dot_d(&W_enc[k, j0], &g_b_enc[j0], nb)
+    if center:
+        for k in range(d_in):
+            part[jb, k] = _dot_d(&W_enc[k, j0], &g_b_enc[j0], nb)
     for jj in range(nb):
         j = j0 + jj
         w = &W_dec[j, 0]
@@ -272,21 +289,21 @@ cdef Py_ssize_t _feature_block(
             nrm = norms[j]
             t = coef * <float>b.cs[jj]
             if nrm > 0 and t != 0:
-                for k in range(d_in):
-                    gd[jj * d_in + k] += t * (w[k] / nrm)
+                for k in range(d_out):
+                    gd[jj * d_out + k] += t * (w[k] / nrm)
         if unit_norm:
-            sq = _dot_d(w, w, d_in)
+            sq = _dot_d(w, w, d_out)
             if sq > 0:
-                gdot = _dot_d(gd + jj * d_in, w, d_in)
+                gdot = _dot_d(gd + jj * d_out, w, d_out)
                 t = <float>(gdot / sq)
-                for k in range(d_in):
-                    gd[jj * d_in + k] -= t * w[k]
+                for k in range(d_out):
+                    gd[jj * d_out + k] -= t * w[k]
         if adam:
-            bad += _adam(w, gd + jj * d_in, &mW_dec[j, 0], &vW_dec[j, 0], d_in, c)
+            bad += _adam(w, gd + jj * d_out, &mW_dec[j, 0], &vW_dec[j, 0], d_out, c)
             if unit_norm:
-                nrm = <float>sqrt(_dot_d(w, w, d_in))
+                nrm = <float>sqrt(_dot_d(w, w, d_out))
                 if nrm > 0:
-                    for k in range(d_in):
+                    for k in range(d_out):
                         w[k] = w[k] / nrm
             bad += _adam(&b_enc[j], &g_b_enc[j], &mb_enc[j], &vb_enc[j], 1, c)
     if adam:
@@ -300,20 +317,21 @@ cdef Py_ssize_t _feature_pass(
         float[:, ::1] W_enc, float[:, ::1] W_dec, const float[::1] norms, float coef,
         bint weighted, bint unit_norm, Py_ssize_t fb, Py_ssize_t rc,
         double[::1] colsum_f, int64_t[::1] counts, float[::1] g_b_enc, double[:, ::1] part,
-        bint adam, float[::1] b_enc, float[:, ::1] mW_enc, float[::1] mb_enc,
+        bint center, bint adam, float[::1] b_enc, float[:, ::1] mW_enc, float[::1] mb_enc,
         float[:, ::1] mW_dec, float[:, ::1] vW_enc, float[::1] vb_enc, float[:, ::1] vW_dec,
         const AdamConsts* c, float[:, ::1] g_W_enc, float[:, ::1] g_W_dec, int nthreads,
         int* failed) noexcept nogil:
     """All feature blocks in parallel; returns the Adam non-finite count and
     adds the failed buffer allocations to ``failed``."""
-    cdef Py_ssize_t d_sae = f.shape[1], d_in = d_xhat.shape[1], n = f.shape[0]
+    cdef Py_ssize_t d_sae = f.shape[1], d_out = d_xhat.shape[1], n = f.shape[0]
+    cdef Py_ssize_t d_in = xc.shape[1]
     cdef Py_ssize_t nblocks = (d_sae + fb - 1) // fb, jb, j0, nb
     cdef Py_ssize_t bad = 0
     cdef int fail = 0
     cdef _Bufs b
     cdef Py_ssize_t rcb = min(rc, n), fbb = min(fb, d_sae)
     with parallel(num_threads=nthreads):
-        b = _alloc(rcb, fbb, d_in, adam)  # assigned in the block: private to each thread
+        b = _alloc(rcb, fbb, d_in, d_out, adam)  # assigned in the block: private to each thread
         for jb in prange(nblocks, schedule="dynamic"):
             if not _ok(&b, adam):
                 fail += 1
@@ -322,7 +340,7 @@ cdef Py_ssize_t _feature_pass(
                 nb = min(fb, d_sae - j0)
                 bad += _feature_block(j0, nb, jb, &b, f, d_xhat, xc, W_enc, W_dec, norms,
                                       coef, weighted, unit_norm, rc, colsum_f, counts,
-                                      g_b_enc, part, adam, b_enc, mW_enc, mb_enc, mW_dec,
+                                      g_b_enc, part, center, adam, b_enc, mW_enc, mb_enc, mW_dec,
                                       vW_enc, vb_enc, vW_dec, c, g_W_enc, g_W_dec)
         _free(&b)
     failed[0] += fail
@@ -336,6 +354,38 @@ def _penalty_sum(colsum, norms, bint weighted):
     return float(colsum.sum())
 
 
+def _check_model(const float[:, ::1] x, const float[:, ::1] target,
+                 const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
+                 bint center, d_target):
+    """The extents the passes index by, checked before any nogil code: ``x
+    [N, d_in]``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec
+    [d_out]``, ``target`` and ``d_target`` (None or) ``[N, d_out]``;
+    centering subtracts ``b_dec`` from ``x``, so it needs ``d_out == d_in``.
+    Returns ``(n, d_in, d_sae, d_out)``."""
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t d_out = W_dec.shape[1]
+    _check_dims(n, d_in, d_sae, d_out)
+    if (W_enc.shape[0] != d_in or W_dec.shape[0] != d_sae or b_dec.shape[0] != d_out
+            or target.shape[0] != n or target.shape[1] != d_out
+            or (d_target is not None and tuple(d_target.shape) != (n, d_out))
+            or (center and d_out != d_in)):
+        raise ValueError("dense: shape mismatch among x, the target and the parameters")
+    return n, d_in, d_sae, d_out
+
+
+def _g_b_dec(double[::1] cs_dx, double[:, ::1] part, bint center, float[::1] out):
+    """``out = colsum(d_xhat) - sum_blocks part`` (the centering's term,
+    blocks summed in order; only when ``center``)."""
+    cdef Py_ssize_t k, jb
+    cdef double acc
+    for k in range(out.shape[0]):
+        acc = cs_dx[k]
+        if center:
+            for jb in range(part.shape[0]):
+                acc -= part[jb, k]
+        out[k] = <float>acc
+
+
 def step_backward(const float[:, ::1] x, const float[:, ::1] f,
                   float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[::1] b_dec,
                   const float[::1] norms, double l1_coefficient, bint weighted, bint unit_norm,
@@ -343,7 +393,8 @@ def step_backward(const float[:, ::1] x, const float[:, ::1] f,
                   float[::1] mb_dec, float[:, ::1] vW_enc, float[::1] vb_enc,
                   float[:, ::1] vW_dec, float[::1] vb_dec, const float[::1] adam_consts,
                   int64_t[::1] fire_counts, Py_ssize_t tm, Py_ssize_t fb, Py_ssize_t rc,
-                  int nthreads):
+                  int nthreads, const float[:, ::1] target=None, bint center=True,
+                  float[:, ::1] d_target=None):
     """The dense training step after the encoder, Adam fused: updates the
     parameters and moments in place and adds to ``fire_counts`` (int64
     ``[d_sae]`` or None) the positives of each feature.
@@ -357,51 +408,65 @@ def step_backward(const float[:, ::1] x, const float[:, ::1] f,
     ``tm``, feature blocks of ``fb``, row chunks of ``rc`` (the wrapper's,
     from the shape only). Returns ``(mse, l1, nnz, bad)``: losses measured
     before the update (float64 sums), the positives of ``f`` and how many
-    updated parameters are inf or NaN."""
-    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
-    _check_dims(n, d_in, d_sae)
+    updated parameters are inf or NaN.
+
+    Transcoders: ``target [N, d_out]`` (None: ``x``) is what ``f @ W_dec +
+    b_dec`` fits (``d_out = W_dec.shape[1]``); ``center`` False: the encoder
+    read ``x`` uncentered (no ``- W_enc @ g_b_enc`` in ``g_b_dec``);
+    ``d_target`` (``[N, d_out]`` or None) receives ``dL/dx_hat``."""
+    if target is None:
+        target = x
+    cdef Py_ssize_t n, d_in, d_sae, d_out
+    n, d_in, d_sae, d_out = _check_model(x, target, W_enc, W_dec, b_dec, center, d_target)
     _check_grid(tm, fb, rc)
     if f.shape[0] != n or f.shape[1] != d_sae or norms.shape[0] != d_sae:
         raise ValueError("step_backward: f must be (N, d_sae) and norms (d_sae,)")
+    if (b_enc.shape[0] != d_sae or mb_enc.shape[0] != d_sae or vb_enc.shape[0] != d_sae
+            or mb_dec.shape[0] != d_out or vb_dec.shape[0] != d_out
+            or mW_enc.shape[0] != d_in or mW_enc.shape[1] != d_sae
+            or vW_enc.shape[0] != d_in or vW_enc.shape[1] != d_sae
+            or mW_dec.shape[0] != d_sae or mW_dec.shape[1] != d_out
+            or vW_dec.shape[0] != d_sae or vW_dec.shape[1] != d_out):
+        raise ValueError("step_backward: Adam moments of other shapes than the parameters")
     if adam_consts.shape[0] != 8:
         raise ValueError("step_backward: adam_consts must hold the 8 numerics.adam_constants")
     cdef AdamConsts c = _adam_consts(&adam_consts[0])
     cdef Py_ssize_t nblocks = (d_sae + fb - 1) // fb
-    d_xhat_a = np.empty((n, d_in), dtype=np.float32)
-    xc_a = np.empty((n, d_in), dtype=np.float32)
+    d_xhat_a = np.empty((n, d_out), dtype=np.float32)
+    # x - b_dec, or a transcoder's encoder input x as it is
+    xc_a = np.empty((n, d_in), dtype=np.float32) if center else np.asarray(x)
     row_sq_a = np.empty(n, dtype=np.float64)
     colsum_a = np.empty(d_sae, dtype=np.float64)
     counts_a = np.empty(d_sae, dtype=np.int64)
     g_b_enc_a = np.empty(d_sae, dtype=np.float32)
     part_a = np.empty((nblocks, d_in), dtype=np.float64)
-    cs_dx_a = np.empty(d_in, dtype=np.float64)
-    g_b_dec_a = np.empty(d_in, dtype=np.float32)
-    cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cs_dx_a = np.empty(d_out, dtype=np.float64)
+    g_b_dec_a = np.empty(d_out, dtype=np.float32)
+    cdef float[:, ::1] d_xhat = d_xhat_a
+    cdef const float[:, ::1] xc = xc_a
+    cdef float* xcw = <float*>&xc[0, 0] if center else NULL
     cdef double[::1] row_sq = row_sq_a, colsum = colsum_a, cs_dx = cs_dx_a
     cdef int64_t[::1] counts = counts_a
     cdef float[::1] g_b_enc = g_b_enc_a, g_b_dec = g_b_dec_a
     cdef double[:, ::1] part = part_a
     cdef float coef = <float>(l1_coefficient / n)
     cdef int failed = 0
-    cdef Py_ssize_t bad = 0, k, jb
-    cdef double acc
+    cdef Py_ssize_t bad = 0
     cdef float[:, ::1] none2 = None
     with nogil:
-        _row_pass(x, &f[0, 0], NULL, W_dec, b_dec, d_xhat, xc, row_sq, tm, nthreads)
+        _row_pass(target, x, &f[0, 0], NULL, W_dec, b_dec, d_xhat, xcw, row_sq, tm, nthreads)
         failed += _column_sums(d_xhat, cs_dx, nthreads)
         bad = _feature_pass(f, d_xhat, xc, W_enc, W_dec, norms, coef, weighted, unit_norm,
-                            fb, rc, colsum, counts, g_b_enc, part, True, b_enc, mW_enc,
+                            fb, rc, colsum, counts, g_b_enc, part, center, True, b_enc, mW_enc,
                             mb_enc, mW_dec, vW_enc, vb_enc, vW_dec, &c, none2, none2,
                             nthreads, &failed)
     if failed:
         raise MemoryError("dense.step_backward: could not allocate a block buffer "
                           "(parameters may be partly updated)")
-    for k in range(d_in):
-        acc = cs_dx[k]
-        for jb in range(nblocks):
-            acc -= part[jb, k]
-        g_b_dec[k] = <float>acc
-    bad += _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
+    _g_b_dec(cs_dx, part, center, g_b_dec)
+    bad += _adam(&b_dec[0], &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_out, &c)
+    if d_target is not None:
+        d_target[:, :] = d_xhat
     mse = float(row_sq_a.sum()) / n
     l1 = l1_coefficient * _penalty_sum(colsum_a, norms, weighted) / n
     nnz = int(counts_a.sum())
@@ -414,56 +479,61 @@ def gradients(const float[:, ::1] x, const float[:, ::1] x_hat, const float[:, :
               const float[:, ::1] W_enc, const float[:, ::1] W_dec, const float[::1] b_dec,
               const float[::1] norms, double l1_coefficient, bint weighted, bint project,
               float[:, ::1] g_W_enc, float[::1] g_b_enc, float[:, ::1] g_W_dec,
-              float[::1] g_b_dec, Py_ssize_t fb, Py_ssize_t rc, int nthreads):
+              float[::1] g_b_dec, Py_ssize_t fb, Py_ssize_t rc, int nthreads,
+              const float[:, ::1] target=None, bint center=True, float[:, ::1] d_target=None):
     """Fill the four gradient arrays (SAELens layouts) from dense codes
     ``f [N, d_sae]`` (any values: ``d_pre`` is masked by ``f > 0``, the
-    products use ``f`` as given) and the given ``x_hat [N, d_in]``; return
+    products use ``f`` as given) and the given ``x_hat [N, d_out]``; return
     ``(mse, l1)`` as Python floats. ``weighted`` / ``project`` as
-    :func:`step_backward`'s ``weighted`` / ``unit_norm``."""
-    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
-    _check_dims(n, d_in, d_sae)
+    :func:`step_backward`'s ``weighted`` / ``unit_norm``; ``target``,
+    ``center``, ``d_target`` as there (``x_hat - target`` the residual)."""
+    if target is None:
+        target = x
+    cdef Py_ssize_t n, d_in, d_sae, d_out
+    n, d_in, d_sae, d_out = _check_model(x, target, W_enc, W_dec, b_dec, center, d_target)
     _check_grid(1, fb, rc)
     if (f.shape[0] != n or f.shape[1] != d_sae or norms.shape[0] != d_sae
-            or x_hat.shape[0] != n or x_hat.shape[1] != d_in
+            or x_hat.shape[0] != n or x_hat.shape[1] != d_out
             or g_W_enc.shape[0] != d_in or g_W_enc.shape[1] != d_sae
-            or g_W_dec.shape[0] != d_sae or g_W_dec.shape[1] != d_in
-            or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_in):
+            or g_W_dec.shape[0] != d_sae or g_W_dec.shape[1] != d_out
+            or g_b_enc.shape[0] != d_sae or g_b_dec.shape[0] != d_out):
         raise ValueError("dense.gradients: shape mismatch")
     cdef Py_ssize_t nblocks = (d_sae + fb - 1) // fb
-    d_xhat_a = np.empty((n, d_in), dtype=np.float32)
-    xc_a = np.empty((n, d_in), dtype=np.float32)
+    d_xhat_a = np.empty((n, d_out), dtype=np.float32)
+    # x - b_dec, or a transcoder's encoder input x as it is
+    xc_a = np.empty((n, d_in), dtype=np.float32) if center else np.asarray(x)
     row_sq_a = np.empty(n, dtype=np.float64)
     colsum_a = np.empty(d_sae, dtype=np.float64)
     counts_a = np.empty(d_sae, dtype=np.int64)
     part_a = np.empty((nblocks, d_in), dtype=np.float64)
-    cs_dx_a = np.empty(d_in, dtype=np.float64)
-    cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cs_dx_a = np.empty(d_out, dtype=np.float64)
+    cdef float[:, ::1] d_xhat = d_xhat_a
+    cdef const float[:, ::1] xc = xc_a
+    cdef float* xcw = <float*>&xc[0, 0] if center else NULL
     cdef double[::1] row_sq = row_sq_a, colsum = colsum_a, cs_dx = cs_dx_a
     cdef int64_t[::1] counts = counts_a
     cdef double[:, ::1] part = part_a
     cdef float coef = <float>(l1_coefficient / n)
     cdef int failed = 0
-    cdef Py_ssize_t k, jb
-    cdef double acc
     # the kernels share one signature with the step's (W_enc/W_dec are only
     # read when adam is off)
     cdef float[:, ::1] W_enc_rw = <float[:d_in, :d_sae]><float*>&W_enc[0, 0]
-    cdef float[:, ::1] W_dec_rw = <float[:d_sae, :d_in]><float*>&W_dec[0, 0]
+    cdef float[:, ::1] W_dec_rw = <float[:d_sae, :d_out]><float*>&W_dec[0, 0]
     cdef float[:, ::1] none2 = None
     cdef float[::1] none1 = None
     with nogil:
-        _row_pass(x, NULL, &x_hat[0, 0], W_dec, b_dec, d_xhat, xc, row_sq, 64, nthreads)
+        _row_pass(target, x, NULL, &x_hat[0, 0], W_dec, b_dec, d_xhat, xcw, row_sq, 64,
+                  nthreads)
         failed += _column_sums(d_xhat, cs_dx, nthreads)
         _feature_pass(f, d_xhat, xc, W_enc_rw, W_dec_rw, norms, coef, weighted, project,
-                      fb, rc, colsum, counts, g_b_enc, part, False, none1, none2, none1, none2,
-                      none2, none1, none2, NULL, g_W_enc, g_W_dec, nthreads, &failed)
+                      fb, rc, colsum, counts, g_b_enc, part, center, False, none1, none2,
+                      none1, none2, none2, none1, none2, NULL, g_W_enc, g_W_dec, nthreads,
+                      &failed)
     if failed:
         raise MemoryError("dense.gradients: could not allocate a block buffer")
-    for k in range(d_in):
-        acc = cs_dx[k]
-        for jb in range(nblocks):
-            acc -= part[jb, k]
-        g_b_dec[k] = <float>acc
+    _g_b_dec(cs_dx, part, center, g_b_dec)
+    if d_target is not None:
+        d_target[:, :] = d_xhat
     mse = float(row_sq_a.sum()) / n
     l1 = l1_coefficient * _penalty_sum(colsum_a, norms, weighted) / n
     return mse, l1

@@ -48,6 +48,11 @@ entries, ``g_b_enc`` and fire counts; then ``g_W_dec[blk] += f.T @ d_xhat``
 and ``g_W_enc[:, blk] += xc.T @ d_pre`` (sgemm, over the chunks in order);
 then projection and Adam as in the sparse pass.
 
+Transcoders (``target=``, ``center=False``, ``d_target=`` of both
+backwards): the reconstruction (``d_out = W_dec.shape[1]`` wide) fits
+``target`` instead of ``x``, ``xc`` is ``x`` itself, ``g_b_dec`` has no
+``- W_enc @ g_b_enc`` term and ``d_target`` receives ``d_xhat``.
+
 Every grid is fixed by the wrapper from the shape only and every output has
 one writer: results do not depend on the thread count. BLAS must run
 single-threaded inside the parallel regions (the wrapper limits it).
@@ -56,7 +61,9 @@ Raw kernels: the validating front guarantees the inputs (C-contiguous
 float32 of matching shapes, Adam moments of the parameters' shapes,
 ``fire_counts`` int64 ``[d_sae]``); checked here is what the wrapper
 supplies: window vectors, CSR and output buffers' shapes, grid sizes, the
-Adam constants' length, and that sizes fit BLAS's 32-bit integers.
+Adam constants' length, and that sizes fit BLAS's 32-bit integers; and every
+extent the loops index by (``d_in``, ``d_out``, ``d_sae``, ``N``, the
+moments: :func:`_check_model`).
 """
 
 cimport cython
@@ -577,29 +584,30 @@ cdef inline float _g_log_threshold(const _Thr* th, Py_ssize_t j, double wsum,
     return <float>(g * theta)
 
 
-cdef inline Py_ssize_t _finish_feature(Py_ssize_t j, float* gd, float* w, Py_ssize_t d_in,
+cdef inline Py_ssize_t _finish_feature(Py_ssize_t j, float* gd, float* w, Py_ssize_t d_out,
                                        bint adam, float* b_enc, float gbe, float* mW_dec,
                                        float* vW_dec, float* mb_enc, float* vb_enc,
                                        float* g_b_enc, const _Thr* th, float glt,
                                        const AdamConsts* c) noexcept nogil:
-    """Feature j after its gradients: ``gd`` (its decoder row's gradient) is
+    """Feature j after its gradients: ``gd`` (its decoder row's gradient,
+    ``d_out`` wide) is
     projected off ``w = W_dec[j]``; then Adam on the row (renormalized),
     ``b_enc[j]`` and ``log_threshold[j]``, or the gradients written out.
     Returns the non-finite updated parameters."""
     cdef double sq, gdot
     cdef float t, nrm, g
     cdef Py_ssize_t k, bad = 0
-    sq = _dot_d(w, w, d_in)
+    sq = _dot_d(w, w, d_out)
     if sq > 0:
-        gdot = _dot_d(gd, w, d_in)
+        gdot = _dot_d(gd, w, d_out)
         t = <float>(gdot / sq)
-        for k in range(d_in):
+        for k in range(d_out):
             gd[k] -= t * w[k]
     if adam:
-        bad += _adam(w, gd, mW_dec + j * d_in, vW_dec + j * d_in, d_in, c)
-        nrm = <float>sqrt(_dot_d(w, w, d_in))
+        bad += _adam(w, gd, mW_dec + j * d_out, vW_dec + j * d_out, d_out, c)
+        nrm = <float>sqrt(_dot_d(w, w, d_out))
         if nrm > 0:
-            for k in range(d_in):
+            for k in range(d_out):
                 w[k] = w[k] / nrm
         g = gbe
         bad += _adam(&b_enc[j], &g, &mb_enc[j], &vb_enc[j], 1, c)
@@ -610,6 +618,32 @@ cdef inline Py_ssize_t _finish_feature(Py_ssize_t j, float* gd, float* w, Py_ssi
     return bad
 
 
+def _check_model(const float[:, ::1] x, const float[:, ::1] target,
+                 const float[:, ::1] W_enc, const float[::1] b_enc,
+                 const float[:, ::1] W_dec, const float[::1] b_dec, bint center, d_target,
+                 bint adam, tuple moments):
+    """The extents the backward passes index by, checked before any nogil
+    code: ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+    ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, ``target`` and ``d_target``
+    (None or) ``[N, d_out]``, in ``adam`` mode the 8 moments of those shapes;
+    centering subtracts ``b_dec`` from ``x``, so it needs ``d_out == d_in``.
+    Returns ``(n, d_in, d_sae, d_out)``."""
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    cdef Py_ssize_t d_out = W_dec.shape[1]
+    _check_dims(n, d_in, d_sae, d_out)
+    if (W_enc.shape[0] != d_in or b_enc.shape[0] != d_sae or W_dec.shape[0] != d_sae
+            or b_dec.shape[0] != d_out or target.shape[0] != n or target.shape[1] != d_out
+            or (d_target is not None and tuple(d_target.shape) != (n, d_out))
+            or (center and d_out != d_in)):
+        raise ValueError("jumprelu backward: shape mismatch among x, the target and the "
+                         "parameters")
+    shapes = ((d_in, d_sae), (d_sae,), (d_sae, d_out), (d_out,)) * 2
+    if adam and (len(moments) != 8
+                 or any(tuple(np.shape(m)) != sh for m, sh in zip(moments, shapes))):
+        raise ValueError("jumprelu backward: Adam moments of other shapes than the parameters")
+    return n, d_in, d_sae, d_out
+
+
 # ---------------------------------------------------------------- sparse backward
 def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1] b_enc,
                     const float[:, ::1] W_dec, const float[::1] b_dec,
@@ -618,7 +652,9 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                     double bandwidth, double l0_coefficient, const float[::1] log_threshold,
                     bint adam, tuple moments, const float[::1] adam_consts,
                     float[::1] threshold_m, float[::1] threshold_v,
-                    int64_t[::1] fire_counts, int nthreads, tuple grads=None):
+                    int64_t[::1] fire_counts, int nthreads, tuple grads=None,
+                    const float[:, ::1] target=None, bint center=True,
+                    float[:, ::1] d_target=None):
     """The JumpReLU backward on the candidates' CSR (``values`` = ``pre``,
     every entry ``pre > lo``; see the module docstring).
 
@@ -628,8 +664,18 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     ``numerics.adam_constants``), decoder rows renormalized; else write the
     gradients into ``grads`` = ``(g_W_enc, g_b_enc, g_W_dec, g_b_dec,
     g_log_threshold)``. ``fire_counts`` (int64 ``[d_sae]`` or None) gets the
-    active rows of each feature. Returns ``(mse, nnz_active, bad)``."""
-    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
+    active rows of each feature. Returns ``(mse, nnz_active, bad)``.
+
+    Transcoders: ``target [N, d_out]`` (None: ``x``) is what ``f @ W_dec +
+    b_dec`` fits (``d_out = W_dec.shape[1]``); ``center`` False: the encoder
+    read ``x`` uncentered (``xc = x``, no ``- W_enc @ g_b_enc`` in
+    ``g_b_dec``); ``d_target`` (``[N, d_out]`` or None) receives
+    ``dL/dx_hat``."""
+    if target is None:
+        target = x
+    cdef Py_ssize_t n, d_in, d_sae, d_out
+    n, d_in, d_sae, d_out = _check_model(x, target, W_enc, b_enc, W_dec, b_dec, center,
+                                         d_target, adam, moments)
     if (indptr.shape[0] != n + 1 or theta.shape[0] != d_sae or hi.shape[0] != d_sae
             or log_threshold.shape[0] != d_sae):
         raise ValueError("sparse_backward: CSR or window shape mismatch")
@@ -650,8 +696,8 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     else:
         gWe, gbe_o, gWd, gbd_o, glt_o = grads
         if (gWe.shape[0] != d_in or gWe.shape[1] != d_sae or gWd.shape[0] != d_sae
-                or gWd.shape[1] != d_in or gbe_o.shape[0] != d_sae
-                or gbd_o.shape[0] != d_in or glt_o.shape[0] != d_sae):
+                or gWd.shape[1] != d_out or gbe_o.shape[0] != d_sae
+                or gbd_o.shape[0] != d_out or glt_o.shape[0] != d_sae):
             raise ValueError("sparse_backward: gradient buffer shape mismatch")
     # raw pointers (parameters written only in adam mode, where the front made
     # sure they are writeable)
@@ -660,9 +706,9 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     cdef float* pWd = <float*>&W_dec[0, 0]
     cdef float* pbd = <float*>&b_dec[0]
 
-    # row i: d_xhat_i then xc_i (one contiguous 2 d_in run per row, gathered
+    # row i: d_xhat_i then xc_i (one contiguous d_out + d_in run per row, gathered
     # together in the feature pass)
-    dxc_a = np.empty((n, 2 * d_in), dtype=np.float32)
+    dxc_a = np.empty((n, d_out + d_in), dtype=np.float32)
     row_sq_a = np.empty(n, dtype=np.float64)
     df_a = np.empty(max(nnz, 1), dtype=np.float32)
     cdef float[:, ::1] dxc = dxc_a
@@ -676,21 +722,22 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     # 1. row pass: x_hat from the active entries, d_xhat, xc, d_f at candidates
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
         xh = &dxc[i, 0]
-        for k in range(d_in):
+        for k in range(d_out):
             xh[k] = b_dec[k]
         for e in range(indptr[i], indptr[i + 1]):
             j = indices[e]
             v = values[e]
             if v > theta[j]:
-                _axpy(v, &W_dec[j, 0], xh, d_in)
-        for k in range(d_in):
-            xh[k] = xh[k] - x[i, k]
-        row_sq[i] = _dot_d(xh, xh, d_in)
-        for k in range(d_in):
+                _axpy(v, &W_dec[j, 0], xh, d_out)
+        for k in range(d_out):
+            xh[k] = xh[k] - target[i, k]
+        row_sq[i] = _dot_d(xh, xh, d_out)
+        for k in range(d_out):
             xh[k] = (2.0 * xh[k]) / nf
-            xh[d_in + k] = x[i, k] - b_dec[k]
+        for k in range(d_in):
+            xh[d_out + k] = x[i, k] - b_dec[k] if center else x[i, k]
         for e in range(indptr[i], indptr[i + 1]):
-            df[e] = _dot(xh, &W_dec[indices[e], 0], d_in)
+            df[e] = _dot(xh, &W_dec[indices[e], 0], d_out)
     mse = float(row_sq_a.sum()) / n if n else 0.0
 
     # 2. CSC of the active entries (stable: row order), per-feature sums
@@ -736,22 +783,29 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     g_b_enc32_a = gbe_a.astype(np.float32)
     cdef float[::1] g_b_enc32 = g_b_enc32_a
 
-    # 3. g_b_dec = colsum(d_xhat) - W_enc @ g_b_enc (W_enc before any update)
-    cs_a = np.empty(d_in, dtype=np.float64)
-    g_b_dec_a = np.empty(d_in, dtype=np.float32)
+    # 3. g_b_dec = colsum(d_xhat) - W_enc @ g_b_enc (W_enc before any update; the second
+    #    term only when centering)
+    cs_a = np.empty(d_out, dtype=np.float64)
+    g_b_dec_a = np.empty(d_out, dtype=np.float32)
     cdef double[::1] cs = cs_a
     cdef float[::1] g_b_dec = g_b_dec_a
     cdef int failed = 0
     with nogil:
         if n:
-            failed += _column_sums(&dxc[0, 0], n, d_in, 2 * d_in, &cs[0], nthreads)
+            failed += _column_sums(&dxc[0, 0], n, d_out, d_out + d_in, &cs[0], nthreads)
         else:
-            for k in range(d_in):
+            for k in range(d_out):
                 cs[k] = 0
     if failed:
         raise MemoryError("sparse_backward: could not allocate a column buffer")
-    for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
-        g_b_dec[k] = <float>cs[k] - _dot(&W_enc[k, 0], &g_b_enc32[0], d_sae)
+    if center:
+        for k in prange(d_in, nogil=True, num_threads=nthreads, schedule="static"):
+            g_b_dec[k] = <float>cs[k] - _dot(&W_enc[k, 0], &g_b_enc32[0], d_sae)
+    else:
+        for k in range(d_out):
+            g_b_dec[k] = <float>cs[k]
+    if d_target is not None:
+        np.asarray(d_target)[...] = dxc_a[:, :d_out]
 
     # 4. feature pass
     cdef _Thr th
@@ -780,7 +834,7 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     cdef Py_ssize_t bad = 0
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
-        gd = <float*>malloc(max(d_in, <Py_ssize_t>_FB) * sizeof(float))
+        gd = <float*>malloc(max(d_out, <Py_ssize_t>_FB) * sizeof(float))
         for jb in prange(nblocks, schedule="dynamic"):
             if acc == NULL or gd == NULL:
                 failed += 1
@@ -790,17 +844,17 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                 memset(acc, 0, _FB * d_in * sizeof(float))
                 for jj in range(nb):
                     j = j0 + jj
-                    g = gd if adam else o_gWd + j * d_in
-                    memset(g, 0, d_in * sizeof(float))
+                    g = gd if adam else o_gWd + j * d_out
+                    memset(g, 0, d_out * sizeof(float))
                     for q in range(colptr[j], colptr[j + 1]):
                         r = rows[q]
-                        _axpy(cf[q], &dxc[r, 0], g, d_in)
+                        _axpy(cf[q], &dxc[r, 0], g, d_out)
                         dp = cdp[q]
                         if dp != 0:
-                            _axpy(dp, &dxc[r, d_in], acc + jj * d_in, d_in)
+                            _axpy(dp, &dxc[r, d_out], acc + jj * d_in, d_in)
                     glt = _g_log_threshold(&th, j, wsum[j], wcnt[j])
-                    w = pWd + j * d_in
-                    bad += _finish_feature(j, g, w, d_in, adam, pbe, g_b_enc32[j], o_mWd,
+                    w = pWd + j * d_out
+                    bad += _finish_feature(j, g, w, d_out, adam, pbe, g_b_enc32[j], o_mWd,
                                            o_vWd, o_mbe, o_vbe, o_gbe, &th, glt, &c)
                 if adam:
                     for k in range(d_in):  # the block's W_enc columns (contiguous)
@@ -818,7 +872,7 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
         raise MemoryError("sparse_backward: could not allocate a block buffer "
                           "(parameters may be partly updated)")
     if adam:
-        bad += _adam(pbd, &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
+        bad += _adam(pbd, &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_out, &c)
     else:
         gbd_o[:] = g_b_dec
     return mse, int(nact), int(bad)
@@ -832,11 +886,12 @@ cdef struct _DBufs:
     double* gws    # [fb]
     int64_t* wcn   # [fb]
     int64_t* acn   # [fb]
-    float* gd      # [fb, d_in] g_W_dec block (adam mode)
+    float* gd      # [fb, d_out] g_W_dec block (adam mode)
     float* ge      # [d_in, fb] g_W_enc block, column-major nb x d_in (adam mode)
 
 
-cdef _DBufs _dalloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, bint adam) noexcept nogil:
+cdef _DBufs _dalloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, Py_ssize_t d_out,
+                    bint adam) noexcept nogil:
     cdef _DBufs b
     b.dp = <float*>malloc(rc * fb * sizeof(float))
     b.fo = <float*>malloc(rc * fb * sizeof(float))
@@ -844,7 +899,7 @@ cdef _DBufs _dalloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, bint adam) no
     b.gws = <double*>malloc(fb * sizeof(double))
     b.wcn = <int64_t*>malloc(fb * sizeof(int64_t))
     b.acn = <int64_t*>malloc(fb * sizeof(int64_t))
-    b.gd = <float*>malloc(fb * d_in * sizeof(float)) if adam else NULL
+    b.gd = <float*>malloc(fb * d_out * sizeof(float)) if adam else NULL
     b.ge = <float*>malloc(fb * d_in * sizeof(float)) if adam else NULL
     return b
 
@@ -878,14 +933,18 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                    bint adam, tuple moments, const float[::1] adam_consts,
                    float[::1] threshold_m, float[::1] threshold_v,
                    int64_t[::1] fire_counts, Py_ssize_t tm, Py_ssize_t fb, Py_ssize_t rc,
-                   int nthreads, tuple grads=None):
+                   int nthreads, tuple grads=None, const float[:, ::1] target=None,
+                   bint center=True, float[:, ::1] d_target=None):
     """:func:`sparse_backward` from the dense ``pre [N, d_sae]`` with BLAS
     products (see the module docstring); grid: row chunks of ``tm`` (row
     pass), feature blocks of ``fb`` with row chunks of ``rc`` (feature
-    pass), fixed by the wrapper from the shape. Same arguments and result
-    otherwise."""
-    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_sae = W_enc.shape[1]
-    _check_dims(n, d_in, d_sae)
+    pass), fixed by the wrapper from the shape. Same arguments (transcoders'
+    ``target``, ``center``, ``d_target`` included) and result otherwise."""
+    if target is None:
+        target = x
+    cdef Py_ssize_t n, d_in, d_sae, d_out
+    n, d_in, d_sae, d_out = _check_model(x, target, W_enc, b_enc, W_dec, b_dec, center,
+                                         d_target, adam, moments)
     if tm < 1 or fb < 1 or rc < 1:
         raise ValueError("dense_backward: block sizes must be >= 1")
     if (pre.shape[0] != n or pre.shape[1] != d_sae or theta.shape[0] != d_sae
@@ -908,8 +967,8 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     else:
         gWe, gbe_o, gWd, gbd_o, glt_o = grads
         if (gWe.shape[0] != d_in or gWe.shape[1] != d_sae or gWd.shape[0] != d_sae
-                or gWd.shape[1] != d_in or gbe_o.shape[0] != d_sae
-                or gbd_o.shape[0] != d_in or glt_o.shape[0] != d_sae):
+                or gWd.shape[1] != d_out or gbe_o.shape[0] != d_sae
+                or gbd_o.shape[0] != d_out or glt_o.shape[0] != d_sae):
             raise ValueError("dense_backward: gradient buffer shape mismatch")
     cdef float* pWe = <float*>&W_enc[0, 0]
     cdef float* pbe = <float*>&b_enc[0]
@@ -917,10 +976,13 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     cdef float* pbd = <float*>&b_dec[0]
     cdef const float* P = &pre[0, 0]
 
-    d_xhat_a = np.empty((n, d_in), dtype=np.float32)
-    xc_a = np.empty((n, d_in), dtype=np.float32)
+    d_xhat_a = np.empty((n, d_out), dtype=np.float32)
+    # x - b_dec, or a transcoder's encoder input x as it is
+    xc_a = np.empty((n, d_in), dtype=np.float32) if center else np.asarray(x)
     row_sq_a = np.empty(n, dtype=np.float64)
-    cdef float[:, ::1] d_xhat = d_xhat_a, xc = xc_a
+    cdef float[:, ::1] d_xhat = d_xhat_a
+    cdef const float[:, ::1] xc = xc_a
+    cdef float* xcw = <float*>&xc[0, 0] if center else NULL
     cdef double[::1] row_sq = row_sq_a
     cdef float nf = <float>n
     cdef Py_ssize_t nrb = (n + tm - 1) // tm, rb, r0, mr, i, k
@@ -938,26 +1000,28 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                 r0 = rb * tm
                 mr = min(tm, n - r0)
                 _mask_f(P + r0 * d_sae, d_sae, &theta[0], fbuf, d_sae, mr, d_sae)
-                _sgemm_rm(<blas_int>mr, <blas_int>d_in, <blas_int>d_sae, 1.0, fbuf,
-                          <blas_int>d_sae, &W_dec[0, 0], <blas_int>d_in, 0.0, &d_xhat[r0, 0],
-                          <blas_int>d_in)
+                _sgemm_rm(<blas_int>mr, <blas_int>d_out, <blas_int>d_sae, 1.0, fbuf,
+                          <blas_int>d_sae, &W_dec[0, 0], <blas_int>d_out, 0.0, &d_xhat[r0, 0],
+                          <blas_int>d_out)
                 for i in range(r0, r0 + mr):
                     xh = &d_xhat[i, 0]
-                    for k in range(d_in):
-                        xh[k] = (xh[k] + b_dec[k]) - x[i, k]
-                    row_sq[i] = _dot_d(xh, xh, d_in)
-                    for k in range(d_in):
+                    for k in range(d_out):
+                        xh[k] = (xh[k] + b_dec[k]) - target[i, k]
+                    row_sq[i] = _dot_d(xh, xh, d_out)
+                    for k in range(d_out):
                         xh[k] = (2.0 * xh[k]) / nf
-                        xc[i, k] = x[i, k] - b_dec[k]
+                    if center:
+                        for k in range(d_in):
+                            xcw[i * d_in + k] = x[i, k] - b_dec[k]
         free(fbuf)
     if failed:
         raise MemoryError("dense_backward: could not allocate a row buffer")
     mse = float(row_sq_a.sum()) / n
 
-    cs_a = np.empty(d_in, dtype=np.float64)
+    cs_a = np.empty(d_out, dtype=np.float64)
     cdef double[::1] cs = cs_a
     with nogil:
-        failed += _column_sums(&d_xhat[0, 0], n, d_in, d_in, &cs[0], nthreads)
+        failed += _column_sums(&d_xhat[0, 0], n, d_out, d_out, &cs[0], nthreads)
     if failed:
         raise MemoryError("dense_backward: could not allocate a column buffer")
 
@@ -994,7 +1058,7 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     cdef Py_ssize_t ldge
     cdef float beta, glt
     with nogil, parallel(num_threads=nthreads):
-        b = _dalloc(rcb, fbb, d_in, adam)
+        b = _dalloc(rcb, fbb, d_in, d_out, adam)
         for jb in prange(nblocks, schedule="dynamic"):
             if not _dok(&b, adam):
                 failed += 1
@@ -1006,7 +1070,7 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     ge = b.ge
                     ldge = nb
                 else:
-                    gd = o_gWd + j0 * d_in
+                    gd = o_gWd + j0 * d_out
                     ge = o_gWe + j0
                     ldge = d_sae
                 for jj in range(nb):
@@ -1019,13 +1083,13 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     rcn = min(rc, n - c0)
                     beta = 0.0 if c0 == 0 else 1.0
                     # d_f chunk [rcn, nb] = d_xhat[c0:] @ W_dec[blk].T
-                    _gemm(b'T', b'N', nb, rcn, d_in, &W_dec[j0, 0], d_in, &d_xhat[c0, 0],
-                          d_in, 0.0, b.dp, nb)
+                    _gemm(b'T', b'N', nb, rcn, d_out, &W_dec[j0, 0], d_out, &d_xhat[c0, 0],
+                          d_out, 0.0, b.dp, nb)
                     _dense_epilogue(b.dp, P + c0 * d_sae + j0, d_sae, &theta[j0], &lo[j0],
                                     &hi[j0], b.fo, b.gbe, b.gws, b.wcn, b.acn, rcn, nb)
-                    # g_W_dec[blk] (+)= f.T @ d_xhat[c0:]  (column-major d_in x nb)
-                    _gemm(b'N', b'T', d_in, nb, rcn, &d_xhat[c0, 0], d_in, b.fo, nb, beta,
-                          gd, d_in)
+                    # g_W_dec[blk] (+)= f.T @ d_xhat[c0:]  (column-major d_out x nb)
+                    _gemm(b'N', b'T', d_out, nb, rcn, &d_xhat[c0, 0], d_out, b.fo, nb, beta,
+                          gd, d_out)
                     # g_W_enc[:, blk] (+)= xc[c0:].T @ d_pre  (column-major nb x d_in)
                     _gemm(b'N', b'T', nb, d_in, rcn, b.dp, nb, &xc[c0, 0], d_in, beta, ge,
                           ldge)
@@ -1034,12 +1098,13 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     gb32[j0 + jj] = <float>b.gbe[jj]
                     counts[j0 + jj] = b.acn[jj]
                 # this block's share of W_enc_old @ g_b_enc (before W_enc changes)
-                for k in range(d_in):
-                    part[jb, k] = _dot_d(&W_enc[k, j0], &gb32[j0], nb)
+                if center:
+                    for k in range(d_in):
+                        part[jb, k] = _dot_d(&W_enc[k, j0], &gb32[j0], nb)
                 for jj in range(nb):
                     j = j0 + jj
                     glt = _g_log_threshold(&th, j, b.gws[jj], b.wcn[jj])
-                    bad += _finish_feature(j, gd + jj * d_in, pWd + j * d_in, d_in, adam,
+                    bad += _finish_feature(j, gd + jj * d_out, pWd + j * d_out, d_out, adam,
                                            pbe, gb32[j], o_mWd, o_vWd, o_mbe, o_vbe, o_gbe,
                                            &th, glt, &c)
                 if adam:
@@ -1050,16 +1115,19 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     if failed:
         raise MemoryError("dense_backward: could not allocate a block buffer "
                           "(parameters may be partly updated)")
-    g_b_dec_a = np.empty(d_in, dtype=np.float32)
+    g_b_dec_a = np.empty(d_out, dtype=np.float32)
     cdef float[::1] g_b_dec = g_b_dec_a
     cdef double a
-    for k in range(d_in):
+    for k in range(d_out):
         a = cs[k]
-        for jb in range(nblocks):
-            a -= part[jb, k]
+        if center:
+            for jb in range(nblocks):
+                a -= part[jb, k]
         g_b_dec[k] = <float>a
+    if d_target is not None:
+        d_target[:, :] = d_xhat
     if adam:
-        bad += _adam(pbd, &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_in, &c)
+        bad += _adam(pbd, &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_out, &c)
     else:
         gbd_o[:] = g_b_dec
     if fire_counts is not None:

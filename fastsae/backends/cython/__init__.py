@@ -6,7 +6,9 @@ the same name here (``encode``, ``topk``, ``decode``, ``norms``,
 ``backward``, ``adam``, ``dense``, ``jumprelu``; ``step`` assembles the
 ReLU and TopK training steps, ``jumprelu`` the JumpReLU one, ``matryoshka``
 the Matryoshka BatchTopK one (on ``_backward``'s kernels, given widths),
-``_threads`` holds the thread control; ``kernels/README.md`` has the table). They are the
+``_threads`` holds the thread control, ``transcoder`` what every gradient
+and training function adds for transcoders and skip transcoders (``y``);
+``kernels/README.md`` has the table). They are the
 same algorithms as the Numba backend:
 
 * encode: tiled BLAS ``sgemm`` (from ``scipy.linalg.cython_blas``) with the

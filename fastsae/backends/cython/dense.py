@@ -23,8 +23,9 @@ float32 tolerance of the reference and do not depend on the thread count
 sparse path's.
 
 Arrays come from the validating front: C-contiguous float32 in SAELens
-layouts (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), canonical
-:class:`SparseCodes`, ``fire_counts`` int64 ``[d_sae]`` or None.
+layouts (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``), canonical
+:class:`SparseCodes`, ``fire_counts`` int64 ``[d_sae]`` or None, ``y``
+None or a transcoder's target ``[N, d_out]`` (see :mod:`.transcoder`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..tunables import (CYTHON_DENSE_DECODE_ROWS_MAX, CYTHON_DENSE_DECODE_ROWS_M
                         CYTHON_DENSE_MIN_FEATURE_BLOCKS, CYTHON_DENSE_ROW_BLOCK_MAX,
                         CYTHON_DENSE_ROW_BLOCK_MIN, CYTHON_DENSE_ROW_CHUNK)
 from . import _backward, _dense
+from . import transcoder as TC
 from ._threads import blas_single, threads
 from .adam import moment_arrays, step_constants
 from .norms import decoder_column_norms
@@ -68,8 +70,9 @@ def row_block(n: int) -> int:
 
 def step(params: SAEParams, state: AdamState, x, f, norms, *, l1_coefficient, lr,
          decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-         fire_counts=None) -> StepResult:
-    """The rest of a ReLU training step on dense codes, in place.
+         fire_counts=None, y=None) -> StepResult:
+    """The rest of a ReLU training step on dense codes, in place (``y``: a
+    transcoder's target, ``f`` then encoded from ``x`` uncentered).
 
     ``x`` float32 ``[N, d_in]``; ``f`` float32 ``[N, d_sae]`` C-contiguous,
     ``relu((x - b_dec) @ W_enc + b_enc)`` under ``params`` (from
@@ -84,14 +87,17 @@ def step(params: SAEParams, state: AdamState, x, f, norms, *, l1_coefficient, lr
     work = n * d_in * d_sae
     nt = threads(work)
     t, consts = step_constants(state, lr, beta1, beta2, eps)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)  # before the blas guard: full pool
     with blas_single():
         mse, l1, nnz, bad = _dense.step_backward(
             x, f, params.W_enc, params.b_enc, params.W_dec, params.b_dec, norms,
             float(l1_coefficient), decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
             *moment_arrays(state), consts, fire_counts, row_block(n), feature_block(d_sae),
-            CYTHON_DENSE_ROW_CHUNK, nt)
+            CYTHON_DENSE_ROW_CHUNK, nt, **kw)
+    bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
-    var = _backward.batch_variance(x, threads(x.size))
+    t_fit = TC.fit_target(x, y)
+    var = _backward.batch_variance(t_fit, threads(t_fit.size))
     return relu_step_result(mse, l1, nnz, n, var, params_finite=bad == 0)
 
 
@@ -118,20 +124,22 @@ def decode_csr(codes: SparseCodes, W_dec, b_dec):
     return out
 
 
-def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm, y=None):
     """Loss parts and gradients (see :func:`fastsae.reference.gradients`)
-    with dense BLAS products. ``x, x_hat`` float32 ``[N, d_in]``; ``codes``
-    dense float32 ``[N, d_sae]`` (used as given) or :class:`SparseCodes`
-    (made dense first). Returns ``(Losses, SAEParams)`` of float32 gradients
-    in the parameters' layouts."""
+    with dense BLAS products. ``x`` float32 ``[N, d_in]``, ``x_hat`` ``[N,
+    d_out]`` (the full reconstruction); ``codes`` dense float32 ``[N,
+    d_sae]`` (used as given) or :class:`SparseCodes` (made dense first);
+    ``y`` a transcoder's target. Returns ``(Losses, SAEParams)`` of float32
+    gradients in the parameters' layouts."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     f = to_dense(codes) if isinstance(codes, SparseCodes) else codes
     norms = decoder_column_norms(params.W_dec)
-    g = SAEParams(*(np.empty_like(a) for a in params.arrays()))
+    g = SAEParams(*(np.empty_like(getattr(params, k)) for k in SAEParams.NAMES))
+    kw = TC.kernel_args(x, params, y, builds_recon=False)
     with blas_single():
         mse, l1 = _dense.gradients(
             x, x_hat, f, params.W_enc, params.W_dec, params.b_dec, norms, float(l1_coefficient),
             decoder_norm == "weighted_l1", decoder_norm == "unit_norm", g.W_enc, g.b_enc,
             g.W_dec, g.b_dec, feature_block(d_sae), CYTHON_DENSE_ROW_CHUNK,
-            threads(n * d_in * d_sae))
-    return Losses(mse=mse, l1=l1, total=mse + l1), g
+            threads(n * d_in * d_sae), **kw)
+    return Losses(mse=mse, l1=l1, total=mse + l1), TC.with_skip_gradient(g, x, kw)

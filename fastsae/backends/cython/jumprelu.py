@@ -24,7 +24,9 @@ Which path ran: the calls go through this module's attributes
 ``_sparse_backward`` and ``_dense_backward`` (tests replace them to spy).
 Arrays come from the validating front (C-contiguous float32 in SAELens
 layouts, ``log_threshold`` and its moments float32 ``[d_sae]``,
-``fire_counts`` int64 ``[d_sae]`` or None, ``bandwidth > 0``).
+``fire_counts`` int64 ``[d_sae]`` or None, ``bandwidth > 0``, ``y`` None
+or a transcoder's target ``[N, d_out]``: the encoder then reads ``x``
+uncentered and the kernels fit ``y - x @ W_skip.T``, see :mod:`.transcoder`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .. import tunables as TU
 from .. import numerics as NU
 from ..numerics import jumprelu_step_result
 from . import _backward, _jumprelu
+from . import transcoder as TC
 from ._threads import blas_single, row_tile, threads
 from .adam import moment_arrays, step_constants
 from .dense import feature_block
@@ -95,11 +98,14 @@ _dense_backward = _jumprelu.dense_backward
 
 
 def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, moments=(),
-         consts=None, threshold_m=None, threshold_v=None, fire_counts=None, grads=None):
-    """Encode, then the sparse or the dense backward: ``(mse, nnz, bad)``."""
+         consts=None, threshold_m=None, threshold_v=None, fire_counts=None, grads=None, kw=None,
+         y=None):
+    """Encode, then the sparse or the dense backward: ``(mse, nnz, bad)``.
+    ``kw``: the kernels' transcoder keywords (:func:`.transcoder.kernel_args`)."""
     n, d_in, d_sae = int(x.shape[0]), params.d_in, params.d_sae
+    kw = kw or {}
     theta, lo, hi = window(log_threshold, bandwidth)
-    pre, csr = encode_candidates(x, params.W_enc, params.b_enc, params.b_dec, lo,
+    pre, csr = encode_candidates(x, params.W_enc, params.b_enc, TC.centering(params, y), lo,
                                  TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)
     common = (float(bandwidth), float(l0_coefficient), log_threshold, adam, tuple(moments),
               consts, threshold_m, threshold_v, fire_counts)
@@ -108,37 +114,46 @@ def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, m
             return _dense_backward(
                 x, pre, params.W_enc, params.b_enc, params.W_dec, params.b_dec, theta, lo, hi,
                 *common, _row_chunk(n, d_sae), feature_block(d_sae), TU.CYTHON_DENSE_ROW_CHUNK,
-                threads(n * d_in * d_sae), grads)
+                threads(n * d_in * d_sae), grads, **kw)
     indptr, indices, values = csr
     nt = threads((3 * indices.shape[0] + n) * d_in + 3 * d_in * d_sae)
     return _sparse_backward(x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, indptr,
-                            indices, values, theta, hi, *common, nt, grads)
+                            indices, values, theta, hi, *common, nt, grads, **kw)
 
 
-def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
+                       y=None):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.reference.jumprelu_gradients`): ``(Losses, SAEParams,
-    g_log_threshold)``, the ``W_dec`` gradient projected."""
+    g_log_threshold)``, the ``W_dec`` gradient projected; ``y`` a
+    transcoder's target (``W_skip``'s gradient ``D.T @ x``)."""
     n = int(x.shape[0])
-    g = SAEParams(*(np.empty_like(a) for a in params.arrays()))
+    g = SAEParams(*(np.empty_like(getattr(params, k)) for k in SAEParams.NAMES))
     g_lt = np.empty_like(log_threshold)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)
     mse, nnz, _ = _run(x, params, log_threshold, bandwidth, l0_coefficient, False,
-                       grads=(g.W_enc, g.b_enc, g.W_dec, g.b_dec, g_lt))
+                       grads=(g.W_enc, g.b_enc, g.W_dec, g.b_dec, g_lt), kw=kw, y=y)
     l0_loss = float(l0_coefficient) * nnz / n
-    return Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss), g, g_lt
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+            TC.with_skip_gradient(g, x, kw), g_lt)
 
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
-                        eps=1e-8, fire_counts=None) -> StepResult:
+                        eps=1e-8, fire_counts=None, y=None) -> StepResult:
     """One JumpReLU step in place (see the module docstring): the four
-    parameters, ``log_threshold`` and its moments (Adam at step
-    ``state.step + 1``), decoder rows renormalized, ``fire_counts`` added to."""
+    parameters (and a skip transcoder's ``W_skip``), ``log_threshold`` and
+    its moments (Adam at step ``state.step + 1``), decoder rows
+    renormalized, ``fire_counts`` added to; ``y`` a transcoder's target."""
     n = int(x.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)
     mse, nnz, bad = _run(x, params, log_threshold, bandwidth, l0_coefficient, True,
-                         moment_arrays(state), consts, threshold_m, threshold_v, fire_counts)
+                         moment_arrays(state), consts, threshold_m, threshold_v, fire_counts,
+                         kw=kw, y=y)
+    bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
-    var = _backward.batch_variance(x, threads(x.size))
+    t_fit = TC.fit_target(x, y)
+    var = _backward.batch_variance(t_fit, threads(t_fit.size))
     return jumprelu_step_result(mse, float(l0_coefficient) * nnz / n, nnz, n, var,
                                 params_finite=bad == 0)

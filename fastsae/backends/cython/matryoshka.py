@@ -27,13 +27,17 @@ from ._threads import threads
 from .backward import _backward_threads, _empty_like
 from .encode import csr_arrays
 from .step import selection_step
+from . import transcoder as TC
 
 
-def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0,
+                         y=None):
     """Losses (``prefix_mse`` one per width, ``total = sum(prefix_mse) +
     aux``) and gradients (``W_dec``'s projected) of a Matryoshka BatchTopK
     step on the given codes; AuxK's term when ``aux_codes`` and
-    ``aux_weight > 0``."""
+    ``aux_weight > 0``; ``y`` a transcoder's target (the kernel builds the
+    prefix reconstructions, so it fits ``y - x @ W_skip.T``; ``W_skip``'s
+    gradient is ``D_0.T @ x``)."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     indptr, indices, values = csr_arrays(codes, threads(n * d_sae))
     use_aux = aux_codes is not None and aux_weight > 0
@@ -46,11 +50,13 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
     nt = _backward_threads(n, d_in, d_sae, nnz_all)
     grads = _empty_like(params)
     prefix_sq = np.zeros(widths.shape[0], dtype=np.float64)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)
     out = _backward.gradients_csr(
         x, None, params.W_enc, params.W_dec, params.b_dec, indptr, indices, values,
         np.ones(d_sae, dtype=np.float32), 0.0, False, True,
         grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec, None, nt, *aux_args,
-        widths=widths, prefix_sq=prefix_sq)
+        widths=widths, prefix_sq=prefix_sq, **kw)
+    TC.with_skip_gradient(grads, x, kw)
     aux = out[2] if use_aux else 0.0
     pm = tuple(float(s) / n for s in prefix_sq)
     return Losses(mse=pm[-1], l1=0.0, total=sum(pm) + aux, aux=aux, prefix_mse=pm), grads
@@ -58,12 +64,13 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state, x, *, k, widths, lr, beta1=0.9,
                           beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None, k_aux=0,
-                          aux_coefficient=0.0):
+                          aux_coefficient=0.0, y=None):
     """One Matryoshka BatchTopK step (BatchTopK encode, AuxK among the dead
     latents, backward over the prefixes with Adam fused, decoder rows
-    renormalized), in place; the losses are measured before the update."""
+    renormalized), in place; the losses are measured before the update;
+    ``y`` a transcoder's target."""
     codes, prefix_sq, aux, bad, var = selection_step(
         params, state, x, k, "batchtopk", widths, lr, beta1, beta2, eps, fire_counts,
-        dead_mask, k_aux, aux_coefficient)
+        dead_mask, k_aux, aux_coefficient, y)
     return matryoshka_step_result(prefix_sq, aux, codes.nnz, x.shape[0], var, codes.values,
                                   params_finite=bad == 0)

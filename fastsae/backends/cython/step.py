@@ -14,6 +14,8 @@ matrix is stored. Arguments come from the validating front: ``params`` and
 the Adam moments C-contiguous float32 in SAELens layouts, ``x [N, d_in]``,
 ``fire_counts`` int64 ``[d_sae]`` (writeable) or None, ``dead_mask`` bool
 ``[d_sae]`` or None, ``decoder_norm`` and ``activation`` known modes.
+Transcoders (``y``): the kernels' target and centering and ``W_skip``'s
+gradient and Adam as :mod:`.transcoder` describes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ...params import AdamState, SAEParams, StepResult
 from .. import tunables as TU
 from ..numerics import auxk_active, auxk_weight, relu_step_result, topk_step_result
 from . import _backward, dense
+from . import transcoder as TC
 from ._threads import threads
 from .adam import moment_arrays, step_constants
 from .decode import decode_csr
@@ -38,37 +41,40 @@ def _step_threads(n, d_in, d_sae, nnz):
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None) -> StepResult:
+               fire_counts=None, y=None) -> StepResult:
     """Forward (fused sparse encode, sparse decode), sparse backward and fused
     Adam on batch ``x``, updating ``params``, ``state`` and ``fire_counts``
     in place; or, when this batch's codes are dense (see the module
     docstring), the same with dense codes through :func:`.dense.step`.
-    Returns the batch's losses, L0 and explained variance, measured before
-    the update."""
+    ``y``: a transcoder's target. Returns the batch's losses, L0 and
+    explained variance, measured before the update."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     norms = decoder_column_norms(params.W_dec)
-    f, codes = encode_relu_switch(x, params.W_enc, params.b_enc, params.b_dec,
+    f, codes = encode_relu_switch(x, params.W_enc, params.b_enc, TC.centering(params, y),
                                   TU.CYTHON_RELU_DENSE_MIN_DENSITY)
     if f is not None:
         return dense.step(params, state, x, f, norms, l1_coefficient=l1_coefficient, lr=lr,
                           decoder_norm=decoder_norm, beta1=beta1, beta2=beta2, eps=eps,
-                          fire_counts=fire_counts)
+                          fire_counts=fire_counts, y=y)
     x_hat = decode_csr(codes, params.W_dec, params.b_dec)
     nt = _step_threads(n, d_in, d_sae, codes.indices.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)  # x_hat has no skip term
     mse, l1, _, bad = _backward.train_backward(
         x, x_hat, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
         codes.indptr, codes.indices, codes.values, norms, float(l1_coefficient),
         decoder_norm == "weighted_l1", decoder_norm == "unit_norm",
-        *moment_arrays(state), consts, fire_counts, nt)
+        *moment_arrays(state), consts, fire_counts, nt, **kw)
+    bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
-    var = _backward.batch_variance(x, threads(x.size))
+    t_fit = TC.fit_target(x, y)
+    var = _backward.batch_variance(t_fit, threads(t_fit.size))
     return relu_step_result(mse, l1, codes.nnz, n, var, params_finite=bad == 0)
 
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One TopK/BatchTopK step (fused top-k encode, AuxK, sparse backward
     with the decode fused into its row pass, Adam, decoder rows
     renormalized), in place; see :func:`fastsae.reference.train_step_topk`.
@@ -78,33 +84,35 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     epilogue as the TopK one (one encoder product; BatchTopK selects it with
     its own pass over the gathered dead columns), and the backward and Adam
     are one ``train_backward`` call for both loss terms (the AuxK codes are
-    stacked under the main ones), run as one Matryoshka level ``[d_sae]``."""
+    stacked under the main ones), run as one Matryoshka level ``[d_sae]``. ``y``: a transcoder's
+    target."""
     codes, prefix_sq, aux, bad, var = selection_step(
         params, state, x, k, activation, np.array([params.d_sae], np.int64), lr, beta1, beta2,
-        eps, fire_counts, dead_mask, k_aux, aux_coefficient)
+        eps, fire_counts, dead_mask, k_aux, aux_coefficient, y)
     return topk_step_result(prefix_sq[0] / x.shape[0], aux, codes.nnz, x.shape[0], var,
                             codes.values, params_finite=bad == 0)
 
 
 def selection_step(params, state, x, k, activation, widths, lr, beta1, beta2, eps,
-                   fire_counts, dead_mask, k_aux, aux_coefficient):
+                   fire_counts, dead_mask, k_aux, aux_coefficient, y=None):
     """The TopK-family step (TopK or BatchTopK selection, AuxK, backward over
     the Matryoshka prefixes ``widths`` with Adam fused), in place: returns
     ``(codes, prefix_sq, aux, bad, var)`` with ``prefix_sq`` each prefix's
     sum of squared errors (float64 ``[L]``), ``aux`` the weighted AuxK loss,
-    ``bad`` nonzero when an update is non-finite, ``var`` the batch variance."""
+    ``bad`` nonzero when an update is non-finite, ``var`` the batch variance
+    (of the target: ``y`` for a transcoder)."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     use_aux = auxk_active(dead_mask, k_aux, aux_coefficient)
     aux_codes = None
+    b_c = TC.centering(params, y)
     if use_aux and activation == "topk":
-        codes, aux_codes = encode_topk_with_aux(x, params.W_enc, params.b_enc, params.b_dec,
-                                                k, dead_mask, k_aux)
+        codes, aux_codes = encode_topk_with_aux(x, params.W_enc, params.b_enc, b_c, k,
+                                                dead_mask, k_aux)
     else:
         enc = encode_topk if activation == "topk" else encode_batchtopk
-        codes = enc(x, params.W_enc, params.b_enc, params.b_dec, k)
+        codes = enc(x, params.W_enc, params.b_enc, b_c, k)
         if use_aux:
-            aux_codes = encode_aux(x, params.W_enc, params.b_enc, params.b_dec, dead_mask,
-                                   k_aux)
+            aux_codes = encode_aux(x, params.W_enc, params.b_enc, b_c, dead_mask, k_aux)
     nnz_all = codes.indices.shape[0] + (aux_codes.indices.shape[0] if use_aux else 0)
     nt = _step_threads(n, d_in, d_sae, nnz_all)
     t, consts = step_constants(state, lr, beta1, beta2, eps)
@@ -113,11 +121,14 @@ def selection_step(params, state, x, k, activation, widths, lr, beta1, beta2, ep
         aux_args = (aux_codes.indptr, aux_codes.indices, aux_codes.values,
                     auxk_weight(dead_mask, k_aux, aux_coefficient))
     prefix_sq = np.zeros(widths.shape[0], dtype=np.float64)
+    kw = TC.kernel_args(x, params, y, builds_recon=True)
     _, _, aux, bad = _backward.train_backward(
         x, None, params.W_enc, params.b_enc, params.W_dec, params.b_dec,
         codes.indptr, codes.indices, codes.values, np.ones(d_sae, dtype=np.float32), 0.0,
         False, True, *moment_arrays(state), consts, fire_counts, nt, *aux_args,
-        widths=widths, prefix_sq=prefix_sq)
+        widths=widths, prefix_sq=prefix_sq, **kw)
+    bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
-    var = _backward.batch_variance(x, threads(x.size))
+    t_fit = TC.fit_target(x, y)
+    var = _backward.batch_variance(t_fit, threads(t_fit.size))
     return codes, prefix_sq, aux, bad, var
