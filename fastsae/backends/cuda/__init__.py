@@ -26,6 +26,10 @@ code that launches them:
                with prefix levels (one decode walk stores every prefix's
                reconstruction; suffix-summed residual gradients),
                :func:`matryoshka_gradients`, :func:`train_step_matryoshka`
+``transcoder`` what transcoders and skip transcoders change (the target
+               ``y``, no input centring, the skip term ``x @ W_skip.T`` and
+               its gradient by the encoder's GEMM): every gradient and
+               training function takes ``y`` last
 
 Arrays: every function takes NumPy arrays (copied to the GPU, results copied
 back) or device arrays (numba's, or anything with

@@ -15,7 +15,8 @@ second pass over ``W_dec``.
 
 The scalars are those of :func:`fastsae.backends.numerics.adam_constants`,
 in its order (``b1, b2, 1 - b1, 1 - b2, lr, eps, bc1, bc2``); :func:`_adam`
-launches both kernels over the four parameter arrays.
+launches both kernels over the parameter arrays (the four of every model,
+and a skip transcoder's ``W_skip``).
 
 Both kernels also set ``flag[slot] = 1`` when a parameter they write is inf
 or NaN (the pass touches every parameter anyway; the step fetches the flag
@@ -30,7 +31,6 @@ import math
 import numpy as np
 from numba import cuda
 
-from ...params import SAEParams
 from ..numerics import adam_constant_tuple
 from .common import BLOCK, _flat, block_sum, fill_kernel, flat_grid, grid_for
 
@@ -105,7 +105,7 @@ def _adam(P, G, M, V, step, lr, beta1, beta2, eps, unit_norm, flag, slot):
     updated parameter is inf or NaN."""
     fill_kernel[1, 1](flag[slot:slot + 1], 0.0)
     scalars = adam_constant_tuple(lr, beta1, beta2, eps, step + 1) + (flag, np.int64(slot))
-    for name in SAEParams.NAMES:
+    for name in P.names:  # a skip transcoder's W_skip too
         p, g, m, v = (getattr(o, name) for o in (P, G, M, V))
         if name == "W_dec" and unit_norm:
             adam_rows_renorm_kernel[grid_for(p.shape[0]), BLOCK](p, g, m, v, *scalars)

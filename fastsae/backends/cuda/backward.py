@@ -24,9 +24,15 @@ needs the active entries:
   ``d_in``: ``g_W_dec[j] = sum f_ij d_xhat_i`` (+ the weighted-L1 norm term,
   or the unit-norm projection), ``g_W_enc^T[j] = sum d_pre_ij (x_i - b_dec)``,
   ``g_b_enc[j]``, ``sum_i f_ij`` and the feature's L1 term.
-* :func:`transpose_kernel` turns ``g_W_enc^T`` into the ``[d_in, d_sae]``
-  layout (both sides coalesced through a shared tile).
+* :func:`~.common.transpose_kernel` turns ``g_W_enc^T`` into the ``[d_in,
+  d_sae]`` layout (both sides coalesced through a shared tile).
 * :func:`matvec_sub_kernel`: ``g_b_dec -= W_enc @ g_b_enc``.
+
+Transcoders (``y`` given, see :mod:`.transcoder`): the target ``x`` above
+is ``y`` and ``x_hat`` its full reconstruction (``d_out`` wide, the skip
+term included); the encoder's input is ``x`` uncentred (``b_dec`` above
+becomes zeros) and ``g_b_dec`` has no ``- W_enc @ g_b_enc`` term; a skip
+transcoder's ``g_W_skip = d_xhat.T @ x`` is one GEMM.
 * :func:`aux_residual_kernel`: the AuxK term's residual gradient
   ``d_ehat`` and its per-row squared error (TopK training).
 
@@ -52,14 +58,14 @@ from ...params import Losses, SAEParams
 from ...sparse import SparseCodes
 from .common import (BLOCK, CHUNK_ROWS, COLSUM_ROWS, GROUPS, LANES, TILE, TILE_ROWS,
                      _flat, _single_block, _zero, add_kernel, block_sum, block_sum2,
-                     exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
+                     exclusive_scan_kernel, flat_grid, grid_for, sum_kernel,
+                     transpose_kernel)
 from .decode import _no_widths, _one_level, _sparse_decode
 from .encode import _dense_to_sparse
 from .norms import _norms
 from .placement import (_any_device, _codes_device, _device, _empty_like_params,
                         _params_device, _params_out, _work, _work_at_least)
-
-_TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
+from .transcoder import _device_or_none, _input_shift, _skip_grad, _target, _zeros
 
 
 @cuda.jit(device=True, inline=True)
@@ -261,7 +267,7 @@ def csc_fill_kernel(indptr, indices, chunk_rows, colptr, offsets, entry_of, row_
 
 
 @cuda.jit(cache=True)
-def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, b_dec,
+def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, shift,
                         W_dec, norms, weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat):
     """Per-feature gradients from the CSC lists; one block per feature.
 
@@ -270,19 +276,24 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, 
     plus, if ``weighted``, ``(l1_scale * sum f) * W_dec[j] / norms[j]``
     (norm 0: nothing), else (unit_norm) minus
     its component along ``W_dec[j]``; ``g_W_encT[j] = sum d_pre (x[i] -
-    b_dec)``; ``g_b_enc[j] = sum d_pre``; ``l1_feat[j] = (sum f) * pen_j``
-    (pen = norm or 1). Shapes: g_W_dec, g_W_encT, W_dec float32 ``[d_sae,
-    d_in]``; x float32 ``[N, d_in]``; d_xhat float32 ``[L, N, d_in]``;
-    widths int64 ``[L]`` (unread when L = 1); colptr int64 ``[d_sae + 1]``;
+    shift)`` (``shift`` the encoder's input centering: an SAE's ``b_dec``, a
+    transcoder's zeros); ``g_b_enc[j] = sum d_pre``; ``l1_feat[j] = (sum f)
+    * pen_j`` (pen = norm or 1). Shapes: g_W_dec, W_dec float32 ``[d_sae,
+    d_out]``; g_W_encT float32 ``[d_sae, d_in]``; x float32 ``[N, d_in]``;
+    shift float32 ``[d_in]``; d_xhat float32 ``[L, N, d_out]``; widths
+    int64 ``[L]`` (unread when L = 1); colptr int64 ``[d_sae + 1]``;
     entry_of int64, row_of int32 ``[nnz]``. Block ``BLOCK`` threads over
-    d_in. Every thread walks the entry list itself (it is cached and short
-    next to d_in) so no barrier is needed except the unit-norm reductions.
+    ``max(d_in, d_out)`` (equal for an SAE). Every thread walks the entry
+    list itself (it is cached and short next to the widths) so no barrier is
+    needed except the unit-norm reductions.
     """
     sh = cuda.shared.array((2, BLOCK), np.float32)
     t = cuda.threadIdx.x
     nl = d_xhat.shape[0]
     d_sae = W_dec.shape[0]
-    d_in = W_dec.shape[1]
+    d_out = W_dec.shape[1]
+    d_in = x.shape[1]
+    d_max = max(d_in, d_out)
     for j in range(cuda.blockIdx.x, d_sae, cuda.gridDim.x):
         g = _level(widths, nl, j)
         s = colptr[j]
@@ -299,22 +310,30 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, 
             coef = l1_scale * fs
         dot = np.float32(0.0)
         sq = np.float32(0.0)
-        for k in range(t, d_in, BLOCK):
+        for k in range(t, d_max, BLOCK):
+            out_k = k < d_out  # uniform per thread: k's two roles
+            in_k = k < d_in
             ad = np.float32(0.0)
             ae = np.float32(0.0)
-            bk = b_dec[k]
+            bk = np.float32(0.0)
+            if in_k:
+                bk = shift[k]
             for q in range(s, e):
                 p = entry_of[q]
                 i = row_of[q]
-                ad += values[p] * d_xhat[g, i, k]
-                ae += dpre[p] * (x[i, k] - bk)
-            w = W_dec[j, k]
-            if weighted and nj > 0:
-                ad += coef * (w / nj)
-            g_W_dec[j, k] = ad
-            g_W_encT[j, k] = ae
-            dot += ad * w
-            sq += w * w
+                if out_k:
+                    ad += values[p] * d_xhat[g, i, k]
+                if in_k:
+                    ae += dpre[p] * (x[i, k] - bk)
+            if out_k:
+                w = W_dec[j, k]
+                if weighted and nj > 0:
+                    ad += coef * (w / nj)
+                g_W_dec[j, k] = ad
+                dot += ad * w
+                sq += w * w
+            if in_k:
+                g_W_encT[j, k] = ae
         if t == 0:
             g_b_enc[j] = ds
             if weighted:
@@ -325,35 +344,8 @@ def feature_grad_kernel(colptr, entry_of, row_of, values, dpre, d_xhat, widths, 
             dsum, ssum = block_sum2(sh, t, dot, sq)
             if ssum > 0:
                 proj = dsum / ssum
-                for k in range(t, d_in, BLOCK):
+                for k in range(t, d_out, BLOCK):
                     g_W_dec[j, k] -= proj * W_dec[j, k]
-
-
-@cuda.jit(cache=True)
-def transpose_kernel(src, dst):
-    """``dst = src.T``; src float32 ``[R, C]``, dst float32 ``[C, R]``.
-
-    Grid ``(ceil(C / TILE), ceil(R / TILE))``, block ``(TILE, TILE_ROWS)``;
-    the shared tile has one padding column against bank conflicts.
-    """
-    tile = cuda.shared.array((TILE, _TILE_COLS), np.float32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    c0 = cuda.blockIdx.x * TILE
-    r0 = cuda.blockIdx.y * TILE
-    R = src.shape[0]
-    C = src.shape[1]
-    for yy in range(ty, TILE, TILE_ROWS):
-        r = r0 + yy
-        c = c0 + tx
-        if r < R and c < C:
-            tile[yy, tx] = src[r, c]
-    cuda.syncthreads()
-    for yy in range(ty, TILE, TILE_ROWS):
-        r = c0 + yy  # row of dst = column of src
-        c = r0 + tx
-        if r < C and c < R:
-            dst[r, c] = tile[tx, yy]
 
 
 @cuda.jit(cache=True)
@@ -407,35 +399,37 @@ def _colsum(A, div, out):
 
 def _residual(x, x_hat):
     """``d_xhat`` (workspace) and the per-row squared error and squared
-    deviation from the batch mean (float64 workspaces). ``x_hat`` ``[N,
-    d_in]`` gives ``d_xhat`` ``[N, d_in]`` and ``row_mse`` ``[N]``; the
-    Matryoshka prefixes' ``[L, N, d_in]`` give the suffix sums ``d_xhat``
-    ``[L, N, d_in]`` (see :func:`residual_kernel`) and ``row_mse`` ``[L, N]``."""
-    n, d_in = x.shape
+    deviation from the batch mean (float64 workspaces) of the target ``x``
+    (a transcoder's ``y``, ``d = d_out`` wide). ``x_hat`` ``[N, d]`` gives
+    ``d_xhat`` ``[N, d]`` and ``row_mse`` ``[N]``; the Matryoshka prefixes'
+    ``[L, N, d]`` give the suffix sums ``d_xhat`` ``[L, N, d]`` (see
+    :func:`residual_kernel`) and ``row_mse`` ``[L, N]``."""
+    n, d = x.shape
     levels = _one_level(x_hat)
     nl = levels.shape[0]
-    mean = _colsum(x, n, _work("mean", d_in))
-    d_xhat = _work("d_xhat", (nl, n, d_in))
+    mean = _colsum(x, n, _work("mean", d))
+    d_xhat = _work("d_xhat", (nl, n, d))
     row_mse = _work("row_mse", (nl, n), np.float64)
     row_var = _work("row_var", n, np.float64)
     residual_kernel[grid_for(n), BLOCK](x, levels, mean, np.float32(n), d_xhat, row_mse,
                                         row_var)
     if len(x_hat.shape) == 2:
-        return d_xhat.reshape(n, d_in), row_mse.reshape(n), row_var
+        return d_xhat.reshape(n, d), row_mse.reshape(n), row_var
     return d_xhat, row_mse, row_var
 
 
 def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_enc, tag,
-                  weighted=False, l1_scale=np.float32(0), l1_feat=None, widths=None):
-    """Sparse backward of one code set against ``d_xhat`` (``[N, d_in]``, or
-    the Matryoshka suffix sums ``[L, N, d_in]`` with ``widths``, int64
+                  weighted=False, l1_scale=np.float32(0), l1_feat=None, widths=None, y=None):
+    """Sparse backward of one code set against ``d_xhat`` (``[N, d_out]``,
+    or the Matryoshka suffix sums ``[L, N, d_out]`` with ``widths``, int64
     device ``[L]``: feature j reads its level's): d_pre, a stable
     CSR -> CSC transpose, then per feature ``g_W_dec`` (projected unless
-    ``weighted``), ``g_W_encT`` and ``g_b_enc`` overwritten; with
-    ``l1_scale`` the L1 term (``weighted``: by decoder norm) is included and
-    its per-feature parts written to ``l1_feat``. ``tag`` names the
-    workspaces of a second code set (AuxK). Returns the per-feature entry
-    counts (int64 [d_sae] workspace)."""
+    ``weighted``), ``g_W_encT`` (against ``x`` centred as the encoder saw
+    it: uncentred when ``y``, a transcoder's target, is given) and
+    ``g_b_enc`` overwritten; with ``l1_scale`` the L1 term (``weighted``: by
+    decoder norm) is included and its per-feature parts written to
+    ``l1_feat``. ``tag`` names the workspaces of a second code set (AuxK).
+    Returns the per-feature entry counts (int64 [d_sae] workspace)."""
     n = x.shape[0]
     d_sae = P.W_enc.shape[1]
     nnz = indices.shape[0]
@@ -461,36 +455,40 @@ def _feature_pass(x, P, indptr, indices, values, d_xhat, g_W_dec, g_W_encT, g_b_
     if l1_feat is None:
         l1_feat = _work("l1_feat", d_sae)
     feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, P.b_dec, P.W_dec, norms,
-        weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
+        colptr, entry_of, row_of, values, dpre, d_xhat, widths, x, _input_shift(P, y, True),
+        P.W_dec, norms, weighted, l1_scale, g_W_dec, g_W_encT, g_b_enc, l1_feat)
     return colcount
 
 
-def _encoder_grads(P, g, g_W_encT):
-    """``g.W_enc = g_W_encT.T`` and ``g.b_dec -= W_enc @ g.b_enc``."""
+def _encoder_grads(P, g, g_W_encT, y=None):
+    """``g.W_enc = g_W_encT.T`` and, for an SAE (``y`` None: the encoder
+    centres by ``b_dec``), ``g.b_dec -= W_enc @ g.b_enc``."""
     d_sae, d_in = g_W_encT.shape
     transpose_kernel[(-(-d_in // TILE), -(-d_sae // TILE)), (TILE, TILE_ROWS)](g_W_encT,
                                                                               g.W_enc)
-    matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+    if y is None:
+        matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
 
 
-def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal):
+def _backward(x, P, indptr, indices, values, x_hat, c, weighted, g, scal, y=None):
     """Fill the gradient arrays ``g`` (SAEParams of device arrays) and
     ``scal`` (float64 [3]: sum of squared errors, sum_j (sum_i f_ij) pen_j,
-    sum of squared deviations of x from its mean). Returns the per-feature
-    count of stored entries (int64 [d_sae], a workspace array)."""
+    sum of squared deviations of the target from its mean); ``y`` a
+    transcoder's target (``x_hat`` then its full reconstruction). Returns
+    the per-feature count of stored entries (int64 [d_sae], a workspace)."""
     n, d_in = x.shape
     d_sae = P.W_enc.shape[1]
     l1_scale = np.float32(c / n)
 
-    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    d_xhat, row_mse, row_var = _residual(_target(x, y), x_hat)
     _colsum(d_xhat, 1, g.b_dec)
 
     g_W_encT = _work("g_W_encT", (d_sae, d_in))
     l1_feat = _work("l1_feat", d_sae)
     colcount = _feature_pass(x, P, indptr, indices, values, d_xhat, g.W_dec, g_W_encT, g.b_enc,
-                             "", weighted, l1_scale, l1_feat)
-    _encoder_grads(P, g, g_W_encT)
+                             "", weighted, l1_scale, l1_feat, y=y)
+    _encoder_grads(P, g, g_W_encT, y)
+    _skip_grad(x, P, d_xhat, g)
 
     _single_block(sum_kernel)(row_mse, scal, 0)
     _single_block(sum_kernel)(l1_feat, scal, 1)
@@ -508,16 +506,17 @@ def _csr_device(codes, tag="_dense"):
     return sc.indptr, sc.indices, sc.values
 
 
-def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
-    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`)."""
-    dev = _any_device(x, params, codes, x_hat)
-    x, x_hat = _device(x), _device(x_hat)
+def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm, y=None):
+    """Loss parts and gradients (see :func:`fastsae.backends.reference.gradients`);
+    ``y`` a transcoder's target, ``x_hat`` the full reconstruction."""
+    dev = _any_device(x, params, codes, x_hat, y)
+    x, x_hat, y = _device(x), _device(x_hat), _device_or_none(y)
     P = _params_device(params)
     indptr, indices, values = _csr_device(codes)
     g = _empty_like_params(P, cached=False)
     scal = _work("scalars", 3, np.float64)
     _backward(x, P, indptr, indices, values, x_hat, l1_coefficient,
-              decoder_norm == "weighted_l1", g, scal)
+              decoder_norm == "weighted_l1", g, scal, y)
     s = scal.copy_to_host()
     n = x.shape[0]
     mse = float(s[0] / n)
@@ -525,42 +524,43 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm):
     return Losses(mse=mse, l1=l1, total=mse + l1), _params_out(g, dev)
 
 
-def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal, widths=None):
+def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal, widths=None, y=None):
     """TopK gradients into ``g``; ``scal`` float64 [L + 2]: the squared
     error sum of each of the L reconstructions, the aux squared error sum,
     the squared deviation sum. ``codes`` and ``aux`` (the AuxK codes, or
     None) are ``(indptr, indices, values)`` device triples. ``x_hat`` is the
-    reconstruction ``[N, d_in]`` (L = 1), or with ``widths`` (int64 device
-    ``[L]``) the Matryoshka prefixes' ``[L, N, d_in]``: each feature's
+    reconstruction ``[N, d_out]`` (L = 1), or with ``widths`` (int64 device
+    ``[L]``) the Matryoshka prefixes' ``[L, N, d_out]``: each feature's
     gradient signal is then the suffix sum over the prefixes containing it,
-    and AuxK works on the full (last) one's residual. Returns the main
+    and AuxK works on the full (last) one's residual; of ``y``, a
+    transcoder's target, when given (of ``x`` else). Returns the main
     codes' per-feature counts."""
     n, d_in = x.shape
-    d_sae = P.W_enc.shape[1]
+    d_sae, d_out = P.W_dec.shape
+    t = _target(x, y)
     levels = _one_level(x_hat)
     nl = levels.shape[0]
-    d_xhat, row_mse, row_var = _residual(x, levels)
+    d_xhat, row_mse, row_var = _residual(t, levels)
     _colsum(d_xhat[0], 1, g.b_dec)  # level 0's suffix sum: b_dec is in every prefix
     g_W_encT = _work("g_W_encT", (d_sae, d_in))
     colcount = _feature_pass(x, P, *codes, d_xhat, g.W_dec, g_W_encT, g.b_enc, "",
-                             widths=widths)
+                             widths=widths, y=y)
     row_aux = _work("row_aux", n, np.float64)
     _zero(row_aux)
     if aux is not None:
-        zero_bias = _work("zero_bias", d_in)
-        _zero(zero_bias)
-        e_hat = _work("e_hat", (n, d_in))
-        _sparse_decode(*aux, P.W_dec, zero_bias, e_hat)
-        d_ehat = _work("d_ehat", (n, d_in))
-        aux_residual_kernel[grid_for(n), BLOCK](x, levels[nl - 1], e_hat, np.float32(weight),
+        e_hat = _work("e_hat", (n, d_out))
+        _sparse_decode(*aux, P.W_dec, _zeros("zero_bias", d_out), e_hat)
+        d_ehat = _work("d_ehat", (n, d_out))
+        aux_residual_kernel[grid_for(n), BLOCK](t, levels[nl - 1], e_hat, np.float32(weight),
                                                 np.float32(n), d_ehat, row_aux)
-        a_W_dec = _work("aux_g_W_dec", (d_sae, d_in))
+        a_W_dec = _work("aux_g_W_dec", (d_sae, d_out))
         a_W_encT = _work("aux_g_W_encT", (d_sae, d_in))
         a_b_enc = _work("aux_g_b_enc", d_sae)
-        _feature_pass(x, P, *aux, d_ehat, a_W_dec, a_W_encT, a_b_enc, "_aux")
+        _feature_pass(x, P, *aux, d_ehat, a_W_dec, a_W_encT, a_b_enc, "_aux", y=y)
         for dst, src in ((g.W_dec, a_W_dec), (g_W_encT, a_W_encT), (g.b_enc, a_b_enc)):
             add_kernel[flat_grid(dst.size), BLOCK](_flat(dst), _flat(src))
-    _encoder_grads(P, g, g_W_encT)
+    _encoder_grads(P, g, g_W_encT, y)
+    _skip_grad(x, P, d_xhat[0], g)  # AuxK's e_hat has no skip term
     for lev in range(nl):
         _single_block(sum_kernel)(row_mse[lev], scal, lev)
     _single_block(sum_kernel)(row_aux, scal, nl)
@@ -568,18 +568,20 @@ def _topk_backward(x, P, codes, x_hat, aux, weight, g, scal, widths=None):
     return colcount
 
 
-def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0):
+def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weight=0.0,
+                   y=None):
     """Losses and gradients of TopK training (see
-    :func:`fastsae.backends.reference.topk_gradients`)."""
-    dev = _any_device(x, params, codes, x_hat, aux_codes)
-    x, x_hat = _device(x), _device(x_hat)
+    :func:`fastsae.backends.reference.topk_gradients`); ``y`` a
+    transcoder's target, ``x_hat`` the full reconstruction."""
+    dev = _any_device(x, params, codes, x_hat, aux_codes, y)
+    x, x_hat, y = _device(x), _device(x_hat), _device_or_none(y)
     P = _params_device(params)
     aux = None
     if aux_codes is not None and aux_weight > 0:
         aux = _csr_device(aux_codes, "_dense_aux")  # lives beside the main codes
     g = _empty_like_params(P, cached=False)
     scal = _work("scalars_topk", 4, np.float64)
-    _topk_backward(x, P, _csr_device(codes), x_hat, aux, aux_weight, g, scal)
+    _topk_backward(x, P, _csr_device(codes), x_hat, aux, aux_weight, g, scal, y=y)
     s = scal.copy_to_host()
     n = x.shape[0]
     mse = float(s[0] / n)

@@ -19,7 +19,8 @@ is compiled.
 
 Host side: :func:`grid_for` / :func:`flat_grid` size grid-stride launches,
 :func:`_single_block` makes a deliberate one-block launch, :func:`_zero`
-clears a device array.
+clears a device array. :func:`transpose_kernel` serves the backward passes
+and the skip transcoder's GEMMs (:mod:`.transcoder`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ else:
 
 #: Shared ping-pong buffer of :func:`block_exclusive_scan` for BLOCK threads.
 SCAN_SHARED = 2 * BLOCK
+_TILE_COLS = TILE + 1  # padded transpose tile (shared-array shapes must be constants)
 
 #: GEMM block shape: (x = columns, y = rows) of threads.
 GEMM_TX = GEMM_BN // GEMM_TN
@@ -240,3 +242,30 @@ def add_kernel(dst, src):
     step = cuda.gridsize(1)
     for i in range(start, dst.shape[0], step):
         dst[i] += src[i]
+
+
+@cuda.jit(cache=True)
+def transpose_kernel(src, dst):
+    """``dst = src.T``; src float32 ``[R, C]``, dst float32 ``[C, R]``.
+
+    Grid ``(ceil(C / TILE), ceil(R / TILE))``, block ``(TILE, TILE_ROWS)``;
+    the shared tile has one padding column against bank conflicts.
+    """
+    tile = cuda.shared.array((TILE, _TILE_COLS), np.float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    c0 = cuda.blockIdx.x * TILE
+    r0 = cuda.blockIdx.y * TILE
+    R = src.shape[0]
+    C = src.shape[1]
+    for yy in range(ty, TILE, TILE_ROWS):
+        r = r0 + yy
+        c = c0 + tx
+        if r < R and c < C:
+            tile[yy, tx] = src[r, c]
+    cuda.syncthreads()
+    for yy in range(ty, TILE, TILE_ROWS):
+        r = c0 + yy  # row of dst = column of src
+        c = r0 + tx
+        if r < C and c < R:
+            dst[r, c] = tile[tx, yy]

@@ -238,7 +238,8 @@ def _compact(dense, counts, indptr=None, fresh=True, tag=""):
 
 
 def _encode_sparse(x, W_enc, b_enc, b_dec, fresh):
-    """``(codes, nnz)`` of the ReLU encoder, through the staging buffer."""
+    """``(codes, nnz)`` of the ReLU encoder, through the staging buffer
+    (``b_dec`` None: no input centring, as a transcoder encodes)."""
     n, d_sae = x.shape[0], W_enc.shape[1]
     dense = _work("enc_dense", (n, d_sae))
     counts = _work("row_counts", n, np.int32)

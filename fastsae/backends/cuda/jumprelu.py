@@ -26,7 +26,7 @@ active ones (``pre > theta``) and the window's (``lo < pre < hi``). It runs
    deterministic), the window's sum of ``d_f`` and count, and the active
    count; ``g_log_threshold`` as the reference combines them.
 8. ``g_W_enc`` by transposition, ``g_b_dec -= W_enc @ g_b_enc``; the fused
-   Adam of :mod:`.adam` on the four parameters (decoder rows renormalized in
+   Adam of :mod:`.adam` on the parameters (decoder rows renormalized in
    the same pass) and on ``log_threshold`` at the same step.
 
 Dense path: when the candidates exceed ``CUDA_JUMPRELU_DENSE_MIN_DENSITY``
@@ -37,6 +37,11 @@ b_dec``, ``d_f = d_xhat @ W_dec.T``, one column pass
 (:func:`dense_feature_kernel`: ``d_pre``, ``g_b_enc``, the threshold's
 gradient, active counts), ``g_W_enc = (x - b_dec).T @ d_pre``, ``g_W_dec =
 f.T @ d_xhat`` projected by :func:`project_rows_kernel`.
+
+Transcoders (``y`` given, :mod:`.transcoder`): the target is ``y``, the
+encoder GEMM and ``g_W_enc`` read ``x`` uncentred, ``g_b_dec`` has no
+``- W_enc @ g_b_enc`` term, and a skip transcoder's ``x @ W_skip.T`` is added
+after either path's decode, its gradient ``d_xhat.T @ x`` one GEMM.
 
 No float atomics: results are bit-for-bit reproducible on one GPU. On device
 arrays only scalars come back to the host (the candidate count, then the
@@ -58,16 +63,18 @@ from ..numerics import adam_constant_tuple, jumprelu_step_result
 from .adam import _adam, adam_kernel
 from .backward import (_colsum, _encoder_grads, _residual, csc_count_kernel,
                        csc_fill_kernel, csc_offsets_kernel, feature_grad_kernel,
-                       matvec_sub_kernel, transpose_kernel)
-from .common import (BLOCK, CHUNK_ROWS, GROUPS, LANES, SCAN_SHARED, TILE, TILE_ROWS,
-                     _single_block, _zero, block_exclusive_scan, block_sum2,
-                     exclusive_scan_kernel, flat_grid, grid_for, sum_kernel)
+                       matvec_sub_kernel)
+from .common import (BLOCK, CHUNK_ROWS, GROUPS, LANES, SCAN_SHARED, _single_block, _zero,
+                     block_exclusive_scan, block_sum2, exclusive_scan_kernel, flat_grid,
+                     grid_for, sum_kernel)
 from .decode import _no_widths, _one_level, _sparse_decode
 from .encode import _gemm
 from .placement import (_any_device, _device, _empty, _empty_like_params, _is_device,
                         _out, _params_device, _params_out, _work, _work_at_least)
 from .step import _finish_step, _step_arrays
 from .topk import jumprelu_kernel
+from .transcoder import (_add_skip, _device_or_none, _input_shift, _skip_grad, _target,
+                         _transpose, _zeros)
 
 
 # ------------------------------------------------------------ kernels
@@ -292,31 +299,18 @@ def project_rows_kernel(g, W):
 
 
 # ------------------------------------------------------------ host side
-def _transpose(src, name):
-    """``src.T`` into a workspace (the shared-tile transpose of :mod:`.backward`)."""
-    R_, C = src.shape
-    dst = _work(name, (C, R_))
-    transpose_kernel[(-(-C // TILE), -(-R_ // TILE)), (TILE, TILE_ROWS)](src, dst)
-    return dst
-
-
-def _zeros(name, n):
-    z = _work(name, n)
-    _zero(z)
-    return z
-
-
-def _jump_dense(x, P, pre, theta, lo, hi, inv_eps, l0_term, g, g_lt):
+def _jump_dense(x, P, pre, theta, lo, hi, inv_eps, l0_term, g, g_lt, y=None):
     """The dense path of :func:`_jump_backward` (many candidates): codes,
     decode, ``d_f`` and the weight gradients by GEMMs; returns ``(row_mse,
     row_var, act_count)``."""
     n, d_in = x.shape
-    d_sae = P.W_enc.shape[1]
+    d_sae, d_out = P.W_dec.shape
     f = _work("jump_dense_f", (n, d_sae))
     jumprelu_kernel[flat_grid(n * d_sae), BLOCK](pre, theta, f)  # theta >= 0: relu implied
-    x_hat = _work("x_hat", (n, d_in))
+    x_hat = _work("x_hat", (n, d_out))
     _gemm(f, None, P.W_dec, P.b_dec, False, x_hat)
-    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _add_skip(x, P, x_hat)
+    d_xhat, row_mse, row_var = _residual(_target(x, y), x_hat)
     _colsum(d_xhat, 1, g.b_dec)
     dpre = _work("jump_dense_dpre", (n, d_sae))
     _gemm(d_xhat, None, _transpose(P.W_dec, "jump_W_decT"), _zeros("jump_zero_sae", d_sae),
@@ -324,24 +318,30 @@ def _jump_dense(x, P, pre, theta, lo, hi, inv_eps, l0_term, g, g_lt):
     act_count = _work("jump_act_count", d_sae, np.int64)
     dense_feature_kernel[flat_grid(d_sae), BLOCK](pre, dpre, theta, lo, hi, inv_eps, l0_term,
                                                   g.b_enc, g_lt, act_count)
-    xc = _work("jump_xc", (n, d_in))
-    sub_rows_kernel[flat_grid(n * d_in), BLOCK](x, P.b_dec, xc)
+    xc = x  # the encoder's input: x itself for a transcoder, x - b_dec for an SAE
+    if y is None:
+        xc = _work("jump_xc", (n, d_in))
+        sub_rows_kernel[flat_grid(n * d_in), BLOCK](x, P.b_dec, xc)
     _gemm(_transpose(xc, "jump_xcT"), None, dpre, _zeros("jump_zero_sae", d_sae), False,
           g.W_enc)
-    _gemm(_transpose(f, "jump_fT"), None, d_xhat, _zeros("jump_zero_in", d_in), False, g.W_dec)
+    _gemm(_transpose(f, "jump_fT"), None, d_xhat, _zeros("jump_zero_out", d_out), False,
+          g.W_dec)
     project_rows_kernel[grid_for(d_sae), BLOCK](g.W_dec, P.W_dec)
-    matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+    if y is None:  # the centring's term
+        matvec_sub_kernel[grid_for(d_in), BLOCK](P.W_enc, g.b_enc, g.b_dec)
+    _skip_grad(x, P, d_xhat, g)
     return row_mse, row_var, act_count
 
 
-def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal):
+def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal, y=None):
     """Forward and backward of one JumpReLU step on device arrays: fills the
     gradients ``g`` (SAEParams, ``W_dec``'s projected), ``g_lt`` (float32
     ``[d_sae]``) and ``scal[0:3]`` (float64: sum of squared errors, sum of
-    squared deviations of ``x`` from its mean, number of active entries).
-    Returns the per-feature active counts (int64 ``[d_sae]`` workspace)."""
+    squared deviations of the target from its mean, number of active
+    entries); ``y`` a transcoder's target (:mod:`.transcoder`). Returns the
+    per-feature active counts (int64 ``[d_sae]`` workspace)."""
     n, d_in = x.shape
-    d_sae = P.W_enc.shape[1]
+    d_sae, d_out = P.W_dec.shape
     theta = _work("jump_theta", d_sae)
     lo = _work("jump_lo", d_sae)
     hi = _work("jump_hi", d_sae)
@@ -349,7 +349,7 @@ def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal
                                            lo, hi)
     # encoder GEMM + candidate epilogue
     pre = _work("jump_pre", (n, d_sae))
-    _gemm(x, P.b_dec, P.W_enc, P.b_enc, False, pre)
+    _gemm(x, _input_shift(P, y), P.W_enc, P.b_enc, False, pre)
     counts = _work("jump_row_counts", n, np.int32)
     candidate_count_kernel[grid_for(n), BLOCK](pre, lo, counts)
     indptr = _work("jump_indptr", n + 1, np.int64)
@@ -359,7 +359,7 @@ def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal
     inv_eps32, l0_term = np.float32(inv_eps), np.float32(inv_eps * l0_coefficient / n)
     if nc > TU.CUDA_JUMPRELU_DENSE_MIN_DENSITY * n * d_sae:
         row_mse, row_var, act_count = _jump_dense(x, P, pre, theta, lo, hi, inv_eps32,
-                                                  l0_term, g, g_lt)
+                                                  l0_term, g, g_lt, y)
         _sums(row_mse, row_var, act_count, scal)
         return act_count
     indices = _work_at_least("jump_indices", nc, np.int32)
@@ -368,9 +368,10 @@ def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal
     candidate_compact_kernel[grid_for(n), BLOCK](pre, lo, theta, indptr, indices, values,
                                                  cand_pre)
     # decode, residual, g_b_dec's first part
-    x_hat = _work("x_hat", (n, d_in))
+    x_hat = _work("x_hat", (n, d_out))
     _sparse_decode(indptr, indices, values, P.W_dec, P.b_dec, x_hat)
-    d_xhat, row_mse, row_var = _residual(x, x_hat)
+    _add_skip(x, P, x_hat)
+    d_xhat, row_mse, row_var = _residual(_target(x, y), x_hat)
     _colsum(d_xhat, 1, g.b_dec)
     # d_f at the candidates
     dpre = _work_at_least("jump_dpre", nc, np.float32)
@@ -395,12 +396,14 @@ def _jump_backward(x, P, log_threshold, bandwidth, l0_coefficient, g, g_lt, scal
     norms = _work("jump_norms_unused", d_sae)
     l1_feat = _work("l1_feat", d_sae)
     feature_grad_kernel[grid_for(d_sae), BLOCK](
-        colptr, entry_of, row_of, values, dpre, _one_level(d_xhat), _no_widths(), x, P.b_dec,
-        P.W_dec, norms, False, np.float32(0.0), g.W_dec, g_W_encT, g.b_enc, l1_feat)
+        colptr, entry_of, row_of, values, dpre, _one_level(d_xhat), _no_widths(), x,
+        _input_shift(P, y, zeros=True), P.W_dec, norms, False, np.float32(0.0), g.W_dec,
+        g_W_encT, g.b_enc, l1_feat)
     act_count = _work("jump_act_count", d_sae, np.int64)
     theta_grad_kernel[flat_grid(d_sae), BLOCK](colptr, entry_of, values, cand_pre, dfc, theta,
                                                hi, inv_eps32, l0_term, g_lt, act_count)
-    _encoder_grads(P, g, g_W_encT)
+    _encoder_grads(P, g, g_W_encT, y)
+    _skip_grad(x, P, d_xhat, g)
     _sums(row_mse, row_var, act_count, scal)
     return act_count
 
@@ -411,17 +414,19 @@ def _sums(row_mse, row_var, act_count, scal):
     _single_block(sum_kernel)(act_count, scal, 2)
 
 
-def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient):
+def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
+                       y=None):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.backends.reference.jumprelu_gradients`): ``(Losses,
-    SAEParams, g_log_threshold)``, on the device when any argument is."""
-    dev = _any_device(x, params, log_threshold)
-    x, lt = _device(x), _device(log_threshold)
+    SAEParams, g_log_threshold)``, on the device when any argument is;
+    ``y`` a transcoder's target."""
+    dev = _any_device(x, params, log_threshold, y)
+    x, lt, y = _device(x), _device(log_threshold), _device_or_none(y)
     P = _params_device(params)
     g = _empty_like_params(P, cached=False)
     g_lt = _empty(P.W_enc.shape[1])
     scal = _work("scalars_jump", 3, np.float64)
-    _jump_backward(x, P, lt, float(bandwidth), float(l0_coefficient), g, g_lt, scal)
+    _jump_backward(x, P, lt, float(bandwidth), float(l0_coefficient), g, g_lt, scal, y)
     s = scal.copy_to_host()
     n = x.shape[0]
     mse = float(s[0] / n)
@@ -432,12 +437,13 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
                         threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
-                        beta2=0.999, eps=1e-8, fire_counts=None) -> StepResult:
+                        beta2=0.999, eps=1e-8, fire_counts=None, y=None) -> StepResult:
     """One JumpReLU step in place (see
-    :func:`fastsae.backends.reference.train_step_jumprelu`): Adam on the four
-    parameters and on ``log_threshold`` (moments ``threshold_m``,
-    ``threshold_v``) at the same step, decoder rows renormalized; device or
-    host arrays as :func:`fastsae.backends.cuda.step.train_step`."""
+    :func:`fastsae.backends.reference.train_step_jumprelu`): Adam on the
+    parameters (a skip transcoder's ``W_skip`` too) and on ``log_threshold``
+    (moments ``threshold_m``, ``threshold_v``) at the same step, decoder rows
+    renormalized; device or host arrays and ``y`` as
+    :func:`fastsae.backends.cuda.step.train_step`."""
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     vecs = []
     for a in (log_threshold, threshold_m, threshold_v):
@@ -446,14 +452,14 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
             host_pairs.append((a, d))
         vecs.append(d)
     lt, tm, tv = vecs
-    xd = _device(x)
+    xd, yd = _device(x), _device_or_none(y)
     n = xd.shape[0]
     G = _empty_like_params(P, cached=True)
     g_lt = _work("jump_g_lt", P.W_enc.shape[1])
     # [0:3] the backward's sums, [3] Adam's non-finite flag: one fetch for all
     scal = _work("scalars_jump_step", 4, np.float64)
     act_count = _jump_backward(xd, P, lt, float(bandwidth), float(l0_coefficient), G, g_lt,
-                               scal)
+                               scal, yd)
     _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, 3)
     consts = adam_constant_tuple(lr, beta1, beta2, eps, state.step + 1)
     adam_kernel[flat_grid(lt.shape[0]), BLOCK](lt, g_lt, tm, tv, *consts, scal, np.int64(3))

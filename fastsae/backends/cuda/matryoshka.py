@@ -20,7 +20,10 @@ level-aware (:mod:`.decode`, :mod:`.backward`):
   place of ``d_xhat``; ``g_b_dec`` is the column sum of ``D_0`` minus
   ``W_enc @ g_b_enc``;
 * AuxK, Adam and the decoder-row renormalization are BatchTopK's, AuxK on
-  the full reconstruction's residual.
+  the full reconstruction's residual;
+* a transcoder (:mod:`.transcoder`) fits ``y``, and a skip transcoder's
+  ``x @ W_skip.T`` is added to every prefix's reconstruction; its gradient
+  is ``D_0.T @ x``.
 
 The extra cost over BatchTopK is ``O(L N d_in)`` memory traffic. With one
 width (``[d_sae]``) every kernel does BatchTopK's arithmetic, so the step is
@@ -40,29 +43,33 @@ from .decode import _sparse_decode, _widths_device
 from .placement import (_any_device, _device, _empty_like_params, _params_device, _params_out,
                         _work)
 from .step import _selection_step
+from .transcoder import _add_skip, _device_or_none
 
 
-def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0):
+def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, aux_weight=0.0,
+                         y=None):
     """Losses and gradients of a Matryoshka BatchTopK step (see
     :func:`fastsae.backends.reference.matryoshka_gradients`): ``codes`` the
     batch's codes, ``widths`` host int64 ``[L]``. ``Losses.prefix_mse`` has
     one entry per width (the last is ``mse``); ``W_dec``'s gradient is
-    projected. On the device when any argument is."""
-    dev = _any_device(x, params, codes, aux_codes)
-    x = _device(x)
+    projected. On the device when any argument is. ``y``: a transcoder's
+    target (every prefix's reconstruction has the skip term)."""
+    dev = _any_device(x, params, codes, aux_codes, y)
+    x, y = _device(x), _device_or_none(y)
     P = _params_device(params)
-    n, d_in = x.shape
+    n, d_out = x.shape[0], P.W_dec.shape[1]
     nl = len(widths)
     main = _csr_device(codes)
     aux = None
     if aux_codes is not None and aux_weight > 0:
         aux = _csr_device(aux_codes, "_dense_aux")  # lives beside the main codes
     wd = _widths_device(widths)
-    x_hat = _work("x_hat_prefixes", (nl, n, d_in))
+    x_hat = _work("x_hat_prefixes", (nl, n, d_out))
     _sparse_decode(*main, P.W_dec, P.b_dec, x_hat, wd)
+    _add_skip(x, P, x_hat)
     g = _empty_like_params(P, cached=False)
     scal = _work("scalars_matryoshka", nl + 2, np.float64)
-    _topk_backward(x, P, main, x_hat, aux, aux_weight, g, scal, wd)
+    _topk_backward(x, P, main, x_hat, aux, aux_weight, g, scal, wd, y)
     s = scal.copy_to_host()
     prefix = tuple(float(v / n) for v in s[:nl])
     aux_loss = float(aux_weight * s[nl] / n) if aux is not None else 0.0
@@ -73,13 +80,13 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr,
                           beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                          k_aux=0, aux_coefficient=0.0) -> StepResult:
+                          k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One Matryoshka BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_matryoshka`); device or
-    host arrays as :func:`~.step.train_step`. ``StepResult.extra`` holds
+    host arrays and ``y`` as :func:`~.step.train_step`. ``StepResult.extra`` holds
     ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
     nl = len(widths)
     s, nnz, n, aux_loss, kept_min, finite = _selection_step(
         params, state, x, k, "batchtopk", lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient, widths)
+        aux_coefficient, widths, y)
     return matryoshka_step_result(s[:nl], aux_loss, nnz, n, s[nl + 1] / n, kept_min, finite)

@@ -147,9 +147,10 @@ def _params_out(g: SAEParams, dev) -> SAEParams:
 
 
 def to_backend(obj):
-    """Copy an array, :class:`SAEParams`, :class:`AdamState` or
-    :class:`SparseCodes` to the GPU (floats as float32, integers keep their
-    dtype). Device arrays are returned unchanged."""
+    """Copy an array, :class:`SAEParams` (every array it holds: a skip
+    transcoder's ``W_skip`` too), :class:`AdamState` or :class:`SparseCodes`
+    to the GPU (floats as float32, integers keep their dtype). Device arrays
+    are returned unchanged."""
     if isinstance(obj, SAEParams):
         return SAEParams(*(to_backend(a) for a in obj.arrays()))
     if isinstance(obj, AdamState):

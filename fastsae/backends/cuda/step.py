@@ -32,6 +32,7 @@ from .decode import _sparse_decode, _widths_device
 from .encode import _encode_sparse
 from .placement import _device, _empty_like_params, _is_device, _work, to_numpy
 from .topk import _aux_codes, _pre, _topk_codes, min_kernel
+from .transcoder import _add_skip, _device_or_none, _input_shift
 
 
 def _step_arrays(params: SAEParams, state: AdamState, fire_counts):
@@ -72,27 +73,30 @@ def _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs) -> np.ndarray:
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None) -> StepResult:
+               fire_counts=None, y=None) -> StepResult:
     """Forward, backward and Adam update on batch ``x``, in place.
 
     Device parameters and moments are updated where they are; host (NumPy)
     ones are copied to the GPU and the updated values copied back into the
     same arrays. ``fire_counts`` (int64 ``[d_sae]``, host or device) is
-    incremented by the number of rows each feature fired in.
+    incremented by the number of rows each feature fired in. ``y`` (float32
+    ``[N, d_out]``, host or device): a transcoder's target (see
+    :mod:`.transcoder`).
     """
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
-    xd = _device(x)
+    xd, yd = _device(x), _device_or_none(y)
     n = xd.shape[0]
     unit_norm = decoder_norm == "unit_norm"
 
-    codes, nnz = _encode_sparse(xd, P.W_enc, P.b_enc, P.b_dec, fresh=False)
-    x_hat = _work("x_hat", xd.shape)
+    codes, nnz = _encode_sparse(xd, P.W_enc, P.b_enc, _input_shift(P, yd), fresh=False)
+    x_hat = _work("x_hat", (n, P.W_dec.shape[1]))
     _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat)
+    _add_skip(xd, P, x_hat)
     G = _empty_like_params(P, cached=True)
     # [0:3] the backward's sums, [3] Adam's non-finite flag: one fetch for all
     scal = _work("scalars_step", 4, np.float64)
     colcount = _backward(xd, P, codes.indptr, codes.indices, codes.values, x_hat,
-                         l1_coefficient, not unit_norm, G, scal)
+                         l1_coefficient, not unit_norm, G, scal, yd)
     _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, unit_norm, scal, 3)
     state.step += 1
     s = _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs)
@@ -102,42 +106,44 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`); device or host
-    arrays as :func:`train_step`."""
+    arrays and ``y`` as :func:`train_step`."""
     s, nnz, n, aux_loss, kept_min, finite = _selection_step(
         params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient)
+        aux_coefficient, y=y)
     return topk_step_result(s[0] / n, aux_loss, nnz, n, s[2] / n, kept_min,
                             params_finite=finite)
 
 
 def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts,
-                    dead_mask, k_aux, aux_coefficient, widths=None):
+                    dead_mask, k_aux, aux_coefficient, widths=None, y=None):
     """The TopK family's step (TopK / BatchTopK selection, optional AuxK,
     sparse backward, Adam with the decoder rows renormalized), in place.
     ``widths`` (host int64 ``[L]``): Matryoshka prefixes, whose
     reconstructions come from one decode walk and whose suffix-summed
-    residual gradients feed one backward (see :mod:`.backward`).
+    residual gradients feed one backward (see :mod:`.backward`); ``y`` a
+    transcoder's target (:mod:`.transcoder`).
 
     Returns ``(s, nnz, n, aux_loss, kept_min, finite)``: ``s`` the host
     scalars, ``s[:L]`` each reconstruction's sum of squared errors (L = 1
-    without widths) and ``s[L + 1]`` the sum of squared deviations of ``x``;
-    ``kept_min`` the kept values' minimum as a one-entry array (empty when
-    nothing was kept)."""
+    without widths) and ``s[L + 1]`` the sum of squared deviations of the
+    target; ``kept_min`` the kept values' minimum as a one-entry array
+    (empty when nothing was kept)."""
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
-    xd = _device(x)
-    n, d_in = xd.shape
+    xd, yd = _device(x), _device_or_none(y)
+    n, d_out = xd.shape[0], P.W_dec.shape[1]
     nl = 1 if widths is None else len(widths)
 
-    pre = _pre(xd, P.W_enc, P.b_enc, P.b_dec)
+    pre = _pre(xd, P.W_enc, P.b_enc, _input_shift(P, yd))
     codes, nnz = _topk_codes(pre, k, activation, fresh=False)
     if widths is None:
-        x_hat, wd = _work("x_hat", xd.shape), None
+        x_hat, wd = _work("x_hat", (n, d_out)), None
     else:
-        x_hat, wd = _work("x_hat_prefixes", (nl, n, d_in)), _widths_device(widths)
+        x_hat, wd = _work("x_hat_prefixes", (nl, n, d_out)), _widths_device(widths)
     _sparse_decode(codes.indptr, codes.indices, codes.values, P.W_dec, P.b_dec, x_hat, wd)
+    _add_skip(xd, P, x_hat)
     aux, weight = None, 0.0
     # the mask (d_sae bools) is counted on the host, fetched only when AuxK is
     # asked for: a device mask is not copied on every step
@@ -152,7 +158,7 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
     # [0:L+2] the backward's sums, [L+2] the kept minimum, [L+3] Adam's non-finite flag
     scal = _work("scalars_topk_step", nl + 4, np.float64)
     colcount = _topk_backward(xd, P, (codes.indptr, codes.indices, codes.values), x_hat, aux,
-                              weight, G, scal, wd)
+                              weight, G, scal, wd, yd)
     _single_block(min_kernel)(codes.values, scal, nl + 2)
     _adam(P, G, M, V, state.step, lr, beta1, beta2, eps, True, scal, nl + 3)
     state.step += 1

@@ -301,7 +301,8 @@ def min_kernel(arr, out, slot):
 # CSR of it.
 
 def _pre(x, W_enc, b_enc, b_dec):
-    """The pre-activations ``(x - b_dec) @ W_enc + b_enc`` (a workspace)."""
+    """The pre-activations ``(x - b_dec) @ W_enc + b_enc`` (a workspace;
+    ``b_dec`` None: no centring, a transcoder's ``x @ W_enc + b_enc``)."""
     pre = _work("topk_pre", (x.shape[0], W_enc.shape[1]))
     _gemm(x, b_dec, W_enc, b_enc, False, pre)
     return pre
