@@ -1,8 +1,9 @@
 """SAE files fastsae reads beyond SAELens's standard / topk / jumprelu /
 Matryoshka saves: SAELens's ``gated`` SAEs (load, run, save; not trained),
-EleutherAI sparsify TopK SAEs, and clear errors for the transcoders fastsae
-cannot run yet. Each fixture was written by the other project's own code
-with its own outputs (tests/data/*/<name>/, copied from ../shared/fixtures).
+EleutherAI sparsify TopK SAEs, and clear errors for files fastsae cannot
+run (transcoders: tests/test_transcoder_formats.py). Each fixture was
+written by the other project's own code with its own outputs
+(tests/data/*/<name>/, copied from ../shared/fixtures).
 """
 
 import json
@@ -113,11 +114,10 @@ def _sparsify_variant(tmp_path, name, cfg_changes=None, tensors=None):
 
 
 def test_sparsify_errors(tmp_path):
-    with pytest.raises(SAEFormatError, match="sparsify transcoder.*does not run transcoders"):
-        SparseAutoencoder.load(DATA / "sparsify" / "transcoder")
+    # sparsify transcoders load now: tests/test_transcoder_formats.py
     cases = [
         ("groupmax", {"activation": "groupmax"}, None, "activation 'groupmax'"),
-        ("skip", {"skip_connection": True}, None, "skip_connection"),
+        ("skip", {"skip_connection": True}, None, "skip_connection true, transcode false"),
         ("bigk", {"k": 65}, None, "k = 65 exceeds"),
         ("extra", None, lambda t: {**t, "W_skip": np.eye(16, dtype=np.float32)},
          "holds exactly"),
@@ -131,6 +131,11 @@ def test_sparsify_errors(tmp_path):
             SparseAutoencoder.load(_sparsify_variant(tmp_path, name, cfg, tensors))
 
 
-def test_saelens_transcoder_is_named_in_the_error():
-    with pytest.raises(SAEFormatError, match="architecture 'transcoder' is not supported"):
-        SparseAutoencoder.load(DATA / "saelens" / "transcoder")
+def test_unrunnable_saelens_architecture_is_named_in_the_error(tmp_path):
+    # transcoders load now (tests/test_transcoder_formats.py); others are named
+    d = tmp_path / "temporal"
+    shutil.copytree(DATA / "saelens" / "transcoder", d)
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "architecture": "temporal"}))
+    with pytest.raises(SAEFormatError, match="architecture 'temporal' is not supported"):
+        SparseAutoencoder.load(d)

@@ -133,8 +133,11 @@ def test_apply_b_dec_false_is_folded_exactly(tmp_path):
     ({"d_sae": None}, "missing the required field 'd_sae'"),
     ({"d_sae": 65}, "W_enc has shape"),
     ({"d_in": "16"}, "positive integer"),
+    ({"architecture": "matching_pursuit"},
+     "architecture 'matching_pursuit' is not supported"),
+    # a transcoder architecture on a centring cfg (and with d_in-wide W_dec)
     ({"architecture": "jumprelu_skip_transcoder"},
-     "architecture 'jumprelu_skip_transcoder' is not supported"),
+     "jumprelu_skip_transcoder must have apply_b_dec_to_input false"),
     ({"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm'"),
     ({"dtype": "int8"}, "unsupported dtype"),
 ])
