@@ -14,6 +14,12 @@ the built-in problem, else 8 x ``d_in``), ``--k`` (32), ``--decoder-norm``
 built-in problem it recovers more true features at the same explained
 variance) and ``--threads`` (1 on the built-in problem, else unlimited).
 
+Transcoders: ``--target-data Y`` (with ``--data X``: the same rows in the
+same order, validated to have as many) trains one from ``X`` to ``Y``;
+``--transcoder`` without ``--data`` trains one on the built-in synthetic
+pairs (:data:`DEFAULT_SYNTHETIC_PAIRS`); ``--skip`` adds the affine skip
+connection.
+
 ``--out DIR`` holding a run is refused unless ``--resume DIR`` continues it
 or ``--overwrite`` replaces it (removing only fastsae's files there, see
 :mod:`fastsae.training.outdir`). ``--resume`` keeps the run's settings,
@@ -31,11 +37,16 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "DEFAULT_SYNTHETIC"]
+__all__ = ["main", "DEFAULT_SYNTHETIC", "DEFAULT_SYNTHETIC_PAIRS"]
 
 #: The built-in synthetic problem (``fastsae train`` with no ``--data``).
 DEFAULT_SYNTHETIC = {"n_rows": 131072, "d_in": 64, "n_features": 256, "l0": 5.0,
                      "magnitude": [0.5, 1.5], "noise": 0.0, "seed": 0}
+#: The built-in transcoder problem (``fastsae train --transcoder`` with no
+#: ``--data``): the synthetic problem's features read in one space, written
+#: in another of width ``d_out`` (with ``--skip``, plus a dense linear map).
+DEFAULT_SYNTHETIC_PAIRS = {"n_rows": 131072, "d_in": 64, "d_out": 48, "n_features": 256,
+                           "l0": 5.0, "magnitude": [0.5, 1.5], "noise": 0.05, "seed": 0}
 #: Default SAE width for the synthetic problem (2x its true features).
 DEFAULT_D_SAE_FACTOR = 2
 #: Default SAE width with ``--data`` (times ``d_in``).
@@ -118,6 +129,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an SAE (default: the built-in synthetic problem)")
     t.add_argument("--data", help=".npy file or directory of .npy shards [rows, d_in]")
+    t.add_argument("--target-data",
+                   help="train a transcoder from --data to this target: .npy file or shard "
+                   "directory [rows, d_out], the same rows in the same order")
+    t.add_argument("--transcoder", action="store_true", default=None,
+                   help="train a transcoder (implied by --target-data; without --data, on "
+                   "the built-in synthetic pairs)")
+    t.add_argument("--skip", action="store_true", default=None,
+                   help="a skip transcoder: adds the learned affine term x @ W_skip.T")
     t.add_argument("--d-sae", type=_positive_int,
                    help=f"number of SAE features (default {DEFAULT_D_SAE_FACTOR} x the true "
                    f"features on the built-in problem, else {DEFAULT_D_SAE_PER_D_IN} x d_in)")
@@ -235,6 +254,8 @@ _RESUME_FIXED = {
     "activation": lambda st, c: st["model"].get("activation"),
     "k": lambda st, c: st["model"].get("k"),
     "widths": lambda st, c: st["model"].get("widths"),
+    "transcoder": lambda st, c: st["model"].get("transcoder") or None,
+    "skip": lambda st, c: st["model"].get("skip") or None,
     "auxk": lambda st, c: c.auxk,
     "k_aux": lambda st, c: c.k_aux,
     "aux_coefficient": lambda st, c: c.aux_coefficient,
@@ -300,7 +321,7 @@ def _resume_fixed_flags(args, st) -> None:
 
 def _cmd_train(args) -> int:
     from .backends import validate as V
-    from .data import open_source, synthetic
+    from .data import PairedSource, open_source, synthetic, synthetic_pairs
     from .model import TOPK_ACTIVATIONS, SparseAutoencoder
     from .training import TrainConfig, Trainer
     from .training.loop import NotBitExactWarning
@@ -311,6 +332,13 @@ def _cmd_train(args) -> int:
         raise CLIError("--checkpoint-every needs --out DIR")
     if args.overwrite and not args.out:
         raise CLIError("--overwrite needs --out DIR (the run to replace)")
+    if args.target_data is not None and args.data is None:
+        raise CLIError("--target-data needs --data (the transcoder's input rows)")
+    if args.transcoder and args.data is not None and args.target_data is None \
+            and not args.resume:
+        raise CLIError("--transcoder with --data needs --target-data (the rows to reconstruct)")
+    if args.skip and not (args.transcoder or args.target_data is not None) and not args.resume:
+        raise CLIError("--skip is for transcoders: add --target-data (or --transcoder)")
     t_start = time.perf_counter()
     true_dict = None
     out = Path(args.out) if args.out else None
@@ -323,10 +351,17 @@ def _cmd_train(args) -> int:
         _, st = Trainer.read_checkpoint(rdir)
         _resume_fixed_flags(args, st)
         syn = (st.get("extra") or {}).get("synthetic")
+        pairs = (st.get("extra") or {}).get("synthetic_pairs")
         data = args.data
+        if data is not None and args.target_data is not None:
+            data = PairedSource(data, args.target_data)
         if data is None and syn is not None:
             ds = synthetic(**_syn_kwargs(syn))
             data, true_dict = ds.x, ds.dictionary
+        if data is None and pairs is not None:
+            dp = synthetic_pairs(**_syn_kwargs(pairs))
+            data, true_dict = PairedSource(dp.x, dp.y), dp.dictionary_out
+            syn = pairs
         threads = args.threads
         if threads is None and "threads" not in st and syn is not None and args.data is None:
             threads = DEFAULT_SYNTHETIC_THREADS  # a run from before threads were recorded
@@ -344,11 +379,25 @@ def _cmd_train(args) -> int:
         if out is not None:
             _check_out_dir(out, None, args.overwrite)
         extra = {}
-        if args.data is None:
+        transcoder = bool(args.transcoder or args.target_data is not None)
+        skip = bool(args.skip)
+        if args.data is None and transcoder:
+            syn = dict(DEFAULT_SYNTHETIC_PAIRS, skip=skip)
+            dp = synthetic_pairs(**_syn_kwargs(syn))
+            source, true_dict = PairedSource(dp.x, dp.y), dp.dictionary_out
+            extra["synthetic_pairs"] = syn
+            d_sae = args.d_sae or DEFAULT_D_SAE_FACTOR * syn["n_features"]
+        elif args.data is None:
             ds = synthetic(**_syn_kwargs(DEFAULT_SYNTHETIC))
             source, true_dict = ds.x, ds.dictionary
             extra["synthetic"] = dict(DEFAULT_SYNTHETIC)
             d_sae = args.d_sae or DEFAULT_D_SAE_FACTOR * DEFAULT_SYNTHETIC["n_features"]
+        elif transcoder:
+            try:
+                source = PairedSource(args.data, args.target_data)
+            except ValueError as exc:
+                raise CLIError(f"--data and --target-data do not pair up: {exc}") from None
+            d_sae = args.d_sae or DEFAULT_D_SAE_PER_D_IN * source.d_x
         else:
             source = open_source(args.data)
             d_sae = args.d_sae or DEFAULT_D_SAE_PER_D_IN * source.d_in
@@ -400,9 +449,12 @@ def _cmd_train(args) -> int:
                 V.widths_arg(args.widths, d_sae)
             except ValueError as exc:
                 raise CLIError(f"--{exc} (--d-sae {d_sae})") from None
-        model = SparseAutoencoder(_d_in(source), d_sae, backend=args.backend,
+        d_in = source.d_x if transcoder else _d_in(source)
+        model = SparseAutoencoder(d_in, d_sae, backend=args.backend,
                                   decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM,
-                                  seed=cfg.seed, activation=act, k=k, widths=args.widths)
+                                  seed=cfg.seed, activation=act, k=k, widths=args.widths,
+                                  transcoder=transcoder,
+                                  d_out=source.d_y if transcoder else None, skip=skip)
         threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if args.data is None else None)
         trainer = Trainer(model, source, cfg, out_dir=out, true_dictionary=true_dict,
                           backend=args.backend, threads=threads, overwrite=args.overwrite,
@@ -449,7 +501,11 @@ def _fmt(v, pct=False):
 
 
 def _table(m: dict, trainer) -> str:
-    rows = [("MSE (normalized inputs)", _fmt(m.get("mse"))),
+    what = ("a transcoder: " + ("skip, " if trainer.model.skip else "")
+            + f"{trainer.model.d_in} -> {trainer.model.d_out}"
+            if getattr(trainer.model, "transcoder", False) else None)
+    rows = [*((("model", what),) if what else ()),
+            ("MSE (normalized inputs)", _fmt(m.get("mse"))),
             ("explained variance", _fmt(m.get("explained_variance"), pct=True)),
             *((f"  by the first {k.rsplit('_', 1)[1]} features", _fmt(v, pct=True))
               for k, v in m.items() if k.startswith("explained_variance_")),

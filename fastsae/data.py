@@ -16,6 +16,12 @@ rows at a time:
 :func:`open_source` picks the right one for an array, a file or a directory.
 Nothing is ever unpickled: object arrays are refused.
 
+``PairedSource``   a transcoder's data: an input source ``[n_rows, d_in]``
+                   and a target source ``[n_rows, d_out]`` with the same rows
+                   in the same order, seen as one table ``[n_rows, d_in +
+                   d_out]`` (each row the input, then its target) so that
+                   shuffling, batches and resume treat a pair as one row.
+
 Shuffling and batches
 ---------------------
 :class:`BatchStream` turns a source into an endless stream of float32 batches
@@ -47,9 +53,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "DataSource", "ArraySource", "NpySource", "ShardedSource", "open_source",
+    "DataSource", "ArraySource", "NpySource", "ShardedSource", "PairedSource", "open_source",
     "BatchStream", "sample_rows", "norm_scaling_factor", "SyntheticData", "synthetic",
-    "recovery",
+    "SyntheticPairs", "synthetic_pairs", "recovery",
 ]
 
 
@@ -206,6 +212,40 @@ class ShardedSource(DataSource):
             sel = shard == s
             out[sel] = self._shards[s][rows[sel] - self._starts[s]]
         return out
+
+
+class PairedSource(DataSource):
+    """A transcoder's input and target sources, row by row: rows ``[x | y]``
+    of width ``d_x + d_y``. Both sources must have the same number of rows
+    (the same rows in the same order: nothing can check the order, so keep
+    the shards of both sets in step)."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = open_source(inputs), open_source(targets)
+        if self.inputs.n_rows != self.targets.n_rows:
+            raise ValueError(f"the input data ({self.inputs.description}) have "
+                             f"{self.inputs.n_rows} rows but the target data "
+                             f"({self.targets.description}) have {self.targets.n_rows}: a "
+                             "transcoder's input and target rows must pair up")
+        self.n_rows = self.inputs.n_rows
+        self.d_x, self.d_y = self.inputs.d_in, self.targets.d_in
+        self.d_in = self.d_x + self.d_y
+        self.dtype = np.dtype(np.float32)
+        self.description = f"{self.inputs.description} -> {self.targets.description}"
+
+    def _read(self, start, stop):
+        return np.concatenate([self.inputs.read(start, stop), self.targets.read(start, stop)],
+                              axis=1)
+
+    def _take_sorted(self, rows):
+        return np.concatenate([self.inputs.take(rows), self.targets.take(rows)], axis=1)
+
+    def split(self, rows):
+        """``(x, y)``: C-contiguous float32 copies of the two halves of
+        ``rows [n, d_x + d_y]``."""
+        rows = np.asarray(rows)
+        return (np.ascontiguousarray(rows[:, :self.d_x], dtype=np.float32),
+                np.ascontiguousarray(rows[:, self.d_x:], dtype=np.float32))
 
 
 def open_source(data) -> DataSource:
@@ -368,8 +408,11 @@ def sample_rows(source, n: int, seed: int = 0) -> np.ndarray:
 
 def norm_scaling_factor(source, n: int = 65536, seed: int = 0) -> float:
     """Constant ``s`` such that ``mean ||s x||^2 = d_in`` on a sample of rows
-    (April 2024 update's input normalization)."""
+    (April 2024 update's input normalization). For a :class:`PairedSource`,
+    the input's factor (a transcoder scales its input and target by it)."""
     x = sample_rows(source, n, seed).astype(np.float64)
+    if isinstance(source, PairedSource):
+        x = x[:, :source.d_x]
     ms = float(np.mean(np.sum(x * x, axis=1)))
     if not np.isfinite(ms):
         raise ValueError("the data contain NaN or infinite values")
@@ -435,6 +478,81 @@ def synthetic(n_rows: int = 131072, d_in: int = 64, n_features: int = 512, l0: f
     params = {"n_rows": n_rows, "d_in": d_in, "n_features": n_features, "l0": float(l0),
               "magnitude": [lo, hi], "noise": float(noise), "seed": int(seed)}
     return SyntheticData(np.ascontiguousarray(x), D, coef, params)
+
+
+@dataclass
+class SyntheticPairs:
+    """A synthetic transcoder problem: one set of sparse true features read
+    in one space and written in another.
+
+    ``x = coefficients @ dictionary_in + noise`` (``[n_rows, d_in]``), ``y =
+    x @ skip + coefficients @ dictionary_out + noise`` (``[n_rows, d_out]``;
+    ``skip`` float32 ``[d_in, d_out]`` or ``None``, so a skip transcoder's
+    ``W_skip`` should learn ``skip.T``), dictionaries of unit rows.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    dictionary_in: np.ndarray
+    dictionary_out: np.ndarray
+    skip: np.ndarray | None
+    coefficients: object
+    params: dict
+
+
+def synthetic_pairs(n_rows: int = 65536, d_in: int = 64, d_out: int = 48,
+                    n_features: int = 512, l0: float = 5.0, *, magnitude=(0.5, 1.5),
+                    noise: float = 0.0, target_noise: float = 0.0, skip: bool = False,
+                    skip_scale: float = 0.5, decorrelated: bool = False,
+                    seed: int = 0) -> SyntheticPairs:
+    """Pairs for a transcoder's quality bar (Dunefsky et al.'s setting): the
+    coefficients and ``dictionary_in`` as :func:`synthetic` draws them, a
+    second random unit dictionary ``[n_features, d_out]``, isotropic Gaussian
+    noise of standard deviation ``noise`` per coordinate on ``x`` (part of
+    the input: with ``skip`` it reaches ``y`` through the skip map) and
+    ``target_noise`` on ``y``, and with ``skip`` a dense linear map ``skip
+    [d_in, d_out]`` (Gaussian, entries of standard deviation ``skip_scale /
+    sqrt(d_in)``) added as ``x @ skip``. Only the input's dense part (its
+    noise) tells the skip map from the decoder, which could otherwise absorb
+    ``dictionary_in @ skip``: a skip quality bar needs ``noise > 0``.
+
+    ``decorrelated``: the columns of ``dictionary_out`` are drawn orthogonal
+    to those of ``dictionary_in`` (rows then not unit, scaled so their mean
+    norm is 1). The coefficients are independent with equal variances, so
+    the features' output ``coefficients @ dictionary_out`` is then
+    uncorrelated with ``x``: no linear map of ``x`` predicts any of it, and
+    ``x @ skip`` is the only linear part of ``y``. Without it a linear skip
+    first learns ``skip`` plus the regression of the features' output on
+    ``x`` (about ``d_in / n_features`` of its variance), which it unlearns
+    only as the features are learned. Deterministic in ``seed``."""
+    base = synthetic(n_rows, d_in, n_features, l0, magnitude=magnitude, noise=noise, seed=seed)
+    rng = np.random.default_rng([int(seed), 0x7C0])
+    d_out = int(d_out)
+    if d_out < 1:
+        raise ValueError("d_out must be >= 1")
+    D_out = rng.standard_normal((int(n_features), d_out))
+    if decorrelated:
+        if d_in + d_out > int(n_features):
+            raise ValueError("decorrelated pairs need d_in + d_out <= n_features")
+        Din = base.dictionary.astype(np.float64)
+        q, _ = np.linalg.qr(Din)  # an orthonormal basis of D_in's column space
+        D_out -= q @ (q.T @ D_out)
+        D_out /= np.linalg.norm(D_out, axis=1).mean()
+    else:
+        D_out /= np.linalg.norm(D_out, axis=1, keepdims=True)
+    D_out = D_out.astype(np.float32)
+    y = np.asarray(base.coefficients @ D_out, dtype=np.float32)
+    S = None
+    if skip:
+        S = (rng.standard_normal((base.x.shape[1], d_out)) * (skip_scale / np.sqrt(d_in))
+             ).astype(np.float32)
+        y += base.x @ S
+    if target_noise > 0:
+        y += (target_noise * rng.standard_normal(y.shape)).astype(np.float32)
+    params = dict(base.params, d_out=d_out, skip=bool(skip), skip_scale=float(skip_scale),
+                  target_noise=float(target_noise), decorrelated=bool(decorrelated))
+    return SyntheticPairs(base.x, np.ascontiguousarray(y), base.dictionary, D_out, S,
+                          base.coefficients, params)
 
 
 def recovery(W_dec, dictionary, threshold: float = 0.9) -> dict:

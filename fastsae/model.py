@@ -13,6 +13,7 @@ import numpy as np
 
 from .backends import validate as V
 from .backends import Backend, get_backend
+from . import io as _io
 from .io import (is_gemma_scope, is_sparsify, read_gemma_scope, read_sae_dir, read_sparsify,
                  write_sae_dir)
 from .params import DECODER_NORM_MODES, SAEParams
@@ -68,10 +69,24 @@ class SparseAutoencoder:
     reconstruction errors of the first ``widths[0]``, ``widths[1]``, ...
     features, so the first features learn the most general directions.
 
+    With ``transcoder=True`` (Dunefsky et al. 2024) the model reads one
+    activation and reconstructs another: ``pre = x @ W_enc + b_enc`` (the
+    input is not centred: ``b_dec`` is ``d_out`` wide), ``y_hat = f @ W_dec +
+    b_dec`` with ``W_dec [d_sae, d_out]``, and with ``skip=True`` (a skip
+    transcoder, Paulo et al. 2025) ``+ x @ W_skip.T``, ``W_skip [d_out,
+    d_in]``. Every activation above can be a transcoder's.
+
     Parameters
     ----------
     d_in, d_sae : int
         Input width and number of features.
+    transcoder : bool
+        Reconstruct a target ``y`` of width ``d_out`` from ``x`` instead of ``x``.
+    d_out : int, optional
+        A transcoder's output width (default ``d_in``).
+    skip : bool
+        A transcoder with the affine skip connection ``x @ W_skip.T``
+        (initialized to zero, as sparsify does).
     decoder_norm : ``"weighted_l1"`` or ``"unit_norm"``
         How training controls the decoder's scale (see
         :data:`fastsae.params.DECODER_NORM_MODES`). Default ``"weighted_l1"``
@@ -97,14 +112,22 @@ class SparseAutoencoder:
     in random directions with a small fixed norm, ``W_enc = W_dec.T`` (tied
     init, scaled to ``init_norm`` in ``unit_norm`` mode), ``b_enc = 0`` and
     ``b_dec = 0`` (see :meth:`init_b_dec` to start it at the data's mean or
-    geometric median).
+    geometric median). A transcoder's encoder columns are drawn on their own
+    (random directions of norm ``init_norm``: its input and output spaces
+    differ).
     """
 
     def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str | None = None,
                  backend=None, seed: int = 0, init_norm: float = 0.1,
-                 activation: str = "relu", k: int | None = None, widths=None):
+                 activation: str = "relu", k: int | None = None, widths=None,
+                 transcoder: bool = False, d_out: int | None = None, skip: bool = False):
         d_in = V.as_int(d_in, "d_in")
         d_sae = V.as_int(d_sae, "d_sae")
+        if not isinstance(transcoder, bool) or not isinstance(skip, bool):
+            raise TypeError("transcoder and skip must be True or False")
+        if not transcoder and (d_out is not None or skip):
+            raise ValueError("d_out and skip are for transcoders: pass transcoder=True")
+        d_out = d_in if d_out is None else V.as_int(d_out, "d_out")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if activation in ("relu", "jumprelu"):
@@ -139,13 +162,19 @@ class SparseAutoencoder:
         self._backend_arg = backend
         self._backend = backend if isinstance(backend, Backend) else None
         rng = np.random.default_rng(self.seed)
-        w = rng.standard_normal((d_sae, d_in))
+        w = rng.standard_normal((d_sae, d_out))
         w /= np.linalg.norm(w, axis=1, keepdims=True)
         dec_norm = 1.0 if decoder_norm == "unit_norm" else init_norm
         W_dec = (w * dec_norm).astype(np.float32)
+        if transcoder:
+            w = rng.standard_normal((d_sae, d_in))
+            w /= np.linalg.norm(w, axis=1, keepdims=True)
         W_enc = np.ascontiguousarray((w * init_norm).T, dtype=np.float32)
         self.params = SAEParams(W_enc, np.zeros(d_sae, np.float32), W_dec,
-                                np.zeros(d_in, np.float32))
+                                np.zeros(d_out, np.float32),
+                                np.zeros((d_out, d_in), np.float32) if skip else None)
+        #: Whether this is a transcoder (input ``x``, target ``y`` of width ``d_out``).
+        self.transcoder = transcoder
         #: How the SAE encodes (and is saved): ``"standard"`` (ReLU), ``"topk"``
         #: (``k`` largest pre-activations per row, then ReLU) or ``"jumprelu"``
         #: (``relu(pre) * (pre > threshold)``; a BatchTopK or Matryoshka SAE at
@@ -188,10 +217,21 @@ class SparseAutoencoder:
     def d_sae(self) -> int:
         return self.params.d_sae
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction: ``d_in`` for an SAE."""
+        return self.params.d_out
+
+    @property
+    def skip(self) -> bool:
+        """Whether this is a skip transcoder (it has ``W_skip``)."""
+        return self.params.W_skip is not None
+
     W_enc = property(lambda self: self.params.W_enc)
     b_enc = property(lambda self: self.params.b_enc)
     W_dec = property(lambda self: self.params.W_dec)
     b_dec = property(lambda self: self.params.b_dec)
+    W_skip = property(lambda self: self.params.W_skip)
 
     @property
     def fresh(self) -> bool:
@@ -217,9 +257,12 @@ class SparseAutoencoder:
     def set_params(self, params: SAEParams) -> None:
         """Replace the parameters (validated; copied to float32 host arrays)."""
         p = V.params_arg(params)
-        if (p.d_in, p.d_sae) != (self.d_in, self.d_sae):
-            raise ValueError(f"parameters are for d_in={p.d_in}, d_sae={p.d_sae}; this SAE has "
-                             f"d_in={self.d_in}, d_sae={self.d_sae}")
+        if (p.d_in, p.d_sae, p.d_out) != (self.d_in, self.d_sae, self.d_out):
+            raise ValueError(f"parameters are for d_in={p.d_in}, d_sae={p.d_sae}, "
+                             f"d_out={p.d_out}; this SAE has d_in={self.d_in}, "
+                             f"d_sae={self.d_sae}, d_out={self.d_out}")
+        if (p.W_skip is None) != (self.params.W_skip is None):
+            raise ValueError("W_skip must be given exactly for a skip transcoder")
         self.params = SAEParams(*(np.array(a, dtype=np.float32, order="C") for a in p.arrays()))
         self._fresh = False
 
@@ -240,15 +283,18 @@ class SparseAutoencoder:
             arch = f", activation={self.activation!r}, k={self.k}"
         if self.widths is not None:
             arch += f", widths={self.widths}"
+        if self.transcoder:
+            arch += f", transcoder=True, d_out={self.d_out}" + (", skip=True" if self.skip else "")
         return (f"SparseAutoencoder(d_in={self.d_in}, d_sae={self.d_sae}, "
                 f"decoder_norm={self.decoder_norm!r}{arch})")
 
     # ------------------------------------------------------------------ init
     def init_b_dec(self, x, method: str = "mean") -> None:
-        """Set ``b_dec`` from data rows ``x [N, d_in]``: their ``"mean"`` or
-        ``"geometric_median"``."""
+        """Set ``b_dec`` from data rows ``x [N, d_in]`` (a transcoder's target
+        rows ``[N, d_out]``): their ``"mean"`` or ``"geometric_median"``."""
         x = V.as_float_array(x, "x", 2)
-        V.check_dim("x", x.shape[1], self.d_in, "d_in (shape[1])")
+        V.check_dim("x", x.shape[1], self.d_out, "d_out (shape[1])" if self.transcoder
+                    else "d_in (shape[1])")
         if method == "mean":
             c = x.astype(np.float64).mean(axis=0)
         elif method == "geometric_median":
@@ -272,6 +318,13 @@ class SparseAutoencoder:
         V.check_dim("x", x.shape[1], self.d_in, "d_in (shape[1])")
         return x
 
+    def _centering(self, be, p):
+        """What the encoders subtract from the input: ``b_dec``, or zeros for
+        a transcoder (see :func:`fastsae.reference.input_centering`)."""
+        if self.transcoder:
+            return be.to_backend(np.zeros(self.d_in, np.float32))
+        return p.b_dec
+
     def encode(self, x, sparse: bool = False, *, batch_size: int | None = None):
         """Feature activations of ``x [N, d_in]``.
 
@@ -282,29 +335,30 @@ class SparseAutoencoder:
         """
         x = self._x(x)
         be, p = self.backend, self._device_params()
+        c = self._centering(be, p)
         bs = x.shape[0] if batch_size is None else V.as_int(batch_size, "batch_size")
         pieces = []
         if self.architecture != "standard":
             for lo in range(0, x.shape[0], bs):
-                c = self._to_host(self._encode_other(be, p, be.to_backend(x[lo:lo + bs])))
-                pieces.append(c if sparse else c.to_dense())
+                codes = self._to_host(self._encode_other(be, p, c,
+                                                         be.to_backend(x[lo:lo + bs])))
+                pieces.append(codes if sparse else codes.to_dense())
             if not sparse:
                 return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             return _concat_codes(pieces, self.d_sae)
         for lo in range(0, x.shape[0], bs):
             xb = be.to_backend(x[lo:lo + bs])
             if sparse:
-                pieces.append(self._to_host(be.encode_relu_sparse(xb, p.W_enc, p.b_enc,
-                                                                  p.b_dec)))
+                pieces.append(self._to_host(be.encode_relu_sparse(xb, p.W_enc, p.b_enc, c)))
             else:
-                pieces.append(self._to_host(be.encode_relu(xb, p.W_enc, p.b_enc, p.b_dec)))
+                pieces.append(self._to_host(be.encode_relu(xb, p.W_enc, p.b_enc, c)))
         if not sparse:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
 
-    def _encode_other(self, be, p, xb):
+    def _encode_other(self, be, p, c, xb):
         if self.architecture == "topk":
-            return be.encode_topk(xb, p.W_enc, p.b_enc, p.b_dec, self.k)
+            return be.encode_topk(xb, p.W_enc, p.b_enc, c, self.k)
         if self.architecture == "gated":
             # f = gate * mag: mag is the ReLU SAE in params; the gate is needed only
             # where mag > 0, one d_in dot product per active entry
@@ -318,13 +372,14 @@ class SparseAutoencoder:
             counts = np.bincount(rows[keep], minlength=mag.shape[0])
             return SparseCodes(np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
                                mag.indices[keep], mag.values[keep], mag.shape)
-        return be.encode_jumprelu(xb, p.W_enc, p.b_enc, p.b_dec, be.to_backend(self.threshold))
+        return be.encode_jumprelu(xb, p.W_enc, p.b_enc, c, be.to_backend(self.threshold))
 
     def decode(self, codes, *, width: int | None = None) -> np.ndarray:
         """``codes @ W_dec + b_dec`` for dense ``[N, d_sae]`` codes,
         :class:`SparseCodes` or any ``scipy.sparse`` matrix. With ``width``,
         only the first ``width`` features are decoded (a Matryoshka prefix's
-        reconstruction)."""
+        reconstruction). A skip transcoder's skip term needs the input: it is
+        in :meth:`reconstruct`, not here (as SAELens's ``decode``)."""
         if not isinstance(codes, (SparseCodes, np.ndarray)) and hasattr(codes, "tocsr"):
             codes = SparseCodes.from_scipy(codes)
         if width is not None:
@@ -346,8 +401,13 @@ class SparseAutoencoder:
         return self._to_host(be.decode(be.to_backend(codes), p.W_dec, p.b_dec))
 
     def reconstruct(self, x) -> np.ndarray:
-        """``decode(encode(x))`` (through sparse codes)."""
-        return self.decode(self.encode(x, sparse=True))
+        """``decode(encode(x))`` (through sparse codes); a skip transcoder
+        adds ``x @ W_skip.T`` (SAELens's and sparsify's ``forward``)."""
+        x = self._x(x)
+        out = self.decode(self.encode(x, sparse=True))
+        if self.skip:
+            out += (x @ self.params.W_skip.T).astype(np.float32)
+        return out
 
     def __call__(self, x) -> np.ndarray:
         return self.reconstruct(x)
@@ -364,6 +424,15 @@ class SparseAutoencoder:
         float64 scalar ``topk_threshold``, which SAELens's
         ``TrainingSAE.load_from_disk`` reads (its ``SAE.load_from_disk`` reads
         only the inference save).
+
+        Transcoders save as SAELens's ``transcoder`` / ``skip_transcoder``
+        (ReLU) or ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``
+        (JumpReLU, and BatchTopK or Matryoshka at their threshold, as their
+        SAE twins); a TopK transcoder, which SAELens has no class for, saves
+        in EleutherAI sparsify's layout (``cfg.json`` + ``sae.safetensors``,
+        :func:`fastsae.io.write_sparsify`), which sparsify and fastsae load.
+        SAELens has no training save of a transcoder: ``layout="training"``
+        refuses one.
         """
         if layout not in ("inference", "training"):
             raise ValueError(f"layout must be 'inference' or 'training', got {layout!r}")
@@ -372,6 +441,9 @@ class SparseAutoencoder:
             raise ValueError("layout='training' is for batchtopk and matryoshka_batchtopk "
                              f"SAEs (SAELens saves other SAEs one way); this one is "
                              f"{self.activation or self.architecture!r}")
+        if layout == "training" and self.transcoder:
+            raise ValueError("layout='training' is for SAEs: SAELens has no training save "
+                             "of a transcoder (save it with the default layout)")
         meta = {"fastsae_decoder_norm": self.decoder_norm}
         meta.update(self.metadata)
         details = meta.get("training_architecture_details")
@@ -399,11 +471,20 @@ class SparseAutoencoder:
                                  k=self.k, threshold=float(thr[0]), widths=self.widths,
                                  training=details)
         k = self.k if self.architecture == "topk" else None
-        return write_sae_dir(directory, self.params, meta, architecture=self.architecture,
+        arch = self.architecture
+        if self.transcoder:
+            if arch == "topk":
+                return _io.write_sparsify(directory, self.params, self.k, transcoder=True,
+                                      metadata=meta)
+            arch = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}[arch]
+            if self.skip:
+                arch = arch.replace("transcoder", "skip_transcoder")
+        return write_sae_dir(directory, self.params, meta, architecture=arch,
                              k=k, threshold=self.threshold, gate=self.gate)
 
     @classmethod
-    def load(cls, directory, *, backend=None) -> "SparseAutoencoder":
+    def load(cls, directory, *, backend=None,
+             transcoder: bool | None = None) -> "SparseAutoencoder":
         """Load a fastsae- or SAELens-written SAE directory: ``"standard"``
         (ReLU), ``"topk"`` or ``"jumprelu"`` (e.g. a BatchTopK SAE saved for
         inference). All can be trained further: a ``jumprelu`` SAE with
@@ -413,10 +494,17 @@ class SparseAutoencoder:
         thresholds (they are learned as ``log(threshold)``). ``directory`` may
         also be Gemma Scope's published layout: a ``params.npz`` file or a
         directory holding one (see :func:`fastsae.io.read_gemma_scope`), or
-        an EleutherAI sparsify TopK SAE's directory (``cfg.json`` and
-        ``sae.safetensors``, see :func:`fastsae.io.read_sparsify`). A SAELens
-        ``gated`` SAE loads and runs (not trains); SAELens's BatchTopK and
-        Matryoshka training saves load as trainable SAEs.
+        an EleutherAI sparsify TopK SAE's or transcoder's directory
+        (``cfg.json`` and ``sae.safetensors``, see
+        :func:`fastsae.io.read_sparsify`). SAELens's four transcoder
+        architectures (``transcoder``, ``skip_transcoder``,
+        ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``) load as
+        trainable transcoders. A SAELens ``gated`` SAE loads and runs (not
+        trains); SAELens's BatchTopK and Matryoshka training saves load as
+        trainable SAEs. ``transcoder`` applies to Gemma Scope's layout only,
+        whose file does not say whether it holds a transcoder: ``None``
+        decides by the widths (``W_dec``'s differing from ``W_enc``'s input
+        width), ``True`` reads a transcoder of equal widths.
 
         Unknown cfg fields are ignored; a missing required field, another
         architecture or tensors that do not match the cfg raise
@@ -424,8 +512,11 @@ class SparseAutoencoder:
         unpickled. Weights may be float32, float64, float16 or bfloat16; they
         are converted to float32 (exactly, except float64, which is rounded).
         """
+        if transcoder is not None and not is_gemma_scope(directory):
+            raise ValueError("transcoder= applies to Gemma Scope's params.npz only; other "
+                             "formats say whether they hold a transcoder")
         if is_gemma_scope(directory):
-            params, cfg, extras = read_gemma_scope(directory)
+            params, cfg, extras = read_gemma_scope(directory, transcoder=transcoder)
         elif is_sparsify(directory):
             params, cfg, extras = read_sparsify(directory)
         else:
@@ -441,7 +532,14 @@ class SparseAutoencoder:
         sae._backend = backend if isinstance(backend, Backend) else None
         sae.params = params
         sae._fresh = False
+        sae.transcoder = bool(extras.get("transcoder", False))
         sae.architecture = cfg.get("architecture", "standard")
+        if sae.transcoder:
+            # a transcoder runs as its SAE twin, on an uncentred input
+            sae.architecture = {"transcoder": "standard", "skip_transcoder": "standard",
+                                "jumprelu_transcoder": "jumprelu",
+                                "jumprelu_skip_transcoder": "jumprelu"}.get(sae.architecture,
+                                                                          sae.architecture)
         sae.k = extras.get("k")
         sae.threshold = extras.get("threshold")
         sae.widths = extras.get("widths")

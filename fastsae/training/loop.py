@@ -50,7 +50,8 @@ import numpy as np
 
 from ..autoencoder import Autoencoder
 from ..backends import get_backend
-from ..data import BatchStream, norm_scaling_factor, open_source, recovery, sample_rows
+from ..data import (BatchStream, PairedSource, norm_scaling_factor, open_source, recovery,
+                    sample_rows)
 from ..io import SAEFormatError, atomic_write_json
 from ..model import ACTIVATIONS, TOPK_ACTIVATIONS, SparseAutoencoder
 from .checkpoint import CHECKPOINT_FILENAME, read_checkpoint, write_checkpoint
@@ -100,11 +101,14 @@ class Trainer:
     ----------
     model : SparseAutoencoder or Autoencoder
     data : array, ``.npy`` path, shard directory or :class:`fastsae.data.DataSource`
+        A transcoder's: an ``(inputs, targets)`` pair of those (the same rows
+        in the same order) or a :class:`fastsae.data.PairedSource`.
     config : TrainConfig, optional
     out_dir : path, optional
         Checkpoints, metrics log, final SAE and summary go here.
     true_dictionary : array ``[n_features, d_in]``, optional
-        Report ground-truth recovery against it.
+        Report ground-truth recovery against it (a transcoder's is
+        ``[n_features, d_out]``, the output directions).
     backend : str or Backend, optional
         Defaults to the model's backend.
     threads : int, optional
@@ -131,7 +135,8 @@ class Trainer:
                  overwrite: bool = False, extra_state: dict | None = None):
         self.config = (config or TrainConfig()).validate()
         self.model = model
-        self.source = open_source(data)
+        # a transcoder's data: a PairedSource, or an (inputs, targets) pair of sources
+        self.source = PairedSource(*data) if isinstance(data, tuple) else open_source(data)
         if not isinstance(model, (SparseAutoencoder, Autoencoder)):
             raise TypeError(f"model must be a SparseAutoencoder or an Autoencoder, "
                             f"got {type(model).__name__}")
@@ -153,7 +158,22 @@ class Trainer:
                                  "fastsae.training.controller): set l0_coefficient instead")
         elif self.config.target_l0 is not None:
             raise ValueError("target_l0 applies to SparseAutoencoder models only")
-        if self.source.d_in != model.d_in:
+        transcoder = bool(getattr(model, "transcoder", False))
+        if transcoder != isinstance(self.source, PairedSource):
+            raise ValueError("a transcoder trains on (input, target) pairs (data=(x, y), or "
+                             "--target-data on the command line); an SAE on one data set"
+                             if transcoder else
+                             "paired (input, target) data train a transcoder "
+                             "(SparseAutoencoder(..., transcoder=True)), not an SAE")
+        if transcoder:
+            if (self.source.d_x, self.source.d_y) != (model.d_in, model.d_out):
+                raise ValueError(f"the data pair inputs of width {self.source.d_x} with "
+                                 f"targets of width {self.source.d_y}, but the transcoder "
+                                 f"maps d_in = {model.d_in} to d_out = {model.d_out}")
+            if self.config.resample_every:
+                raise ValueError("resampling dead features is not implemented for "
+                                 "transcoders: set resample_every=0")
+        elif self.source.d_in != model.d_in:
             raise ValueError(f"the data have d_in = {self.source.d_in} but the model expects "
                              f"d_in = {model.d_in}")
         self.backend = get_backend(backend) if backend is not None else model.backend
@@ -166,8 +186,9 @@ class Trainer:
         self.true_dictionary = None
         if true_dictionary is not None:
             td = np.asarray(true_dictionary, dtype=np.float32)
-            if td.ndim != 2 or td.shape[1] != model.d_in:
-                raise ValueError(f"true_dictionary must be [n_features, {model.d_in}], "
+            width = model.d_out if transcoder else model.d_in
+            if td.ndim != 2 or td.shape[1] != width:
+                raise ValueError(f"true_dictionary must be [n_features, {width}], "
                                  f"got shape {td.shape}")
             self.true_dictionary = td
         self.extra_state = dict(extra_state or {})
@@ -371,9 +392,13 @@ class Trainer:
                                  f"run's 0..{total} steps (a damaged or hand-edited checkpoint)")
         if data is None:
             data = st.get("data")
-            if data is None or not Path(str(data)).exists():
+            paths = ([data.get("inputs"), data.get("targets")] if isinstance(data, dict)
+                     else [data])
+            if any(d is None or not Path(str(d)).exists() for d in paths):
                 raise ValueError(f"the checkpoint's data ({data}) cannot be reopened: "
                                  "pass the data explicitly")
+            if isinstance(data, dict):
+                data = PairedSource(*paths)
         if progress is not None:
             config.progress = progress
         if out_dir is None:
@@ -465,10 +490,16 @@ class Trainer:
         and the divergence check."""
         cfg, be = self.config, self.backend
         lr, l1c = cfg.lr_at(s), self.sparsity_coefficient(s)
-        xb = be.to_backend(x)
+        if isinstance(self.source, PairedSource):
+            xh, yh = self.source.split(x)
+            xb = (be.to_backend(xh), be.to_backend(yh))
+            device = xb[0] is not xh
+        else:
+            xb = be.to_backend(x)
+            device = xb is not x
         # The front scans host batches for NaN/inf itself; a device copy is
         # not scanned there, so check the host batch here (one scan a step).
-        if xb is not x:
+        if device:
             _check_batch(x, s)
         try:
             r = self.state.step(xb, lr, l1c, self.window.fire_counts)
@@ -587,7 +618,11 @@ def _check_batch(x: np.ndarray, s: int) -> None:
 
 def _source_location(source) -> str:
     """An absolute path for file-backed sources (so a resume from another
-    working directory can reopen them), else the source's description."""
+    working directory can reopen them), else the source's description; a
+    transcoder's ``{"inputs": ..., "targets": ...}``."""
+    if isinstance(source, PairedSource):
+        return {"inputs": _source_location(source.inputs),
+                "targets": _source_location(source.targets)}
     for attr in ("path", "directory"):
         p = getattr(source, attr, None)
         if p is not None:

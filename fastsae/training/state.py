@@ -21,10 +21,16 @@ model from the ``model_info()`` saved in a checkpoint.
 Units: during training the state works on inputs scaled by the run's
 ``scale`` (see ``TrainConfig.normalize_activations``); :meth:`export` folds
 the scale back so the model works on raw inputs.
+
+Transcoders: a batch is the pair ``(x, y)`` (backend arrays, split on the
+host by the trainer); host rows given to :meth:`evaluate`,
+:meth:`init_fresh` and the like are a :class:`fastsae.data.PairedSource`'s
+``[x | y]`` rows, split here (:meth:`SAEState.pair`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -114,10 +120,13 @@ def model_from_info(info: dict, backend=None):
     """Rebuild the (untrained) model described by a state's ``model_info()``."""
     if info["type"] == "SparseAutoencoder":
         act = info.get("activation", "relu")
+        tc = bool(info.get("transcoder", False))
         return SparseAutoencoder(info["d_in"], info["d_sae"], decoder_norm=info["decoder_norm"],
                                  backend=backend, seed=info["seed"], activation=act,
                                  k=info.get("k") if act in TOPK_ACTIVATIONS else None,
-                                 widths=info.get("widths"))
+                                 widths=info.get("widths"), transcoder=tc,
+                                 d_out=info.get("d_out") if tc else None,
+                                 skip=bool(info.get("skip", False)))
     return Autoencoder(info["layer_sizes"], info["output_relu"], backend=backend,
                        seed=info["seed"])
 
@@ -135,6 +144,34 @@ class SAEState:
         self.n_features = model.d_sae
         self.params = None  # SAEParams on the backend
         self.state = None  # AdamState on the backend
+        self._zeros_in = None  # a transcoder's input centering, on the backend
+
+    # ------------------------------------------------------------ SAE or transcoder
+    def pair(self, x):
+        """``(x, y)`` of a batch: ``(x, None)`` for an SAE; a transcoder's
+        ``(x, y)`` pair as given, or split from host ``[x | y]`` rows."""
+        if isinstance(x, tuple):
+            return x
+        if not self.model.transcoder:
+            return x, None
+        d = self.model.d_in
+        return (np.ascontiguousarray(x[:, :d], dtype=np.float32),
+                np.ascontiguousarray(x[:, d:], dtype=np.float32))
+
+    def target(self, x):
+        """What the model reconstructs from host rows ``x``: ``x`` itself, or
+        a transcoder's target half."""
+        xi, y = self.pair(x)
+        return xi if y is None else y
+
+    def centering(self):
+        """What the encoders subtract from the input (backend array):
+        ``b_dec``, or zeros for a transcoder."""
+        if not self.model.transcoder:
+            return self.params.b_dec
+        if self._zeros_in is None:
+            self._zeros_in = self.backend.to_backend(np.zeros(self.model.d_in, np.float32))
+        return self._zeros_in
 
     # ------------------------------------------------------------ setup
     def wants_init_sample(self) -> bool:
@@ -149,16 +186,17 @@ class SAEState:
         elif self.config.b_dec_init != "none":
             tmp = m.copy()
             tmp.params = host
-            tmp.init_b_dec(sample, self.config.b_dec_init)
+            tmp.init_b_dec(self.target(sample), self.config.b_dec_init)
         self.params = self.backend.to_backend(host)
         self.state = self.backend.to_backend(AdamState.zeros_like(host))
 
     # ------------------------------------------------------------ training
     def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
         c = self.config
+        x, y = self.pair(x)
         r = self.backend.train_step(self.params, self.state, x, l1_coefficient=l1_coefficient,
-                               lr=lr, decoder_norm=self.model.decoder_norm, beta1=c.beta1,
-                               beta2=c.beta2, eps=c.eps, fire_counts=fire_counts)
+                                    lr=lr, decoder_norm=self.model.decoder_norm, beta1=c.beta1,
+                                    beta2=c.beta2, eps=c.eps, fire_counts=fire_counts, y=y)
         return {"mse": r.mse, "l1": r.l1, "total": r.total, "l0": r.l0,
                 "explained_variance": r.explained_variance}
 
@@ -169,13 +207,22 @@ class SAEState:
     def encode(self, xd):
         """Inference codes of backend rows ``xd`` with the current parameters."""
         p = self.params
-        return self.backend.encode_relu_sparse(xd, p.W_enc, p.b_enc, p.b_dec)
+        return self.backend.encode_relu_sparse(xd, p.W_enc, p.b_enc, self.centering())
+
+    def _decode(self, codes, x):
+        """The host reconstruction (float64) from backend ``codes`` of host
+        inputs ``x``: the decode, plus a skip transcoder's skip term."""
+        be, p = self.backend, self.params
+        out = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)), np.float64)
+        if self.model.skip:
+            out += x.astype(np.float64) @ np.asarray(be.to_numpy(p.W_skip), np.float64).T
+        return out
 
     def _reconstruct(self, x):
-        be, p = self.backend, self.params
-        codes = self.encode(be.to_backend(x))
-        x_hat = np.asarray(be.to_numpy(be.decode(codes, p.W_dec, p.b_dec)))
-        return codes, x_hat
+        """``(codes, reconstruction, target)`` of host rows ``x``."""
+        xi, y = self.pair(x)
+        codes = self.encode(self.backend.to_backend(xi))
+        return codes, self._decode(codes, xi), (xi if y is None else y)
 
     def host_params(self) -> SAEParams:
         """The current parameters as float32 host arrays (training units)."""
@@ -185,32 +232,35 @@ class SAEState:
         return self.host_params().W_dec
 
     def evaluate(self, x) -> dict:
-        codes, x_hat = self._reconstruct(x)
-        mse = float(np.sum((x_hat.astype(np.float64) - x) ** 2) / x.shape[0])
-        return {"mse": mse, "explained_variance": reference.explained_variance(x, mse),
+        codes, x_hat, t = self._reconstruct(x)
+        mse = float(np.sum((x_hat - t) ** 2) / t.shape[0])
+        return {"mse": mse, "explained_variance": reference.explained_variance(t, mse),
                 "l0": codes.to_host().l0}
 
     def per_row_error(self, x) -> np.ndarray:
         """Squared reconstruction error of each host row of ``x`` (float64)."""
-        _, x_hat = self._reconstruct(x)
-        return np.sum((x_hat.astype(np.float64) - x) ** 2, axis=1)
+        _, x_hat, t = self._reconstruct(x)
+        return np.sum((x_hat - t) ** 2, axis=1)
 
     # ------------------------------------------------------------ checkpoints
     def tensors(self) -> dict:
         p, st = self.host_params(), self.backend.to_numpy(self.state)
         out = {}
-        for n in SAEParams.NAMES:
+        for n in p.names:
             out[f"param.{n}"] = p.as_dict()[n]
             out[f"adam_m.{n}"] = np.asarray(getattr(st.m, n))
             out[f"adam_v.{n}"] = np.asarray(getattr(st.v, n))
         return out
 
     def load(self, tensors: dict, adam_step: int):
+        names = self.model.params.names
+
         def get(prefix):
             return SAEParams(*(np.ascontiguousarray(tensors[f"{prefix}.{n}"], dtype=np.float32)
-                               for n in SAEParams.NAMES))
+                               for n in names))
         p = get("param")
-        if (p.d_in, p.d_sae) != (self.model.d_in, self.model.d_sae):
+        m = self.model
+        if (p.d_in, p.d_sae, p.d_out) != (m.d_in, m.d_sae, m.d_out):
             raise SAEFormatError("checkpoint parameters do not match the model's shape")
         self.params = self.backend.to_backend(p)
         state = AdamState(get("adam_m"), get("adam_v"), int(adam_step))
@@ -219,6 +269,9 @@ class SAEState:
     # ------------------------------------------------------------ dead features
     def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
         """2023 paper: new decoder directions from poorly reconstructed inputs."""
+        if self.model.transcoder:
+            raise ValueError("resampling dead features is not implemented for transcoders "
+                             "(its input and output directions differ): set resample_every=0")
         idx = np.flatnonzero(dead)
         if idx.size == 0:
             return 0
@@ -261,7 +314,8 @@ class SAEState:
         m = self.model
         return {"type": "SparseAutoencoder", "d_in": m.d_in, "d_sae": m.d_sae,
                 "decoder_norm": m.decoder_norm, "seed": m.seed,
-                "activation": m.activation, "k": m.k, "widths": m.widths}
+                "activation": m.activation, "k": m.k, "widths": m.widths,
+                "transcoder": m.transcoder, "d_out": m.d_out, "skip": m.skip}
 
 
 # ================================================================ SAE (TopK)
@@ -308,7 +362,7 @@ class TopKState(SAEState):
             c = np.asarray(be.to_numpy(buf), dtype=np.int64)
             fired = c > 0
             self.since[fired] = 0
-            self.since[~fired] += x.shape[0]
+            self.since[~fired] += self.pair(x)[0].shape[0]
             if fire_counts is not None:
                 _add_counts(be, fire_counts, c)
         if self.batch_selection:
@@ -321,9 +375,10 @@ class TopKState(SAEState):
 
     def _train_step(self, x, lr, **auxk):
         c = self.config
+        x, y = self.pair(x)
         return self.backend.train_step_topk(self.params, self.state, x, k=self.k,
                                             activation=self.activation, lr=lr, beta1=c.beta1,
-                                            beta2=c.beta2, eps=c.eps, **auxk)
+                                            beta2=c.beta2, eps=c.eps, y=y, **auxk)
 
     def _extra(self, r) -> dict:
         """Metrics of a step beyond the TopK ones (none here)."""
@@ -333,9 +388,9 @@ class TopKState(SAEState):
         """TopK codes, or for BatchTopK JumpReLU codes with the running threshold."""
         be, p = self.backend, self.params
         if self.activation == "topk":
-            return be.encode_topk(xd, p.W_enc, p.b_enc, p.b_dec, self.k)
+            return be.encode_topk(xd, p.W_enc, p.b_enc, self.centering(), self.k)
         thr = be.to_backend(np.full(self.model.d_sae, self.threshold, np.float32))
-        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, p.b_dec, thr)
+        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, self.centering(), thr)
 
     def tensors(self) -> dict:
         out = super().tensors()
@@ -378,24 +433,27 @@ class MatryoshkaState(TopKState):
 
     def _train_step(self, x, lr, **auxk):
         c = self.config
+        x, y = self.pair(x)
         return self.backend.train_step_matryoshka(self.params, self.state, x, k=self.k,
                                                   widths=self.widths, lr=lr, beta1=c.beta1,
-                                                  beta2=c.beta2, eps=c.eps, **auxk)
+                                                  beta2=c.beta2, eps=c.eps, y=y, **auxk)
 
     def _extra(self, r) -> dict:
         return dict(zip(self._prefix_keys, r.extra["prefix_explained_variance"]))
 
     def evaluate(self, x) -> dict:
         out = super().evaluate(x)
-        be, p = self.backend, self.params
-        codes = self.encode(be.to_backend(x)).to_host()
+        be = self.backend
+        xi, y = self.pair(x)
+        t = xi if y is None else y
+        codes = self.encode(be.to_backend(xi)).to_host()
         for w, key in zip(self.widths[:-1], self._prefix_keys):
             c = codes.prefix(w)
             dev = SparseCodes(*(be.to_backend(a) for a in (c.indptr, c.indices, c.values)),
                               c.shape)
-            x_hat = np.asarray(be.to_numpy(be.decode(dev, p.W_dec, p.b_dec)), np.float64)
-            out[key] = reference.explained_variance(x, float(np.sum((x_hat - x) ** 2)
-                                                            / x.shape[0]))
+            x_hat = self._decode(dev, xi)
+            out[key] = reference.explained_variance(t, float(np.sum((x_hat - t) ** 2)
+                                                            / t.shape[0]))
         return out
 
 
@@ -436,7 +494,7 @@ class JumpReLUState(SAEState):
             if not np.all(norms > 0):
                 raise ValueError("training a JumpReLU SAE needs nonzero decoder rows; "
                                  f"{int(np.sum(norms <= 0))} rows are zero")
-            host = fold_decoder_norms(host, norms)
+            host = replace(fold_decoder_norms(host, norms), W_skip=host.W_skip)
             theta = theta * norms
             self.params = self.backend.to_backend(host)
             self.state = self.backend.to_backend(AdamState.zeros_like(host))
@@ -446,11 +504,12 @@ class JumpReLUState(SAEState):
 
     def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
         cfg = self.config
+        x, y = self.pair(x)
         r = self.backend.train_step_jumprelu(
             self.params, self.state, x, log_threshold=self.log_threshold,
             threshold_m=self.threshold_m, threshold_v=self.threshold_v,
             bandwidth=cfg.jumprelu_bandwidth, l0_coefficient=l1_coefficient,
-            lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=fire_counts)
+            lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=fire_counts, y=y)
         return {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,
                 "explained_variance": r.explained_variance}
 
@@ -461,7 +520,7 @@ class JumpReLUState(SAEState):
 
     def encode(self, xd):
         be, p = self.backend, self.params
-        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, p.b_dec,
+        return be.encode_jumprelu(xd, p.W_enc, p.b_enc, self.centering(),
                                   be.to_backend(self.host_threshold()))
 
     def tensors(self) -> dict:
@@ -602,10 +661,13 @@ def fold_params(p: SAEParams, s: float) -> SAEParams:
     ``pre = (s x - b_dec) W_enc + b_enc = (x - b_dec / s)(s W_enc) + b_enc`` and
     ``x_hat = (f W_dec + b_dec) / s``: scale ``W_enc`` by ``s``, divide
     ``W_dec`` and ``b_dec`` by ``s`` (as SAELens's
-    ``fold_activation_norm_scaling_factor``).
+    ``fold_activation_norm_scaling_factor``). A transcoder's input and target
+    are both scaled by ``s`` (the input's factor), so the same fold holds
+    and ``W_skip``, which maps ``s x`` to ``s y``, is unchanged.
     """
     s64 = np.float64(s)
     return SAEParams((p.W_enc.astype(np.float64) * s64).astype(np.float32),
                      p.b_enc.astype(np.float32).copy(),
                      (p.W_dec.astype(np.float64) / s64).astype(np.float32),
-                     (p.b_dec.astype(np.float64) / s64).astype(np.float32))
+                     (p.b_dec.astype(np.float64) / s64).astype(np.float32),
+                     None if p.W_skip is None else np.array(p.W_skip, np.float32))
