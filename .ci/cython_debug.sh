@@ -4,7 +4,8 @@
 # throw-away copy of this checkout and run the cython backend's tests (and the
 # cython half of tests/test_density.py, both sides of the density switch; the
 # JumpReLU family's own tests/test_cython_jumprelu.py, both of its paths; the
-# Matryoshka family's tests/test_cython_matryoshka.py)
+# Matryoshka family's tests/test_cython_matryoshka.py; the transcoders'
+# tests/test_cython_transcoder.py)
 # against that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
 #
@@ -51,7 +52,7 @@ PYEOF
         env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
             "$PY" -m pytest -q -p no:cacheprovider tests/test_cython_backend.py \
             tests/test_cython_topk.py tests/test_cython_jumprelu.py \
-            tests/test_cython_matryoshka.py "${@:4}"
+            tests/test_cython_matryoshka.py tests/test_cython_transcoder.py "${@:4}"
         # the dense path of the ReLU family (kernels/cython/dense.pyx) and the
         # encoder's density switch, both sides of it
         if [ -f tests/test_density.py ]; then
