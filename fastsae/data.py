@@ -53,7 +53,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "DataSource", "ArraySource", "NpySource", "ShardedSource", "PairedSource", "open_source",
+    "DataSource", "ArraySource", "NpySource", "ShardedSource", "PairedSource", "split_pairs",
+    "open_source",
     "BatchStream", "sample_rows", "norm_scaling_factor", "SyntheticData", "synthetic",
     "SyntheticPairs", "synthetic_pairs", "recovery",
 ]
@@ -243,9 +244,16 @@ class PairedSource(DataSource):
     def split(self, rows):
         """``(x, y)``: C-contiguous float32 copies of the two halves of
         ``rows [n, d_x + d_y]``."""
-        rows = np.asarray(rows)
-        return (np.ascontiguousarray(rows[:, :self.d_x], dtype=np.float32),
-                np.ascontiguousarray(rows[:, self.d_x:], dtype=np.float32))
+        return split_pairs(rows, self.d_x)
+
+
+def split_pairs(rows, d_x: int):
+    """``(x, y)`` from paired rows ``[n, d_x + d_y]`` (a
+    :class:`PairedSource`'s ``[x | y]``): C-contiguous float32 copies of the
+    first ``d_x`` columns and of the rest."""
+    rows = np.asarray(rows)
+    return (np.ascontiguousarray(rows[:, :d_x], dtype=np.float32),
+            np.ascontiguousarray(rows[:, d_x:], dtype=np.float32))
 
 
 def open_source(data) -> DataSource:

@@ -36,6 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from ..autoencoder import Autoencoder
+from ..data import split_pairs
 from ..backends import reference
 from ..io import SAEFormatError, fold_decoder_norms
 from ..model import TOPK_ACTIVATIONS, SparseAutoencoder
@@ -154,9 +155,7 @@ class SAEState:
             return x
         if not self.model.transcoder:
             return x, None
-        d = self.model.d_in
-        return (np.ascontiguousarray(x[:, :d], dtype=np.float32),
-                np.ascontiguousarray(x[:, d:], dtype=np.float32))
+        return split_pairs(x, self.model.d_in)
 
     def target(self, x):
         """What the model reconstructs from host rows ``x``: ``x`` itself, or
