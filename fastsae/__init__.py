@@ -10,7 +10,7 @@ Quick use::
 """
 
 from .backends import Backend, BackendStatus, available_backends, get_backend
-from .params import AdamState, Losses, SAEParams, StepResult
+from .params import AdamState, JumpReLUSparsity, Losses, SAEParams, StepResult
 from .sparse import SparseCodes
 
 __version__ = "0.1.0"
@@ -25,7 +25,8 @@ from .training import (NotBitExactWarning, RunExistsError, TrainConfig, Trainer,
 
 __all__ = [
     "Backend", "BackendStatus", "available_backends", "get_backend",
-    "AdamState", "Losses", "SAEParams", "StepResult", "SparseCodes", "__version__",
+    "AdamState", "JumpReLUSparsity", "Losses", "SAEParams", "StepResult", "SparseCodes",
+    "__version__",
     "SparseAutoencoder", "Trainer", "TrainConfig", "Autoencoder", "data",
     # what a run raises or warns: a damaged file, a diverged run, an out_dir
     # holding a run, a resume that is not bit-exact

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-__all__ = ["SAEParams", "AdamState", "Losses", "StepResult", "DECODER_NORM_MODES"]
+__all__ = ["SAEParams", "AdamState", "Losses", "StepResult", "JumpReLUSparsity",
+           "DECODER_NORM_MODES", "JUMPRELU_SPARSITY_MODES"]
 
 #: ``"weighted_l1"``: April 2024 update, L1 term weighted by each feature's
 #: decoder norm (gradient flows through the norms too).
@@ -23,6 +24,12 @@ __all__ = ["SAEParams", "AdamState", "Losses", "StepResult", "DECODER_NORM_MODES
 #: (gradient component parallel to each row removed, rows renormalized after
 #: each optimizer step).
 DECODER_NORM_MODES = ("weighted_l1", "unit_norm")
+
+#: JumpReLU's sparsity penalties, SAELens 6.54's ``jumprelu_sparsity_loss_mode``:
+#: ``"step"`` (DeepMind's L0 through the step's pseudo-derivative),
+#: ``"tanh"`` (Anthropic's ``sum_j tanh(tanh_scale * f_j)``), ``"quadratic"``
+#: (Gemma Scope 2's ``2 / target_l0 * (L0 - target_l0)**2`` per row).
+JUMPRELU_SPARSITY_MODES = ("step", "tanh", "quadratic")
 
 
 @dataclass
@@ -118,6 +125,34 @@ class Losses:
     aux: float = 0.0
     l0_loss: float = 0.0
     prefix_mse: tuple = ()
+
+
+@dataclass(frozen=True)
+class JumpReLUSparsity:
+    """The form of a JumpReLU step's sparsity penalty (SAELens 6.54's names
+    in brackets); ``None`` where a function takes one means ``"step"`` with
+    no pre-activation loss, the original JumpReLU.
+
+    ``mode`` (``jumprelu_sparsity_loss_mode``): one of
+    :data:`JUMPRELU_SPARSITY_MODES`. ``tanh_scale`` (``jumprelu_tanh_scale``)
+    is used by ``"tanh"`` only, ``target_l0`` (``target_l0``) by, and
+    required for, ``"quadratic"``. ``pre_act_coefficient``
+    (``pre_act_loss_coefficient``, ``0`` for SAELens's ``None``): weight of
+    Anthropic's pre-activation loss ``mean_i sum_j dead_j * relu(theta_j -
+    pre_ij)``, which pulls dead features' pre-activations up to their
+    thresholds; it needs the step's ``dead_mask``. Decoder rows are unit
+    norm in fastsae's JumpReLU, so SAELens's ``||W_dec[j]||`` factors are 1.
+    """
+
+    mode: str = "step"
+    tanh_scale: float = 4.0
+    target_l0: float | None = None
+    pre_act_coefficient: float = 0.0
+
+    @property
+    def is_default(self) -> bool:
+        """The original JumpReLU penalty: ``"step"``, no pre-activation loss."""
+        return self.mode == "step" and self.pre_act_coefficient == 0.0
 
 
 @dataclass

@@ -190,8 +190,8 @@ def test_jumprelu_gradients_vs_float64_oracle(be, path, case, skip):
     n, d_in, d_out, d_sae = case
     x, y, p, lt = _problem(n, d_in, d_out, d_sae, skip, seed=3 * n + d_sae + skip)
     k = d_in + d_out + n + d_sae + 4
-    loss, g, g_lt = be.jumprelu_gradients(x, p, lt, BW, 0.3, y)
-    rl, rg, rlt = R.jumprelu_gradients(f64(x), _p64(p), f64(lt), BW, 0.3, f64(y))
+    loss, g, g_lt = be.jumprelu_gradients(x, p, lt, BW, 0.3, y=y)
+    rl, rg, rlt = R.jumprelu_gradients(f64(x), _p64(p), f64(lt), BW, 0.3, y=f64(y))
     _check(loss, g, rl, rg, x, y, p, _jump_codes(x, p, lt), k, parts=("mse", "total"))
     assert loss.l0_loss == pytest.approx(rl.l0_loss, rel=1e-12, abs=0)
     scale = max(float(np.max(np.abs(rlt))), 0.3 * float(np.exp(lt.max())) / BW)
@@ -222,8 +222,8 @@ def test_gradients_none_and_all_active(be, skip):
         loss, g = be.topk_gradients(x, q, codes, x_hat, None, 0.0, y)
         rl, rg = R.topk_gradients(f64(x), q64, codes, f64(x_hat), None, 0.0, f64(y))
         _check(loss, g, rl, rg, x, y, q, codes, k)
-        loss, g, g_lt = be.jumprelu_gradients(x, q, lt, BW, 0.3, y)
-        rl, rg, rlt = R.jumprelu_gradients(f64(x), q64, f64(lt), BW, 0.3, f64(y))
+        loss, g, g_lt = be.jumprelu_gradients(x, q, lt, BW, 0.3, y=y)
+        rl, rg, rlt = R.jumprelu_gradients(f64(x), q64, f64(lt), BW, 0.3, y=f64(y))
         _check(loss, g, rl, rg, x, y, q, _jump_codes(x, q, lt), k, parts=("mse", "total"))
         assert np.allclose(g_lt, rlt, rtol=1e-5, atol=1e-7)
 

@@ -52,7 +52,7 @@ import numpy as np
 import pytest
 
 import fastsae
-from fastsae import AdamState, SAEParams
+from fastsae import AdamState, JumpReLUSparsity, SAEParams
 from fastsae import reference as R
 from fastsae.backends import tunables as TU
 
@@ -1048,3 +1048,131 @@ def test_jumprelu_independent_of_thread_count(cpu_be, monkeypatch, kind, mode):
     assert len(one) == len(two)
     for i, (a, b) in enumerate(zip(one, two)):
         assert np.array_equal(a, b), f"output {i} depends on the thread count"
+
+
+# ------------------------------------------------------------------ 1b. the oracle's other penalties
+# JumpReLUSparsity: "tanh", "quadratic" and the pre-activation loss (the
+# reference's section comment). Same method as above: the true loss's
+# parameter gradients by central differences where no pre-activation is near
+# a threshold or window edge, the log_threshold pseudo-gradient as the exact
+# derivative of the smoothed surrogate (every H(pre - theta) and every code
+# moved by the S-shift, evaluated through the mode's own penalty); the
+# pre-activation loss is a true (piecewise linear) function of theta, so it
+# enters both with its true value.
+
+def _penalty(f, act_count, sp, l0c, n):
+    if sp.mode == "tanh":
+        return l0c * np.tanh(sp.tanh_scale * f).sum() / n
+    if sp.mode == "quadratic":
+        return l0c * np.sum(2.0 / sp.target_l0 * (act_count - sp.target_l0) ** 2) / n
+    return l0c * act_count.sum() / n
+
+
+def _sparsity_loss(x, p, lt, bw, l0c, sp, dead, theta0=None):
+    """The true loss (``theta0`` None) or the surrogate at ``theta0``."""
+    def S(z):
+        return np.clip(z / bw + 0.5, 0.0, 1.0)
+    n = x.shape[0]
+    pre = (x - p.b_dec) @ p.W_enc + p.b_enc
+    theta = np.exp(lt)
+    act = pre > theta
+    f = np.where(act, pre, 0)
+    count = act.sum(axis=1).astype(np.float64)
+    if theta0 is not None:
+        f = f + theta0 * (S(pre - theta) - S(pre - theta0))
+        count = count + (S(pre - theta) - S(pre - theta0)).sum(axis=1)
+    xh = f @ p.W_dec + p.b_dec
+    loss = np.sum((xh - x) ** 2) / n + _penalty(f, count, sp, l0c, n)
+    if sp.pre_act_coefficient and dead is not None:
+        loss += sp.pre_act_coefficient * np.sum(dead * np.maximum(theta - pre, 0)) / n
+    return loss
+
+
+_SPARSITIES = [JumpReLUSparsity("tanh", tanh_scale=4.0), JumpReLUSparsity("tanh", tanh_scale=0.5),
+               JumpReLUSparsity("quadratic", target_l0=2.0),
+               JumpReLUSparsity("quadratic", target_l0=7.5),
+               JumpReLUSparsity("step", pre_act_coefficient=0.8),
+               JumpReLUSparsity("tanh", pre_act_coefficient=0.3),
+               JumpReLUSparsity("quadratic", target_l0=3.0, pre_act_coefficient=2.0)]
+
+
+@pytest.mark.parametrize("sp", _SPARSITIES, ids=lambda s: f"{s.mode}-{s.tanh_scale}-"
+                         f"{s.target_l0}-{s.pre_act_coefficient}")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_jumprelu_sparsity_finite_differences(seed, sp):
+    x, p, lt, bw = _fd_point(seed, 0.7)
+    l0c = 0.7
+    dead = np.zeros(p.d_sae, bool)
+    dead[np.random.default_rng(seed).permutation(p.d_sae)[:4]] = True
+    loss, g, g_lt = R.jumprelu_gradients(x, p, lt, bw, l0c, sp, dead)
+    n = x.shape[0]
+    pre = (x - p.b_dec) @ p.W_enc + p.b_enc
+    theta = np.exp(lt)
+    act = pre > theta
+    f = np.where(act, pre, 0)
+    xh = f @ p.W_dec + p.b_dec
+    assert loss.mse == pytest.approx(np.sum((xh - x) ** 2) / n, rel=1e-12)
+    assert loss.l0_loss == pytest.approx(_penalty(f, act.sum(axis=1), sp, l0c, n), rel=1e-12)
+    want_aux = sp.pre_act_coefficient * np.sum(dead * np.maximum(theta - pre, 0)) / n
+    assert loss.aux == pytest.approx(want_aux, rel=1e-12, abs=0)
+    assert (loss.aux > 0) == (sp.pre_act_coefficient > 0)
+    assert loss.total == pytest.approx(_sparsity_loss(x, p, lt, bw, l0c, sp, dead), rel=1e-12)
+    h = 1e-6
+    for name in SAEParams.NAMES:
+        fd = _fd(lambda: _sparsity_loss(x, p, lt, bw, l0c, sp, dead), getattr(p, name), h)
+        if name == "W_dec":
+            fd = R._project_out_parallel(fd, p.W_dec)
+        np.testing.assert_allclose(getattr(g, name), fd, rtol=1e-6, atol=1e-8, err_msg=name)
+    fd = _fd(lambda: _sparsity_loss(x, p, lt, bw, l0c, sp, dead, theta0=theta), lt, h)
+    np.testing.assert_allclose(g_lt, fd, rtol=1e-6, atol=1e-8, err_msg="log_threshold")
+    # the surrogate is the true loss at the current point
+    assert _sparsity_loss(x, p, lt, bw, l0c, sp, dead, theta0=theta) == pytest.approx(
+        loss.total, rel=1e-12)
+
+
+def test_reference_jumprelu_sparsity_defaults_and_dead_mask():
+    """None, JumpReLUSparsity() and a zero pre-activation coefficient are the
+    original step bit for bit; the pre-activation loss needs dead latents
+    (no mask, an all-False mask: nothing); the tanh and quadratic modes
+    change the threshold gradient but not the reconstruction's."""
+    x, p, lt, bw = _fd_point(4, 0.7)
+    base = R.jumprelu_gradients(x, p, lt, bw, 0.7)
+    dead = np.ones(p.d_sae, bool)
+    for sp, dm in ((JumpReLUSparsity(), None), (JumpReLUSparsity(), dead),
+                   (JumpReLUSparsity(pre_act_coefficient=1.0), None),
+                   (JumpReLUSparsity(pre_act_coefficient=1.0), np.zeros(p.d_sae, bool))):
+        got = R.jumprelu_gradients(x, p, lt, bw, 0.7, sp, dm)
+        assert got[0] == base[0]
+        for a, b in zip(got[1].arrays(), base[1].arrays()):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(got[2], base[2])
+    tanh = R.jumprelu_gradients(x, p, lt, bw, 0.7, JumpReLUSparsity("tanh"))
+    np.testing.assert_array_equal(tanh[1].W_dec, base[1].W_dec)  # f's own gradient: same
+    assert not np.array_equal(tanh[2], base[2])
+    # quadratic centred on every row's own L0: no penalty and no Step term,
+    # so the threshold gradient is the reconstruction's alone
+    pre = (x - p.b_dec) @ p.W_enc + p.b_enc
+    rows = (pre > np.exp(lt)).sum(axis=1)
+    i = int(np.argmax(np.bincount(rows)))
+    keep = rows == i
+    q = R.jumprelu_gradients(x[keep], p, lt, bw, 0.7,
+                             JumpReLUSparsity("quadratic", target_l0=float(i)))
+    z = R.jumprelu_gradients(x[keep], p, lt, bw, 0.0)
+    np.testing.assert_allclose(q[2], z[2], rtol=1e-12, atol=1e-15)
+    assert q[0].l0_loss == 0.0
+
+
+def test_reference_train_step_jumprelu_reports_the_pre_activation_loss():
+    x, p, lt, bw = _fd_point(5, 0.7)
+    R.normalize_decoder_rows(p.W_dec)
+    dead = np.zeros(p.d_sae, bool)
+    dead[:3] = True
+    sp = JumpReLUSparsity("quadratic", target_l0=2.0, pre_act_coefficient=0.5)
+    want = R.jumprelu_gradients(x, p, lt, bw, 0.7, sp, dead)[0]
+    st = _zero_state64(p)
+    r = R.train_step_jumprelu(p, st, x, log_threshold=lt, threshold_m=np.zeros_like(lt),
+                              threshold_v=np.zeros_like(lt), bandwidth=bw, l0_coefficient=0.7,
+                              lr=1e-3, sparsity=sp, dead_mask=dead)
+    assert r.aux == pytest.approx(want.aux) and r.aux > 0
+    assert r.extra["l0_loss"] == pytest.approx(want.l0_loss)
+    assert r.total == pytest.approx(want.mse + want.l0_loss + want.aux)

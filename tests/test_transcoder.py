@@ -100,7 +100,7 @@ def test_oracle_finite_differences(shape, skip, family):
             pre = R.pre_activations(x, q.W_enc, q.b_enc, c)
             f = np.where(mask, pre, 0)
             return float(np.sum((R.reconstruct(f, q, x) - y) ** 2) / n)
-        _, g, _ = R.jumprelu_gradients(x, p, lt, 1e-9, 0.0, y)
+        _, g, _ = R.jumprelu_gradients(x, p, lt, 1e-9, 0.0, y=y)
         assert np.array_equal(mask, R._jumprelu_forward(x, p, lt, 1e-9, y)[3])
         _fd_check(loss, g, p, project=True)
         return
@@ -146,7 +146,7 @@ def test_transcoder_of_its_input_is_an_uncentred_sae(family):
     if family == "jumprelu":
         lt = np.log(np.full(d_sae, 0.3))
         sae = R.jumprelu_gradients(x, p, lt, 0.05, 0.1)
-        tc = R.jumprelu_gradients(x, p, lt, 0.05, 0.1, x)
+        tc = R.jumprelu_gradients(x, p, lt, 0.05, 0.1, y=x)
         np.testing.assert_array_equal(sae[2], tc[2])
     else:
         f = R.encode_relu(x, p.W_enc, p.b_enc, p.b_dec)

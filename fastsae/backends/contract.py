@@ -93,6 +93,9 @@ _ENC = (_X, _W_ENC, _B_ENC, _B_DEC)
 _LOG_THETA = ("log_threshold", "float32 [d_sae]: JumpReLU thresholds are exp(log_threshold)")
 _BANDWIDTH = ("bandwidth", "float > 0: width of the rectangle kernel")
 _L0C = ("l0_coefficient", "float >= 0")
+_SPARSITY = ("sparsity", "JumpReLUSparsity or None (None: 'step', no pre-activation loss)")
+_PRE_DEAD = ("dead_mask", "bool [d_sae] or None: the features the pre-activation loss "
+             "acts on (None: none)")
 _WIDTHS = ("widths", "int64 [L] host array: strictly increasing prefix widths, the last d_sae")
 _AUXK = (("dead_mask", "bool [d_sae] or None"), ("k_aux", "int >= 0"),
          ("aux_coefficient", "float >= 0"))
@@ -157,15 +160,15 @@ FUNCTIONS = (
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ JumpReLU family
     Function("jumprelu_gradients", "jumprelu",
-             (_X, _PARAMS, _LOG_THETA, _BANDWIDTH, _L0C, _Y),
-             "(Losses with l0_loss, SAEParams of gradients (W_dec's projected), "
+             (_X, _PARAMS, _LOG_THETA, _BANDWIDTH, _L0C, _SPARSITY, _PRE_DEAD, _Y),
+             "(Losses with l0_loss and aux (the pre-activation loss), SAEParams of gradients (W_dec's projected), "
              "float32 [d_sae] gradient of log_threshold)"),
     Function("train_step_jumprelu", "jumprelu",
              (_PARAMS_IO, _STATE, _X, ("*", ""), _LOG_THETA,
               ("threshold_m", "float32 [d_sae], Adam's first moment of log_threshold"),
               ("threshold_v", "float32 [d_sae], Adam's second moment of log_threshold"),
-              _BANDWIDTH, _L0C, *_ADAM, _FIRE, _Y),
-             "StepResult with extra['l0_loss'] (before the update)",
+              _BANDWIDTH, _L0C, *_ADAM, _FIRE, _SPARSITY, _PRE_DEAD, _Y),
+             "StepResult with extra['l0_loss'] and aux (before the update)",
              inplace=("params", "state", "log_threshold", "threshold_m", "threshold_v",
                       "fire_counts")),
     # ------------------------------------------------------------ Matryoshka family

@@ -249,12 +249,14 @@ class Backend:
 
     # ------------------------------------------------------------ JumpReLU family
     def jumprelu_gradients(self, x, params: SAEParams, log_threshold, bandwidth,
-                           l0_coefficient, y=None):
+                           l0_coefficient, sparsity=None, dead_mask=None, y=None):
         """Losses and gradients of a JumpReLU step at thresholds
         ``exp(log_threshold)`` (see :func:`fastsae.reference.jumprelu_gradients`):
         ``(Losses, SAEParams, g_log_threshold)``; the codes are computed
         inside (the threshold's pseudo-gradient needs the pre-activations
-        just below each threshold, which codes do not hold); ``y`` a transcoder's target."""
+        just below each threshold, which codes do not hold); ``sparsity`` a
+        :class:`~fastsae.JumpReLUSparsity` (None: ``"step"``), ``dead_mask``
+        the features its pre-activation loss acts on; ``y`` a transcoder's target."""
         params = V.params_arg(params, self._device)
         x = V.as_float_array(x, "x", 2, self._device)
         V.check_dim("x", x.shape[1], params.d_in, "d_in (shape[1])")
@@ -263,14 +265,16 @@ class Backend:
         V.check_dim("log_threshold", log_threshold.shape[0], params.d_sae, "length")
         bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
         l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
+        sparsity = V.jumprelu_sparsity_arg(sparsity, params.d_sae)
+        V.dead_mask_arg(dead_mask, params.d_sae)
         losses, grads, g_lt = self._m.jumprelu_gradients(x, params, log_threshold, bandwidth,
-                                                         l0c, y)
+                                                         l0c, sparsity, dead_mask, y)
         return _loud_losses(losses), grads, g_lt
 
     def train_step_jumprelu(self, params: SAEParams, state: AdamState, x, *, log_threshold,
                             threshold_m, threshold_v, bandwidth, l0_coefficient, lr,
                             beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
-                            y=None) -> StepResult:
+                            sparsity=None, dead_mask=None, y=None) -> StepResult:
         """One JumpReLU step in place: the four parameters, ``log_threshold``
         and its Adam moments ``threshold_m``/``threshold_v`` (float32
         ``[d_sae]``, updated in place at the same Adam step); see
@@ -288,14 +292,17 @@ class Backend:
         bandwidth = V.as_scalar(bandwidth, "bandwidth", low=0.0, low_inclusive=False)
         l0c = V.as_scalar(l0_coefficient, "l0_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
-        self._step_writes(params, state, x, fire_counts,
+        sparsity = V.jumprelu_sparsity_arg(sparsity, params.d_sae)
+        V.dead_mask_arg(dead_mask, params.d_sae)
+        self._step_writes(params, state, x, fire_counts, dead_mask,
                           extra_written={"log_threshold": log_threshold,
                                          "threshold_m": threshold_m,
                                          "threshold_v": threshold_v}, y=y)
         return self._m.train_step_jumprelu(
             params, state, x, log_threshold=log_threshold, threshold_m=threshold_m,
             threshold_v=threshold_v, bandwidth=bandwidth, l0_coefficient=l0c, lr=lr,
-            beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts, y=y)
+            beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts, sparsity=sparsity,
+            dead_mask=dead_mask, y=y)
 
     # ------------------------------------------------------------ Matryoshka family
     def matryoshka_gradients(self, x, params: SAEParams, codes, widths, aux_codes=None,

@@ -126,12 +126,14 @@ def topk_step_result(mse, aux, nnz, n_rows, var, values,
 
 
 def jumprelu_step_result(mse, l0_loss, nnz, n_rows, var,
-                         params_finite: bool = True) -> StepResult:
+                         params_finite: bool = True, aux: float = 0.0) -> StepResult:
     """The result of one JumpReLU step: ``extra["l0_loss"]`` is the weighted
-    L0 term (``l0_coefficient * nnz / N``), in ``total``; no L1 or aux term;
+    sparsity term (``l0_coefficient * nnz / N`` in ``"step"`` mode), ``aux``
+    the weighted pre-activation loss, both in ``total``; no L1 term;
     ``params_finite`` covers the four parameters and ``log_threshold``."""
     mse, l0_loss = loud_loss(mse, params_finite), loud_loss(l0_loss, params_finite)
-    return StepResult(mse=mse, l1=0.0, total=loud_loss(mse + l0_loss),
+    aux = loud_loss(aux, params_finite)
+    return StepResult(mse=mse, l1=0.0, total=loud_loss(mse + l0_loss + aux), aux=aux,
                       l0=float(nnz) / int(n_rows), explained_variance=explained_variance(mse, var),
                       extra={"l0_loss": l0_loss})
 

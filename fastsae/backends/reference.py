@@ -43,7 +43,7 @@ import numpy as np
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from ..params import AdamState, Losses, SAEParams, StepResult
+from ..params import AdamState, JumpReLUSparsity, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from .host import synchronize, to_backend, to_numpy  # noqa: F401  (contract: placement)
 from .numerics import (auxk_active, auxk_weight, jumprelu_step_result, matryoshka_step_result,
@@ -57,7 +57,7 @@ from .contract import NAMES as _CONTRACT
 __all__ = list(_CONTRACT) + ["pre_activations", "losses", "adam_update",
                              "normalize_decoder_rows", "explained_variance", "encode_topk_aux",
                              "aux_scale", "jumprelu_window", "adam_vector",
-                             "input_centering", "reconstruct"]
+                             "input_centering", "reconstruct", "jumprelu_sparsity_arg"]
 
 NAME = "numpy"
 DESCRIPTION = "dense NumPy reference (the oracle)"
@@ -492,6 +492,25 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
 # surrogates: S(z) = clip(z / eps + 1/2, 0, 1) replaces H(pre - theta) in the
 # L0 term, and theta0 * (S(pre - theta) - S(pre - theta0)) is added to each
 # code for the reconstruction term (zero at theta = theta0, the current point).
+#
+# Other sparsity penalties (JumpReLUSparsity, SAELens 6.54's
+# jumprelu_sparsity_loss_mode; c = l0_coefficient, unit-norm rows so
+# SAELens's ||W_dec[j]|| factors are 1):
+#   "tanh":      l0_loss = c * mean_i sum_j tanh(s * f_ij)    (s = tanh_scale)
+#                Its derivative in f, t_ij = (c s / N) (1 - tanh(s f_ij)**2),
+#                joins d_f in both places d_f appears above (at inactive
+#                entries f = 0, so t = c s / N there); no Step term.
+#   "quadratic": l0_loss = c * mean_i 2 / T * (L0_i - T)**2   (T = target_l0,
+#                L0_i = active entries of row i). The Step term becomes
+#                -(1 / eps) * q_i with q_i = 4 c (L0_i - T) / (N T), per row.
+# Pre-activation loss (Anthropic's, SAELens's calculate_pre_act_loss; p =
+# pre_act_coefficient, dead = the step's dead_mask):
+#   aux = p * mean_i sum_j dead_j * relu(theta_j - pre_ij)
+#   d_pre_ij += -(p / N) where dead_j and pre_ij < theta_j   (dense over the
+#   theta_j  += +(p / N) * #{i: pre_ij < theta_j}             dead columns)
+# so its W_enc gradient is one GEMM over the dead columns, x_c.T @ d_pre.
+# The step mode with p = 0 is the original JumpReLU, bit for bit.
+
 
 #: ``(theta, lo, hi)`` of the window (shared by every backend).
 jumprelu_window = _jumprelu_window
@@ -509,17 +528,26 @@ def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None):
     return xc, pre, theta, active, window
 
 
+def jumprelu_sparsity_arg(sparsity):
+    """``sparsity`` as a :class:`JumpReLUSparsity` (``None``: the default)."""
+    return JumpReLUSparsity() if sparsity is None else sparsity
+
+
 def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
-                       y=None):
+                       sparsity=None, dead_mask=None, y=None):
     """Losses and gradients of a JumpReLU SAE step (see the section comment);
-    ``y`` a transcoder's target (module docstring).
+    ``sparsity`` a :class:`JumpReLUSparsity` or None (``"step"``, no
+    pre-activation loss); ``dead_mask`` bool ``[d_sae]`` or None, the
+    features the pre-activation loss acts on (None: none); ``y`` a
+    transcoder's target (module docstring).
 
     ``log_threshold`` float ``[d_sae]``. Returns ``(Losses, SAEParams,
-    g_log_threshold)``: ``Losses.l0_loss`` holds the weighted L0 term
-    (``l1`` and ``aux`` are 0), the ``W_dec`` gradient is projected (parallel
-    component of each row removed), ``g_log_threshold`` has
-    ``log_threshold``'s shape.
+    g_log_threshold)``: ``Losses.l0_loss`` holds the weighted sparsity term,
+    ``Losses.aux`` the weighted pre-activation loss (``l1`` is 0), the
+    ``W_dec`` gradient is projected (parallel component of each row
+    removed), ``g_log_threshold`` has ``log_threshold``'s shape.
     """
+    sp = jumprelu_sparsity_arg(sparsity)
     n = x.shape[0]
     t = _target(x, y)
     W_dec = params.W_dec
@@ -530,16 +558,36 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
     d_xhat = 2.0 * (x_hat - t) / n
     g_W_dec = _project_out_parallel(f.T @ d_xhat, W_dec)
     d_f = d_xhat @ W_dec.T
-    d_pre = np.where(active, d_f, 0).astype(pre.dtype)
-    grads = _finish_grads(x, params, y, d_xhat, d_pre, xc.T @ d_pre, g_W_dec)
     inv_eps = 1.0 / bandwidth
-    g_theta = (-(theta * dt(inv_eps)) * np.where(window, d_f, 0).sum(axis=0)
-               - dt(inv_eps * l0_coefficient / n) * window.sum(axis=0))
+    c = l0_coefficient
+    if sp.mode == "tanh":
+        th = np.tanh(dt(sp.tanh_scale) * f)
+        d_f = d_f + (dt(c * sp.tanh_scale / n) * (1 - th * th)).astype(pre.dtype)
+        step_theta = 0.0
+        l0_loss = float(c * th.astype(np.float64).sum() / n)
+    elif sp.mode == "quadratic":
+        tl0 = float(sp.target_l0)
+        err = active.sum(axis=1).astype(np.float64) - tl0
+        q = (4.0 * c / (n * tl0)) * err
+        step_theta = -(inv_eps * (window * q[:, None]).sum(axis=0)).astype(pre.dtype)
+        l0_loss = float(c * np.sum(2.0 / tl0 * err * err) / n)
+    else:
+        step_theta = -dt(inv_eps * c / n) * window.sum(axis=0)
+        l0_loss = float(c * active.sum() / n)
+    d_pre = np.where(active, d_f, 0).astype(pre.dtype)
+    g_theta = -(theta * dt(inv_eps)) * np.where(window, d_f, 0).sum(axis=0) + step_theta
+    aux = 0.0
+    if sp.pre_act_coefficient and dead_mask is not None and dead_mask.any():
+        p = sp.pre_act_coefficient
+        below = (pre < theta[None, :]) & dead_mask[None, :]
+        aux = float(p * np.where(below, theta[None, :] - pre, 0).astype(np.float64).sum() / n)
+        d_pre = d_pre - dt(p / n) * below
+        g_theta = g_theta + dt(p / n) * below.sum(axis=0)
+    grads = _finish_grads(x, params, y, d_xhat, d_pre, xc.T @ d_pre, g_W_dec)
     g_log_threshold = (g_theta * theta).astype(log_threshold.dtype)
     mse = float(np.sum((x_hat - t) ** 2) / n)
-    l0_loss = float(l0_coefficient * active.sum() / n)
-    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss), grads,
-            g_log_threshold)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss + aux, aux=aux, l0_loss=l0_loss),
+            grads, g_log_threshold)
 
 
 def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
@@ -552,15 +600,18 @@ def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
                         threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
-                        beta2=0.999, eps=1e-8, fire_counts=None, y=None) -> StepResult:
+                        beta2=0.999, eps=1e-8, fire_counts=None, sparsity=None,
+                        dead_mask=None, y=None) -> StepResult:
     """One JumpReLU training step (forward, backward, Adam on the four
     parameters and on ``log_threshold`` with its moments ``threshold_m``,
     ``threshold_v`` at the same step ``t``, decoder-row renormalization), in
-    place. ``StepResult.extra["l0_loss"]`` is the weighted L0 term; ``l0``
-    the measured L0 (active entries per row); ``y`` a transcoder's target."""
+    place. ``StepResult.extra["l0_loss"]`` is the weighted sparsity term,
+    ``aux`` the weighted pre-activation loss (``sparsity``, ``dead_mask``
+    as :func:`jumprelu_gradients`); ``l0`` the measured L0 (active entries
+    per row); ``y`` a transcoder's target."""
     active = _jumprelu_forward(x, params, log_threshold, bandwidth, y)[3]  # before the update
     loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient,
-                                           y)
+                                           sparsity, dead_mask, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     adam_vector(log_threshold, g_lt, threshold_m, threshold_v, state.step, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)
@@ -569,7 +620,7 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     finite = (all(np.isfinite(a).all() for a in params.arrays())
               and bool(np.isfinite(log_threshold).all()))
     return jumprelu_step_result(loss.mse, loss.l0_loss, int(active.sum()), x.shape[0],
-                                _batch_variance(_target(x, y)), finite)
+                                _batch_variance(_target(x, y)), finite, aux=loss.aux)
 
 
 # ---------------------------------------------------------------- Matryoshka family

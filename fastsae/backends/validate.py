@@ -19,7 +19,7 @@ import numbers
 
 import numpy as np
 
-from ..params import DECODER_NORM_MODES, SAEParams
+from ..params import DECODER_NORM_MODES, JUMPRELU_SPARSITY_MODES, JumpReLUSparsity, SAEParams
 from ..sparse import SparseCodes, check_codes
 from ..sparse import device_shape_dtype as _device_shape_dtype
 from ..sparse import is_device_array
@@ -118,11 +118,43 @@ def dead_mask_arg(dead_mask, d_sae: int) -> None:
     """AuxK's mask of dead latents: bool ``[d_sae]`` (host or device) or None."""
     if dead_mask is None:
         return
+    if not (isinstance(dead_mask, np.ndarray) or is_device_array(dead_mask)):
+        raise TypeError(f"dead_mask must be a bool array of shape ({d_sae},) or None, "
+                        f"got {type(dead_mask).__name__}")
     if tuple(dead_mask.shape) != (d_sae,):
         raise ValueError(f"dead_mask must have shape ({d_sae},), "
                          f"got {tuple(dead_mask.shape)}")
     if not is_device_array(dead_mask) and np.asarray(dead_mask).dtype != np.bool_:
         raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
+
+
+def jumprelu_sparsity_arg(sparsity, d_sae: int):
+    """A :class:`JumpReLUSparsity` or None, checked: a known mode, a positive
+    finite ``tanh_scale``, ``target_l0`` in ``(0, d_sae]`` where the mode is
+    ``"quadratic"`` (ignored otherwise, as SAELens), a finite
+    ``pre_act_coefficient >= 0``. Returns it with plain float fields, or None."""
+    if sparsity is None:
+        return None
+    if not isinstance(sparsity, JumpReLUSparsity):
+        raise TypeError("sparsity must be a fastsae.JumpReLUSparsity or None, "
+                        f"got {type(sparsity).__name__}")
+    if sparsity.mode not in JUMPRELU_SPARSITY_MODES:
+        raise ValueError(f"sparsity.mode must be one of {JUMPRELU_SPARSITY_MODES}, "
+                         f"got {sparsity.mode!r}")
+    tanh_scale = as_scalar(sparsity.tanh_scale, "sparsity.tanh_scale", low=0.0,
+                           low_inclusive=False)
+    pre = as_scalar(sparsity.pre_act_coefficient, "sparsity.pre_act_coefficient")
+    target = sparsity.target_l0
+    if sparsity.mode == "quadratic":
+        if target is None:
+            raise ValueError("sparsity.target_l0 must be set for the 'quadratic' mode")
+        target = as_scalar(target, "sparsity.target_l0", low=0.0, low_inclusive=False)
+        if target > d_sae:
+            raise ValueError(f"sparsity.target_l0 must be at most d_sae ({d_sae}), "
+                             f"got {target}")
+    elif target is not None:
+        target = as_scalar(target, "sparsity.target_l0", low=0.0, low_inclusive=False)
+    return JumpReLUSparsity(sparsity.mode, tanh_scale, target, pre)
 
 
 def check_decoder_norm(mode) -> str:
