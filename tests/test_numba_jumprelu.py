@@ -2,8 +2,15 @@
 both paths (sparse candidates and dense BLAS, forced through the density
 tunable) against the float64 oracle on problems whose window membership is
 exact, the density switch, the encoder's staging overflow, thread-count
-independence, and "finite or loud". (tests/test_jumprelu.py compares every
-backend with the oracle on random data.)
+independence, and "finite or loud"; for the sparsity modes of issue 15
+(``JumpReLUSparsity``: "tanh", "quadratic", the pre-activation loss) which
+kernels each configuration takes (the default ones, bit for bit, unless a
+mode or the pre-activation loss acts), both paths against the oracle on
+exact problems (the dead-column pass of the sparse path over several column
+tasks and row blocks, dead features that fire), the paths' agreement and
+thread-count independence. (tests/test_jumprelu.py and
+tests/test_jumprelu_sparsity.py compare every backend with the oracle on
+random data.)
 
 Tolerances: every gradient entry is a float32 sum of at most ``K = 2 max(N,
 d_in, d_sae)`` products of float32 values (the ``d_f`` dot products, the
@@ -15,12 +22,14 @@ times the larger of the result's largest entry and that magnitude scale
 
 from __future__ import annotations
 
+import dataclasses
+
 import numba
 import numpy as np
 import pytest
 
 import fastsae
-from fastsae import AdamState, SAEParams
+from fastsae import AdamState, JumpReLUSparsity, SAEParams
 from fastsae import reference as R
 from fastsae.backends import tunables as TU
 from fastsae.backends.numba import jumprelu as JR
@@ -261,3 +270,243 @@ def test_non_finite_update_is_loud(path, where):
         lt[5] = np.inf  # theta inf: never active, never in a window; lt stays inf
     res = _train(x, p, lt, 1)[6][0]
     assert np.isnan(res.mse) and np.isnan(res.total) and np.isnan(res.extra["l0_loss"])
+
+
+# ---------------------------------------------------------------- sparsity modes
+def _modes_scales(x, p, lt, bw, l0c, sp, dead):
+    """:func:`_scales` with the sparsity mode's and the pre-activation
+    loss's terms (``tanh``: ``c s / N`` joins ``|d_f|`` at the active and
+    window entries; ``quadratic``: ``theta / eps * sum_window |q_i|``;
+    pre-activation: ``p / N`` at the below entries of the dead columns)."""
+    sc = _scales(x, p, lt, bw, l0c)
+    x, W_enc, b_enc, W_dec, b_dec = f64(x), *(f64(a) for a in p.arrays())
+    n = x.shape[0]
+    theta = np.exp(f64(lt))
+    xc = x - b_dec
+    pre = xc @ W_enc + b_enc
+    act = pre > theta
+    win = (pre > theta - bw / 2) & (pre < theta + bw / 2)
+    f = np.where(act, pre, 0)
+    dx = 2 * np.abs(f @ W_dec + b_dec - x) / n
+    adf = dx @ np.abs(W_dec).T
+    if sp.mode == "tanh":
+        adf = adf + l0c * sp.tanh_scale / n
+    dp = np.where(act, adf, 0)
+    lt_s = theta * theta / bw * np.where(win, adf, 0).sum(0)
+    if sp.mode == "quadratic":
+        q = 4 * l0c * (act.sum(1) + sp.target_l0) / (n * sp.target_l0)
+        lt_s = lt_s + theta / bw * (win * q[:, None]).sum(0)
+    if sp.pre_act_coefficient and dead is not None:
+        below = dead[None, :] & (pre < theta)
+        dp = dp + below * sp.pre_act_coefficient / n
+        lt_s = lt_s + theta * sp.pre_act_coefficient / n * below.sum(0)
+    s_benc = dp.sum(0)
+    sc.update({"W_enc": max(sc["W_enc"], (np.abs(xc).T @ dp).max()),
+               "b_enc": max(sc["b_enc"], s_benc.max()),
+               "b_dec": max(sc["b_dec"], (dx.sum(0) + np.abs(W_enc) @ s_benc).max()),
+               "lt": max(sc["lt"], lt_s.max())})
+    return sc
+
+
+def _check_modes(x, p, lt, bw, l0c, sp, dead):
+    """Gradients and losses against the float64 oracle (the bound of
+    :func:`_check_gradients`, magnitudes from :func:`_modes_scales`)."""
+    p64 = SAEParams(*(f64(a) for a in p.arrays()))
+    want_l, want_g, want_lt = R.jumprelu_gradients(f64(x), p64, f64(lt), bw, l0c, sp, dead)
+    got_l, got_g, got_lt = be.jumprelu_gradients(x, p, lt, bw, l0c, sparsity=sp,
+                                                 dead_mask=dead)
+    sc = _modes_scales(x, p, lt, bw, l0c, sp, dead)
+    K = 2 * max(x.shape[0], p.d_in, p.d_sae)
+    for name, got, want in [*((nm, getattr(got_g, nm), getattr(want_g, nm))
+                              for nm in SAEParams.NAMES), ("lt", got_lt, want_lt)]:
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        tol = 8 * (K + 4) * U * max(np.max(np.abs(want)), sc[name], 1e-30)
+        assert np.max(np.abs(f64(got) - want)) <= tol, name
+    for part in ("l0_loss", "aux"):  # exact sets: a few roundings of float64 sums
+        assert getattr(got_l, part) == pytest.approx(getattr(want_l, part), rel=1e-5,
+                                                     abs=1e-12), part
+    assert got_l.mse == pytest.approx(want_l.mse, rel=1e-5, abs=1e-7)
+    assert got_l.total == pytest.approx(got_l.mse + got_l.l0_loss + got_l.aux, rel=1e-12)
+
+
+SPARSITIES = {"tanh": JumpReLUSparsity(mode="tanh", tanh_scale=3.0),
+              "quadratic": JumpReLUSparsity(mode="quadratic", target_l0=4.0),
+              "step+pre": JumpReLUSparsity(pre_act_coefficient=0.7),
+              "tanh+pre": JumpReLUSparsity(mode="tanh", tanh_scale=0.5,
+                                           pre_act_coefficient=0.3),
+              "quadratic+pre": JumpReLUSparsity(mode="quadratic", target_l0=20.0,
+                                                pre_act_coefficient=2.0)}
+
+
+def _dead_mask(rng, d_sae, frac):
+    return rng.random(d_sae) < frac
+
+
+@pytest.mark.parametrize("sp", SPARSITIES, ids=list(SPARSITIES))
+@pytest.mark.parametrize("n,d_in,d_sae", [(1, 3, 1), (37, 5, 70), (600, 6, 130)])
+def test_modes_gradients_against_oracle(path, sp, n, d_in, d_sae):
+    """Every mode on both paths, exact problems (window membership, L0 and
+    the below set exact): dead features include firing ones."""
+    rng = np.random.default_rng(3 * n + d_sae)
+    x, p, lt = _exact_problem(rng, n, d_in, d_sae)
+    sp = SPARSITIES[sp]
+    if sp.target_l0 is not None:  # at most d_sae
+        sp = dataclasses.replace(sp, target_l0=min(sp.target_l0, d_sae / 2))
+    _check_modes(x, p, lt, 1.0, 0.4, sp, _dead_mask(rng, d_sae, 0.4))
+
+
+@pytest.mark.parametrize("n,d_sae,frac", [(1100, 400, 0.75), (300, 40, 1.0), (257, 90, 0.05)])
+def test_dead_column_pass_blocks(n, d_sae, frac, monkeypatch):
+    """The sparse path's dead-column pass over several column tasks (300
+    dead columns: 7 tasks of 48, the last of 12), two row blocks (1100 rows
+    of 1024) and a single column: against the oracle, and bitwise the dense
+    path's sets (counts, aux to rounding)."""
+    monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", 2.0)
+    rng = np.random.default_rng(n + d_sae)
+    x, p, lt = _exact_problem(rng, n, 5, d_sae)
+    dead = _dead_mask(rng, d_sae, frac)
+    dead[0] = True
+    sp = JumpReLUSparsity(mode="tanh", pre_act_coefficient=0.5)
+    _check_modes(x, p, lt, 1.0, 0.2, sp, dead)
+    sparse = be.jumprelu_gradients(x, p, lt, 1.0, 0.2, sparsity=sp, dead_mask=dead)
+    monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", 0.0)
+    dense = be.jumprelu_gradients(x, p, lt, 1.0, 0.2, sparsity=sp, dead_mask=dead)
+    assert sparse[0].aux == pytest.approx(dense[0].aux, rel=1e-12)
+    assert sparse[0].aux > 0
+
+
+def _spy(monkeypatch):
+    calls = []
+    for name in ("sparse_step_core", "dense_step_core", "sparse_step_core_modes",
+                 "dense_step_core_modes", "sparse_gradients", "dense_gradients",
+                 "sparse_gradients_modes", "dense_gradients_modes"):
+        real = getattr(JR, name)
+        monkeypatch.setattr(JR, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_default_configurations_take_the_default_kernels(monkeypatch, dense):
+    """``None``, ``JumpReLUSparsity()``, a pre-activation coefficient with no
+    dead feature (or no mask), and a mask with coefficient 0 all run the
+    default kernels, bitwise as ``None``; a non-default mode or an acting
+    pre-activation loss runs the ``*_modes`` ones."""
+    monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", 0.0 if dense else 2.0)
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(8)
+    x, p, lt = _exact_problem(rng, 60, 5, 40)
+    some = _dead_mask(rng, 40, 0.5)
+    none = np.zeros(40, bool)
+    pre = JumpReLUSparsity(pre_act_coefficient=0.5)
+    default = [(None, None), (JumpReLUSparsity(), some), (pre, none), (pre, None),
+               (JumpReLUSparsity(tanh_scale=2.0, target_l0=3.0), some)]
+    ref = None
+    for sp, mask in default:
+        g = be.jumprelu_gradients(x, p, lt, 1.0, 0.3, sparsity=sp, dead_mask=mask)
+        t = _train_modes(x, p, lt, 2, sp, mask)
+        out = [*g[1].arrays(), g[2], *t[0].arrays(), t[2], t[3], t[4], t[5]]
+        if ref is None:
+            ref, ref_l, ref_r = out, g[0], [vars(r) for r in t[6]]
+        for a, b in zip(out, ref):
+            assert np.array_equal(a, b)
+        assert g[0] == ref_l and [vars(r) for r in t[6]] == ref_r
+    kind = "dense" if dense else "sparse"
+    assert calls == [f"{kind}_gradients", *[f"{kind}_step_core"] * 2] * len(default)
+    calls.clear()
+    for sp, mask in [(JumpReLUSparsity(mode="tanh"), None), (pre, some),
+                     (JumpReLUSparsity(mode="quadratic", target_l0=2.0), none)]:
+        be.jumprelu_gradients(x, p, lt, 1.0, 0.3, sparsity=sp, dead_mask=mask)
+        _train_modes(x, p, lt, 1, sp, mask)
+    assert calls == [f"{kind}_gradients_modes", f"{kind}_step_core_modes"] * 3
+
+
+def _train_modes(x, p, lt, n_steps, sp, dead, bw=1.0, l0c=0.3):
+    p = p.copy()
+    st = AdamState.zeros_like(p)
+    lt = lt.copy()
+    m, v = np.zeros_like(lt), np.zeros_like(lt)
+    fc = np.zeros(p.d_sae, np.int64)
+    res = [be.train_step_jumprelu(p, st, x, log_threshold=lt, threshold_m=m, threshold_v=v,
+                                  bandwidth=bw, l0_coefficient=l0c, lr=1e-3, eps=1e-3,
+                                  fire_counts=fc, sparsity=sp, dead_mask=dead)
+           for _ in range(n_steps)]
+    return p, st, lt, m, v, fc, res
+
+
+@pytest.mark.parametrize("sp", SPARSITIES, ids=list(SPARSITIES))
+def test_modes_paths_agree(monkeypatch, sp):
+    """Both paths take the same two steps in every mode (to float32
+    reduction order), the same L0, fire counts, l0_loss and aux."""
+    rng = np.random.default_rng(6)
+    x, p, lt = _exact_problem(rng, 300, 6, 130)
+    dead = _dead_mask(rng, 130, 0.3)
+    out = {}
+    for label, thr in (("sparse", 2.0), ("dense", 0.0)):
+        monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", thr)
+        out[label] = _train_modes(x, p, lt, 2, SPARSITIES[sp], dead)
+    a, b = out["sparse"], out["dense"]
+    for u, w in zip([*a[0].arrays(), a[2], a[3], a[4]], [*b[0].arrays(), b[2], b[3], b[4]]):
+        np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(a[5], b[5])
+    for ra, rb in zip(a[6], b[6]):
+        assert ra.l0 == rb.l0
+        assert ra.extra["l0_loss"] == pytest.approx(rb.extra["l0_loss"], rel=1e-6)
+        assert ra.aux == pytest.approx(rb.aux, rel=1e-6, abs=1e-12)
+        assert ra.total == pytest.approx(rb.total, rel=1e-5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_modes_independent_of_thread_count(monkeypatch, threads, dense):
+    """Every mode with the pre-activation loss (its dead-column pass over 8
+    column tasks and two row blocks on the sparse path), bitwise the same
+    on every thread count."""
+    monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", 0.0 if dense else 2.0)
+    rng = np.random.default_rng(4)
+    x, p, lt = _exact_problem(rng, 1100, 7, 200)
+    dead = _dead_mask(rng, 200, 0.6)
+    for sp in (SPARSITIES["tanh+pre"], SPARSITIES["quadratic+pre"]):
+        outs = []
+        for nt in sorted({1, min(threads, 3), threads}):
+            numba.set_num_threads(nt)
+            g = be.jumprelu_gradients(x, p, lt, 1.0, 0.3, sparsity=sp, dead_mask=dead)
+            t = _train_modes(x, p, lt, 2, sp, dead)
+            outs.append((list(g[1].arrays()) + [g[2]] + list(t[0].arrays())
+                         + [t[2], t[3], t[4], t[5]], g[0], [vars(r) for r in t[6]]))
+        for o in outs[1:]:
+            for a, b in zip(o[0], outs[0][0]):
+                assert np.array_equal(a, b), "depends on the thread count"
+            assert o[1] == outs[0][1] and o[2] == outs[0][2]
+
+
+def test_modes_staging_overflow(monkeypatch):
+    """The window's pre-activations (tanh reads them) survive the encoder's
+    overflow path: narrow staging gives the wide one's result."""
+    import fastsae.backends.numba as F
+    monkeypatch.setattr(TU, "NUMBA_JUMPRELU_DENSE_MIN_DENSITY", 2.0)
+    rng = np.random.default_rng(9)
+    x, p, lt = _exact_problem(rng, 700, 5, 300)
+    sp = JumpReLUSparsity(mode="tanh", pre_act_coefficient=0.2)
+    dead = _dead_mask(rng, 300, 0.2)
+    monkeypatch.setattr(F, "_jr_stage", {300: 300})
+    wide = be.jumprelu_gradients(x, p, lt, 1.0, 0.3, sparsity=sp, dead_mask=dead)
+    monkeypatch.setattr(F, "_jr_stage", {300: 2})
+    narrow = be.jumprelu_gradients(x, p, lt, 1.0, 0.3, sparsity=sp, dead_mask=dead)
+    for a, b in zip([*narrow[1].arrays(), narrow[2]], [*wide[1].arrays(), wide[2]]):
+        assert np.array_equal(a, b)
+    assert narrow[0] == wide[0]
+
+
+@pytest.mark.parametrize("where", ["W_enc", "log_threshold"])
+def test_modes_non_finite_update_is_loud(path, where):
+    """A NaN in a dead feature's encoder column (its pre-activations all
+    NaN: never below, never active) or threshold: the step is loud."""
+    rng = np.random.default_rng(1)
+    x, p, lt = _exact_problem(rng, 20, 4, 30)
+    dead = np.zeros(30, bool)
+    dead[[2, 5, 7]] = True
+    if where == "W_enc":
+        p.W_enc[1, 5] = np.nan
+    else:
+        lt[5] = np.nan
+    res = _train_modes(x, p, lt, 1, SPARSITIES["tanh+pre"], dead)[6][0]
+    assert np.isnan(res.mse) and np.isnan(res.total) and np.isnan(res.aux)

@@ -11,7 +11,8 @@ the package's modules, one per stage, named like every backend's:
 * :mod:`.adam` the Adam update;
 * :mod:`.step` the compiled training-step cores;
 * :mod:`.jumprelu` JumpReLU training (candidate encoder, sparse and dense
-  step cores);
+  step cores, and their ``*_modes`` variants for the non-default
+  :class:`~fastsae.JumpReLUSparsity` penalties and the pre-activation loss);
 * :mod:`.matryoshka` Matryoshka BatchTopK (the TopK step's kernels over
   nested prefixes, and its stand-alone gradients);
 * :mod:`.transcoder` transcoders and skip transcoders (``y`` given): the
@@ -531,36 +532,87 @@ def _jr_prepare(x, params, log_threshold, bandwidth, l0_coefficient, y):
             _target(x, params, y))
 
 
+_JR_MODES = {"step": JR.STEP, "tanh": JR.TANH, "quadratic": JR.QUADRATIC}
+
+
+def _jr_modes(sparsity, dead_mask, n, l0_coefficient):
+    """The kernels' sparsity arguments ``(mode, tcs, s, qc, tl0, dead, pn)``
+    (see :func:`.jumprelu.sparse_step_core_modes`), or None for the default
+    kernels: ``sparsity`` None, or ``"step"`` with no pre-activation loss
+    acting (coefficient 0, or no dead feature), which is the default bit
+    for bit."""
+    sp = sparsity
+    pre = (sp is not None and sp.pre_act_coefficient > 0 and dead_mask is not None
+           and bool(dead_mask.any()))
+    if sp is None or (sp.mode == "step" and not pre):
+        return None
+    c = float(l0_coefficient)
+    s = float(sp.tanh_scale)
+    tl0 = float(sp.target_l0) if sp.mode == "quadratic" else 1.0
+    dead = np.flatnonzero(dead_mask).astype(np.int64) if pre else _NOIDX64
+    return (_JR_MODES[sp.mode], c * s / n, s, 4.0 * c / (n * tl0), tl0, dead,
+            float(sp.pre_act_coefficient) / n if pre else 0.0)
+
+
+_NOIDX64 = np.empty(0, np.int64)
+
+
+def _jr_losses(mode, l0_coefficient, nnz, l0sum, aux_sum, n, sparsity):
+    """``(l0_loss, aux)``: the weighted sparsity term (``"step"``: ``c *
+    nnz / N``; else ``c * l0sum / N``) and pre-activation loss."""
+    c = float(l0_coefficient)
+    l0_loss = c * int(nnz) / n if mode is None or mode == JR.STEP else c * float(l0sum) / n
+    aux = 0.0 if sparsity is None else float(sparsity.pre_act_coefficient) * float(aux_sum) / n
+    return l0_loss, aux
+
+
 def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
-                       y=None):
+                       sparsity=None, dead_mask=None, y=None):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.backends.reference.jumprelu_gradients`): the candidates
     ``pre > theta - bandwidth/2`` from the fused encoder, then the gradients
     at those entries only (:func:`.jumprelu.sparse_gradients`), or with BLAS
     products from
     :data:`~fastsae.backends.tunables.NUMBA_JUMPRELU_DENSE_MIN_DENSITY` on
-    (:func:`.jumprelu.dense_gradients`). ``y``: a transcoder's target."""
+    (:func:`.jumprelu.dense_gradients`). ``sparsity`` (a
+    :class:`~fastsae.JumpReLUSparsity` or None) other than the default and
+    the pre-activation loss (on ``dead_mask``'s features) take the
+    ``*_modes`` kernels of both paths (:func:`.jumprelu.sparse_gradients_modes`,
+    :func:`.jumprelu.dense_gradients_modes`); the default takes the same
+    kernels as before, bit for bit. ``y``: a transcoder's target."""
     n, theta, lo, hi, inv_bw, l0s, nt, xc, tgt = _jr_prepare(x, params, log_threshold,
                                                              bandwidth, l0_coefficient, y)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
+    modes = _jr_modes(sparsity, dead_mask, n, l0_coefficient)
+    l0sum = aux_sum = 0.0
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
-        if dense:
+        if modes is None and dense:
             out = JR.dense_gradients(tgt, xc, pre, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw,
                                      l0s, nt, y is None)
-        else:
+        elif modes is None:
             out = JR.sparse_gradients(tgt, xc, indptr, indices, values, theta, hi, W_enc,
                                       W_dec, b_dec, inv_bw, l0s, y is None)
+        elif dense:
+            *out, l0sum, aux_sum = JR.dense_gradients_modes(
+                tgt, xc, pre, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw, l0s, nt, y is None,
+                *modes)
+        else:
+            *out, l0sum, aux_sum = JR.sparse_gradients_modes(
+                tgt, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
+                inv_bw, l0s, y is None, *modes)
     sq, nnz, gWe, gbe, gWd, gbd, g_lt, dx = out
     mse = float(sq) / n
-    l0_loss = float(l0_coefficient) * int(nnz) / n
-    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+    l0_loss, aux = _jr_losses(None if modes is None else modes[0], l0_coefficient, nnz, l0sum,
+                              aux_sum, n, sparsity)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss + aux, aux=aux, l0_loss=l0_loss),
             _grads(params, gWe, gbe, gWd, gbd, dx, x), g_lt)
 
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
-                        eps=1e-8, fire_counts=None, y=None) -> StepResult:
+                        eps=1e-8, fire_counts=None, sparsity=None, dead_mask=None,
+                        y=None) -> StepResult:
     """One JumpReLU step in place (see
     :func:`fastsae.backends.reference.train_step_jumprelu`): the fused
     candidate encoder, then below
@@ -568,8 +620,14 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     :func:`.jumprelu.sparse_step_core` (the TopK step's row and weight
     passes on the active entries, one dot per window entry), from it on
     :func:`.jumprelu.dense_step_core` (BLAS products); both fuse Adam on the
-    four parameters (decoder rows renormalized) and on ``log_threshold``;
-    ``y``: a transcoder's target (``W_skip``'s Adam after the core)."""
+    four parameters (decoder rows renormalized) and on ``log_threshold``.
+    A non-default ``sparsity`` or an acting pre-activation loss (``dead_mask``)
+    takes :func:`.jumprelu.sparse_step_core_modes` /
+    :func:`.jumprelu.dense_step_core_modes`, fused the same way ("tanh" and
+    "quadratic" touch only the active and window entries, the pre-activation
+    loss adds one dense pass over the dead columns, two GEMMs of their
+    width, on the sparse path). ``y``: a transcoder's target (``W_skip``'s
+    Adam after the core)."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -577,26 +635,40 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
                                                              bandwidth, l0_coefficient, y)
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
     center = y is None
+    modes = _jr_modes(sparsity, dead_mask, n, l0_coefficient)
+    l0sum = aux_sum = 0.0
+    var = None
     with _blas_single():
         dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
-        if dense:
+        if modes is None and dense:
             sq, nnz, bad, dx = JR.dense_step_core(
                 tgt, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
                 log_threshold, threshold_m, threshold_v, adam_c, inv_bw, l0s, counts, nt,
                 center)
-            var = None
-        else:
+        elif modes is None:
             sq, nnz, var, bad, dx = JR.sparse_step_core(
                 tgt, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
                 *_adam_moments(state), log_threshold, threshold_m, threshold_v, adam_c, inv_bw,
                 l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts, center)
+        elif dense:
+            sq, nnz, bad, dx, l0sum, aux_sum = JR.dense_step_core_modes(
+                tgt, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
+                log_threshold, threshold_m, threshold_v, adam_c, inv_bw, l0s, counts, nt,
+                center, *modes)
+        else:
+            sq, nnz, var, bad, dx, l0sum, aux_sum = JR.sparse_step_core_modes(
+                tgt, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
+                *_adam_moments(state), log_threshold, threshold_m, threshold_v, adam_c, inv_bw,
+                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts, center, *modes)
         bad += TC.skip_adam(params, state, dx, x, adam_c)
     if var is None or params.W_skip is not None:  # the kernel's is of y - x W_skip^T
         var = S.batch_variance(x if y is None else y)
     state.step = t
     nnz = int(nnz)
-    return NU.jumprelu_step_result(float(sq) / n, float(l0_coefficient) * nnz / n, nnz, n,
-                                   float(var), params_finite=bad == 0)
+    l0_loss, aux = _jr_losses(None if modes is None else modes[0], l0_coefficient, nnz, l0sum,
+                              aux_sum, n, sparsity)
+    return NU.jumprelu_step_result(float(sq) / n, l0_loss, nnz, n, float(var),
+                                   params_finite=bad == 0, aux=aux)
 
 
 # ---------------------------------------------------------------- Matryoshka family

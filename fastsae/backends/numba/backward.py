@@ -655,7 +655,8 @@ def project_row(gd, w):
 
 @njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
 def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc, W_dec, W_enc,
-                        b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
+                        b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile,
+                        ext_slot, ext_g, ext_b):
     """TopK training step's weight pass, over nested prefixes: per feature
     ``j``, the gradients of ``W_dec`` (unit-norm projected), ``W_enc`` and
     ``b_enc`` (:func:`prefix_feature_grad` with ``D[levels[j]]``, the suffix
@@ -674,6 +675,13 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     of its moments): a wide tile keeps those strided accesses few and
     prefetchable.
 
+    Extra gradient terms (JumpReLU's pre-activation loss, dense over a few
+    features): where ``ext_slot`` (int64 ``[d_sae]``) is non-empty, a
+    feature ``j`` with ``s = ext_slot[j] >= 0`` gets ``ext_g[s]`` (float32
+    ``[n_ext, d_in]``) added to its ``W_enc`` column's gradient and
+    ``ext_b[s]`` to its ``b_enc`` gradient before Adam; the TopK family
+    passes empty arrays (nothing added, bit for bit as before).
+
     Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in],
     bad)`` with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the
     weights before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum
@@ -687,6 +695,7 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     g_b_enc = np.empty(d_sae, np.float32)
     part = np.zeros((ntiles, d_in), np.float64)
     cs = const_tuple(adam_c)
+    has_ext = ext_slot.shape[0] > 0
     bad = 0
     for t in prange(ntiles):
         j0 = t * T
@@ -699,6 +708,11 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
         for j in range(j0, j1):
             gb = prefix_feature_grad(colptr, rows, perm, values, d_pre, D[levels[j]], d_ehat,
                                      xc, j, gd, ge[j - j0])
+            if has_ext:
+                sl = ext_slot[j]
+                if sl >= 0:
+                    gb += ext_b[sl]
+                    _axpy(np.float32(1.0), ext_g[sl], ge[j - j0])
             g_b_enc[j] = gb
             w = W_dec[j]
             project_row(gd, w)
@@ -743,4 +757,5 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
                                d_xhat.reshape((1, n, d_in)),
                                np.zeros(W_dec.shape[0], np.int32), d_ehat, xc, W_dec, W_enc,
                                b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
-                               tile)
+                               tile, np.empty(0, np.int64),
+                               np.empty((0, xc.shape[1]), np.float32), np.empty(0, np.float32))

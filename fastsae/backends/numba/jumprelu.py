@@ -32,6 +32,35 @@ threshold's pseudo-gradient needs ``d_f`` there). So:
   ``pre``, ``x_hat = f W_dec``, ``d_f = d_xhat W_dec^T``, the window sums and
   ``d_pre``) and :mod:`.dense`'s feature pass with Adam fused.
 
+Sparsity modes (:class:`fastsae.JumpReLUSparsity`, issue 15): the kernels
+above are the default (``"step"``, no pre-activation loss), unchanged; the
+``*_modes`` cores (:func:`sparse_step_core_modes`,
+:func:`sparse_gradients_modes`, :func:`dense_step_core_modes`,
+:func:`dense_gradients_modes`) take a mode code (:data:`STEP`, :data:`TANH`,
+:data:`QUADRATIC`) and the pre-activation loss's dead columns, and reuse the
+same row and weight passes with Adam fused:
+
+* ``"tanh"``: ``t = (c s / N)(1 - tanh(s f)^2)`` (evaluated as ``4 e / (1 +
+  e)^2``, ``e = exp(-2 s f)``: accurate where ``tanh`` rounds to 1) is added
+  to ``d_pre`` at the active entries and to ``d_f`` at the window's (the
+  sparse path reads the window's pre-activations, which
+  :func:`split_candidates` keeps); no Step term. Sparse: only the active and
+  window entries are touched.
+* ``"quadratic"``: each row's active count (the active CSR's row lengths;
+  counted while making the dense path's codes) gives ``q_i = 4 c (L0_i - T)
+  / (N T)``; the Step term is ``-(1 / eps) sum_{window} q_i`` (float64 per
+  feature). Sparse: a per-row scalar, nothing dense.
+* pre-activation loss (``p > 0`` and some dead feature): dense over the
+  dead columns only. Sparse path: :func:`dead_pass` makes their
+  pre-activations with one sgemm per task (``xc @ W_enc[:, dead]``), the
+  ``below`` set (``pre < theta``, the encoder's active entries excluded),
+  and their ``W_enc`` gradient with a second sgemm (``d_pre[:, dead].T @
+  xc``), handed to the fused weight pass
+  (:func:`.backward.prefix_feature_adam`'s ``ext_*`` arguments) with the
+  ``b_enc`` gradient. Dense path: the row pass reads each row's dead
+  columns before the codes overwrite them and puts ``-p / N`` into the
+  dense ``d_pre``, so the feature pass's GEMMs carry it.
+
 Transcoders: the step cores and gradients take the reconstruction's target
 ``x`` (``[N, d_out]``: a transcoder's ``y``, less the skip term ``x @
 W_skip.T`` for a skip transcoder, computed by the face) separately from the
@@ -58,7 +87,9 @@ from .decode import csr_from_counts
 from .encode import _part_bounds, _todo_blocks, gemm, warm_gemm
 
 __all__ = ["encode_adaptive", "split_candidates", "window_df", "threshold_grad",
-           "sparse_step_core", "sparse_gradients", "dense_step_core", "dense_gradients"]
+           "sparse_step_core", "sparse_gradients", "dense_step_core", "dense_gradients",
+           "STEP", "TANH", "QUADRATIC", "dead_pass", "sparse_step_core_modes",
+           "sparse_gradients_modes", "dense_step_core_modes", "dense_gradients_modes"]
 
 # ---------------------------------------------------------------- encoder
 @njit(cache=True)
@@ -297,7 +328,8 @@ def encode_adaptive(xc, W_enc, b_enc, lo, row_block, k_stage, n_threads, min_den
 def split_candidates(indptr, indices, values, theta, hi):
     """From the candidate CSR (every entry has ``pre > lo``): the active
     CSR ``pre > theta`` (the codes: ``(ip_a, ix_a, v_a)``) and the window
-    pattern ``pre < hi`` (``(ip_w, ix_w)``), both canonical."""
+    CSR ``pre < hi`` (``(ip_w, ix_w, v_w)``, ``v_w`` the pre-activations,
+    which the non-default sparsity modes read), both canonical."""
     n = indptr.shape[0] - 1
     ca = np.empty(n, np.int64)
     cw = np.empty(n, np.int64)
@@ -312,7 +344,7 @@ def split_candidates(indptr, indices, values, theta, hi):
         ca[i] = a
         cw[i] = w
     ip_a, ix_a, v_a = csr_from_counts(ca)
-    ip_w, ix_w, _ = csr_from_counts(cw)
+    ip_w, ix_w, v_w = csr_from_counts(cw)
     for i in prange(n):
         oa = ip_a[i]
         ow = ip_w[i]
@@ -325,8 +357,9 @@ def split_candidates(indptr, indices, values, theta, hi):
                 oa += 1
             if v < hi[j]:
                 ix_w[ow] = j
+                v_w[ow] = v
                 ow += 1
-    return ip_a, ix_a, v_a, ip_w, ix_w
+    return ip_a, ix_a, v_a, ip_w, ix_w, v_w
 
 
 @njit(parallel=True, cache=True)
@@ -390,7 +423,7 @@ def _threshold_adam(log_threshold, g, m, v, adam_c):
 def _sparse_front(x, indptr, indices, values, theta, hi, W_dec, b_dec, inv_bw, l0s):
     """What both sparse entry points share: split, row pass (the TopK
     step's), window ``d_f`` and ``g_log_threshold``."""
-    ip_a, ix_a, v_a, ip_w, ix_w = split_candidates(indptr, indices, values, theta, hi)
+    ip_a, ix_a, v_a, ip_w, ix_w, _ = split_candidates(indptr, indices, values, theta, hi)
     d_xhat, _, d_pre, _, sq, _, sum_dx, sum_x, sum_xx = B.topk_row_pass(
         ip_a, ix_a, v_a, np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32), W_dec, b_dec,
         x, 0.0)
@@ -551,18 +584,15 @@ def _dense_front(x, P, W_dec, b_dec, theta, lo, hi, inv_bw, l0s, n_threads):
     return d_xhat, D, row_sq.sum(), g_b_enc, cnt, g_lt
 
 
-@njit(cache=True, error_model="numpy")
-def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe,
-                    mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c, inv_bw, l0s,
-                    fire_counts, n_threads, center):
-    """:func:`sparse_step_core` on dense pre-activations ``P`` (overwritten
-    with the codes): BLAS products, the ReLU dense path's feature pass with
-    Adam fused (unit-norm). Returns ``(sum of squared errors, nnz, bad,
-    d_xhat)``."""
+@njit(cache=True, error_model="numpy")  # see adam.adam_elem
+def _dense_step_tail(xc, P, D, d_xhat, g_b_enc, cnt, g_lt, W_enc, b_enc, W_dec, b_dec, mWe,
+                     vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c,
+                     fire_counts, center):
+    """A dense step after its row pass (codes ``P``, ``d_pre`` ``D``, the
+    bias and threshold gradients): ``g_b_dec``, the feature pass with Adam
+    fused, ``b_dec``'s and the thresholds' Adam, the fire counts. Returns
+    ``bad``."""
     d_sae = W_dec.shape[0]
-    warm_gemm()
-    d_xhat, D, sq, g_b_enc, cnt, g_lt = _dense_front(x, P, W_dec, b_dec, theta, lo, hi,
-                                                     inv_bw, l0s, n_threads)
     g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
     bad = DN._feature_adam(P, D, d_xhat, xc, W_dec, np.empty(0, np.float32), np.float32(0.0),
                            True, np.zeros(d_sae, np.float64), g_b_enc, W_enc, b_enc, mWe, vWe,
@@ -575,6 +605,36 @@ def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vW
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
             fire_counts[j] += cnt[j]
+    return bad
+
+
+@njit(cache=True)
+def _dense_grads_tail(xc, P, D, d_xhat, g_b_enc, W_enc, W_dec, center):
+    """The weight gradients after a dense row pass: ``(g_W_enc, g_W_dec,
+    g_b_dec)``."""
+    d_sae = W_dec.shape[0]
+    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
+    g_W_enc = np.empty(W_enc.shape, np.float32)
+    g_W_dec = np.empty(W_dec.shape, np.float32)
+    DN._feature_grads(P, D, d_xhat, xc, W_dec, np.empty(0, np.float32), np.float32(0.0), True,
+                      np.zeros(d_sae, np.float64), NUMBA_DENSE_FEATURE_BLOCK, g_W_enc, g_W_dec)
+    return g_W_enc, g_W_dec, g_b_dec
+
+
+@njit(cache=True, error_model="numpy")
+def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe,
+                    mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c, inv_bw, l0s,
+                    fire_counts, n_threads, center):
+    """:func:`sparse_step_core` on dense pre-activations ``P`` (overwritten
+    with the codes): BLAS products, the ReLU dense path's feature pass with
+    Adam fused (unit-norm). Returns ``(sum of squared errors, nnz, bad,
+    d_xhat)``."""
+    warm_gemm()
+    d_xhat, D, sq, g_b_enc, cnt, g_lt = _dense_front(x, P, W_dec, b_dec, theta, lo, hi,
+                                                     inv_bw, l0s, n_threads)
+    bad = _dense_step_tail(xc, P, D, d_xhat, g_b_enc, cnt, g_lt, W_enc, b_enc, W_dec, b_dec,
+                           mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv,
+                           adam_c, fire_counts, center)
     return sq, cnt.sum(), bad, d_xhat
 
 
@@ -582,13 +642,511 @@ def dense_step_core(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vW
 def dense_gradients(x, xc, P, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw, l0s, n_threads,
                     center):
     """:func:`sparse_gradients` on dense pre-activations ``P`` (overwritten)."""
-    d_sae = W_dec.shape[0]
     warm_gemm()
     d_xhat, D, sq, g_b_enc, cnt, g_lt = _dense_front(x, P, W_dec, b_dec, theta, lo, hi,
                                                      inv_bw, l0s, n_threads)
-    g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
+    g_W_enc, g_W_dec, g_b_dec = _dense_grads_tail(xc, P, D, d_xhat, g_b_enc, W_enc, W_dec,
+                                                  center)
+    return sq, cnt.sum(), g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat
+
+
+# ---------------------------------------------------------------- sparsity modes
+# The non-default penalties of JumpReLUSparsity (see the reference's section
+# comment): the kernels above stay the default path, bit for bit; these add
+# to them. Mode codes of the ``mode`` argument:
+STEP, TANH, QUADRATIC = 0, 1, 2
+#: The pre-activation loss's dead-column pass (sparse path): at most this
+#: many dead columns per parallel task, rows in blocks of ``_DEAD_ROWS``.
+_DEAD_COLS_MAX = 128
+_DEAD_ROWS = 1024
+
+
+@njit(inline="always")
+def _tanh_sech2(z):
+    """``(tanh(z), 1 - tanh(z)**2)`` in float32, both to a few ulps (the
+    second as ``4 e / (1 + e)**2``, ``e = exp(-2 |z|)``: no cancellation
+    where ``tanh(z)`` rounds to 1)."""
+    e = np.exp(np.float32(-2.0) * abs(z))
+    d = np.float32(1.0) + e
+    th = (np.float32(1.0) - e) / d
+    if z < 0:
+        th = -th
+    return th, np.float32(4.0) * e / (d * d)
+
+
+@njit(parallel=True, cache=True)
+def _tanh_terms(ip_a, v_a, d_pre, ip_w, ix_w, v_w, dfw, theta, tcs, s):
+    """The ``"tanh"`` mode on the sparse path, in place: ``t = tcs (1 -
+    tanh(s f)**2)`` added to ``d_pre`` at the active entries and to the
+    window entries' ``d_f`` (``dfw``; ``t = tcs`` where inactive). Returns
+    the sum of ``tanh(s f)`` over the active entries (float64, per row then
+    over rows in order)."""
+    n = ip_a.shape[0] - 1
+    rows = np.empty(n, np.float64)
+    c = np.float32(tcs)
+    sc = np.float32(s)
+    for i in prange(n):
+        acc = 0.0
+        for p in range(ip_a[i], ip_a[i + 1]):
+            th, se = _tanh_sech2(sc * v_a[p])
+            d_pre[p] += c * se
+            acc += th
+        rows[i] = acc
+        for p in range(ip_w[i], ip_w[i + 1]):
+            v = v_w[p]
+            if v > theta[ix_w[p]]:
+                _, se = _tanh_sech2(sc * v)
+                dfw[p] += c * se
+            else:
+                dfw[p] += c
+    tot = 0.0
+    for i in range(n):
+        tot += rows[i]
+    return tot
+
+
+@njit(cache=True)
+def _window_sums(ip_w, ix_w, dfw, q, d_sae):
+    """Per feature, over its window entries in row order: the float32 sum
+    of ``d_f``, the count and (``q`` non-empty, ``"quadratic"``) the
+    float64 sum of the rows' ``q_i`` (else an empty array)."""
+    n = ip_w.shape[0] - 1
+    hq = q.shape[0] > 0
+    wsum = np.zeros(d_sae, np.float32)
+    wcnt = np.zeros(d_sae, np.int64)
+    qsum = np.zeros(d_sae if hq else 0, np.float64)
+    for i in range(n):
+        for p in range(ip_w[i], ip_w[i + 1]):
+            j = ix_w[p]
+            wsum[j] += dfw[p]
+            wcnt[j] += 1
+            if hq:
+                qsum[j] += q[i]
+    return wsum, wcnt, qsum
+
+
+@njit(cache=True)
+def _theta_grad_modes(wsum, wcnt, qsum, gx, theta, inv_bw, l0s, mode):
+    """:func:`_theta_grad` for every mode: the reconstruction part ``-(theta
+    * inv_bw) * wsum`` (float32), then in float64 the Step term (``"step"``:
+    ``- l0s * count`` as there; ``"tanh"``: none, its terms are in ``wsum``;
+    ``"quadratic"``: ``-(inv_bw * qsum)`` rounded to float32) and ``gx``
+    (the pre-activation loss's ``(p / N) * count_below``, or empty), times
+    ``theta``, rounded to float32."""
+    d_sae = theta.shape[0]
+    out = np.empty(d_sae, np.float32)
+    ie = np.float32(inv_bw)
+    c2 = np.float64(np.float32(l0s))
+    hx = gx.shape[0] > 0
+    for j in range(d_sae):
+        t1 = (-(theta[j] * ie)) * wsum[j]
+        g = np.float64(t1)
+        if mode == STEP:
+            g = g - c2 * wcnt[j]
+        elif mode == QUADRATIC:
+            g = g + np.float64(np.float32(-(inv_bw * qsum[j])))
+        if hx:
+            g = g + gx[j]
+        out[j] = np.float32(g * np.float64(theta[j]))
+    return out
+
+
+@njit(cache=True)
+def _dead_col_block(nd):
+    """Dead columns per task of :func:`dead_pass` (shape-only: a multiple
+    of 16 from 16 to ``_DEAD_COLS_MAX``, about 8 tasks)."""
+    cb = ((nd + 7) // 8 + 15) // 16 * 16
+    return max(16, min(_DEAD_COLS_MAX, cb))
+
+
+@njit(parallel=True, cache=True)
+def dead_pass(xc, W_enc, b_enc, theta, dead, ad_ip, ad_sl, pn):
+    """The pre-activation loss on the sparse path, dense over the dead
+    columns ``dead`` (int64 ``[n_dead]``) only: per fixed task of
+    :func:`_dead_col_block` dead columns (``W_enc``'s gathered into a panel)
+    and blocks of ``_DEAD_ROWS`` rows, ``pre = xc @ W_enc[:, dead] +
+    b_enc[dead]`` (one sgemm), ``below = pre < theta`` except at the
+    active entries (the encoder's decision: ``ad_ip``/``ad_sl``, per row the
+    dead slots of its active entries), ``d_pre = -pn`` there, and ``G +=
+    d_pre.T @ xc`` (one sgemm, row blocks in order). Returns ``(G float32
+    [n_dead, d_in], below counts int64 [n_dead], sum of theta - pre over
+    the below entries float64)``."""
+    n, d_in = xc.shape
+    nd = dead.shape[0]
+    cb = _dead_col_block(nd)
+    rb = max(1, min(_DEAD_ROWS, n))
+    ntask = (nd + cb - 1) // cb
+    G = np.zeros((nd, d_in), np.float32)
+    cnt = np.zeros(nd, np.int64)
+    aux = np.zeros(ntask, np.float64)
+    npn = np.float32(-pn)
+    inf = np.float32(np.inf)
+    zero = np.float32(0.0)
+    for t in prange(ntask):
+        c0 = t * cb
+        c1 = min(nd, c0 + cb)
+        m = c1 - c0
+        Wb = np.empty((d_in, m), np.float32)
+        for k in range(d_in):
+            for c in range(m):
+                Wb[k, c] = W_enc[k, dead[c0 + c]]
+        th = np.empty(m, np.float32)
+        bb = np.empty(m, np.float32)
+        for c in range(m):
+            th[c] = theta[dead[c0 + c]]
+            bb[c] = b_enc[dead[c0 + c]]
+        Pb = np.empty((rb, m), np.float32)
+        a = 0.0
+        for r0 in range(0, n, rb):
+            r1 = min(n, r0 + rb)
+            blk = Pb[:r1 - r0]
+            gemm(xc[r0:r1], Wb, blk, 1.0, 0.0, False, False)
+            for r in range(r1 - r0):
+                i = r0 + r
+                row = blk[r]
+                for q in range(ad_ip[i], ad_ip[i + 1]):
+                    sl = ad_sl[q]
+                    if sl >= c0 and sl < c1:
+                        row[sl - c0] = inf  # active: never below
+                for c in range(m):
+                    v = row[c] + bb[c]
+                    if v < th[c]:
+                        row[c] = npn
+                        cnt[c0 + c] += 1
+                        a += np.float64(th[c]) - np.float64(v)
+                    else:
+                        row[c] = zero
+            gemm(blk, xc[r0:r1], G[c0:c1], 1.0, 0.0 if r0 == 0 else 1.0, True, False)
+        aux[t] = a
+    tot = 0.0
+    for t in range(ntask):
+        tot += aux[t]
+    return G, cnt, tot
+
+
+@njit(cache=True)
+def _pre_act_sparse(xc, W_enc, b_enc, theta, dead, ip_a, ix_a, pn):
+    """The pre-activation loss's terms on the sparse path (:func:`dead_pass`):
+    ``(slot int64 [d_sae] (each feature's dead slot, -1 if alive), G
+    float32 [n_dead, d_in] (its W_enc gradient, transposed), gb float32
+    [n_dead] (its b_enc gradient), gx float64 [d_sae] (its theta gradient),
+    aux sum)``; empty arrays and 0 without dead features."""
+    d_sae = W_enc.shape[1]
+    d_in = xc.shape[1]
+    nd = dead.shape[0]
+    if nd == 0:
+        return (np.empty(0, np.int64), np.empty((0, d_in), np.float32),
+                np.empty(0, np.float32), np.empty(0, np.float64), 0.0)
+    warm_gemm()
+    n = ip_a.shape[0] - 1
+    slot = np.full(d_sae, -1, np.int64)
+    for c in range(nd):
+        slot[dead[c]] = c
+    ad_ip = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        k = 0
+        for p in range(ip_a[i], ip_a[i + 1]):
+            k += 1 if slot[ix_a[p]] >= 0 else 0
+        ad_ip[i + 1] = ad_ip[i] + k
+    ad_sl = np.empty(ad_ip[n], np.int64)
+    for i in range(n):
+        o = ad_ip[i]
+        for p in range(ip_a[i], ip_a[i + 1]):
+            sl = slot[ix_a[p]]
+            if sl >= 0:
+                ad_sl[o] = sl
+                o += 1
+    G, cnt, aux = dead_pass(xc, W_enc, b_enc, theta, dead, ad_ip, ad_sl, pn)
+    gb = np.empty(nd, np.float32)
+    gx = np.zeros(d_sae, np.float64)
+    for c in range(nd):
+        gb[c] = np.float32(-pn * cnt[c])
+        gx[dead[c]] = pn * cnt[c]
+    return slot, G, gb, gx, aux
+
+
+@njit(cache=True)
+def _sparse_front_modes(x, indptr, indices, values, theta, hi, W_dec, b_dec, mode, tcs, s, qc,
+                        tl0):
+    """:func:`_sparse_front` in any mode, up to the threshold gradient's
+    pieces: ``(ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, sum_x, sum_xx,
+    wsum, wcnt, qsum, l0sum)``; ``"tanh"`` adds its ``t`` to ``d_pre`` and
+    the window's ``d_f`` (:func:`_tanh_terms`), ``"quadratic"`` makes ``q_i
+    = qc (L0_i - T)`` from the active CSR's row lengths. ``l0sum``: the
+    sparsity sum before its ``c / N`` (``"tanh"``: of ``tanh(s f)``;
+    ``"quadratic"``: of ``2 / T (L0_i - T)**2``; ``"step"``: 0, the face
+    uses nnz)."""
+    ip_a, ix_a, v_a, ip_w, ix_w, v_w = split_candidates(indptr, indices, values, theta, hi)
+    d_xhat, _, d_pre, _, sq, _, sum_dx, sum_x, sum_xx = B.topk_row_pass(
+        ip_a, ix_a, v_a, np.empty(0, np.int64), np.empty(0, np.int32),
+        np.empty(0, np.float32), W_dec, b_dec, x, 0.0)
+    dfw = window_df(ip_w, ix_w, d_xhat, W_dec)
+    n = ip_a.shape[0] - 1
+    l0sum = 0.0
+    q = np.empty(0, np.float64)
+    if mode == TANH:
+        l0sum = _tanh_terms(ip_a, v_a, d_pre, ip_w, ix_w, v_w, dfw, theta, tcs, s)
+    elif mode == QUADRATIC:
+        q = np.empty(n, np.float64)
+        for i in range(n):
+            err = np.float64(ip_a[i + 1] - ip_a[i]) - tl0
+            q[i] = qc * err
+            l0sum += 2.0 / tl0 * err * err
+    wsum, wcnt, qsum = _window_sums(ip_w, ix_w, dfw, q, W_dec.shape[0])
+    return ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, sum_x, sum_xx, wsum, wcnt, qsum, l0sum
+
+
+@njit(cache=True, error_model="numpy")  # see adam.adam_elem
+def sparse_step_core_modes(x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec,
+                           b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm,
+                           tv, adam_c, inv_bw, l0s, tile, fire_counts, center, mode, tcs, s,
+                           qc, tl0, dead, pn):
+    """:func:`sparse_step_core` in any sparsity mode, with the
+    pre-activation loss over the ``dead`` columns (int64, may be empty;
+    ``pn = p / N``): the same fused weight pass
+    (:func:`.backward.prefix_feature_adam`), handed the dead columns'
+    ``W_enc`` and ``b_enc`` gradients (:func:`dead_pass`, made before any
+    weight changes) to add. ``tcs = c s / N`` and ``s`` (``"tanh"``), ``qc
+    = 4 c / (N T)`` and ``tl0 = T`` (``"quadratic"``). Returns ``(sum of
+    squared errors, nnz, variance of the target, bad, d_xhat, l0sum, aux
+    sum)`` (see :func:`_sparse_front_modes`, :func:`dead_pass`)."""
+    n = x.shape[0]
+    d_sae, d_out = W_dec.shape
+    (ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, sum_x, sum_xx, wsum, wcnt, qsum,
+     l0sum) = _sparse_front_modes(x, indptr, indices, values, theta, hi, W_dec, b_dec, mode,
+                                  tcs, s, qc, tl0)
+    slot, G, gb, gx, aux = _pre_act_sparse(xc, W_enc, b_enc, theta, dead, ip_a, ix_a, pn)
+    g_lt = _theta_grad_modes(wsum, wcnt, qsum, gx, theta, inv_bw, l0s, mode)
+    colptr, rows, perm = B.csr_to_csc(ip_a, ix_a, d_sae)
+    _, part, bad = B.prefix_feature_adam(colptr, rows, perm, v_a, d_pre,
+                                         d_xhat.reshape((1, n, d_out)),
+                                         np.zeros(d_sae, np.int32),
+                                         np.empty((0, d_out), np.float32), xc, W_dec, W_enc,
+                                         b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile,
+                                         slot, G, gb)
+    bad += S._b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
+    bad += _threshold_adam(log_threshold, g_lt, tm, tv, adam_c)
+    if fire_counts.shape[0] > 0:
+        for j in range(d_sae):
+            fire_counts[j] += colptr[j + 1] - colptr[j]
+    return sq, ip_a[n], S.shifted_variance(sum_x, sum_xx, n), bad, d_xhat, l0sum, aux
+
+
+@njit(cache=True)
+def sparse_gradients_modes(x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec,
+                           b_dec, inv_bw, l0s, center, mode, tcs, s, qc, tl0, dead, pn):
+    """:func:`sparse_gradients` in any mode (arguments as
+    :func:`sparse_step_core_modes`): ``(sum of squared errors, nnz,
+    g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_log_threshold, d_xhat, l0sum, aux
+    sum)``."""
+    d_sae = W_dec.shape[0]
+    d_in = xc.shape[1]
+    (ip_a, ix_a, v_a, d_xhat, d_pre, sq, sum_dx, _, _, wsum, wcnt, qsum,
+     l0sum) = _sparse_front_modes(x, indptr, indices, values, theta, hi, W_dec, b_dec, mode,
+                                  tcs, s, qc, tl0)
+    _, G, gb, gx, aux = _pre_act_sparse(xc, W_enc, b_enc, theta, dead, ip_a, ix_a, pn)
+    g_lt = _theta_grad_modes(wsum, wcnt, qsum, gx, theta, inv_bw, l0s, mode)
+    colptr, rows, perm = B.csr_to_csc(ip_a, ix_a, d_sae)
+    g_b_enc = B.column_sums_csc(colptr, perm, d_pre)
+    for c in range(gb.shape[0]):
+        g_b_enc[dead[c]] += gb[c]
+    g_b_dec = B.b_dec_grad(sum_dx, W_enc, g_b_enc, center)
     g_W_enc = np.empty(W_enc.shape, np.float32)
     g_W_dec = np.empty(W_dec.shape, np.float32)
-    DN._feature_grads(P, D, d_xhat, xc, W_dec, np.empty(0, np.float32), np.float32(0.0), True,
-                      np.zeros(d_sae, np.float64), NUMBA_DENSE_FEATURE_BLOCK, g_W_enc, g_W_dec)
-    return sq, cnt.sum(), g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat
+    B.feature_grads(colptr, rows, perm, v_a, d_pre, d_xhat, xc, W_dec, np.empty(0, np.float32),
+                    0.0, True, g_W_enc, g_W_dec)
+    for k in range(d_in):
+        for c in range(gb.shape[0]):
+            g_W_enc[k, dead[c]] += G[c, k]
+    return (sq, ip_a[x.shape[0]], g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat, l0sum,
+            aux)
+
+
+@njit(parallel=True, cache=True)
+def _dense_row_pass_modes(P, x, W_dec, b_dec, theta, lo, hi, rb, n_threads, mode, tcs, s, qc,
+                          tl0, dead, pn):
+    """:func:`_dense_row_pass` in any mode: ``"tanh"`` adds ``t`` to ``d_f``
+    before its window sums and ``d_pre``; ``"quadratic"`` counts each row's
+    active entries as it makes the codes and adds its ``q_i`` to per-block
+    float64 window partials; the pre-activation loss reads the dead
+    columns of each row (``dead``, a loop over them only) before the codes
+    overwrite it and sets ``d_pre = -pn`` where ``pre < theta``. Returns
+    ``(d_xhat, D, row_sq, part_dpre, part_cnt, part_w, part_wc, part_q
+    float64 [nblk, d_sae or 0], part_bc int64 [nblk, n_dead], row_l0 (the
+    sparsity sum per row, see :func:`_sparse_front_modes`), row_aux)``."""
+    n, d_sae = P.shape
+    d_in = W_dec.shape[1]
+    nd = dead.shape[0]
+    nblk = (n + rb - 1) // rb
+    parts = max(1, min(n_threads, nblk))
+    hq = mode == QUADRATIC
+    ht = mode == TANH
+    d_xhat = np.empty((n, d_in), np.float32)
+    D = np.empty((n, d_sae), np.float32)
+    row_sq = np.empty(n, np.float64)
+    row_l0 = np.zeros(n, np.float64)
+    row_aux = np.zeros(n, np.float64)
+    part_dpre = np.zeros((nblk, d_sae), np.float32)
+    part_cnt = np.zeros((nblk, d_sae), np.int32)
+    part_w = np.zeros((nblk, d_sae), np.float32)
+    part_wc = np.zeros((nblk, d_sae), np.int32)
+    part_q = np.zeros((nblk, d_sae if hq else 0), np.float64)
+    part_bc = np.zeros((nblk, nd), np.int64)
+    scale = np.float32(2.0 / n)
+    zero = np.float32(0.0)
+    tc = np.float32(tcs)
+    sc = np.float32(s)
+    npn = np.float32(-pn)
+    for p in prange(parts):
+        b0, b1 = _part_bounds(nblk, parts, p)
+        F = np.empty((rb, d_sae), np.float32)
+        rc = np.empty(rb, np.int64)
+        bel = np.zeros(nd, np.uint8)
+        for b in range(b0, b1):
+            i0 = b * rb
+            i1 = min(n, i0 + rb)
+            m = i1 - i0
+            fb = F[:m]
+            for r in range(m):
+                pr = P[i0 + r]
+                fr = fb[r]
+                c = 0
+                for j in range(d_sae):
+                    v = pr[j]
+                    on = v > theta[j]
+                    fr[j] = v if on else zero
+                    c += 1 if on else 0
+                rc[r] = c
+            dx = d_xhat[i0:i1]
+            gemm(fb, W_dec, dx, 1.0, 0.0, False, False)
+            for r in range(m):
+                i = i0 + r
+                sq = 0.0
+                for k in range(d_in):
+                    diff = (dx[r, k] + b_dec[k]) - x[i, k]
+                    sq += np.float64(diff) * diff
+                    dx[r, k] = scale * diff
+                row_sq[i] = sq
+            dp = D[i0:i1]
+            gemm(dx, W_dec, dp, 1.0, 0.0, False, True)
+            pd, pc, pw, pwc = part_dpre[b], part_cnt[b], part_w[b], part_wc[b]
+            pq, pbc = part_q[b], part_bc[b]
+            for r in range(m):
+                i = i0 + r
+                pr = P[i]
+                fr = fb[r]
+                dr = dp[r]
+                a = 0.0
+                for c in range(nd):  # before the codes overwrite pre
+                    j = dead[c]
+                    v = pr[j]
+                    if v < theta[j]:
+                        bel[c] = 1
+                        pbc[c] += 1
+                        a += np.float64(theta[j]) - np.float64(v)
+                    else:
+                        bel[c] = 0
+                row_aux[i] = a
+                qi = 0.0
+                if hq:
+                    err = np.float64(rc[r]) - tl0
+                    qi = qc * err
+                    row_l0[i] = 2.0 / tl0 * err * err
+                ts = 0.0
+                for j in range(d_sae):
+                    v = pr[j]
+                    g = dr[j]
+                    on = v > theta[j]
+                    if ht:
+                        t = tc
+                        if on:
+                            th, se = _tanh_sech2(sc * v)
+                            t = tc * se
+                            ts += th
+                        g = g + t
+                    if (v > lo[j]) & (v < hi[j]):
+                        pw[j] += g
+                        pwc[j] += 1
+                        if hq:
+                            pq[j] += qi
+                    if on:
+                        dr[j] = g
+                        pd[j] += g
+                        pc[j] += 1
+                    else:
+                        dr[j] = zero
+                    pr[j] = fr[j]
+                if ht:
+                    row_l0[i] = ts
+                for c in range(nd):
+                    if bel[c]:
+                        j = dead[c]
+                        dr[j] = npn
+                        pd[j] += npn
+    return (d_xhat, D, row_sq, part_dpre, part_cnt, part_w, part_wc, part_q, part_bc, row_l0,
+            row_aux)
+
+
+@njit(cache=True)
+def _dense_front_modes(x, P, W_dec, b_dec, theta, lo, hi, inv_bw, l0s, n_threads, mode, tcs,
+                       s, qc, tl0, dead, pn):
+    """:func:`_dense_front` in any mode: ``(d_xhat, D, sq, g_b_enc, cnt,
+    g_lt, l0sum, aux sum)``."""
+    n = x.shape[0]
+    d_sae = P.shape[1]
+    (d_xhat, D, row_sq, pd, pc, pw, pwc, pq, pbc, row_l0,
+     row_aux) = _dense_row_pass_modes(P, x, W_dec, b_dec, theta, lo, hi, DN.row_block(n),
+                                      n_threads, mode, tcs, s, qc, tl0, dead, pn)
+    g_b_enc, cnt, wsum, wcnt = _dense_totals(pd, pc, pw, pwc)
+    nblk = pd.shape[0]
+    qsum = np.zeros(pq.shape[1], np.float64)
+    for b in range(nblk):
+        for j in range(pq.shape[1]):
+            qsum[j] += pq[b, j]
+    nd = dead.shape[0]
+    gx = np.zeros(d_sae if nd > 0 else 0, np.float64)
+    for c in range(nd):
+        k = 0
+        for b in range(nblk):
+            k += pbc[b, c]
+        gx[dead[c]] = pn * k
+    g_lt = _theta_grad_modes(wsum, wcnt, qsum, gx, theta, inv_bw, l0s, mode)
+    l0sum = 0.0
+    aux = 0.0
+    for i in range(n):
+        l0sum += row_l0[i]
+        aux += row_aux[i]
+    return d_xhat, D, row_sq.sum(), g_b_enc, cnt, g_lt, l0sum, aux
+
+
+@njit(cache=True, error_model="numpy")
+def dense_step_core_modes(x, xc, P, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, mWe, vWe, mbe,
+                          vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c, inv_bw, l0s,
+                          fire_counts, n_threads, center, mode, tcs, s, qc, tl0, dead, pn):
+    """:func:`dense_step_core` in any mode (arguments as
+    :func:`sparse_step_core_modes`): every term is in the dense ``d_pre``
+    and the column partials, so the same feature pass. Returns ``(sum of
+    squared errors, nnz, bad, d_xhat, l0sum, aux sum)``."""
+    warm_gemm()
+    d_xhat, D, sq, g_b_enc, cnt, g_lt, l0sum, aux = _dense_front_modes(
+        x, P, W_dec, b_dec, theta, lo, hi, inv_bw, l0s, n_threads, mode, tcs, s, qc, tl0, dead,
+        pn)
+    bad = _dense_step_tail(xc, P, D, d_xhat, g_b_enc, cnt, g_lt, W_enc, b_enc, W_dec, b_dec,
+                           mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv,
+                           adam_c, fire_counts, center)
+    return sq, cnt.sum(), bad, d_xhat, l0sum, aux
+
+
+@njit(cache=True)
+def dense_gradients_modes(x, xc, P, theta, lo, hi, W_enc, W_dec, b_dec, inv_bw, l0s,
+                          n_threads, center, mode, tcs, s, qc, tl0, dead, pn):
+    """:func:`dense_gradients` in any mode: ``(sum of squared errors, nnz,
+    g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_log_threshold, d_xhat, l0sum, aux
+    sum)``."""
+    warm_gemm()
+    d_xhat, D, sq, g_b_enc, cnt, g_lt, l0sum, aux = _dense_front_modes(
+        x, P, W_dec, b_dec, theta, lo, hi, inv_bw, l0s, n_threads, mode, tcs, s, qc, tl0, dead,
+        pn)
+    g_W_enc, g_W_dec, g_b_dec = _dense_grads_tail(xc, P, D, d_xhat, g_b_enc, W_enc, W_dec,
+                                                  center)
+    return sq, cnt.sum(), g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_lt, d_xhat, l0sum, aux

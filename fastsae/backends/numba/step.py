@@ -164,7 +164,9 @@ def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_valu
                                                a_indices, a_values, a_d_pre, d_sae)
     _, part, bad = B.prefix_feature_adam(colptr, rows, perm, vv, dp, D, levels, d_ehat, xc,
                                          W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
-                                         adam_c, tile)
+                                         adam_c, tile, np.empty(0, np.int64),
+                                         np.empty((0, xc.shape[1]), np.float32),
+                                         np.empty(0, np.float32))
     # g_b_dec = sum_i D_0(i) - W_enc_old @ g_b_enc (tile partials in order)
     bad += _b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
     if fire_counts.shape[0] > 0:
