@@ -53,6 +53,20 @@ backwards): the reconstruction (``d_out = W_dec.shape[1]`` wide) fits
 ``target`` instead of ``x``, ``xc`` is ``x`` itself, ``g_b_dec`` has no
 ``- W_enc @ g_b_enc`` term and ``d_target`` receives ``d_xhat``.
 
+Sparsity modes and the pre-activation loss (``mode=`` and friends of both
+backwards; the default call runs the step code above unchanged, bit for
+bit): "tanh" adds ``(c s / N)(1 - tanh(s f)^2)`` to ``d_f`` wherever it is
+used and has no Step term; "quadratic" replaces the window count by the
+window's sum of the rows' ``q_i = 4 c (L0_i - T) / (N T)`` (``L0_i`` counted
+in the row pass); the pre-activation loss sets ``d_pre = -p/N`` at the dead
+features' entries below theta. The sparse path keeps to the candidates for
+both modes; its pre-activation loss is :func:`preact_dead` (two GEMMs over
+the dead features' columns only, before any update), whose ``W_enc``
+gradient, ``b_enc`` and threshold terms the feature pass adds. The dense
+path does all of it in its feature pass's epilogue
+(``fastsae_jr_dense_epilogue_ext``, one specialised loop per mode).
+Reductions stay per row, per feature or per fixed block, in a fixed order.
+
 Every grid is fixed by the wrapper from the shape only and every output has
 one writer: results do not depend on the thread count. BLAS must run
 single-threaded inside the parallel regions (the wrapper limits it).
@@ -70,7 +84,7 @@ cimport cython
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrt
+from libc.math cimport sqrt, tanhf
 from libc.stdint cimport int64_t, int32_t
 
 import numpy as np
@@ -87,6 +101,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #include <math.h>
     /* Probe epilogue: out[r, j] = tile[r, j] + b[j] (row strides nc, ldo);
        returns how many exceed lo[j] (NaN does not). Branch-free so that GCC
        vectorizes it. */
@@ -175,7 +190,122 @@ cdef extern from *:
         }
     }
 
+    /* Active entries of one row p[0:nc] (p[j] > theta[j]; NaN does not). */
+    static int64_t fastsae_jr_count_active(const float* restrict p,
+                                           const float* restrict theta, Py_ssize_t nc) {
+        Py_ssize_t j;
+        int64_t cnt = 0;
+        for (j = 0; j < nc; j++)
+            cnt += p[j] > theta[j];
+        return cnt;
+    }
+
+    /* The dense epilogue of the other sparsity modes and the pre-activation
+       loss (mode 0 "step", 1 "tanh", 2 "quadratic"; dead != NULL: the
+       block's dead flags). As fastsae_jr_dense_epilogue, plus:
+       tanh: d_f += ct * (1 - tanh(ts f)^2) (f = pre if active else 0) before
+       any use, tsum[j] += tanh(ts f); quadratic: wq[j] += q[i] on window
+       entries (q: the chunk's per-row weights); dead: at entries of a dead
+       feature with pre < theta, d_pre = npn (= -p/N), bcn[j] += 1,
+       asum[j] += theta - pre (float64). Always inlined into the dispatcher
+       below with constant mode and dead, so each combination is its own
+       loop. */
+    static inline __attribute__((always_inline)) void fastsae_jr_ext_body(
+            float* restrict dp, const float* restrict p, Py_ssize_t ldp,
+            const float* restrict theta, const float* restrict lo,
+            const float* restrict hi, float* restrict fo, double* restrict gbe,
+            double* restrict gws, int64_t* restrict wcn, int64_t* restrict acn,
+            double* restrict wq, int64_t* restrict bcn, double* restrict tsum,
+            double* restrict asum, Py_ssize_t rows, Py_ssize_t nb, const int mode,
+            float ts, float ct, const double* restrict q,
+            const unsigned char* restrict dead, float npn) {
+        Py_ssize_t i, j;
+        for (i = 0; i < rows; i++) {
+            const float* restrict pr = p + i * ldp;
+            float* restrict dr = dp + i * nb;
+            float* restrict fr = fo + i * nb;
+            double qi = mode == 2 ? q[i] : 0.0;
+            for (j = 0; j < nb; j++) {
+                float v = pr[j], d = dr[j], dpre;
+                int32_t act = v > theta[j];
+                int32_t win = (v > lo[j]) & (v < hi[j]);
+                if (mode == 1) {
+                    float tv = act ? tanhf(ts * v) : 0.0f;
+                    d = d + ct * (1.0f - tv * tv);
+                    tsum[j] += tv;
+                }
+                gws[j] += win ? d : 0.0f;
+                wcn[j] += win;
+                if (mode == 2)
+                    wq[j] += win ? qi : 0.0;
+                dpre = act ? d : 0.0f;
+                if (dead != NULL && dead[j] && v < theta[j]) {
+                    dpre = npn;
+                    bcn[j] += 1;
+                    asum[j] += (double)theta[j] - (double)v;
+                }
+                dr[j] = dpre;
+                fr[j] = act ? v : 0.0f;
+                gbe[j] += dpre;
+                acn[j] += act;
+            }
+        }
+    }
+
+    static void fastsae_jr_dense_epilogue_ext(
+            float* dp, const float* p, Py_ssize_t ldp, const float* theta,
+            const float* lo, const float* hi, float* fo, double* gbe, double* gws,
+            int64_t* wcn, int64_t* acn, double* wq, int64_t* bcn, double* tsum,
+            double* asum, Py_ssize_t rows, Py_ssize_t nb, int mode, float ts, float ct,
+            const double* q, const unsigned char* dead, float npn) {
+    #define FASTSAE_JR_EXT(M, D) fastsae_jr_ext_body(dp, p, ldp, theta, lo, hi, fo, gbe, \
+            gws, wcn, acn, wq, bcn, tsum, asum, rows, nb, M, ts, ct, q, D, npn)
+        if (dead != NULL) {
+            if (mode == 1) FASTSAE_JR_EXT(1, dead);
+            else if (mode == 2) FASTSAE_JR_EXT(2, dead);
+            else FASTSAE_JR_EXT(0, dead);
+        } else {
+            if (mode == 1) FASTSAE_JR_EXT(1, NULL);
+            else if (mode == 2) FASTSAE_JR_EXT(2, NULL);
+            else FASTSAE_JR_EXT(0, NULL);
+        }
+    #undef FASTSAE_JR_EXT
+    }
+
+    /* Pre-activation loss on one tile t[rows, nc] of xc @ W_enc[:, dead]:
+       v = t + b (pre, as the encoders add the bias); below = v < theta;
+       t becomes d_pre's term (npn where below, else 0), cnt[j] += below,
+       asum[j] += theta - v where below (float64). */
+    static void fastsae_jr_preact_epilogue(float* restrict t, Py_ssize_t nc,
+                                           const float* restrict b,
+                                           const float* restrict theta, float npn,
+                                           int64_t* restrict cnt, double* restrict asum,
+                                           Py_ssize_t rows) {
+        Py_ssize_t r, j;
+        for (r = 0; r < rows; r++) {
+            float* restrict tr = t + r * nc;
+            for (j = 0; j < nc; j++) {
+                float v = tr[j] + b[j];
+                int32_t below = v < theta[j];
+                tr[j] = below ? npn : 0.0f;
+                cnt[j] += below;
+                asum[j] += below ? (double)theta[j] - (double)v : 0.0;
+            }
+        }
+    }
+
     """
+    int64_t _count_active "fastsae_jr_count_active"(const float* p, const float* theta,
+                                                    Py_ssize_t nc) noexcept nogil
+    void _dense_epilogue_ext "fastsae_jr_dense_epilogue_ext"(
+        float* dp, const float* p, Py_ssize_t ldp, const float* theta, const float* lo,
+        const float* hi, float* fo, double* gbe, double* gws, int64_t* wcn, int64_t* acn,
+        double* wq, int64_t* bcn, double* tsum, double* asum, Py_ssize_t rows,
+        Py_ssize_t nb, int mode, float ts, float ct, const double* q,
+        const unsigned char* dead, float npn) noexcept nogil
+    void _preact_epilogue "fastsae_jr_preact_epilogue"(
+        float* t, Py_ssize_t nc, const float* b, const float* theta, float npn,
+        int64_t* cnt, double* asum, Py_ssize_t rows) noexcept nogil
     int64_t _probe_epilogue "fastsae_jr_probe_epilogue"(
         const float* tile, const float* b, const float* lo, float* out, Py_ssize_t ldo,
         Py_ssize_t rows, Py_ssize_t nc) noexcept nogil
@@ -584,6 +714,62 @@ cdef inline float _g_log_threshold(const _Thr* th, Py_ssize_t j, double wsum,
     return <float>(g * theta)
 
 
+cdef struct _Ext:
+    # the other sparsity modes and the pre-activation loss (``ext`` calls)
+    int mode         # 0 "step", 1 "tanh", 2 "quadratic"
+    double inv_bw    # 1 / bandwidth: quadratic's Step term
+    double pn        # pre_act_coefficient / N: the pre-activation loss's theta term
+
+
+cdef inline float _g_lt_ext(const _Thr* th, const _Ext* ex, Py_ssize_t j, double wsum,
+                            int64_t wcnt, double wq, int64_t bcnt) noexcept nogil:
+    """``theta_j * (-(theta_j / bw) * wsum - S_j + (p / N) * bcnt)`` with the
+    Step term ``S_j``: ``(l0c / (bw N)) * wcnt`` ("step", as
+    :func:`_g_log_threshold`), 0 ("tanh", its term is in ``wsum``),
+    ``wq / bw`` ("quadratic": ``wq`` the window's sum of the rows' ``q_i``);
+    ``bcnt`` the entries below theta of a dead feature (else 0)."""
+    cdef float theta = th.theta[j]
+    cdef double s
+    if ex.mode == 0:
+        s = <double>th.c_cnt * <double>wcnt
+    elif ex.mode == 1:
+        s = 0
+    else:
+        s = wq * ex.inv_bw
+    cdef double g = <double>(-(theta * th.c_df)) * wsum - s + ex.pn * <double>bcnt
+    return <float>(g * theta)
+
+
+def _check_ext(int mode, double tanh_scale, double target_l0, stats, bint ext):
+    """The sparsity mode's arguments (0 "step", 1 "tanh" with ``tanh_scale >
+    0``, 2 "quadratic" with ``target_l0 > 0``) and, for an ``ext`` call, the
+    float64 ``stats [2]`` output."""
+    if mode not in (0, 1, 2):
+        raise ValueError("jumprelu backward: mode must be 0 (step), 1 (tanh) or 2 (quadratic)")
+    if mode == 1 and not tanh_scale > 0:
+        raise ValueError("jumprelu backward: tanh_scale must be > 0")
+    if mode == 2 and not target_l0 > 0:
+        raise ValueError("jumprelu backward: target_l0 must be > 0")
+    if ext and (stats is None or stats.shape[0] != 2):
+        raise ValueError("jumprelu backward: stats must be float64 [2] for the other modes "
+                         "and the pre-activation loss")
+
+
+def _row_weights(row_ext_a, int mode, double l0_coefficient, double target_l0, Py_ssize_t n,
+                 double[::1] stats):
+    """After the row pass: ``stats[0]`` the sparsity sum (tanh: of
+    ``tanh(s f)`` over the active entries; quadratic: of ``(L0_i - T)**2``),
+    and quadratic's per-row ``q_i = 4 c (L0_i - T) / (N T)`` (float64
+    ``[N]``; a length-1 placeholder otherwise)."""
+    if mode == 1:
+        stats[0] = float(row_ext_a.sum())
+    elif mode == 2:
+        err = row_ext_a - target_l0
+        stats[0] = float(np.sum(err * err))
+        return (4.0 * l0_coefficient / (max(n, 1) * target_l0)) * err
+    return np.zeros(1, dtype=np.float64)
+
+
 cdef inline Py_ssize_t _finish_feature(Py_ssize_t j, float* gd, float* w, Py_ssize_t d_out,
                                        bint adam, float* b_enc, float gbe, float* mW_dec,
                                        float* vW_dec, float* mb_enc, float* vb_enc,
@@ -654,7 +840,10 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                     float[::1] threshold_m, float[::1] threshold_v,
                     int64_t[::1] fire_counts, int nthreads, tuple grads=None,
                     const float[:, ::1] target=None, bint center=True,
-                    float[:, ::1] d_target=None):
+                    float[:, ::1] d_target=None, int mode=0, double tanh_scale=0.0,
+                    double target_l0=0.0, const int64_t[::1] dead_idx=None,
+                    const float[:, ::1] pa_g=None, const int64_t[::1] pa_cnt=None,
+                    double pre_act=0.0, double[::1] stats=None):
     """The JumpReLU backward on the candidates' CSR (``values`` = ``pre``,
     every entry ``pre > lo``; see the module docstring).
 
@@ -670,12 +859,39 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     b_dec`` fits (``d_out = W_dec.shape[1]``); ``center`` False: the encoder
     read ``x`` uncentered (``xc = x``, no ``- W_enc @ g_b_enc`` in
     ``g_b_dec``); ``d_target`` (``[N, d_out]`` or None) receives
-    ``dL/dx_hat``."""
+    ``dL/dx_hat``.
+
+    Other sparsity modes (``mode`` 1 "tanh" with ``tanh_scale``, 2
+    "quadratic" with ``target_l0``; 0, the default, is "step") and the
+    pre-activation loss (``dead_idx`` int64 ``[n_dead]``, increasing, the
+    dead features, with :func:`preact_dead`'s ``pa_g [n_dead, d_in]`` (its
+    ``W_enc`` gradient) and ``pa_cnt [n_dead]`` (entries below theta), and
+    ``pre_act`` the coefficient): tanh adds its term to ``d_f`` at the
+    candidates in the row pass and drops the Step term; quadratic counts
+    each row's active entries in the row pass and sums the rows' ``q_i``
+    over each feature's window instead of counting it; the pre-activation
+    loss adds ``-(p/N) * pa_cnt`` to ``g_b_enc`` (before ``g_b_dec``),
+    ``(p/N) * pa_cnt`` to the threshold's gradient and ``pa_g`` to the
+    feature's ``W_enc`` column. ``stats`` (float64 ``[2]``, required then)
+    gets the sparsity sum in ``stats[0]`` (tanh: ``sum tanh(s f)``,
+    quadratic: ``sum_i (L0_i - T)**2``) and 0 in ``stats[1]``. The default
+    call runs exactly the step kernels."""
     if target is None:
         target = x
     cdef Py_ssize_t n, d_in, d_sae, d_out
     n, d_in, d_sae, d_out = _check_model(x, target, W_enc, b_enc, W_dec, b_dec, center,
                                          d_target, adam, moments)
+    cdef bint has_pa = dead_idx is not None
+    cdef bint ext = mode != 0 or has_pa
+    _check_ext(mode, tanh_scale, target_l0, stats, ext)
+    cdef Py_ssize_t nd = dead_idx.shape[0] if has_pa else 0
+    if has_pa:
+        dix = np.asarray(dead_idx)
+        if (pa_g is None or pa_cnt is None or nd == 0 or pa_g.shape[0] != nd
+                or pa_g.shape[1] != d_in or pa_cnt.shape[0] != nd or dix[0] < 0
+                or dix[nd - 1] >= d_sae or (nd > 1 and not np.all(np.diff(dix) > 0))):
+            raise ValueError("sparse_backward: dead_idx must be increasing feature indices "
+                             "with pa_g [n_dead, d_in] and pa_cnt [n_dead]")
     if (indptr.shape[0] != n + 1 or theta.shape[0] != d_sae or hi.shape[0] != d_sae
             or log_threshold.shape[0] != d_sae):
         raise ValueError("sparse_backward: CSR or window shape mismatch")
@@ -716,8 +932,13 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     cdef float[::1] df = df_a
     cdef Py_ssize_t i, k, e, j, p
     cdef float nf = <float>n
-    cdef float v
+    cdef float v, tv
     cdef float* xh
+    # tanh: d_f += ct (1 - tanh(ts f)^2); row_ext: tanh's per-row sum, quadratic's L0_i
+    cdef float ts = <float>tanh_scale
+    cdef float ct = <float>(l0_coefficient * tanh_scale / n) if mode == 1 and n else 0
+    row_ext_a = np.zeros(n if mode != 0 else 1, dtype=np.float64)
+    cdef double[::1] row_ext = row_ext_a
 
     # 1. row pass: x_hat from the active entries, d_xhat, xc, d_f at candidates
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="guided"):
@@ -738,7 +959,21 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
             xh[d_out + k] = x[i, k] - b_dec[k] if center else x[i, k]
         for e in range(indptr[i], indptr[i + 1]):
             df[e] = _dot(xh, &W_dec[indices[e], 0], d_out)
+        if mode == 1:
+            for e in range(indptr[i], indptr[i + 1]):
+                v = values[e]
+                if v > theta[indices[e]]:
+                    tv = tanhf(ts * v)
+                    row_ext[i] += tv
+                else:
+                    tv = 0
+                df[e] = df[e] + ct * (1 - tv * tv)
+        elif mode == 2:
+            for e in range(indptr[i], indptr[i + 1]):
+                if values[e] > theta[indices[e]]:
+                    row_ext[i] += 1
     mse = float(row_sq_a.sum()) / n if n else 0.0
+    q_a = _row_weights(row_ext_a, mode, l0_coefficient, target_l0, n, stats) if ext else None
 
     # 2. CSC of the active entries (stable: row order), per-feature sums
     colptr_a = np.zeros(d_sae + 1, dtype=np.int64)
@@ -762,8 +997,35 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     cdef float[::1] cf = cf_a, cdp = cdp_a
     cdef double[::1] gbe = gbe_a, wsum = wsum_a
     cdef int64_t[::1] wcnt = wcnt_a, fill = fill_a
+    # quadratic: the window's sums of q_i; the pre-activation loss: per feature, the
+    # entries below theta (dead features) and the row of pa_g (-1: not dead)
+    wq_a = np.zeros(d_sae if mode == 2 else 1, dtype=np.float64)
+    bcnt_a = np.zeros(d_sae if has_pa else 1, dtype=np.int64)
+    dpos_a = np.full(d_sae if has_pa else 1, -1, dtype=np.int32)
+    cdef double[::1] wq = wq_a
+    cdef const double[::1] qrow = q_a if mode == 2 else wq_a
+    cdef int64_t[::1] bcnt = bcnt_a
+    cdef int32_t[::1] dpos = dpos_a
+    cdef double qi
     with nogil:
         for i in range(n):
+            if mode == 2:  # the step's loop, plus q_i summed over the window
+                qi = qrow[i]
+                for e in range(indptr[i], indptr[i + 1]):
+                    j = indices[e]
+                    v = values[e]
+                    if v > theta[j]:
+                        p = fill[j]
+                        rows[p] = <int32_t>i
+                        cf[p] = v
+                        cdp[p] = df[e]
+                        fill[j] = p + 1
+                        gbe[j] += df[e]
+                    if v < hi[j]:
+                        wsum[j] += df[e]
+                        wcnt[j] += 1
+                        wq[j] += qi
+                continue
             for e in range(indptr[i], indptr[i + 1]):
                 j = indices[e]
                 v = values[e]
@@ -780,6 +1042,12 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
         if fire_counts is not None:
             for j in range(d_sae):
                 fire_counts[j] += colptr[j + 1] - colptr[j]
+    cdef double pn = pre_act / n if has_pa and n else 0.0
+    if has_pa:  # the pre-activation loss's d_pre in g_b_enc, before g_b_dec uses it
+        cnt_np = np.asarray(pa_cnt)
+        gbe_a[dix] -= pn * cnt_np
+        bcnt_a[dix] = cnt_np
+        dpos_a[dix] = np.arange(nd, dtype=np.int32)
     g_b_enc32_a = gbe_a.astype(np.float32)
     cdef float[::1] g_b_enc32 = g_b_enc32_a
 
@@ -832,6 +1100,12 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     cdef float* w
     cdef float fv, dp, glt
     cdef Py_ssize_t bad = 0
+    cdef _Ext ex
+    ex.mode = mode
+    ex.inv_bw = 1.0 / bandwidth
+    ex.pn = pn
+    cdef const float[:, ::1] pag = pa_g if has_pa else np.zeros((1, 1), dtype=np.float32)
+    cdef int32_t dj
     with nogil, parallel(num_threads=nthreads):
         acc = <float*>malloc(_FB * d_in * sizeof(float))
         gd = <float*>malloc(max(d_out, <Py_ssize_t>_FB) * sizeof(float))
@@ -852,7 +1126,16 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                         dp = cdp[q]
                         if dp != 0:
                             _axpy(dp, &dxc[r, d_out], acc + jj * d_in, d_in)
-                    glt = _g_log_threshold(&th, j, wsum[j], wcnt[j])
+                    if ext:
+                        if has_pa:  # the pre-activation loss's W_enc column
+                            dj = dpos[j]
+                            if dj >= 0:
+                                _axpy(1.0, &pag[dj, 0], acc + jj * d_in, d_in)
+                        glt = _g_lt_ext(&th, &ex, j, wsum[j], wcnt[j],
+                                        wq[j] if mode == 2 else 0.0,
+                                        bcnt[j] if has_pa else 0)
+                    else:
+                        glt = _g_log_threshold(&th, j, wsum[j], wcnt[j])
                     w = pWd + j * d_out
                     bad += _finish_feature(j, g, w, d_out, adam, pbe, g_b_enc32[j], o_mWd,
                                            o_vWd, o_mbe, o_vbe, o_gbe, &th, glt, &c)
@@ -875,6 +1158,10 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
         bad += _adam(pbd, &g_b_dec[0], &mb_dec[0], &vb_dec[0], d_out, &c)
     else:
         gbd_o[:] = g_b_dec
+    if ext:
+        stats[1] = 0.0
+        if mode == 0:
+            stats[0] = 0.0
     return mse, int(nact), int(bad)
 
 
@@ -888,11 +1175,19 @@ cdef struct _DBufs:
     int64_t* acn   # [fb]
     float* gd      # [fb, d_out] g_W_dec block (adam mode)
     float* ge      # [d_in, fb] g_W_enc block, column-major nb x d_in (adam mode)
+    double* wq     # [fb] quadratic: window sums of q_i  (these four: ext calls only)
+    int64_t* bcn   # [fb] pre-activation loss: entries below theta
+    double* tsum   # [fb] tanh: sum of tanh(s f)
+    double* asum   # [fb] pre-activation loss: sum of theta - pre below theta
 
 
 cdef _DBufs _dalloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, Py_ssize_t d_out,
-                    bint adam) noexcept nogil:
+                    bint adam, bint ext) noexcept nogil:
     cdef _DBufs b
+    b.wq = <double*>malloc(fb * sizeof(double)) if ext else NULL
+    b.bcn = <int64_t*>malloc(fb * sizeof(int64_t)) if ext else NULL
+    b.tsum = <double*>malloc(fb * sizeof(double)) if ext else NULL
+    b.asum = <double*>malloc(fb * sizeof(double)) if ext else NULL
     b.dp = <float*>malloc(rc * fb * sizeof(float))
     b.fo = <float*>malloc(rc * fb * sizeof(float))
     b.gbe = <double*>malloc(fb * sizeof(double))
@@ -904,15 +1199,17 @@ cdef _DBufs _dalloc(Py_ssize_t rc, Py_ssize_t fb, Py_ssize_t d_in, Py_ssize_t d_
     return b
 
 
-cdef bint _dok(const _DBufs* b, bint adam) noexcept nogil:
+cdef bint _dok(const _DBufs* b, bint adam, bint ext) noexcept nogil:
     return (b.dp != NULL and b.fo != NULL and b.gbe != NULL and b.gws != NULL
             and b.wcn != NULL and b.acn != NULL
-            and (not adam or (b.gd != NULL and b.ge != NULL)))
+            and (not adam or (b.gd != NULL and b.ge != NULL))
+            and (not ext or (b.wq != NULL and b.bcn != NULL and b.tsum != NULL
+                             and b.asum != NULL)))
 
 
 cdef void _dfree(_DBufs* b) noexcept nogil:
     free(b.dp); free(b.fo); free(b.gbe); free(b.gws); free(b.wcn); free(b.acn)
-    free(b.gd); free(b.ge)
+    free(b.gd); free(b.ge); free(b.wq); free(b.bcn); free(b.tsum); free(b.asum)
 
 
 cdef inline void _gemm(char ta, char tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
@@ -925,6 +1222,66 @@ cdef inline void _gemm(char ta, char tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t 
     sgemm(&ta, &tb, &bm, &bn, &bk, &alpha, <float*>A, &la, <float*>B, &lb, &beta, C, &lc)
 
 
+# ---------------------------------------------------------------- pre-activation loss
+def preact_dead(const float[:, ::1] xc, const float[:, ::1] W_dead, const float[::1] b_dead,
+                const float[::1] theta_dead, double pre_act, Py_ssize_t rc, Py_ssize_t nb,
+                int nthreads):
+    """The pre-activation loss of the sparse path, dense over the dead
+    features only: ``xc [N, d_in]`` the encoder input (``x - b_dec``, a
+    transcoder's ``x``), ``W_dead = W_enc[:, dead]`` (C-contiguous ``[d_in,
+    n_dead]``), ``b_dead``, ``theta_dead`` their biases and thresholds. Per
+    block of ``nb`` dead features (in parallel; rows in chunks of ``rc``, in
+    order): ``P = xc @ W_dead[:, blk] + b_dead`` (sgemm), ``below = P <
+    theta``, ``B = -(p/N) * below`` (float32, as the reference's ``d_pre``
+    term) and ``G[blk] (+)= (xc.T @ B).T`` (sgemm). Returns ``(G float32
+    [n_dead, d_in], cnt int64 [n_dead] (entries below theta), asum)``, with
+    ``asum = sum (theta - P)`` over the entries below theta (float64, per
+    feature then in order): the loss is ``p * asum / N``. Grid fixed by the
+    caller from the shape: results do not depend on the threads."""
+    cdef Py_ssize_t n = xc.shape[0], d_in = xc.shape[1], nd = W_dead.shape[1]
+    _check_dims(n, d_in, nd)
+    if (W_dead.shape[0] != d_in or b_dead.shape[0] != nd or theta_dead.shape[0] != nd
+            or n < 1 or nd < 1 or d_in < 1):
+        raise ValueError("preact_dead: shape mismatch (or no rows, features or inputs)")
+    if rc < 1 or nb < 1:
+        raise ValueError("preact_dead: block sizes must be >= 1")
+    G_a = np.empty((nd, d_in), dtype=np.float32)
+    cnt_a = np.zeros(nd, dtype=np.int64)
+    asum_a = np.zeros(nd, dtype=np.float64)
+    cdef float[:, ::1] G = G_a
+    cdef int64_t[::1] cnt = cnt_a
+    cdef double[::1] asum = asum_a
+    cdef float npn = -<float>(pre_act / n)
+    cdef Py_ssize_t nblocks = (nd + nb - 1) // nb, jb, j0, m, c0, rcn
+    cdef Py_ssize_t rcb = min(rc, n), nbb = min(nb, nd)
+    cdef float* buf = NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        buf = <float*>malloc(rcb * nbb * sizeof(float))
+        for jb in prange(nblocks, schedule="dynamic"):
+            if buf == NULL:
+                failed += 1
+            else:
+                j0 = jb * nb
+                m = min(nb, nd - j0)
+                c0 = 0
+                while c0 < n:
+                    rcn = min(rc, n - c0)
+                    _sgemm_rm(<blas_int>rcn, <blas_int>m, <blas_int>d_in, 1.0, &xc[c0, 0],
+                              <blas_int>d_in, &W_dead[0, j0], <blas_int>nd, 0.0, buf,
+                              <blas_int>m)
+                    _preact_epilogue(buf, m, &b_dead[j0], &theta_dead[j0], npn, &cnt[j0],
+                                     &asum[j0], rcn)
+                    # G[blk] (+)= B.T @ xc[c0:]: column-major d_in x m (ld d_in)
+                    _gemm(b'N', b'T', d_in, m, rcn, &xc[c0, 0], d_in, buf, m,
+                          0.0 if c0 == 0 else 1.0, &G[j0, 0], d_in)
+                    c0 = c0 + rcn
+        free(buf)
+    if failed:
+        raise MemoryError("preact_dead: could not allocate a block buffer")
+    return G_a, cnt_a, float(asum_a.sum())
+
+
 def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                    const float[:, ::1] W_enc, const float[::1] b_enc,
                    const float[:, ::1] W_dec, const float[::1] b_dec,
@@ -934,17 +1291,37 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                    float[::1] threshold_m, float[::1] threshold_v,
                    int64_t[::1] fire_counts, Py_ssize_t tm, Py_ssize_t fb, Py_ssize_t rc,
                    int nthreads, tuple grads=None, const float[:, ::1] target=None,
-                   bint center=True, float[:, ::1] d_target=None):
+                   bint center=True, float[:, ::1] d_target=None, int mode=0,
+                   double tanh_scale=0.0, double target_l0=0.0,
+                   const unsigned char[::1] dead=None, double pre_act=0.0,
+                   double[::1] stats=None):
     """:func:`sparse_backward` from the dense ``pre [N, d_sae]`` with BLAS
     products (see the module docstring); grid: row chunks of ``tm`` (row
     pass), feature blocks of ``fb`` with row chunks of ``rc`` (feature
     pass), fixed by the wrapper from the shape. Same arguments (transcoders'
-    ``target``, ``center``, ``d_target`` included) and result otherwise."""
+    ``target``, ``center``, ``d_target`` included) and result otherwise.
+
+    Other sparsity modes (``mode``, ``tanh_scale``, ``target_l0`` as
+    :func:`sparse_backward`) and the pre-activation loss (``dead``: uint8
+    ``[d_sae]``, nonzero for the dead features, or None; ``pre_act`` its
+    coefficient): quadratic counts each row's active entries in the row
+    pass; the feature pass then runs the other epilogue
+    (``fastsae_jr_dense_epilogue_ext``: tanh's term in ``d_f``, quadratic's
+    window sums of ``q_i``, ``d_pre = -p/N`` at a dead feature's entries
+    below theta, in the same pass over ``pre``). ``stats`` (float64 ``[2]``,
+    required then): the sparsity sum as :func:`sparse_backward`, and
+    ``stats[1]`` the pre-activation loss's ``sum (theta - pre)`` below theta
+    over the dead features."""
     if target is None:
         target = x
     cdef Py_ssize_t n, d_in, d_sae, d_out
     n, d_in, d_sae, d_out = _check_model(x, target, W_enc, b_enc, W_dec, b_dec, center,
                                          d_target, adam, moments)
+    cdef bint has_pa = dead is not None
+    cdef bint ext = mode != 0 or has_pa
+    _check_ext(mode, tanh_scale, target_l0, stats, ext)
+    if has_pa and dead.shape[0] != d_sae:
+        raise ValueError("dense_backward: dead must have d_sae entries")
     if tm < 1 or fb < 1 or rc < 1:
         raise ValueError("dense_backward: block sizes must be >= 1")
     if (pre.shape[0] != n or pre.shape[1] != d_sae or theta.shape[0] != d_sae
@@ -989,6 +1366,8 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     cdef float* fbuf = NULL
     cdef int failed = 0
     cdef float* xh
+    row_ext_a = np.zeros(n if mode == 2 else 1, dtype=np.float64)  # quadratic: L0_i
+    cdef double[::1] row_ext = row_ext_a
 
     # 1. row pass: f of each row chunk in a buffer, x_hat = f @ W_dec + b_dec
     with nogil, parallel(num_threads=nthreads):
@@ -1013,10 +1392,23 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     if center:
                         for k in range(d_in):
                             xcw[i * d_in + k] = x[i, k] - b_dec[k]
+                    if mode == 2:
+                        row_ext[i] = <double>_count_active(P + i * d_sae, &theta[0], d_sae)
         free(fbuf)
     if failed:
         raise MemoryError("dense_backward: could not allocate a row buffer")
     mse = float(row_sq_a.sum()) / n
+    q_a = _row_weights(row_ext_a, mode, l0_coefficient, target_l0, n, stats) if ext else None
+    cdef const double[::1] qrow = q_a if mode == 2 else row_ext_a
+    cdef const double* qp = &qrow[0] if mode == 2 else NULL
+    cdef const unsigned char* deadp = &dead[0] if has_pa else NULL
+    cdef float ts = <float>tanh_scale
+    cdef float ct = <float>(l0_coefficient * tanh_scale / n) if mode == 1 else 0
+    cdef float npn = -<float>(pre_act / n) if has_pa else 0
+    cdef _Ext ex
+    ex.mode = mode
+    ex.inv_bw = 1.0 / bandwidth
+    ex.pn = pre_act / n if has_pa else 0.0
 
     cs_a = np.empty(d_out, dtype=np.float64)
     cdef double[::1] cs = cs_a
@@ -1046,6 +1438,9 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     cdef Py_ssize_t nblocks = (d_sae + fb - 1) // fb, jb, j0, nb, jj, j, c0, rcn
     counts_a = np.empty(d_sae, dtype=np.int64)
     part_a = np.empty((nblocks, d_in), dtype=np.float64)
+    # ext: per feature block, the tanh sum and the pre-activation loss's sum
+    bpart_a = np.zeros((nblocks if ext else 1, 2), dtype=np.float64)
+    cdef double[:, ::1] bpart = bpart_a
     gb32_a = np.empty(d_sae, dtype=np.float32)
     cdef int64_t[::1] counts = counts_a
     cdef double[:, ::1] part = part_a
@@ -1058,9 +1453,9 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
     cdef Py_ssize_t ldge
     cdef float beta, glt
     with nogil, parallel(num_threads=nthreads):
-        b = _dalloc(rcb, fbb, d_in, d_out, adam)
+        b = _dalloc(rcb, fbb, d_in, d_out, adam, ext)
         for jb in prange(nblocks, schedule="dynamic"):
-            if not _dok(&b, adam):
+            if not _dok(&b, adam, ext):
                 failed += 1
             else:
                 j0 = jb * fb
@@ -1078,6 +1473,12 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     b.gws[jj] = 0
                     b.wcn[jj] = 0
                     b.acn[jj] = 0
+                if ext:
+                    for jj in range(nb):
+                        b.wq[jj] = 0
+                        b.bcn[jj] = 0
+                        b.tsum[jj] = 0
+                        b.asum[jj] = 0
                 c0 = 0
                 while c0 < n:
                     rcn = min(rc, n - c0)
@@ -1085,8 +1486,16 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                     # d_f chunk [rcn, nb] = d_xhat[c0:] @ W_dec[blk].T
                     _gemm(b'T', b'N', nb, rcn, d_out, &W_dec[j0, 0], d_out, &d_xhat[c0, 0],
                           d_out, 0.0, b.dp, nb)
-                    _dense_epilogue(b.dp, P + c0 * d_sae + j0, d_sae, &theta[j0], &lo[j0],
-                                    &hi[j0], b.fo, b.gbe, b.gws, b.wcn, b.acn, rcn, nb)
+                    if ext:
+                        _dense_epilogue_ext(b.dp, P + c0 * d_sae + j0, d_sae, &theta[j0],
+                                            &lo[j0], &hi[j0], b.fo, b.gbe, b.gws, b.wcn,
+                                            b.acn, b.wq, b.bcn, b.tsum, b.asum, rcn, nb, mode,
+                                            ts, ct, qp + c0 if mode == 2 else NULL,
+                                            deadp + j0 if has_pa else NULL, npn)
+                    else:
+                        _dense_epilogue(b.dp, P + c0 * d_sae + j0, d_sae, &theta[j0],
+                                        &lo[j0], &hi[j0], b.fo, b.gbe, b.gws, b.wcn, b.acn,
+                                        rcn, nb)
                     # g_W_dec[blk] (+)= f.T @ d_xhat[c0:]  (column-major d_out x nb)
                     _gemm(b'N', b'T', d_out, nb, rcn, &d_xhat[c0, 0], d_out, b.fo, nb, beta,
                           gd, d_out)
@@ -1101,9 +1510,16 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
                 if center:
                     for k in range(d_in):
                         part[jb, k] = _dot_d(&W_enc[k, j0], &gb32[j0], nb)
+                if ext:
+                    for jj in range(nb):
+                        bpart[jb, 0] += b.tsum[jj]
+                        bpart[jb, 1] += b.asum[jj]
                 for jj in range(nb):
                     j = j0 + jj
-                    glt = _g_log_threshold(&th, j, b.gws[jj], b.wcn[jj])
+                    if ext:
+                        glt = _g_lt_ext(&th, &ex, j, b.gws[jj], b.wcn[jj], b.wq[jj], b.bcn[jj])
+                    else:
+                        glt = _g_log_threshold(&th, j, b.gws[jj], b.wcn[jj])
                     bad += _finish_feature(j, gd + jj * d_out, pWd + j * d_out, d_out, adam,
                                            pbe, gb32[j], o_mWd, o_vWd, o_mbe, o_vbe, o_gbe,
                                            &th, glt, &c)
@@ -1132,4 +1548,10 @@ def dense_backward(const float[:, ::1] x, const float[:, ::1] pre,
         gbd_o[:] = g_b_dec
     if fire_counts is not None:
         np.add(fire_counts, counts_a, out=np.asarray(fire_counts))
+    if ext:
+        if mode == 1:
+            stats[0] = float(bpart_a[:, 0].sum())
+        elif mode == 0:
+            stats[0] = 0.0
+        stats[1] = float(bpart_a[:, 1].sum())
     return mse, int(counts_a.sum()), int(bad)

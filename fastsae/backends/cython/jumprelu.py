@@ -20,6 +20,28 @@ Per call, per feature (float32, exactly as the reference's
   at call time: 0.0 forces dense, anything above 1 sparse) ``pre`` is made
   dense and ``_jumprelu.dense_backward`` does the same with BLAS products.
 
+Sparsity modes (``sparsity``, a :class:`~fastsae.JumpReLUSparsity`) and the
+pre-activation loss (``dead_mask``): ``None``, ``JumpReLUSparsity()`` and a
+pre-activation coefficient with no dead feature run exactly the step kernels
+(the default call, bit for bit). Otherwise the same two kernels take the
+mode's arguments (``mode=``, ``tanh_scale=``, ``target_l0=``, ``stats=``)
+and stay fused (Adam in the feature pass):
+
+* ``"tanh"``: its term is added to ``d_f`` at the candidates (sparse: in the
+  row pass; dense: in the feature pass's epilogue), no Step term;
+  ``l0_loss = c * sum tanh(s f) / N``;
+* ``"quadratic"``: each row's active count ``L0_i`` in the row pass, then
+  ``q_i = 4 c (L0_i - T) / (N T)`` summed over each feature's window in
+  place of the window count; ``l0_loss = c * 2 / T * sum_i (L0_i - T)**2 / N``;
+* pre-activation loss (``pre_act_coefficient > 0`` and a dead feature):
+  dense over the dead features only. Sparse path: :func:`_jumprelu.preact_dead`
+  (before any update) computes ``P = xc @ W_enc[:, dead] + b_enc[dead]``
+  and the ``W_enc`` gradient ``xc.T @ d_pre[:, dead]`` (two GEMMs of width
+  ``n_dead``), which the backward adds in its feature pass with the
+  ``b_enc`` and threshold terms; dense path: the epilogue sets ``d_pre``
+  at the dead features' entries below their thresholds in the same pass
+  over ``pre``. ``aux = p * sum (theta - pre) / N`` over those entries.
+
 Which path ran: the calls go through this module's attributes
 ``_sparse_backward`` and ``_dense_backward`` (tests replace them to spy).
 Arrays come from the validating front (C-contiguous float32 in SAELens
@@ -33,7 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...params import AdamState, Losses, SAEParams, StepResult
+from ...params import AdamState, JumpReLUSparsity, Losses, SAEParams, StepResult
 from .. import tunables as TU
 from .. import numerics as NU
 from ..numerics import jumprelu_step_result
@@ -96,64 +118,163 @@ def _row_chunk(n: int, d_sae: int) -> int:
 _sparse_backward = _jumprelu.sparse_backward
 _dense_backward = _jumprelu.dense_backward
 
+#: The kernels' ``mode`` argument of each sparsity mode.
+MODES = {"step": 0, "tanh": 1, "quadratic": 2}
+
+#: Dead features per block of :func:`_jumprelu.preact_dead` (shape-only grid).
+PREACT_FEATURE_BLOCK = 128
+
+
+class _Mode:
+    """What a non-default call adds: the kernel mode and its constants, the
+    dead features of the pre-activation loss (None: no such loss)."""
+
+    def __init__(self, sparsity: JumpReLUSparsity, dead_idx):
+        self.sparsity = sparsity
+        self.mode = MODES[sparsity.mode]
+        self.dead_idx = dead_idx
+        self.stats = np.zeros(2, dtype=np.float64)
+
+    def kernel_args(self) -> dict:
+        sp = self.sparsity
+        return {"mode": self.mode, "tanh_scale": float(sp.tanh_scale),
+                "target_l0": float(sp.target_l0) if self.mode == 2 else 0.0,
+                "stats": self.stats}
+
+    def l0_loss(self, l0_coefficient, nnz: int, n: int) -> float:
+        """The weighted sparsity term from the kernel's ``stats``."""
+        c = float(l0_coefficient)
+        if self.mode == 1:
+            return c * float(self.stats[0]) / n
+        if self.mode == 2:
+            return c * (2.0 / float(self.sparsity.target_l0)) * float(self.stats[0]) / n
+        return c * nnz / n
+
+
+def _mode(sparsity, dead_mask):
+    """``None`` for the default call (no sparsity, ``"step"`` with no
+    pre-activation loss, or a pre-activation loss with no dead feature),
+    else the :class:`_Mode`."""
+    if sparsity is None:
+        return None
+    dead_idx = None
+    if sparsity.pre_act_coefficient > 0 and dead_mask is not None:
+        dead_idx = np.flatnonzero(np.asarray(dead_mask)).astype(np.int64)
+        if dead_idx.size == 0:
+            dead_idx = None
+    if sparsity.mode == "step" and dead_idx is None:
+        return None
+    return _Mode(sparsity, dead_idx)
+
+
+def _preact_sparse(x, params: SAEParams, theta, dead_idx, coefficient, y):
+    """The sparse path's pre-activation loss (before any update):
+    ``(pa_g, pa_cnt, asum)`` of :func:`_jumprelu.preact_dead`."""
+    xc = x if y is not None else x - params.b_dec
+    W_dead = np.take(params.W_enc, dead_idx, axis=1)
+    n, d_in, nd = int(x.shape[0]), params.d_in, int(dead_idx.shape[0])
+    with blas_single():
+        return _jumprelu.preact_dead(
+            xc, W_dead, np.ascontiguousarray(params.b_enc[dead_idx]),
+            np.ascontiguousarray(theta[dead_idx]), float(coefficient),
+            TU.CYTHON_DENSE_ROW_CHUNK, PREACT_FEATURE_BLOCK, threads(2 * n * d_in * nd))
+
 
 def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, moments=(),
          consts=None, threshold_m=None, threshold_v=None, fire_counts=None, grads=None, kw=None,
-         y=None):
-    """Encode, then the sparse or the dense backward: ``(mse, nnz, bad)``.
-    ``kw``: the kernels' transcoder keywords (:func:`.transcoder.kernel_args`)."""
+         y=None, mode=None):
+    """Encode, then the sparse or the dense backward: ``(mse, nnz, bad, aux)``
+    (``aux``: the weighted pre-activation loss, 0.0 without one).
+    ``kw``: the kernels' transcoder keywords (:func:`.transcoder.kernel_args`);
+    ``mode``: a non-default call's :class:`_Mode` (its ``stats`` filled in)."""
     n, d_in, d_sae = int(x.shape[0]), params.d_in, params.d_sae
-    kw = kw or {}
+    kw = dict(kw or {})
     theta, lo, hi = window(log_threshold, bandwidth)
     pre, csr = encode_candidates(x, params.W_enc, params.b_enc, TC.centering(params, y), lo,
                                  TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)
     common = (float(bandwidth), float(l0_coefficient), log_threshold, adam, tuple(moments),
               consts, threshold_m, threshold_v, fire_counts)
+    aux_sum = 0.0
+    if mode is not None:
+        kw.update(mode.kernel_args())
+        if mode.dead_idx is not None:
+            kw["pre_act"] = float(mode.sparsity.pre_act_coefficient)
+            if pre is not None:
+                dead = np.zeros(d_sae, dtype=np.uint8)
+                dead[mode.dead_idx] = 1
+                kw["dead"] = dead
+            else:
+                pa_g, pa_cnt, aux_sum = _preact_sparse(x, params, theta, mode.dead_idx,
+                                                       kw["pre_act"], y)
+                kw.update(dead_idx=mode.dead_idx, pa_g=pa_g, pa_cnt=pa_cnt)
     if pre is not None:
         with blas_single():
-            return _dense_backward(
+            mse, nnz, bad = _dense_backward(
                 x, pre, params.W_enc, params.b_enc, params.W_dec, params.b_dec, theta, lo, hi,
                 *common, _row_chunk(n, d_sae), feature_block(d_sae), TU.CYTHON_DENSE_ROW_CHUNK,
                 threads(n * d_in * d_sae), grads, **kw)
-    indptr, indices, values = csr
-    nt = threads((3 * indices.shape[0] + n) * d_in + 3 * d_in * d_sae)
-    return _sparse_backward(x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, indptr,
-                            indices, values, theta, hi, *common, nt, grads, **kw)
+        if mode is not None:
+            aux_sum = float(mode.stats[1])
+    else:
+        indptr, indices, values = csr
+        nt = threads((3 * indices.shape[0] + n) * d_in + 3 * d_in * d_sae)
+        mse, nnz, bad = _sparse_backward(x, params.W_enc, params.b_enc, params.W_dec,
+                                         params.b_dec, indptr, indices, values, theta, hi,
+                                         *common, nt, grads, **kw)
+    aux = 0.0
+    if mode is not None and mode.dead_idx is not None:
+        aux = float(mode.sparsity.pre_act_coefficient) * aux_sum / n
+    return mse, nnz, bad, aux
 
 
 def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient,
-                       y=None):
+                       sparsity=None, dead_mask=None, y=None):
     """Losses and gradients of a JumpReLU step (see
     :func:`fastsae.reference.jumprelu_gradients`): ``(Losses, SAEParams,
-    g_log_threshold)``, the ``W_dec`` gradient projected; ``y`` a
-    transcoder's target (``W_skip``'s gradient ``D.T @ x``)."""
+    g_log_threshold)``, the ``W_dec`` gradient projected; ``sparsity`` (a
+    :class:`~fastsae.JumpReLUSparsity` or None: ``"step"``) and
+    ``dead_mask`` (the pre-activation loss's features) as the module
+    docstring says, ``Losses.l0_loss`` the weighted sparsity term and
+    ``Losses.aux`` the weighted pre-activation loss; ``y`` a transcoder's
+    target (``W_skip``'s gradient ``D.T @ x``)."""
     n = int(x.shape[0])
     g = SAEParams(*(np.empty_like(getattr(params, k)) for k in SAEParams.NAMES))
     g_lt = np.empty_like(log_threshold)
     kw = TC.kernel_args(x, params, y, builds_recon=True)
-    mse, nnz, _ = _run(x, params, log_threshold, bandwidth, l0_coefficient, False,
-                       grads=(g.W_enc, g.b_enc, g.W_dec, g.b_dec, g_lt), kw=kw, y=y)
-    l0_loss = float(l0_coefficient) * nnz / n
-    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+    md = _mode(sparsity, dead_mask)
+    mse, nnz, _, aux = _run(x, params, log_threshold, bandwidth, l0_coefficient, False,
+                            grads=(g.W_enc, g.b_enc, g.W_dec, g.b_dec, g_lt), kw=kw, y=y,
+                            mode=md)
+    if md is None:
+        l0_loss = float(l0_coefficient) * nnz / n
+        return (Losses(mse=mse, l1=0.0, total=mse + l0_loss, l0_loss=l0_loss),
+                TC.with_skip_gradient(g, x, kw), g_lt)
+    l0_loss = md.l0_loss(l0_coefficient, nnz, n)
+    return (Losses(mse=mse, l1=0.0, total=mse + l0_loss + aux, aux=aux, l0_loss=l0_loss),
             TC.with_skip_gradient(g, x, kw), g_lt)
 
 
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
-                        eps=1e-8, fire_counts=None, y=None) -> StepResult:
+                        eps=1e-8, fire_counts=None, sparsity=None, dead_mask=None,
+                        y=None) -> StepResult:
     """One JumpReLU step in place (see the module docstring): the four
     parameters (and a skip transcoder's ``W_skip``), ``log_threshold`` and
     its moments (Adam at step ``state.step + 1``), decoder rows
-    renormalized, ``fire_counts`` added to; ``y`` a transcoder's target."""
+    renormalized, ``fire_counts`` added to; ``sparsity`` and ``dead_mask``
+    as :func:`jumprelu_gradients` (``extra["l0_loss"]`` the sparsity term,
+    ``aux`` the pre-activation loss); ``y`` a transcoder's target."""
     n = int(x.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
     kw = TC.kernel_args(x, params, y, builds_recon=True)
-    mse, nnz, bad = _run(x, params, log_threshold, bandwidth, l0_coefficient, True,
-                         moment_arrays(state), consts, threshold_m, threshold_v, fire_counts,
-                         kw=kw, y=y)
+    md = _mode(sparsity, dead_mask)
+    mse, nnz, bad, aux = _run(x, params, log_threshold, bandwidth, l0_coefficient, True,
+                              moment_arrays(state), consts, threshold_m, threshold_v,
+                              fire_counts, kw=kw, y=y, mode=md)
     bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
     t_fit = TC.fit_target(x, y)
     var = _backward.batch_variance(t_fit, threads(t_fit.size))
-    return jumprelu_step_result(mse, float(l0_coefficient) * nnz / n, nnz, n, var,
-                                params_finite=bad == 0)
+    l0_loss = (float(l0_coefficient) * nnz / n if md is None
+               else md.l0_loss(l0_coefficient, nnz, n))
+    return jumprelu_step_result(mse, l0_loss, nnz, n, var, params_finite=bad == 0, aux=aux)
