@@ -3,7 +3,14 @@ gradients and multi-step training against the float64 reference on tiny
 shapes (one row, one feature, odd sizes, nothing active, everything
 active, entries planted in the window and on either side of it), empty
 candidate sets, bit-for-bit determinism and device-in / device-out, the
-"finite or loud" rule, and PTX compilation of the new kernels.
+"finite or loud" rule, and PTX compilation of the new kernels. The sparsity
+modes (``JumpReLUSparsity``: "tanh", "quadratic", the pre-activation loss;
+the shared oracle comparison is tests/test_jumprelu_sparsity.py): both paths
+against the reference for SAEs and (skip) transcoders, exact window edges,
+no candidates / everything active, several steps, device dead masks and
+determinism, infinite and zero thresholds, and that every default
+configuration launches only the original kernels, bitwise as
+``sparsity=None``.
 
 Runs under the CUDA simulator or on a GPU. Without either, the one test
 :func:`test_under_simulator` reruns this file in a subprocess with
@@ -369,6 +376,316 @@ def test_huge_and_tiny_thresholds(be, path):
         assert np.allclose(getattr(g, name), getattr(rg, name), rtol=1e-5, atol=1e-6), name
 
 
+# ------------------------------------------------------------ sparsity modes
+# The shared oracle comparison of every backend is tests/test_jumprelu_sparsity.py;
+# here: both CUDA paths on shapes crossing the simulator's blocks, SAE and
+# (skip) transcoder, the default's kernels, determinism and device masks.
+if HAVE_CUDA:
+    from fastsae import JumpReLUSparsity  # noqa: E402
+
+#: name -> (sparsity, dead features as a fraction: None = no mask)
+MODES = {
+    "tanh": (dict(mode="tanh", tanh_scale=3.0), None),
+    "tanh-steep": (dict(mode="tanh", tanh_scale=30.0), None),
+    "quad-low": (dict(mode="quadratic", target_l0=1.0), None),
+    "quad-high": (dict(mode="quadratic", target_l0=6.0), None),
+    "step+pre": (dict(pre_act_coefficient=0.7), 0.3),
+    "tanh+pre": (dict(mode="tanh", tanh_scale=4.0, pre_act_coefficient=0.5), 0.3),
+    "quad+pre-all": (dict(mode="quadratic", target_l0=2.0, pre_act_coefficient=0.3), 1.0),
+}
+
+
+def _mode_args(name, d_sae, seed=0):
+    """``(JumpReLUSparsity, dead_mask)`` of MODES[name] (at least one dead
+    feature when a fraction is given)."""
+    kw, frac = MODES[name]
+    dead = None
+    if frac is not None:
+        rng = np.random.default_rng(seed)
+        dead = rng.random(d_sae) < frac
+        dead[rng.integers(0, d_sae)] = True
+    return JumpReLUSparsity(**kw), dead
+
+
+def _tc_problem(shape, d_out, skip, seed):
+    """A transcoder problem clear of the window edges: ``(x, params, lt, y)``
+    (``W_skip`` when ``skip``); the encoder reads ``x`` uncentred."""
+    n, d_in, d_sae = shape
+    for attempt in range(200):
+        rng = np.random.default_rng(seed * 1000 + attempt)
+        p = make_params(rng, d_in, d_sae, "mixed")
+        W_dec = (rng.normal(size=(d_sae, d_out)) / np.sqrt(d_out)).astype(np.float32)
+        R.normalize_decoder_rows(W_dec)
+        W_skip = (rng.normal(size=(d_out, d_in)) * 0.1).astype(np.float32) if skip else None
+        q = SAEParams(p.W_enc, p.b_enc, W_dec,
+                      (rng.normal(size=d_out) * 0.1).astype(np.float32), W_skip)
+        x = make_x(rng, n, d_in)
+        y = make_x(rng, n, d_out)
+        lt = np.log(rng.uniform(0.05, 0.6, d_sae)).astype(np.float32)
+        zero = SAEParams(p.W_enc, p.b_enc, p.W_dec, np.zeros(d_in, np.float32))
+        if _clear(x, zero, lt, BW):
+            return x, q, lt, y
+    raise AssertionError("no problem clear of the window edges")
+
+
+def _check_modes(be, x, p, lt, bw, l0c, sp, dead, y=None):
+    """The backend's gradients in a sparsity mode against the float64
+    reference, with _check_gradients' normwise tolerances plus the size of
+    each mode's own terms in g_lt (the Step term's magnitude in "step"/
+    "quadratic", the tanh terms' window sum, the pre-activation loss's
+    count); ``l0_loss`` and ``aux`` to a few hundred roundings of their
+    magnitudes (the sets are exact: the problems are clear of the edges)."""
+    n, d_in = x.shape
+    d_sae = p.d_sae
+    loss, g, g_lt = be.jumprelu_gradients(x, p, lt, bw, l0c, sparsity=sp, dead_mask=dead, y=y)
+    y64 = None if y is None else f64(y)
+    rl, rg, rlt = R.jumprelu_gradients(f64(x), _p64(p), f64(lt), bw, l0c, sp, dead, y64)
+    k = d_in + n + d_sae + p.W_dec.shape[1] + 4
+    c = 8 * (k + 4) * U32
+    assert loss.mse == pytest.approx(rl.mse, rel=c, abs=1e-12)
+    assert loss.l1 == 0.0
+    theta = float(np.exp(np.float64(lt.max())))
+    xin = f64(x) - (0 if y is not None else f64(p.b_dec))
+    pre = xin @ f64(p.W_enc) + f64(p.b_enc)
+    pm = np.abs(xin) @ np.abs(f64(p.W_enc)) + np.abs(f64(p.b_enc))
+    if sp.mode == "tanh":
+        tol_l0 = l0c / n * (2 * sp.tanh_scale * c * pm.sum() + c * pre.size)
+        assert abs(loss.l0_loss - rl.l0_loss) <= tol_l0
+        extra = theta * theta / bw * l0c * sp.tanh_scale
+    elif sp.mode == "quadratic":
+        assert loss.l0_loss == pytest.approx(rl.l0_loss, rel=1e-12, abs=0)
+        extra = theta / bw * 4 * l0c * (d_sae + sp.target_l0) / sp.target_l0
+    else:
+        assert loss.l0_loss == pytest.approx(rl.l0_loss, rel=1e-12, abs=0)
+        extra = theta * l0c / bw
+    if sp.pre_act_coefficient and dead is not None and dead.any():
+        below = dead[None, :] & (pre < np.exp(f64(lt))[None, :])
+        mag = np.sum(below * (np.exp(f64(lt))[None, :] + pm))
+        assert abs(loss.aux - rl.aux) <= c * sp.pre_act_coefficient / n * mag + 1e-300
+        extra += theta * sp.pre_act_coefficient
+    else:
+        assert loss.aux == 0.0 and rl.aux == 0.0
+    assert loss.total == pytest.approx(rl.total, rel=c, abs=1e-9)
+    for name in p.names:
+        got, want = f64(getattr(g, name)), getattr(rg, name)
+        assert got.shape == want.shape and getattr(g, name).dtype == np.float32
+        assert np.max(np.abs(got - want), initial=0.0) <= _tol(want, k), name
+    scale = max(float(np.max(np.abs(rlt), initial=0.0)), extra)
+    assert np.max(np.abs(f64(g_lt) - rlt), initial=0.0) <= c * scale
+    return loss, g, g_lt
+
+
+MODE_SHAPES = [(1, 3, 7), (20, 8, 33)]  # (13, 9, 17): the other mode tests' shape
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", MODE_SHAPES)
+def test_modes_gradients_vs_float64_reference(be, path, shape, mode):
+    x, p, lt = _problem(shape, "mixed", seed=11 + shape[2])
+    sp, dead = _mode_args(mode, p.d_sae, seed=shape[2])
+    _check_modes(be, x, p, lt, BW, 0.3, sp, dead)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["tanh+pre", "quad-high", "step+pre"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_modes_transcoder_vs_float64_reference(be, path, mode, skip):
+    x, p, lt, y = _tc_problem((13, 5, 17), 7, skip, seed=3 + skip)
+    sp, dead = _mode_args(mode, p.d_sae, seed=1)
+    _check_modes(be, x, p, lt, BW, 0.3, sp, dead, y)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["tanh+pre", "quad+pre-all", "quad-low"])
+def test_modes_window_edges_exact(be, path, mode):
+    """The exact problems (pre-activations on a 1/8 grid, edges off it):
+    every entry kind occurs, the sets are exact."""
+    x, p, lt, bw = _exact_problem(17, 11, seed=5)
+    sp, dead = _mode_args(mode, p.d_sae, seed=2)
+    _check_modes(be, x, p, lt, bw, 0.5, sp, dead)
+
+
+@needs_cuda
+def test_modes_extremes(be, path):
+    """No candidate at all (every dead entry below its threshold: the
+    pre-activation loss on an empty sparse set), everything active (tanh's
+    and quadratic's terms on every entry), and dead features none of whose
+    entries is below its threshold (aux exactly 0)."""
+    x, p, lt, bw = _exact_problem(6, 5, seed=1)
+    far = np.full(p.d_sae, np.log(100.0), np.float32)
+    for name in ("step+pre", "quad+pre-all", "tanh+pre"):
+        sp, dead = _mode_args(name, p.d_sae, seed=3)
+        loss, g, g_lt = _check_modes(be, x, p, far, bw, 0.5, sp, dead)
+        assert loss.aux > 0 and not np.any(g.W_dec)
+    allp = SAEParams(p.W_enc, np.full(p.d_sae, 50.0, np.float32), p.W_dec, p.b_dec)
+    for name in ("tanh", "quad-low", "tanh+pre"):
+        sp, dead = _mode_args(name, p.d_sae, seed=4)
+        loss, _, _ = _check_modes(be, x, allp, lt, bw, 0.5, sp, dead)
+        assert loss.aux == 0.0  # nothing below a threshold
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["tanh+pre", "quad+pre-all"])
+def test_modes_train_steps_vs_float64_reference(be, path, mode):
+    """Three steps in a sparsity mode against the float64 reference (as
+    test_train_steps_vs_float64_reference), aux and l0_loss included."""
+    x, p, lt = _problem((13, 9, 17), "mixed", seed=21)
+    sp, dead = _mode_args(mode, p.d_sae, seed=5)
+    kw = dict(bandwidth=BW, l0_coefficient=0.2, lr=1e-3, eps=1e-3, sparsity=sp, dead_mask=dead)
+    p64, lt64 = _p64(p), f64(lt)
+    s64 = AdamState(SAEParams(*(np.zeros_like(a) for a in p64.arrays())),
+                    SAEParams(*(np.zeros_like(a) for a in p64.arrays())), 0)
+    tm64, tv64 = np.zeros_like(lt64), np.zeros_like(lt64)
+    hp, hs, hlt = p.copy(), AdamState.zeros_like(p), lt.copy()
+    tm, tv = np.zeros_like(lt), np.zeros_like(lt)
+    c_ref = np.zeros(p.d_sae, np.int64)
+    c_got = np.zeros(p.d_sae, np.int64)
+    for step in range(3):
+        assert _clear(x, hp, hlt, BW), "the trained problem drifted onto a window edge"
+        ref = R.train_step_jumprelu(p64, s64, f64(x), log_threshold=lt64, threshold_m=tm64,
+                                    threshold_v=tv64, fire_counts=c_ref, **kw)
+        got = be.train_step_jumprelu(hp, hs, x, log_threshold=hlt, threshold_m=tm,
+                                     threshold_v=tv, fire_counts=c_got, **kw)
+        for part in ("mse", "total", "l0", "explained_variance", "aux"):
+            assert getattr(got, part) == pytest.approx(getattr(ref, part), rel=1e-4,
+                                                       abs=1e-6), (step, part)
+        assert got.extra["l0_loss"] == pytest.approx(ref.extra["l0_loss"], rel=1e-5)
+        assert got.aux > 0
+    for name in SAEParams.NAMES:
+        want = getattr(p64, name)
+        assert np.max(np.abs(f64(getattr(hp, name)) - want)) <= 1e-5 + 1e-5 * np.max(
+            np.abs(want)), name
+    for got_a, want in ((hlt, lt64), (tm, tm64), (tv, tv64)):
+        assert np.max(np.abs(f64(got_a) - want)) <= 1e-5 + 1e-5 * np.max(np.abs(want))
+    assert np.array_equal(c_got, c_ref)
+
+
+class _Forbidden:
+    """Stands in for a kernel the default path must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, launch):
+        raise AssertionError(f"the default JumpReLU launched {self.name}")
+
+
+@needs_cuda
+def test_default_sparsity_runs_the_original_kernels(be, path, monkeypatch):
+    """``sparsity=None``, ``JumpReLUSparsity()``, a step mode whose
+    pre-activation loss does not act (no mask, a mask without dead features,
+    a mask with a zero coefficient) and one that ignores tanh_scale /
+    target_l0 all give bitwise the same gradients and steps, none of them
+    launching a sparsity mode's kernel."""
+    from fastsae.backends.cuda import jumprelu as J
+
+    x, p, lt = _problem((13, 9, 17), "mixed", seed=2)
+    some = np.zeros(p.d_sae, bool)
+    some[[1, 5]] = True
+    base = be.jumprelu_gradients(x, p, lt, BW, 0.2)
+    for name in ("tanh_adjust_kernel", "row_active_kernel", "quad_rows_kernel",
+                 "theta_grad_mode_kernel", "dense_feature_mode_kernel", "preact_kernel",
+                 "scatter_add_kernel"):
+        monkeypatch.setattr(J, name, _Forbidden(name))
+    variants = [(None, None), (JumpReLUSparsity(), None), (JumpReLUSparsity(), some),
+                (JumpReLUSparsity(pre_act_coefficient=0.5), None),
+                (JumpReLUSparsity(pre_act_coefficient=0.5), np.zeros(p.d_sae, bool)),
+                (JumpReLUSparsity(tanh_scale=9.0, target_l0=3.0), some)]
+    for sp, dead in variants:
+        loss, g, g_lt = be.jumprelu_gradients(x, p, lt, BW, 0.2, sparsity=sp, dead_mask=dead)
+        assert loss == base[0]
+        assert np.array_equal(g_lt, base[2])
+        for a, b in zip(g.arrays(), base[1].arrays()):
+            assert np.array_equal(a, b)
+    kw = dict(bandwidth=BW, l0_coefficient=0.1, lr=1e-3)
+    outs = []
+    for sp, dead in variants[:1] + variants[4:]:
+        hp, hs, hlt = p.copy(), AdamState.zeros_like(p), lt.copy()
+        tm, tv = np.zeros_like(lt), np.zeros_like(lt)
+        res = be.train_step_jumprelu(hp, hs, x, log_threshold=hlt, threshold_m=tm,
+                                     threshold_v=tv, sparsity=sp, dead_mask=dead, **kw)
+        outs.append((res, list(hp.arrays()) + [hlt, tm, tv]))
+    (r0, a0), *rest = outs
+    for r, a in rest:
+        assert (r.mse, r.total, r.aux, r.l0, r.extra) == (r0.mse, r0.total, r0.aux, r0.l0,
+                                                          r0.extra)
+        assert all(np.array_equal(u, v) for u, v in zip(a, a0))
+
+
+@needs_cuda
+def test_modes_deterministic_device_mask_and_resident(be, path):
+    """Two steps twice on device arrays with a device dead mask agree bit
+    for bit with each other and with a run on host arrays and a host mask;
+    everything stays on the device; the gradients too (device in, device
+    out, equal to host in, host out). One mode per path (the simulator's
+    time): tanh on the sparse one, quadratic on the dense one."""
+    mode = {"sparse": "tanh+pre", "dense": "quad+pre-all"}[path]
+    x, p, lt = _problem((13, 9, 17), "mixed", seed=4)
+    sp, dead = _mode_args(mode, p.d_sae, seed=6)
+    kw = dict(bandwidth=BW, l0_coefficient=0.1, lr=1e-3, sparsity=sp)
+    outs = []
+    for _ in range(2):
+        bp = be.to_backend(p.copy())
+        bs = be.to_backend(AdamState.zeros_like(p))
+        blt, btm, btv = (be.to_backend(a) for a in (lt.copy(), np.zeros_like(lt),
+                                                    np.zeros_like(lt)))
+        dm = be.to_backend(dead)
+        res = [be.train_step_jumprelu(bp, bs, be.to_backend(x), log_threshold=blt,
+                                      threshold_m=btm, threshold_v=btv, dead_mask=dm, **kw)
+               for _ in range(2)]
+        dev = list(bp.arrays()) + [blt, btm, btv]
+        assert all(hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+                   for a in dev)
+        outs.append((res, [be.to_numpy(a) for a in dev]))
+    hp, hs, hlt = p.copy(), AdamState.zeros_like(p), lt.copy()
+    htm, htv = np.zeros_like(lt), np.zeros_like(lt)
+    hres = [be.train_step_jumprelu(hp, hs, x, log_threshold=hlt, threshold_m=htm,
+                                   threshold_v=htv, dead_mask=dead, **kw) for _ in range(2)]
+    (r1, a1), (r2, a2) = outs
+
+    def key(rs):
+        return [(r.mse, r.l0, r.aux, r.extra["l0_loss"], r.explained_variance) for r in rs]
+
+    assert key(r1) == key(r2) == key(hres)
+    for a, b, c in zip(a1, a2, list(hp.arrays()) + [hlt, htm, htv]):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    loss_h, g_h, glt_h = be.jumprelu_gradients(x, p, lt, BW, 0.2, sparsity=sp, dead_mask=dead)
+    loss_d, g_d, glt_d = be.jumprelu_gradients(be.to_backend(x), be.to_backend(p),
+                                               be.to_backend(lt), BW, 0.2, sparsity=sp,
+                                               dead_mask=be.to_backend(dead))
+    assert hasattr(glt_d, "__cuda_array_interface__") and not isinstance(glt_d, np.ndarray)
+    assert loss_d == loss_h and np.array_equal(be.to_numpy(glt_d), glt_h)
+    for a, b in zip(be.to_numpy(g_d).arrays(), g_h.arrays()):
+        assert np.array_equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars
+def test_modes_huge_and_tiny_thresholds(be, path):
+    """test_huge_and_tiny_thresholds in the sparsity modes: theta = inf
+    (NaN threshold gradient as in the reference; a dead one is below it
+    everywhere, an infinite aux) or 0."""
+    x, p, lt = _problem((7, 5, 9), "mixed", seed=8)
+    lt = lt.copy()
+    lt[0], lt[1], lt[2] = 95.0, -200.0, -1e30
+    for name in ("tanh+pre", "quad-high", "step+pre"):
+        sp, dead = _mode_args(name, p.d_sae, seed=7)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, g, g_lt = be.jumprelu_gradients(x, p, lt, BW, 0.2, sparsity=sp,
+                                                  dead_mask=dead)
+            rl, rg, rlt = R.jumprelu_gradients(x, p, lt, BW, 0.2, sp, dead)
+        assert loss.l0_loss == pytest.approx(rl.l0_loss, rel=1e-5)
+        assert loss.aux == pytest.approx(rl.aux, rel=1e-5)
+        assert np.array_equal(np.isnan(g_lt), np.isnan(rlt)) and np.isnan(g_lt[0])
+        ok = ~np.isnan(rlt)
+        assert np.allclose(g_lt[ok], rlt[ok], rtol=1e-5, atol=1e-6)
+        for gname in SAEParams.NAMES:
+            a, b = getattr(g, gname), getattr(rg, gname)
+            assert np.array_equal(np.isnan(a), np.isnan(b)), (name, gname)
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True), (name, gname)
+
+
 def test_jumprelu_kernels_compile_for_a_real_gpu(monkeypatch):
     """PTX for sm_90 of every kernel of cuda/jumprelu.py (typing errors the
     simulator cannot see), when NVVM is installed; skipped otherwise."""
@@ -402,13 +719,26 @@ def test_jumprelu_kernels_compile_for_a_real_gpu(monkeypatch):
             (J.jump_dpre_kernel, (i64, i32, f1, f2, f2, f1, f1)),
             (J.theta_grad_kernel, (i64, i64, f1, f1, f1, f1, f1, f, f, f1, i64)),
             (J.dense_feature_kernel, (f2, f2, f1, f1, f1, f, f, f1, f1, i64)),
-            (J.sub_rows_kernel, (f2, f1, f2)), (J.project_rows_kernel, (f2, f2))]
+            (J.sub_rows_kernel, (f2, f1, f2)), (J.project_rows_kernel, (f2, f2)),
+            # the sparsity modes' kernels
+            (J.tanh_adjust_kernel, (f1, f1, f1, f, f)),
+            (J.row_active_kernel, (i64, f1, i32)),
+            (J.quad_rows_kernel, (i32, T.float64, T.float64, T.float64, d1, d1)),
+            (J.theta_grad_mode_kernel, (i64, i64, i32, f1, f1, f1, f1, f1, f, f, T.float64,
+                                        T.int64, f, d1, d1, T.boolean, f1, i64, d1)),
+            (J.dense_feature_mode_kernel, (f2, f2, f1, f1, f1, f, f, T.float64, T.int64, f, f,
+                                           d1, d1, T.boolean, f1, f1, i64, d1)),
+            (J.preact_kernel, (f2, i32, f1, f, f2, f1, d1, d1)),
+            (J.scatter_add_kernel, (f2, i32, f2, T.boolean))]
     from fastsae.backends.cuda import common as K
+    from fastsae.backends.cuda import encode as E
     sigs.append((K.sum_kernel, (i64, d1, T.int64)))  # the active counts' sum
+    sigs.append((K.sum_kernel, (d1, d1, T.int64)))  # the modes' float64 loss sums
+    sigs.append((E.count_rows_kernel, (f2, i32)))  # "quadratic"'s dense row counts
     kernels = {name for name, obj in vars(J).items()
                if isinstance(obj, CUDADispatcher) and not obj.targetoptions.get("device")
                and obj.py_func.__module__ == J.__name__}
-    assert kernels == {k.py_func.__name__ for k, _ in sigs[:-1]}
+    assert kernels == {k.py_func.__name__ for k, _ in sigs[:-3]}
     for kernel, sig in sigs:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert ".entry" in ptx, kernel.py_func.__name__

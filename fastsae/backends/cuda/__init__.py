@@ -20,7 +20,9 @@ code that launches them:
 ``topk``       exact radix selection (TopK, BatchTopK, AuxK), JumpReLU
 ``step``       :func:`train_step`, :func:`train_step_topk`
 ``jumprelu``   JumpReLU training: candidate epilogue (``pre > theta - bw/2``),
-               sparse backward with the threshold's pseudo-gradient,
+               sparse backward with the threshold's pseudo-gradient, the
+               sparsity modes (``"tanh"``, ``"quadratic"``, the
+               pre-activation loss over the dead columns),
                :func:`jumprelu_gradients`, :func:`train_step_jumprelu`
 ``matryoshka`` Matryoshka BatchTopK training: the TopK family's kernels
                with prefix levels (one decode walk stores every prefix's
