@@ -120,6 +120,7 @@ def _float(low=None, strict=False):
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .params import JUMPRELU_SPARSITY_MODES
     from .training import TrainConfig
 
     D = TrainConfig()  # the flags' defaults are the Python API's
@@ -171,7 +172,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-l0", type=_float(0.0, strict=True),
                    help="relu: adjust the L1 coefficient during training so that the run "
                    "ends at this L0 (active features per row); --l1 then only sets the "
-                   "starting point")
+                   "starting point. jumprelu: the centre of the quadratic sparsity mode's "
+                   "penalty (needs --jumprelu-sparsity-loss-mode quadratic; a penalty, not a "
+                   "controller)")
     t.add_argument("--l0-coefficient", type=_float(0.0),
                    help=f"jumprelu: weight of the L0 penalty (default {D.l0_coefficient})")
     t.add_argument("--l0-warm-up-steps", type=_nonneg_int,
@@ -182,6 +185,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    f"pseudo-gradient (default {D.jumprelu_bandwidth})")
     t.add_argument("--jumprelu-init-threshold", type=_float(0.0, strict=True),
                    help=f"jumprelu: initial threshold (default {D.jumprelu_init_threshold})")
+    t.add_argument("--jumprelu-sparsity-loss-mode", choices=JUMPRELU_SPARSITY_MODES,
+                   help="jumprelu: the sparsity penalty, as SAELens: step (L0, default), "
+                   "tanh (Anthropic's sum of tanh(--jumprelu-tanh-scale * f)), quadratic "
+                   "(Gemma Scope 2's, centred on --target-l0)")
+    t.add_argument("--jumprelu-tanh-scale", type=_float(0.0, strict=True),
+                   help=f"jumprelu, tanh mode: the scale inside the tanh "
+                   f"(default {D.jumprelu_tanh_scale})")
+    t.add_argument("--pre-act-loss-coefficient", type=_float(0.0),
+                   help="jumprelu: weight of Anthropic's pre-activation loss, which pulls "
+                   "dead latents' pre-activations up to their thresholds (default: off; "
+                   "Anthropic used 3e-6); dead = no firing in --dead-tokens tokens")
     t.add_argument("--k", type=_positive_int,
                    help=f"active features per row for topk/batchtopk/matryoshka_batchtopk "
                    f"(default {DEFAULT_K}, "
@@ -193,7 +207,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="AuxK latents per row (default: the power of two nearest d_in/2)")
     t.add_argument("--aux-coefficient", type=_float(0.0), help="AuxK weight (default 1/32)")
     t.add_argument("--dead-tokens", type=_positive_int,
-                   help="AuxK: tokens without firing for a latent to count as dead "
+                   help="AuxK and jumprelu's pre-activation loss: tokens without firing "
+                   "for a latent to count as dead "
                    "(default min(10M, 500 steps of tokens))")
     t.add_argument("--resample-every", type=_nonneg_int,
                    help="resample dead features every N steps (default 0: never)")
@@ -265,11 +280,15 @@ _RESUME_FIXED = {
     "l0_warm_up_steps": lambda st, c: c.l0_warm_up_steps,
     "jumprelu_bandwidth": lambda st, c: c.jumprelu_bandwidth,
     "jumprelu_init_threshold": lambda st, c: c.jumprelu_init_threshold,
+    "jumprelu_sparsity_loss_mode": lambda st, c: c.jumprelu_sparsity_loss_mode,
+    "jumprelu_tanh_scale": lambda st, c: c.jumprelu_tanh_scale,
+    "pre_act_loss_coefficient": lambda st, c: c.pre_act_loss_coefficient,
 }
 
 #: The JumpReLU-only flags.
 _JUMPRELU_FLAGS = ("l0_coefficient", "l0_warm_up_steps", "jumprelu_bandwidth",
-                   "jumprelu_init_threshold")
+                   "jumprelu_init_threshold", "jumprelu_sparsity_loss_mode",
+                   "jumprelu_tanh_scale", "pre_act_loss_coefficient")
 
 
 def _check_out_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
@@ -414,11 +433,15 @@ def _cmd_train(args) -> int:
                 setattr(cfg, field, v)
         cfg.progress = args.progress
         act = args.activation or "relu"
-        if args.target_l0 is not None and act != "relu":
-            raise CLIError(f"--target-l0 applies to --activation relu (a {act} SAE's "
-                           + ("L0 is set by --k)" if act in TOPK_ACTIVATIONS else
-                              "L0 is set by --l0-coefficient; a target-L0 controller for it "
-                              "is not implemented)"))
+        if args.target_l0 is not None and act in TOPK_ACTIVATIONS:
+            raise CLIError(f"--target-l0 applies to --activation relu or jumprelu (a {act} "
+                           "SAE's L0 is set by --k)")
+        if act == "jumprelu" and ((args.target_l0 is not None)
+                                  != (args.jumprelu_sparsity_loss_mode == "quadratic")):
+            raise CLIError("--target-l0 with --activation jumprelu is the centre of the "
+                           "quadratic sparsity penalty: give both --target-l0 and "
+                           "--jumprelu-sparsity-loss-mode quadratic, or neither (fastsae has "
+                           "no target-L0 controller for JumpReLU)")
         if act != "jumprelu":
             for flag in _JUMPRELU_FLAGS:
                 if getattr(args, flag) is not None:
@@ -428,6 +451,9 @@ def _cmd_train(args) -> int:
                            "its sparsity is set by --l0-coefficient)")
         if act in ("relu", "jumprelu"):
             for flag in ("k", "auxk", "k_aux", "aux_coefficient", "dead_tokens"):
+                if (flag == "dead_tokens" and act == "jumprelu"
+                        and args.pre_act_loss_coefficient is not None):
+                    continue  # the pre-activation loss's dead latents
                 if getattr(args, flag) is not None:
                     raise CLIError(f"--{flag.replace('_', '-')} needs --activation topk, "
                                    "batchtopk or matryoshka_batchtopk")

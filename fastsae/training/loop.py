@@ -150,14 +150,21 @@ class Trainer:
                                  f"activation is {model.activation!r}")
             if c.k is not None and c.k != model.k:
                 raise ValueError(f"TrainConfig.k={c.k} but the model's k is {model.k}")
+            if (c.target_l0 is not None and model.activation == "jumprelu"
+                    and c.jumprelu_sparsity_loss_mode != "quadratic"):
+                raise ValueError("target_l0 with a jumprelu SAE is the centre of the "
+                                 "'quadratic' sparsity mode's penalty: set "
+                                 "jumprelu_sparsity_loss_mode='quadratic' (fastsae has no "
+                                 "target-L0 controller for JumpReLU)")
             if c.target_l0 is not None and model.activation in TOPK_ACTIVATIONS:
-                raise ValueError(f"target_l0 applies to relu SAEs; a {model.activation} "
+                raise ValueError(f"target_l0 applies to relu and jumprelu SAEs; a {model.activation} "
                                  "SAE's L0 is set by k")
-            if c.target_l0 is not None and model.activation == "jumprelu":
-                raise ValueError("target_l0 is not implemented for jumprelu SAEs (see "
-                                 "fastsae.training.controller): set l0_coefficient instead")
         elif self.config.target_l0 is not None:
             raise ValueError("target_l0 applies to SparseAutoencoder models only")
+        if getattr(model, "activation", None) != "jumprelu":
+            for name in ("jumprelu_sparsity_loss_mode", "pre_act_loss_coefficient"):
+                if getattr(self.config, name) is not None:
+                    raise ValueError(f"{name} applies to jumprelu SAEs only")
         transcoder = bool(getattr(model, "transcoder", False))
         if transcoder != isinstance(self.source, PairedSource):
             raise ValueError("a transcoder trains on (input, target) pairs (data=(x, y), or "
@@ -200,8 +207,10 @@ class Trainer:
         self.last_checkpoint_path: Path | None = None
         self.notices: list[str] = []
         self._acc = MetricsAccumulator()
+        # JumpReLU's target_l0 is its quadratic penalty's centre, not a controller's
         self.controller = (L0Controller(self.config.target_l0, gain=self.config.target_l0_gain)
-                           if self.config.target_l0 is not None else None)
+                           if self.config.target_l0 is not None
+                           and getattr(model, "activation", None) != "jumprelu" else None)
         self._initialized = False
         self._resumed_from: Path | None = None  # the run directory a resume read
         self._out_ready = False

@@ -32,7 +32,7 @@ METRICS_FILENAME = "metrics.jsonl"
 #: Keys of a training state's step result that are averaged into the log
 #: (``"aux"`` only when the state lists it in ``metric_keys``), beside a
 #: Matryoshka state's ``explained_variance_<width>`` keys.
-STEP_KEYS = ("mse", "l1", "total", "l0", "explained_variance", "aux")
+STEP_KEYS = ("mse", "l1", "total", "l0", "explained_variance", "aux", "l0_loss")
 
 
 def none_if_nan(v):

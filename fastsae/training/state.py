@@ -475,6 +475,14 @@ class JumpReLUState(SAEState):
     def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
         super().__init__(model, config, backend)
         self.log_threshold = self.threshold_m = self.threshold_v = None
+        self.sparsity = config.jumprelu_sparsity()
+        #: the pre-activation loss acts on latents that fired in none of the
+        #: last ``dead_tokens`` tokens (``since``: tokens since each last fired)
+        self.pre_act = self.sparsity.pre_act_coefficient > 0
+        self.dead_tokens = config.resolved_dead_tokens()
+        self.since = np.zeros(model.d_sae, np.int64)
+        if self.pre_act:
+            self.metric_keys = JumpReLUState.metric_keys + ("aux",)
 
     def init_fresh(self, scale, sample):
         m, cfg = self.model, self.config
@@ -502,15 +510,31 @@ class JumpReLUState(SAEState):
         self.threshold_v = self.backend.to_backend(np.zeros(m.d_sae, np.float32))
 
     def step(self, x, lr, l1_coefficient, fire_counts) -> dict:
-        cfg = self.config
+        cfg, be = self.config, self.backend
         x, y = self.pair(x)
-        r = self.backend.train_step_jumprelu(
+        dead_mask, buf = None, fire_counts
+        if self.pre_act:
+            dead_mask = be.to_backend(self.since >= self.dead_tokens)
+            buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
+        r = be.train_step_jumprelu(
             self.params, self.state, x, log_threshold=self.log_threshold,
             threshold_m=self.threshold_m, threshold_v=self.threshold_v,
             bandwidth=cfg.jumprelu_bandwidth, l0_coefficient=l1_coefficient,
-            lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=fire_counts, y=y)
-        return {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,
-                "explained_variance": r.explained_variance}
+            lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=buf,
+            sparsity=None if self.sparsity.is_default else self.sparsity, dead_mask=dead_mask,
+            y=y)
+        if self.pre_act:
+            c = np.asarray(be.to_numpy(buf), dtype=np.int64)
+            fired = c > 0
+            self.since[fired] = 0
+            self.since[~fired] += x.shape[0]
+            if fire_counts is not None:
+                _add_counts(be, fire_counts, c)
+        out = {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,
+               "explained_variance": r.explained_variance}
+        if self.pre_act:
+            out["aux"] = r.aux
+        return out
 
     def host_threshold(self) -> np.ndarray:
         """The current thresholds ``exp(log_threshold)`` as a float32 host array."""
@@ -527,6 +551,8 @@ class JumpReLUState(SAEState):
         for name in ("log_threshold", "threshold_m", "threshold_v"):
             out[f"jumprelu.{name}"] = np.asarray(self.backend.to_numpy(getattr(self, name)),
                                                  dtype=np.float32)
+        if self.pre_act:
+            out["jumprelu.since"] = self.since.copy()
         return out
 
     def load(self, tensors: dict, adam_step: int):
@@ -539,6 +565,13 @@ class JumpReLUState(SAEState):
                                      f"of shape ({d},))")
             setattr(self, name, self.backend.to_backend(
                 np.ascontiguousarray(a, dtype=np.float32)))
+        if self.pre_act:
+            a = tensors.get("jumprelu.since")
+            if a is None or np.asarray(a).shape != (d,):
+                raise SAEFormatError("the checkpoint lacks the JumpReLU dead-latent counters "
+                                     f"(jumprelu.since of shape ({d},)) its "
+                                     "pre-activation loss needs")
+            self.since = np.array(a, dtype=np.int64)
 
     def resample(self, dead: np.ndarray, x: np.ndarray, rng) -> int:
         n = super().resample(dead, x, rng)
@@ -547,6 +580,7 @@ class JumpReLUState(SAEState):
             lt, tm, tv = (np.array(self.backend.to_numpy(a), dtype=np.float32)
                           for a in (self.log_threshold, self.threshold_m, self.threshold_v))
             lt[idx] = np.log(np.float32(self.config.jumprelu_init_threshold))
+            self.since[idx] = 0
             tm[idx] = 0.0
             tv[idx] = 0.0
             self.log_threshold, self.threshold_m, self.threshold_v = (
@@ -563,10 +597,13 @@ class JumpReLUState(SAEState):
             **(d if isinstance(d, dict) else {}),
             "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
             "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
-            "jumprelu_sparsity_loss_mode": "step",
+            "jumprelu_sparsity_loss_mode": self.sparsity.mode,
             "l0_coefficient": cfg.l0_coefficient,
             "l0_warm_up_steps": cfg.l0_warm_up_steps,
-            "pre_act_loss_coefficient": None}
+            "pre_act_loss_coefficient": cfg.pre_act_loss_coefficient,
+            "jumprelu_tanh_scale": self.sparsity.tanh_scale,
+            "jumprelu_ste_to_input": False,
+            "target_l0": self.sparsity.target_l0}
 
 
 # ================================================================ Autoencoder
