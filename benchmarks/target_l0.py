@@ -1,7 +1,8 @@
 """The target-L0 controller on the built-in synthetic problem: final L0 of a
 ReLU run for targets 8, 32, 128 (1000 steps, CLI defaults otherwise), and
 why JumpReLU has no controller yet: its final L0 at fixed L0 coefficients
-down to 0 (see benchmarks/RESULTS.md, "Target L0").
+down to 0, and with SAELens's "quadratic" sparsity mode centred on the same
+targets (see benchmarks/RESULTS.md, "Target L0").
 
     python benchmarks/target_l0.py [--backend numpy] [--steps 1000]
 """
@@ -27,6 +28,9 @@ def main():
     print("| --- | --- | --- | --- | --- |")
     runs = [("relu", dict(target_l0=float(t))) for t in (8, 32, 128)]
     runs += [("jumprelu", dict(l0_coefficient=c)) for c in (1.0, 0.1, 0.0)]
+    runs += [("jumprelu", dict(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(t),
+                               jumprelu_bandwidth=bw))
+             for bw in (0.05, 0.5) for t in (8, 32, 128)]
     for act, kw in runs:
         m = SparseAutoencoder(syn["d_in"], d_sae, activation=act, backend=args.backend,
                               seed=0, decoder_norm="unit_norm")
@@ -35,7 +39,8 @@ def main():
                     true_dictionary=ds.dictionary, threads=1)
         r = t.train()
         traj = ", ".join(f"{h['l0']:.1f}" for h in r.history if "l0" in h and "event" not in h)
-        setting = ", ".join(f"{k}={v:g}" for k, v in kw.items())
+        setting = ", ".join(f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}"
+                            for k, v in kw.items())
         print(f"| {act} | {setting} | {traj} | {r.metrics['l0']:.2f} "
               f"| {r.metrics['explained_variance']:.3f} |", flush=True)
 
