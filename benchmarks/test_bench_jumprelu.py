@@ -11,7 +11,9 @@ size:
 ``jumprelu_dense[size]``  a fresh JumpReLU SAE (W_enc = W_dec.T, b_enc = 0,
                           threshold 0.01): about half the features fire
 
-Bandwidth 0.001 (SAELens's default), l0_coefficient 1, lr 1e-6 (tiny: the
+Each group also times the step with the other sparsity penalties (rows
+``<backend>+tanh``, ``+quadratic`` (target 48), ``+pre_act`` (10% of the
+latents dead)). Bandwidth 0.001 (SAELens's default), l0_coefficient 1, lr 1e-6 (tiny: the
 repeated rounds keep the density). The summary table (``conftest``) prints
 each row's ratio to the NumPy reference ('vs numpy') and to the bare matmul
 of its own group ('x matmul'; issue 15's target: <= 1.3 at L0 ~48, paper
@@ -133,3 +135,43 @@ def test_train_step_jumprelu(benchmark, request, size, batch, regime, backend_na
     assert np.isfinite(res.total)
     assert abs(res.l0 - prob.l0) <= 0.05 * prob.l0 + 1.0, (res.l0, prob.l0)
 
+
+
+#: the other sparsity penalties, timed in the same groups (issue 15's fourth
+#: landing): the pre-activation loss with 10% of the latents dead
+MODES = {"tanh": (fastsae.JumpReLUSparsity("tanh"), 0.0),
+         "quadratic": (fastsae.JumpReLUSparsity("quadratic", target_l0=48.0), 0.0),
+         "pre_act": (fastsae.JumpReLUSparsity(pre_act_coefficient=3e-6), 0.1)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_train_step_jumprelu_mode(benchmark, request, size, batch, regime, backend_name, mode):
+    """``train_step_jumprelu`` with a non-default ``sparsity`` (row label
+    ``<backend>+<mode>``), beside the default step of the same group."""
+    prob = _problem(request, size, batch, regime)
+    be = fastsae.get_backend(backend_name)
+    _group(benchmark, size, regime, f"{backend_name}+{mode}", prob)
+    sparsity, dead_fraction = MODES[mode]
+    d_sae = prob.params.d_sae
+    dead = np.zeros(d_sae, bool)
+    dead[np.random.default_rng(0).permutation(d_sae)[:int(dead_fraction * d_sae)]] = True
+    params = be.to_backend(prob.params.copy())
+    state = be.to_backend(AdamState.zeros_like(prob.params))
+    x = be.to_backend(prob.x)
+    kw = dict(log_threshold=be.to_backend(prob.log_threshold.copy()),
+              threshold_m=be.to_backend(np.zeros(d_sae, np.float32)),
+              threshold_v=be.to_backend(np.zeros(d_sae, np.float32)), bandwidth=BANDWIDTH,
+              l0_coefficient=L0_COEFFICIENT, lr=LR, sparsity=sparsity,
+              dead_mask=be.to_backend(dead) if dead.any() else None)
+
+    def step():
+        r = be.train_step_jumprelu(params, state, x, **kw)
+        be.synchronize()
+        return r
+
+    if backend_name != "numpy":
+        step()  # compile / warm the workspaces, not timed
+    res = benchmark(step)
+    benchmark.extra_info["l0"] = res.l0
+    assert np.isfinite(res.total)
+    assert (res.aux > 0) == (mode == "pre_act" and bool(dead.any()))
