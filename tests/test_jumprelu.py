@@ -1050,7 +1050,7 @@ def test_jumprelu_independent_of_thread_count(cpu_be, monkeypatch, kind, mode):
         assert np.array_equal(a, b), f"output {i} depends on the thread count"
 
 
-# ------------------------------------------------------------------ 1b. the oracle's other penalties
+# ------------------------------------------------------------- 1b. the other penalties
 # JumpReLUSparsity: "tanh", "quadratic" and the pre-activation loss (the
 # reference's section comment). Same method as above: the true loss's
 # parameter gradients by central differences where no pre-activation is near

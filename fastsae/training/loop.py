@@ -157,8 +157,8 @@ class Trainer:
                                  "jumprelu_sparsity_loss_mode='quadratic' (fastsae has no "
                                  "target-L0 controller for JumpReLU)")
             if c.target_l0 is not None and model.activation in TOPK_ACTIVATIONS:
-                raise ValueError(f"target_l0 applies to relu and jumprelu SAEs; a {model.activation} "
-                                 "SAE's L0 is set by k")
+                raise ValueError(f"target_l0 applies to relu and jumprelu SAEs; a "
+                                 f"{model.activation} SAE's L0 is set by k")
         elif self.config.target_l0 is not None:
             raise ValueError("target_l0 applies to SparseAutoencoder models only")
         if getattr(model, "activation", None) != "jumprelu":

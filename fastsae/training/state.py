@@ -351,19 +351,12 @@ class TopKState(SAEState):
         cfg, be = self.config, self.backend
         dead_mask, buf = None, fire_counts
         if self.auxk:
-            dead_mask = be.to_backend(self.since >= self.dead_tokens)
-            # this step's firing counts alone, to know which latents fired
-            buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
+            dead_mask, buf = _dead_step_inputs(be, self.since, self.dead_tokens)
         r = self._train_step(x, lr, fire_counts=buf, dead_mask=dead_mask,
                              k_aux=self.k_aux if self.auxk else 0,
                              aux_coefficient=cfg.aux_coefficient if self.auxk else 0.0)
         if self.auxk:
-            c = np.asarray(be.to_numpy(buf), dtype=np.int64)
-            fired = c > 0
-            self.since[fired] = 0
-            self.since[~fired] += self.pair(x)[0].shape[0]
-            if fire_counts is not None:
-                _add_counts(be, fire_counts, c)
+            _record_firing(be, self.since, buf, self.pair(x)[0].shape[0], fire_counts)
         if self.batch_selection:
             m = float(r.extra.get("min_active", 0.0))
             if m > 0:
@@ -514,8 +507,7 @@ class JumpReLUState(SAEState):
         x, y = self.pair(x)
         dead_mask, buf = None, fire_counts
         if self.pre_act:
-            dead_mask = be.to_backend(self.since >= self.dead_tokens)
-            buf = be.to_backend(np.zeros(self.model.d_sae, np.int64))
+            dead_mask, buf = _dead_step_inputs(be, self.since, self.dead_tokens)
         r = be.train_step_jumprelu(
             self.params, self.state, x, log_threshold=self.log_threshold,
             threshold_m=self.threshold_m, threshold_v=self.threshold_v,
@@ -524,12 +516,7 @@ class JumpReLUState(SAEState):
             sparsity=None if self.sparsity.is_default else self.sparsity, dead_mask=dead_mask,
             y=y)
         if self.pre_act:
-            c = np.asarray(be.to_numpy(buf), dtype=np.int64)
-            fired = c > 0
-            self.since[fired] = 0
-            self.since[~fired] += x.shape[0]
-            if fire_counts is not None:
-                _add_counts(be, fire_counts, c)
+            _record_firing(be, self.since, buf, x.shape[0], fire_counts)
         out = {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,
                "explained_variance": r.explained_variance}
         if self.pre_act:
@@ -677,6 +664,25 @@ class AutoencoderState:
 
 
 # ================================================================ helpers
+def _dead_step_inputs(be, since: np.ndarray, dead_tokens: int):
+    """``(dead_mask, buf)`` for a step that needs the dead latents (AuxK,
+    JumpReLU's pre-activation loss): the latents idle for ``dead_tokens``
+    tokens, and a zeroed count buffer for this step's firing alone."""
+    return (be.to_backend(since >= dead_tokens),
+            be.to_backend(np.zeros(since.shape[0], np.int64)))
+
+
+def _record_firing(be, since: np.ndarray, buf, rows: int, fire_counts) -> None:
+    """After such a step: reset ``since`` where a latent fired, add ``rows``
+    tokens elsewhere, and add the step's counts to the run's ``fire_counts``."""
+    c = np.asarray(be.to_numpy(buf), dtype=np.int64)
+    fired = c > 0
+    since[fired] = 0
+    since[~fired] += rows
+    if fire_counts is not None:
+        _add_counts(be, fire_counts, c)
+
+
 def _add_counts(be, fire_counts, counts: np.ndarray) -> None:
     """``fire_counts += counts`` where ``fire_counts`` lives on the backend."""
     host = be.to_numpy(fire_counts)
