@@ -120,6 +120,23 @@ class Trainer:
         files (and only those) are then removed before the first step.
     extra_state : dict, optional
         JSON-able information stored in checkpoints (e.g. how to rebuild the data).
+    distributed : None or "data"
+        ``"data"``: data-parallel training over MPI, the script run under
+        ``mpiexec -n R`` (see :mod:`fastsae.distributed.data_parallel`): every
+        rank builds the same trainer, trains on its share of each batch,
+        and only rank 0 writes ``out_dir``; ``threads`` defaults to the
+        rank's share of the machine's cores. Needs ``fastsae[mpi]``.
+    comm : Communicator, optional
+        The :class:`fastsae.distributed.comm.Communicator` to use (default:
+        one over ``MPI_COMM_WORLD``, with a ``timeout`` of
+        ``distributed_timeout`` seconds).
+    check_every : int
+        Data-parallel: compare a checksum of the parameters across ranks
+        every this many steps (and at the end); a mismatch raises
+        :class:`fastsae.distributed.comm.RanksDiverged`.
+    distributed_timeout : float
+        Data-parallel: seconds a rank may go without finishing a step before
+        it stops (so a stuck or lost rank ends the run instead of hanging it).
 
     Attributes: ``config``, ``model``, ``source`` (the data), ``backend``,
     ``state`` (the :class:`~fastsae.training.state.TrainingState`), ``step``
@@ -132,8 +149,21 @@ class Trainer:
 
     def __init__(self, model, data, config: TrainConfig | None = None, *, out_dir=None,
                  true_dictionary=None, backend=None, threads: int | None = None,
-                 overwrite: bool = False, extra_state: dict | None = None):
+                 overwrite: bool = False, extra_state: dict | None = None,
+                 distributed: str | None = None, comm=None, check_every: int = 100,
+                 distributed_timeout: float = 600.0):
         self.config = (config or TrainConfig()).validate()
+        if distributed not in (None, "data"):
+            raise ValueError(f"distributed must be None or 'data', got {distributed!r}")
+        self.distributed = distributed
+        self.comm = None
+        if distributed is not None:
+            from ..distributed.comm import Communicator
+            self.comm = comm if comm is not None else Communicator(timeout=distributed_timeout)
+            if isinstance(check_every, bool) or not isinstance(check_every, int) \
+                    or check_every < 1:
+                raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
+        self.check_every = check_every
         self.model = model
         # a transcoder's data: a PairedSource, or an (inputs, targets) pair of sources
         self.source = PairedSource(*data) if isinstance(data, tuple) else open_source(data)
@@ -187,8 +217,12 @@ class Trainer:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if threads is None and self.comm is not None and self.comm.size > 1:
+            threads = self.comm.default_threads()
         self.threads = threads
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        #: rank 0 alone writes outputs
+        self.is_root = self.comm is None or self.comm.rank == 0
+        self.out_dir = Path(out_dir) if out_dir is not None and self.is_root else None
         self.overwrite = bool(overwrite)
         self.true_dictionary = None
         if true_dictionary is not None:
@@ -200,6 +234,10 @@ class Trainer:
             self.true_dictionary = td
         self.extra_state = dict(extra_state or {})
         self.state: TrainingState = make_state(model, self.config, self.backend)
+        self.dp = None
+        if self.comm is not None:
+            from ..distributed.data_parallel import DataParallel
+            self.dp = DataParallel(self.comm, self.state, self.config.batch_size)
         self.step = 0
         self.log = MetricsLog(self.out_dir)
         self.window: FiringWindow | None = None
@@ -235,11 +273,21 @@ class Trainer:
             if not np.isfinite(sample).all():
                 raise ValueError("the data contain NaN or infinite values")
         self.state.init_fresh(self.scale, sample)
-        self.stream = BatchStream(self.source, cfg.batch_size, seed=cfg.seed, scale=self.scale)
+        if self.dp is not None:  # the same start on every rank, whatever its RNG did
+            self.dp.broadcast_state()
+        self.stream = self._make_stream()
         self.rng = np.random.default_rng([cfg.seed, 0x7E5A])
         self.window = FiringWindow(self.backend, self.state.n_features)
         self._acc = MetricsAccumulator()
         self._initialized = True
+
+    def _make_stream(self):
+        cfg = self.config
+        if self.dp is None:
+            return BatchStream(self.source, cfg.batch_size, seed=cfg.seed, scale=self.scale)
+        from ..distributed.data_parallel import RankBatchStream
+        return RankBatchStream(self.source, cfg.batch_size, seed=cfg.seed, scale=self.scale,
+                               lo=self.dp.lo, hi=self.dp.hi)
 
     def prepare_out_dir(self) -> None:
         """Make ``out_dir`` ready before the first step (once; nothing without
@@ -286,6 +334,8 @@ class Trainer:
                                                             self.source.n_rows), replace=False)
         x = self.source.take(np.sort(rows)) * np.float32(self.scale)
         n = self.state.resample(dead, x, self.rng)
+        if self.dp is not None:
+            self.dp.broadcast_state()
         self.window.reset()  # a fresh window, so resampled features get a chance to fire
         self.log.append({"step": self.step, "event": "resample", "resampled": n})
 
@@ -309,6 +359,8 @@ class Trainer:
             "controller": (self.controller.state_dict() if self.controller is not None
                            else None),
             "data_rows": self.source.n_rows, "extra": self.extra_state,
+            "distributed": ({"mode": self.distributed, "ranks": self.comm.size}
+                            if self.comm is not None else None),
         }
 
     def save_checkpoint(self, path=None) -> Path:
@@ -348,7 +400,9 @@ class Trainer:
 
     @classmethod
     def resume(cls, path, data=None, *, true_dictionary=None, backend=None, threads=None,
-               out_dir=None, progress=None, overwrite: bool = False) -> "Trainer":
+               out_dir=None, progress=None, overwrite: bool = False,
+               distributed: str | None = None, comm=None, check_every: int = 100,
+               distributed_timeout: float = 600.0) -> "Trainer":
         """A trainer that continues the run saved at ``path`` (a checkpoint or
         an output directory) to the steps it was started with.
 
@@ -357,7 +411,10 @@ class Trainer:
         run recorded (a recorded backend unusable here is a ``ValueError``
         naming it); others are allowed, with a :class:`NotBitExactWarning`.
         ``out_dir`` defaults to the run's own directory; another directory
-        must not hold a run unless ``overwrite``. A damaged checkpoint
+        must not hold a run unless ``overwrite``. ``distributed`` and the
+        other distributed arguments as for the constructor: a run may resume
+        on another rank count or in one process, not bit-exactly (a
+        :class:`NotBitExactWarning`). A damaged checkpoint
         (hash mismatch, missing tensor or run-state key, step beyond the
         run's steps) raises :class:`fastsae.io.SAEFormatError` naming it.
         """
@@ -417,7 +474,14 @@ class Trainer:
                              "only to another out_dir")
         t = cls(model, data, config, out_dir=out_dir, true_dictionary=true_dictionary,
                 backend=backend, threads=threads, overwrite=overwrite,
-                extra_state=st.get("extra"))
+                extra_state=st.get("extra"), distributed=distributed, comm=comm,
+                check_every=check_every, distributed_timeout=distributed_timeout)
+        was = st.get("distributed") or {}
+        ranks_then = int(was.get("ranks", 1))
+        ranks_now = t.comm.size if t.comm is not None else 1
+        if (ranks_then, was.get("mode") if ranks_then > 1 else None) != \
+                (ranks_now, distributed if ranks_now > 1 else None):
+            notices.append(f"continuing on {ranks_now} rank(s), not the run's {ranks_then}")
         t._resumed_from = run_dir
         try:
             t._restore(tensors, st)
@@ -435,8 +499,7 @@ class Trainer:
     def _restore(self, tensors, st):
         self.scale = float(st["scale"])
         self.state.load(tensors, st["adam_step"])
-        self.stream = BatchStream(self.source, self.config.batch_size, seed=self.config.seed,
-                                  scale=self.scale)
+        self.stream = self._make_stream()
         self.stream.load_state_dict(st["stream"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = st["rng"]
@@ -511,7 +574,10 @@ class Trainer:
         if device:
             _check_batch(x, s)
         try:
-            r = self.state.step(xb, lr, l1c, self.window.fire_counts)
+            if self.dp is not None:  # this rank's rows of the batch, on the host
+                r = self.dp.step(x, lr, l1c, self.window.fire_counts)
+            else:
+                r = self.state.step(xb, lr, l1c, self.window.fire_counts)
         except ValueError:
             _check_batch(x, s)  # the front refused the batch: name the step and row
             raise
@@ -527,17 +593,34 @@ class Trainer:
         """Run (or continue) training to ``config.total_steps``; returns a
         :class:`TrainResult` and leaves the trained parameters in the model
         (folded to raw inputs)."""
-        self.prepare_out_dir()
-        if not self._initialized:
-            self.setup()
-        with limit_threads(self.threads, self.backend):
-            return self._train()
+        if self.comm is None:
+            self.prepare_out_dir()
+            if not self._initialized:
+                self.setup()
+            with limit_threads(self.threads, self.backend):
+                return self._train()
+        # data-parallel: an error on one rank stops every rank (no hang)
+        self.comm.watchdog()
+        try:
+            self.prepare_out_dir()
+            with limit_threads(self.threads, self.backend):
+                if not self._initialized:
+                    self.setup()
+                self.dp.check_same(self.step)
+                result = self._train()
+            self.comm.barrier()
+            return result
+        except BaseException as exc:
+            self.comm.fail(exc)
+            raise
+        finally:
+            self.comm.stop_watchdog()
 
     def _train(self) -> TrainResult:
         cfg = self.config
         total = cfg.total_steps
         bar = None
-        if cfg.show_progress():
+        if cfg.show_progress() and self.is_root:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, desc=f"fastsae[{self.backend.name}]",
                        unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -546,6 +629,10 @@ class Trainer:
             while self.step < total:
                 r = self._step(self.step, self.stream.next_batch())
                 self.step += 1
+                if self.dp is not None:
+                    self.comm.heartbeat()
+                    if self.step % self.check_every == 0 or self.step == total:
+                        self.dp.check_same(self.step)
                 self._acc.add(r)
                 self.window.record_step(cfg.dead_window)
                 if cfg.resample_due(self.step) and self.window.steps >= cfg.dead_window:
@@ -580,6 +667,8 @@ class Trainer:
         metrics.update({"steps": self.step, "tokens": self.step * cfg.batch_size,
                         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else None,
                         "backend": self.backend.name, "scale": self.scale})
+        if self.comm is not None:
+            metrics["ranks"] = self.comm.size
         density = self.feature_density()
         if self.out_dir is not None:
             self.save_checkpoint()
