@@ -92,6 +92,16 @@ def _positive_int(s):
     return v
 
 
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
 def _nonneg_int(s):
     try:
         v = int(s)
@@ -241,6 +251,15 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false",
                    help="force the progress bar off")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    t.add_argument("--distributed", choices=("data",),
+                   help="data: data-parallel training over MPI, run as mpiexec -n RANKS "
+                   "fastsae train --distributed data ... (each rank trains on its share of "
+                   "every batch; rank 0 writes --out and prints; --threads defaults to each "
+                   "rank's share of the cores; needs pip install 'fastsae[mpi]')")
+    t.add_argument("--distributed-timeout", type=_positive_float, default=600.0,
+                   metavar="SECONDS",
+                   help="with --distributed: a rank that finishes no step for this long "
+                   "stops the run (a lost or stuck rank never hangs it; default 600)")
 
     e = sub.add_parser("encode", help="encode data with a saved SAE into scipy.sparse .npz")
     e.add_argument("--sae", required=True, help="SAE directory (fastsae or SAELens format)")
@@ -389,8 +408,8 @@ def _cmd_train(args) -> int:
             trainer = Trainer.resume(rdir, data, true_dictionary=true_dict,
                                      backend=args.backend, threads=threads,
                                      out_dir=out or rdir, progress=args.progress,
-                                     overwrite=args.overwrite)
-        for note in trainer.notices:
+                                     overwrite=args.overwrite, **_distributed_kwargs(args))
+        for note in trainer.notices if trainer.is_root else ():
             print(f"fastsae: note: {note}", file=sys.stderr)
         if args.checkpoint_every is not None:  # cadence only: does not change the result
             trainer.config.checkpoint_every = args.checkpoint_every
@@ -484,8 +503,10 @@ def _cmd_train(args) -> int:
         threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if args.data is None else None)
         trainer = Trainer(model, source, cfg, out_dir=out, true_dictionary=true_dict,
                           backend=args.backend, threads=threads, overwrite=args.overwrite,
-                          extra_state=extra)
+                          extra_state=extra, **_distributed_kwargs(args))
     result = trainer.train()
+    if not trainer.is_root:  # rank 0 reports for every rank
+        return 0
     total_wall = time.perf_counter() - t_start
     m = dict(result.metrics)
     m["total_wall_s"] = total_wall
@@ -501,6 +522,19 @@ def _cmd_train(args) -> int:
             written = _plots(out, result)
             print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _distributed_kwargs(args) -> dict:
+    """The Trainer's distributed arguments from the flags; a clear error
+    when MPI is missing."""
+    if args.distributed is None:
+        return {}
+    from .distributed.comm import mpi_module
+    try:
+        mpi_module()
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    return {"distributed": args.distributed, "distributed_timeout": args.distributed_timeout}
 
 
 def _syn_kwargs(syn: dict) -> dict:
@@ -544,7 +578,8 @@ def _table(m: dict, trainer) -> str:
              ("tokens/s", f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "-"),
              ("training time", f"{m['wall_s']:.1f} s"),
              ("total time", f"{m['total_wall_s']:.1f} s"),
-             ("backend", m.get("backend", "-"))]
+             ("backend", m.get("backend", "-")
+              + (f", {m['ranks']} ranks (data-parallel)" if m.get("ranks") else ""))]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
     bar = "-" * max(len(s) for s in lines)
