@@ -251,11 +251,13 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false",
                    help="force the progress bar off")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    t.add_argument("--distributed", choices=("data",),
-                   help="data: data-parallel training over MPI, run as mpiexec -n RANKS "
-                   "fastsae train --distributed data ... (each rank trains on its share of "
-                   "every batch; rank 0 writes --out and prints; --threads defaults to each "
-                   "rank's share of the cores; needs pip install 'fastsae[mpi]')")
+    t.add_argument("--distributed", choices=("data", "features"),
+                   help="training over MPI, run as mpiexec -n RANKS fastsae train "
+                   "--distributed MODE ...: data (each rank trains the whole SAE on its "
+                   "share of every batch) or features (each rank owns a slice of the "
+                   "latents; relu, topk and batchtopk; the SAE is saved as per-rank "
+                   "checkpoint files); rank 0 prints; --threads defaults to each rank's "
+                   "share of the cores; needs pip install 'fastsae[mpi]'")
     t.add_argument("--distributed-timeout", type=_positive_float, default=600.0,
                    metavar="SECONDS",
                    help="with --distributed: a rank that finishes no step for this long "
@@ -495,11 +497,21 @@ def _cmd_train(args) -> int:
             except ValueError as exc:
                 raise CLIError(f"--{exc} (--d-sae {d_sae})") from None
         d_in = source.d_x if transcoder else _d_in(source)
-        model = SparseAutoencoder(d_in, d_sae, backend=args.backend,
-                                  decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM,
-                                  seed=cfg.seed, activation=act, k=k, widths=args.widths,
-                                  transcoder=transcoder,
-                                  d_out=source.d_y if transcoder else None, skip=skip)
+        mkw = dict(backend=args.backend,
+                   decoder_norm=args.decoder_norm or DEFAULT_DECODER_NORM, seed=cfg.seed,
+                   activation=act, k=k, transcoder=transcoder,
+                   d_out=source.d_y if transcoder else None, skip=skip)
+        if args.distributed == "features":  # each rank builds only its latents
+            from .distributed.features import FeatureShardedSAE
+            if args.widths is not None:
+                raise CLIError("--widths: matryoshka_batchtopk is not trained "
+                               "feature-sharded yet (use --distributed data)")
+            try:
+                model = FeatureShardedSAE(d_in, d_sae, **mkw)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+        else:
+            model = SparseAutoencoder(d_in, d_sae, widths=args.widths, **mkw)
         threads = args.threads or (DEFAULT_SYNTHETIC_THREADS if args.data is None else None)
         trainer = Trainer(model, source, cfg, out_dir=out, true_dictionary=true_dict,
                           backend=args.backend, threads=threads, overwrite=args.overwrite,
@@ -515,7 +527,11 @@ def _cmd_train(args) -> int:
     else:
         print(_table(m, trainer))
     out = Path(args.out or args.resume) if (args.out or args.resume) else None
-    if out is not None:
+    if out is not None and trainer.fs is not None:
+        print(f"saved: {out / 'checkpoint.safetensors'} and one file per rank under "
+              f"{out / 'checkpoint.shards'} (the SAE: fastsae.distributed.load_sharded_sae"
+              f"({str(out)!r})), {out / 'metrics.jsonl'}")
+    elif out is not None:
         print(f"saved: {out / 'sae'} (SAE), {out / 'checkpoint.safetensors'}, "
               f"{out / 'metrics.jsonl'}")
         if args.plot:
@@ -579,7 +595,9 @@ def _table(m: dict, trainer) -> str:
              ("training time", f"{m['wall_s']:.1f} s"),
              ("total time", f"{m['total_wall_s']:.1f} s"),
              ("backend", m.get("backend", "-")
-              + (f", {m['ranks']} ranks (data-parallel)" if m.get("ranks") else ""))]
+              + (f", {m['ranks']} ranks ("
+                 + ("feature-sharded" if m.get("distributed") == "features"
+                    else "data-parallel") + ")" if m.get("ranks") else ""))]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
     bar = "-" * max(len(s) for s in lines)

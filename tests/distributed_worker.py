@@ -8,7 +8,8 @@ training units, JumpReLU's log-thresholds, the final metrics), ``family``,
 directory), ``transcoder``, ``resample_every``, ``fault`` (below).
 
 Faults, on rank ``fault["rank"]`` when it reads the batch of step
-``fault["step"]`` (1-based): ``"kill"`` (SIGKILL itself), ``"raise"`` (a
+``fault["step"]`` (1-based; feature-sharded: when it starts that step,
+every rank reading the whole batch): ``"kill"`` (SIGKILL itself), ``"raise"`` (a
 ``RuntimeError``), ``"hang"`` (sleep), ``"perturb"`` (change one parameter,
 so the ranks' checksums differ). They live here, in the test's data
 source, not in fastsae.
@@ -23,6 +24,7 @@ import time
 import numpy as np
 
 import fastsae
+import fastsae.distributed
 from fastsae.data import ArraySource, PairedSource, synthetic, synthetic_pairs
 from fastsae.training import TrainConfig, Trainer
 
@@ -42,15 +44,19 @@ class FaultySource(ArraySource):
             self.calls += 1
         f = self.fault
         if f and self.rank == f["rank"] and self.calls == f["step"]:
-            if f["kind"] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if f["kind"] == "raise":
-                raise RuntimeError("injected failure")
-            if f["kind"] == "hang":
-                time.sleep(600)
-            if f["kind"] == "perturb":
-                np.asarray(HERE["trainer"].state.params.W_enc)[0, 0] += 1.0
+            self._act(f)
         return super()._take_sorted(rows)
+
+    @staticmethod
+    def _act(f):
+        if f["kind"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f["kind"] == "raise":
+            raise RuntimeError("injected failure")
+        if f["kind"] == "hang":
+            time.sleep(600)
+        if f["kind"] == "perturb":  # b_dec: replicated in both modes
+            np.asarray(HERE["trainer"].state.params.b_dec)[0] += 1.0
 
 
 def main(path):
@@ -71,6 +77,8 @@ def main(path):
             if spec.get("fault") else ds.x
         d_in, d_out = 24, None
     kw = {}
+    if spec.get("distributed") == "features" and not spec.get("out_dir"):
+        spec["out_dir"] = spec["out"] + ".run"  # the sharded checkpoint is the output
     if fam in ("topk", "batchtopk", "matryoshka_batchtopk"):
         kw["k"] = 6
     if fam == "matryoshka_batchtopk":
@@ -91,19 +99,46 @@ def main(path):
     if not spec.get("distributed"):
         dist = {}
     threads = spec.get("threads", 1)
+    features = spec.get("distributed") == "features"
     if spec.get("resume"):
         t = Trainer.resume(spec["resume"], data, backend=spec.get("backend"), threads=threads,
                            **dist)
     else:
-        model = fastsae.SparseAutoencoder(
-            d_in, 192, backend=spec.get("backend", "numba"), activation=fam, seed=2,
+        cls = fastsae.distributed.FeatureShardedSAE if features else fastsae.SparseAutoencoder
+        model = cls(
+            d_in, spec.get("d_sae", 192), backend=spec.get("backend", "numba"),
+            activation=fam, seed=2,
             decoder_norm=spec.get("decoder_norm", "unit_norm" if fam != "relu"
                                   else "weighted_l1"),
-            transcoder=transcoder, d_out=d_out, **kw)
+            transcoder=transcoder, d_out=d_out, skip=bool(spec.get("skip")), **kw)
         t = Trainer(model, data, cfg, out_dir=spec.get("out_dir"), threads=threads,
                     overwrite=True, **dist)
     HERE["trainer"] = t
+    f = spec.get("fault")
+    if features and f:  # every rank reads the whole batch: fault at the step instead
+        inner = t._step
+
+        def step(s, x):
+            if t.comm.rank == f["rank"] and s + 1 == f["step"]:
+                FaultySource._act(f)
+            return inner(s, x)
+        t._step = step
     r = t.train()
+    if features:
+        # every rank's latents, from the checkpoint the run just wrote
+        from fastsae.distributed.features import read_shards
+        if t.is_root:
+            _, st = Trainer.read_checkpoint(t.run_dir)
+            tens = read_shards(t.run_dir, st, 0, int(st["model"]["d_sae"]))
+            arrays = {k.split(".", 1)[1]: v for k, v in tens.items() if k.startswith("param.")}
+            arrays["history_mse"] = np.array([h["mse"] for h in r.history if "mse" in h])
+            arrays["local_sizes"] = np.array(spec.get("_sizes", []))
+            np.savez(spec["out"], **arrays, metrics=json.dumps(
+                {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}))
+        sizes = np.array([t.state.params.W_enc.size, t.state.state.m.W_enc.size,
+                          t.state.params.W_dec.size, t.window.fire_counts.size], np.int64)
+        np.save(spec["out"] + f".rank{t.comm.rank}.npy", sizes)
+        return
     if t.is_root:
         st = t.state
         arrays = {n: np.asarray(a) for n, a in st.host_params().as_dict().items()}

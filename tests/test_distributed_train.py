@@ -153,7 +153,8 @@ def _split_batchtopk(x, W, b, c, k, ranks, be):
     def run(r):
         lo, hi = rank_rows(x.shape[0], r, ranks)
         try:
-            out[r] = global_batchtopk(comm.at(r), be, x[lo:hi], W, b, c, k, x.shape[0])
+            out[r] = global_batchtopk(comm.at(r), be, x[lo:hi], W, b, c, k, x.shape[0],
+                                      row_offset=lo)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
             comm.barrier.abort()
@@ -302,18 +303,30 @@ def test_a_failing_rank_stops_every_rank(kind, tmp_path):
 
 
 @needs_mpi
-def test_cli_data_parallel(tmp_path):
+@pytest.mark.parametrize("mode", ["data", "features"])
+def test_cli_distributed(mode, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     out = tmp_path / "run"
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "fastsae", "train", "--distributed",
-           "data", "--steps", "30", "--out", str(out), "--no-progress"]
+           mode, "--steps", "30", "--out", str(out), "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("explained variance") == 1  # rank 0 alone prints
-    assert "2 ranks (data-parallel)" in r.stdout
-    assert (out / "sae").is_dir() and (out / "summary.json").is_file()
+    what = "data-parallel" if mode == "data" else "feature-sharded"
+    assert f"2 ranks ({what})" in r.stdout
+    assert (out / "summary.json").is_file()
+    assert (out / "sae").is_dir() == (mode == "data")
     st = fastsae.training.Trainer.read_checkpoint(out)[1]
-    assert st["distributed"]["ranks"] == 2
+    assert st["distributed"] == {"mode": mode, "ranks": 2}
+    if mode == "features":
+        sae = fastsae.distributed.load_sharded_sae(out)
+        assert sae.d_sae == st["model"]["d_sae"]
+        again = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "fastsae", "train",
+                                "--distributed", mode, "--resume", str(out), "--steps", "30",
+                                "--no-progress"],
+                               capture_output=True, text=True, timeout=240, env=env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "continuing on 3 rank(s), not the run's 2" in again.stderr
 
 
 def test_cli_says_which_extra_is_missing(monkeypatch, capsys):
@@ -327,5 +340,115 @@ def test_cli_says_which_extra_is_missing(monkeypatch, capsys):
 def test_trainer_refuses_bad_distributed_arguments():
     m = fastsae.SparseAutoencoder(4, 8, backend="numpy")
     x = np.zeros((16, 4), np.float32)
-    with pytest.raises(ValueError, match="distributed must be None or 'data'"):
-        fastsae.training.Trainer(m, x, distributed="features")
+    with pytest.raises(ValueError, match="distributed must be None, 'data' or 'features'"):
+        fastsae.training.Trainer(m, x, distributed="model")
+
+
+# ================================================================ feature sharding
+from fastsae.distributed.features import FeatureShardedSAE, feature_bounds, sharded_init  # noqa: E402
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(decoder_norm="unit_norm"),
+                                dict(activation="topk", k=3),
+                                dict(transcoder=True, d_out=5, skip=True)])
+@pytest.mark.parametrize("d_sae,ranks", [(1, 1), (7, 3), (40, 4), (9000, 2)])
+def test_sharded_init_is_the_slice_of_the_models(kw, d_sae, ranks):
+    if kw.get("k", 0) > d_sae:
+        pytest.skip("k > d_sae")
+    whole = fastsae.SparseAutoencoder(6, d_sae, seed=11, **kw).params
+    spec = FeatureShardedSAE(6, d_sae, seed=11, **kw)
+    parts = [sharded_init(spec, lo, hi) for lo, hi in feature_bounds(d_sae, ranks)]
+    np.testing.assert_array_equal(np.concatenate([p.W_enc for p in parts], axis=1),
+                                  whole.W_enc)
+    np.testing.assert_array_equal(np.concatenate([p.W_dec for p in parts]), whole.W_dec)
+    np.testing.assert_array_equal(np.concatenate([p.b_enc for p in parts]), whole.b_enc)
+    for p in parts:
+        np.testing.assert_array_equal(p.b_dec, whole.b_dec)
+        assert (p.W_skip is None) == (whole.W_skip is None)
+
+
+def test_feature_spec_refuses_what_it_cannot_train():
+    with pytest.raises(ValueError, match="not supported yet"):
+        FeatureShardedSAE(4, 8, activation="jumprelu")
+    with pytest.raises(ValueError, match="k must be at most"):
+        FeatureShardedSAE(4, 8, activation="topk", k=9)
+    m = fastsae.SparseAutoencoder(4, 8, backend="numpy")
+    with pytest.raises(TypeError, match="FeatureShardedSAE"):
+        fastsae.training.Trainer(m, np.zeros((16, 4), np.float32), distributed="features")
+
+
+FEATURE_FAMILIES = [dict(family="relu"), dict(family="relu", decoder_norm="unit_norm"),
+                    dict(family="topk"), dict(family="batchtopk"),
+                    dict(family="relu", transcoder=True, skip=True),
+                    dict(family="topk", transcoder=True)]
+
+
+@needs_mpi
+@pytest.mark.parametrize("fam", FEATURE_FAMILIES, ids=_fam_id)
+def test_feature_sharded_step_matches_one_process(fam, tmp_path):
+    base = dict(fam, backend="numba", steps=1, batch_size=129)
+    one = _run(dict(base, distributed=None), tmp_path, 1, "single")
+    for ranks in (2, 3):
+        got = _run(dict(base, distributed="features"), tmp_path, ranks, f"fs{ranks}")
+        for name, want in _params(one).items():
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=2e-6,
+                                       err_msg=f"{name} on {ranks} ranks")
+        # no rank holds more than its latents (and their moments, counts)
+        d_in = 24
+        for r, (lo, hi) in enumerate(feature_bounds(192, ranks)):
+            sizes = np.load(str(tmp_path / f"fs{ranks}.npz") + f".rank{r}.npy")
+            d_out = 20 if fam.get("transcoder") else d_in
+            assert sizes.tolist() == [d_in * (hi - lo), d_in * (hi - lo),
+                                      (hi - lo) * d_out, hi - lo]
+
+
+@needs_mpi
+@pytest.mark.parametrize("fam", [dict(family="relu"), dict(family="topk"),
+                                 dict(family="batchtopk")], ids=_fam_id)
+def test_feature_sharded_200_steps_agree_and_rerun_bit_identical(fam, tmp_path):
+    # topk and batchtopk: dead_tokens 2000 (distributed_worker), so AuxK acts
+    base = dict(fam, backend="numba", steps=200, batch_size=256, log_every=50)
+    one = _run(dict(base, distributed=None), tmp_path, 1, "single")
+    a = _run(dict(base, distributed="features", check_every=9), tmp_path, 3, "a")
+    b = _run(dict(base, distributed="features"), tmp_path, 3, "b")
+    for name in _params(a):
+        if name != "local_sizes":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    m1, m2 = json.loads(str(one["metrics"])), json.loads(str(a["metrics"]))
+    assert m2["ranks"] == 3 and m2["distributed"] == "features"
+    print(f"\nfeatures {_fam_id(fam)}: EV {m1['explained_variance']:.5f} vs "
+          f"{m2['explained_variance']:.5f}, L0 {m1['l0']:.3f} vs {m2['l0']:.3f}, "
+          f"dead {m1['dead_fraction']} vs {m2['dead_fraction']}")
+    assert abs(m1["explained_variance"] - m2["explained_variance"]) <= 0.002
+    assert abs(m1["l0"] - m2["l0"]) <= 0.02 * m1["l0"]
+    assert abs(m1["dead_fraction"] - m2["dead_fraction"]) <= 0.02
+
+
+@needs_mpi
+def test_feature_sharded_resume_on_other_rank_counts_and_load(tmp_path):
+    base = dict(family="batchtopk", backend="numba", steps=40, batch_size=128,
+                distributed="features")
+    whole = _run(base, tmp_path, 2, "whole")
+    run = tmp_path / "run"
+    _run(dict(base, out_dir=str(run), checkpoint_every=20, fault=dict(rank=1, step=31,
+                                                                   kind="kill")),
+         tmp_path, 2, "killed", expect_ok=False)
+    st = fastsae.training.Trainer.read_checkpoint(run)[1]
+    assert st["step"] == 20 and st["feature_shards"]["ranks"] == 2
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    again = _run(dict(base, resume=str(run)), tmp_path, 2, "resumed")
+    for name in _params(whole):
+        if name != "local_sizes":
+            np.testing.assert_array_equal(again[name], whole[name], err_msg=name)
+    for ranks in (3, 1):
+        r2 = tmp_path / f"r{ranks}"
+        shutil.copytree(saved, r2)
+        other = _run(dict(base, resume=str(r2), distributed="features" if ranks > 1 else None,
+                          out_dir=str(r2)), tmp_path, ranks, f"resumed{ranks}")
+        np.testing.assert_allclose(other["W_dec"], whole["W_dec"], atol=2e-3)
+    # one process assembles the sharded run's SAE (folded to raw inputs)
+    sae = fastsae.distributed.load_sharded_sae(run)
+    assert sae.d_sae == 192 and sae.activation == "batchtopk"
+    x = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
+    assert sae.encode(x).shape == (5, 192)

@@ -42,6 +42,10 @@ MPI_EXTRA_HINT = ("distributed training needs MPI: pip install 'fastsae[mpi]' (m
 #: Exit status of a process the watchdog ends (no progress within the timeout).
 WATCHDOG_EXIT = 70
 
+#: Seconds a failing rank waits between printing its error and aborting, so
+#: that mpiexec's output forwarding delivers the message (seen lost without).
+ABORT_GRACE_S = 1.0
+
 
 class RanksDiverged(RuntimeError):
     """Ranks that must hold identical arrays (the parameters of data-parallel
@@ -211,4 +215,6 @@ class Communicator:
         sys.stderr.write(f"fastsae: rank {self.rank} of {self.size} failed: "
                          f"{type(exc).__name__}: {exc}\nfastsae: stopping every rank\n")
         sys.stderr.flush()
+        # mpiexec forwards the ranks' output; an abort at once can lose the lines above
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)

@@ -100,39 +100,43 @@ class RankBatchStream(BatchStream):
         return out
 
 
-def global_batchtopk(comm, be, x, W_enc, b_enc, centering, k: int, n_global: int,
-                     selection_k: int | None = None) -> SparseCodes:
+def global_batchtopk(comm, be, x, W_enc, b_enc, centering, k: int, n_global: int, *,
+                     row_offset: int = 0, col_offset: int = 0,
+                     d_total: int | None = None) -> SparseCodes:
     """This rank's part of the BatchTopK codes of the global batch.
 
-    The single-process rule (``encode_batchtopk``): the ``n_global * k``
+    The single-process rule (``encode_batchtopk``): the ``M = n_global * k``
     largest pre-activations of the batch, ties to the lower row-major index,
-    then ReLU. The ranks' rows are consecutive blocks of the batch, so
-    row-major order is rank order, then the rank's own. Each rank takes its
-    ``M = n_global * k`` largest candidates (it cannot hold more winners
-    than that), the ranks all-gather the candidates' values, and each finds
-    the same cut: the ``M``-th largest value ``tau``, every entry above it,
-    and the ties at ``tau`` in rank order up to ``M``. ``x``: this rank's rows
-    (host float32); returns host :class:`~fastsae.sparse.SparseCodes`.
+    then ReLU. ``x`` is this rank's rows (host float32), rows ``row_offset``
+    on of the batch, and ``W_enc``/``b_enc`` its latents, ``col_offset`` on of
+    ``d_total`` (data-parallel: all the rows' share and every latent;
+    feature-sharded: every row and a slice of the latents). Each rank takes
+    its largest candidates (it cannot hold more than ``M`` winners), the
+    ranks all-gather the candidates' values, and each finds the same cut:
+    the ``M``-th largest value ``tau`` and everything above it; ties at
+    ``tau`` are decided by their global row-major index, all-gathered (ties
+    are rare in float data, so that message is short). Returns host
+    :class:`~fastsae.sparse.SparseCodes` with this rank's column indices.
     """
     n, d_sae = x.shape[0], W_enc.shape[1]
+    d_total = d_sae if d_total is None else int(d_total)
     M = n_global * k
-    kk = selection_k if selection_k is not None else min(d_sae, -(-M // n))
+    kk = min(d_sae, -(-M // n))
     cand = be.encode_batchtopk(x, W_enc, b_enc, centering, kk).to_host()
     vals = np.asarray(cand.values)
     top = vals if vals.size <= M else np.partition(vals, vals.size - M)[vals.size - M:]
-    every = comm.allgather_ragged(np.ascontiguousarray(top, np.float32))
-    allv = np.concatenate(every)
+    allv = np.concatenate(comm.allgather_ragged(np.ascontiguousarray(top, np.float32)))
     if allv.size <= M:
         return cand
     tau = np.partition(allv, allv.size - M)[allv.size - M]
     quota = M - int(np.count_nonzero(allv > tau))
-    ties = comm.allgather_rows(np.array([np.count_nonzero(vals == tau)], np.int64))[:, 0]
-    before = int(ties[:comm.rank].sum())
-    mine = max(0, min(int(ties[comm.rank]), quota - before))
-    keep = vals > tau
-    if mine:
-        keep[np.flatnonzero(vals == tau)[:mine]] = True
     row_of = np.repeat(np.arange(n), np.diff(np.asarray(cand.indptr)))
+    at_tau = np.flatnonzero(vals == tau)
+    keys = ((row_offset + row_of[at_tau]).astype(np.int64) * d_total
+            + col_offset + np.asarray(cand.indices)[at_tau])
+    every = np.sort(np.concatenate(comm.allgather_ragged(keys)))
+    keep = vals > tau
+    keep[at_tau[np.isin(keys, every[:quota])]] = True
     counts = np.bincount(row_of[keep], minlength=n)
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -214,7 +218,7 @@ class DataParallel:
         be, p, cfg = st.backend, st.params, st.config
         if st.batch_selection:
             codes = global_batchtopk(self.comm, be, x, p.W_enc, p.b_enc, st.centering(), st.k,
-                                     self.batch_size)
+                                     self.batch_size, row_offset=self.lo)
         else:
             codes = be.encode_topk(x, p.W_enc, p.b_enc, st.centering(), st.k)
         dead_mask = st.since >= st.dead_tokens if st.auxk else None

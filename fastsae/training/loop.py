@@ -153,9 +153,21 @@ class Trainer:
                  distributed: str | None = None, comm=None, check_every: int = 100,
                  distributed_timeout: float = 600.0):
         self.config = (config or TrainConfig()).validate()
-        if distributed not in (None, "data"):
-            raise ValueError(f"distributed must be None or 'data', got {distributed!r}")
+        if distributed not in (None, "data", "features"):
+            raise ValueError(f"distributed must be None, 'data' or 'features', got "
+                             f"{distributed!r}")
         self.distributed = distributed
+        self.spec = None  # feature-sharded: the whole model's description
+        if distributed == "features":
+            from ..distributed.features import FeatureShardedSAE
+            if not isinstance(model, FeatureShardedSAE):
+                raise TypeError("feature-sharded training takes a fastsae.distributed."
+                                "FeatureShardedSAE (the model's description; each rank "
+                                f"builds only its latents), got {type(model).__name__}")
+            if self.config.resample_every:
+                raise ValueError("resampling is not implemented for feature-sharded "
+                                 "training: set resample_every=0")
+            self.spec = model
         self.comm = None
         if distributed is not None:
             from ..distributed.comm import Communicator
@@ -167,10 +179,10 @@ class Trainer:
         self.model = model
         # a transcoder's data: a PairedSource, or an (inputs, targets) pair of sources
         self.source = PairedSource(*data) if isinstance(data, tuple) else open_source(data)
-        if not isinstance(model, (SparseAutoencoder, Autoencoder)):
+        if not isinstance(model, (SparseAutoencoder, Autoencoder)) and self.spec is None:
             raise TypeError(f"model must be a SparseAutoencoder or an Autoencoder, "
                             f"got {type(model).__name__}")
-        if isinstance(model, SparseAutoencoder):
+        if isinstance(model, SparseAutoencoder) or self.spec is not None:
             if model.activation is None:
                 raise ValueError(f"fastsae cannot train this {model.architecture!r} SAE (it "
                                  f"trains activations {', '.join(ACTIVATIONS)})")
@@ -223,6 +235,8 @@ class Trainer:
         #: rank 0 alone writes outputs
         self.is_root = self.comm is None or self.comm.rank == 0
         self.out_dir = Path(out_dir) if out_dir is not None and self.is_root else None
+        #: feature-sharded: every rank writes its checkpoint file here
+        self.run_dir = Path(out_dir) if out_dir is not None else None
         self.overwrite = bool(overwrite)
         self.true_dictionary = None
         if true_dictionary is not None:
@@ -233,11 +247,26 @@ class Trainer:
                                  f"got shape {td.shape}")
             self.true_dictionary = td
         self.extra_state = dict(extra_state or {})
+        self.fs = None
+        if self.spec is not None:
+            # this rank's latents: the model trained here is its slice
+            from ..distributed.data_parallel import rank_rows
+            from ..distributed.features import FeatureSharded
+            lo, hi = rank_rows(self.spec.d_sae, self.comm.rank, self.comm.size)
+            if hi <= lo:
+                raise ValueError(f"{self.spec.d_sae} latents cannot be split over "
+                                 f"{self.comm.size} ranks (at least one each)")
+            self.model = model = self.spec.local_model(lo, hi, self.backend)
+            self.true_dictionary = None  # recovery needs every decoder row in one place
         self.state: TrainingState = make_state(model, self.config, self.backend)
         self.dp = None
-        if self.comm is not None:
+        if self.spec is not None:
+            self.fs = FeatureSharded(self.comm, self.state, self.spec, lo, hi)
+        elif self.comm is not None:
             from ..distributed.data_parallel import DataParallel
             self.dp = DataParallel(self.comm, self.state, self.config.batch_size)
+        #: the distributed step (data-parallel or feature-sharded), or None
+        self._par = self.dp or self.fs
         self.step = 0
         self.log = MetricsLog(self.out_dir)
         self.window: FiringWindow | None = None
@@ -275,6 +304,8 @@ class Trainer:
         self.state.init_fresh(self.scale, sample)
         if self.dp is not None:  # the same start on every rank, whatever its RNG did
             self.dp.broadcast_state()
+        if self.fs is not None:
+            self.fs.broadcast_replicated()
         self.stream = self._make_stream()
         self.rng = np.random.default_rng([cfg.seed, 0x7E5A])
         self.window = FiringWindow(self.backend, self.state.n_features)
@@ -317,12 +348,21 @@ class Trainer:
     # ------------------------------------------------------------ dead features
     def dead_fraction(self) -> float:
         """Fraction of features that fired in none of the window's rows
-        (NaN for a model without features or before the first step)."""
+        (NaN for a model without features or before the first step).
+        Feature-sharded: over every rank's latents (collective)."""
+        if self.fs is not None and self.window is not None:
+            counts = self.fs.global_counts(self.window)
+            return float(np.mean(counts == 0)) if self.window.steps else float("nan")
         return float("nan") if self.window is None else self.window.dead_fraction()
 
     def feature_density(self) -> dict | None:
         """Histogram of log10 firing frequency over the window (SAE only,
         see :func:`fastsae.training.metrics.feature_density`)."""
+        if self.fs is not None and self.window is not None:
+            from .metrics import feature_density
+            rows = self.window.steps * self.config.batch_size
+            counts = self.fs.global_counts(self.window)
+            return feature_density(counts, rows) if rows else None
         return None if self.window is None else self.window.density(self.config.batch_size)
 
     def _resample(self):
@@ -352,7 +392,8 @@ class Trainer:
             "adam_step": self.state.adam_step(),
             "scale": float(self.scale), "stream": self.stream.state_dict(),
             "rng": self.rng.bit_generator.state, "config": self.config.to_dict(),
-            "model": self.state.model_info(), "backend": self.backend.name,
+            "model": (self.spec.model_info() if self.spec is not None
+                      else self.state.model_info()), "backend": self.backend.name,
             "threads": self.threads, "threads_used": self.backend.get_num_threads(),
             "window": self.window.state_dict(),
             "acc": self._acc.sums, "data": _source_location(self.source),
@@ -369,6 +410,8 @@ class Trainer:
         parameter or optimizer tensor holds NaN or infinite values (the
         previous checkpoint stays the last good one)."""
         path = Path(path) if path is not None else self.checkpoint_path
+        if path is None and self.fs is not None and self.run_dir is not None:
+            path = self.run_dir / CHECKPOINT_FILENAME
         if path is None:
             raise ValueError("no checkpoint path: give out_dir to the Trainer")
         tensors = self.state.tensors()
@@ -379,7 +422,12 @@ class Trainer:
                 raise TrainingDiverged(
                     f"training diverged: {name} holds NaN or infinite values after step "
                     f"{self.step}, so no checkpoint was written{self._last_good()}")
-        write_checkpoint(path, tensors, self._run_state())
+        if self.fs is not None:  # one file per rank, then the index (collective)
+            from ..distributed.features import write_shards
+            path = write_shards(self.comm, path.parent, self.step, tensors, self._run_state(),
+                                self.fs.lo, self.fs.hi)
+        else:
+            write_checkpoint(path, tensors, self._run_state())
         self.last_checkpoint_step, self.last_checkpoint_path = self.step, path
         return path
 
@@ -446,7 +494,11 @@ class Trainer:
             if used is not None and threads != used:
                 notices.append(f"continuing with {threads} threads, not the run's {used}")
         try:
-            model = model_from_info(st["model"], backend)
+            if distributed == "features":  # each rank builds its latents only
+                from ..distributed.features import FeatureShardedSAE
+                model = FeatureShardedSAE.from_info(st["model"], backend)
+            else:
+                model = model_from_info(st["model"], backend)
             config = TrainConfig.from_dict(st["config"])
         except (TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SAEFormatError):
@@ -484,6 +536,12 @@ class Trainer:
             notices.append(f"continuing on {ranks_now} rank(s), not the run's {ranks_then}")
         t._resumed_from = run_dir
         try:
+            if "feature_shards" in st or t.fs is not None:
+                from ..distributed.features import read_shards, slice_tensors
+                lo, hi = (t.fs.lo, t.fs.hi) if t.fs is not None else (0, model.d_sae)
+                tensors = _Checked(read_shards(run_dir, st, lo, hi)
+                                   if "feature_shards" in st
+                                   else slice_tensors(tensors, lo, hi), cpath, "tensor ")
             t._restore(tensors, st)
         except (TypeError, ValueError, IndexError, AttributeError) as exc:
             if isinstance(exc, SAEFormatError):
@@ -520,6 +578,12 @@ class Trainer:
                          if self._resumed_from is not None else None)
 
     # ------------------------------------------------------------ logging
+    @property
+    def _saving(self) -> bool:
+        """Whether this rank writes checkpoints (feature-sharded: every rank
+        of a run with an output directory; otherwise rank 0's)."""
+        return self.out_dir is not None or (self.fs is not None and self.run_dir is not None)
+
     def _recovery(self) -> dict | None:
         if self.true_dictionary is None:
             return None
@@ -574,8 +638,8 @@ class Trainer:
         if device:
             _check_batch(x, s)
         try:
-            if self.dp is not None:  # this rank's rows of the batch, on the host
-                r = self.dp.step(x, lr, l1c, self.window.fire_counts)
+            if self._par is not None:  # this rank's rows (data) or latents (features)
+                r = self._par.step(x, lr, l1c, self.window.fire_counts)
             else:
                 r = self.state.step(xb, lr, l1c, self.window.fire_counts)
         except ValueError:
@@ -606,7 +670,7 @@ class Trainer:
             with limit_threads(self.threads, self.backend):
                 if not self._initialized:
                     self.setup()
-                self.dp.check_same(self.step)
+                self._par.check_same(self.step)
                 result = self._train()
             self.comm.barrier()
             return result
@@ -629,10 +693,10 @@ class Trainer:
             while self.step < total:
                 r = self._step(self.step, self.stream.next_batch())
                 self.step += 1
-                if self.dp is not None:
+                if self._par is not None:
                     self.comm.heartbeat()
                     if self.step % self.check_every == 0 or self.step == total:
-                        self.dp.check_same(self.step)
+                        self._par.check_same(self.step)
                 self._acc.add(r)
                 self.window.record_step(cfg.dead_window)
                 if cfg.resample_due(self.step) and self.window.steps >= cfg.dead_window:
@@ -642,7 +706,7 @@ class Trainer:
                     if bar is not None and rec is not None:
                         bar.set_postfix(mse=f"{rec['mse']:.4g}", l0=f"{rec['l0']:.3g}"
                                         if rec["l0"] is not None else "-", refresh=False)
-                if (cfg.checkpoint_every and self.out_dir is not None
+                if (cfg.checkpoint_every and self._saving
                         and self.step % cfg.checkpoint_every == 0 and self.step < total):
                     self.save_checkpoint()
                 if bar is not None:
@@ -657,7 +721,7 @@ class Trainer:
     def _finish(self, wall, step0) -> TrainResult:
         cfg = self.config
         x = sample_rows(self.source, cfg.eval_rows, cfg.seed + 1) * np.float32(self.scale)
-        metrics = self.state.evaluate(x)
+        metrics = (self.fs.evaluate(x) if self.fs is not None else self.state.evaluate(x))
         metrics["dead_fraction"] = none_if_nan(self.dead_fraction())
         r = self._recovery()
         if r is not None:
@@ -668,15 +732,16 @@ class Trainer:
                         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else None,
                         "backend": self.backend.name, "scale": self.scale})
         if self.comm is not None:
-            metrics["ranks"] = self.comm.size
+            metrics["ranks"], metrics["distributed"] = self.comm.size, self.distributed
         density = self.feature_density()
-        if self.out_dir is not None:
+        if self._saving:
             self.save_checkpoint()
         self.state.export(self.scale)
         if self.out_dir is not None:
-            self.state.save_model(self.out_dir / "sae", metadata={
-                "fastsae_training_steps": self.step,
-                "fastsae_activation_scale_folded": self.scale})
+            if self.fs is None:  # feature-sharded: the checkpoint's shards hold the SAE
+                self.state.save_model(self.out_dir / "sae", metadata={
+                    "fastsae_training_steps": self.step,
+                    "fastsae_activation_scale_folded": self.scale})
             summary = {"metrics": metrics}
             if density is not None:
                 summary["density"] = {k: v for k, v in density.items()
