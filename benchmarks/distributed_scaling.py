@@ -1,6 +1,7 @@
 """Data-parallel step time and communication, measured under mpiexec.
 
     mpiexec -n R python benchmarks/distributed_scaling.py [--size paper] [--steps 7]
+                                                          [--mode data|features]
 
 Each rank runs one thread (``--threads``). For R = 1 it also times the
 single-process fused step (``state.step``) on the same batch, the reference
@@ -10,7 +11,11 @@ and a fresh ReLU SAE (about half the features firing), bytes each rank sent
 per step (measured by the communicator), and the bytes a step would send at
 a 16M-latent, d_in 4096 shape (computed from the same formula: the gradient
 buffer is ``2 d_in d_sae + d_sae + d_in`` float32 values, and a fixed-order
-all-reduce sends ``2 (R - 1) / R`` of it per rank).
+all-reduce sends ``2 (R - 1) / R`` of it per rank). ``--mode features``
+times the feature-sharded step instead (each rank a slice of the latents,
+the whole batch on every rank); its messages are the ``N x d_in``
+reconstruction's all-reduce, TopK's all-gather of ``N x k`` candidates and
+small ones, so the bytes it prints do not grow with ``d_sae``.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import numpy as np
 import fastsae
 from fastsae.distributed.comm import Communicator
 from fastsae.distributed.data_parallel import DataParallel, rank_rows
+from fastsae.distributed.features import FeatureSharded, FeatureShardedSAE
 from fastsae.training import TrainConfig
 from fastsae.training.state import make_state
 from fastsae.training.threads import limit_threads
@@ -41,6 +47,7 @@ def main():
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="numba")
+    ap.add_argument("--mode", choices=("data", "features"), default="data")
     a = ap.parse_args()
     comm = Communicator()
     N, d_in, d_sae = SIZES[a.size]
@@ -50,13 +57,23 @@ def main():
     rows = []
     with limit_threads(a.threads, fastsae.get_backend(a.backend)):
         for act, k in (("topk", 32), ("relu", None)):
-            m = fastsae.SparseAutoencoder(d_in, d_sae, backend=a.backend, activation=act, k=k,
-                                          seed=1, decoder_norm="unit_norm")
             cfg = TrainConfig(batch_size=N, steps=a.steps + 2, progress=False)
-            st = make_state(m, cfg, m.backend)
-            st.init_fresh(1.0, x)
-            dp = DataParallel(comm, st, N)
-            counts = np.zeros(d_sae, np.int64)
+            if a.mode == "features":
+                spec = FeatureShardedSAE(d_in, d_sae, backend=a.backend, activation=act, k=k,
+                                         seed=1, decoder_norm="unit_norm")
+                flo, fhi = rank_rows(d_sae, comm.rank, comm.size)
+                m = spec.local_model(flo, fhi)
+                st = make_state(m, cfg, m.backend)
+                st.init_fresh(1.0, x)
+                dp = FeatureSharded(comm, st, spec, flo, fhi)
+                lo, hi = 0, N  # every rank the whole batch
+            else:
+                m = fastsae.SparseAutoencoder(d_in, d_sae, backend=a.backend, activation=act,
+                                              k=k, seed=1, decoder_norm="unit_norm")
+                st = make_state(m, cfg, m.backend)
+                st.init_fresh(1.0, x)
+                dp = DataParallel(comm, st, N)
+            counts = np.zeros(m.d_sae, np.int64)
             times, sent = [], []
             for i in range(a.steps + 1):
                 comm.barrier()
@@ -67,7 +84,7 @@ def main():
                     times.append(time.perf_counter() - t0)
                     sent.append(comm.bytes_sent - b0)
             single = None
-            if comm.size == 1:
+            if comm.size == 1 and a.mode == "data":
                 st.init_fresh(1.0, x)
                 ts = []
                 for i in range(a.steps + 1):
@@ -80,13 +97,14 @@ def main():
                          statistics.median(sent)))
     if comm.rank == 0:
         print(f"size {a.size} (N={N}, d_in={d_in}, d_sae={d_sae}), {comm.size} rank(s), "
-              f"{a.threads} thread(s) each, backend {a.backend}")
+              f"{a.threads} thread(s) each, backend {a.backend}, mode {a.mode}")
         for act, l0, t, single, sent in rows:
             extra = f", fused single-process step {1e3 * single:.0f} ms" if single else ""
-            print(f"  {act:5s} L0 {l0:7.1f}: data-parallel step {1e3 * t:.0f} ms (median of "
-                  f"{a.steps}){extra}; sent {sent / 1e6:.2f} MB/rank/step "
-                  f"(gradients: {grad_bytes(d_in, d_sae, comm.size) / 1e6:.2f} MB)")
-        for R in (2, 8, 64):
+            grads = (f" (gradients: {grad_bytes(d_in, d_sae, comm.size) / 1e6:.2f} MB)"
+                     if a.mode == "data" else "")
+            print(f"  {act:5s} L0 {l0:7.1f}: {a.mode} step {1e3 * t:.0f} ms (median of "
+                  f"{a.steps}){extra}; sent {sent / 1e6:.2f} MB/rank/step{grads}")
+        for R in (2, 8, 64) if a.mode == "data" else ():
             print(f"  16M latents, d_in 4096, {R} ranks: {grad_bytes(4096, 1 << 24, R) / 1e9:.1f}"
                   " GB/rank/step of gradients (data-parallel)")
 
