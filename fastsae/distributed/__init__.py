@@ -1,8 +1,8 @@
-"""Past one machine: data-parallel training over MPI, encoding on Dask.
+"""Past one machine: data-parallel and feature-sharded training over MPI.
 
-Nothing here imports mpi4py or dask until it is used, so ``import
-fastsae`` works without the optional extras; a command that needs one says
-which extra to install (``pip install 'fastsae[mpi]'`` or ``'fastsae[dask]'``).
+Nothing here imports mpi4py until it is used, so ``import
+fastsae`` works without the optional extra; a command that needs it says
+which extra to install (``pip install 'fastsae[mpi]'``).
 
 Modules:
 
@@ -13,9 +13,7 @@ Modules:
   on every rank) and the rank's share of each batch;
 - :mod:`fastsae.distributed.features`: feature-sharded training (each rank
   a slice of the latents; :class:`FeatureShardedSAE` describes the model,
-  :func:`load_sharded_sae` assembles a run's SAE in one process);
-- :mod:`fastsae.distributed.encode`: one Dask task per data shard, codes
-  written per shard.
+  :func:`load_sharded_sae` assembles a run's SAE in one process).
 """
 
 __all__ = ["FeatureShardedSAE", "load_sharded_sae"]
