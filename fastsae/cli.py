@@ -25,6 +25,10 @@ or ``--overwrite`` replaces it (removing only fastsae's files there, see
 :mod:`fastsae.training.outdir`). ``--resume`` keeps the run's settings,
 backend and threads; naming another backend or thread count prints a
 one-line note that the result is not bit-exact with the original run.
+
+``encode`` writes one scipy.sparse ``.npz`` of all rows (``--out FILE``), or
+one per input shard and an index written last (``--out-dir DIR``), here or
+on a Dask cluster (``--dask``; see :mod:`fastsae.distributed.encode`).
 """
 
 from __future__ import annotations
@@ -89,6 +93,16 @@ def _positive_int(s):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _non_negative_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
     return v
 
 
@@ -266,10 +280,22 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="encode data with a saved SAE into scipy.sparse .npz")
     e.add_argument("--sae", required=True, help="SAE directory (fastsae or SAELens format)")
     e.add_argument("--data", required=True, help=".npy file or directory of .npy shards")
-    e.add_argument("--out", required=True, help="output .npz (scipy.sparse CSR)")
+    where = e.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="one output .npz (scipy.sparse CSR) of all rows")
+    where.add_argument("--out-dir", metavar="DIR",
+                       help="one .npz per input shard (same stem) and an index.json written "
+                       "last; fastsae.distributed.encode.read_encoded(DIR) reads it back")
+    e.add_argument("--dask", metavar="SCHEDULER|local[:N]",
+                   help="with --out-dir: one task per shard on a Dask cluster (a scheduler "
+                   "address, or local:N worker processes here, default one per core); "
+                   "needs pip install 'fastsae[dask]'")
+    e.add_argument("--retries", type=_non_negative_int, default=2,
+                   help="with --out-dir: resubmit a failed shard this many times (default 2)")
     e.add_argument("--batch-size", type=_positive_int, default=4096, help="rows per batch")
     e.add_argument("--backend", help="kernel backend")
-    e.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    e.add_argument("--threads", type=_positive_int,
+                   help="CPU threads (default: all cores; per task with --dask local:N, the "
+                   "cores divided among the workers)")
 
     sub.add_parser("info", help="version, backends and thread counts")
     return p
@@ -681,6 +707,10 @@ def _cmd_encode(args) -> int:
     from .model import SparseAutoencoder
     from .training import limit_threads
 
+    if args.out_dir is not None:
+        return _cmd_encode_dir(args)
+    if args.dask is not None:
+        raise CLIError("--dask needs --out-dir (one output file per shard), not --out")
     sae = SparseAutoencoder.load(args.sae, backend=args.backend)
     source = open_source(args.data)
     if source.d_in != sae.d_in:
@@ -705,6 +735,23 @@ def _cmd_encode(args) -> int:
     atomic_write_bytes(out, buf.getvalue())
     print(f"encoded {source.n_rows:,} rows into {sae.d_sae} features "
           f"(L0 {nnz / source.n_rows:.2f}) -> {out}")
+    return 0
+
+
+def _cmd_encode_dir(args) -> int:
+    from .distributed.encode import EncodeError, encode_to_dir
+
+    if args.dask is not None:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise CLIError("--dask needs the dask extra: pip install 'fastsae[dask]'") from None
+    try:
+        encode_to_dir(args.sae, args.data, args.out_dir, batch_size=args.batch_size,
+                      backend=args.backend, threads=args.threads, dask=args.dask,
+                      retries=args.retries, progress=lambda m: print(m, flush=True))
+    except EncodeError as exc:
+        raise CLIError(str(exc)) from None
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Past one machine: data-parallel and feature-sharded training over MPI.
+"""Past one machine: data-parallel and feature-sharded training over MPI,
+and encoding shard sets on Dask.
 
-Nothing here imports mpi4py until it is used, so ``import
-fastsae`` works without the optional extra; a command that needs it says
-which extra to install (``pip install 'fastsae[mpi]'``).
+Nothing here imports mpi4py or Dask until it is used, so ``import
+fastsae`` works without the optional extras; a command that needs one says
+which extra to install (``pip install 'fastsae[mpi]'``, ``'fastsae[dask]'``).
 
 Modules:
 
@@ -13,7 +14,11 @@ Modules:
   on every rank) and the rank's share of each batch;
 - :mod:`fastsae.distributed.features`: feature-sharded training (each rank
   a slice of the latents; :class:`FeatureShardedSAE` describes the model,
-  :func:`load_sharded_sae` assembles a run's SAE in one process).
+  :func:`load_sharded_sae` assembles a run's SAE in one process);
+- :mod:`fastsae.distributed.encode`: one task per data shard, in this
+  process or on a Dask cluster, codes written per shard with an index
+  (:func:`~fastsae.distributed.encode.encode_to_dir`,
+  :func:`~fastsae.distributed.encode.read_encoded`).
 """
 
 __all__ = ["FeatureShardedSAE", "load_sharded_sae"]
