@@ -90,9 +90,13 @@ def main(path):
     if fam in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg.dead_tokens = 2000  # so AuxK acts within a short test run
     if fam == "jumprelu":
-        cfg.pre_act_loss_coefficient = 0.01
+        cfg.pre_act_loss_coefficient = spec.get("pre_act", 0.01)
         cfg.dead_tokens = 2000
         cfg.jumprelu_sparsity_loss_mode = spec.get("mode")
+        if spec.get("target_l0") is not None:  # the quadratic mode's centre
+            cfg.target_l0 = spec["target_l0"]
+        if spec.get("bandwidth") is not None:
+            cfg.jumprelu_bandwidth = spec["bandwidth"]
     dist = dict(distributed=spec.get("distributed"),
                 distributed_timeout=spec.get("timeout", 600.0),
                 check_every=spec.get("check_every", 100))
@@ -131,6 +135,8 @@ def main(path):
             _, st = Trainer.read_checkpoint(t.run_dir)
             tens = read_shards(t.run_dir, st, 0, int(st["model"]["d_sae"]))
             arrays = {k.split(".", 1)[1]: v for k, v in tens.items() if k.startswith("param.")}
+            if "jumprelu.log_threshold" in tens:
+                arrays["log_threshold"] = tens["jumprelu.log_threshold"]
             arrays["history_mse"] = np.array([h["mse"] for h in r.history if "mse" in h])
             arrays["local_sizes"] = np.array(spec.get("_sizes", []))
             np.savez(spec["out"], **arrays, metrics=json.dumps(

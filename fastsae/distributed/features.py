@@ -21,7 +21,14 @@ Every rank sees the whole batch. One step (:class:`FeatureSharded`):
 3. each rank computes its own latents' gradients with the backend's
    ``gradients`` / ``topk_gradients`` kernels from that ``x_hat``; AuxK
    selects the ``k_aux`` largest dead pre-activations per row the same way
-   as TopK, and its reconstruction is all-reduced like ``x_hat``;
+   as TopK, and its reconstruction is all-reduced like ``x_hat``. JumpReLU:
+   one fused encode at each latent's window edge ``theta - bandwidth / 2``
+   gives the active entries (``pre > theta``, decoded as above) and the
+   rectangle kernel's window; the reconstruction gradients are ReLU's at
+   the active entries (no L1 term), and the thresholds' pseudo-gradient
+   and the sparsity terms ("step", "tanh", "quadratic") are added from the
+   window's ``d_xhat . W_dec[j]`` dots; "quadratic" needs each row's global
+   L0 (an all-gather of ``N`` counts);
 4. the replicated ``b_dec`` gradient (``sum_i d_xhat_i - sum_r W_enc_r
    g_b_enc_r``) and the step's loss sums travel in one small float64
    all-gather, added in rank order; every rank runs Adam on its slice and the
@@ -32,10 +39,10 @@ Checkpoints are one file per rank plus an index (:func:`write_shards`,
 (:func:`load_sharded_sae` assembles the trained SAE).
 
 Trained here: ``relu`` (both decoder norms), ``topk`` and ``batchtopk``
-(with AuxK), SAEs and transcoders. Not yet: ``jumprelu`` and
-``matryoshka_batchtopk`` (their backends' gradient kernels compute the
-reconstruction themselves, from the local latents only), resampling, the
-CUDA backend.
+(with AuxK), ``jumprelu`` (its three sparsity modes), SAEs and transcoders.
+Not yet: ``matryoshka_batchtopk`` (each prefix's reconstruction would need
+its own all-reduce), JumpReLU's pre-activation loss, resampling, the CUDA
+backend.
 """
 
 from __future__ import annotations
@@ -59,7 +66,11 @@ __all__ = ["FeatureShardedSAE", "FeatureSharded", "sharded_init", "feature_bound
            "read_shards", "write_shards", "slice_tensors", "load_sharded_sae", "FEATURE_ACTIVATIONS"]
 
 #: Activations feature-sharded training trains.
-FEATURE_ACTIVATIONS = ("relu", "topk", "batchtopk")
+FEATURE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+
+#: Window entries whose ``d_xhat . W_dec[j]`` dots are computed at once
+#: (bounds the JumpReLU threshold gradient's working memory).
+_WINDOW_CHUNK = 1 << 16
 
 #: Rows of the random stream drawn at once by :func:`sharded_init`.
 _INIT_CHUNK_ROWS = 4096
@@ -71,7 +82,9 @@ SHARDS_DIR = "checkpoint.shards"
 #: others (b_dec, W_skip, their moments, topk.threshold) are replicated.
 _SPLIT_AXIS = {f"{pre}.{n}": ax for pre in ("param", "adam_m", "adam_v")
                for n, ax in (("W_enc", 1), ("b_enc", 0), ("W_dec", 0))}
-_SPLIT_AXIS.update({"fire.cur": 0, "fire.prev": 0, "topk.since": 0})
+_SPLIT_AXIS.update({"fire.cur": 0, "fire.prev": 0, "topk.since": 0,
+                    "jumprelu.log_threshold": 0, "jumprelu.threshold_m": 0,
+                    "jumprelu.threshold_v": 0, "jumprelu.since": 0})
 
 
 def feature_bounds(d_sae: int, size: int) -> list[tuple[int, int]]:
@@ -191,6 +204,10 @@ class FeatureSharded:
         self.k = spec.k
         self.k_aux = cfg.resolved_k_aux(spec.d_in, spec.d_sae) \
             if spec.activation in ("topk", "batchtopk") else 0
+        if spec.activation == "jumprelu" and state.pre_act:
+            raise ValueError("the JumpReLU pre-activation loss (pre_act_loss_coefficient) is "
+                             "not implemented for feature-sharded training (use "
+                             "distributed='data')")
 
     # ------------------------------------------------------------ selection
     def _row_topk(self, be, x, W, b, c, k: int, cols: np.ndarray | None = None):
@@ -244,6 +261,10 @@ class FeatureSharded:
             return be.encode_relu_sparse(x, p.W_enc, p.b_enc, c)
         if act == "topk":
             return self._row_topk(be, x, p.W_enc, p.b_enc, c, self.k)
+        if act == "jumprelu":
+            theta = numerics.jumprelu_window(np.asarray(self.state.log_threshold),
+                                             self.state.config.jumprelu_bandwidth)[0]
+            return be.encode_jumprelu(x, p.W_enc, p.b_enc, c, theta)
         return global_batchtopk(self.comm, be, x, p.W_enc, p.b_enc, c, self.k, x.shape[0],
                                 col_offset=self.lo, d_total=self.spec.d_sae)
 
@@ -297,6 +318,98 @@ class FeatureSharded:
         g_b_enc = np.asarray(Dp.sum(axis=0), np.float32).ravel()
         return loss, g_W_dec, g_W_enc, g_b_enc
 
+    # ------------------------------------------------------------ JumpReLU
+    def _jumprelu_candidates(self, be, x, p, c):
+        """``(active codes, window entries)`` of this rank's latents: the codes
+        ``pre > theta`` (SparseCodes, values ``pre``) and the rectangle
+        kernel's window ``theta - bw/2 < pre < theta + bw/2`` as host
+        ``(rows, cols, pre)`` arrays (cols local), from one fused encode at
+        the window's lower edge (and, where that edge is at or below 0, one
+        more over those latents for the entries ReLU drops)."""
+        st = self.state
+        theta, lo, hi = numerics.jumprelu_window(np.asarray(st.log_threshold),
+                                                 st.config.jumprelu_bandwidth)
+        n = x.shape[0]
+        cand = be.encode_jumprelu(x, p.W_enc, p.b_enc, c, np.maximum(lo, 0)).to_host()
+        ptr = np.asarray(cand.indptr, np.int64)
+        cols = np.asarray(cand.indices, np.int64)
+        pre = np.asarray(cand.values, np.float32)
+        rows = np.repeat(np.arange(n), np.diff(ptr))
+        act = pre > theta[cols]
+        counts = np.bincount(rows[act], minlength=n)
+        a_ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=a_ptr[1:])
+        active = SparseCodes(a_ptr, cols[act].astype(np.int32),
+                             np.ascontiguousarray(pre[act]), (n, self.hi - self.lo))
+        win = (pre > lo[cols]) & (pre < hi[cols])
+        w_rows, w_cols, w_pre = rows[win], cols[win], pre[win]
+        low = np.flatnonzero(lo < 0)
+        if low.size:  # window entries lo < pre <= 0: shift by -lo, then select pre <= 0
+            W = np.ascontiguousarray(np.asarray(p.W_enc)[:, low])
+            b = np.ascontiguousarray(np.asarray(p.b_enc)[low] - lo[low])
+            e = be.encode_jumprelu(x, W, b, c, np.zeros(low.size, np.float32)).to_host()
+            e_cols = low[np.asarray(e.indices, np.int64)]
+            e_rows = np.repeat(np.arange(n), np.diff(np.asarray(e.indptr, np.int64)))
+            e_pre = np.asarray(e.values, np.float32) + lo[e_cols]
+            keep = e_pre <= 0
+            w_rows = np.concatenate([w_rows, e_rows[keep]])
+            w_cols = np.concatenate([w_cols, e_cols[keep]])
+            w_pre = np.concatenate([w_pre, e_pre[keep]])
+        return active, (w_rows, w_cols, w_pre)
+
+    def _jumprelu_terms(self, x, t, x_hat, p, c, active, window, coefficient):
+        """The JumpReLU terms the reconstruction gradients lack (see
+        :func:`fastsae.backends.reference.jumprelu_gradients`): ``(g_log_threshold,
+        this rank's share of the sparsity loss, extra W_enc and b_enc gradients or
+        None)``. The threshold's pseudo-gradient takes ``d_xhat . W_dec[j]``
+        at this rank's window entries; "quadratic" needs every row's global
+        L0 (one all-gather of ``N`` counts)."""
+        st = self.state
+        sp_ = st.sparsity
+        bw = float(st.config.jumprelu_bandwidth)
+        cf = float(coefficient)
+        n = x.shape[0]
+        own = self.hi - self.lo
+        theta = numerics.jumprelu_window(np.asarray(st.log_threshold), bw)[0]
+        d_xhat = ((2.0 / n) * (x_hat - t)).astype(np.float32)
+        W_dec = np.asarray(p.W_dec)
+        w_rows, w_cols, w_pre = window
+        df = np.empty(w_rows.size, np.float32)
+        for a in range(0, w_rows.size, _WINDOW_CHUNK):
+            b = a + _WINDOW_CHUNK
+            df[a:b] = np.einsum("ij,ij->i", d_xhat[w_rows[a:b]], W_dec[w_cols[a:b]])
+        extra = None
+        if sp_.mode == "tanh":
+            s = float(sp_.tanh_scale)
+            w_f = np.where(w_pre > theta[w_cols], w_pre, 0).astype(np.float32)
+            th_w = np.tanh(np.float32(s) * w_f)
+            df = df + np.float32(cf * s / n) * (1 - th_w * th_w)
+            th = np.tanh(np.float32(s) * np.asarray(active.values))
+            share = cf * float(th.astype(np.float64).sum()) / n
+            import scipy.sparse as sps
+            E = sps.csr_array((np.float32(cf * s / n) * (1 - th * th), active.indices,
+                               active.indptr), shape=active.shape)
+            xc = x - np.asarray(c)
+            extra = (np.asarray((E.T @ xc).T, np.float32),
+                     np.asarray(E.sum(axis=0), np.float32).ravel())
+            step_theta = np.zeros(own)
+        elif sp_.mode == "quadratic":
+            tl0 = float(sp_.target_l0)
+            mine = np.diff(np.asarray(active.indptr, np.int64))
+            cnt = self.comm.allgather_rows(mine).reshape(self.comm.size, n).sum(axis=0)
+            err = cnt.astype(np.float64) - tl0
+            q = (4.0 * cf / (n * tl0)) * err
+            step_theta = -(1.0 / bw) * np.bincount(w_cols, weights=q[w_rows], minlength=own)
+            # the same global value on every rank: rank 0 alone contributes it
+            share = cf * float(np.sum(2.0 / tl0 * err * err)) / n if self.comm.rank == 0 else 0.0
+        else:
+            step_theta = -(cf / (n * bw)) * np.bincount(w_cols, minlength=own)
+            share = cf * float(np.asarray(active.values).size) / n
+        g_theta = -(theta.astype(np.float64) / bw) * np.bincount(w_cols, weights=df,
+                                                                 minlength=own) + step_theta
+        g_lt = (g_theta * theta).astype(np.float32)
+        return g_lt, share, extra
+
     # ------------------------------------------------------------ the step
     def step(self, x, lr: float, coefficient: float, fire_counts) -> dict:
         """One step on the whole host batch ``x`` (every rank the same rows);
@@ -307,10 +420,23 @@ class FeatureSharded:
         t = xi if y is None else y
         n = xi.shape[0]
         c = st.centering()
-        codes = self._codes(be, xi, p, c)
+        jump = self.spec.activation == "jumprelu"
+        if jump:
+            codes, window = self._jumprelu_candidates(be, xi, p, c)
+        else:
+            codes = self._codes(be, xi, p, c)
         x_hat = self._x_hat(be, codes, p, xi)
         aux = None
-        if self.spec.activation == "relu":
+        g_lt, l0_share, jr_extra = None, 0.0, None
+        if jump:
+            # the reconstruction gradients at the active entries are ReLU's with
+            # no L1 term (unit-norm rows, W_dec's gradient projected); the
+            # thresholds' and the sparsity terms are added here
+            loss, g = be.gradients(xi, p, codes, x_hat, l1_coefficient=0.0,
+                                   decoder_norm="unit_norm", y=y)
+            g_lt, l0_share, jr_extra = self._jumprelu_terms(xi, t, x_hat, p, c, codes, window,
+                                                            coefficient)
+        elif self.spec.activation == "relu":
             loss, g = be.gradients(xi, p, codes, x_hat, l1_coefficient=coefficient,
                                    decoder_norm=self.spec.decoder_norm, y=y)
         else:
@@ -324,6 +450,9 @@ class FeatureSharded:
             g_W_dec = g_W_dec + a_dec
             g_W_enc = g_W_enc + a_enc
             g_b_enc = g_b_enc + a_benc
+        if jr_extra is not None:
+            g_W_enc = g_W_enc + jr_extra[0]
+            g_b_enc = g_b_enc + jr_extra[1]
         # the replicated b_dec: D = sum_i d_xhat_i (the same on every rank), and
         # each rank's encoder part -W_enc_r @ g_b_enc_r (an SAE's; none for a transcoder)
         D = (2.0 / n) * np.sum(x_hat.astype(np.float64) - t, axis=0)
@@ -332,15 +461,15 @@ class FeatureSharded:
         hc = codes.to_host()
         vals = np.asarray(hc.values)
         head = np.array([loss.l1 * n, float(vals.size),
-                         float(vals.min()) if vals.size else np.inf], np.float64)
+                         float(vals.min()) if vals.size else np.inf, l0_share], np.float64)
         every = self.comm.allgather_rows(np.concatenate([head, own]))
         s = every.sum(axis=0)
-        g_b_dec = (D + s[3:]).astype(np.float32)
+        g_b_dec = (D + s[4:]).astype(np.float32)
         grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
         if p.W_skip is not None:
             grads["W_skip"] = np.asarray(g.W_skip)
-        bad = self._adam(st, grads, lr)
-        if self.spec.decoder_norm == "unit_norm":
+        bad = self._adam(st, grads, lr, g_lt)
+        if self.spec.decoder_norm == "unit_norm" or jump:
             normalize_decoder_rows(np.asarray(p.W_dec))
         counts = np.bincount(np.asarray(hc.indices), minlength=self.hi - self.lo)
         if getattr(st, "auxk", False):
@@ -354,7 +483,11 @@ class FeatureSharded:
         var = float(np.sum((t - t.mean(axis=0, dtype=np.float64)) ** 2) / n)
         out = {"mse": mse, "l1": l1, "l0": float(s[1] / n),
                "explained_variance": numerics.explained_variance(mse, var)}
-        if self.spec.activation == "relu":
+        if jump:
+            out.pop("l1")
+            out["l0_loss"] = float(s[3])
+            out["total"] = mse + float(s[3])
+        elif self.spec.activation == "relu":
             out["total"] = mse + l1
         else:
             out["l1"] = 0.0
@@ -369,7 +502,7 @@ class FeatureSharded:
             out.update(mse=float("nan"), total=float("nan"), explained_variance=float("nan"))
         return out
 
-    def _adam(self, st, grads: dict, lr: float) -> int:
+    def _adam(self, st, grads: dict, lr: float, g_log_threshold=None) -> int:
         cfg, p, state = st.config, st.params, st.state
         t = state.step + 1
         c = numerics.adam_constants(lr, cfg.beta1, cfg.beta2, cfg.eps, t)
@@ -380,6 +513,9 @@ class FeatureSharded:
             bad += adam_flat(a.reshape(-1), g, np.asarray(getattr(state.m, name)).reshape(-1),
                              np.asarray(getattr(state.v, name)).reshape(-1), c)
         state.step = t
+        if g_log_threshold is not None:  # JumpReLU's thresholds, at the same step t
+            bad += adam_flat(np.asarray(st.log_threshold), g_log_threshold,
+                             np.asarray(st.threshold_m), np.asarray(st.threshold_v), c)
         # a non-finite value on any rank is a non-finite step everywhere
         return int(self.comm.allgather_rows(np.array([bad], np.int64)).sum())
 
@@ -535,5 +671,7 @@ def load_sharded_sae(run_dir, backend=None) -> SparseAutoencoder:
     if model.activation == "batchtopk":
         model.threshold = np.full(d_sae, float(np.asarray(tensors["topk.threshold"])[0]),
                                   np.float32)
+    if model.activation == "jumprelu":  # the fold keeps pre-activations: thresholds carry over
+        model.threshold = state.host_threshold()
     model.metadata["fastsae_training_steps"] = int(st["step"])
     return model

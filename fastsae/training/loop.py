@@ -167,6 +167,10 @@ class Trainer:
             if self.config.resample_every:
                 raise ValueError("resampling is not implemented for feature-sharded "
                                  "training: set resample_every=0")
+            if model.activation == "jumprelu" and self.config.pre_act_loss_coefficient:
+                raise ValueError("the JumpReLU pre-activation loss (pre_act_loss_coefficient) "
+                                 "is not implemented for feature-sharded training (use "
+                                 "distributed='data')")
             self.spec = model
         self.comm = None
         if distributed is not None:
