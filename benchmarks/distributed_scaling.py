@@ -2,6 +2,7 @@
 
     mpiexec -n R python benchmarks/distributed_scaling.py [--size paper] [--steps 7]
                                                           [--mode data|features]
+                                                          [--activations topk,relu,jumprelu]
 
 Each rank runs one thread (``--threads``). For R = 1 it also times the
 single-process fused step (``state.step``) on the same batch, the reference
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--mode", choices=("data", "features"), default="data")
+    ap.add_argument("--activations", default="topk,relu",
+                    help="comma-separated, of topk (k 32), relu, jumprelu")
     a = ap.parse_args()
     comm = Communicator()
     N, d_in, d_sae = SIZES[a.size]
@@ -56,7 +59,8 @@ def main():
     lo, hi = rank_rows(N, comm.rank, comm.size)
     rows = []
     with limit_threads(a.threads, fastsae.get_backend(a.backend)):
-        for act, k in (("topk", 32), ("relu", None)):
+        for act in a.activations.split(","):
+            k = 32 if act == "topk" else None
             cfg = TrainConfig(batch_size=N, steps=a.steps + 2, progress=False)
             if a.mode == "features":
                 spec = FeatureShardedSAE(d_in, d_sae, backend=a.backend, activation=act, k=k,
@@ -84,7 +88,7 @@ def main():
                     times.append(time.perf_counter() - t0)
                     sent.append(comm.bytes_sent - b0)
             single = None
-            if comm.size == 1 and a.mode == "data":
+            if comm.size == 1:  # the fused single-process step, same batch
                 st.init_fresh(1.0, x)
                 ts = []
                 for i in range(a.steps + 1):
@@ -102,7 +106,7 @@ def main():
             extra = f", fused single-process step {1e3 * single:.0f} ms" if single else ""
             grads = (f" (gradients: {grad_bytes(d_in, d_sae, comm.size) / 1e6:.2f} MB)"
                      if a.mode == "data" else "")
-            print(f"  {act:5s} L0 {l0:7.1f}: {a.mode} step {1e3 * t:.0f} ms (median of "
+            print(f"  {act:8s} L0 {l0:7.1f}: {a.mode} step {1e3 * t:.0f} ms (median of "
                   f"{a.steps}){extra}; sent {sent / 1e6:.2f} MB/rank/step{grads}")
         for R in (2, 8, 64) if a.mode == "data" else ():
             print(f"  16M latents, d_in 4096, {R} ranks: {grad_bytes(4096, 1 << 24, R) / 1e9:.1f}"

@@ -513,7 +513,9 @@ class _OneRank:
 @pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
 @pytest.mark.parametrize("mode", [None, "tanh", "quadratic"])
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_feature_sharded_jumprelu_gradients_match_the_reference(backend, mode, transcoder):
+@pytest.mark.parametrize("window_path", ["dots", "product"])
+def test_feature_sharded_jumprelu_gradients_match_the_reference(backend, mode, transcoder,
+                                                                window_path, monkeypatch):
     """The sharded JumpReLU step's gradients (the backend's ReLU gradients at
     the active entries plus the window terms computed in features.py)
     against the reference's jumprelu_gradients in float64, on thresholds
@@ -541,6 +543,9 @@ def test_feature_sharded_jumprelu_gradients_match_the_reference(backend, mode, t
                   if transcoder else None)
     st.params = p
     st.log_threshold = np.log(rng.uniform(0.03, 0.4, d_sae)).astype(np.float32)
+    from fastsae.distributed import features
+    # the window's dots one by one, or from one product (the rule's two sides)
+    monkeypatch.setattr(features, "_WINDOW_DENSE_RATIO", 0 if window_path == "dots" else 10**9)
     fs = FeatureSharded(_OneRank(), st, spec, 0, d_sae)
     x = rng.standard_normal((n, d_in)).astype(np.float32)
     y = rng.standard_normal((n, d_out)).astype(np.float32) if transcoder else None

@@ -405,3 +405,31 @@ def test_a_killed_worker_loses_no_shard(relu_dir, shards, tmp_path, monkeypatch,
     assert os.path.exists(marker)  # a worker did die
     assert index["shards"] == ref["shards"]
     assert (enc.read_encoded(tmp_path / "out") != enc.read_encoded(tmp_path / "ref")).nnz == 0
+
+
+@needs_dask
+def test_a_scheduler_address_is_used_and_left_running(relu_dir, shards, tmp_path):
+    import distributed
+
+    d, _ = shards
+    ref = enc.encode_to_dir(relu_dir, d, tmp_path / "ref", threads=1, progress=None)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        msgs = []
+        index = enc.encode_to_dir(relu_dir, d, tmp_path / "out", threads=1,
+                                  dask=cluster.scheduler_address, progress=msgs.append)
+        assert f"on the Dask cluster at {cluster.scheduler_address}" in msgs[-1]
+        assert index["shards"] == ref["shards"]
+        # the cluster is not ours to stop: it still takes work
+        with distributed.Client(cluster.scheduler_address) as c:
+            assert c.submit(sum, [1, 2]).result() == 3
+
+
+@needs_dask
+def test_an_unreachable_scheduler_is_a_clear_error(relu_dir, shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(enc, "_CONNECT_TIMEOUT_S", 2)
+    with pytest.raises(enc.EncodeError, match="cannot reach the Dask scheduler at "
+                       "tcp://127.0.0.1:9"):
+        enc.encode_to_dir(relu_dir, shards[0], tmp_path / "out", dask="tcp://127.0.0.1:9",
+                          progress=None)
+    assert not (tmp_path / "out").exists()  # nothing was touched

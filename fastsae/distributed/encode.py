@@ -50,6 +50,7 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "fastsae-encoded-shards"
 INDEX_VERSION = 1
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that equal codes give equal bytes
+_CONNECT_TIMEOUT_S = 30  # how long a scheduler address may take to answer
 
 
 class EncodeError(RuntimeError):
@@ -329,7 +330,7 @@ def _open_client(spec, threads):
     kind, arg = _parse_dask(spec)
     if kind == "address":
         try:
-            client = distributed.Client(arg, timeout=30)
+            client = distributed.Client(arg, timeout=_CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
             raise EncodeError(f"cannot reach the Dask scheduler at {arg}: {exc}") from None
         return client, [client], f"the Dask cluster at {arg}", threads
