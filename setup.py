@@ -91,6 +91,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # if its parent were on the include path), so the directory itself is on the
 # include path and its .pxd files are cimported by their plain names.
 PYX_DIR = os.path.join("kernels", "cython")
+# Plain C kernels (the bfloat16 encoders), compiled into the extension of the
+# shim of the same stem; instruction sets beyond the build flags are enabled per
+# function (target attributes) and chosen at run time.
+C_DIR = os.path.join("kernels", "c")
 GEN_DIR = os.path.join(HERE, "build", "fastsae_cython_include")
 
 
@@ -167,8 +171,10 @@ def _extensions():
     exts = []
     for pyx in sorted(glob.glob(os.path.join(PYX_DIR, "*.pyx"))):
         stem = os.path.splitext(os.path.basename(pyx))[0]
-        exts.append(Extension(f"fastsae.backends.cython._{stem}", [pyx],
-                              include_dirs=[numpy.get_include(), PYX_DIR, gen_dir],
+        # A shim NAME.pyx over plain C kernels kernels/c/NAME_*.c compiles them in.
+        c_sources = sorted(glob.glob(os.path.join(C_DIR, f"{stem}_*.c")))
+        exts.append(Extension(f"fastsae.backends.cython._{stem}", [pyx, *c_sources],
+                              include_dirs=[numpy.get_include(), PYX_DIR, C_DIR, gen_dir],
                               define_macros=macros, extra_compile_args=compile_args,
                               extra_link_args=link_args, optional=True))
     directives = {"language_level": "3", "boundscheck": DEBUG, "wraparound": DEBUG,

@@ -90,6 +90,9 @@ _ADAM = (("lr", "float > 0"), ("beta1", "float in [0, 1)"), ("beta2", "float in 
          ("eps", "float > 0"))
 _FIRE = ("fire_counts", "int64 [d_sae] or None; += rows each feature fired in")
 _ENC = (_X, _W_ENC, _B_ENC, _B_DEC)
+_PRECISION = (("*", ""), ("precision", "'fp32' or 'bf16': the encoder product from bfloat16-"
+              "rounded operands selects the entries, whose values stay float32 (CPU "
+              "backends; see fastsae.backends.bf16)"))
 _LOG_THETA = ("log_threshold", "float32 [d_sae]: JumpReLU thresholds are exp(log_threshold)")
 _BANDWIDTH = ("bandwidth", "float > 0: width of the rectangle kernel")
 _L0C = ("l0_coefficient", "float >= 0")
@@ -122,7 +125,7 @@ FUNCTIONS = (
     # ------------------------------------------------------------ forward
     Function("encode_relu", "forward", _ENC,
              "float32 [N, d_sae]: relu((x - b_dec) @ W_enc + b_enc)"),
-    Function("encode_relu_sparse", "forward", _ENC,
+    Function("encode_relu_sparse", "forward", (*_ENC, *_PRECISION),
              "SparseCodes [N, d_sae]: encode_relu without a dense N x d_sae array"),
     Function("decode", "forward", (_CODES, _W_DEC, _B_DEC),
              "float32 [N, d_in]: codes @ W_dec + b_dec"),
@@ -142,11 +145,11 @@ FUNCTIONS = (
              "StepResult (losses, L0, explained variance of the batch, before the update)",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ TopK family
-    Function("encode_topk", "topk", (*_ENC, ("k", "int >= 1")),
+    Function("encode_topk", "topk", (*_ENC, ("k", "int >= 1"), *_PRECISION),
              "SparseCodes: per row the k largest pre-activations (ties: lower index), ReLU"),
     Function("encode_batchtopk", "topk", (*_ENC, ("k", "int >= 1")),
              "SparseCodes: the N*k largest pre-activations of the batch (row-major ties), ReLU"),
-    Function("encode_jumprelu", "topk", (*_ENC, ("threshold", "float32 [d_sae]")),
+    Function("encode_jumprelu", "topk", (*_ENC, ("threshold", "float32 [d_sae]"), *_PRECISION),
              "SparseCodes: relu(pre) * (pre > threshold)"),
     Function("topk_gradients", "topk",
              (_X, _PARAMS, _CODES, _X_HAT,

@@ -55,10 +55,14 @@ class Backend:
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
         return self._m.encode_relu(*args)
 
-    def encode_relu_sparse(self, x, W_enc, b_enc, b_dec) -> SparseCodes:
-        """Same as :meth:`encode_relu`, returned as canonical :class:`SparseCodes`."""
+    def encode_relu_sparse(self, x, W_enc, b_enc, b_dec, precision="fp32") -> SparseCodes:
+        """Same as :meth:`encode_relu`, returned as canonical :class:`SparseCodes`.
+
+        ``precision="bf16"`` (CPU backends): the encoder product from
+        bfloat16-rounded operands selects the entries, whose values are then
+        the float32 ones (:mod:`fastsae.backends.bf16`)."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
-        return self._m.encode_relu_sparse(*args)
+        return self._m.encode_relu_sparse(*args, precision=self._precision(precision))
 
     def decode(self, codes, W_dec, b_dec):
         """``codes @ W_dec + b_dec`` -> float32 ``[N, d_out]`` (``d_in`` for
@@ -174,11 +178,13 @@ class Backend:
                                   fire_counts=fire_counts, y=y)
 
     # ------------------------------------------------------------ TopK family
-    def encode_topk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    def encode_topk(self, x, W_enc, b_enc, b_dec, k, precision="fp32") -> SparseCodes:
         """Per row, the ``k`` largest pre-activations (ties: lower feature
-        index), then ReLU; at most ``k`` entries per row -> SparseCodes."""
+        index), then ReLU; at most ``k`` entries per row -> SparseCodes.
+        ``precision="bf16"``: candidates from the bfloat16 product, the ``k``
+        re-selected by their float32 values (see :meth:`encode_relu_sparse`)."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
-        return self._m.encode_topk(*args, V.as_int(k, "k"))
+        return self._m.encode_topk(*args, V.as_int(k, "k"), precision=self._precision(precision))
 
     def encode_batchtopk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
         """The ``N * k`` largest pre-activations of the batch (ties: lower
@@ -186,12 +192,16 @@ class Backend:
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
         return self._m.encode_batchtopk(*args, V.as_int(k, "k"))
 
-    def encode_jumprelu(self, x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
-        """``relu(pre) * (pre > threshold)``, ``threshold [d_sae]`` -> SparseCodes."""
+    def encode_jumprelu(self, x, W_enc, b_enc, b_dec, threshold, precision="fp32") -> SparseCodes:
+        """``relu(pre) * (pre > threshold)``, ``threshold [d_sae]`` -> SparseCodes
+        (``precision``: see :meth:`encode_relu_sparse`)."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
         threshold = V.as_float_array(threshold, "threshold", 1, self._device)
         V.check_dim("threshold", threshold.shape[0], args[1].shape[1], "length")
-        return self._m.encode_jumprelu(*args, threshold)
+        return self._m.encode_jumprelu(*args, threshold, precision=self._precision(precision))
+
+    def _precision(self, precision) -> str:
+        return V.precision_arg(precision, allow_bf16=not self._device, backend=self.name)
 
     def topk_gradients(self, x, params: SAEParams, codes, x_hat, aux_codes=None,
                        aux_weight=0.0, y=None):

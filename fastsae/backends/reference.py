@@ -151,9 +151,42 @@ def encode_relu(x, W_enc, b_enc, b_dec):
     return np.where(pre > 0, pre, 0).astype(pre.dtype)
 
 
-def encode_relu_sparse(x, W_enc, b_enc, b_dec):
-    """:func:`encode_relu` as :class:`SparseCodes`."""
+def encode_relu_sparse(x, W_enc, b_enc, b_dec, *, precision="fp32"):
+    """:func:`encode_relu` as :class:`SparseCodes`; ``precision="bf16"``: see
+    :func:`bf16_pre_activations` (an entry is kept where both its bf16 and its
+    float32 pre-activation are > 0; its value is the float32 one)."""
+    if precision == "bf16":
+        pre, pre_b = bf16_pre_activations(x, W_enc, b_enc, b_dec)
+        return SparseCodes.from_dense(np.where((pre_b > 0) & (pre > 0), pre, 0).astype(pre.dtype))
     return SparseCodes.from_dense(encode_relu(x, W_enc, b_enc, b_dec))
+
+
+# ---------------------------------------------------------------- bfloat16
+def bf16_round(a):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as
+    float32: the top 16 bits after rounding. NaN stays NaN (quiet), infinities
+    stay, values past bfloat16's largest finite one round to infinity."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    nan = np.isnan(a)
+    r[nan] = (u[nan].astype(np.uint32) | 0x00400000) & 0xFFFF0000
+    return r.view(np.float32).reshape(a.shape)
+
+
+def bf16_pre_activations(x, W_enc, b_enc, b_dec):
+    """``(pre, pre_b)``: the float32 pre-activations ``(x - b_dec) @ W_enc +
+    b_enc`` and the bfloat16 product's, ``bf16(x - b_dec) @ bf16(W_enc) +
+    b_enc`` (each operand rounded to bfloat16, the products summed in float64
+    here; the compiled kernels sum in float32, in their own order).
+
+    ``precision="bf16"`` encoders select from ``pre_b`` and keep ``pre``'s
+    values: only the support can differ from float32, and only where ``pre``
+    and ``pre_b`` fall on different sides of the cut."""
+    xc = x - b_dec
+    pre = xc @ W_enc + b_enc
+    pre_b = bf16_round(xc).astype(np.float64) @ bf16_round(W_enc).astype(np.float64) + b_enc
+    return pre, pre_b
 
 
 def decode(codes, W_dec, b_dec):
@@ -340,8 +373,24 @@ def _sparse64(f):
     return SparseCodes(c.indptr, c.indices, f[rows, c.indices], c.shape)
 
 
-def encode_topk(x, W_enc, b_enc, b_dec, k):
-    """Per row, the ``k`` largest pre-activations, then ReLU -> SparseCodes."""
+def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32"):
+    """Per row, the ``k`` largest pre-activations, then ReLU -> SparseCodes.
+
+    ``precision="bf16"``: per row the ``m = tunables.bf16_topk_candidates(k,
+    d_sae)`` largest bf16 pre-activations (ties: lower index) are the
+    candidates; among them the ``k`` largest float32 ones (ties: lower index)
+    are selected, then ReLU; values are float32's."""
+    if precision == "bf16":
+        from .tunables import bf16_topk_candidates
+
+        pre, pre_b = bf16_pre_activations(x, W_enc, b_enc, b_dec)
+        k = min(int(k), pre.shape[1])
+        cand = _select_rows(pre_b, bf16_topk_candidates(k, pre.shape[1]))
+        cand = np.sort(cand, axis=1)  # lower index first, so stable ties prefer it
+        local = _select_rows(np.take_along_axis(pre, cand, axis=1), k)
+        cols = np.take_along_axis(cand, local, axis=1)
+        rows = np.repeat(np.arange(pre.shape[0]), k)
+        return _codes_from_selection(pre, rows, cols.ravel())
     pre = pre_activations(x, W_enc, b_enc, b_dec)
     k = min(int(k), pre.shape[1])
     cols = _select_rows(pre, k)
@@ -358,9 +407,16 @@ def encode_batchtopk(x, W_enc, b_enc, b_dec, k):
     return _codes_from_selection(pre, rows, cols)
 
 
-def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold):
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, *, precision="fp32"):
     """``relu(pre) * (pre > threshold)`` per feature -> SparseCodes (how a
-    BatchTopK SAE runs at inference, and SAELens's ``jumprelu``)."""
+    BatchTopK SAE runs at inference, and SAELens's ``jumprelu``).
+    ``precision="bf16"``: kept where both the bf16 and the float32
+    pre-activation exceed ``max(threshold, 0)``; values are float32's."""
+    if precision == "bf16":
+        pre, pre_b = bf16_pre_activations(x, W_enc, b_enc, b_dec)
+        cut = np.maximum(threshold, 0)[None, :]
+        return SparseCodes.from_dense(np.where((pre_b > cut) & (pre > cut), pre, 0)
+                                      .astype(pre.dtype))
     pre = pre_activations(x, W_enc, b_enc, b_dec)
     f = np.where((pre > threshold[None, :]) & (pre > 0), pre, 0).astype(pre.dtype)
     return SparseCodes.from_dense(f) if pre.dtype == np.float32 else _sparse64(f)

@@ -269,3 +269,22 @@ CUDA_COLSUM_ROWS = 64
 #: decode, d_f, g_W_enc and g_W_dec) instead of the sparse backward. A guess
 #: (the CPU backends measured about 0.09 for theirs), not yet measured on a GPU.
 CUDA_JUMPRELU_DENSE_MIN_DENSITY = 0.05
+
+# ------------------------------------------------------------------ bfloat16
+#: TopK with ``precision="bf16"`` (``fastsae.backends.bf16``) takes, per row,
+#: the ``k + max(BF16_TOPK_MARGIN_MIN, k // BF16_TOPK_MARGIN_FRACTION)``
+#: largest bfloat16 pre-activations as candidates and re-selects the top ``k``
+#: among their float32 values. The bf16 product's error is about 2^-8 of
+#: ``sum_k |xc_k w_k|`` (both operands rounded to 8 significant bits), well
+#: under the gap between a row's k-th and (k + k/4)-th largest pre-activation
+#: of a trained SAE (``benchmarks/bf16_support.py`` counts the entries that
+#: still differ from float32's selection). The recompute costs one float32 dot
+#: product of length d_in per candidate, so the margin stays small.
+BF16_TOPK_MARGIN_MIN = 8
+BF16_TOPK_MARGIN_FRACTION = 4
+
+
+def bf16_topk_candidates(k: int, d_sae: int) -> int:
+    """Candidates per row of the bf16 TopK encoder (see ``BF16_TOPK_MARGIN_MIN``)."""
+    k = min(int(k), int(d_sae))
+    return min(int(d_sae), k + max(BF16_TOPK_MARGIN_MIN, k // BF16_TOPK_MARGIN_FRACTION))

@@ -157,6 +157,19 @@ def jumprelu_sparsity_arg(sparsity, d_sae: int):
     return JumpReLUSparsity(sparsity.mode, tanh_scale, target, pre)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_arg(precision, allow_bf16: bool = True, backend: str = "") -> str:
+    """``precision`` of the encoders: ``"fp32"`` or ``"bf16"`` (CPU backends only)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not allow_bf16:
+        raise ValueError(f"precision='bf16' runs on the CPU backends (numpy, numba, cython); "
+                         f"the {backend} backend computes in float32 (precision='fp32')")
+    return precision
+
+
 def check_decoder_norm(mode) -> str:
     if mode not in DECODER_NORM_MODES:
         raise ValueError(f"decoder_norm must be one of {DECODER_NORM_MODES}, got {mode!r}")

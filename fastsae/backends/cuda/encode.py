@@ -267,8 +267,15 @@ def encode_relu(x, W_enc, b_enc, b_dec):
     return _out(out, dev)
 
 
-def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
-    """:func:`encode_relu` as canonical :class:`SparseCodes`."""
+def _fp32_only(precision) -> None:
+    if precision != "fp32":
+        raise ValueError("the cuda backend computes in float32 (precision='fp32')")
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec, *, precision="fp32") -> SparseCodes:
+    """:func:`encode_relu` as canonical :class:`SparseCodes` (float32 only:
+    the front refuses ``precision="bf16"`` here)."""
+    _fp32_only(precision)
     dev = _any_device(x, W_enc, b_enc, b_dec)
     args = (_device(a) for a in (x, W_enc, b_enc, b_dec))
     codes, _ = _encode_sparse(*args, fresh=True)

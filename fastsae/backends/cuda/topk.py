@@ -35,7 +35,7 @@ from numba import cuda
 from ...sparse import SparseCodes
 from .common import (BLOCK, SCAN_SHARED, _single_block, _zero, block_exclusive_scan,
                      exclusive_scan_kernel, flat_grid, grid_for)
-from .encode import _compact, _gemm, count_rows_kernel
+from .encode import _compact, _fp32_only, _gemm, count_rows_kernel
 from .placement import _any_device, _codes_out, _device, _work
 
 NBINS = 256
@@ -382,9 +382,10 @@ def _aux_codes(pre, dead, n_dead, k_aux, fresh):
     return _apply_selection(pre, *thr, dead, "aux_dense", fresh)
 
 
-def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """Per row, the ``k`` largest pre-activations (ties: lower feature index),
-    then ReLU, as canonical :class:`SparseCodes`."""
+    then ReLU, as canonical :class:`SparseCodes` (float32 only)."""
+    _fp32_only(precision)
     dev = _any_device(x, W_enc, b_enc, b_dec)
     x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
     codes, _ = _topk_codes(_pre(x, W_enc, b_enc, b_dec), k, "topk", fresh=True)
@@ -400,8 +401,10 @@ def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     return _codes_out(codes, dev)
 
 
-def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
-    """``relu(pre) * (pre > threshold)`` per feature, as :class:`SparseCodes`."""
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, *, precision="fp32") -> SparseCodes:
+    """``relu(pre) * (pre > threshold)`` per feature, as :class:`SparseCodes`
+    (float32 only)."""
+    _fp32_only(precision)
     dev = _any_device(x, W_enc, b_enc, b_dec, threshold)
     x, W_enc, b_enc, b_dec, threshold = (_device(a) for a in (x, W_enc, b_enc, b_dec,
                                                               threshold))

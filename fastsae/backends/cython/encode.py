@@ -21,7 +21,8 @@ from ..tunables import (CYTHON_DENSE_ENCODE_MAX_ROWS, CYTHON_DENSE_ENCODE_MIN_CO
                         CYTHON_DENSE_ENCODE_MIN_TASKS, CYTHON_RELU_MIN_ROW_BLOCKS,
                         CYTHON_RELU_TILE_ROWS, CYTHON_TILE_COLS)
 from . import _encode
-from ._threads import blas_single, row_tile, threads
+from .. import bf16 as BF
+from ._threads import blas_single, get_num_threads, row_tile, threads
 
 
 def _tiling(n: int, work: int, nthreads: int):
@@ -46,9 +47,12 @@ def encode_relu(x, W_enc, b_enc, b_dec):
     return out
 
 
-def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
+def encode_relu_sparse(x, W_enc, b_enc, b_dec, *, precision="fp32") -> SparseCodes:
     """:func:`encode_relu` as canonical :class:`SparseCodes`, without ever
-    forming the dense ``[N, d_sae]`` matrix."""
+    forming the dense ``[N, d_sae]`` matrix (``precision="bf16"``: the shared
+    compiled kernels of :mod:`fastsae.backends.bf16`)."""
+    if precision == "bf16":
+        return BF.encode_relu_sparse(x, W_enc, b_enc, b_dec, get_num_threads())
     work = x.shape[0] * W_enc.shape[0] * W_enc.shape[1]
     nt = threads(work)
     tm, tn, chunks = _tiling(x.shape[0], work, nt)

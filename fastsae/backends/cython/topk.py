@@ -17,7 +17,8 @@ import numpy as np
 from ...sparse import SparseCodes
 from ..tunables import CYTHON_TILE_COLS, CYTHON_TOPK_MIN_ROW_BLOCKS, CYTHON_TOPK_TILE_ROWS
 from . import _topk
-from ._threads import blas_single, row_tile, threads
+from .. import bf16 as BF
+from ._threads import blas_single, get_num_threads, row_tile, threads
 from .encode import encode_relu_sparse
 
 
@@ -68,9 +69,11 @@ def _csr_from_mask(vals, cols, keep, shape, colmap=None) -> SparseCodes:
                        np.ascontiguousarray(vals[keep]), shape)
 
 
-def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """Per row the ``k`` largest pre-activations (ties: lower feature), then
     ReLU (entries it zeroes dropped): canonical :class:`SparseCodes`."""
+    if precision == "bf16":
+        return BF.encode_topk(x, W_enc, b_enc, b_dec, k, get_num_threads())
     shape = (int(x.shape[0]), int(W_enc.shape[1]))
     m = min(k, shape[1])
     vals, cols, cnt = _topm(x, W_enc, b_enc, b_dec, m)
@@ -134,11 +137,13 @@ def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     return _csr_from_mask(vals, cols, keep, shape)
 
 
-def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, *, precision="fp32") -> SparseCodes:
     """``relu(pre) * (pre > threshold)`` per feature (``threshold [d_sae]``):
     the fused sparse ReLU encoder, then the positive entries at or below
     their feature's threshold are dropped (same float32 ``pre`` values, so
     the same result as the reference)."""
+    if precision == "bf16":
+        return BF.encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, get_num_threads())
     codes = encode_relu_sparse(x, W_enc, b_enc, b_dec)
     keep = codes.values > threshold[codes.indices]
     # kept entries before each position, read at the old row starts

@@ -58,6 +58,7 @@ from threadpoolctl import ThreadpoolController
 
 from ...params import AdamState, Losses, SAEParams, StepResult
 from ...sparse import SparseCodes
+from .. import bf16 as BF
 from .. import numerics as NU
 from .. import tunables as TU
 from ..host import synchronize, to_backend, to_numpy
@@ -169,8 +170,11 @@ def encode_relu(x, W_enc, b_enc, b_dec):
         return E.encode_relu_dense(xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, get_num_threads())
 
 
-def encode_relu_sparse(x, W_enc, b_enc, b_dec) -> SparseCodes:
-    """:func:`encode_relu` as canonical CSR, without a dense ``N x d_sae`` array."""
+def encode_relu_sparse(x, W_enc, b_enc, b_dec, *, precision="fp32") -> SparseCodes:
+    """:func:`encode_relu` as canonical CSR, without a dense ``N x d_sae`` array
+    (``precision="bf16"``: the shared compiled kernels of :mod:`..bf16`)."""
+    if precision == "bf16":
+        return BF.encode_relu_sparse(x, W_enc, b_enc, b_dec, get_num_threads())
     xc = E.centered(x, b_dec)
     return _codes(*_encode_csr(xc, W_enc, b_enc), x.shape[0], W_enc.shape[1])
 
@@ -337,9 +341,11 @@ def _batchtopk_csr(xc, W_enc, b_enc, k):
     return indptr, indices, values
 
 
-def encode_topk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """Per row the ``k`` largest pre-activations (ties: lower index), ReLU,
     canonical CSR; fused with the product (no ``N x d_sae`` array)."""
+    if precision == "bf16":
+        return BF.encode_topk(x, W_enc, b_enc, b_dec, k, get_num_threads())
     xc = E.centered(x, b_dec)
     return _codes(*_topk_csr(xc, W_enc, b_enc, k, _NOMAP), x.shape[0], W_enc.shape[1])
 
@@ -351,8 +357,10 @@ def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     return _codes(*_batchtopk_csr(xc, W_enc, b_enc, k), x.shape[0], W_enc.shape[1])
 
 
-def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold) -> SparseCodes:
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, *, precision="fp32") -> SparseCodes:
     """``relu(pre) * (pre > threshold)`` as canonical CSR."""
+    if precision == "bf16":
+        return BF.encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, get_num_threads())
     xc = E.centered(x, b_dec)
     with _blas_single():
         out = TK.encode_jumprelu_csr(xc, W_enc, b_enc, threshold, NUMBA_RELU_ROW_BLOCK,

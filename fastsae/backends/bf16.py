@@ -1,0 +1,220 @@
+"""bfloat16 encoders with float32 values (``precision="bf16"``), shared by the
+numba and cython backends.
+
+The encoder product ``(x - b_dec) @ W_enc`` is computed from both operands
+rounded to bfloat16 (round to nearest even) with float32 accumulation, by the
+compiled C kernels in ``kernels/c/bf16_encode.c`` (the extension
+``fastsae.backends.cython._bf16``, built by ``setup.py`` with the Cython
+kernels). Selection (ReLU, JumpReLU, TopK candidates) runs on each output tile
+while it is in cache; then every selected entry's pre-activation is
+recomputed in float32 (a dot product of ``x - b_dec`` with the feature's
+encoder column, read from a transposed float32 copy of ``W_enc``), so the
+codes' **values are float32 ones**. Only the support can differ from the
+float32 encoders, and only for entries whose pre-activation is within the
+bfloat16 product's error of the cut (0, the JumpReLU threshold, or TopK's
+k-th value). The exact rule is :mod:`fastsae.backends.reference`'s
+``precision="bf16"``, the oracle.
+
+Paths, chosen at call time:
+
+* ``avx512bf16``: ``vdpbf16ps`` (AMD Zen 4/5, Intel Cooper Lake, Sapphire
+  Rapids and later), where CPUID and the OS allow it and the compiler that
+  built the extension knew the instruction set;
+* ``emulated``: portable C (bf16 widened to float32, float32 multiply-adds),
+  every CPU; much slower than float32 BLAS, for testing and for machines
+  without the instructions.
+
+``FASTSAE_BF16_PATH`` (``auto``, the default, ``avx512bf16`` or
+``emulated``) forces one. AMX (``_tile_dpbf16ps``) is not built yet: AMX CPUs
+take the AVX512-BF16 path.
+
+Cost: a contract call (``be.encode_topk(..., precision="bf16")``) packs
+``W_enc`` first (bfloat16 panels plus the float32 transpose, one pass over
+the weights; about 13 ms at d_in 512, d_sae 8192). :class:`BF16Encoder`
+packs once and encodes many batches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..sparse import SparseCodes
+from .tunables import bf16_topk_candidates
+
+__all__ = ["PATHS", "available_paths", "selected_path", "check_available", "BF16Encoder",
+           "encode_relu_sparse", "encode_topk", "encode_jumprelu", "path_report"]
+
+#: Every path name, fastest first.
+PATHS = ("avx512bf16", "emulated")
+_ENV = "FASTSAE_BF16_PATH"
+
+_IMPORT_ERROR: Exception | None = None
+try:
+    from .cython import _bf16 as _C
+except ImportError as exc:  # not built (no compiler), or built for another Python
+    _C = None
+    _IMPORT_ERROR = exc
+
+
+def check_available() -> None:
+    """Raise ``ImportError`` saying why the compiled bf16 kernels are missing."""
+    if _C is None:
+        raise ImportError(
+            f"precision='bf16' on the numba and cython backends needs fastsae's compiled "
+            f"bfloat16 kernels (fastsae.backends.cython._bf16), which are not importable "
+            f"({_IMPORT_ERROR}); they are built by `pip install .` with a C compiler. The "
+            f"numpy backend computes the same rule (slowly) without them")
+
+
+def available_paths() -> tuple:
+    """The paths this CPU, OS and build run, fastest first (empty without the
+    compiled kernels; otherwise always ending with ``"emulated"``)."""
+    if _C is None:
+        return ()
+    return (("avx512bf16",) if _C.has_avx512bf16() else ()) + ("emulated",)
+
+
+def selected_path() -> str:
+    """The path a call makes now: ``FASTSAE_BF16_PATH`` if set (``auto``: the
+    fastest available). Raises when the kernels are missing or the forced path
+    does not run here."""
+    check_available()
+    want = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    have = available_paths()
+    if want == "auto":
+        return have[0]
+    if want not in PATHS:
+        raise ValueError(f"{_ENV}={want!r}: expected 'auto' or one of {PATHS}")
+    if want not in have:
+        raise RuntimeError(f"{_ENV}={want!r}, but this CPU (or this build) runs only "
+                           f"{have}{_why_not(want)}")
+    return want
+
+
+def _why_not(path: str) -> str:
+    if path == "avx512bf16" and not _C.built_avx512bf16():
+        return ": the compiler that built fastsae did not know AVX512-BF16"
+    if path == "avx512bf16":
+        return ": the CPU (or OS) lacks AVX512-BF16"
+    return ""
+
+
+def path_report() -> str:
+    """One line for ``fastsae info``: which bf16 path this machine gets, and why."""
+    if _C is None:
+        return f"bf16: compiled kernels unavailable ({_IMPORT_ERROR}); numpy emulation only"
+    try:
+        path = selected_path()
+    except (RuntimeError, ValueError) as exc:
+        return f"bf16: {exc}"
+    why = ("the CPU has AVX512-BF16" if path == "avx512bf16"
+           else "no AVX512-BF16 here" + (_why_not("avx512bf16") if _C is not None else ""))
+    forced = f" (forced by {_ENV})" if os.environ.get(_ENV, "auto").strip().lower() not in (
+        "", "auto") else ""
+    return f"bf16: {path} path{forced}; {why}; AMX not built yet"
+
+
+def _code(path: str) -> int:
+    return _C.AVX512BF16 if path == "avx512bf16" else _C.EMULATED
+
+
+def _threads(threads) -> int:
+    if threads is None:
+        import numba
+
+        return int(numba.get_num_threads())
+    return max(1, int(threads))
+
+
+class BF16Encoder:
+    """An SAE encoder packed once for bfloat16 products.
+
+    ``W_enc`` float32 ``[d_in, d_sae]``, ``b_enc`` ``[d_sae]``, ``b_dec``
+    ``[d_in]`` (``None``: zeros, a transcoder's uncentered input), all
+    finite; copies are kept, so later changes to the arrays are not seen.
+    ``threads``: OpenMP threads of each call (default: Numba's thread count).
+    Each method returns canonical :class:`~fastsae.SparseCodes` equal, bit for
+    bit, to the contract function of the same name with ``precision="bf16"``
+    on the same path and thread count.
+    """
+
+    def __init__(self, W_enc, b_enc, b_dec=None, *, threads=None):
+        check_available()
+        from . import validate as V
+
+        W_enc = V.as_float_array(W_enc, "W_enc", 2)
+        self.d_in, self.d_sae = W_enc.shape
+        if b_dec is None:
+            b_dec = np.zeros(self.d_in, dtype=np.float32)
+        b_enc = V.as_float_array(b_enc, "b_enc", 1)
+        b_dec = V.as_float_array(b_dec, "b_dec", 1)
+        V.check_dim("b_enc", b_enc.shape[0], self.d_sae, "length (d_sae)")
+        V.check_dim("b_dec", b_dec.shape[0], self.d_in, "length (d_in)")
+        self.b_enc = b_enc.copy()
+        self.b_dec = b_dec.copy()
+        self.threads = _threads(threads)
+        self._Wp, self._WT = _C.pack(W_enc, self.threads)
+
+    def _x(self, x):
+        from . import validate as V
+
+        x = V.as_float_array(x, "x", 2)
+        V.check_dim("x", x.shape[1], self.d_in, "width (d_in)")
+        return x
+
+    def _run(self, x, thr, k, m) -> SparseCodes:
+        indptr, indices, values = _C.encode(_code(selected_path()), x, self.b_dec, self._Wp,
+                                            self._WT, self.b_enc, thr, k, m, self.threads)
+        return SparseCodes(indptr, indices, values, (x.shape[0], self.d_sae))
+
+    def relu(self, x) -> SparseCodes:
+        """ReLU codes of ``x [N, d_in]`` (``encode_relu_sparse``)."""
+        return self._run(self._x(x), None, 0, 0)
+
+    def jumprelu(self, x, threshold) -> SparseCodes:
+        """JumpReLU codes: ``pre > max(threshold, 0)`` (``encode_jumprelu``)."""
+        from . import validate as V
+
+        threshold = V.as_float_array(threshold, "threshold", 1)
+        V.check_dim("threshold", threshold.shape[0], self.d_sae, "length")
+        return self._run(self._x(x), _cut(threshold), 0, 0)
+
+    def topk(self, x, k) -> SparseCodes:
+        """Per row the ``k`` largest pre-activations, ReLU (``encode_topk``)."""
+        from . import validate as V
+
+        k = min(V.as_int(k, "k"), self.d_sae)
+        return self._run(self._x(x), None, k, bf16_topk_candidates(k, self.d_sae))
+
+
+def _cut(threshold) -> np.ndarray:
+    """JumpReLU keeps ``pre > threshold`` and ``pre > 0``: one cut, ``max(threshold, 0)``."""
+    return np.ascontiguousarray(np.maximum(threshold, 0), dtype=np.float32)
+
+
+# The contract's bf16 entries (called by the numba and cython faces with
+# validated arrays and their own thread count): pack, then encode.
+def _encode(x, W_enc, b_enc, b_dec, thr, k, m, threads) -> SparseCodes:
+    path = _code(selected_path())
+    Wp, WT = _C.pack(W_enc, threads)
+    indptr, indices, values = _C.encode(path, x, b_dec, Wp, WT, b_enc, thr, k, m, threads)
+    return SparseCodes(indptr, indices, values, (x.shape[0], W_enc.shape[1]))
+
+
+def encode_relu_sparse(x, W_enc, b_enc, b_dec, threads) -> SparseCodes:
+    """bf16 ReLU encoder on validated float32 arrays (see the module docstring)."""
+    return _encode(x, W_enc, b_enc, b_dec, None, 0, 0, threads)
+
+
+def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, threads) -> SparseCodes:
+    """bf16 JumpReLU encoder on validated float32 arrays."""
+    return _encode(x, W_enc, b_enc, b_dec, _cut(threshold), 0, 0, threads)
+
+
+def encode_topk(x, W_enc, b_enc, b_dec, k, threads) -> SparseCodes:
+    """bf16 TopK encoder on validated float32 arrays (``k`` clipped to ``d_sae``)."""
+    d_sae = W_enc.shape[1]
+    k = min(int(k), d_sae)
+    return _encode(x, W_enc, b_enc, b_dec, None, k, bf16_topk_candidates(k, d_sae), threads)

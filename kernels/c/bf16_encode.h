@@ -1,0 +1,58 @@
+/* bfloat16 encoder kernels of fastsae (issue 13): the bf16 product of
+ * (x - b_dec) and W_enc with float32 accumulation, the ReLU / JumpReLU / TopK
+ * candidate selection on each output tile while it is in registers or L1,
+ * then every selected pre-activation recomputed in float32 from x - b_dec and
+ * the feature's float32 encoder column (a contiguous row of W_enc's
+ * transpose), so the codes' values are float32 ones.  See bf16_encode.c.
+ *
+ * Layouts (all C order):
+ *   W      float32 [d_in, d_sae]  (SAELens's W_enc)
+ *   Wp     uint16  [n_panels, K2, 16, 2] bfloat16 (n_panels = 4 * ceil(d_sae / 64),
+ *          K2 = ceil(d_in / 2)): panel p holds columns 16p..16p+15; element
+ *          (q, c, e) is W[2q + e, 16p + c], zero outside W.  This is the
+ *          operand layout of vdpbf16ps (pairs of k in each 32-bit lane).
+ *   WT     float32 [d_sae, d_in]  W's transpose (each feature's column contiguous)
+ *   x      float32 [N, d_in], b_dec float32 [d_in], b_enc float32 [d_sae]
+ *   thr    float32 [d_sae] or NULL (NULL: 0); the caller passes max(theta, 0)
+ * The callers (kernels/cython/bf16.pyx) validate every size before calling.
+ */
+#ifndef FASTSAE_BF16_ENCODE_H
+#define FASTSAE_BF16_ENCODE_H
+
+#include <stdint.h>
+
+#define FS_BF16_EMULATED 0
+#define FS_BF16_AVX512BF16 1
+
+/* Columns per output micro-tile (4 panels of 16). */
+#define FS_BF16_GROUP_COLS 64
+
+typedef struct fs_bf16_result fs_bf16_result;
+
+/* 1 where this CPU and OS run AVX512-BF16 and this build has the path. */
+int fs_bf16_has_avx512bf16(void);
+/* 1 where the AVX512-BF16 path was compiled in (the compiler knows it). */
+int fs_bf16_built_avx512bf16(void);
+
+/* Number of uint16 elements of Wp for these sizes. */
+int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae);
+
+/* W -> (Wp, WT) in one pass. */
+void fs_bf16_pack(const float *W, int64_t d_in, int64_t d_sae, uint16_t *Wp, float *WT,
+                  int nthreads);
+
+/* Encode.  k == 0: threshold mode (ReLU, JumpReLU): (i, j) is kept where the
+ * bf16 pre-activation and the float32 one are both > thr[j].  k >= 1: TopK:
+ * per row the m largest bf16 pre-activations (ties: lower index) are the
+ * candidates, then the k largest float32 ones among them (ties: lower index),
+ * then those > 0.  Returns NULL when memory runs out; *nnz gets the entry count. */
+fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
+                               int64_t d_in, int64_t d_sae, const uint16_t *Wp,
+                               const float *WT, const float *b_enc, const float *thr,
+                               int64_t k, int64_t m, int nthreads, int64_t *nnz);
+
+/* Write the result as CSR (indptr [N + 1], sorted indices, values) and free it. */
+void fs_bf16_collect(fs_bf16_result *r, int64_t *indptr, int32_t *indices, float *values);
+void fs_bf16_free(fs_bf16_result *r);
+
+#endif
