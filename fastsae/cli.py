@@ -770,6 +770,8 @@ def _cmd_info(args) -> int:
               f"(threading layer: {numba.config.THREADING_LAYER})")
     except Exception as exc:  # numba missing or broken
         print(f"numba: unavailable ({type(exc).__name__}: {exc})")
+    from .backends.bf16 import path_report
+    print(path_report())
     try:
         from threadpoolctl import threadpool_info
         for lib in threadpool_info():

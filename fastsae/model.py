@@ -325,18 +325,38 @@ class SparseAutoencoder:
             return be.to_backend(np.zeros(self.d_in, np.float32))
         return p.b_dec
 
-    def encode(self, x, sparse: bool = False, *, batch_size: int | None = None):
+    def encode(self, x, sparse: bool = False, *, batch_size: int | None = None,
+               precision: str = "fp32"):
         """Feature activations of ``x [N, d_in]``.
 
         Returns a dense float32 ``[N, d_sae]`` array, or with ``sparse=True``
         canonical :class:`fastsae.SparseCodes` (``.to_scipy()`` gives a
         ``scipy.sparse.csr_array``). ``batch_size`` bounds the working memory
         by encoding that many rows at a time.
+
+        ``precision="bf16"`` (CPU backends; relu, topk and jumprelu
+        architectures, transcoders included): the encoder product from
+        bfloat16-rounded operands selects the active entries and their values
+        are recomputed in float32, so only the support can differ from
+        ``"fp32"``, at entries within the bfloat16 error of the cut (see
+        :mod:`fastsae.backends.bf16`). On numba and cython the weights are
+        packed once per call; the numpy backend computes the reference rule.
         """
         x = self._x(x)
         be, p = self.backend, self._device_params()
         c = self._centering(be, p)
         bs = x.shape[0] if batch_size is None else V.as_int(batch_size, "batch_size")
+        if V.precision_arg(precision, allow_bf16=not be._device, backend=be.name) == "bf16":
+            if self.architecture == "gated":
+                raise ValueError("precision='bf16' does not run gated SAEs yet; use 'fp32'")
+            enc = self._bf16_encoder(be, p, c)
+            pieces = []
+            for lo in range(0, x.shape[0], bs):
+                codes = enc(x[lo:lo + bs])
+                pieces.append(codes if sparse else codes.to_dense())
+            if not sparse:
+                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            return _concat_codes(pieces, self.d_sae)
         pieces = []
         if self.architecture != "standard":
             for lo in range(0, x.shape[0], bs):
@@ -355,6 +375,25 @@ class SparseAutoencoder:
         if not sparse:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
+
+    def _bf16_encoder(self, be, p, c):
+        """A function ``x -> SparseCodes`` of this SAE's encoder in bf16."""
+        arch = self.architecture
+        if be.name == "numpy":
+            if arch == "topk":
+                return lambda xb: be.encode_topk(xb, p.W_enc, p.b_enc, c, self.k, precision="bf16")
+            if arch == "jumprelu":
+                return lambda xb: be.encode_jumprelu(xb, p.W_enc, p.b_enc, c, self.threshold,
+                                                     precision="bf16")
+            return lambda xb: be.encode_relu_sparse(xb, p.W_enc, p.b_enc, c, precision="bf16")
+        from .backends.bf16 import BF16Encoder
+
+        enc = BF16Encoder(p.W_enc, p.b_enc, c, threads=be.get_num_threads())
+        if arch == "topk":
+            return lambda xb: enc.topk(xb, self.k)
+        if arch == "jumprelu":
+            return lambda xb: enc.jumprelu(xb, self.threshold)
+        return enc.relu
 
     def _encode_other(self, be, p, c, xb):
         if self.architecture == "topk":
