@@ -5,7 +5,7 @@
 # cython half of tests/test_density.py, both sides of the density switch; the
 # JumpReLU family's own tests/test_cython_jumprelu.py, both of its paths; the
 # Matryoshka family's tests/test_cython_matryoshka.py; the transcoders'
-# tests/test_cython_transcoder.py)
+# tests/test_cython_transcoder.py; the bfloat16 encoders' tests/test_bf16.py)
 # against that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
 #
@@ -58,6 +58,12 @@ PYEOF
         if [ -f tests/test_density.py ]; then
             env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
                 "$PY" -m pytest -q -p no:cacheprovider tests/test_density.py -k cython "${@:4}"
+        fi
+        # the bfloat16 encoders' C kernels (kernels/c/bf16_encode.c): raw pointers
+        # only, so the ASan stage is what checks them
+        if [ -f tests/test_bf16.py ]; then
+            env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
+                "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16.py "${@:4}"
         fi
     )
 }

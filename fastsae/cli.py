@@ -292,6 +292,10 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--retries", type=_non_negative_int, default=2,
                    help="with --out-dir: resubmit a failed shard this many times (default 2)")
     e.add_argument("--batch-size", type=_positive_int, default=4096, help="rows per batch")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the encoder product in bfloat16 selects the entries, their "
+                   "values stay float32 (numba/cython/numpy; see README, 'bfloat16 "
+                   "encoders'); default fp32")
     e.add_argument("--backend", help="kernel backend")
     e.add_argument("--threads", type=_positive_int,
                    help="CPU threads (default: all cores; per task with --dask local:N, the "
@@ -681,18 +685,19 @@ def _save_fig(fig, plt, path: Path) -> Path:
 
 
 # ================================================================== encode
-def _encode_loop(sae, source, batch_size, indptr, indices, values):
+def _encode_loop(sae, source, batch_size, indptr, indices, values, precision="fp32"):
     """Encode ``source`` in row order, ``batch_size`` rows at a time,
     appending CSR pieces (indptr offsets already global)."""
     import numpy as np
 
+    encode = sae.sparse_encoder(precision)
     nnz = 0
     for lo in range(0, source.n_rows, batch_size):
         x = source.read(lo, min(lo + batch_size, source.n_rows))
         if not np.isfinite(x).all():
             raise CLIError(f"the data contain NaN or infinite values (rows {lo} to "
                            f"{lo + x.shape[0] - 1})")
-        c = sae.encode(x, sparse=True)
+        c = encode(x)
         indptr.append(np.asarray(c.indptr[1:], dtype=np.int64) + nnz)
         indices.append(np.asarray(c.indices))
         values.append(np.asarray(c.values))
@@ -723,7 +728,12 @@ def _cmd_encode(args) -> int:
         raise CLIError(f"output directory does not exist: {out.parent}")
     indptr, indices, values = [np.zeros(1, np.int64)], [], []
     with limit_threads(args.threads, sae.backend):
-        _encode_loop(sae, source, args.batch_size, indptr, indices, values)
+        try:
+            _encode_loop(sae, source, args.batch_size, indptr, indices, values, args.precision)
+        except (ValueError, ImportError, RuntimeError) as exc:
+            if args.precision == "fp32":
+                raise
+            raise CLIError(f"--precision {args.precision}: {exc}") from None
     nnz = int(indptr[-1][-1])
     m = sp.csr_array((np.concatenate(values) if values else np.zeros(0, np.float32),
                       np.concatenate(indices) if indices else np.zeros(0, np.int32),
@@ -749,7 +759,8 @@ def _cmd_encode_dir(args) -> int:
     try:
         encode_to_dir(args.sae, args.data, args.out_dir, batch_size=args.batch_size,
                       backend=args.backend, threads=args.threads, dask=args.dask,
-                      retries=args.retries, progress=lambda m: print(m, flush=True))
+                      retries=args.retries, precision=args.precision,
+                      progress=lambda m: print(m, flush=True))
     except EncodeError as exc:
         raise CLIError(str(exc)) from None
     return 0

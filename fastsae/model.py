@@ -376,6 +376,20 @@ class SparseAutoencoder:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
 
+    def sparse_encoder(self, precision: str = "fp32"):
+        """A function ``x [N, d_in] -> SparseCodes`` for encoding many batches:
+        :meth:`encode` with ``sparse=True``, except that with
+        ``precision="bf16"`` the weights are packed once, here (a snapshot:
+        later changes to the parameters are not seen by the function)."""
+        be = self.backend
+        if V.precision_arg(precision, allow_bf16=not be._device, backend=be.name) == "fp32":
+            return lambda x: self.encode(x, sparse=True)
+        if self.architecture == "gated":
+            raise ValueError("precision='bf16' does not run gated SAEs yet; use 'fp32'")
+        p = self._device_params()
+        enc = self._bf16_encoder(be, p, self._centering(be, p))
+        return lambda x: enc(self._x(x))
+
     def _bf16_encoder(self, be, p, c):
         """A function ``x -> SparseCodes`` of this SAE's encoder in bf16."""
         arch = self.architecture

@@ -72,7 +72,7 @@ def _files(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def _flaky_task(log, fail_for, real, sae_dir, backend, shard, out, batch_size, threads):
+def _flaky_task(log, fail_for, real, sae_dir, backend, shard, out, *rest):
     """Fails on its first call for the shards named in ``fail_for``; every call
     is appended to the file ``log`` (files: workers may be other processes, and
     Dask sends them a copy of the task, never the test's own objects)."""
@@ -83,7 +83,7 @@ def _flaky_task(log, fail_for, real, sae_dir, backend, shard, out, batch_size, t
         first = fh.read().split().count(name) == 1
     if name in fail_for and first:
         raise OSError("disk hiccup")
-    return real(sae_dir, backend, shard, out, batch_size, threads)
+    return real(sae_dir, backend, shard, out, *rest)
 
 
 def _flaky(tmp_path, fail_for):
@@ -141,6 +141,47 @@ def test_out_dir_agrees_with_the_single_file_out(relu_dir, shards, tmp_path):
     a, b = sp.load_npz(tmp_path / "all.npz"), enc.read_encoded(tmp_path / "dir")
     assert a.shape == b.shape and np.array_equal(a.indices, b.indices)
     np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-6)
+
+
+def _bf16_kernels():
+    from fastsae.backends import bf16
+
+    return bool(bf16.available_paths())
+
+
+@pytest.mark.skipif(not _bf16_kernels(), reason="the compiled bf16 kernels are not built")
+@pytest.mark.parametrize("backend", ["numba", "cython", "numpy"])
+def test_bf16_precision_encodes_each_shard_as_the_model_does(sae_dir, shards, tmp_path,
+                                                             backend):
+    """``--precision bf16``: every shard file equals the model's own bf16 encode
+    of that shard (the weights packed once per shard), the index records the
+    precision, and the one-file ``--out`` gives the same rows."""
+    if backend == "cython" and not {s.name: s.available for s in fastsae.available_backends()}["cython"]:
+        pytest.skip("the cython backend is not built")
+    d, arrays = shards
+    index = enc.encode_to_dir(sae_dir, d, tmp_path / "out", batch_size=50, threads=1,
+                              backend=backend, precision="bf16", progress=None)
+    assert index["precision"] == "bf16"
+    sae = fastsae.SparseAutoencoder.load(sae_dir, backend=backend)
+    for s, a in zip(index["shards"], arrays):
+        got = sp.load_npz(tmp_path / "out" / s["file"])
+        if a.shape[0]:
+            want = sae.encode(a, sparse=True, batch_size=50, precision="bf16").to_scipy()
+            assert (got != want).nnz == 0
+    assert main(["encode", "--sae", str(sae_dir), "--data", str(d), "--out",
+                 str(tmp_path / "all.npz"), "--batch-size", "50", "--backend", backend,
+                 "--precision", "bf16"]) == 0
+    assert (sp.load_npz(tmp_path / "all.npz") != enc.read_encoded(tmp_path / "out")).nnz == 0
+
+
+def test_bf16_precision_refusals_are_clear(relu_dir, shards, tmp_path, capsys):
+    d, _ = shards
+    with pytest.raises(ValueError, match="precision must be one of"):
+        enc.encode_to_dir(relu_dir, d, tmp_path / "out", precision="fp16", progress=None)
+    assert not (tmp_path / "out").exists()
+    assert main(["encode", "--sae", str(relu_dir), "--data", str(d), "--out",
+                 str(tmp_path / "a.npz"), "--precision", "fp16"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_bytes_are_deterministic_and_hashes_recorded(relu_dir, shards, tmp_path):
@@ -383,12 +424,12 @@ def test_a_failed_task_is_retried_on_the_cluster(relu_dir, shards, tmp_path, mon
     assert index["shards"] == ref["shards"]
 
 
-def _die_once(marker, real, sae_dir, backend, shard, out, batch_size, threads):
+def _die_once(marker, real, sae_dir, backend, shard, out, *rest):
     """Runs in a worker process: the first call for shard 2 kills the worker."""
     if shard.endswith("part-002.npy") and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)
-    return real(sae_dir, backend, shard, out, batch_size, threads)
+    return real(sae_dir, backend, shard, out, *rest)
 
 
 @needs_dask

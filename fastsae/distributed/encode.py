@@ -145,7 +145,7 @@ def _csr_npz_bytes(indptr, indices, values, shape) -> bytes:
 
 
 def _encode_shard(sae_dir: str, backend, shard: str, out: str, batch_size: int,
-                  threads) -> dict:
+                  threads, precision: str = "fp32") -> dict:
     """Encode one shard into ``out`` (atomically); returns its index entry.
     Runs in a worker process or here."""
     from ..data import _open_npy
@@ -163,6 +163,7 @@ def _encode_shard(sae_dir: str, backend, shard: str, out: str, batch_size: int,
     indices, values = [], []
     nnz = 0
     with limit_threads(threads, sae.backend):
+        encode = sae.sparse_encoder(precision)  # bf16: packs the weights once per shard
         for lo in range(0, n_rows, batch_size):
             hi = min(lo + batch_size, n_rows)
             x = np.ascontiguousarray(arr[lo:hi], dtype=np.float32)
@@ -170,7 +171,7 @@ def _encode_shard(sae_dir: str, backend, shard: str, out: str, batch_size: int,
                 bad = lo + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
                 raise ShardDataError(f"{shard} contains NaN or infinite values "
                                      f"(first in row {bad})")
-            c = sae.encode(x, sparse=True)
+            c = encode(x)
             indptr.append(np.asarray(c.indptr[1:], dtype=np.int64) + nnz)
             indices.append(np.asarray(c.indices, dtype=np.int32))
             values.append(np.asarray(c.values, dtype=np.float32))
@@ -217,7 +218,7 @@ def _clear_out_dir(out_dir: Path) -> None:
 
 def encode_to_dir(sae, data, out_dir, *, batch_size: int = 4096, backend=None,
                   threads: int | None = None, dask=None, retries: int = 2,
-                  progress=print) -> dict:
+                  precision: str = "fp32", progress=print) -> dict:
     """Encode every shard of ``data`` with the SAE at path ``sae`` into
     ``out_dir``: one ``<shard stem>.npz`` per shard and ``index.json`` last
     (layout in the module docstring). Returns the index (a dict).
@@ -229,7 +230,9 @@ def encode_to_dir(sae, data, out_dir, *, batch_size: int = 4096, backend=None,
     workers; on another cluster the workers' own setting). ``retries``: how
     often a failed task is resubmitted before the run fails with
     :class:`EncodeError`. ``progress``: called with one line per finished,
-    retried or failed shard (``None``: silent).
+    retried or failed shard (``None``: silent). ``precision``: ``"fp32"``
+    or ``"bf16"`` (:meth:`fastsae.SparseAutoencoder.encode`), recorded in the
+    index.
     """
     from ..model import SparseAutoencoder  # noqa: F401 - import errors surface here, not on workers
 
@@ -240,6 +243,7 @@ def encode_to_dir(sae, data, out_dir, *, batch_size: int = 4096, backend=None,
         raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
     sae_path = Path(sae).resolve()  # workers elsewhere have another working directory
     model = _load_sae(str(sae_path), backend)  # fails here, clearly, before any task
+    model.sparse_encoder(precision)  # so does a precision this backend or build cannot run
     files = [f.resolve() for f in shard_files(data)]
     from ..data import _open_npy
     rows = []
@@ -263,9 +267,9 @@ def encode_to_dir(sae, data, out_dir, *, batch_size: int = 4096, backend=None,
     try:
         _clear_out_dir(out_dir)
         if client is None:
-            results = _run_here(tasks, batch_size, threads, retries, say)
+            results = _run_here(tasks, (batch_size, threads, precision), retries, say)
         else:
-            results = _submit_all(client, tasks, batch_size, threads, retries, say)
+            results = _submit_all(client, tasks, (batch_size, threads, precision), retries, say)
     finally:
         for thing in own:  # what this call started: the client, then its cluster
             thing.close()
@@ -280,6 +284,7 @@ def encode_to_dir(sae, data, out_dir, *, batch_size: int = 4096, backend=None,
              "d_in": model.d_in, "d_sae": model.d_sae,
              "rows": int(sum(rows)), "nnz": int(sum(r["nnz"] for r in results)),
              "batch_size": int(batch_size), "backend": ",".join(backends),
+             "precision": precision,
              "threads_per_task": threads,
              "shards": [{k: r[k] for k in ("file", "shard", "rows", "nnz", "sha256")}
                         for r in results]}
@@ -302,13 +307,13 @@ def _give_up(task, attempts, exc):
                        f"attempt(s): {type(exc).__name__}: {exc}")
 
 
-def _run_here(tasks, batch_size, threads, retries, say):
+def _run_here(tasks, settings, retries, say):
     task = _encode_shard  # looked up per run, so that tests can replace it
     results = []
     for i, t in enumerate(tasks):
         for attempt in range(1, retries + 2):
             try:
-                r = task(*t, batch_size, threads)
+                r = task(*t, *settings)
                 break
             except ShardDataError:
                 raise
@@ -344,13 +349,13 @@ def _open_client(spec, threads):
             f"a local Dask cluster of {n} worker process(es)", threads)
 
 
-def _submit_all(client, tasks, batch_size, threads, retries, say):
+def _submit_all(client, tasks, settings, retries, say):
     distributed = _import_distributed()
     task = _encode_shard
     token = os.urandom(4).hex()
 
     def submit(i, attempt):
-        return client.submit(task, *tasks[i], batch_size, threads, pure=False,
+        return client.submit(task, *tasks[i], *settings, pure=False,
                              key=f"fastsae-encode-{token}-{i}-{attempt}")
 
     pending = {submit(i, 1): (i, 1) for i in range(len(tasks))}
