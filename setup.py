@@ -95,6 +95,7 @@ PYX_DIR = os.path.join("kernels", "cython")
 # shim of the same stem; instruction sets beyond the build flags are enabled per
 # function (target attributes) and chosen at run time.
 C_DIR = os.path.join("kernels", "c")
+C_SOURCES = {"bf16": ["bf16_encode.c"]}
 GEN_DIR = os.path.join(HERE, "build", "fastsae_cython_include")
 
 
@@ -171,8 +172,13 @@ def _extensions():
     exts = []
     for pyx in sorted(glob.glob(os.path.join(PYX_DIR, "*.pyx"))):
         stem = os.path.splitext(os.path.basename(pyx))[0]
-        # A shim NAME.pyx over plain C kernels kernels/c/NAME_*.c compiles them in.
-        c_sources = sorted(glob.glob(os.path.join(C_DIR, f"{stem}_*.c")))
+        # A shim NAME.pyx over plain C kernels compiles them in (listed, not globbed:
+        # a missing source must fail the build, not leave undefined symbols).
+        c_sources = [os.path.join(C_DIR, f) for f in C_SOURCES.get(stem, ())]
+        for c in c_sources:
+            if not os.path.exists(os.path.join(HERE, c)):
+                raise FileNotFoundError(f"{c} (a source of fastsae.backends.cython._{stem}) "
+                                        "is missing from this checkout")
         exts.append(Extension(f"fastsae.backends.cython._{stem}", [pyx, *c_sources],
                               include_dirs=[numpy.get_include(), PYX_DIR, C_DIR, gen_dir],
                               define_macros=macros, extra_compile_args=compile_args,

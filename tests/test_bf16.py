@@ -394,6 +394,17 @@ def test_bf16_module_imports():
     assert B is not None, f"fastsae.backends.bf16 does not import: {_B_ERR}"
 
 
+def test_bf16_kernels_are_built_with_the_other_extensions():
+    """Where the Cython extensions are built, the bf16 kernels are too (they
+    share the build): a half-built tree must fail here, not skip every
+    compiled test below."""
+    if not _usable("cython"):
+        pytest.skip(f"the Cython extensions are not built: {_STATUS['cython'].reason}")
+    assert B is not None, _B_ERR
+    B.check_available()
+    assert "emulated" in B.available_paths()
+
+
 def test_bit_level_helper_agrees_with_nearest_rule():
     """The test's own rounding, two ways (so the oracle is checked against
     something right)."""
