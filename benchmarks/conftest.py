@@ -336,6 +336,12 @@ def _is_density(b) -> bool:
     return bool(b.extra_info.get("density"))
 
 
+#: Tables of their own that benchmark modules register (name -> fn(terminalreporter,
+#: [(benchmark, median)])): a benchmark whose extra_info["table"] names one is
+#: printed there instead of in the ratio table (test_bench_bf16.py's).
+TABLES: dict = {}
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
     """Ratios to the NumPy reference and to the bare matmul, per group; the
@@ -345,9 +351,13 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     groups: dict = {}
     dgroups: dict = {}
+    tables: dict = {}
     for b in session.benchmarks:
         med = _median(b)
         if med is not None:
+            if b.extra_info.get("table") in TABLES:
+                tables.setdefault(b.extra_info["table"], []).append((b, med))
+                continue
             target = dgroups if _is_density(b) else groups
             target.setdefault((b.group, b.extra_info.get("n")), []).append((b, med))
     tr = terminalreporter
@@ -355,6 +365,8 @@ def pytest_terminal_summary(terminalreporter, config):
         _summary_table(tr, groups)
     if dgroups:
         _density_table(tr, dgroups)
+    for name, rows in tables.items():
+        TABLES[name](tr, rows)
 
 
 def _label(group, n) -> str:

@@ -1,0 +1,258 @@
+"""bf16 encoders (issue 13): fp32 and ``precision="bf16"`` encodes beside the
+bare float32 matmul of the encoder's shapes, in one group per size,
+``bf16_encode[<size>]``:
+
+* ``bare_matmul``: ``np.matmul(x, W_enc, out=preallocated)`` (the floor of
+  the fp32 encode, and what every row's ``x matmul`` divides by);
+* ``encode_relu_sparse`` (L0 about ``--bench-l0``, 48 by default, through
+  the shared bias as in ``test_bench_kernels.py``) and ``encode_topk``
+  (k=32) on numba and cython: fp32 (the default), then ``precision="bf16"``
+  per call (weights packed on each call) on every path of
+  ``fastsae.backends.bf16.available_paths()`` (``FASTSAE_BF16_PATH`` set);
+* ``BF16Encoder(W_enc, b_enc, b_dec)``: its construction (``pack``) and
+  ``.relu(x)`` / ``.topk(x, 32)`` on the prepacked weights, every path;
+* peers when importable: ``torch.matmul`` on bf16 tensors (threads set to
+  numba's), skipped when torch is absent.
+
+The end of the run prints the group as its own table (registered in
+``conftest.TABLES``): each median as a ratio to the bare matmul and, for the
+bf16 rows, to the fp32 encode of the same backend and op (``BF16Encoder``:
+numba's, whose thread count it takes).
+
+Run:  python -m pytest benchmarks/test_bench_bf16.py --bench-size paper
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastsae
+
+from conftest import TABLES, _STAT
+
+K = 32
+IMPLS = ("numba", "cython")
+#: every path the kernel knows; those this CPU lacks are skipped with a reason
+PATHS = ("avx512bf16", "emulated")
+OPS = ("relu", "topk")
+TABLE = "bf16"
+
+
+def _bf16():
+    bf16 = pytest.importorskip("fastsae.backends.bf16",
+                               reason="fastsae.backends.bf16 is not importable")
+    try:
+        bf16.check_available()
+    except ImportError as exc:  # the compiled kernels are not built
+        pytest.skip(str(exc))
+    return bf16
+
+
+def _usable(request, name):
+    wanted = request.config.getoption("--bench-backends")
+    if wanted and name not in wanted.split(","):
+        pytest.skip(f"{name} not in --bench-backends")
+    st = {s.name: s for s in fastsae.available_backends()}.get(name)
+    if st is None or not st.available:
+        pytest.skip(f"backend {name} is not usable here: "
+                    f"{getattr(st, 'reason', None) or 'not registered'}")
+    return fastsae.get_backend(name)
+
+
+def _path(monkeypatch, path):
+    bf16 = _bf16()
+    if path not in bf16.available_paths():
+        pytest.skip(f"bf16 path {path} not on this CPU (it has {bf16.available_paths()})")
+    monkeypatch.setenv("FASTSAE_BF16_PATH", path)
+    assert bf16.selected_path() == path
+    return bf16
+
+
+def _setup(benchmark, size, problem, *, impl, op, precision, path="-"):
+    """Group and extra_info, before the timing (the group is read then); the
+    tests that measure an L0 store it after."""
+    benchmark.group = f"bf16_encode[{size}]"
+    label = f"{impl} {op} {precision}" + (f" {path}" if path != "-" else "")
+    benchmark.extra_info.update(backend=label, size=size, table=TABLE, impl=impl, op=op,
+                                precision=precision, path=path, l0=None)
+
+
+def _args(problem):
+    p = problem.params
+    return problem.x, p.W_enc, p.b_enc, p.b_dec
+
+
+def _call(be, op, precision):
+    if op == "relu":
+        if precision is None:
+            return lambda *a: be.encode_relu_sparse(*a)
+        return lambda *a: be.encode_relu_sparse(*a, precision=precision)
+    if precision is None:
+        return lambda *a: be.encode_topk(*a, K)
+    return lambda *a: be.encode_topk(*a, K, precision=precision)
+
+
+def _keys(codes):
+    c = codes.to_host()
+    rows = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(np.asarray(c.indptr)))
+    return rows * c.shape[1] + np.asarray(c.indices, np.int64), np.asarray(c.values)
+
+
+def _check_close(b16, fp32):
+    """bf16 codes against fp32's: a support that differs in few entries (only
+    near a boundary), float32 values on the common support."""
+    (kb, vb), (kf, vf) = _keys(b16), _keys(fp32)
+    common, ib, i_f = np.intersect1d(kb, kf, assume_unique=True, return_indices=True)
+    diff = kb.size + kf.size - 2 * common.size
+    assert diff <= max(8, 0.03 * kf.size), f"{diff} support differences of {kf.size}"
+    np.testing.assert_allclose(vb[ib], vf[i_f], rtol=1e-5, atol=1e-5)
+
+
+def _fp32_codes(problem, op):
+    key = (problem.size, problem.x.shape[0], op)
+    if key not in _FP32:
+        be = fastsae.get_backend("numba" if any(
+            s.name == "numba" and s.available for s in fastsae.available_backends())
+            else "numpy")
+        _FP32[key] = _call(be, op, None)(*_args(problem))
+    return _FP32[key]
+
+
+_FP32: dict = {}
+
+
+# ------------------------------------------------------------------ the rows
+def test_bare_matmul(benchmark, size, problem):
+    """Floor: float32 GEMM of the encoder's shapes into a preallocated output."""
+    _setup(benchmark, size, problem, impl="bare_matmul", op="matmul", precision="fp32")
+    x, W = problem.x, problem.params.W_enc
+    out = np.empty((x.shape[0], W.shape[1]), np.float32)
+    benchmark(np.matmul, x, W, out=out)
+    assert out.shape == (x.shape[0], W.shape[1])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_fp32(benchmark, size, problem, impl, op, request):
+    be = _usable(request, impl)
+    _setup(benchmark, size, problem, impl=impl, op=op, precision="fp32")
+    codes = benchmark(_call(be, op, None), *_args(problem))
+    benchmark.extra_info["l0"] = float(codes.l0)
+    if op == "relu":
+        assert abs(codes.l0 - problem.l0) < 1.0
+    else:
+        assert codes.l0 <= K + 1e-9
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_bf16(benchmark, size, problem, impl, op, path, request, monkeypatch):
+    """``precision="bf16"`` per call: the weights are rounded and packed on
+    every call."""
+    be = _usable(request, impl)
+    _path(monkeypatch, path)
+    _setup(benchmark, size, problem, impl=impl, op=op, precision="bf16", path=path)
+    codes = benchmark(_call(be, op, "bf16"), *_args(problem))
+    benchmark.extra_info["l0"] = float(codes.l0)
+    _check_close(codes, _fp32_codes(problem, op))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_encoder_pack(benchmark, size, problem, path, monkeypatch):
+    """``BF16Encoder(W_enc, b_enc, b_dec)``: rounding and packing the weights."""
+    bf16 = _path(monkeypatch, path)
+    p = problem.params
+    _setup(benchmark, size, problem, impl="BF16Encoder", op="pack", precision="bf16",
+           path=path)
+    enc = benchmark(bf16.BF16Encoder, p.W_enc, p.b_enc, p.b_dec)
+    assert enc is not None
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("op", OPS)
+def test_bf16_encoder(benchmark, size, problem, op, path, request, monkeypatch):
+    """``BF16Encoder`` prepacked: ``.relu(x)`` / ``.topk(x, k)``, the same
+    codes as the contract function (numba's, bit for bit)."""
+    bf16 = _path(monkeypatch, path)
+    p = problem.params
+    enc = bf16.BF16Encoder(p.W_enc, p.b_enc, p.b_dec)
+    fn = enc.relu if op == "relu" else (lambda x: enc.topk(x, K))
+    _setup(benchmark, size, problem, impl="BF16Encoder", op=op, precision="bf16", path=path)
+    codes = benchmark(fn, problem.x)
+    benchmark.extra_info["l0"] = float(codes.l0)
+    _check_close(codes, _fp32_codes(problem, op))
+    if any(s.name == "numba" and s.available for s in fastsae.available_backends()):
+        ref = _call(fastsae.get_backend("numba"), op, "bf16")(*_args(problem))
+        for a, b in zip((codes.indptr, codes.indices, codes.values),
+                        (ref.indptr, ref.indices, ref.values)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_torch_bf16_matmul(benchmark, size, problem):
+    """Peer: ``torch.matmul`` of bf16 ``x - b_dec`` and ``W_enc`` (bf16
+    output), threads set to numba's."""
+    torch = pytest.importorskip("torch")
+    threads = fastsae.get_backend("numba").get_num_threads() if any(
+        s.name == "numba" and s.available for s in fastsae.available_backends()) else None
+    if threads:
+        torch.set_num_threads(threads)
+    p = problem.params
+    xb = torch.from_numpy(problem.x - p.b_dec).to(torch.bfloat16)
+    wb = torch.from_numpy(p.W_enc).to(torch.bfloat16)
+    out = torch.empty((xb.shape[0], wb.shape[1]), dtype=torch.bfloat16)
+    _setup(benchmark, size, problem, impl="torch", op="matmul", precision="bf16",
+           path=f"torch {torch.__version__}")
+    benchmark(torch.matmul, xb, wb, out=out)
+    assert out.shape == (xb.shape[0], wb.shape[1])
+
+
+# ------------------------------------------------------------------ the table
+_IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "numba": 2, "cython": 3, "BF16Encoder": 4}
+_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3}
+
+
+def _table(tr, rows):
+    """``rows``: [(benchmark, median)] of this module's benchmarks."""
+    tr.section(f"fastsae: bf16 encoders, {_STAT[0]}s as ratios (same run)")
+    try:
+        from fastsae.backends import bf16
+        tr.write_line(f"{bf16.path_report()}; paths here: {bf16.available_paths()}")
+    except Exception as exc:  # not importable: the bf16 rows were skipped
+        tr.write_line(f"fastsae.backends.bf16: {exc}")
+    tr.write_line(f"{'group':28s} {'op':6s} {'impl':12s} {'prec':4s} {'path':12s} "
+                  f"{_STAT[0] + ' ms':>10s} {'x matmul':>9s} {'x fp32':>8s} {'L0':>6s}")
+    groups: dict = {}
+    for b, med in rows:
+        groups.setdefault((str(b.group), b.extra_info.get("n")), []).append((b, med))
+    for key in sorted(groups, key=lambda k: (k[0], k[1] or 0)):
+        g = groups[key]
+        label = f"{key[0]} N={key[1]}" if key[1] is not None else key[0]
+        mm = next((m for b, m in g if b.extra_info.get("impl") == "bare_matmul"), None)
+        fp32 = {(b.extra_info.get("impl"), b.extra_info.get("op")): m for b, m in g
+                if b.extra_info.get("precision") == "fp32"}
+        g.sort(key=lambda r: (_OP_ORDER.get(r[0].extra_info.get("op"), 9),
+                              _IMPL_ORDER.get(r[0].extra_info.get("impl"), 9),
+                              r[0].extra_info.get("precision") != "fp32",
+                              str(r[0].extra_info.get("path"))))
+        for b, med in g:
+            e = b.extra_info
+            impl, op = e.get("impl"), e.get("op")
+            base = fp32.get(("numba" if impl == "BF16Encoder" else impl, op))
+            xf = (f"{med / base:7.2f}x" if base and e.get("precision") == "bf16"
+                  and op in ("relu", "topk") else "       -")
+            xm = f"{med / mm:8.2f}x" if mm else "        -"
+            l0 = e.get("l0")
+            tr.write_line(f"{label:28s} {op:6s} {impl:12s} {e.get('precision'):4s} "
+                          f"{str(e.get('path')):12s} {med * 1e3:10.3f} {xm:>9s} {xf:>8s} "
+                          f"{(f'{l0:6.1f}' if l0 is not None else '     -')}")
+    tr.write_line("'x matmul' = this time / np.matmul(x, W_enc, out=preallocated) of the "
+                  "same group (float32); 'x fp32' = a bf16 encode's time / the fp32 encode "
+                  "of the same backend and op (BF16Encoder: numba's); bf16 rows of numba "
+                  "and cython pack the weights on every call, BF16Encoder's relu/topk use "
+                  f"weights packed once ('pack' times that); topk k={K}; L0 = measured "
+                  "active features per row.")
+
+
+TABLES[TABLE] = _table
