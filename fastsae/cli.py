@@ -685,12 +685,12 @@ def _save_fig(fig, plt, path: Path) -> Path:
 
 
 # ================================================================== encode
-def _encode_loop(sae, source, batch_size, indptr, indices, values, precision="fp32"):
-    """Encode ``source`` in row order, ``batch_size`` rows at a time,
-    appending CSR pieces (indptr offsets already global)."""
+def _encode_loop(encode, source, batch_size, indptr, indices, values):
+    """Encode ``source`` in row order with ``encode`` (rows -> SparseCodes,
+    :meth:`fastsae.SparseAutoencoder.sparse_encoder`), ``batch_size`` rows at
+    a time, appending CSR pieces (indptr offsets already global)."""
     import numpy as np
 
-    encode = sae.sparse_encoder(precision)
     nnz = 0
     for lo in range(0, source.n_rows, batch_size):
         x = source.read(lo, min(lo + batch_size, source.n_rows))
@@ -728,12 +728,11 @@ def _cmd_encode(args) -> int:
         raise CLIError(f"output directory does not exist: {out.parent}")
     indptr, indices, values = [np.zeros(1, np.int64)], [], []
     with limit_threads(args.threads, sae.backend):
-        try:
-            _encode_loop(sae, source, args.batch_size, indptr, indices, values, args.precision)
+        try:  # a precision this backend, build or CPU cannot run fails here
+            encode = sae.sparse_encoder(args.precision)
         except (ValueError, ImportError, RuntimeError) as exc:
-            if args.precision == "fp32":
-                raise
             raise CLIError(f"--precision {args.precision}: {exc}") from None
+        _encode_loop(encode, source, args.batch_size, indptr, indices, values)
     nnz = int(indptr[-1][-1])
     m = sp.csr_array((np.concatenate(values) if values else np.zeros(0, np.float32),
                       np.concatenate(indices) if indices else np.zeros(0, np.int32),

@@ -347,31 +347,23 @@ class SparseAutoencoder:
         c = self._centering(be, p)
         bs = x.shape[0] if batch_size is None else V.as_int(batch_size, "batch_size")
         if V.precision_arg(precision, allow_bf16=not be._device, backend=be.name) == "bf16":
-            if self.architecture == "gated":
-                raise ValueError("precision='bf16' does not run gated SAEs yet; use 'fp32'")
-            enc = self._bf16_encoder(be, p, c)
-            pieces = []
-            for lo in range(0, x.shape[0], bs):
-                codes = enc(x[lo:lo + bs])
-                pieces.append(codes if sparse else codes.to_dense())
-            if not sparse:
-                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            return _concat_codes(pieces, self.d_sae)
-        pieces = []
-        if self.architecture != "standard":
-            for lo in range(0, x.shape[0], bs):
-                codes = self._to_host(self._encode_other(be, p, c,
-                                                         be.to_backend(x[lo:lo + bs])))
-                pieces.append(codes if sparse else codes.to_dense())
-            if not sparse:
-                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            return _concat_codes(pieces, self.d_sae)
-        for lo in range(0, x.shape[0], bs):
-            xb = be.to_backend(x[lo:lo + bs])
-            if sparse:
-                pieces.append(self._to_host(be.encode_relu_sparse(xb, p.W_enc, p.b_enc, c)))
-            else:
-                pieces.append(self._to_host(be.encode_relu(xb, p.W_enc, p.b_enc, c)))
+            rows = self._bf16_encoder(be, p, c)
+        elif self.architecture != "standard":
+            def rows(xb):
+                return self._to_host(self._encode_other(be, p, c, be.to_backend(xb)))
+        elif sparse:
+            def rows(xb):
+                return self._to_host(be.encode_relu_sparse(be.to_backend(xb), p.W_enc, p.b_enc,
+                                                           c))
+        else:  # dense ReLU codes straight from the dense encoder
+            return self._by_batch(x, bs, False, lambda xb: self._to_host(
+                be.encode_relu(be.to_backend(xb), p.W_enc, p.b_enc, c)))
+        return self._by_batch(x, bs, sparse, rows if sparse else (lambda xb: rows(xb).to_dense()))
+
+    def _by_batch(self, x, bs, sparse, encode_rows):
+        """``encode_rows`` (a batch of rows -> its codes, of the kind asked
+        for) over ``bs``-row batches of ``x``, concatenated."""
+        pieces = [encode_rows(x[lo:lo + bs]) for lo in range(0, x.shape[0], bs)]
         if not sparse:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
@@ -384,8 +376,6 @@ class SparseAutoencoder:
         be = self.backend
         if V.precision_arg(precision, allow_bf16=not be._device, backend=be.name) == "fp32":
             return lambda x: self.encode(x, sparse=True)
-        if self.architecture == "gated":
-            raise ValueError("precision='bf16' does not run gated SAEs yet; use 'fp32'")
         p = self._device_params()
         enc = self._bf16_encoder(be, p, self._centering(be, p))
         return lambda x: enc(self._x(x))
@@ -393,6 +383,8 @@ class SparseAutoencoder:
     def _bf16_encoder(self, be, p, c):
         """A function ``x -> SparseCodes`` of this SAE's encoder in bf16."""
         arch = self.architecture
+        if arch == "gated":
+            raise ValueError("precision='bf16' does not run gated SAEs yet; use 'fp32'")
         if be.name == "numpy":
             if arch == "topk":
                 return lambda xb: be.encode_topk(xb, p.W_enc, p.b_enc, c, self.k, precision="bf16")

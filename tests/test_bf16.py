@@ -1022,3 +1022,24 @@ def test_info_names_the_bf16_path(capsys):
     assert len(line) == 1
     if PATHS:
         assert f"bf16: {B.selected_path()} path" in line[0]
+
+
+def test_an_unusable_path_fails_when_the_encoder_is_made(monkeypatch, tmp_path, capsys):
+    """A bad ``FASTSAE_BF16_PATH`` fails at ``BF16Encoder`` / ``sparse_encoder``
+    (before any batch or Dask task), and ``fastsae encode`` names it."""
+    _need_bf16()
+    from fastsae.cli import main
+
+    sae = fastsae.SparseAutoencoder(6, 10, backend="numba")
+    monkeypatch.setenv("FASTSAE_BF16_PATH", "no-such-path")
+    with pytest.raises(ValueError, match="FASTSAE_BF16_PATH='no-such-path'"):
+        B.BF16Encoder(sae.params.W_enc, sae.params.b_enc)
+    with pytest.raises(ValueError, match="FASTSAE_BF16_PATH='no-such-path'"):
+        sae.sparse_encoder("bf16")
+    sae.save(tmp_path / "sae")
+    np.save(tmp_path / "x.npy", np.ones((3, 6), np.float32))
+    assert main(["encode", "--sae", str(tmp_path / "sae"), "--data", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "c.npz"), "--backend", "numba",
+                 "--precision", "bf16"]) == 2
+    assert "--precision bf16: FASTSAE_BF16_PATH='no-such-path'" in capsys.readouterr().err
+    assert not (tmp_path / "c.npz").exists()

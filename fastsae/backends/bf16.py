@@ -81,7 +81,7 @@ def selected_path() -> str:
     fastest available). Raises when the kernels are missing or the forced path
     does not run here."""
     check_available()
-    want = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    want = _wanted()
     have = available_paths()
     if want == "auto":
         return have[0]
@@ -91,6 +91,11 @@ def selected_path() -> str:
         raise RuntimeError(f"{_ENV}={want!r}, but this CPU (or this build) runs only "
                            f"{have}{_why_not(want)}")
     return want
+
+
+def _wanted() -> str:
+    """``FASTSAE_BF16_PATH`` normalized (unset or empty: ``"auto"``)."""
+    return os.environ.get(_ENV, "auto").strip().lower() or "auto"
 
 
 def _why_not(path: str) -> str:
@@ -110,9 +115,8 @@ def path_report() -> str:
     except (RuntimeError, ValueError) as exc:
         return f"bf16: {exc}"
     why = ("the CPU has AVX512-BF16" if path == "avx512bf16"
-           else "no AVX512-BF16 here" + (_why_not("avx512bf16") if _C is not None else ""))
-    forced = f" (forced by {_ENV})" if os.environ.get(_ENV, "auto").strip().lower() not in (
-        "", "auto") else ""
+           else "no AVX512-BF16 here" + _why_not("avx512bf16"))
+    forced = f" (forced by {_ENV})" if _wanted() != "auto" else ""
     return f"bf16: {path} path{forced}; {why}; AMX not built yet"
 
 
@@ -155,6 +159,7 @@ class BF16Encoder:
         self.b_enc = b_enc.copy()
         self.b_dec = b_dec.copy()
         self.threads = _threads(threads)
+        selected_path()  # an unusable FASTSAE_BF16_PATH fails here, before any batch
         self._Wp, self._WT = _C.pack(W_enc, self.threads)
 
     def _x(self, x):
@@ -165,9 +170,8 @@ class BF16Encoder:
         return x
 
     def _run(self, x, thr, k, m) -> SparseCodes:
-        indptr, indices, values = _C.encode(_code(selected_path()), x, self.b_dec, self._Wp,
-                                            self._WT, self.b_enc, thr, k, m, self.threads)
-        return SparseCodes(indptr, indices, values, (x.shape[0], self.d_sae))
+        return _run(selected_path(), x, self.b_dec, self._Wp, self._WT, self.b_enc, thr, k, m,
+                    self.threads)
 
     def relu(self, x) -> SparseCodes:
         """ReLU codes of ``x [N, d_in]`` (``encode_relu_sparse``)."""
@@ -185,8 +189,7 @@ class BF16Encoder:
         """Per row the ``k`` largest pre-activations, ReLU (``encode_topk``)."""
         from . import validate as V
 
-        k = min(V.as_int(k, "k"), self.d_sae)
-        return self._run(self._x(x), None, k, bf16_topk_candidates(k, self.d_sae))
+        return self._run(self._x(x), None, *_topk_km(V.as_int(k, "k"), self.d_sae))
 
 
 def _cut(threshold) -> np.ndarray:
@@ -194,13 +197,25 @@ def _cut(threshold) -> np.ndarray:
     return np.ascontiguousarray(np.maximum(threshold, 0), dtype=np.float32)
 
 
+def _topk_km(k: int, d_sae: int) -> tuple:
+    """``(k, m)`` of the TopK call: ``k`` clipped to ``d_sae``, ``m`` candidates."""
+    k = min(int(k), d_sae)
+    return k, bf16_topk_candidates(k, d_sae)
+
+
+def _run(path, x, b_dec, Wp, WT, b_enc, thr, k, m, threads) -> SparseCodes:
+    """One call of the compiled encoder on ``path`` (a name of :data:`PATHS`)."""
+    indptr, indices, values = _C.encode(_code(path), x, b_dec, Wp, WT, b_enc, thr, k, m,
+                                        threads)
+    return SparseCodes(indptr, indices, values, (x.shape[0], WT.shape[0]))
+
+
 # The contract's bf16 entries (called by the numba and cython faces with
 # validated arrays and their own thread count): pack, then encode.
 def _encode(x, W_enc, b_enc, b_dec, thr, k, m, threads) -> SparseCodes:
-    path = _code(selected_path())
+    path = selected_path()  # a bad FASTSAE_BF16_PATH fails before the packing pass
     Wp, WT = _C.pack(W_enc, threads)
-    indptr, indices, values = _C.encode(path, x, b_dec, Wp, WT, b_enc, thr, k, m, threads)
-    return SparseCodes(indptr, indices, values, (x.shape[0], W_enc.shape[1]))
+    return _run(path, x, b_dec, Wp, WT, b_enc, thr, k, m, threads)
 
 
 def encode_relu_sparse(x, W_enc, b_enc, b_dec, threads) -> SparseCodes:
@@ -215,6 +230,4 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, threads) -> SparseCodes:
 
 def encode_topk(x, W_enc, b_enc, b_dec, k, threads) -> SparseCodes:
     """bf16 TopK encoder on validated float32 arrays (``k`` clipped to ``d_sae``)."""
-    d_sae = W_enc.shape[1]
-    k = min(int(k), d_sae)
-    return _encode(x, W_enc, b_enc, b_dec, None, k, bf16_topk_candidates(k, d_sae), threads)
+    return _encode(x, W_enc, b_enc, b_dec, None, *_topk_km(k, W_enc.shape[1]), threads)
