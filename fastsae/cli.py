@@ -247,6 +247,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    "matrices lose more to thread synchronization than they gain; the "
                    "backend's default, all cores, with --data; with --resume, the run's "
                    "own)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="the training steps' encoder product: bf16 (bfloat16 operands "
+                   "select the codes; their values and the rest of the step stay float32; "
+                   "relu and topk SAEs on the numba or cython backend), fp32, or auto "
+                   "(default): bf16 where this CPU has bfloat16 instructions (AVX512-BF16), "
+                   "else fp32. A resumed run keeps its precision")
     t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE. It "
                    "must not hold a run already (unless --resume DIR is it, or --overwrite) "
                    "and must be writable; both are checked before the first step")
@@ -377,6 +383,9 @@ def _resume_fixed_flags(args, st) -> None:
             was = None
         if v != was:
             bad.append((f"--{name.replace('_', '-')}", v, was))
+    p = getattr(args, "precision", None)  # the flag as given, or the precision it resolved to
+    if p is not None and p not in (cfg.precision, st.get("precision")):
+        bad.append(("--precision", p, st.get("precision") or cfg.precision))
     if not bad:
         return
     what = ", ".join(f"{f} {v} (the run has {w})" for f, v, w in bad)
@@ -478,6 +487,7 @@ def _cmd_train(args) -> int:
                             ("checkpoint_every", "checkpoint_every"), ("auxk", "auxk"),
                             ("k_aux", "k_aux"), ("aux_coefficient", "aux_coefficient"),
                             ("dead_tokens", "dead_tokens"), ("target_l0", "target_l0"),
+                            ("precision", "precision"),
                             *((f, f) for f in _JUMPRELU_FLAGS)):
             v = getattr(args, flag)
             if v is not None:
@@ -624,6 +634,8 @@ def _table(m: dict, trainer) -> str:
              ("tokens/s", f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "-"),
              ("training time", f"{m['wall_s']:.1f} s"),
              ("total time", f"{m['total_wall_s']:.1f} s"),
+             ("precision", m.get("precision", "fp32")
+              + (f" ({m['bf16_path']} path)" if m.get("bf16_path") else "")),
              ("backend", m.get("backend", "-")
               + (f", {m['ranks']} ranks ("
                  + ("feature-sharded" if m.get("distributed") == "features"

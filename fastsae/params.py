@@ -95,6 +95,13 @@ class AdamState:
     m: SAEParams
     v: SAEParams
     step: int = 0
+    #: Working state of ``precision="bf16"`` training steps (a
+    #: :class:`fastsae.backends.bf16.StepCopy`: the bfloat16 copy of
+    #: ``W_enc`` the last step's Adam update wrote, and that step's code
+    #: density), or ``None``. Not part of the optimizer's state: never
+    #: copied or saved, rebuilt (one packing pass) when missing or stale. Set
+    #: it to ``None`` after changing ``params.W_enc`` outside a training step.
+    bf16: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def zeros_like(cls, params: SAEParams) -> "AdamState":

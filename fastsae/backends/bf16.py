@@ -32,6 +32,19 @@ Cost: a contract call (``be.encode_topk(..., precision="bf16")``) packs
 ``W_enc`` first (bfloat16 panels plus the float32 transpose, one pass over
 the weights; about 13 ms at d_in 512, d_sae 8192). :class:`BF16Encoder`
 packs once and encodes many batches.
+
+Training (``train_step`` / ``train_step_topk`` with ``precision="bf16"``):
+the copy lives on the run's :class:`~fastsae.AdamState` (``state.bf16``, a
+:class:`StepCopy`) and the fused Adam update of ``W_enc`` rewrites it as it
+updates each piece of ``W_enc`` (no extra pass over the weights); a step
+packs afresh only when the copy is missing or was not written by the last
+step of this ``W_enc`` (the first step, after a float32 step, after
+``state.bf16 = None``). The ReLU step runs the bfloat16 encoder unless the
+previous step's codes were dense (density at least the backend's dense-path
+threshold, ``tunables.*_RELU_DENSE_MIN_DENSITY``): there the float32 step
+with dense BLAS products is faster, and it runs instead (a fresh ReLU SAE
+fires half its features); the copy is then rebuilt when the codes are
+sparse again.
 """
 
 from __future__ import annotations
@@ -44,7 +57,9 @@ from ..sparse import SparseCodes
 from .tunables import bf16_topk_candidates
 
 __all__ = ["PATHS", "available_paths", "selected_path", "check_available", "BF16Encoder",
-           "encode_relu_sparse", "encode_topk", "encode_jumprelu", "path_report"]
+           "encode_relu_sparse", "encode_topk", "encode_jumprelu", "path_report", "StepCopy",
+           "step_copy", "step_encode", "step_done", "bf16_step_wanted", "last_density",
+           "restore_density", "invalidate_copy"]
 
 #: Every path name, fastest first.
 PATHS = ("avx512bf16", "emulated")
@@ -231,3 +246,86 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, threads) -> SparseCodes:
 def encode_topk(x, W_enc, b_enc, b_dec, k, threads) -> SparseCodes:
     """bf16 TopK encoder on validated float32 arrays (``k`` clipped to ``d_sae``)."""
     return _encode(x, W_enc, b_enc, b_dec, None, *_topk_km(k, W_enc.shape[1]), threads)
+
+
+# ---------------------------------------------------------------- training steps
+class StepCopy:
+    """What a run's ``precision="bf16"`` steps keep between steps, on its
+    :class:`~fastsae.AdamState` as ``state.bf16``: ``Wp`` (uint16 panels)
+    and ``WT`` (float32 ``[d_sae, d_in]``) of ``W_enc`` as
+    ``kernels/c/bf16_encode.h`` lays them out, ``key`` (which ``W_enc`` at
+    which step they are a copy of; ``None``: stale) and ``density`` (the last
+    step's L0 / d_sae; ``None``: unknown)."""
+
+    __slots__ = ("Wp", "WT", "key", "density")
+
+    def __init__(self):
+        self.Wp = self.WT = self.key = self.density = None
+
+
+def _state_copy(state) -> StepCopy:
+    if not isinstance(state.bf16, StepCopy):
+        state.bf16 = StepCopy()
+    return state.bf16
+
+
+def _key(state, W_enc) -> tuple:
+    return (int(state.step), W_enc.__array_interface__["data"][0], W_enc.shape)
+
+
+def bf16_step_wanted(state, dense_min_density: float) -> bool:
+    """Whether a ReLU step with ``precision="bf16"`` runs the bfloat16
+    encoder: unless the last step's codes were at least ``dense_min_density``
+    dense (then the float32 step's dense path is the faster one)."""
+    sc = state.bf16
+    d = sc.density if isinstance(sc, StepCopy) else None
+    return d is None or d < dense_min_density
+
+
+def step_copy(state, W_enc, threads):
+    """``(Wp, WT)`` for the step about to run: the copy the previous step's
+    Adam update wrote, when it is a copy of this ``W_enc`` after
+    ``state.step`` steps, else packed now. Raises as :func:`selected_path`
+    when the kernels or the forced path are missing."""
+    selected_path()
+    sc = _state_copy(state)
+    if sc.key != _key(state, W_enc) or sc.Wp is None:
+        sc.key = None
+        sc.Wp, sc.WT = _C.pack(W_enc, threads)
+    return sc.Wp, sc.WT
+
+
+def step_encode(x, b_dec, b_enc, Wp, WT, k, threads) -> tuple:
+    """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``) or
+    TopK's ``k`` per row. Returns CSR arrays ``(indptr, indices, values)``."""
+    kk, m = (0, 0) if k == 0 else _topk_km(k, WT.shape[0])
+    return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, None, kk, m, threads)
+
+
+def step_done(state, W_enc, *, wrote: bool, nnz: int, n: int) -> None:
+    """After a step of a ``precision="bf16"`` run (``state.step`` already
+    advanced): the copy is current exactly when this step's weight pass
+    wrote it; the step's density is kept for :func:`bf16_step_wanted`."""
+    sc = _state_copy(state)
+    sc.key = _key(state, W_enc) if wrote else None
+    sc.density = float(nnz) / max(1, int(n) * int(W_enc.shape[1]))
+
+
+def last_density(state):
+    """The last bf16-run step's code density kept on ``state`` (None: none yet).
+    It decides the next ReLU step's path, so a checkpoint keeps it (resume is
+    then bit-exact); the copy itself is rebuilt by packing, bit for bit."""
+    sc = state.bf16
+    return sc.density if isinstance(sc, StepCopy) else None
+
+
+def restore_density(state, density) -> None:
+    """Put a checkpoint's :func:`last_density` back on a fresh ``state``."""
+    _state_copy(state).density = float(density)
+
+
+def invalidate_copy(state) -> None:
+    """Mark ``state``'s bf16 copy stale (``W_enc`` was changed outside a
+    step, e.g. by resampling), keeping the last step's density."""
+    if isinstance(state.bf16, StepCopy):
+        state.bf16.key = None

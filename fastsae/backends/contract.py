@@ -141,7 +141,8 @@ FUNCTIONS = (
              "(Losses, SAEParams of gradients)"),
     Function("train_step", "training",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("l1_coefficient", "float >= 0"), _ADAM[0],
-              ("decoder_norm", "'weighted_l1' or 'unit_norm'"), *_ADAM[1:], _FIRE, _Y),
+              ("decoder_norm", "'weighted_l1' or 'unit_norm'"), *_ADAM[1:], _FIRE, _Y,
+              _PRECISION[1]),
              "StepResult (losses, L0, explained variance of the batch, before the update)",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ TopK family
@@ -158,7 +159,9 @@ FUNCTIONS = (
              "(Losses with aux, SAEParams of gradients; W_dec's projected)"),
     Function("train_step_topk", "topk",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"),
-              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK, _Y),
+              ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK, _Y,
+              ("precision", "'fp32' or 'bf16' (bf16: activation 'topk' only); see "
+               "encode_topk")),
              "StepResult with aux and extra['min_active']",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ JumpReLU family

@@ -147,9 +147,12 @@ class Backend:
 
     def train_step(self, params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                    decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-                   fire_counts=None, y=None) -> StepResult:
+                   fire_counts=None, y=None, precision="fp32") -> StepResult:
         """Forward, backward and Adam update on batch ``x``, in place
         (``y``: a transcoder's target, see :mod:`fastsae.reference`).
+        ``precision="bf16"`` (CPU backends): the encoder's support from the
+        bfloat16 product (:meth:`encode_relu_sparse`), from a copy of
+        ``W_enc`` kept in ``state.bf16`` (see :mod:`fastsae.backends.bf16`).
 
         ``params`` and ``state`` (arrays of this backend, see
         :meth:`to_backend`) are updated in place. ``fire_counts`` (int64
@@ -172,10 +175,11 @@ class Backend:
         c = V.as_scalar(l1_coefficient, "l1_coefficient")
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         mode = V.check_decoder_norm(decoder_norm)
+        precision = self._precision(precision)
         self._step_writes(params, state, x, fire_counts, y=y)
         return self._m.train_step(params, state, x, l1_coefficient=c, lr=lr,
                                   decoder_norm=mode, beta1=beta1, beta2=beta2, eps=eps,
-                                  fire_counts=fire_counts, y=y)
+                                  fire_counts=fire_counts, y=y, precision=precision)
 
     # ------------------------------------------------------------ TopK family
     def encode_topk(self, x, W_enc, b_enc, b_dec, k, precision="fp32") -> SparseCodes:
@@ -223,20 +227,27 @@ class Backend:
     def train_step_topk(self, params: SAEParams, state: AdamState, x, *, k,
                         activation="topk", lr, beta1=0.9, beta2=0.999, eps=1e-8,
                         fire_counts=None, dead_mask=None, k_aux=0,
-                        aux_coefficient=0.0, y=None) -> StepResult:
+                        aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
         AuxK, in place; see :func:`fastsae.reference.train_step_topk`. All
         or nothing, finite or loud, as :meth:`train_step`; ``y`` a
-        transcoder's target."""
+        transcoder's target. ``precision="bf16"`` (TopK on the CPU
+        backends): the TopK selection from the bfloat16 product
+        (:meth:`encode_topk`), AuxK's in float32."""
         if activation not in ("topk", "batchtopk"):
             raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
+        precision = self._precision(precision)
+        if precision == "bf16" and activation != "topk":
+            raise ValueError("precision='bf16' training steps are built for activation='topk' "
+                             "(and the ReLU train_step); BatchTopK runs in float32 "
+                             "(precision='fp32')")
         params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y = \
             self._selection_step_args(params, state, x, k, lr, beta1, beta2, eps, fire_counts,
                                       dead_mask, k_aux, aux_coefficient, y)
         return self._m.train_step_topk(
             params, state, x, k=k, activation=activation, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
-            aux_coefficient=aux_coefficient, y=y)
+            aux_coefficient=aux_coefficient, y=y, precision=precision)
 
     def _selection_step_args(self, params, state, x, k, lr, beta1, beta2, eps, fire_counts,
                              dead_mask, k_aux, aux_coefficient, y):

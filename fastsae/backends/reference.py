@@ -310,15 +310,23 @@ def _batch_variance(x) -> float:
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None, y=None) -> StepResult:
+               fire_counts=None, y=None, precision="fp32") -> StepResult:
     """Forward, backward and Adam update on one batch, in place.
 
     ``fire_counts`` (int64 ``[d_sae]``, optional) is incremented by the
     number of rows in which each feature fired. ``y``: a transcoder's target
     (module docstring). Returns the batch's losses, L0 and explained
     variance (of the target), measured before the update.
+    ``precision="bf16"``: the codes of :func:`encode_relu_sparse`'s bf16
+    rule (values float32), the rest of the step as in float32. (The
+    compiled backends run their float32 step instead where the last step's
+    codes were dense; see :mod:`fastsae.backends.bf16`.)
     """
-    f = encode_relu(x, params.W_enc, params.b_enc, input_centering(params, y))
+    b_c = input_centering(params, y)
+    if precision == "bf16":
+        f = encode_relu_sparse(x, params.W_enc, params.b_enc, b_c, precision="bf16").to_dense()
+    else:
+        f = encode_relu(x, params.W_enc, params.b_enc, b_c)
     x_hat = reconstruct(f, params, x)
     loss, grads = gradients(x, params, f, x_hat, l1_coefficient, decoder_norm, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
@@ -494,17 +502,22 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
     """One TopK/BatchTopK training step (forward, AuxK, backward, Adam,
     decoder-row renormalization), in place; ``y`` a transcoder's target.
+    ``precision="bf16"`` (TopK only): the codes of :func:`encode_topk`'s
+    bf16 rule; AuxK's selection stays float32.
 
     ``dead_mask`` (bool ``[d_sae]``) marks the latents AuxK may use; AuxK is
     on when it is given, ``k_aux > 0`` and ``aux_coefficient > 0``.
     ``StepResult.extra["min_active"]`` is the smallest kept activation of the
     batch (0.0 if none): the trainer's running BatchTopK threshold follows it.
     """
-    encode = encode_topk if activation == "topk" else encode_batchtopk
-    codes = encode(x, params.W_enc, params.b_enc, input_centering(params, y), k)
+    b_c = input_centering(params, y)
+    if activation == "topk":
+        codes = encode_topk(x, params.W_enc, params.b_enc, b_c, k, precision=precision)
+    else:
+        codes = encode_batchtopk(x, params.W_enc, params.b_enc, b_c, k)
     x_hat = reconstruct(codes, params, x)
     aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient, y)
     loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight, y)

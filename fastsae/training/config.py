@@ -20,7 +20,12 @@ from ..backends import validate as V
 from ..model import ACTIVATIONS, TOPK_ACTIVATIONS
 from ..params import JUMPRELU_SPARSITY_MODES, JumpReLUSparsity
 
-__all__ = ["TrainConfig", "LR_WARMUP_CAP", "L1_WARMUP_CAP"]
+__all__ = ["TrainConfig", "LR_WARMUP_CAP", "L1_WARMUP_CAP", "PRECISIONS", "BF16_ACTIVATIONS"]
+
+#: ``TrainConfig.precision`` values.
+PRECISIONS = ("auto", "fp32", "bf16")
+#: Activations whose training steps run with ``precision="bf16"``.
+BF16_ACTIVATIONS = ("relu", "topk")
 
 #: Longest automatic learning-rate warm-up (steps), reached by runs of
 #: 1500 steps or more.
@@ -119,6 +124,15 @@ class TrainConfig:
     thresholds, learned as ``log(threshold)`` by Adam, travel too slowly).
     TopK and BatchTopK set their L0 with ``k``.
 
+    ``precision``: the encoder product of the training steps. ``"fp32"``;
+    ``"bf16"`` (bfloat16 operands select the codes, whose values and every
+    other product stay float32; see :mod:`fastsae.backends.bf16`), for relu
+    and topk SAEs and transcoders in one process on the CPU backends; or
+    ``"auto"`` (the default): ``"bf16"`` where that runs on this CPU's
+    bfloat16 instructions (AVX512-BF16) on the numba or cython backend, else
+    ``"fp32"`` (:meth:`resolve_precision`). The run records the precision and
+    path it used; a resumed run keeps its precision.
+
     ``log_every``: metrics cadence (steps). ``checkpoint_every``: checkpoint
     cadence (steps, 0 = only at the end; needs an output directory).
     ``eval_rows``: rows of the final evaluation. ``progress``: tqdm bar
@@ -163,6 +177,7 @@ class TrainConfig:
     pre_act_loss_coefficient: float | None = None
     target_l0: float | None = None
     target_l0_gain: float = 0.02
+    precision: str = "auto"
 
     # ------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
@@ -219,7 +234,46 @@ class TrainConfig:
         if self.pre_act_loss_coefficient is not None:
             V.as_scalar(self.pre_act_loss_coefficient, "pre_act_loss_coefficient")
         V.as_scalar(self.target_l0_gain, "target_l0_gain", low=0.0, low_inclusive=False)
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         return self
+
+    def resolve_precision(self, backend, activation, distributed=None) -> tuple:
+        """``(precision, path, why)`` of a run on ``backend`` (a Backend) of a
+        model with ``activation`` (``None``: not an SAE), in one process
+        (``distributed`` None) or not: ``precision`` ``"fp32"`` or
+        ``"bf16"``, ``path`` the bf16 path that runs (``None`` for fp32;
+        ``"numpy"`` for the reference backend's emulation), ``why`` one line.
+        ``precision="bf16"`` where it cannot run raises ``ValueError``
+        saying why; ``"auto"`` then gives ``"fp32"``."""
+        from ..backends import bf16 as BF
+
+        want = self.precision
+        if want == "fp32":
+            return "fp32", None, "precision='fp32' was asked for"
+        if activation not in BF16_ACTIVATIONS:
+            why = (f"precision='bf16' trains {' and '.join(BF16_ACTIVATIONS)} SAEs; this "
+                   f"model's activation is {activation!r}")
+        elif distributed is not None:
+            why = "precision='bf16' is not built for distributed training"
+        elif getattr(backend, "_device", False) or backend.name == "cuda":
+            why = f"the {backend.name} backend computes in float32"
+        elif backend.name == "numpy":
+            if want == "bf16":
+                return "bf16", "numpy", "the numpy backend emulates the bf16 rule (slowly)"
+            why = "the numpy backend only emulates bf16 (slowly)"
+        else:
+            try:
+                path = BF.selected_path()
+            except (ImportError, RuntimeError, ValueError) as exc:
+                why = str(exc)
+            else:
+                if want == "bf16" or path != "emulated":
+                    return "bf16", path, f"the {path} path runs here"
+                why = "this CPU has no bfloat16 instructions (the emulated path is slow)"
+        if want == "bf16":
+            raise ValueError(why)
+        return "fp32", None, "auto: " + why
 
     # ------------------------------------------------------------ derived values
     @property

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..autoencoder import Autoencoder
+from ..backends import bf16 as BF
 from ..backends import get_backend
 from ..data import (BatchStream, PairedSource, norm_scaling_factor, open_source, recovery,
                     sample_rows)
@@ -263,6 +264,12 @@ class Trainer:
             self.model = model = self.spec.local_model(lo, hi, self.backend)
             self.true_dictionary = None  # recovery needs every decoder row in one place
         self.state: TrainingState = make_state(model, self.config, self.backend)
+        activation = (model.activation if isinstance(model, SparseAutoencoder)
+                      or self.spec is not None else None)
+        #: the steps' precision ("fp32" or "bf16"), its bf16 path, and why
+        self.precision, self.bf16_path, self.precision_why = self.config.resolve_precision(
+            self.backend, activation, distributed)
+        self.state.precision = self.precision
         self.dp = None
         if self.spec is not None:
             self.fs = FeatureSharded(self.comm, self.state, self.spec, lo, hi)
@@ -399,6 +406,8 @@ class Trainer:
             "model": (self.spec.model_info() if self.spec is not None
                       else self.state.model_info()), "backend": self.backend.name,
             "threads": self.threads, "threads_used": self.backend.get_num_threads(),
+            "precision": self.precision, "bf16_path": self.bf16_path,
+            "bf16_density": self._bf16_density(),
             "window": self.window.state_dict(),
             "acc": self._acc.sums, "data": _source_location(self.source),
             "controller": (self.controller.state_dict() if self.controller is not None
@@ -407,6 +416,12 @@ class Trainer:
             "distributed": ({"mode": self.distributed, "ranks": self.comm.size}
                             if self.comm is not None else None),
         }
+
+    def _bf16_density(self):
+        """The last step's code density a bf16 run's next step decides its path
+        from (see :func:`fastsae.backends.bf16.bf16_step_wanted`), or None."""
+        st = getattr(self.state, "state", None)
+        return BF.last_density(st) if self.precision == "bf16" and st is not None else None
 
     def save_checkpoint(self, path=None) -> Path:
         """Write the full training state atomically (default: out_dir's
@@ -504,6 +519,8 @@ class Trainer:
             else:
                 model = model_from_info(st["model"], backend)
             config = TrainConfig.from_dict(st["config"])
+            if st.get("precision") in ("fp32", "bf16"):  # the run's, not a new "auto"
+                config.precision = st["precision"]
         except (TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SAEFormatError):
                 raise
@@ -532,6 +549,9 @@ class Trainer:
                 backend=backend, threads=threads, overwrite=overwrite,
                 extra_state=st.get("extra"), distributed=distributed, comm=comm,
                 check_every=check_every, distributed_timeout=distributed_timeout)
+        if t.bf16_path != st.get("bf16_path", t.bf16_path):
+            notices.append(f"continuing on the bf16 path {t.bf16_path!r}, not the run's "
+                           f"{st.get('bf16_path')!r}")
         was = st.get("distributed") or {}
         ranks_then = int(was.get("ranks", 1))
         ranks_now = t.comm.size if t.comm is not None else 1
@@ -561,6 +581,8 @@ class Trainer:
     def _restore(self, tensors, st):
         self.scale = float(st["scale"])
         self.state.load(tensors, st["adam_step"])
+        if self.precision == "bf16" and st.get("bf16_density") is not None:
+            BF.restore_density(self.state.state, st["bf16_density"])
         self.stream = self._make_stream()
         self.stream.load_state_dict(st["stream"])
         self.rng = np.random.default_rng()
@@ -734,7 +756,8 @@ class Trainer:
         trained = (self.step - step0) * cfg.batch_size
         metrics.update({"steps": self.step, "tokens": self.step * cfg.batch_size,
                         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else None,
-                        "backend": self.backend.name, "scale": self.scale})
+                        "backend": self.backend.name, "scale": self.scale,
+                        "precision": self.precision, "bf16_path": self.bf16_path})
         if self.comm is not None:
             metrics["ranks"], metrics["distributed"] = self.comm.size, self.distributed
         density = self.feature_density()

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..autoencoder import Autoencoder
 from ..data import split_pairs
+from ..backends import bf16 as BF
 from ..backends import reference
 from ..io import SAEFormatError, fold_decoder_norms
 from ..model import TOPK_ACTIVATIONS, SparseAutoencoder
@@ -139,6 +140,9 @@ class SAEState:
 
     kind = "sae"
     metric_keys = ("mse", "l1", "total", "l0", "explained_variance")
+    #: The training steps' precision, ``"fp32"`` or ``"bf16"`` (the trainer
+    #: sets it from :meth:`TrainConfig.resolve_precision`).
+    precision = "fp32"
 
     def __init__(self, model: SparseAutoencoder, config: TrainConfig, backend):
         self.model, self.config, self.backend = model, config, backend
@@ -195,7 +199,8 @@ class SAEState:
         x, y = self.pair(x)
         r = self.backend.train_step(self.params, self.state, x, l1_coefficient=l1_coefficient,
                                     lr=lr, decoder_norm=self.model.decoder_norm, beta1=c.beta1,
-                                    beta2=c.beta2, eps=c.eps, fire_counts=fire_counts, y=y)
+                                    beta2=c.beta2, eps=c.eps, fire_counts=fire_counts, y=y,
+                                    precision=self.precision)
         return {"mse": r.mse, "l1": r.l1, "total": r.total, "l0": r.l0,
                 "explained_variance": r.explained_variance}
 
@@ -300,6 +305,7 @@ class SAEState:
             np.asarray(mom.W_dec)[idx] = 0.0
         self.params = self.backend.to_backend(SAEParams(W_enc, b_enc, W_dec, b_dec))
         self.state = self.backend.to_backend(st)
+        BF.invalidate_copy(self.state)  # W_enc changed outside a step: the copy is stale
         return int(idx.size)
 
     # ------------------------------------------------------------ export
@@ -370,7 +376,8 @@ class TopKState(SAEState):
         x, y = self.pair(x)
         return self.backend.train_step_topk(self.params, self.state, x, k=self.k,
                                             activation=self.activation, lr=lr, beta1=c.beta1,
-                                            beta2=c.beta2, eps=c.eps, y=y, **auxk)
+                                            beta2=c.beta2, eps=c.eps, y=y, **auxk,
+                                            precision=self.precision)
 
     def _extra(self, r) -> dict:
         """Metrics of a step beyond the TopK ones (none here)."""

@@ -50,14 +50,7 @@
 #define FS_MB (32 * FS_MR)
 
 /* ------------------------------------------------------------ bfloat16 */
-static inline uint16_t fs_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                           /* ties to even */
-    return (uint16_t)(u >> 16);
-}
-
+/* fs_to_bf16 is in bf16_encode.h */
 static inline float fs_from_bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;

@@ -20,6 +20,18 @@
 #define FASTSAE_BF16_ENCODE_H
 
 #include <stdint.h>
+#include <string.h>
+
+/* float32 -> bfloat16, round to nearest even; a NaN stays a (quiet) NaN.
+ * Inline here so that the Cython weight passes that rewrite the packed copy
+ * of W_enc during Adam (kernels/cython/backward.pyx) round as the packer. */
+static inline uint16_t fs_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                           /* ties to even */
+    return (uint16_t)(u >> 16);
+}
 
 #define FS_BF16_EMULATED 0
 #define FS_BF16_AVX512BF16 1

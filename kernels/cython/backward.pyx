@@ -46,13 +46,16 @@ as are every extent the loops index by (``d_in``, ``d_out``, ``d_sae``,
 cimport cython
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t, int32_t
+from libc.stdint cimport int64_t, int32_t, uint16_t
 
 import numpy as np
 
 from common cimport AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d
+
+cdef extern from "bf16_encode.h" nogil:
+    uint16_t fs_to_bf16(float f)
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
@@ -466,6 +469,23 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     return mse, l1
 
 
+cdef inline void _write_copy(const float* cols, Py_ssize_t nb, Py_ssize_t d_in, Py_ssize_t K2,
+                             uint16_t* panel, float* wt) noexcept nogil:
+    """One block's updated ``W_enc`` columns (``cols [nb, d_in]``, the
+    columns of features ``j0 .. j0 + nb - 1``) into the bfloat16 copy: their
+    rows of the transpose and their panel (element ``(q, c, e)`` at ``(q *
+    16 + c) * 2 + e`` is column ``c``'s entry ``2q + e``); entries past
+    ``nb`` or ``d_in`` are the packer's zeros and stay."""
+    cdef Py_ssize_t jj, q, kk
+    memcpy(wt, cols, nb * d_in * sizeof(float))
+    for q in range(K2):
+        kk = 2 * q
+        for jj in range(nb):
+            panel[(q * 16 + jj) * 2] = fs_to_bf16(cols[jj * d_in + kk])
+            if kk + 1 < d_in:
+                panel[(q * 16 + jj) * 2 + 1] = fs_to_bf16(cols[jj * d_in + kk + 1])
+
+
 def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    float[:, ::1] W_enc, float[::1] b_enc, float[:, ::1] W_dec, float[::1] b_dec,
                    const int64_t[::1] indptr, const int32_t[::1] indices,
@@ -479,7 +499,8 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                    const float[::1] aux_values=None, double aux_weight=0.0,
                    const int64_t[::1] widths=None, double[::1] prefix_sq=None,
                    const float[:, ::1] target=None, bint center=True,
-                   float[:, ::1] d_target=None):
+                   float[:, ::1] d_target=None, uint16_t[::1] bf16_panels=None,
+                   float[:, ::1] bf16_transpose=None):
     """Backward pass with Adam fused into the feature pass: updates all
     parameters and moments in place; returns ``(mse, l1, aux)`` measured
     before the update. ``unit_norm``: project the decoder gradient and
@@ -496,8 +517,28 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
     suffix sum ``D_g``. Transcoders (``target``, ``center``, ``d_target``):
     see :func:`_prepare` (the skip weights, not known here, are the
     caller's: their forward term is in ``target``, their gradient needs
-    ``d_target``)."""
+    ``d_target``). ``bf16_panels`` and ``bf16_transpose`` (both or
+    neither): the bfloat16 copy of ``W_enc`` of ``kernels/c/bf16_encode.h``
+    (uint16 panels, float32 ``[d_sae, d_in]`` transpose), rewritten from each
+    updated block of ``W_enc`` (one block of 16 features is one panel), so
+    the next ``precision="bf16"`` encode needs no packing pass; the padding
+    is left as packed."""
     cdef Py_ssize_t d_in = W_enc.shape[0], d_sae = W_enc.shape[1], d_out = W_dec.shape[1]
+    cdef bint copy = bf16_panels is not None
+    cdef Py_ssize_t K2 = (d_in + 1) // 2
+    if copy and <int>_FB != 16:  # the copy's writes assume one feature block per panel
+        raise ValueError("train_backward: the bf16 copy needs 16-feature blocks")
+    if copy != (bf16_transpose is not None):
+        raise ValueError("train_backward: bf16_panels and bf16_transpose go together")
+    if copy and (bf16_panels.shape[0] != ((d_sae + 63) // 64) * 4 * K2 * 32
+                 or bf16_transpose.shape[0] != d_sae or bf16_transpose.shape[1] != d_in):
+        raise ValueError("train_backward: the bf16 copy is not of W_enc's shape")
+    cdef uint16_t* pan = NULL
+    cdef float* wtr = NULL
+    cdef Py_ssize_t poff
+    if copy and d_sae > 0 and d_in > 0:
+        pan = &bf16_panels[0]
+        wtr = &bf16_transpose[0, 0]
     if adam_consts.shape[0] != 8:
         raise ValueError("train_backward: adam_consts must hold the 8 numerics.adam_constants")
     cdef AdamConsts c = _adam_consts(&adam_consts[0])
@@ -563,6 +604,11 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
                     for jj in range(nb):
                         gd[jj] = acc[jj * d_in + k]
                     bad += _adam(&W_enc[k, j0], gd, &mW_enc[k, j0], &vW_enc[k, j0], nb, &c)
+                    if pan != NULL:  # the gradient is spent: acc now keeps the new columns
+                        for jj in range(nb):
+                            acc[jj * d_in + k] = W_enc[k, j0 + jj]
+                if pan != NULL:
+                    _write_copy(acc, nb, d_in, K2, pan + jb * K2 * 32, wtr + j0 * d_in)
         free(acc)
         free(gd)
     if failed:

@@ -29,7 +29,7 @@ from .adam import _adam
 from .backward import _backward, _topk_backward
 from .common import BLOCK, _single_block, add_kernel, flat_grid
 from .decode import _sparse_decode, _widths_device
-from .encode import _encode_sparse
+from .encode import _encode_sparse, _fp32_only
 from .placement import _device, _empty_like_params, _is_device, _work, to_numpy
 from .topk import _aux_codes, _pre, _topk_codes, min_kernel
 from .transcoder import _add_skip, _device_or_none, _input_shift
@@ -73,8 +73,9 @@ def _finish_step(scal, colcount, fire_counts, fc_dev, host_pairs) -> np.ndarray:
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None, y=None) -> StepResult:
-    """Forward, backward and Adam update on batch ``x``, in place.
+               fire_counts=None, y=None, precision="fp32") -> StepResult:
+    """Forward, backward and Adam update on batch ``x``, in place (float32:
+    the front refuses ``precision="bf16"`` here).
 
     Device parameters and moments are updated where they are; host (NumPy)
     ones are copied to the GPU and the updated values copied back into the
@@ -83,6 +84,7 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     ``[N, d_out]``, host or device): a transcoder's target (see
     :mod:`.transcoder`).
     """
+    _fp32_only(precision)
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     xd, yd = _device(x), _device_or_none(y)
     n = xd.shape[0]
@@ -106,10 +108,11 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`); device or host
-    arrays and ``y`` as :func:`train_step`."""
+    arrays and ``y`` as :func:`train_step` (float32 only)."""
+    _fp32_only(precision)
     s, nnz, n, aux_loss, kept_min, finite = _selection_step(
         params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
         aux_coefficient, y=y)

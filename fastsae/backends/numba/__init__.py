@@ -276,7 +276,7 @@ _NOCOUNTS = np.empty(0, np.int64)
 
 def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
                decoder_norm="weighted_l1", beta1=0.9, beta2=0.999, eps=1e-8,
-               fire_counts=None, y=None) -> StepResult:
+               fire_counts=None, y=None, precision="fp32") -> StepResult:
     """One training step in place (see :func:`fastsae.backends.reference.train_step`).
 
     The encoder (:func:`.encode.encode_relu_adaptive`) measures this batch's
@@ -286,7 +286,12 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     CSR codes to :func:`.step.train_step_core` (decode, backward at the
     active entries); both fuse Adam (+ unit-norm renormalization) into
     their weight pass. ``y``: a transcoder's target (:mod:`.transcoder`:
-    the kernels fit ``y`` less the skip term; ``W_skip``'s Adam after them)."""
+    the kernels fit ``y`` less the skip term; ``W_skip``'s Adam after them).
+
+    ``precision="bf16"``: the encoder is :mod:`..bf16`'s on the copy of
+    ``W_enc`` kept in ``state.bf16``, which the weight pass rewrites, unless
+    the last step's codes were dense (see :func:`..bf16.bf16_step_wanted`):
+    then this float32 step runs."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -295,25 +300,38 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     unit = decoder_norm == "unit_norm"
     nt = get_num_threads()
     xc = TC.encoder_input(x, params, y)
+    dense_min = float(TU.NUMBA_RELU_DENSE_MIN_DENSITY)
+    bf = precision == "bf16" and BF.bf16_step_wanted(state, dense_min)
+    copy = B.NO_COPY
     with _blas_single():
         tgt = TC.target(x, params, y, nt)
-        dense, f, indptr, indices, values, mx = E.encode_relu_adaptive(
-            xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), nt,
-            float(TU.NUMBA_RELU_DENSE_MIN_DENSITY), NUMBA_RELU_PROBE_BLOCKS)
+        if bf:
+            copy = BF.step_copy(state, W_enc, nt)
+            indptr, indices, values = BF.step_encode(x, TC.encoder_centering(params, y), b_enc,
+                                                     copy[0], copy[1], 0, nt)
+            dense = False
+            mx = 0
+        else:
+            dense, f, indptr, indices, values, mx = E.encode_relu_adaptive(
+                xc, W_enc, b_enc, NUMBA_RELU_ROW_BLOCK, _k_for(n, d_sae), nt, dense_min,
+                NUMBA_RELU_PROBE_BLOCKS)
         norms = NR.row_norms(W_dec)
         if dense:
             mse, l1, nnz, bad, dx = DN.step_core(
                 tgt, xc, f, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state), norms,
                 float(l1_coefficient), unit, adam_c, counts, nt, y is None)
         else:
-            _learn_k(d_sae, mx)
+            if not bf:
+                _learn_k(d_sae, mx)
             mse, l1, nnz, bad, dx = S.train_step_core(
                 tgt, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec,
                 *_adam_moments(state), norms, float(l1_coefficient), unit, adam_c, counts,
-                y is None)
+                y is None, *copy)
         bad += TC.skip_adam(params, state, dx, x, adam_c)
     var = S.batch_variance(x if y is None else y)
     state.step = t
+    if precision == "bf16":
+        BF.step_done(state, W_enc, wrote=bf, nnz=nnz, n=n)
     return NU.relu_step_result(mse, l1, nnz, n, var, params_finite=bad == 0)
 
 
@@ -426,24 +444,27 @@ def topk_gradients(x, params: SAEParams, codes, x_hat, aux_codes=None, aux_weigh
 
 def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="topk", lr,
                     beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                    k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
+                    k_aux=0, aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
     """One TopK/BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_topk`): fused top-k (and
     AuxK) encode, then :func:`.step.prefix_step_core` (one prefix): one row pass decoding
     both codes into the two residual gradients, ``d_pre`` at the selected
     entries, then one pass over tiles of features making both weight
     gradients and consuming them with Adam (decoder rows renormalized as
-    they are updated). ``y``: a transcoder's target."""
+    they are updated). ``y``: a transcoder's target. ``precision="bf16"``
+    (TopK only): the TopK selection from :mod:`..bf16`'s encoder on the
+    copy of ``W_enc`` in ``state.bf16``, which the weight pass rewrites; the
+    AuxK selection stays float32 (a product over the dead columns only)."""
     sq, aux_loss, main, var, bad = _selection_step(
         params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient, None, y)
+        aux_coefficient, None, y, precision)
     n = x.shape[0]
     return NU.topk_step_result(sq[0] / n, aux_loss, main[0][-1], n, var, main[2],
                                params_finite=bad == 0)
 
 
 def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire_counts,
-                    dead_mask, k_aux, aux_coefficient, widths, y):
+                    dead_mask, k_aux, aux_coefficient, widths, y, precision="fp32"):
     """The TopK family's step, shared by :func:`train_step_topk` and
     :func:`train_step_matryoshka` (``widths`` None: one prefix): encode
     (and AuxK), then :func:`.step.prefix_step_core` (a transcoder: on the
@@ -457,7 +478,18 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
     W_enc, b_enc, W_dec, b_dec = params.W_enc, params.b_enc, params.W_dec, params.b_dec
     use_aux = NU.auxk_active(dead_mask, k_aux, aux_coefficient)
     weight = NU.auxk_weight(dead_mask, k_aux, aux_coefficient) if use_aux else 0.0
-    if activation == "topk":
+    bf = precision == "bf16"
+    copy = B.NO_COPY
+    if bf:  # the front allows it for TopK only
+        nt = get_num_threads()
+        xc = TC.encoder_input(x, params, y)
+        with _blas_single():
+            copy = BF.step_copy(state, W_enc, nt)
+            main = BF.step_encode(x, TC.encoder_centering(params, y), b_enc, copy[0], copy[1],
+                                  int(k), nt)
+        aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
+               else (_NOIDX, _NOMAP, _EMPTY1))
+    elif activation == "topk":
         # centering, TopK and AuxK selection in one parallel region, one product
         dead_u8 = dead_mask.astype(np.uint8) if use_aux else _NO_U8
         with _blas_single():
@@ -475,12 +507,14 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
     sq, a_sq, var, bad = S.prefix_step_core(_target(x, params, y), xc, *main, *aux, W_enc,
                                             b_enc, W_dec, b_dec, *_adam_moments(state), adam_c,
                                             weight * 2.0 / n, NUMBA_TOPK_FEATURE_TILE, counts,
-                                            levels, ws, y is None)
+                                            levels, ws, y is None, *copy)
     if params.W_skip is not None:  # the kernel's variance is of y - x W_skip^T
         with _blas_single():
             bad += TC.skip_adam(params, state, ws[0], x, adam_c)
         var = S.batch_variance(y)
     state.step = t
+    if bf:
+        BF.step_done(state, W_enc, wrote=True, nnz=main[0][-1], n=n)
     aux_loss = weight * a_sq / n if use_aux else 0.0
     return sq, aux_loss, main, var, bad
 

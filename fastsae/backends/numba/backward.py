@@ -58,7 +58,41 @@ __all__ = ["csr_to_csc", "d_pre_csr", "d_pre_topk_csr", "column_sums_csc", "colu
            "decoder_row_grad_tail", "decoder_row_adam", "b_dec_grad", "feature_grads",
            "feature_adam", "residual_grad", "relu_gradients", "aux_residual", "prefix_row_pass",
            "topk_row_pass", "stacked_csc", "prefix_feature_grad", "project_row", "prefix_feature_adam",
-           "topk_feature_adam"]
+           "topk_feature_adam", "bf16_copy_tile", "NO_COPY"]
+
+#: The empty ``(Wp, WT)`` of a weight pass that keeps no bfloat16 copy of
+#: ``W_enc`` (see :func:`bf16_copy_tile`).
+NO_COPY = (np.empty(0, np.uint16), np.empty((0, 0), np.float32))
+
+
+@njit(inline="always")
+def bf16_copy_tile(cols, j0, m, Wp, WT):
+    """Write a tile's just-updated ``W_enc`` columns (``cols[jj]`` float32
+    ``[d_in]``, C-contiguous: the column of feature ``j0 + jj`` for ``jj <
+    m``) into the bfloat16 copy the ``precision="bf16"`` encoder reads
+    (:mod:`fastsae.backends.bf16`), so the next step needs no packing pass:
+    ``WT [d_sae, d_in]`` float32 (the transpose: one row copy per feature)
+    and ``Wp`` uint16, the panels of ``kernels/c/bf16_encode.h`` (element
+    ``(p, q, c, e)`` is ``W_enc[2q + e, 16p + c]``, ``K2 = ceil(d_in / 2)``
+    pairs per panel), rounded to nearest even as ``fs_to_bf16`` does (a NaN
+    stays a quiet NaN). The panels' padding (zeros past ``d_in`` and
+    ``d_sae``) is never touched: it stays as packed."""
+    d_in = cols.shape[1]
+    K2 = (d_in + 1) // 2
+    bits = cols.view(np.uint32)
+    for jj in range(m):
+        WT[j0 + jj, :] = cols[jj]
+    for q in range(K2):
+        for jj in range(m):
+            j = j0 + jj
+            base = (((j >> 4) * K2 + q) * 16 + (j & 15)) * 2
+            for e in range(min(2, d_in - 2 * q)):
+                u = np.int64(bits[jj, 2 * q + e])
+                if (u & 0x7FFFFFFF) > 0x7F800000:
+                    h = (u >> 16) | 0x40
+                else:
+                    h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+                Wp[base + e] = np.uint16(h)
 
 
 @njit(cache=True)
@@ -318,7 +352,8 @@ def feature_grads(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l
 
 @njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
 def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n, unit_norm,
-                 W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c):
+                 W_enc, b_enc, g_b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
+                 Wp, WT):
     """The gradients of :func:`feature_grads`, consumed by Adam as each is
     made (they are never stored): ``W_enc``, ``W_dec`` and, with the
     precomputed ``g_b_enc``, ``b_enc`` and their moments are updated in place
@@ -328,9 +363,13 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
     nothing else in this pass reads them. Returns a count that is nonzero
     exactly when an updated parameter is inf or NaN (each row or tile piece
     is checked right after its update, see :func:`.adam.nonfinite_in`).
+    Where ``Wp`` is non-empty each updated row piece of ``W_enc`` is also
+    written into the bfloat16 copy ``(Wp, WT)`` (:func:`bf16_copy_tile`;
+    :data:`NO_COPY`: none).
     """
     d_sae, d_out = W_dec.shape
     d_in = W_enc.shape[0]
+    copy = Wp.shape[0] > 0
     T = NUMBA_RELU_FEATURE_TILE
     ntiles = (d_sae + T - 1) // T
     c = np.float32(l1n)
@@ -354,7 +393,10 @@ def feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1
             for j in range(j0, j1):
                 W_enc[k, j], mW_enc[k, j], vW_enc[k, j] = adam_elem(
                     W_enc[k, j], ge[j - j0, k], mW_enc[k, j], vW_enc[k, j], cs)
+                ge[j - j0, k] = W_enc[k, j]  # the gradient is spent: ge keeps the columns
             tb += nonfinite_in(W_enc[k, j0:j1])
+        if copy:
+            bf16_copy_tile(ge, j0, j1 - j0, Wp, WT)
         bad += tb
     return bad
 
@@ -656,7 +698,7 @@ def project_row(gd, w):
 @njit(parallel=True, cache=True, error_model="numpy")  # see adam.adam_elem
 def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc, W_dec, W_enc,
                         b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile,
-                        ext_slot, ext_g, ext_b):
+                        ext_slot, ext_g, ext_b, Wp, WT):
     """TopK training step's weight pass, over nested prefixes: per feature
     ``j``, the gradients of ``W_dec`` (unit-norm projected), ``W_enc`` and
     ``b_enc`` (:func:`prefix_feature_grad` with ``D[levels[j]]``, the suffix
@@ -682,6 +724,9 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     ``ext_b[s]`` to its ``b_enc`` gradient before Adam; the TopK family
     passes empty arrays (nothing added, bit for bit as before).
 
+    The bfloat16 copy of ``W_enc`` (``Wp`` non-empty): as
+    :func:`feature_adam` writes it (:data:`NO_COPY`: none).
+
     Returns ``(g_b_enc float32 [d_sae], part float64 [n_tiles, d_in],
     bad)`` with ``part[t] = W_enc[:, tile t] @ g_b_enc[tile t]`` from the
     weights before the update (``g_b_dec`` needs ``W_enc @ g_b_enc``; sum
@@ -696,6 +741,7 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
     part = np.zeros((ntiles, d_in), np.float64)
     cs = const_tuple(adam_c)
     has_ext = ext_slot.shape[0] > 0
+    copy = Wp.shape[0] > 0
     bad = 0
     for t in prange(ntiles):
         j0 = t * T
@@ -741,6 +787,11 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
             for jj in range(m):
                 wr[jj], mr[jj], vr[jj] = adam_elem(wr[jj], gr[jj], mr[jj], vr[jj], cs)
             tb += nonfinite_in(wr)
+            if copy:  # ge is spent (transposed above): it keeps the new columns
+                for jj in range(m):
+                    ge[jj, k] = wr[jj]
+        if copy:
+            bf16_copy_tile(ge, j0, m, Wp, WT)
         tb += nonfinite_in(b_enc[j0:j1])
         bad += tb
     return g_b_enc, part, bad
@@ -758,4 +809,5 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
                                np.zeros(W_dec.shape[0], np.int32), d_ehat, xc, W_dec, W_enc,
                                b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
                                tile, np.empty(0, np.int64),
-                               np.empty((0, xc.shape[1]), np.float32), np.empty(0, np.float32))
+                               np.empty((0, xc.shape[1]), np.float32), np.empty(0, np.float32),
+                               np.empty(0, np.uint16), np.empty((0, 0), np.float32))

@@ -923,7 +923,8 @@ def sparse_step_core_modes(x, xc, indptr, indices, values, theta, hi, W_enc, b_e
                                          np.zeros(d_sae, np.int32),
                                          np.empty((0, d_out), np.float32), xc, W_dec, W_enc,
                                          b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile,
-                                         slot, G, gb)
+                                         slot, G, gb, np.empty(0, np.uint16),
+                                         np.empty((0, 0), np.float32))
     bad += S._b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
     bad += _threshold_adam(log_threshold, g_lt, tm, tv, adam_c)
     if fire_counts.shape[0] > 0:

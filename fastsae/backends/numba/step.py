@@ -70,13 +70,15 @@ def batch_variance(x):
 @njit(cache=True)
 def train_step_core(x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec, mWe, vWe,
                     mbe, vbe, mWd, vWd, mbd, vbd, norms, l1c, unit_norm, adam_c, fire_counts,
-                    center):
+                    center, Wp, WT):
     """A ReLU + L1 step after the encoder on its CSR codes (sparse: see
     :func:`.encode.encode_relu_adaptive`), in place: decode fused with the
     residual, backward at the active entries and Adam fused into the weight
     pass (:func:`.backward.feature_adam`); ``xc = x - b_dec``, ``norms`` the
     decoder row norms, ``l1c`` the L1 coefficient, ``unit_norm`` the
-    decoder-norm mode, ``x`` the target (module docstring).
+    decoder-norm mode, ``x`` the target (module docstring); ``(Wp, WT)``
+    the bfloat16 copy of ``W_enc`` the weight pass keeps
+    (:func:`.backward.bf16_copy_tile`; empty: none).
 
     Returns ``(mse, l1, nnz, bad, d_xhat)`` with ``bad`` nonzero exactly
     when an updated parameter is inf or NaN and ``d_xhat = 2 (x_hat - x) /
@@ -94,7 +96,8 @@ def train_step_core(x, xc, indptr, indices, values, W_enc, b_enc, W_dec, b_dec, 
     g_b_dec = B.b_dec_grad(B.column_sums_rows(d_xhat), W_enc, g_b_enc, center)
     # W_dec, W_enc, b_enc: gradient tiles consumed by Adam as they are made
     bad = B.feature_adam(colptr, rows, perm, values, d_pre, d_xhat, xc, W_dec, norms, l1n,
-                         unit_norm, W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c)
+                         unit_norm, W_enc, b_enc, g_b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c,
+                         Wp, WT)
     bad += A.adam_flat(b_dec, g_b_dec, mbd, vbd, adam_c)
     if fire_counts.shape[0] > 0:
         for j in range(d_sae):
@@ -137,7 +140,7 @@ def shifted_variance(sum_x, sum_xx, n):
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
 def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc,
                      b_enc, W_dec, b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c,
-                     aux_scale, tile, fire_counts, levels, D, center):
+                     aux_scale, tile, fire_counts, levels, D, center, Wp, WT):
     """Everything of a TopK step after the encoder, over the nested prefixes
     of ``levels`` (int32 ``[d_sae]``, each feature's prefix level; all zeros:
     the TopK/BatchTopK step), in two parallel regions: the row pass (decode,
@@ -154,7 +157,8 @@ def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_valu
     of the target, bad)`` with ``bad`` nonzero exactly when an updated
     parameter is inf or NaN. ``D`` float32 ``[L, N, d_out]`` is the row
     pass's workspace (overwritten; ``D[0]`` is then ``dL/dx_hat`` summed
-    over the prefixes)."""
+    over the prefixes). ``(Wp, WT)``: the bfloat16 copy of ``W_enc``
+    the weight pass keeps (:func:`.backward.bf16_copy_tile`; empty: none)."""
     n = x.shape[0]
     d_sae, d_out = W_dec.shape
     D, d_ehat, d_pre, a_d_pre, sq, a_sq, sum_dx, sum_x, sum_xx = B.prefix_row_pass(
@@ -166,7 +170,7 @@ def prefix_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_valu
                                          W_dec, W_enc, b_enc, mWe, vWe, mbe, vbe, mWd, vWd,
                                          adam_c, tile, np.empty(0, np.int64),
                                          np.empty((0, xc.shape[1]), np.float32),
-                                         np.empty(0, np.float32))
+                                         np.empty(0, np.float32), Wp, WT)
     # g_b_dec = sum_i D_0(i) - W_enc_old @ g_b_enc (tile partials in order)
     bad += _b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
     if fire_counts.shape[0] > 0:
@@ -186,5 +190,6 @@ def topk_step_core(x, xc, indptr, indices, values, a_indptr, a_indices, a_values
     sq, a_sq, var, bad = prefix_step_core(
         x, xc, indptr, indices, values, a_indptr, a_indices, a_values, W_enc, b_enc, W_dec,
         b_dec, mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, adam_c, aux_scale, tile, fire_counts,
-        np.zeros(d_sae, np.int32), np.empty((1, x.shape[0], d_out), np.float32), center)
+        np.zeros(d_sae, np.int32), np.empty((1, x.shape[0], d_out), np.float32), center,
+        np.empty(0, np.uint16), np.empty((0, 0), np.float32))
     return sq[0], a_sq, var, bad

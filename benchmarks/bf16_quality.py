@@ -1,0 +1,149 @@
+"""Training quality with ``precision="bf16"`` against ``"fp32"``: the same run
+(seed, steps, every default) in both precisions, on two problems.
+
+    python benchmarks/bf16_quality.py [--backend numba] [--activation relu]
+                                      [--steps 800] [--out-dir DIR] [--quick]
+
+1. The built-in synthetic problem of ``fastsae train`` (its command line's
+   defaults: 256 known directions in 64 dimensions, ``d_sae`` 512), through
+   ``fastsae.cli.main``; its summary's explained variance, L0 and true-feature
+   recovery (best cosine above 0.9).
+2. The trainer benchmark's activations file (``trainer_density.py``: seeded,
+   2048 directions with Zipf frequencies in 384 dimensions, 131072 rows;
+   written once under ``--out-dir``), ``d_sae`` 6144, the CLI's defaults
+   (batch 512, unit-norm decoder), through the Python API so that the
+   recovery of the file's 2048 directions is measured too.
+
+Issue 13's bars, checked per problem: the bf16 run ends within 0.005
+explained variance and within 1 point of true-feature recovery of the fp32
+run. ``--activation topk`` runs TopK SAEs (k 32) instead of ReLU.
+``--quick`` (CI) runs the built-in problem for 300 steps only and checks
+the bars there. Results also go to ``DIR/bf16_quality.json``. Names the CPU,
+the BLAS and the bf16 path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fastsae  # noqa: E402
+from fastsae.backends import bf16 as BF  # noqa: E402
+from fastsae.cli import DEFAULT_DECODER_NORM, DEFAULT_K, main as cli_main  # noqa: E402
+from fastsae.training import TrainConfig, Trainer  # noqa: E402
+
+from conftest import blas_info, cpu_model  # noqa: E402
+from trainer_density import D_IN, D_SAE, DATA, activations_file  # noqa: E402
+
+EV_BAR = 0.005
+RECOVERY_BAR = 0.01
+PRECISIONS = ("fp32", "bf16")
+
+
+def builtin_run(backend: str, activation: str, precision: str, steps, out: Path) -> dict:
+    """``fastsae train`` on the built-in problem; its summary's metrics."""
+    argv = ["train", "--backend", backend, "--precision", precision, "--out", str(out),
+            "--overwrite", "--activation", activation]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"fastsae {' '.join(argv)} exited with {rc}")
+    return json.loads((out / "summary.json").read_text())["metrics"]
+
+
+def true_directions() -> np.ndarray:
+    """The activations file's 2048 unit directions (its generator's first draw)."""
+    rng = np.random.default_rng(DATA["seed"])
+    D = rng.standard_normal((DATA["n_dirs"], DATA["d_in"]))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    return D.astype(np.float32)
+
+
+def file_run(path: Path, backend: str, activation: str, precision: str, steps: int) -> dict:
+    """A fresh SAE on the activations file with the CLI's defaults."""
+    k = DEFAULT_K if activation == "topk" else None
+    model = fastsae.SparseAutoencoder(D_IN, D_SAE, backend=backend,
+                                      decoder_norm=DEFAULT_DECODER_NORM, seed=0,
+                                      activation=activation, k=k)
+    cfg = TrainConfig(steps=steps, precision=precision, progress=False)
+    t = Trainer(model, str(path), cfg, true_dictionary=true_directions(), backend=backend)
+    return dict(t.train().metrics)
+
+
+def _row(name, m) -> str:
+    rec = m.get("recovered")
+    return (f"| {name} | {m['precision']} ({m.get('bf16_path') or '-'}) | "
+            f"{m['explained_variance']:.4f} | {m['l0']:.1f} | "
+            f"{'-' if rec is None else f'{rec:.3f}'} | {m['wall_s']:.1f} |")
+
+
+def compare(name, runs) -> list[str]:
+    """The bars for one problem: lines saying PASS or FAIL."""
+    a, b = runs["fp32"], runs["bf16"]
+    out = []
+    dev = abs(b["explained_variance"] - a["explained_variance"])
+    out.append(f"{name}: |EV bf16 - EV fp32| = {dev:.4f} (bar {EV_BAR}): "
+               f"{'PASS' if dev <= EV_BAR else 'FAIL'}")
+    if a.get("recovered") is not None:
+        dr = abs(b["recovered"] - a["recovered"])
+        out.append(f"{name}: |recovery bf16 - fp32| = {100 * dr:.2f} points (bar "
+                   f"{100 * RECOVERY_BAR:.0f}): {'PASS' if dr <= RECOVERY_BAR else 'FAIL'}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--activation", choices=("relu", "topk"), default="relu")
+    ap.add_argument("--steps", type=int, default=800, help="steps on the activations file")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fastsae_bf16q_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; {BF.path_report()}")
+    if BF.selected_path() == "emulated":
+        print("note: no bfloat16 instructions here: the bf16 runs take the (slow) emulated path")
+    results, lines = {}, []
+    problems = [("built-in synthetic", lambda p: builtin_run(
+        args.backend, args.activation, p, 300 if args.quick else None, out_dir / f"builtin_{p}"))]
+    if not args.quick:
+        path = activations_file(out_dir, 131072)
+        problems.append((f"activations file, {args.steps} steps", lambda p: file_run(
+            path, args.backend, args.activation, p, args.steps)))
+    print(f"\n{args.activation} SAEs, backend {args.backend}\n")
+    print("| problem | precision (path) | explained variance | L0 | recovered | wall s |")
+    print("|---|---|---|---|---|---|")
+    for name, run in problems:
+        runs = {}
+        for p in PRECISIONS:
+            t = time.perf_counter()
+            runs[p] = run(p)
+            runs[p].setdefault("wall_s", time.perf_counter() - t)
+            print(_row(name, runs[p]), flush=True)
+        results[name] = runs
+        lines += compare(name, runs)
+    print()
+    print("\n".join(lines))
+    (out_dir / "bf16_quality.json").write_text(json.dumps(
+        {"cpu": cpu_model(), "blas": blas_info(), "path": BF.path_report(),
+         "activation": args.activation, "backend": args.backend, "results": results,
+         "checks": lines}, indent=1, default=str))
+    print(f"results: {out_dir / 'bf16_quality.json'}")
+    return 1 if any(line.endswith("FAIL") for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
