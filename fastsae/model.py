@@ -107,6 +107,11 @@ class SparseAutoencoder:
     init_norm : float
         Initial norm of the decoder rows (``weighted_l1``; rows have unit norm
         in ``unit_norm`` mode) and of the encoder columns.
+    precision : ``"fp32"`` or ``"bf16"``
+        The default of :meth:`encode` and :meth:`sparse_encoder` (``"bf16"``:
+        the bfloat16 encoders of :mod:`fastsae.backends.bf16`, CPU backends).
+        Training has its own setting, :attr:`fastsae.TrainConfig.precision`.
+        A loaded SAE encodes in ``"fp32"`` until this attribute is set.
 
     Initialization (April 2024 update and common practice): decoder rows point
     in random directions with a small fixed norm, ``W_enc = W_dec.T`` (tied
@@ -117,11 +122,17 @@ class SparseAutoencoder:
     differ).
     """
 
+    #: The default precision of :meth:`encode` (loaded SAEs: float32).
+    precision = "fp32"
+
     def __init__(self, d_in: int, d_sae: int, *, decoder_norm: str | None = None,
                  backend=None, seed: int = 0, init_norm: float = 0.1,
                  activation: str = "relu", k: int | None = None, widths=None,
-                 transcoder: bool = False, d_out: int | None = None, skip: bool = False):
+                 transcoder: bool = False, d_out: int | None = None, skip: bool = False,
+                 precision: str = "fp32"):
         d_in = V.as_int(d_in, "d_in")
+        #: The default precision of :meth:`encode` (``"fp32"`` or ``"bf16"``).
+        self.precision = V.precision_arg(precision)
         d_sae = V.as_int(d_sae, "d_sae")
         if not isinstance(transcoder, bool) or not isinstance(skip, bool):
             raise TypeError("transcoder and skip must be True or False")
@@ -326,7 +337,7 @@ class SparseAutoencoder:
         return p.b_dec
 
     def encode(self, x, sparse: bool = False, *, batch_size: int | None = None,
-               precision: str = "fp32"):
+               precision: str | None = None):
         """Feature activations of ``x [N, d_in]``.
 
         Returns a dense float32 ``[N, d_sae]`` array, or with ``sparse=True``
@@ -341,7 +352,9 @@ class SparseAutoencoder:
         ``"fp32"``, at entries within the bfloat16 error of the cut (see
         :mod:`fastsae.backends.bf16`). On numba and cython the weights are
         packed once per call; the numpy backend computes the reference rule.
+        ``None``: the model's :attr:`precision`.
         """
+        precision = self.precision if precision is None else precision
         x = self._x(x)
         be, p = self.backend, self._device_params()
         c = self._centering(be, p)
@@ -368,11 +381,13 @@ class SparseAutoencoder:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return _concat_codes(pieces, self.d_sae)
 
-    def sparse_encoder(self, precision: str = "fp32"):
+    def sparse_encoder(self, precision: str | None = None):
         """A function ``x [N, d_in] -> SparseCodes`` for encoding many batches:
         :meth:`encode` with ``sparse=True``, except that with
         ``precision="bf16"`` the weights are packed once, here (a snapshot:
-        later changes to the parameters are not seen by the function)."""
+        later changes to the parameters are not seen by the function).
+        ``None``: the model's :attr:`precision`."""
+        precision = self.precision if precision is None else precision
         be = self.backend
         if V.precision_arg(precision, allow_bf16=not be._device, backend=be.name) == "fp32":
             return lambda x: self.encode(x, sparse=True)

@@ -234,3 +234,28 @@ def test_cli_precision_flag(tmp_path, monkeypatch, capsys):
     assert main(["train", "--steps", "12", "--precision", "bf16", "--activation", "batchtopk",
                  "--out", str(tmp_path / "g")]) != 0
     assert "relu and topk" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the model's default
+@pytest.mark.parametrize("name", ["numpy"] + COMPILED)
+def test_model_precision_is_the_encode_default(name, tmp_path, monkeypatch):
+    if name != "numpy" and not HAVE_KERNELS:
+        pytest.skip("compiled bf16 kernels unavailable")
+    monkeypatch.setenv("FASTSAE_BF16_PATH", "emulated")
+    x = np.random.default_rng(0).standard_normal((37, 16)).astype(np.float32)
+    m = SparseAutoencoder(16, 64, seed=3, backend=name, precision="bf16", activation="topk",
+                          k=5)
+    assert m.precision == "bf16" and m.copy().precision == "bf16"
+    a, b = m.encode(x, sparse=True), m.encode(x, sparse=True, precision="bf16")
+    np.testing.assert_array_equal(a.to_dense(), b.to_dense())
+    c = m.sparse_encoder()(x)
+    np.testing.assert_array_equal(c.to_dense(), b.to_dense())
+    f = m.encode(x, sparse=True, precision="fp32")  # an explicit argument wins
+    np.testing.assert_array_equal(
+        f.to_dense(), SparseAutoencoder(16, 64, seed=3, backend=name, activation="topk",
+                                        k=5).encode(x, sparse=True).to_dense())
+    assert SparseAutoencoder(16, 64).precision == "fp32"
+    m.save(tmp_path / "sae")
+    assert SparseAutoencoder.load(tmp_path / "sae").precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        SparseAutoencoder(16, 64, precision="fp16")
