@@ -50,6 +50,7 @@ sparse again.
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -254,13 +255,15 @@ class StepCopy:
     :class:`~fastsae.AdamState` as ``state.bf16``: ``Wp`` (uint16 panels)
     and ``WT`` (float32 ``[d_sae, d_in]``) of ``W_enc`` as
     ``kernels/c/bf16_encode.h`` lays them out, ``key`` (which ``W_enc`` at
-    which step they are a copy of; ``None``: stale) and ``density`` (the last
-    step's L0 / d_sae; ``None``: unknown)."""
+    which step they are a copy of; ``None``: stale), ``ref`` (a weak reference
+    to that ``W_enc``, so a new array that happens to reuse the old one's
+    memory is not taken for it) and ``density`` (the last step's L0 / d_sae;
+    ``None``: unknown)."""
 
-    __slots__ = ("Wp", "WT", "key", "density")
+    __slots__ = ("Wp", "WT", "key", "ref", "density")
 
     def __init__(self):
-        self.Wp = self.WT = self.key = self.density = None
+        self.Wp = self.WT = self.key = self.ref = self.density = None
 
 
 def _state_copy(state) -> StepCopy:
@@ -289,7 +292,7 @@ def step_copy(state, W_enc, threads):
     when the kernels or the forced path are missing."""
     selected_path()
     sc = _state_copy(state)
-    if sc.key != _key(state, W_enc) or sc.Wp is None:
+    if sc.key != _key(state, W_enc) or sc.Wp is None or sc.ref is None or sc.ref() is not W_enc:
         sc.key = None
         sc.Wp, sc.WT = _C.pack(W_enc, threads)
     return sc.Wp, sc.WT
@@ -308,6 +311,7 @@ def step_done(state, W_enc, *, wrote: bool, nnz: int, n: int) -> None:
     wrote it; the step's density is kept for :func:`bf16_step_wanted`."""
     sc = _state_copy(state)
     sc.key = _key(state, W_enc) if wrote else None
+    sc.ref = weakref.ref(W_enc) if wrote else None
     sc.density = float(nnz) / max(1, int(n) * int(W_enc.shape[1]))
 
 
