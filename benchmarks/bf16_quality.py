@@ -18,7 +18,9 @@ Issue 13's bars, checked per problem: the bf16 run ends within 0.005
 explained variance and within 1 point of true-feature recovery of the fp32
 run. ``--activation topk`` runs TopK SAEs (k 32) instead of ReLU.
 ``--quick`` (CI) runs the built-in problem for 300 steps only and checks
-the bars there. Results also go to ``DIR/bf16_quality.json``. Names the CPU,
+the bars there. ``--seed-spread`` adds an fp32 run at seed 1: how far two
+fp32 runs that differ only in their seed end apart, the scale the bars'
+differences are to be read against. Results also go to ``DIR/bf16_quality.json``. Names the CPU,
 the BLAS and the bf16 path.
 """
 
@@ -50,10 +52,11 @@ RECOVERY_BAR = 0.01
 PRECISIONS = ("fp32", "bf16")
 
 
-def builtin_run(backend: str, activation: str, precision: str, steps, out: Path) -> dict:
+def builtin_run(backend: str, activation: str, precision: str, steps, out: Path,
+                seed: int = 0) -> dict:
     """``fastsae train`` on the built-in problem; its summary's metrics."""
     argv = ["train", "--backend", backend, "--precision", precision, "--out", str(out),
-            "--overwrite", "--activation", activation]
+            "--overwrite", "--activation", activation, "--seed", str(seed)]
     if steps is not None:
         argv += ["--steps", str(steps)]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -71,13 +74,14 @@ def true_directions() -> np.ndarray:
     return D.astype(np.float32)
 
 
-def file_run(path: Path, backend: str, activation: str, precision: str, steps: int) -> dict:
+def file_run(path: Path, backend: str, activation: str, precision: str, steps: int,
+             seed: int = 0) -> dict:
     """A fresh SAE on the activations file with the CLI's defaults."""
     k = DEFAULT_K if activation == "topk" else None
     model = fastsae.SparseAutoencoder(D_IN, D_SAE, backend=backend,
-                                      decoder_norm=DEFAULT_DECODER_NORM, seed=0,
+                                      decoder_norm=DEFAULT_DECODER_NORM, seed=seed,
                                       activation=activation, k=k)
-    cfg = TrainConfig(steps=steps, precision=precision, progress=False)
+    cfg = TrainConfig(steps=steps, precision=precision, progress=False, seed=seed)
     t = Trainer(model, str(path), cfg, true_dictionary=true_directions(), backend=backend)
     return dict(t.train().metrics)
 
@@ -90,9 +94,17 @@ def _row(name, m) -> str:
 
 
 def compare(name, runs) -> list[str]:
-    """The bars for one problem: lines saying PASS or FAIL."""
+    """The bars for one problem: lines saying PASS or FAIL (and, with an fp32
+    run at seed 1, the seed-to-seed spread for scale)."""
     a, b = runs["fp32"], runs["bf16"]
     out = []
+    c = runs.get("fp32 seed 1")
+    if c is not None:
+        spread = (f"{name}: fp32 seed 0 vs seed 1 (scale, no bar): |EV| "
+                  f"{abs(c['explained_variance'] - a['explained_variance']):.4f}")
+        if a.get("recovered") is not None:
+            spread += f", |recovery| {100 * abs(c['recovered'] - a['recovered']):.2f} points"
+        out.append(spread)
     dev = abs(b["explained_variance"] - a["explained_variance"])
     out.append(f"{name}: |EV bf16 - EV fp32| = {dev:.4f} (bar {EV_BAR}): "
                f"{'PASS' if dev <= EV_BAR else 'FAIL'}")
@@ -110,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=800, help="steps on the activations file")
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed-spread", action="store_true",
+                    help="also train fp32 at seed 1 (the seed-to-seed spread, for scale)")
     args = ap.parse_args(argv)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fastsae_bf16q_"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,22 +131,26 @@ def main(argv=None) -> int:
     if BF.selected_path() == "emulated":
         print("note: no bfloat16 instructions here: the bf16 runs take the (slow) emulated path")
     results, lines = {}, []
-    problems = [("built-in synthetic", lambda p: builtin_run(
-        args.backend, args.activation, p, 300 if args.quick else None, out_dir / f"builtin_{p}"))]
+    problems = [("built-in synthetic", lambda p, seed: builtin_run(
+        args.backend, args.activation, p, 300 if args.quick else None,
+        out_dir / f"builtin_{p}_{seed}", seed))]
     if not args.quick:
         path = activations_file(out_dir, 131072)
-        problems.append((f"activations file, {args.steps} steps", lambda p: file_run(
-            path, args.backend, args.activation, p, args.steps)))
+        problems.append((f"activations file, {args.steps} steps", lambda p, seed: file_run(
+            path, args.backend, args.activation, p, args.steps, seed)))
+    runs_of = [(p, p, 0) for p in PRECISIONS]
+    if args.seed_spread:
+        runs_of.append(("fp32 seed 1", "fp32", 1))
     print(f"\n{args.activation} SAEs, backend {args.backend}\n")
     print("| problem | precision (path) | explained variance | L0 | recovered | wall s |")
     print("|---|---|---|---|---|---|")
     for name, run in problems:
         runs = {}
-        for p in PRECISIONS:
+        for label, p, seed in runs_of:
             t = time.perf_counter()
-            runs[p] = run(p)
-            runs[p].setdefault("wall_s", time.perf_counter() - t)
-            print(_row(name, runs[p]), flush=True)
+            runs[label] = run(p, seed)
+            runs[label].setdefault("wall_s", time.perf_counter() - t)
+            print(_row(name if seed == 0 else f"{name}, seed {seed}", runs[label]), flush=True)
         results[name] = runs
         lines += compare(name, runs)
     print()

@@ -11,6 +11,12 @@ bare float32 matmul of the encoder's shapes, in one group per size,
   ``fastsae.backends.bf16.available_paths()`` (``FASTSAE_BF16_PATH`` set);
 * ``BF16Encoder(W_enc, b_enc, b_dec)``: its construction (``pack``) and
   ``.relu(x)`` / ``.topk(x, 32)`` on the prepacked weights, every path;
+* ``train_step`` (ReLU, weighted L1) and ``train_step_topk`` (k=32) on
+  numba and cython, fp32 and ``precision="bf16"`` on every path (op
+  ``step_relu`` / ``step_topk``): the parameters are updated in place
+  round after round with a tiny learning rate, so L0 stays put; a bf16
+  step encodes from the copy of ``W_enc`` that the previous step's Adam
+  pass wrote (the first round packs it);
 * peers when importable: ``torch.matmul`` on bf16 tensors (threads set to
   numba's), skipped when torch is absent.
 
@@ -190,6 +196,35 @@ def test_bf16_encoder(benchmark, size, problem, op, path, request, monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+STEPS = ("step_relu", "step_topk")
+
+
+def _step_fn(be, problem, op, precision):
+    """One training step on copies of the problem's SAE, in place."""
+    q = problem.params.copy()
+    st = fastsae.AdamState.zeros_like(q)
+    x = problem.x
+    if op == "step_relu":
+        return lambda: be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-7,
+                                     precision=precision)
+    return lambda: be.train_step_topk(q, st, x, k=K, lr=1e-7, precision=precision)
+
+
+@pytest.mark.parametrize("precision_path", ["fp32", *(f"bf16-{p}" for p in PATHS)])
+@pytest.mark.parametrize("op", STEPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_train_step(benchmark, size, problem, impl, op, precision_path, request, monkeypatch):
+    be = _usable(request, impl)
+    precision, _, path = precision_path.partition("-")
+    if precision == "bf16":
+        _path(monkeypatch, path)
+    _setup(benchmark, size, problem, impl=impl, op=op, precision=precision,
+           path=path or "-")
+    r = benchmark(_step_fn(be, problem, op, precision))
+    benchmark.extra_info["l0"] = float(r.l0)
+    assert np.isfinite(r.mse)
+
+
 def test_torch_bf16_matmul(benchmark, size, problem):
     """Peer: ``torch.matmul`` of bf16 ``x - b_dec`` and ``W_enc`` (bf16
     output), threads set to numba's."""
@@ -210,7 +245,7 @@ def test_torch_bf16_matmul(benchmark, size, problem):
 
 # ------------------------------------------------------------------ the table
 _IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "numba": 2, "cython": 3, "BF16Encoder": 4}
-_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3}
+_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3, "step_relu": 4, "step_topk": 5}
 
 
 def _table(tr, rows):
@@ -221,7 +256,7 @@ def _table(tr, rows):
         tr.write_line(f"{bf16.path_report()}; paths here: {bf16.available_paths()}")
     except Exception as exc:  # not importable: the bf16 rows were skipped
         tr.write_line(f"fastsae.backends.bf16: {exc}")
-    tr.write_line(f"{'group':28s} {'op':6s} {'impl':12s} {'prec':4s} {'path':12s} "
+    tr.write_line(f"{'group':28s} {'op':9s} {'impl':12s} {'prec':4s} {'path':12s} "
                   f"{_STAT[0] + ' ms':>10s} {'x matmul':>9s} {'x fp32':>8s} {'L0':>6s}")
     groups: dict = {}
     for b, med in rows:
@@ -241,17 +276,19 @@ def _table(tr, rows):
             impl, op = e.get("impl"), e.get("op")
             base = fp32.get(("numba" if impl == "BF16Encoder" else impl, op))
             xf = (f"{med / base:7.2f}x" if base and e.get("precision") == "bf16"
-                  and op in ("relu", "topk") else "       -")
+                  and op in ("relu", "topk", *STEPS) else "       -")
             xm = f"{med / mm:8.2f}x" if mm else "        -"
             l0 = e.get("l0")
-            tr.write_line(f"{label:28s} {op:6s} {impl:12s} {e.get('precision'):4s} "
+            tr.write_line(f"{label:28s} {op:9s} {impl:12s} {e.get('precision'):4s} "
                           f"{str(e.get('path')):12s} {med * 1e3:10.3f} {xm:>9s} {xf:>8s} "
                           f"{(f'{l0:6.1f}' if l0 is not None else '     -')}")
     tr.write_line("'x matmul' = this time / np.matmul(x, W_enc, out=preallocated) of the "
                   "same group (float32); 'x fp32' = a bf16 encode's time / the fp32 encode "
                   "of the same backend and op (BF16Encoder: numba's); bf16 rows of numba "
                   "and cython pack the weights on every call, BF16Encoder's relu/topk use "
-                  f"weights packed once ('pack' times that); topk k={K}; L0 = measured "
+                  f"weights packed once ('pack' times that); step_* = train_step / "
+                  f"train_step_topk (bf16: from the copy the previous step wrote); topk "
+                  f"k={K}; L0 = measured "
                   "active features per row.")
 
 

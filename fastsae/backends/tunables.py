@@ -32,9 +32,15 @@ NUMBA_RELU_ROW_BLOCK = 256
 NUMBA_TOPK_ROW_BLOCK = 1024
 NUMBA_TOPK_COL_BLOCK = 2048
 
-#: Features per tile of the Numba ReLU backward's feature pass: 16 float32 =
-#: one 64-byte cache line of each ``W_enc`` row, written at once.
-NUMBA_RELU_FEATURE_TILE = 16
+#: Features per tile of the Numba ReLU backward's feature pass: 64 float32 =
+#: 256 contiguous bytes of each ``W_enc`` row and of its moments per update,
+#: as the TopK pass. Was 16 (one cache line): at paper size, L0 38, the pass
+#: (``feature_adam``) took 86, 98, 115 ms at 16 against 65, 81, 83 ms at 64 in
+#: three alternating runs on an AMD EPYC (2 cores, issue 13's session): the
+#: row pieces of a tile sit 32 KB apart, so wider pieces mean fewer pages and
+#: cache lines touched per byte. Results do not depend on it (each feature's
+#: sums run in their own order).
+NUMBA_RELU_FEATURE_TILE = 64
 
 #: Features per tile of the Numba TopK step's weight pass: 64 float32 = 256
 #: contiguous bytes per row of ``W_enc`` and of each of its moments, which
