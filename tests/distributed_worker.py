@@ -86,7 +86,10 @@ def main(path):
     cfg = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], seed=5,
                       progress=False, log_every=spec.get("log_every", 10),
                       checkpoint_every=spec.get("checkpoint_every", 0),
-                      resample_every=spec.get("resample_every", 0))
+                      resample_every=spec.get("resample_every", 0),
+                      # distributed runs are float32; the one-process runs they are
+                      # compared with must not pick bf16 by "auto"
+                      precision=spec.get("precision", "fp32"))
     if fam in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg.dead_tokens = 2000  # so AuxK acts within a short test run
     if fam == "jumprelu":

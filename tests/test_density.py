@@ -514,7 +514,7 @@ def test_trainer_across_the_switch(be, monkeypatch):
     cfg = fastsae.TrainConfig(
         steps=15, batch_size=128, l1_coefficient=10.0, lr=3e-2, lr_warmup_steps=0,
         l1_warmup_steps=0, lr_decay_fraction=0.0, eval_rows=256, log_every=1,
-        normalize_activations=False, b_dec_init="none", progress=False)
+        normalize_activations=False, b_dec_init="none", progress=False, precision="fp32")
     runs = {}
     for name in ("numpy", be.name):
         sae = fastsae.SparseAutoencoder(16, 64, backend=name, seed=1)
