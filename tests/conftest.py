@@ -125,3 +125,44 @@ def crash_at_step(trainer, n: int) -> None:
             raise KeyboardInterrupt
         return real_step(*a, **k)
     trainer.state.step = crashing_step
+
+
+# ------------------------------------------------------------ bf16 tests' skips
+#: Each registered backend's status (``fastsae.available_backends()``), by name.
+BACKEND_STATUS = _STATUS = {s.name: s for s in fastsae.available_backends()}
+
+
+def backend_usable(name: str) -> bool:
+    s = _STATUS.get(name)
+    return s is not None and s.available
+
+
+def skip_unusable_backend(name: str) -> None:
+    """Skip the test, with the registry's reason, when backend ``name`` is unusable."""
+    if not backend_usable(name):
+        s = _STATUS.get(name)
+        pytest.skip(f"{name} backend unavailable: {s.reason if s else 'unknown'}")
+
+
+def skip_without_bf16(bf16, import_error, paths) -> None:
+    """Skip the test when the bf16 module (``bf16``; ``None`` with
+    ``import_error`` if it failed to import) or its compiled kernels
+    (``paths`` empty) are missing, saying which."""
+    if bf16 is None:
+        pytest.skip(f"fastsae.backends.bf16 not importable: {import_error}")
+    if not paths:
+        try:
+            bf16.check_available()
+            why = "available_paths() is empty"
+        except ImportError as exc:
+            why = str(exc)
+        pytest.skip(f"compiled bf16 kernels unavailable: {why}")
+
+
+def small_train_config(**kw):
+    """The trainer tests' short run (60 steps of 128 rows, quick warm-ups),
+    with ``kw`` changed."""
+    base = dict(steps=60, batch_size=128, lr=3e-3, l1_coefficient=0.5, lr_warmup_steps=5,
+                l1_warmup_steps=10, log_every=10, dead_window=10, eval_rows=1024)
+    base.update(kw)
+    return fastsae.TrainConfig(**base)

@@ -43,7 +43,10 @@ from fastsae import SparseCodes
 from fastsae import reference as R
 from fastsae.backends import tunables as TU
 
-from conftest import U32, dot_bound, f64, make_params, make_x
+from conftest import BACKEND_STATUS as _STATUS
+from conftest import U32, dot_bound, f64, make_params, make_x, skip_without_bf16
+from conftest import backend_usable as _usable
+from conftest import skip_unusable_backend as _skip_unusable
 
 try:
     from fastsae.backends import bf16 as B
@@ -51,7 +54,6 @@ try:
 except Exception as exc:  # noqa: BLE001 - reported by test_bf16_module_imports
     B, _B_ERR = None, f"{type(exc).__name__}: {exc}"
 
-_STATUS = {s.name: s for s in fastsae.available_backends()}
 KNOWN_PATHS = ("avx512bf16", "emulated")
 PATHS = tuple(B.available_paths()) if B is not None else ()
 COMPILED = [(name, path) for name in ("numba", "cython") for path in (PATHS or ("none",))]
@@ -59,27 +61,8 @@ COMPILED_IDS = [f"{n}-{p}" for n, p in COMPILED]
 CPU_BACKENDS = ("numpy", "numba", "cython")
 
 
-def _usable(name):
-    s = _STATUS.get(name)
-    return s is not None and s.available
-
-
-def _skip_unusable(name):
-    if not _usable(name):
-        s = _STATUS.get(name)
-        pytest.skip(f"{name} backend unavailable: {s.reason if s else 'unknown'}")
-
-
 def _need_bf16():
-    if B is None:
-        pytest.skip(f"fastsae.backends.bf16 not importable: {_B_ERR}")
-    if not PATHS:
-        try:
-            B.check_available()
-            why = "available_paths() is empty"
-        except ImportError as exc:
-            why = str(exc)
-        pytest.skip(f"compiled bf16 kernels unavailable: {why}")
+    skip_without_bf16(B, _B_ERR, PATHS)
 
 
 @pytest.fixture(autouse=True)
@@ -1005,7 +988,7 @@ def test_model_sparse_encoder_is_a_snapshot_and_fp32_follows_the_params():
         bf(np.zeros((2, 8), np.float32))
 
 
-@pytest.mark.parametrize("bad", ["bf17", "FP32", None])
+@pytest.mark.parametrize("bad", ["bf17", "FP32", 1])  # None: the model's own precision
 def test_model_refuses_a_bad_precision(bad):
     sae = fastsae.SparseAutoencoder(5, 8, backend="numpy")
     with pytest.raises((ValueError, TypeError), match="precision"):

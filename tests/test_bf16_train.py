@@ -42,13 +42,16 @@ import fastsae
 from fastsae import AdamState, SAEParams
 from fastsae.backends import tunables as TU
 
+from conftest import backend_usable as _usable
+from conftest import skip_unusable_backend as _skip_unusable
+from conftest import skip_without_bf16
+
 try:
     from fastsae.backends import bf16 as BF
     _BF_ERR = None
 except Exception as exc:  # noqa: BLE001 - reported by the skips below
     BF, _BF_ERR = None, f"{type(exc).__name__}: {exc}"
 
-_STATUS = {s.name: s for s in fastsae.available_backends()}
 PATHS = tuple(BF.available_paths()) if BF is not None else ()
 COMPILED = [(name, path) for name in ("numba", "cython") for path in (PATHS or ("none",))]
 COMPILED_IDS = [f"{n}-{p}" for n, p in COMPILED]
@@ -57,27 +60,8 @@ LR = 1e-3
 
 
 # ------------------------------------------------------------ skips and fixtures
-def _usable(name):
-    s = _STATUS.get(name)
-    return s is not None and s.available
-
-
-def _skip_unusable(name):
-    if not _usable(name):
-        s = _STATUS.get(name)
-        pytest.skip(f"{name} backend unavailable: {s.reason if s else 'unknown'}")
-
-
 def _need_bf16():
-    if BF is None:
-        pytest.skip(f"fastsae.backends.bf16 not importable: {_BF_ERR}")
-    if not PATHS:
-        try:
-            BF.check_available()
-            why = "available_paths() is empty"
-        except ImportError as exc:
-            why = str(exc)
-        pytest.skip(f"compiled bf16 kernels unavailable: {why}")
+    skip_without_bf16(BF, _BF_ERR, PATHS)
 
 
 def _pack(W_enc):

@@ -12,7 +12,7 @@ from fastsae import SparseAutoencoder, TrainConfig, Trainer
 from fastsae.data import synthetic
 from fastsae.training import TrainingDiverged
 
-from conftest import crash_at_step
+from conftest import crash_at_step, small_train_config
 
 USABLE = [s.name for s in fastsae.available_backends() if s.available]
 
@@ -22,11 +22,7 @@ def problem():
     return synthetic(n_rows=4096, d_in=16, n_features=48, l0=3, seed=2)
 
 
-def _cfg(**kw):
-    base = dict(steps=60, batch_size=128, lr=3e-3, l1_coefficient=0.5, lr_warmup_steps=5,
-                l1_warmup_steps=10, log_every=10, dead_window=10, eval_rows=1024)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = small_train_config
 
 
 # ---------------------------------------------------------------- config
