@@ -59,7 +59,7 @@ from .tunables import bf16_topk_candidates
 
 __all__ = ["PATHS", "available_paths", "selected_path", "check_available", "BF16Encoder",
            "encode_relu_sparse", "encode_topk", "encode_jumprelu", "path_report", "StepCopy",
-           "step_copy", "step_encode", "step_done", "bf16_step_wanted", "last_density",
+           "step_copy", "step_encode", "step_codes", "step_done", "bf16_step_wanted", "last_density",
            "restore_density", "invalidate_copy"]
 
 #: Every path name, fastest first.
@@ -303,6 +303,14 @@ def step_encode(x, b_dec, b_enc, Wp, WT, k, threads) -> tuple:
     TopK's ``k`` per row. Returns CSR arrays ``(indptr, indices, values)``."""
     kk, m = (0, 0) if k == 0 else _topk_km(k, WT.shape[0])
     return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, None, kk, m, threads)
+
+
+def step_codes(state, x, W_enc, b_enc, b_dec, k, threads) -> tuple:
+    """A ``precision="bf16"`` step's encoder: :func:`step_copy` then
+    :func:`step_encode`. Returns ``((indptr, indices, values), (Wp, WT))``,
+    the CSR codes and the copy the step's weight pass then rewrites."""
+    Wp, WT = step_copy(state, W_enc, threads)
+    return step_encode(x, b_dec, b_enc, Wp, WT, k, threads), (Wp, WT)
 
 
 def step_done(state, W_enc, *, wrote: bool, nnz: int, n: int) -> None:

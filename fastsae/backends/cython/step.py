@@ -94,8 +94,8 @@ def _bf16_codes(x, params, state, y, k):
     TopK) from the copy of ``W_enc`` on ``state`` (packed now if stale), and
     the ``train_backward`` keywords that rewrite that copy."""
     nt = threads(x.shape[0] * params.d_in * params.d_sae)
-    Wp, WT = BF.step_copy(state, params.W_enc, nt)
-    ip, ix, v = BF.step_encode(x, TC.centering(params, y), params.b_enc, Wp, WT, k, nt)
+    (ip, ix, v), (Wp, WT) = BF.step_codes(state, x, params.W_enc, params.b_enc,
+                                          TC.centering(params, y), k, nt)
     codes = SparseCodes(ip, ix, v, (x.shape[0], params.d_sae))
     return codes, {"bf16_panels": Wp, "bf16_transpose": WT}
 

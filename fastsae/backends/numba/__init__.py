@@ -306,9 +306,8 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     with _blas_single():
         tgt = TC.target(x, params, y, nt)
         if bf:
-            copy = BF.step_copy(state, W_enc, nt)
-            indptr, indices, values = BF.step_encode(x, TC.encoder_centering(params, y), b_enc,
-                                                     copy[0], copy[1], 0, nt)
+            (indptr, indices, values), copy = BF.step_codes(
+                state, x, W_enc, b_enc, TC.encoder_centering(params, y), 0, nt)
             dense = False
             mx = 0
         else:
@@ -484,9 +483,8 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
         nt = get_num_threads()
         xc = TC.encoder_input(x, params, y)
         with _blas_single():
-            copy = BF.step_copy(state, W_enc, nt)
-            main = BF.step_encode(x, TC.encoder_centering(params, y), b_enc, copy[0], copy[1],
-                                  int(k), nt)
+            main, copy = BF.step_codes(state, x, W_enc, b_enc,
+                                       TC.encoder_centering(params, y), int(k), nt)
         aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
                else (_NOIDX, _NOMAP, _EMPTY1))
     elif activation == "topk":
