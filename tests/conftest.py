@@ -144,19 +144,46 @@ def skip_unusable_backend(name: str) -> None:
         pytest.skip(f"{name} backend unavailable: {s.reason if s else 'unknown'}")
 
 
-def skip_without_bf16(bf16, import_error, paths) -> None:
-    """Skip the test when the bf16 module (``bf16``; ``None`` with
-    ``import_error`` if it failed to import) or its compiled kernels
-    (``paths`` empty) are missing, saying which."""
-    if bf16 is None:
-        pytest.skip(f"fastsae.backends.bf16 not importable: {import_error}")
-    if not paths:
+try:
+    from fastsae.backends import bf16 as BF16
+    BF16_IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - reported by test_bf16_module_imports
+    BF16, BF16_IMPORT_ERROR = None, f"{type(exc).__name__}: {exc}"
+#: The bf16 paths this CPU and build run (empty: no compiled kernels).
+BF16_PATHS = tuple(BF16.available_paths()) if BF16 is not None else ()
+#: ``(backend, path)`` of every compiled bf16 case (``"none"``: skipped).
+BF16_COMPILED = [(name, path) for name in ("numba", "cython") for path in (BF16_PATHS or ("none",))]
+
+
+def skip_without_bf16() -> None:
+    """Skip the test when the bf16 module or its compiled kernels are
+    missing, saying which."""
+    if BF16 is None:
+        pytest.skip(f"fastsae.backends.bf16 not importable: {BF16_IMPORT_ERROR}")
+    if not BF16_PATHS:
         try:
-            bf16.check_available()
+            BF16.check_available()
             why = "available_paths() is empty"
         except ImportError as exc:
             why = str(exc)
         pytest.skip(f"compiled bf16 kernels unavailable: {why}")
+
+
+@pytest.fixture
+def no_bf16_path_from_outside(monkeypatch):
+    """The test starts with FASTSAE_BF16_PATH unset (the caller's shell must
+    not pick the path); the bf16 test modules use it on every test."""
+    monkeypatch.delenv("FASTSAE_BF16_PATH", raising=False)
+
+
+@pytest.fixture(params=BF16_COMPILED, ids=[f"{n}-{p}" for n, p in BF16_COMPILED])
+def compiled(request, monkeypatch):
+    """``(backend, path)``: a compiled backend with the bf16 kernel path forced."""
+    name, path = request.param
+    skip_unusable_backend(name)
+    skip_without_bf16()
+    monkeypatch.setenv("FASTSAE_BF16_PATH", path)
+    return fastsae.get_backend(name), path
 
 
 def small_train_config(**kw):

@@ -44,42 +44,19 @@ from fastsae import reference as R
 from fastsae.backends import tunables as TU
 
 from conftest import BACKEND_STATUS as _STATUS
-from conftest import U32, dot_bound, f64, make_params, make_x, skip_without_bf16
+from conftest import BF16 as B
+from conftest import BF16_IMPORT_ERROR as _B_ERR
+from conftest import BF16_PATHS as PATHS
+from conftest import U32, dot_bound, f64, make_params, make_x
 from conftest import backend_usable as _usable
 from conftest import skip_unusable_backend as _skip_unusable
+from conftest import skip_without_bf16 as _need_bf16
 
-try:
-    from fastsae.backends import bf16 as B
-    _B_ERR = None
-except Exception as exc:  # noqa: BLE001 - reported by test_bf16_module_imports
-    B, _B_ERR = None, f"{type(exc).__name__}: {exc}"
+# the caller's shell must not pick the path (tests that want one set it)
+pytestmark = pytest.mark.usefixtures("no_bf16_path_from_outside")
 
 KNOWN_PATHS = ("avx512bf16", "emulated")
-PATHS = tuple(B.available_paths()) if B is not None else ()
-COMPILED = [(name, path) for name in ("numba", "cython") for path in (PATHS or ("none",))]
-COMPILED_IDS = [f"{n}-{p}" for n, p in COMPILED]
 CPU_BACKENDS = ("numpy", "numba", "cython")
-
-
-def _need_bf16():
-    skip_without_bf16(B, _B_ERR, PATHS)
-
-
-@pytest.fixture(autouse=True)
-def _no_path_from_outside(monkeypatch):
-    """Every test starts with FASTSAE_BF16_PATH unset (the caller's shell
-    must not pick the path)."""
-    monkeypatch.delenv("FASTSAE_BF16_PATH", raising=False)
-
-
-@pytest.fixture(params=COMPILED, ids=COMPILED_IDS)
-def compiled(request, monkeypatch):
-    """``(backend, path)``: a compiled backend with the kernel path forced."""
-    name, path = request.param
-    _skip_unusable(name)
-    _need_bf16()
-    monkeypatch.setenv("FASTSAE_BF16_PATH", path)
-    return fastsae.get_backend(name), path
 
 
 @pytest.fixture(params=CPU_BACKENDS)

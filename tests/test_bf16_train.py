@@ -42,49 +42,25 @@ import fastsae
 from fastsae import AdamState, SAEParams
 from fastsae.backends import tunables as TU
 
+from conftest import BF16 as BF
+from conftest import BF16_PATHS as PATHS
 from conftest import backend_usable as _usable
 from conftest import skip_unusable_backend as _skip_unusable
-from conftest import skip_without_bf16
+from conftest import skip_without_bf16 as _need_bf16
 
-try:
-    from fastsae.backends import bf16 as BF
-    _BF_ERR = None
-except Exception as exc:  # noqa: BLE001 - reported by the skips below
-    BF, _BF_ERR = None, f"{type(exc).__name__}: {exc}"
+# every test starts with FASTSAE_BF16_PATH unset
+pytestmark = pytest.mark.usefixtures("no_bf16_path_from_outside")
 
-PATHS = tuple(BF.available_paths()) if BF is not None else ()
-COMPILED = [(name, path) for name in ("numba", "cython") for path in (PATHS or ("none",))]
-COMPILED_IDS = [f"{n}-{p}" for n, p in COMPILED]
 ORACLE = fastsae.get_backend("numpy")
 LR = 1e-3
 
 
 # ------------------------------------------------------------ skips and fixtures
-def _need_bf16():
-    skip_without_bf16(BF, _BF_ERR, PATHS)
-
-
 def _pack(W_enc):
     """A fresh pack of ``W_enc`` (the reference for the kept copy)."""
     from fastsae.backends.cython import _bf16 as C
 
     return C.pack(np.ascontiguousarray(W_enc, np.float32), 1)
-
-
-@pytest.fixture(autouse=True)
-def _no_path_from_outside(monkeypatch):
-    """Every test starts with FASTSAE_BF16_PATH unset."""
-    monkeypatch.delenv("FASTSAE_BF16_PATH", raising=False)
-
-
-@pytest.fixture(params=COMPILED, ids=COMPILED_IDS)
-def compiled(request, monkeypatch):
-    """``(backend, path)``: a compiled backend with the bf16 path forced."""
-    name, path = request.param
-    _skip_unusable(name)
-    _need_bf16()
-    monkeypatch.setenv("FASTSAE_BF16_PATH", path)
-    return fastsae.get_backend(name), path
 
 
 @pytest.fixture
