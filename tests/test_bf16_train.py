@@ -744,3 +744,36 @@ def test_another_array_at_the_same_address_is_not_taken_for_w_enc(compiled, forc
         np.testing.assert_array_equal(getattr(p, n), getattr(twin_p, n), n)
     Wp, WT = _pack(p.W_enc)
     assert np.array_equal(st.bf16.Wp, Wp) and np.array_equal(st.bf16.WT, WT)
+
+
+@pytest.mark.parametrize("bad", ["short panels", "wrong transpose", "panels alone"])
+def test_cython_backward_refuses_a_copy_of_another_shape(bad, monkeypatch, force_bf16):
+    """``train_backward`` checks the copy it is to rewrite before any write:
+    a copy of the wrong size, or panels without their transpose, is a clear
+    error and the parameters stay as they were (a mismatched copy must never
+    be written past its end)."""
+    _skip_unusable("cython")
+    _need_bf16()
+    from fastsae.backends.cython import step as CS
+
+    real = CS._bf16_codes
+
+    def broken(*a, **kw):
+        codes, copy = real(*a, **kw)
+        if bad == "short panels":
+            copy["bf16_panels"] = copy["bf16_panels"][:-32]
+        elif bad == "wrong transpose":
+            copy["bf16_transpose"] = np.zeros((1, 1), np.float32)
+        else:
+            del copy["bf16_transpose"]
+        return codes, copy
+    monkeypatch.setattr(CS, "_bf16_codes", broken)
+    be = fastsae.get_backend("cython")
+    p, x, _ = make_problem(4, 12, 9, 33)
+    before = p.copy()
+    match = "go together" if bad == "panels alone" else "not of W_enc's shape"
+    with pytest.raises(ValueError, match=match):
+        be.train_step(p, AdamState.zeros_like(p), x, l1_coefficient=1e-3, lr=LR,
+                      precision="bf16")
+    for n in SAEParams.NAMES:
+        np.testing.assert_array_equal(getattr(p, n), getattr(before, n), n)

@@ -74,10 +74,6 @@ int fs_bf16_has_avx512bf16(void) {
 static inline int64_t fs_k2(int64_t d_in) { return (d_in + 1) / 2; }
 static inline int64_t fs_groups(int64_t d_sae) { return (d_sae + FS_NC - 1) / FS_NC; }
 
-int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae) {
-    return fs_groups(d_sae) * FS_NP * fs_k2(d_in) * 32;
-}
-
 /* ------------------------------------------------------------ packing */
 void fs_bf16_pack(const float *W, int64_t d_in, int64_t d_sae, uint16_t *Wp, float *WT,
                   int nthreads) {

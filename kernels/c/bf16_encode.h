@@ -46,8 +46,12 @@ int fs_bf16_has_avx512bf16(void);
 /* 1 where the AVX512-BF16 path was compiled in (the compiler knows it). */
 int fs_bf16_built_avx512bf16(void);
 
-/* Number of uint16 elements of Wp for these sizes. */
-int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae);
+/* Number of uint16 elements of Wp for these sizes (inline: the Cython
+ * weight pass that rewrites Wp checks its size with it too). */
+static inline int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae) {
+    return (d_sae + FS_BF16_GROUP_COLS - 1) / FS_BF16_GROUP_COLS * (FS_BF16_GROUP_COLS / 16) *
+           ((d_in + 1) / 2) * 32;
+}
 
 /* W -> (Wp, WT) in one pass. */
 void fs_bf16_pack(const float *W, int64_t d_in, int64_t d_sae, uint16_t *Wp, float *WT,

@@ -56,6 +56,7 @@ from common cimport AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d
 
 cdef extern from "bf16_encode.h" nogil:
     uint16_t fs_to_bf16(float f)
+    int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae)
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
@@ -530,12 +531,11 @@ def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,
         raise ValueError("train_backward: the bf16 copy needs 16-feature blocks")
     if copy != (bf16_transpose is not None):
         raise ValueError("train_backward: bf16_panels and bf16_transpose go together")
-    if copy and (bf16_panels.shape[0] != ((d_sae + 63) // 64) * 4 * K2 * 32
+    if copy and (bf16_panels.shape[0] != fs_bf16_packed_size(d_in, d_sae)
                  or bf16_transpose.shape[0] != d_sae or bf16_transpose.shape[1] != d_in):
         raise ValueError("train_backward: the bf16 copy is not of W_enc's shape")
     cdef uint16_t* pan = NULL
     cdef float* wtr = NULL
-    cdef Py_ssize_t poff
     if copy and d_sae > 0 and d_in > 0:
         pan = &bf16_panels[0]
         wtr = &bf16_transpose[0, 0]
