@@ -36,7 +36,10 @@ NUMBA_TOPK_COL_BLOCK = 2048
 #: 256 contiguous bytes of each ``W_enc`` row and of its moments per update,
 #: as the TopK pass. Was 16 (one cache line): at paper size, L0 38, the pass
 #: (``feature_adam``) took 86, 98, 115 ms at 16 against 65, 81, 83 ms at 64 in
-#: three alternating runs on an AMD EPYC (2 cores, issue 13's session): the
+#: three alternating runs on an AMD EPYC (2 cores, OpenBLAS SkylakeX, issue
+#: 13's session; the "weight pass + Adam" line of ``python
+#: benchmarks/bf16_steps.py --parts`` with this value edited, each value with
+#: its own fresh ``NUMBA_CACHE_DIR``: Numba's cache does not see edits here): the
 #: row pieces of a tile sit 32 KB apart, so wider pieces mean fewer pages and
 #: cache lines touched per byte. Results do not depend on it (each feature's
 #: sums run in their own order).
