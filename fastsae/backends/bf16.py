@@ -5,14 +5,14 @@ The encoder product ``(x - b_dec) @ W_enc`` is computed from both operands
 rounded to bfloat16 (round to nearest even) with float32 accumulation, by the
 compiled C kernels in ``kernels/c/bf16_encode.c`` (the extension
 ``fastsae.backends.cython._bf16``, built by ``setup.py`` with the Cython
-kernels). Selection (ReLU, JumpReLU, TopK candidates) runs on each output tile
-while it is in cache; then every selected entry's pre-activation is
+kernels). Selection (ReLU, JumpReLU, TopK and BatchTopK candidates) runs on each
+output tile while it is in cache; then every selected entry's pre-activation is
 recomputed in float32 (a dot product of ``x - b_dec`` with the feature's
 encoder column, read from a transposed float32 copy of ``W_enc``), so the
 codes' **values are float32 ones**. Only the support can differ from the
 float32 encoders, and only for entries whose pre-activation is within the
 bfloat16 product's error of the cut (0, the JumpReLU threshold, or TopK's
-k-th value). The exact rule is :mod:`fastsae.backends.reference`'s
+k-th value, BatchTopK's ``N * k``-th). The exact rule is :mod:`fastsae.backends.reference`'s
 ``precision="bf16"``, the oracle.
 
 Paths, chosen at call time:
@@ -33,7 +33,16 @@ Cost: a contract call (``be.encode_topk(..., precision="bf16")``) packs
 the weights; about 13 ms at d_in 512, d_sae 8192). :class:`BF16Encoder`
 packs once and encodes many batches.
 
-Training (``train_step`` / ``train_step_topk`` with ``precision="bf16"``):
+BatchTopK: the kernel keeps per row the ``K`` best positive bf16
+pre-activations (with their float32 values) and counts the row's positive
+ones; the batch selection (:func:`_batch_select`) then takes the ``N * m``
+best bf16 candidates of the batch and the ``N * k`` best float32 values among
+them. When a row with more positives than ``K`` might hold a candidate
+beyond its buffer, the call is rerun with ``K`` doubled (as the float32
+BatchTopK encoders do); the last ``K`` per ``(d_sae, k)`` is reused.
+
+Training (``train_step``, ``train_step_topk`` and ``train_step_matryoshka``
+with ``precision="bf16"``):
 the copy lives on the run's :class:`~fastsae.AdamState` (``state.bf16``, a
 :class:`StepCopy`) and the fused Adam update of ``W_enc`` rewrites it as it
 updates each piece of ``W_enc`` (no extra pass over the weights); a step
@@ -58,7 +67,8 @@ from ..sparse import SparseCodes
 from .tunables import bf16_topk_candidates
 
 __all__ = ["PATHS", "available_paths", "selected_path", "check_available", "BF16Encoder",
-           "encode_relu_sparse", "encode_topk", "encode_jumprelu", "path_report", "StepCopy",
+           "encode_relu_sparse", "encode_topk", "encode_batchtopk", "encode_jumprelu",
+           "path_report", "StepCopy",
            "step_copy", "step_encode", "step_codes", "step_done", "bf16_step_wanted", "last_density",
            "restore_density", "invalidate_copy"]
 
@@ -207,6 +217,15 @@ class BF16Encoder:
 
         return self._run(self._x(x), None, *_topk_km(V.as_int(k, "k"), self.d_sae))
 
+    def batchtopk(self, x, k) -> SparseCodes:
+        """The batch's ``N * k`` largest pre-activations, ReLU (``encode_batchtopk``)."""
+        from . import validate as V
+
+        x = self._x(x)
+        csr = _batchtopk(selected_path(), x, self.b_dec, self._Wp, self._WT, self.b_enc,
+                         V.as_int(k, "k"), self.threads)
+        return SparseCodes(*csr, (x.shape[0], self.d_sae))
+
 
 def _cut(threshold) -> np.ndarray:
     """JumpReLU keeps ``pre > threshold`` and ``pre > 0``: one cut, ``max(threshold, 0)``."""
@@ -224,6 +243,73 @@ def _run(path, x, b_dec, Wp, WT, b_enc, thr, k, m, threads) -> SparseCodes:
     indptr, indices, values = _C.encode(_code(path), x, b_dec, Wp, WT, b_enc, thr, k, m,
                                         threads)
     return SparseCodes(indptr, indices, values, (x.shape[0], WT.shape[0]))
+
+
+# BatchTopK: candidate buffer width per (d_sae, k), from the last call
+_cand: dict = {}
+
+
+def _batchtopk(path, x, b_dec, Wp, WT, b_enc, k, threads) -> tuple:
+    """The bf16 BatchTopK codes as CSR ``(indptr, indices, values)``: per-row
+    candidate buffers from the compiled kernel, then :func:`_batch_select`,
+    rerun with wider buffers while a truncated row might matter."""
+    n, d_sae = x.shape[0], WT.shape[0]
+    k, m = _topk_km(k, d_sae)
+    key = (d_sae, k)
+    K = min(d_sae, max(_cand.get(key, 0), 4 * m))
+    while True:
+        bufs = _C.encode_candidates(_code(path), x, b_dec, Wp, WT, b_enc, K, threads)
+        out = _batch_select(*bufs, n * m, n * k, d_sae)
+        if out is not None or K >= d_sae:
+            break
+        K = min(d_sae, 2 * K)
+    _cand[key] = K
+    return out
+
+
+def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
+    """The batch selection of bf16 BatchTopK (the rule of
+    :func:`fastsae.backends.reference.encode_batchtopk`) on the kernel's
+    per-row buffers (each sorted by bf16 value desc, column asc): the
+    ``n_cand`` best bf16 candidates (ties row-major), then the ``total`` best
+    float32 values among them (ties row-major), then those > 0. Returns CSR
+    ``(indptr, indices, values)``, or None when a truncated row (more
+    positives than its buffer) might hold a candidate beyond its buffer."""
+    n, K = cols.shape
+    counts = np.asarray(counts)
+    valid = np.arange(K)[None, :] < counts[:, None]
+    pb, pf, cc = pre[valid], vals[valid], cols[valid]
+    rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+    truncated = np.asarray(npos) > counts
+    tot = pb.shape[0]
+    if tot <= n_cand:
+        if truncated.any():  # every positive is a candidate, and some were not kept
+            return None
+    else:
+        # the n_cand-th best bf16 value; a truncated row whose last kept value
+        # reaches it may have equal or better ones beyond its buffer
+        t_b = np.partition(pb, tot - n_cand)[tot - n_cand]
+        last = pre[np.flatnonzero(truncated), counts[truncated] - 1]
+        if (last >= t_b).any():
+            return None
+        take = pb > t_b
+        ties = np.flatnonzero(pb == t_b)  # row-major: rows in order, columns ascending
+        take[ties[:n_cand - int(take.sum())]] = True
+        pf, cc, rows = pf[take], cc[take], rows[take]
+    if pf.shape[0] > total:
+        t_f = np.partition(pf, pf.shape[0] - total)[pf.shape[0] - total]
+        take = pf > t_f
+        ties = np.flatnonzero(pf == t_f)
+        ties = ties[np.lexsort((cc[ties], rows[ties]))]  # row-major among equal values
+        take[ties[:total - int(take.sum())]] = True
+        pf, cc, rows = pf[take], cc[take], rows[take]
+    pos = pf > 0
+    pf, cc, rows = pf[pos], cc[pos], rows[pos]
+    order = np.argsort(rows * d_sae + cc, kind="stable")
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    return (indptr, np.ascontiguousarray(cc[order], dtype=np.int32),
+            np.ascontiguousarray(pf[order], dtype=np.float32))
 
 
 # The contract's bf16 entries (called by the numba and cython faces with
@@ -247,6 +333,14 @@ def encode_jumprelu(x, W_enc, b_enc, b_dec, threshold, threads) -> SparseCodes:
 def encode_topk(x, W_enc, b_enc, b_dec, k, threads) -> SparseCodes:
     """bf16 TopK encoder on validated float32 arrays (``k`` clipped to ``d_sae``)."""
     return _encode(x, W_enc, b_enc, b_dec, None, *_topk_km(k, W_enc.shape[1]), threads)
+
+
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k, threads) -> SparseCodes:
+    """bf16 BatchTopK encoder on validated float32 arrays."""
+    path = selected_path()
+    Wp, WT = _C.pack(W_enc, threads)
+    csr = _batchtopk(path, x, b_dec, Wp, WT, b_enc, k, threads)
+    return SparseCodes(*csr, (x.shape[0], W_enc.shape[1]))
 
 
 # ---------------------------------------------------------------- training steps
@@ -298,19 +392,22 @@ def step_copy(state, W_enc, threads):
     return sc.Wp, sc.WT
 
 
-def step_encode(x, b_dec, b_enc, Wp, WT, k, threads) -> tuple:
-    """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``) or
-    TopK's ``k`` per row. Returns CSR arrays ``(indptr, indices, values)``."""
+def step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch=False) -> tuple:
+    """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``),
+    TopK's ``k`` per row, or (``batch``) BatchTopK's ``N * k``. Returns CSR
+    arrays ``(indptr, indices, values)``."""
+    if batch:
+        return _batchtopk(selected_path(), x, b_dec, Wp, WT, b_enc, k, threads)
     kk, m = (0, 0) if k == 0 else _topk_km(k, WT.shape[0])
     return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, None, kk, m, threads)
 
 
-def step_codes(state, x, W_enc, b_enc, b_dec, k, threads) -> tuple:
+def step_codes(state, x, W_enc, b_enc, b_dec, k, threads, batch=False) -> tuple:
     """A ``precision="bf16"`` step's encoder: :func:`step_copy` then
     :func:`step_encode`. Returns ``((indptr, indices, values), (Wp, WT))``,
     the CSR codes and the copy the step's weight pass then rewrites."""
     Wp, WT = step_copy(state, W_enc, threads)
-    return step_encode(x, b_dec, b_enc, Wp, WT, k, threads), (Wp, WT)
+    return step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch), (Wp, WT)
 
 
 def step_done(state, W_enc, *, wrote: bool, nnz: int, n: int) -> None:

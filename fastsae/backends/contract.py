@@ -148,7 +148,7 @@ FUNCTIONS = (
     # ------------------------------------------------------------ TopK family
     Function("encode_topk", "topk", (*_ENC, ("k", "int >= 1"), *_PRECISION),
              "SparseCodes: per row the k largest pre-activations (ties: lower index), ReLU"),
-    Function("encode_batchtopk", "topk", (*_ENC, ("k", "int >= 1")),
+    Function("encode_batchtopk", "topk", (*_ENC, ("k", "int >= 1"), *_PRECISION),
              "SparseCodes: the N*k largest pre-activations of the batch (row-major ties), ReLU"),
     Function("encode_jumprelu", "topk", (*_ENC, ("threshold", "float32 [d_sae]"), *_PRECISION),
              "SparseCodes: relu(pre) * (pre > threshold)"),
@@ -160,8 +160,7 @@ FUNCTIONS = (
     Function("train_step_topk", "topk",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"),
               ("activation", "'topk' or 'batchtopk'"), *_ADAM, _FIRE, *_AUXK, _Y,
-              ("precision", "'fp32' or 'bf16' (bf16: activation 'topk' only); see "
-               "encode_topk")),
+              ("precision", "'fp32' or 'bf16'; see encode_topk and encode_batchtopk")),
              "StepResult with aux and extra['min_active']",
              inplace=("params", "state", "fire_counts")),
     # ------------------------------------------------------------ JumpReLU family
@@ -186,7 +185,7 @@ FUNCTIONS = (
              "W_dec's projected)"),
     Function("train_step_matryoshka", "matryoshka",
              (_PARAMS_IO, _STATE, _X, ("*", ""), ("k", "int >= 1"), _WIDTHS, *_ADAM, _FIRE,
-              *_AUXK, _Y),
+              *_AUXK, _Y, ("precision", "'fp32' or 'bf16'; see encode_batchtopk")),
              "StepResult with aux, extra['min_active'] and extra['prefix_mse'] (a tuple, "
              "one per width; the last is mse)",
              inplace=("params", "state", "fire_counts")),

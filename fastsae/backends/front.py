@@ -190,11 +190,15 @@ class Backend:
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
         return self._m.encode_topk(*args, V.as_int(k, "k"), precision=self._precision(precision))
 
-    def encode_batchtopk(self, x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+    def encode_batchtopk(self, x, W_enc, b_enc, b_dec, k, precision="fp32") -> SparseCodes:
         """The ``N * k`` largest pre-activations of the batch (ties: lower
-        row, then lower feature), then ReLU -> SparseCodes."""
+        row, then lower feature), then ReLU -> SparseCodes.
+        ``precision="bf16"``: candidates from the bfloat16 product, the
+        ``N * k`` re-selected by their float32 values (see
+        :func:`fastsae.reference.encode_batchtopk`)."""
         args = V.encoder_args(x, W_enc, b_enc, b_dec, self._device)
-        return self._m.encode_batchtopk(*args, V.as_int(k, "k"))
+        return self._m.encode_batchtopk(*args, V.as_int(k, "k"),
+                                        precision=self._precision(precision))
 
     def encode_jumprelu(self, x, W_enc, b_enc, b_dec, threshold, precision="fp32") -> SparseCodes:
         """``relu(pre) * (pre > threshold)``, ``threshold [d_sae]`` -> SparseCodes
@@ -231,16 +235,13 @@ class Backend:
         """One TopK (``activation="topk"``) or BatchTopK step with optional
         AuxK, in place; see :func:`fastsae.reference.train_step_topk`. All
         or nothing, finite or loud, as :meth:`train_step`; ``y`` a
-        transcoder's target. ``precision="bf16"`` (TopK on the CPU
-        backends): the TopK selection from the bfloat16 product
-        (:meth:`encode_topk`), AuxK's in float32."""
+        transcoder's target. ``precision="bf16"`` (CPU backends): the
+        selection from the bfloat16 product (:meth:`encode_topk`,
+        :meth:`encode_batchtopk`), from a copy of ``W_enc`` kept in
+        ``state.bf16``; AuxK's in float32."""
         if activation not in ("topk", "batchtopk"):
             raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
         precision = self._precision(precision)
-        if precision == "bf16" and activation != "topk":
-            raise ValueError("precision='bf16' training steps are built for activation='topk' "
-                             "(and the ReLU train_step); BatchTopK runs in float32 "
-                             "(precision='fp32')")
         params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y = \
             self._selection_step_args(params, state, x, k, lr, beta1, beta2, eps, fire_counts,
                                       dead_mask, k_aux, aux_coefficient, y)
@@ -341,10 +342,12 @@ class Backend:
     def train_step_matryoshka(self, params: SAEParams, state: AdamState, x, *, k, widths, lr,
                               beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
                               dead_mask=None, k_aux=0, aux_coefficient=0.0,
-                              y=None) -> StepResult:
+                              y=None, precision="fp32") -> StepResult:
         """One Matryoshka BatchTopK step with optional AuxK, in place; see
         :func:`fastsae.reference.train_step_matryoshka`. All or nothing,
-        finite or loud, as :meth:`train_step`; ``y`` a transcoder's target."""
+        finite or loud, as :meth:`train_step`; ``y`` a transcoder's target;
+        ``precision`` as in :meth:`train_step_topk`."""
+        precision = self._precision(precision)
         params, x, k, lr, beta1, beta2, eps, k_aux, aux_coefficient, y = \
             self._selection_step_args(params, state, x, k, lr, beta1, beta2, eps, fire_counts,
                                       dead_mask, k_aux, aux_coefficient, y)
@@ -352,7 +355,7 @@ class Backend:
         return self._m.train_step_matryoshka(
             params, state, x, k=k, widths=widths, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             fire_counts=fire_counts, dead_mask=dead_mask, k_aux=k_aux,
-            aux_coefficient=aux_coefficient, y=y)
+            aux_coefficient=aux_coefficient, y=y, precision=precision)
 
     # ------------------------------------------------------------ placement
     def to_backend(self, obj):

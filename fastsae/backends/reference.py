@@ -406,8 +406,29 @@ def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32"):
     return _codes_from_selection(pre, rows, cols.ravel())
 
 
-def encode_batchtopk(x, W_enc, b_enc, b_dec, k):
-    """The ``N * k`` largest pre-activations of the whole batch, then ReLU."""
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k, *, precision="fp32"):
+    """The ``N * k`` largest pre-activations of the whole batch, then ReLU.
+
+    ``precision="bf16"``: the candidates are the ``N * m`` largest positive
+    bf16 pre-activations of the batch (``m = tunables.bf16_topk_candidates(k,
+    d_sae)``; ties: row-major order; all of them when fewer are positive);
+    among them the ``N * min(k, d_sae)`` largest float32 ones (ties: row-major
+    order) are selected, then ReLU; values are float32's. Only bf16-positive
+    entries are candidates, as the ReLU rule keeps an entry only where both
+    pre-activations are > 0."""
+    if precision == "bf16":
+        from .tunables import bf16_topk_candidates
+
+        pre, pre_b = bf16_pre_activations(x, W_enc, b_enc, b_dec)
+        n, d_sae = pre.shape
+        k = min(int(k), d_sae)
+        flat_b = pre_b.ravel()
+        pos = np.flatnonzero(flat_b > 0)  # increasing flat index: stable ties are row-major
+        cand = pos[np.argsort(-flat_b[pos], kind="stable")[:n * bf16_topk_candidates(k, d_sae)]]
+        cand = np.sort(cand)
+        sel = cand[np.argsort(-pre.ravel()[cand], kind="stable")[:n * k]]
+        rows, cols = np.divmod(sel, d_sae)
+        return _codes_from_selection(pre, rows, cols)
     pre = pre_activations(x, W_enc, b_enc, b_dec)
     total = min(int(k) * pre.shape[0], pre.size)
     flat = np.argsort(-pre.ravel(), kind="stable")[:total]
@@ -505,8 +526,8 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
                     k_aux=0, aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
     """One TopK/BatchTopK training step (forward, AuxK, backward, Adam,
     decoder-row renormalization), in place; ``y`` a transcoder's target.
-    ``precision="bf16"`` (TopK only): the codes of :func:`encode_topk`'s
-    bf16 rule; AuxK's selection stays float32.
+    ``precision="bf16"``: the codes of :func:`encode_topk`'s (or
+    :func:`encode_batchtopk`'s) bf16 rule; AuxK's selection stays float32.
 
     ``dead_mask`` (bool ``[d_sae]``) marks the latents AuxK may use; AuxK is
     on when it is given, ``k_aux > 0`` and ``aux_coefficient > 0``.
@@ -517,7 +538,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     if activation == "topk":
         codes = encode_topk(x, params.W_enc, params.b_enc, b_c, k, precision=precision)
     else:
-        codes = encode_batchtopk(x, params.W_enc, params.b_enc, b_c, k)
+        codes = encode_batchtopk(x, params.W_enc, params.b_enc, b_c, k, precision=precision)
     x_hat = reconstruct(codes, params, x)
     aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient, y)
     loss, grads = topk_gradients(x, params, codes, x_hat, aux_codes, weight, y)
@@ -754,12 +775,15 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr,
                           beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                          k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
+                          k_aux=0, aux_coefficient=0.0, y=None,
+                          precision="fp32") -> StepResult:
     """One Matryoshka BatchTopK training step (BatchTopK encode, AuxK,
     backward over the prefixes, Adam, decoder-row renormalization), in
     place; AuxK as in :func:`train_step_topk`; ``y`` a transcoder's target. ``StepResult.extra`` holds
-    ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
-    codes = encode_batchtopk(x, params.W_enc, params.b_enc, input_centering(params, y), k)
+    ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``.
+    ``precision="bf16"``: the codes of :func:`encode_batchtopk`'s bf16 rule."""
+    codes = encode_batchtopk(x, params.W_enc, params.b_enc, input_centering(params, y), k,
+                             precision=precision)
     aux_codes, weight = _auxk_selection(x, params, dead_mask, k_aux, aux_coefficient, y)
     loss, grads = matryoshka_gradients(x, params, codes, widths, aux_codes, weight, y)
     adam_update(params, grads, state, lr, beta1, beta2, eps)

@@ -179,7 +179,9 @@ FS_TARGET static void fs_mk_avx512bf16(const uint16_t *A, int64_t lda, const uin
 typedef struct {
     int32_t *col;
     float *val;
+    float *pre;  /* BatchTopK candidates: the bf16 pre-activations (val: float32) */
     int64_t n, cap;
+    int64_t npos; /* BatchTopK candidates: the row's positive bf16 pre-activations */
     float cut;   /* TopK: admission cut, valid when has_cut */
     int has_cut;
 } fs_list;
@@ -273,13 +275,14 @@ static inline void fs_buf_finish(fs_list *l, int64_t m) {
 /* ------------------------------------------------------------ epilogues */
 /* Tile C (FS_MR x FS_NC, rows r < nr valid, columns j0 + c < d_sae valid). */
 static int fs_epi_scalar(const float *C, int nr, int64_t j0, int64_t d_sae, const float *b_enc,
-                         const float *thr, int64_t k, int64_t m, fs_list *rows) {
+                         const float *thr, int64_t k, int64_t m, int batch, fs_list *rows) {
     const int64_t nc = d_sae - j0 < FS_NC ? d_sae - j0 : FS_NC;
     for (int r = 0; r < nr; ++r) {
         fs_list *l = rows + r;
         for (int64_t c = 0; c < nc; ++c) {
             const int64_t j = j0 + c;
             const float v = C[r * FS_NC + c] + b_enc[j];
+            if (batch && v > 0.0f) l->npos++;
             if (k == 0) {
                 if (v > (thr ? thr[j] : 0.0f) && !fs_push(l, (int32_t)j, v)) return 0;
             } else if (v == v && (!l->has_cut || v > l->cut)) { /* NaN never passes */
@@ -295,8 +298,8 @@ static int fs_epi_scalar(const float *C, int nr, int64_t j0, int64_t d_sae, cons
  * entries of which a handful pass, so only the mask's set bits are visited. */
 FS_TARGET static int fs_epi_avx512(const float *C, int nr, int64_t j0, int64_t d_sae,
                                    const float *b_enc, const float *thr, int64_t k, int64_t m,
-                                   fs_list *rows) {
-    if (d_sae - j0 < FS_NC) return fs_epi_scalar(C, nr, j0, d_sae, b_enc, thr, k, m, rows);
+                                   int batch, fs_list *rows) {
+    if (d_sae - j0 < FS_NC) return fs_epi_scalar(C, nr, j0, d_sae, b_enc, thr, k, m, batch, rows);
     __m512 bias[FS_NP], t[FS_NP];
     for (int p = 0; p < FS_NP; ++p) {
         bias[p] = _mm512_loadu_ps(b_enc + j0 + 16 * p);
@@ -306,6 +309,9 @@ FS_TARGET static int fs_epi_avx512(const float *C, int nr, int64_t j0, int64_t d
         fs_list *l = rows + r;
         for (int p = 0; p < FS_NP; ++p) {
             __m512 v = _mm512_add_ps(_mm512_loadu_ps(C + r * FS_NC + 16 * p), bias[p]);
+            if (batch)
+                l->npos += __builtin_popcount(
+                    (unsigned)_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ));
             /* TopK before its first cut takes everything but NaN; NaN never passes. */
             __mmask16 msk;
             if (k == 0) msk = _mm512_cmp_ps_mask(v, t[p], _CMP_GT_OQ);
@@ -397,6 +403,40 @@ static int fs_recompute_block(fs_list *rows, int64_t mb, const float *xf, const 
     return 1;
 }
 
+typedef struct {
+    float b, v;
+    int32_t c;
+} fs_triple;
+
+static int fs_by_bf16(const void *pa, const void *pb) { /* bf16 value desc, column asc */
+    const fs_triple *a = (const fs_triple *)pa, *b = (const fs_triple *)pb;
+    if (a->b > b->b) return -1;
+    if (a->b < b->b) return 1;
+    return (a->c > b->c) - (a->c < b->c);
+}
+
+/* BatchTopK candidates: sorted by (bf16 value desc, column asc), the order
+ * the batch selection (fastsae/backends/bf16.py) walks them in. */
+static int fs_sort_candidates(fs_list *l) {
+    const int64_t n = l->n;
+    if (n == 0) return 1;
+    fs_triple *p = (fs_triple *)malloc((size_t)n * sizeof(fs_triple));
+    if (!p) return 0;
+    for (int64_t i = 0; i < n; ++i) {
+        p[i].b = l->pre[i];
+        p[i].v = l->val[i];
+        p[i].c = l->col[i];
+    }
+    qsort(p, (size_t)n, sizeof(fs_triple), fs_by_bf16);
+    for (int64_t i = 0; i < n; ++i) {
+        l->pre[i] = p[i].b;
+        l->val[i] = p[i].v;
+        l->col[i] = p[i].c;
+    }
+    free(p);
+    return 1;
+}
+
 /* Replace a row's candidates (values already float32) by the final entries,
  * sorted by column. */
 static int fs_finish_row(fs_list *l, const float *thr, int64_t k) {
@@ -442,16 +482,19 @@ void fs_bf16_free(fs_bf16_result *r) {
         for (int64_t i = 0; i < r->N; ++i) {
             free(r->rows[i].col);
             free(r->rows[i].val);
+            free(r->rows[i].pre);
         }
         free(r->rows);
     }
     free(r);
 }
 
-fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
-                               int64_t d_in, int64_t d_sae, const uint16_t *Wp,
-                               const float *WT, const float *b_enc, const float *thr,
-                               int64_t k, int64_t m, int nthreads, int64_t *nnz) {
+/* batch: BatchTopK candidates (k == m == the buffer width K): per row the K
+ * best positive bf16 pre-activations, kept with their float32 values. */
+static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, int64_t N,
+                                 int64_t d_in, int64_t d_sae, const uint16_t *Wp,
+                                 const float *WT, const float *b_enc, const float *thr,
+                                 int64_t k, int64_t m, int batch, int nthreads, int64_t *nnz) {
     fs_bf16_result *res = (fs_bf16_result *)calloc(1, sizeof(fs_bf16_result));
     if (!res) return NULL;
     res->N = N;
@@ -464,6 +507,10 @@ fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int
             res->rows[i].val = (float *)malloc((size_t)cap * sizeof(float));
             res->rows[i].cap = cap;
             if (!res->rows[i].col || !res->rows[i].val) { fs_bf16_free(res); return NULL; }
+            if (batch) { /* only positive bf16 values are admitted */
+                res->rows[i].has_cut = 1;
+                res->rows[i].cut = 0.0f;
+            }
         }
     }
 #if FS_HAVE_AVX512BF16
@@ -513,18 +560,26 @@ fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int
 #if FS_HAVE_AVX512BF16
                     if (avx) {
                         fs_mk_avx512bf16(A + r6 * lda, lda, B, K2, C);
-                        ok = fs_epi_avx512(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, rows + r6);
+                        ok = fs_epi_avx512(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, batch,
+                                           rows + r6);
                         continue;
                     }
 #endif
                     fs_mk_emulated(A + r6 * lda, lda, B, K2, C);
-                    ok = fs_epi_scalar(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, rows + r6);
+                    ok = fs_epi_scalar(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, batch, rows + r6);
                 }
             }
             if (k > 0)
                 for (int64_t r = 0; r < mb; ++r) fs_buf_finish(rows + r, m);
+            for (int64_t r = 0; r < mb && ok && batch; ++r) { /* keep the bf16 values */
+                fs_list *l = rows + r;
+                l->pre = (float *)malloc((size_t)(l->n > 0 ? l->n : 1) * sizeof(float));
+                if (!l->pre) ok = 0;
+                else if (l->n) memcpy(l->pre, l->val, (size_t)l->n * sizeof(float));
+            }
             if (ok) ok = fs_recompute_block(rows, mb, xf, WT, d_in, d_sae, b_enc, cnt);
-            for (int64_t r = 0; r < mb && ok; ++r) ok = fs_finish_row(rows + r, thr, k);
+            for (int64_t r = 0; r < mb && ok; ++r)
+                ok = batch ? fs_sort_candidates(rows + r) : fs_finish_row(rows + r, thr, k);
         }
         if (!ok) {
 #pragma omp atomic write
@@ -540,6 +595,36 @@ fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int
     for (int64_t i = 0; i < N; ++i) total += res->rows[i].n;
     *nnz = total;
     return res;
+}
+
+fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
+                               int64_t d_in, int64_t d_sae, const uint16_t *Wp,
+                               const float *WT, const float *b_enc, const float *thr,
+                               int64_t k, int64_t m, int nthreads, int64_t *nnz) {
+    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, thr, k, m, 0, nthreads, nnz);
+}
+
+fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float *b_dec,
+                                          int64_t N, int64_t d_in, int64_t d_sae,
+                                          const uint16_t *Wp, const float *WT,
+                                          const float *b_enc, int64_t K, int nthreads,
+                                          int64_t *nnz) {
+    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, NULL, K, K, 1, nthreads, nnz);
+}
+
+void fs_bf16_collect_candidates(fs_bf16_result *r, int64_t K, int64_t *counts, int64_t *npos,
+                                int32_t *cols, float *pre, float *values) {
+    for (int64_t i = 0; i < r->N; ++i) {
+        const fs_list *l = r->rows + i;
+        counts[i] = l->n;
+        npos[i] = l->npos;
+        if (l->n) {
+            memcpy(cols + i * K, l->col, (size_t)l->n * sizeof(int32_t));
+            memcpy(pre + i * K, l->pre, (size_t)l->n * sizeof(float));
+            memcpy(values + i * K, l->val, (size_t)l->n * sizeof(float));
+        }
+    }
+    fs_bf16_free(r);
 }
 
 void fs_bf16_collect(fs_bf16_result *r, int64_t *indptr, int32_t *indices, float *values) {

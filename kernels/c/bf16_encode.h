@@ -67,6 +67,21 @@ fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int
                                const float *WT, const float *b_enc, const float *thr,
                                int64_t k, int64_t m, int nthreads, int64_t *nnz);
 
+/* BatchTopK candidates: per row the K best positive bf16 pre-activations
+ * (1 <= K <= d_sae; ties: lower index), sorted by (bf16 value desc, column
+ * asc), each with its float32 pre-activation, and the row's count of positive
+ * bf16 pre-activations (more than K: the buffer was truncated).  *nnz gets
+ * the candidate count.  Collect with fs_bf16_collect_candidates. */
+fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float *b_dec,
+                                          int64_t N, int64_t d_in, int64_t d_sae,
+                                          const uint16_t *Wp, const float *WT,
+                                          const float *b_enc, int64_t K, int nthreads,
+                                          int64_t *nnz);
+/* Write candidates as [N, K] arrays (row i's first counts[i] entries; the rest
+ * untouched): cols, pre (bf16 values), values (float32); npos [N]; free r. */
+void fs_bf16_collect_candidates(fs_bf16_result *r, int64_t K, int64_t *counts, int64_t *npos,
+                                int32_t *cols, float *pre, float *values);
+
 /* Write the result as CSR (indptr [N + 1], sorted indices, values) and free it. */
 void fs_bf16_collect(fs_bf16_result *r, int64_t *indptr, int32_t *indices, float *values);
 void fs_bf16_free(fs_bf16_result *r);

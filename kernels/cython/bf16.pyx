@@ -28,6 +28,13 @@ cdef extern from "bf16_encode.h" nogil:
                                    int64_t d_in, int64_t d_sae, const uint16_t *Wp,
                                    const float *WT, const float *b_enc, const float *thr,
                                    int64_t k, int64_t m, int nthreads, int64_t *nnz)
+    fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float *b_dec,
+                                              int64_t N, int64_t d_in, int64_t d_sae,
+                                              const uint16_t *Wp, const float *WT,
+                                              const float *b_enc, int64_t K, int nthreads,
+                                              int64_t *nnz)
+    void fs_bf16_collect_candidates(fs_bf16_result *r, int64_t K, int64_t *counts,
+                                    int64_t *npos, int32_t *cols, float *pre, float *values)
     void fs_bf16_collect(fs_bf16_result *r, int64_t *indptr, int32_t *indices, float *values)
     void fs_bf16_free(fs_bf16_result *r)
 
@@ -73,6 +80,57 @@ def pack(const float[:, ::1] W, int nthreads):
     return Wp, WT
 
 
+def _check_encode(int path, const float[:, ::1] x, const float[::1] b_dec,
+                  const uint16_t[::1] Wp, const float[:, ::1] WT, const float[::1] b_enc,
+                  int nthreads):
+    cdef int64_t d_in = x.shape[1], d_sae = WT.shape[0]
+    _need(path == FS_BF16_EMULATED or (path == FS_BF16_AVX512BF16 and fs_bf16_has_avx512bf16()),
+          f"path {path} does not run on this CPU")
+    _need(d_in >= 1 and d_sae >= 1 and d_sae < 2**31, "empty encoder")
+    _need(WT.shape[1] == d_in, "WT must be [d_sae, d_in]")
+    _need(b_dec.shape[0] == d_in, "b_dec must be [d_in]")
+    _need(b_enc.shape[0] == d_sae, "b_enc must be [d_sae]")
+    _need(Wp.shape[0] == fs_bf16_packed_size(d_in, d_sae), "Wp has the wrong size")
+    _need(nthreads >= 1, "nthreads must be >= 1")
+
+
+def encode_candidates(int path, const float[:, ::1] x, const float[::1] b_dec,
+                      const uint16_t[::1] Wp, const float[:, ::1] WT, const float[::1] b_enc,
+                      int64_t K, int nthreads):
+    """BatchTopK candidates of the bf16 encoder: per row the ``K`` best
+    positive bf16 pre-activations, sorted by (bf16 value desc, column asc).
+    Returns ``(counts int64 [N], npos int64 [N], cols int32 [N, K], pre
+    float32 [N, K], values float32 [N, K])``: row ``i``'s first ``counts[i]``
+    entries are its candidates (``pre`` the bf16 product's pre-activations,
+    ``values`` the float32 ones; the rest of the row is unset), ``npos[i]``
+    its count of positive bf16 pre-activations."""
+    cdef int64_t N = x.shape[0], d_in = x.shape[1], d_sae = WT.shape[0]
+    _check_encode(path, x, b_dec, Wp, WT, b_enc, nthreads)
+    _need(1 <= K <= d_sae, "need 1 <= K <= d_sae")
+    cdef int64_t nnz = 0
+    cdef fs_bf16_result *res
+    cdef float dummy = 0
+    cdef const float *xp = &x[0, 0] if N > 0 else &dummy
+    with nogil:
+        res = fs_bf16_encode_candidates(path, xp, &b_dec[0], N, d_in, d_sae, &Wp[0], &WT[0, 0],
+                                        &b_enc[0], K, nthreads, &nnz)
+    if res == NULL:
+        raise MemoryError("bf16 encoder: out of memory")
+    counts = np.empty(max(N, 1), dtype=np.int64)
+    npos = np.empty(max(N, 1), dtype=np.int64)
+    cols = np.empty((max(N, 1), K), dtype=np.int32)
+    pre = np.empty((max(N, 1), K), dtype=np.float32)
+    values = np.empty((max(N, 1), K), dtype=np.float32)
+    cdef int64_t[::1] c = counts
+    cdef int64_t[::1] p = npos
+    cdef int32_t[:, ::1] cc = cols
+    cdef float[:, ::1] pp = pre
+    cdef float[:, ::1] vv = values
+    with nogil:
+        fs_bf16_collect_candidates(res, K, &c[0], &p[0], &cc[0, 0], &pp[0, 0], &vv[0, 0])
+    return counts[:N], npos[:N], cols[:N], pre[:N], values[:N]
+
+
 def encode(int path, const float[:, ::1] x, const float[::1] b_dec, const uint16_t[::1] Wp,
            const float[:, ::1] WT, const float[::1] b_enc, thr, int64_t k, int64_t m,
            int nthreads):
@@ -82,14 +140,7 @@ def encode(int path, const float[:, ::1] x, const float[::1] b_dec, const uint16
     cdef int64_t N = x.shape[0], d_in = x.shape[1], d_sae = WT.shape[0]
     cdef const float[::1] t
     cdef const float *tp = NULL
-    _need(path == FS_BF16_EMULATED or (path == FS_BF16_AVX512BF16 and fs_bf16_has_avx512bf16()),
-          f"path {path} does not run on this CPU")
-    _need(d_in >= 1 and d_sae >= 1 and d_sae < 2**31, "empty encoder")
-    _need(WT.shape[1] == d_in, "WT must be [d_sae, d_in]")
-    _need(b_dec.shape[0] == d_in, "b_dec must be [d_in]")
-    _need(b_enc.shape[0] == d_sae, "b_enc must be [d_sae]")
-    _need(Wp.shape[0] == fs_bf16_packed_size(d_in, d_sae), "Wp has the wrong size")
-    _need(nthreads >= 1, "nthreads must be >= 1")
+    _check_encode(path, x, b_dec, Wp, WT, b_enc, nthreads)
     if k == 0:
         if thr is not None:
             t = thr

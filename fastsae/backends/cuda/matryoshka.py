@@ -42,6 +42,7 @@ from .backward import _csr_device, _topk_backward
 from .decode import _sparse_decode, _widths_device
 from .placement import (_any_device, _device, _empty_like_params, _params_device, _params_out,
                         _work)
+from .encode import _fp32_only
 from .step import _selection_step
 from .transcoder import _add_skip, _device_or_none
 
@@ -80,11 +81,14 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr,
                           beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None,
-                          k_aux=0, aux_coefficient=0.0, y=None) -> StepResult:
+                          k_aux=0, aux_coefficient=0.0, y=None,
+                          precision="fp32") -> StepResult:
     """One Matryoshka BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_matryoshka`); device or
     host arrays and ``y`` as :func:`~.step.train_step`. ``StepResult.extra`` holds
-    ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``."""
+    ``min_active``, ``prefix_mse`` and ``prefix_explained_variance``. float32
+    only (the front refuses ``precision="bf16"`` here)."""
+    _fp32_only(precision)
     nl = len(widths)
     s, nnz, n, aux_loss, kept_min, finite = _selection_step(
         params, state, x, k, "batchtopk", lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,

@@ -392,9 +392,10 @@ def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     return _codes_out(codes, dev)
 
 
-def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """The ``N * k`` largest pre-activations of the batch (ties: lower
-    row-major index), then ReLU, as canonical :class:`SparseCodes`."""
+    row-major index), then ReLU, as canonical :class:`SparseCodes` (float32 only)."""
+    _fp32_only(precision)
     dev = _any_device(x, W_enc, b_enc, b_dec)
     x, W_enc, b_enc, b_dec = (_device(a) for a in (x, W_enc, b_enc, b_dec))
     codes, _ = _topk_codes(_pre(x, W_enc, b_enc, b_dec), k, "batchtopk", fresh=True)

@@ -64,13 +64,14 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state, x, *, k, widths, lr, beta1=0.9,
                           beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None, k_aux=0,
-                          aux_coefficient=0.0, y=None):
+                          aux_coefficient=0.0, y=None, precision="fp32"):
     """One Matryoshka BatchTopK step (BatchTopK encode, AuxK among the dead
     latents, backward over the prefixes with Adam fused, decoder rows
     renormalized), in place; the losses are measured before the update;
-    ``y`` a transcoder's target."""
+    ``y`` a transcoder's target; ``precision="bf16"`` as in
+    :func:`.step.train_step_topk`."""
     codes, prefix_sq, aux, bad, var = selection_step(
         params, state, x, k, "batchtopk", widths, lr, beta1, beta2, eps, fire_counts,
-        dead_mask, k_aux, aux_coefficient, y)
+        dead_mask, k_aux, aux_coefficient, y, precision)
     return matryoshka_step_result(prefix_sq, aux, codes.nnz, x.shape[0], var, codes.values,
                                   params_finite=bad == 0)

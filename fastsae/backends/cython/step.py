@@ -89,13 +89,14 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     return relu_step_result(mse, l1, codes.nnz, n, var, params_finite=bad == 0)
 
 
-def _bf16_codes(x, params, state, y, k):
+def _bf16_codes(x, params, state, y, k, batch=False):
     """The ``precision="bf16"`` step's codes (ReLU for ``k == 0``, else
-    TopK) from the copy of ``W_enc`` on ``state`` (packed now if stale), and
-    the ``train_backward`` keywords that rewrite that copy."""
+    TopK, or BatchTopK with ``batch``) from the copy of ``W_enc`` on
+    ``state`` (packed now if stale), and the ``train_backward`` keywords that
+    rewrite that copy."""
     nt = threads(x.shape[0] * params.d_in * params.d_sae)
     (ip, ix, v), (Wp, WT) = BF.step_codes(state, x, params.W_enc, params.b_enc,
-                                          TC.centering(params, y), k, nt)
+                                          TC.centering(params, y), k, nt, batch)
     codes = SparseCodes(ip, ix, v, (x.shape[0], params.d_sae))
     return codes, {"bf16_panels": Wp, "bf16_transpose": WT}
 
@@ -113,7 +114,7 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     its own pass over the gathered dead columns), and the backward and Adam
     are one ``train_backward`` call for both loss terms (the AuxK codes are
     stacked under the main ones), run as one Matryoshka level ``[d_sae]``. ``y``: a transcoder's
-    target. ``precision="bf16"`` (TopK only): the TopK selection from
+    target. ``precision="bf16"``: the TopK or BatchTopK selection from
     :mod:`..bf16`'s encoder on the copy of ``W_enc`` in ``state.bf16``
     (rewritten by the Adam pass), AuxK's in float32 over the dead columns."""
     codes, prefix_sq, aux, bad, var = selection_step(
@@ -136,8 +137,8 @@ def selection_step(params, state, x, k, activation, widths, lr, beta1, beta2, ep
     aux_codes = None
     b_c = TC.centering(params, y)
     copy = {}
-    if precision == "bf16":  # the front allows it for TopK only
-        codes, copy = _bf16_codes(x, params, state, y, int(k))
+    if precision == "bf16":
+        codes, copy = _bf16_codes(x, params, state, y, int(k), activation == "batchtopk")
         if use_aux:
             aux_codes = encode_aux(x, params.W_enc, params.b_enc, b_c, dead_mask, k_aux)
     elif use_aux and activation == "topk":

@@ -102,9 +102,10 @@ def _batch_select(vals, cols, kept, total):
 _cand: dict = {}
 
 
-def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """The ``N * k`` largest pre-activations of the batch (ties: lower
-    row-major flat index), then ReLU: canonical :class:`SparseCodes`.
+    row-major flat index), then ReLU: canonical :class:`SparseCodes`
+    (``precision="bf16"``: :func:`..bf16.encode_batchtopk`).
 
     Exact in a fused pass: per row the top ``m`` positive candidates are kept
     (``m = 4k`` at first, then the width the last call for this
@@ -114,6 +115,8 @@ def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
     could have been selected; rows with free slots dropped no positive
     entry). Otherwise ``m`` grows (x4, up to ``d_sae``, where it is exact by
     construction) and the pass is redone."""
+    if precision == "bf16":
+        return BF.encode_batchtopk(x, W_enc, b_enc, b_dec, k, get_num_threads())
     n, d_sae = int(x.shape[0]), int(W_enc.shape[1])
     shape = (n, d_sae)
     total = min(k * n, n * d_sae)

@@ -367,9 +367,11 @@ def encode_topk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     return _codes(*_topk_csr(xc, W_enc, b_enc, k, _NOMAP), x.shape[0], W_enc.shape[1])
 
 
-def encode_batchtopk(x, W_enc, b_enc, b_dec, k) -> SparseCodes:
+def encode_batchtopk(x, W_enc, b_enc, b_dec, k, *, precision="fp32") -> SparseCodes:
     """The ``N * k`` largest pre-activations of the batch (ties: row-major
     order), ReLU, canonical CSR."""
+    if precision == "bf16":
+        return BF.encode_batchtopk(x, W_enc, b_enc, b_dec, k, get_num_threads())
     xc = E.centered(x, b_dec)
     return _codes(*_batchtopk_csr(xc, W_enc, b_enc, k), x.shape[0], W_enc.shape[1])
 
@@ -450,8 +452,8 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
     both codes into the two residual gradients, ``d_pre`` at the selected
     entries, then one pass over tiles of features making both weight
     gradients and consuming them with Adam (decoder rows renormalized as
-    they are updated). ``y``: a transcoder's target. ``precision="bf16"``
-    (TopK only): the TopK selection from :mod:`..bf16`'s encoder on the
+    they are updated). ``y``: a transcoder's target. ``precision="bf16"``:
+    the TopK or BatchTopK selection from :mod:`..bf16`'s encoder on the
     copy of ``W_enc`` in ``state.bf16``, which the weight pass rewrites; the
     AuxK selection stays float32 (a product over the dead columns only)."""
     sq, aux_loss, main, var, bad = _selection_step(
@@ -479,12 +481,12 @@ def _selection_step(params, state, x, k, activation, lr, beta1, beta2, eps, fire
     weight = NU.auxk_weight(dead_mask, k_aux, aux_coefficient) if use_aux else 0.0
     bf = precision == "bf16"
     copy = B.NO_COPY
-    if bf:  # the front allows it for TopK only
+    if bf:
         nt = get_num_threads()
         xc = TC.encoder_input(x, params, y)
         with _blas_single():
-            main, copy = BF.step_codes(state, x, W_enc, b_enc,
-                                       TC.encoder_centering(params, y), int(k), nt)
+            main, copy = BF.step_codes(state, x, W_enc, b_enc, TC.encoder_centering(params, y),
+                                       int(k), nt, batch=activation == "batchtopk")
         aux = (_aux_csr(xc, W_enc, b_enc, dead_mask, k_aux) if use_aux
                else (_NOIDX, _NOMAP, _EMPTY1))
     elif activation == "topk":
@@ -741,16 +743,17 @@ def matryoshka_gradients(x, params: SAEParams, codes, widths, aux_codes=None, au
 
 def train_step_matryoshka(params: SAEParams, state: AdamState, x, *, k, widths, lr, beta1=0.9,
                           beta2=0.999, eps=1e-8, fire_counts=None, dead_mask=None, k_aux=0,
-                          aux_coefficient=0.0, y=None) -> StepResult:
+                          aux_coefficient=0.0, y=None, precision="fp32") -> StepResult:
     """One Matryoshka BatchTopK step with optional AuxK, in place (see
     :func:`fastsae.backends.reference.train_step_matryoshka`): the BatchTopK
     step (:func:`train_step_topk`'s encoder and
     :func:`.step.prefix_step_core`) with the features' prefix levels: the
     row pass keeps each prefix's partial reconstruction as the row's entries
     cross its width and the weight pass sums each feature's level's
-    gradient, no extra pass over the decoder. ``y``: a transcoder's target."""
+    gradient, no extra pass over the decoder. ``y``: a transcoder's target.
+    ``precision="bf16"``: as in :func:`train_step_topk`."""
     sq, aux_loss, main, var, bad = _selection_step(
         params, state, x, k, "batchtopk", lr, beta1, beta2, eps, fire_counts, dead_mask, k_aux,
-        aux_coefficient, widths, y)
+        aux_coefficient, widths, y, precision)
     return NU.matryoshka_step_result(sq, aux_loss, main[0][-1], x.shape[0], var, main[2],
                                      params_finite=bad == 0)
