@@ -58,10 +58,13 @@ def test_resolve_precision_rules(monkeypatch):
     assert TrainConfig().resolve_precision(numpy_be, "relu")[0] == "fp32"
     assert TrainConfig(precision="bf16").resolve_precision(numpy_be, "topk")[:2] == \
         ("bf16", "numpy")
-    for act in ("batchtopk", "jumprelu", "matryoshka_batchtopk", None):
+    for act in ("batchtopk", "matryoshka_batchtopk"):
+        assert TrainConfig(precision="bf16").resolve_precision(numpy_be, act)[:2] == \
+            ("bf16", "numpy")
+    for act in ("jumprelu", None):
         p, path, why = TrainConfig().resolve_precision(numpy_be, act)
-        assert (p, path) == ("fp32", None) and "relu and topk" in why
-        with pytest.raises(ValueError, match="relu and topk"):
+        assert (p, path) == ("fp32", None) and "relu, topk, batchtopk" in why
+        with pytest.raises(ValueError, match="relu, topk, batchtopk"):
             TrainConfig(precision="bf16").resolve_precision(numpy_be, act)
     with pytest.raises(ValueError, match="distributed"):
         TrainConfig(precision="bf16").resolve_precision(numpy_be, "relu", "data")
@@ -82,7 +85,9 @@ def test_resolve_precision_on_compiled_backends(name, monkeypatch):
         TrainConfig(precision="bf16").resolve_precision(be, "topk")
     monkeypatch.delenv("FASTSAE_BF16_PATH")
     want = ("bf16", "avx512bf16") if HW else ("fp32", None)
-    assert TrainConfig().resolve_precision(be, "relu")[:2] == want
+    for act in ("relu", "topk", "batchtopk", "matryoshka_batchtopk"):
+        assert TrainConfig().resolve_precision(be, act)[:2] == want
+    assert TrainConfig().resolve_precision(be, "jumprelu")[0] == "fp32"
 
 
 def test_cuda_backend_refuses_bf16_runs():
@@ -96,8 +101,8 @@ def test_cuda_backend_refuses_bf16_runs():
 
 
 def test_trainer_refuses_bf16_where_it_cannot_run(problem):
-    m = SparseAutoencoder(16, 64, seed=3, backend="numpy", activation="batchtopk", k=4)
-    with pytest.raises(ValueError, match="relu and topk"):
+    m = SparseAutoencoder(16, 64, seed=3, backend="numpy", activation="jumprelu")
+    with pytest.raises(ValueError, match="relu, topk"):
         Trainer(m, problem.x, _cfg(precision="bf16"))
 
 
@@ -109,11 +114,11 @@ def _paths():
 @needs_kernels
 @pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("name", COMPILED)
-@pytest.mark.parametrize("activation", ["relu", "topk"])
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk"])
 def test_bf16_run_records_its_precision(problem, tmp_path, monkeypatch, name, path,
                                         activation):
     monkeypatch.setenv("FASTSAE_BF16_PATH", path)
-    k = 4 if activation == "topk" else None
+    k = None if activation == "relu" else 4
     m = SparseAutoencoder(16, 64, seed=3, backend=name, activation=activation, k=k)
     t = Trainer(m, problem.x, _cfg(steps=30, precision="bf16", checkpoint_every=15),
                 out_dir=tmp_path)
@@ -129,7 +134,7 @@ def test_bf16_run_records_its_precision(problem, tmp_path, monkeypatch, name, pa
 
 @needs_kernels
 @pytest.mark.parametrize("name", COMPILED)
-@pytest.mark.parametrize("activation", ["relu", "topk"])
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk"])
 def test_bf16_resume_equals_uninterrupted_run(problem, tmp_path, monkeypatch, name,
                                               activation):
     """As test_trainer's exact-resume test, in bf16: the resumed run packs
@@ -138,7 +143,7 @@ def test_bf16_resume_equals_uninterrupted_run(problem, tmp_path, monkeypatch, na
     problem crosses the dense-path threshold (fresh init: dense; later
     sparse), so both paths run, and resampling marks the copy stale."""
     monkeypatch.setenv("FASTSAE_BF16_PATH", "emulated")
-    k = 4 if activation == "topk" else None
+    k = None if activation == "relu" else 4
     cfg = _cfg(steps=70, checkpoint_every=15, resample_every=20, resample_until=0.8,
                dead_window=8, precision="bf16")
 
@@ -228,8 +233,11 @@ def test_cli_precision_flag(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "f")]) == 0
     assert "fp32" in capsys.readouterr().out
     assert main(["train", "--steps", "12", "--precision", "bf16", "--activation", "batchtopk",
-                 "--out", str(tmp_path / "g")]) != 0
-    assert "relu and topk" in capsys.readouterr().err
+                 "--out", str(tmp_path / "g")]) == 0
+    assert "bf16 (emulated path)" in capsys.readouterr().out
+    assert main(["train", "--steps", "12", "--precision", "bf16", "--activation", "jumprelu",
+                 "--out", str(tmp_path / "h")]) != 0
+    assert "relu, topk" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the model's default

@@ -25,7 +25,7 @@ __all__ = ["TrainConfig", "LR_WARMUP_CAP", "L1_WARMUP_CAP", "PRECISIONS", "BF16_
 #: ``TrainConfig.precision`` values.
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Activations whose training steps run with ``precision="bf16"``.
-BF16_ACTIVATIONS = ("relu", "topk")
+BF16_ACTIVATIONS = ("relu", "topk", "batchtopk", "matryoshka_batchtopk")
 
 #: Longest automatic learning-rate warm-up (steps), reached by runs of
 #: 1500 steps or more.
@@ -252,7 +252,7 @@ class TrainConfig:
         if want == "fp32":
             return "fp32", None, "precision='fp32' was asked for"
         if activation not in BF16_ACTIVATIONS:
-            why = (f"precision='bf16' trains {' and '.join(BF16_ACTIVATIONS)} SAEs; this "
+            why = (f"precision='bf16' trains {', '.join(BF16_ACTIVATIONS)} SAEs; this "
                    f"model's activation is {activation!r}")
         elif distributed is not None:
             why = "precision='bf16' is not built for distributed training"

@@ -435,7 +435,8 @@ class MatryoshkaState(TopKState):
         x, y = self.pair(x)
         return self.backend.train_step_matryoshka(self.params, self.state, x, k=self.k,
                                                   widths=self.widths, lr=lr, beta1=c.beta1,
-                                                  beta2=c.beta2, eps=c.eps, y=y, **auxk)
+                                                  beta2=c.beta2, eps=c.eps, y=y, **auxk,
+                                                  precision=self.precision)
 
     def _extra(self, r) -> dict:
         return dict(zip(self._prefix_keys, r.extra["prefix_explained_variance"]))
