@@ -5,7 +5,8 @@ precisions at any shape, and where a numba step's time goes.
                                     [--repeats 8] [--parts]
 
 Steps: ``train_step`` (ReLU, weighted L1, the shared encoder bias -2.6 so L0
-is about 40 at paper size) and ``train_step_topk`` (k 32) on a random SAE,
+is about 40 at paper size), ``train_step_topk`` (k 32, TopK and BatchTopK)
+and ``train_step_matryoshka`` (k 32, widths d_sae/8, /4, /2, 1) on a random SAE,
 ``precision`` fp32 then bf16, parameters updated in place (lr 1e-4), the
 first two steps dropped; each median beside the bare float32 matmul
 ``np.matmul(x, W_enc, out=preallocated)`` timed right after it.
@@ -70,16 +71,20 @@ def steps(backends, shape, repeats):
     print("|---|---|---|---|---|---|---|")
     for name in backends:
         be = fastsae.get_backend(name)
-        for kind in ("relu", "topk"):
+        for kind in ("relu", "topk", "batchtopk", "matryoshka"):
             for prec in ("fp32", "bf16"):
                 q = p.copy()
                 st = AdamState.zeros_like(q)
                 if kind == "relu":
                     fn = lambda: be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-4,  # noqa
                                                precision=prec)
+                elif kind == "matryoshka":
+                    w = [p.d_sae // 8, p.d_sae // 4, p.d_sae // 2, p.d_sae]
+                    fn = lambda: be.train_step_matryoshka(q, st, x, k=K, widths=w,  # noqa
+                                                          lr=1e-4, precision=prec)
                 else:
-                    fn = lambda: be.train_step_topk(q, st, x, k=K, lr=1e-4,  # noqa
-                                                    precision=prec)
+                    fn = lambda: be.train_step_topk(q, st, x, k=K, activation=kind,  # noqa
+                                                    lr=1e-4, precision=prec)
                 ms, r = median_ms(fn, repeats, drop=2)
                 mm = matmul_ms(x, p.W_enc)
                 print(f"| {name} | {kind} | {prec} | {ms:.1f} | {mm:.1f} | {ms / mm:.2f} | "

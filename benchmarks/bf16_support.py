@@ -1,6 +1,7 @@
 """How often bf16 encoding changes the codes of a trained SAE (issue 13).
 
     python benchmarks/bf16_support.py [--size small|full] [--steps N] [--out-dir DIR]
+                                      [--activations relu,topk,batchtopk,jumprelu]
 
 The bf16 encoders (``precision="bf16"``) decide the support from a bfloat16
 product (``pre_b``) and take the values from the float32 pre-activations
@@ -12,7 +13,9 @@ and SAEs like the real ones:
 1. Data: ``trainer_density.py``'s seeded activations (its generator, no
    download; d_in 384, written once to ``DIR`` and reused): the first rows
    train, the last ``eval`` rows are held out.
-2. SAEs: one per activation, ReLU, TopK (k=32) and JumpReLU, trained from
+2. SAEs: one per activation, ReLU, TopK (k=32), BatchTopK (k=32; encoded
+   with ``encode_batchtopk``, per chunk of rows, the same chunks in both
+   precisions) and JumpReLU, trained from
    fresh for ``--steps`` numba steps by :class:`fastsae.Trainer` with
    :class:`fastsae.TrainConfig`'s defaults (lr 3e-3, L1 0.3 with warm-ups,
    batch 512, normalized activations; JumpReLU's thresholds learned from 0.1).
@@ -55,14 +58,15 @@ SIZES = {
     "small": dict(d_sae=512, rows=6144, eval_rows=2048, steps=60),
     "full": dict(d_sae=6144, rows=65536, eval_rows=16384, steps=400),
 }
-#: rows per encoder call (every encoder is row-wise, so chunks change nothing
-#: but the memory the NumPy oracle's dense float64 products take)
+#: rows per encoder call (the row-wise encoders: chunks change nothing but the
+#: memory the NumPy oracle's dense float64 products take; BatchTopK selects
+#: per chunk, the same chunks for every precision and backend)
 CHUNK = 4096
-ACTIVATIONS = ("relu", "topk", "jumprelu")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 def train_sae(activation: str, x: np.ndarray, d_sae: int, steps: int) -> SparseAutoencoder:
-    kw = {"k": K} if activation == "topk" else {}
+    kw = {"k": K} if activation in ("topk", "batchtopk") else {}
     model = SparseAutoencoder(x.shape[1], d_sae, activation=activation, backend="numba",
                               **kw)
     cfg = TrainConfig(steps=steps, eval_rows=min(4096, x.shape[0]), log_every=steps,
@@ -86,6 +90,8 @@ def encode(be, activation, model, x, precision, with_scale=False):
             c = be.encode_relu_sparse(*args, precision=precision)
         elif activation == "topk":
             c = be.encode_topk(*args, K, precision=precision)
+        elif activation == "batchtopk":
+            c = be.encode_batchtopk(*args, K, precision=precision)
         else:
             c = be.encode_jumprelu(*args, model.threshold, precision=precision)
         c = c.to_host()
@@ -121,7 +127,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     ap.add_argument("--out-dir", default=None, help="where the activations file goes "
                     "(default: TMPDIR/fastsae_bf16_support)")
+    ap.add_argument("--activations", default=",".join(ACTIVATIONS),
+                    help="comma-separated, of " + ", ".join(ACTIVATIONS))
     a = ap.parse_args(argv)
+    acts_wanted = [s.strip() for s in a.activations.split(",") if s.strip()]
+    bad = [s for s in acts_wanted if s not in ACTIVATIONS]
+    if bad or not acts_wanted:
+        ap.error(f"--activations: choose from {', '.join(ACTIVATIONS)} (got {a.activations!r})")
     t_start = time.perf_counter()
     from fastsae.backends import bf16
 
@@ -149,7 +161,7 @@ def main(argv=None) -> int:
     saved = os.environ.get("FASTSAE_BF16_PATH")
     lines = []
     try:
-        for act in ACTIVATIONS:
+        for act in acts_wanted:
             t = time.perf_counter()
             model = train_sae(act, x_train, sz["d_sae"], sz["steps"])
             t_train = time.perf_counter() - t
@@ -192,7 +204,7 @@ def main(argv=None) -> int:
     print()
     print(f"entries = {n_eval} rows x {sz['d_sae']} features; each bf16 row is compared "
           "with the same backend's fp32 codes (numpy: the oracle, float64 accumulation of "
-          f"the bf16 products); TopK k={K}. Value columns on the common support: 'max rel' "
+          f"the bf16 products); TopK and BatchTopK k={K}. Value columns on the common support: 'max rel' "
           "= max |v_bf16 - v_fp32| / |v_fp32| (large only for values near 0, where "
           "float32 summed in another order differs relatively most); 'scale' = "
           "(|x - b_dec| @ |W_enc|)[i, j], the float32 rounding scale of the spec's "

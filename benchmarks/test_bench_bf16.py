@@ -41,7 +41,7 @@ K = 32
 IMPLS = ("numba", "cython")
 #: every path the kernel knows; those this CPU lacks are skipped with a reason
 PATHS = ("avx512bf16", "emulated")
-OPS = ("relu", "topk")
+OPS = ("relu", "topk", "batchtopk")
 TABLE = "bf16"
 
 
@@ -94,9 +94,10 @@ def _call(be, op, precision):
         if precision is None:
             return lambda *a: be.encode_relu_sparse(*a)
         return lambda *a: be.encode_relu_sparse(*a, precision=precision)
+    enc = be.encode_topk if op == "topk" else be.encode_batchtopk
     if precision is None:
-        return lambda *a: be.encode_topk(*a, K)
-    return lambda *a: be.encode_topk(*a, K, precision=precision)
+        return lambda *a: enc(*a, K)
+    return lambda *a: enc(*a, K, precision=precision)
 
 
 def _keys(codes):
@@ -184,7 +185,7 @@ def test_bf16_encoder(benchmark, size, problem, op, path, request, monkeypatch):
     bf16 = _path(monkeypatch, path)
     p = problem.params
     enc = bf16.BF16Encoder(p.W_enc, p.b_enc, p.b_dec)
-    fn = enc.relu if op == "relu" else (lambda x: enc.topk(x, K))
+    fn = enc.relu if op == "relu" else (lambda x: getattr(enc, op)(x, K))
     _setup(benchmark, size, problem, impl="BF16Encoder", op=op, precision="bf16", path=path)
     codes = benchmark(fn, problem.x)
     benchmark.extra_info["l0"] = float(codes.l0)
@@ -196,7 +197,7 @@ def test_bf16_encoder(benchmark, size, problem, op, path, request, monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-STEPS = ("step_relu", "step_topk")
+STEPS = ("step_relu", "step_topk", "step_batchtopk")
 
 
 def _step_fn(be, problem, op, precision):
@@ -207,7 +208,8 @@ def _step_fn(be, problem, op, precision):
     if op == "step_relu":
         return lambda: be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-7,
                                      precision=precision)
-    return lambda: be.train_step_topk(q, st, x, k=K, lr=1e-7, precision=precision)
+    return lambda: be.train_step_topk(q, st, x, k=K, activation=op[len("step_"):], lr=1e-7,
+                                      precision=precision)
 
 
 @pytest.mark.parametrize("precision_path", ["fp32", *(f"bf16-{p}" for p in PATHS)])
@@ -245,7 +247,8 @@ def test_torch_bf16_matmul(benchmark, size, problem):
 
 # ------------------------------------------------------------------ the table
 _IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "numba": 2, "cython": 3, "BF16Encoder": 4}
-_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3, "step_relu": 4, "step_topk": 5}
+_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3, "batchtopk": 4, "step_relu": 5,
+             "step_topk": 6, "step_batchtopk": 7}
 
 
 def _table(tr, rows):
@@ -256,7 +259,7 @@ def _table(tr, rows):
         tr.write_line(f"{bf16.path_report()}; paths here: {bf16.available_paths()}")
     except Exception as exc:  # not importable: the bf16 rows were skipped
         tr.write_line(f"fastsae.backends.bf16: {exc}")
-    tr.write_line(f"{'group':28s} {'op':9s} {'impl':12s} {'prec':4s} {'path':12s} "
+    tr.write_line(f"{'group':28s} {'op':14s} {'impl':12s} {'prec':4s} {'path':12s} "
                   f"{_STAT[0] + ' ms':>10s} {'x matmul':>9s} {'x fp32':>8s} {'L0':>6s}")
     groups: dict = {}
     for b, med in rows:
@@ -276,10 +279,10 @@ def _table(tr, rows):
             impl, op = e.get("impl"), e.get("op")
             base = fp32.get(("numba" if impl == "BF16Encoder" else impl, op))
             xf = (f"{med / base:7.2f}x" if base and e.get("precision") == "bf16"
-                  and op in ("relu", "topk", *STEPS) else "       -")
+                  and op in (*OPS, *STEPS) else "       -")
             xm = f"{med / mm:8.2f}x" if mm else "        -"
             l0 = e.get("l0")
-            tr.write_line(f"{label:28s} {op:9s} {impl:12s} {e.get('precision'):4s} "
+            tr.write_line(f"{label:28s} {op:14s} {impl:12s} {e.get('precision'):4s} "
                           f"{str(e.get('path')):12s} {med * 1e3:10.3f} {xm:>9s} {xf:>8s} "
                           f"{(f'{l0:6.1f}' if l0 is not None else '     -')}")
     tr.write_line("'x matmul' = this time / np.matmul(x, W_enc, out=preallocated) of the "
@@ -288,7 +291,7 @@ def _table(tr, rows):
                   "and cython pack the weights on every call, BF16Encoder's relu/topk use "
                   f"weights packed once ('pack' times that); step_* = train_step / "
                   f"train_step_topk (bf16: from the copy the previous step wrote); topk "
-                  f"k={K}; L0 = measured "
+                  f"and batchtopk k={K}; L0 = measured "
                   "active features per row.")
 
 
