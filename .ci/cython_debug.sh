@@ -5,7 +5,8 @@
 # cython half of tests/test_density.py, both sides of the density switch; the
 # JumpReLU family's own tests/test_cython_jumprelu.py, both of its paths; the
 # Matryoshka family's tests/test_cython_matryoshka.py; the transcoders'
-# tests/test_cython_transcoder.py; the bfloat16 encoders' tests/test_bf16.py)
+# tests/test_cython_transcoder.py; the bfloat16 encoders' tests/test_bf16.py and
+# tests/test_bf16_batchtopk.py)
 # against that build, so an out-of-bounds index in a kernel fails loudly (IndexError)
 # instead of reading or writing memory it does not own.
 #
@@ -64,6 +65,11 @@ PYEOF
         if [ -f tests/test_bf16.py ]; then
             env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
                 "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16.py "${@:4}"
+        fi
+        # bf16 BatchTopK: the C kernel's candidate buffers (fs_bf16_encode_candidates)
+        if [ -f tests/test_bf16_batchtopk.py ]; then
+            env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
+                "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16_batchtopk.py "${@:4}"
         fi
         # the training steps' bf16 copy of W_enc, rewritten by the backward's
         # Adam pass (kernels/cython/backward.pyx, _write_copy: raw pointers)
