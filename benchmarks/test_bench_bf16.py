@@ -18,7 +18,12 @@ bare float32 matmul of the encoder's shapes, in one group per size,
   step encodes from the copy of ``W_enc`` that the previous step's Adam
   pass wrote (the first round packs it);
 * peers when importable: ``torch.matmul`` on bf16 tensors (threads set to
-  numba's), skipped when torch is absent.
+  numba's), skipped when torch is absent; MKL's ``cblas_gemm_bf16bf16f32``
+  (bf16 operands, float32 output; PyPI ``mkl``, loaded through ctypes from
+  ``libmkl_rt``, threads set to numba's) into the full ``N x d_sae`` output
+  (op ``matmul``) and in 512-row blocks into one block-sized output that
+  stays in cache (op ``matmul_blocks``, the way a fused encoder would use
+  it), skipped when MKL is absent. Neither is a dependency.
 
 The end of the run prints the group as its own table (registered in
 ``conftest.TABLES``): each median as a ratio to the bare matmul and, for the
@@ -29,6 +34,12 @@ Run:  python -m pytest benchmarks/test_bench_bf16.py --bench-size paper
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -245,9 +256,79 @@ def test_torch_bf16_matmul(benchmark, size, problem):
     assert out.shape == (xb.shape[0], wb.shape[1])
 
 
+def _mkl():
+    """``libmkl_rt`` (ctypes) with ``cblas_gemm_bf16bf16f32``, or skip."""
+    names = [ctypes.util.find_library("mkl_rt")]
+    names += sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    for name in filter(None, names):
+        try:
+            lib = ctypes.CDLL(name)
+            fn = lib.cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError):
+            continue
+        c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        fn.restype = None
+        fn.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr,
+                       c_int, c_float, ptr, c_int]
+        lib.MKL_Set_Num_Threads.argtypes = [c_int]
+        lib.MKL_Set_Num_Threads.restype = None
+        return lib, name
+    pytest.skip("MKL (libmkl_rt with cblas_gemm_bf16bf16f32) not found: pip install mkl")
+
+
+def _bf16_bits(a):
+    """float32 -> bfloat16 bits (uint16, round to nearest even), C order."""
+    from fastsae.backends.reference import bf16_round
+
+    return np.ascontiguousarray((bf16_round(a).view(np.uint32) >> 16).astype(np.uint16))
+
+
+_ROW_MAJOR, _NO_TRANS = 101, 111  # CBLAS_LAYOUT / CBLAS_TRANSPOSE
+
+
+@pytest.mark.parametrize("op", ["matmul", "matmul_blocks"])
+def test_mkl_bf16_gemm(benchmark, size, problem, op):
+    """Peer: MKL's ``cblas_gemm_bf16bf16f32`` of bf16 ``x - b_dec`` and
+    ``W_enc``, float32 output; ``matmul_blocks``: 512 rows at a time into one
+    reused block output."""
+    lib, name = _mkl()
+    if any(s.name == "numba" and s.available for s in fastsae.available_backends()):
+        lib.MKL_Set_Num_Threads(fastsae.get_backend("numba").get_num_threads())
+    p = problem.params
+    xc = np.ascontiguousarray(problem.x - p.b_dec, dtype=np.float32)
+    a, b = _bf16_bits(xc), _bf16_bits(p.W_enc)
+    n, d_in = a.shape
+    d_sae = b.shape[1]
+    rows = n if op == "matmul" else min(512, n)
+    out = np.empty((rows, d_sae), np.float32)
+    gemm = lib.cblas_gemm_bf16bf16f32
+
+    def run():
+        for lo in range(0, n, rows):
+            m = min(rows, n - lo)
+            gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, d_sae, d_in, 1.0,
+                 a[lo:].ctypes.data, d_in, b.ctypes.data, d_sae, 0.0, out.ctypes.data, d_sae)
+        return out
+    _setup(benchmark, size, problem, impl="mkl", op=op, precision="bf16",
+           path=os.path.basename(name))
+    benchmark(run)
+    # the last block against the same bf16 products summed in float64
+    lo = (n - 1) // rows * rows
+    want = _from_bits(a[lo:]) @ _from_bits(b)
+    got = out[:n - lo]
+    scale = np.abs(_from_bits(a[lo:])) @ np.abs(_from_bits(b))
+    # float32 accumulation of d_in products: error ~ d_in * 2^-24 of the scale
+    assert np.all(np.abs(got - want) <= 1e-5 * d_in * scale + 1e-30), "MKL bf16 GEMM is off"
+
+
+def _from_bits(h):
+    return (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
 # ------------------------------------------------------------------ the table
-_IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "numba": 2, "cython": 3, "BF16Encoder": 4}
-_OP_ORDER = {"matmul": 0, "pack": 1, "relu": 2, "topk": 3, "batchtopk": 4, "step_relu": 5,
+_IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "mkl": 2, "numba": 3, "cython": 4,
+               "BF16Encoder": 5}
+_OP_ORDER = {"matmul": 0, "matmul_blocks": 0.5, "pack": 1, "relu": 2, "topk": 3, "batchtopk": 4, "step_relu": 5,
              "step_topk": 6, "step_batchtopk": 7}
 
 
@@ -291,7 +372,8 @@ def _table(tr, rows):
                   "and cython pack the weights on every call, BF16Encoder's relu/topk use "
                   f"weights packed once ('pack' times that); step_* = train_step / "
                   f"train_step_topk (bf16: from the copy the previous step wrote); topk "
-                  f"and batchtopk k={K}; L0 = measured "
+                  f"and batchtopk k={K}; mkl = cblas_gemm_bf16bf16f32 (matmul_blocks: 512 "
+                  "rows at a time into one reused output); L0 = measured "
                   "active features per row.")
 
 
