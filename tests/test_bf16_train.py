@@ -24,7 +24,7 @@ What is checked, and against what:
 * the ReLU density switch with the default tunables: after a dense step
   the float32 step runs (bitwise the fp32 step of a twin), and bf16 again
   once the codes are sparse;
-* refusals (bad precision, BatchTopK + bf16, cuda), fp32 explicit ==
+* refusals (bad precision, cuda; BatchTopK + bf16 runs), fp32 explicit ==
   omitted, the numpy backend's bf16 steps;
 * thread-count independence (bitwise), 1 vs 2 threads.
 
@@ -603,18 +603,30 @@ def test_bad_precision_refused_and_nothing_written(kind, bad):
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba", "cython"])
-def test_batchtopk_bf16_refused_and_nothing_written(name):
+def test_batchtopk_bf16_runs_and_bad_precision_refused(name):
+    """BatchTopK takes precision="bf16" on the CPU backends (the compiled
+    ones keep the copy); a precision other than fp32 / bf16 is still refused
+    before anything is written. (tests/test_bf16_batchtopk.py tests the
+    BatchTopK and Matryoshka bf16 steps in full.)"""
     _skip_unusable(name)
+    if name != "numpy":
+        _need_bf16()
     be = fastsae.get_backend(name)
     params, x, _ = make_problem(42, 9, 5, 12)
     state = AdamState.zeros_like(params)
     counts = np.zeros(params.d_sae, np.int64)
+    cfg = dict(kind="topk", k=2, activation="batchtopk", aux=True)
     before = snapshot(params, state)
-    with pytest.raises(ValueError, match="(?i)batchtopk"):
-        step(be, params, state, x, dict(kind="topk", k=2, activation="batchtopk", aux=True),
-             fire_counts=counts)
+    with pytest.raises(ValueError, match="precision"):
+        step(be, params, state, x, cfg, precision="fp16", fire_counts=counts)
     assert_same_bits(snapshot(params, state), before, "written before refusal")
     assert state.bf16 is None and not counts.any()
+    r = step(be, params, state, x, cfg, precision="bf16", fire_counts=counts)
+    assert np.isfinite(r.total) and state.step == 1 and counts.sum() == r.l0 * x.shape[0]
+    if name == "numpy":
+        assert state.bf16 is None  # the oracle keeps no copy
+    else:
+        assert_copy_current(params, state, f"{name} batchtopk bf16 step")
     step(be, params, state, x, dict(kind="topk", k=2, activation="batchtopk"),
          precision="fp32")  # fp32 BatchTopK runs
 

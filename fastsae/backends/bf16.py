@@ -263,8 +263,11 @@ def _batchtopk(path, x, b_dec, Wp, WT, b_enc, k, threads) -> tuple:
         if out is not None or K >= d_sae:
             break
         K = min(d_sae, 2 * K)
-    _cand[key] = K
-    return out
+    *csr, used = out
+    # the next call starts from this width, or half of it once no row used
+    # even a quarter of it (one odd batch does not keep the buffers wide)
+    _cand[key] = K if 4 * used > K else max(4 * m, K // 2)
+    return tuple(csr)
 
 
 def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
@@ -273,8 +276,9 @@ def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
     per-row buffers (each sorted by bf16 value desc, column asc): the
     ``n_cand`` best bf16 candidates (ties row-major), then the ``total`` best
     float32 values among them (ties row-major), then those > 0. Returns CSR
-    ``(indptr, indices, values)``, or None when a truncated row (more
-    positives than its buffer) might hold a candidate beyond its buffer."""
+    ``(indptr, indices, values, used)`` (``used``: the most candidates one
+    row gave), or None when a truncated row (more positives than its buffer)
+    might hold a candidate beyond its buffer."""
     n, K = cols.shape
     counts = np.asarray(counts)
     valid = np.arange(K)[None, :] < counts[:, None]
@@ -285,6 +289,7 @@ def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
     if tot <= n_cand:
         if truncated.any():  # every positive is a candidate, and some were not kept
             return None
+        used = int(counts.max(initial=0))
     else:
         # the n_cand-th best bf16 value; a truncated row whose last kept value
         # reaches it may have equal or better ones beyond its buffer
@@ -296,6 +301,7 @@ def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
         ties = np.flatnonzero(pb == t_b)  # row-major: rows in order, columns ascending
         take[ties[:n_cand - int(take.sum())]] = True
         pf, cc, rows = pf[take], cc[take], rows[take]
+        used = int(np.bincount(rows, minlength=1).max())
     if pf.shape[0] > total:
         t_f = np.partition(pf, pf.shape[0] - total)[pf.shape[0] - total]
         take = pf > t_f
@@ -309,7 +315,7 @@ def _batch_select(counts, npos, cols, pre, vals, n_cand, total, d_sae):
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
     return (indptr, np.ascontiguousarray(cc[order], dtype=np.int32),
-            np.ascontiguousarray(pf[order], dtype=np.float32))
+            np.ascontiguousarray(pf[order], dtype=np.float32), used)
 
 
 # The contract's bf16 entries (called by the numba and cython faces with
