@@ -250,8 +250,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="the training steps' encoder product: bf16 (bfloat16 operands "
                    "select the codes; their values and the rest of the step stay float32; "
-                   "relu, topk, batchtopk and matryoshka_batchtopk SAEs on the numba or "
-                   "cython backend), fp32, or auto "
+                   "relu, topk, batchtopk, matryoshka_batchtopk and jumprelu (default "
+                   "sparsity mode) SAEs on the numba or cython backend), fp32, or auto "
                    "(default): bf16 where this CPU has bfloat16 instructions (AVX512-BF16), "
                    "else fp32. A resumed run keeps its precision")
     t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE. It "

@@ -58,14 +58,22 @@ def test_resolve_precision_rules(monkeypatch):
     assert TrainConfig().resolve_precision(numpy_be, "relu")[0] == "fp32"
     assert TrainConfig(precision="bf16").resolve_precision(numpy_be, "topk")[:2] == \
         ("bf16", "numpy")
-    for act in ("batchtopk", "matryoshka_batchtopk"):
+    for act in ("batchtopk", "matryoshka_batchtopk", "jumprelu"):
         assert TrainConfig(precision="bf16").resolve_precision(numpy_be, act)[:2] == \
             ("bf16", "numpy")
-    for act in ("jumprelu", None):
-        p, path, why = TrainConfig().resolve_precision(numpy_be, act)
-        assert (p, path) == ("fp32", None) and "relu, topk, batchtopk" in why
-        with pytest.raises(ValueError, match="relu, topk, batchtopk"):
-            TrainConfig(precision="bf16").resolve_precision(numpy_be, act)
+    p, path, why = TrainConfig().resolve_precision(numpy_be, None)
+    assert (p, path) == ("fp32", None) and "relu, topk, batchtopk" in why
+    with pytest.raises(ValueError, match="relu, topk, batchtopk"):
+        TrainConfig(precision="bf16").resolve_precision(numpy_be, None)
+    # JumpReLU in bf16: its default sparsity mode only
+    for kw in (dict(jumprelu_sparsity_loss_mode="tanh"), dict(pre_act_loss_coefficient=3e-6),
+               dict(jumprelu_sparsity_loss_mode="quadratic", target_l0=8)):
+        p, path, why = TrainConfig(**kw).resolve_precision(numpy_be, "jumprelu")
+        assert (p, path) == ("fp32", None) and "default sparsity mode" in why, kw
+        with pytest.raises(ValueError, match="default sparsity mode"):
+            TrainConfig(precision="bf16", **kw).resolve_precision(numpy_be, "jumprelu")
+    assert TrainConfig(precision="bf16", jumprelu_sparsity_loss_mode="step").resolve_precision(
+        numpy_be, "jumprelu")[0] == "bf16"
     with pytest.raises(ValueError, match="distributed"):
         TrainConfig(precision="bf16").resolve_precision(numpy_be, "relu", "data")
     assert TrainConfig().resolve_precision(numpy_be, "relu", "data")[0] == "fp32"
@@ -85,9 +93,10 @@ def test_resolve_precision_on_compiled_backends(name, monkeypatch):
         TrainConfig(precision="bf16").resolve_precision(be, "topk")
     monkeypatch.delenv("FASTSAE_BF16_PATH")
     want = ("bf16", "avx512bf16") if HW else ("fp32", None)
-    for act in ("relu", "topk", "batchtopk", "matryoshka_batchtopk"):
+    for act in ("relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"):
         assert TrainConfig().resolve_precision(be, act)[:2] == want
-    assert TrainConfig().resolve_precision(be, "jumprelu")[0] == "fp32"
+    assert TrainConfig(jumprelu_sparsity_loss_mode="tanh").resolve_precision(
+        be, "jumprelu")[0] == "fp32"
 
 
 def test_cuda_backend_refuses_bf16_runs():
@@ -102,8 +111,8 @@ def test_cuda_backend_refuses_bf16_runs():
 
 def test_trainer_refuses_bf16_where_it_cannot_run(problem):
     m = SparseAutoencoder(16, 64, seed=3, backend="numpy", activation="jumprelu")
-    with pytest.raises(ValueError, match="relu, topk"):
-        Trainer(m, problem.x, _cfg(precision="bf16"))
+    with pytest.raises(ValueError, match="default sparsity mode"):
+        Trainer(m, problem.x, _cfg(precision="bf16", jumprelu_sparsity_loss_mode="tanh"))
 
 
 # ---------------------------------------------------------------- runs
@@ -114,11 +123,12 @@ def _paths():
 @needs_kernels
 @pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("name", COMPILED)
-@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk",
+                                        "jumprelu"])
 def test_bf16_run_records_its_precision(problem, tmp_path, monkeypatch, name, path,
                                         activation):
     monkeypatch.setenv("FASTSAE_BF16_PATH", path)
-    k = None if activation == "relu" else 4
+    k = None if activation in ("relu", "jumprelu") else 4
     m = SparseAutoencoder(16, 64, seed=3, backend=name, activation=activation, k=k)
     t = Trainer(m, problem.x, _cfg(steps=30, precision="bf16", checkpoint_every=15),
                 out_dir=tmp_path)
@@ -134,7 +144,8 @@ def test_bf16_run_records_its_precision(problem, tmp_path, monkeypatch, name, pa
 
 @needs_kernels
 @pytest.mark.parametrize("name", COMPILED)
-@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "matryoshka_batchtopk",
+                                        "jumprelu"])
 def test_bf16_resume_equals_uninterrupted_run(problem, tmp_path, monkeypatch, name,
                                               activation):
     """As test_trainer's exact-resume test, in bf16: the resumed run packs
@@ -143,7 +154,7 @@ def test_bf16_resume_equals_uninterrupted_run(problem, tmp_path, monkeypatch, na
     problem crosses the dense-path threshold (fresh init: dense; later
     sparse), so both paths run, and resampling marks the copy stale."""
     monkeypatch.setenv("FASTSAE_BF16_PATH", "emulated")
-    k = None if activation == "relu" else 4
+    k = None if activation in ("relu", "jumprelu") else 4
     cfg = _cfg(steps=70, checkpoint_every=15, resample_every=20, resample_until=0.8,
                dead_window=8, precision="bf16")
 
@@ -236,8 +247,11 @@ def test_cli_precision_flag(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "g")]) == 0
     assert "bf16 (emulated path)" in capsys.readouterr().out
     assert main(["train", "--steps", "12", "--precision", "bf16", "--activation", "jumprelu",
-                 "--out", str(tmp_path / "h")]) != 0
-    assert "relu, topk" in capsys.readouterr().err
+                 "--out", str(tmp_path / "h")]) == 0
+    assert "bf16 (emulated path)" in capsys.readouterr().out
+    assert main(["train", "--steps", "12", "--precision", "bf16", "--activation", "jumprelu",
+                 "--jumprelu-sparsity-loss-mode", "tanh", "--out", str(tmp_path / "i")]) != 0
+    assert "default sparsity mode" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the model's default

@@ -41,8 +41,10 @@ them. When a row with more positives than ``K`` might hold a candidate
 beyond its buffer, the call is rerun with ``K`` doubled (as the float32
 BatchTopK encoders do); the last ``K`` per ``(d_sae, k)`` is reused.
 
-Training (``train_step``, ``train_step_topk`` and ``train_step_matryoshka``
-with ``precision="bf16"``):
+Training (``train_step``, ``train_step_topk``, ``train_step_matryoshka`` and
+``train_step_jumprelu``, its default sparsity mode, with ``precision="bf16"``;
+JumpReLU's step selects the entries above its window's low edge, ``theta -
+bandwidth / 2``, the threshold mode with that cut):
 the copy lives on the run's :class:`~fastsae.AdamState` (``state.bf16``, a
 :class:`StepCopy`) and the fused Adam update of ``W_enc`` rewrites it as it
 updates each piece of ``W_enc`` (no extra pass over the weights); a step
@@ -53,7 +55,8 @@ previous step's codes were dense (density at least the backend's dense-path
 threshold, ``tunables.*_RELU_DENSE_MIN_DENSITY``): there the float32 step
 with dense BLAS products is faster, and it runs instead (a fresh ReLU SAE
 fires half its features); the copy is then rebuilt when the codes are
-sparse again.
+sparse again. JumpReLU's step switches the same way, at
+``tunables.*_JUMPRELU_DENSE_MIN_DENSITY``.
 """
 
 from __future__ import annotations
@@ -398,22 +401,24 @@ def step_copy(state, W_enc, threads):
     return sc.Wp, sc.WT
 
 
-def step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch=False) -> tuple:
-    """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``),
-    TopK's ``k`` per row, or (``batch``) BatchTopK's ``N * k``. Returns CSR
-    arrays ``(indptr, indices, values)``."""
+def step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch=False, thr=None) -> tuple:
+    """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``;
+    with ``thr`` float32 ``[d_sae]``: the entries above ``thr``, JumpReLU's
+    candidates), TopK's ``k`` per row, or (``batch``) BatchTopK's ``N * k``.
+    Returns CSR arrays ``(indptr, indices, values)``."""
     if batch:
         return _batchtopk(selected_path(), x, b_dec, Wp, WT, b_enc, k, threads)
     kk, m = (0, 0) if k == 0 else _topk_km(k, WT.shape[0])
-    return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, None, kk, m, threads)
+    t = None if thr is None else np.ascontiguousarray(thr, dtype=np.float32)
+    return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, t, kk, m, threads)
 
 
-def step_codes(state, x, W_enc, b_enc, b_dec, k, threads, batch=False) -> tuple:
+def step_codes(state, x, W_enc, b_enc, b_dec, k, threads, batch=False, thr=None) -> tuple:
     """A ``precision="bf16"`` step's encoder: :func:`step_copy` then
     :func:`step_encode`. Returns ``((indptr, indices, values), (Wp, WT))``,
     the CSR codes and the copy the step's weight pass then rewrites."""
     Wp, WT = step_copy(state, W_enc, threads)
-    return step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch), (Wp, WT)
+    return step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch, thr), (Wp, WT)
 
 
 def step_done(state, W_enc, *, wrote: bool, nnz: int, n: int) -> None:

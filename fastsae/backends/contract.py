@@ -172,7 +172,10 @@ FUNCTIONS = (
              (_PARAMS_IO, _STATE, _X, ("*", ""), _LOG_THETA,
               ("threshold_m", "float32 [d_sae], Adam's first moment of log_threshold"),
               ("threshold_v", "float32 [d_sae], Adam's second moment of log_threshold"),
-              _BANDWIDTH, _L0C, *_ADAM, _FIRE, _SPARSITY, _PRE_DEAD, _Y),
+              _BANDWIDTH, _L0C, *_ADAM, _FIRE, _SPARSITY, _PRE_DEAD, _Y,
+              ("precision", "'fp32' or 'bf16' (bf16: the default sparsity mode, 'step' with no "
+               "pre-activation loss acting); the entries above the window's low edge "
+               "selected by the bfloat16 product")),
              "StepResult with extra['l0_loss'] and aux (before the update)",
              inplace=("params", "state", "log_threshold", "threshold_m", "threshold_v",
                       "fire_counts")),

@@ -296,12 +296,17 @@ class Backend:
     def train_step_jumprelu(self, params: SAEParams, state: AdamState, x, *, log_threshold,
                             threshold_m, threshold_v, bandwidth, l0_coefficient, lr,
                             beta1=0.9, beta2=0.999, eps=1e-8, fire_counts=None,
-                            sparsity=None, dead_mask=None, y=None) -> StepResult:
+                            sparsity=None, dead_mask=None, y=None,
+                            precision="fp32") -> StepResult:
         """One JumpReLU step in place: the four parameters, ``log_threshold``
         and its Adam moments ``threshold_m``/``threshold_v`` (float32
         ``[d_sae]``, updated in place at the same Adam step); see
         :func:`fastsae.reference.train_step_jumprelu`. All or nothing, finite
-        or loud, as :meth:`train_step`."""
+        or loud, as :meth:`train_step`. ``precision="bf16"`` (CPU backends,
+        the default sparsity mode): the entries the step needs selected by
+        the bfloat16 product, from a copy of ``W_enc`` kept in
+        ``state.bf16``."""
+        precision = self._precision(precision)
         params = V.params_inplace(params, self._device)
         V.adam_state_arg(state, params, self._device)
         V.fire_counts_arg(fire_counts, params.d_sae, self._device)
@@ -316,6 +321,11 @@ class Backend:
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         sparsity = V.jumprelu_sparsity_arg(sparsity, params.d_sae)
         V.dead_mask_arg(dead_mask, params.d_sae)
+        if precision == "bf16" and not V.jumprelu_default_mode(sparsity, dead_mask):
+            raise ValueError("precision='bf16' JumpReLU steps are built for the default "
+                             "sparsity mode ('step' with no pre-activation loss acting); "
+                             f"got mode {sparsity.mode!r} with pre_act_coefficient "
+                             f"{sparsity.pre_act_coefficient} (use precision='fp32')")
         self._step_writes(params, state, x, fire_counts, dead_mask,
                           extra_written={"log_threshold": log_threshold,
                                          "threshold_m": threshold_m,
@@ -324,7 +334,7 @@ class Backend:
             params, state, x, log_threshold=log_threshold, threshold_m=threshold_m,
             threshold_v=threshold_v, bandwidth=bandwidth, l0_coefficient=l0c, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, fire_counts=fire_counts, sparsity=sparsity,
-            dead_mask=dead_mask, y=y)
+            dead_mask=dead_mask, y=y, precision=precision)
 
     # ------------------------------------------------------------ Matryoshka family
     def matryoshka_gradients(self, x, params: SAEParams, codes, widths, aux_codes=None,

@@ -606,13 +606,20 @@ def train_step_topk(params: SAEParams, state: AdamState, x, *, k, activation="to
 jumprelu_window = _jumprelu_window
 
 
-def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None):
+def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None,
+                      precision="fp32"):
     """``(x - b_dec, pre, theta, active, window)``: the centred batch (a
     transcoder's ``x``), the pre-activations, the thresholds and the active
-    and window masks."""
+    and window masks. ``precision="bf16"``: ``pre`` is ``-inf`` wherever the
+    bf16 pre-activation is not above ``lo`` (such entries are neither active
+    nor in the window; see :func:`train_step_jumprelu`)."""
     xc = _encoder_input(x, params, y)
     pre = xc @ params.W_enc + params.b_enc
     theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
+    if precision == "bf16":
+        pre_b = (bf16_round(xc).astype(np.float64) @ bf16_round(params.W_enc).astype(np.float64)
+                 + params.b_enc)
+        pre = np.where(pre_b > lo[None, :], pre, -np.inf).astype(pre.dtype)
     active = pre > theta[None, :]
     window = (pre > lo[None, :]) & (pre < hi[None, :])
     return xc, pre, theta, active, window
@@ -637,12 +644,21 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
     ``W_dec`` gradient is projected (parallel component of each row
     removed), ``g_log_threshold`` has ``log_threshold``'s shape.
     """
+    return _jumprelu_grads(x, params, log_threshold, bandwidth, l0_coefficient, sparsity,
+                           dead_mask, y, "fp32")
+
+
+def _jumprelu_grads(x, params, log_threshold, bandwidth, l0_coefficient, sparsity, dead_mask,
+                    y, precision):
+    """:func:`jumprelu_gradients` with ``precision`` (``"bf16"``: as
+    :func:`train_step_jumprelu`)."""
     sp = jumprelu_sparsity_arg(sparsity)
     n = x.shape[0]
     t = _target(x, y)
     W_dec = params.W_dec
     dt = x.dtype.type
-    xc, pre, theta, active, window = _jumprelu_forward(x, params, log_threshold, bandwidth, y)
+    xc, pre, theta, active, window = _jumprelu_forward(x, params, log_threshold, bandwidth, y,
+                                                       precision)
     f = np.where(active, pre, 0).astype(pre.dtype)
     x_hat = reconstruct(f, params, x)
     d_xhat = 2.0 * (x_hat - t) / n
@@ -691,17 +707,24 @@ def adam_vector(p, g, m, v, t, lr, beta1, beta2, eps):
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
                         threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
                         beta2=0.999, eps=1e-8, fire_counts=None, sparsity=None,
-                        dead_mask=None, y=None) -> StepResult:
+                        dead_mask=None, y=None, precision="fp32") -> StepResult:
     """One JumpReLU training step (forward, backward, Adam on the four
     parameters and on ``log_threshold`` with its moments ``threshold_m``,
     ``threshold_v`` at the same step ``t``, decoder-row renormalization), in
     place. ``StepResult.extra["l0_loss"]`` is the weighted sparsity term,
     ``aux`` the weighted pre-activation loss (``sparsity``, ``dead_mask``
     as :func:`jumprelu_gradients`); ``l0`` the measured L0 (active entries
-    per row); ``y`` a transcoder's target."""
-    active = _jumprelu_forward(x, params, log_threshold, bandwidth, y)[3]  # before the update
-    loss, grads, g_lt = jumprelu_gradients(x, params, log_threshold, bandwidth, l0_coefficient,
-                                           sparsity, dead_mask, y)
+    per row); ``y`` a transcoder's target.
+
+    ``precision="bf16"`` (the default sparsity mode only: ``"step"`` with no
+    pre-activation loss acting): the step needs only the entries above the
+    window's low edge ``lo = theta - bandwidth / 2``; they are selected by
+    the bfloat16 product (``pre_b > lo``, :func:`bf16_pre_activations`) and
+    their float32 ``pre`` is used; every other entry counts as below ``lo``
+    (neither active nor in the window). The rest of the step is float32."""
+    active = _jumprelu_forward(x, params, log_threshold, bandwidth, y, precision)[3]
+    loss, grads, g_lt = _jumprelu_grads(x, params, log_threshold, bandwidth, l0_coefficient,
+                                        sparsity, dead_mask, y, precision)
     adam_update(params, grads, state, lr, beta1, beta2, eps)
     adam_vector(log_threshold, g_lt, threshold_m, threshold_v, state.step, lr, beta1, beta2, eps)
     normalize_decoder_rows(params.W_dec)

@@ -25,7 +25,7 @@ __all__ = ["TrainConfig", "LR_WARMUP_CAP", "L1_WARMUP_CAP", "PRECISIONS", "BF16_
 #: ``TrainConfig.precision`` values.
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Activations whose training steps run with ``precision="bf16"``.
-BF16_ACTIVATIONS = ("relu", "topk", "batchtopk", "matryoshka_batchtopk")
+BF16_ACTIVATIONS = ("relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu")
 
 #: Longest automatic learning-rate warm-up (steps), reached by runs of
 #: 1500 steps or more.
@@ -126,8 +126,10 @@ class TrainConfig:
 
     ``precision``: the encoder product of the training steps. ``"fp32"``;
     ``"bf16"`` (bfloat16 operands select the codes, whose values and every
-    other product stay float32; see :mod:`fastsae.backends.bf16`), for relu
-    and topk SAEs and transcoders in one process on the CPU backends; or
+    other product stay float32; see :mod:`fastsae.backends.bf16`), for relu,
+    topk, batchtopk, matryoshka_batchtopk and jumprelu SAEs (JumpReLU in its
+    default "step" sparsity mode, no pre-activation loss) and transcoders in
+    one process on the CPU backends; or
     ``"auto"`` (the default): ``"bf16"`` where that runs on this CPU's
     bfloat16 instructions (AVX512-BF16) on the numba or cython backend, else
     ``"fp32"`` (:meth:`resolve_precision`). The run records the precision and
@@ -254,6 +256,11 @@ class TrainConfig:
         if activation not in BF16_ACTIVATIONS:
             why = (f"precision='bf16' trains {', '.join(BF16_ACTIVATIONS)} SAEs; this "
                    f"model's activation is {activation!r}")
+        elif activation == "jumprelu" and not (
+                (self.jumprelu_sparsity_loss_mode or "step") == "step"
+                and not self.pre_act_loss_coefficient):
+            why = ("precision='bf16' trains JumpReLU SAEs in the default sparsity mode "
+                   "('step', no pre-activation loss)")
         elif distributed is not None:
             why = "precision='bf16' is not built for distributed training"
         elif getattr(backend, "_device", False) or backend.name == "cuda":

@@ -522,7 +522,7 @@ class JumpReLUState(SAEState):
             bandwidth=cfg.jumprelu_bandwidth, l0_coefficient=l1_coefficient,
             lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fire_counts=buf,
             sparsity=None if self.sparsity.is_default else self.sparsity, dead_mask=dead_mask,
-            y=y)
+            y=y, precision=self.precision)
         if self.pre_act:
             _record_firing(be, self.since, buf, x.shape[0], fire_counts)
         out = {"mse": r.mse, "l0_loss": r.extra["l0_loss"], "total": r.total, "l0": r.l0,

@@ -52,11 +52,8 @@ from libc.stdint cimport int64_t, int32_t, uint16_t
 
 import numpy as np
 
-from common cimport AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d
-
-cdef extern from "bf16_encode.h" nogil:
-    uint16_t fs_to_bf16(float f)
-    int64_t fs_bf16_packed_size(int64_t d_in, int64_t d_sae)
+from common cimport (AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d, _write_copy,
+                     fs_bf16_packed_size)
 
 cdef enum:
     _FB = 16     # features per block in the per-feature pass
@@ -468,23 +465,6 @@ def gradients_csr(const float[:, ::1] x, const float[:, ::1] x_hat,
     if aux_indptr is not None:
         return mse, l1, aux
     return mse, l1
-
-
-cdef inline void _write_copy(const float* cols, Py_ssize_t nb, Py_ssize_t d_in, Py_ssize_t K2,
-                             uint16_t* panel, float* wt) noexcept nogil:
-    """One block's updated ``W_enc`` columns (``cols [nb, d_in]``, the
-    columns of features ``j0 .. j0 + nb - 1``) into the bfloat16 copy: their
-    rows of the transpose and their panel (element ``(q, c, e)`` at ``(q *
-    16 + c) * 2 + e`` is column ``c``'s entry ``2q + e``); entries past
-    ``nb`` or ``d_in`` are the packer's zeros and stay."""
-    cdef Py_ssize_t jj, q, kk
-    memcpy(wt, cols, nb * d_in * sizeof(float))
-    for q in range(K2):
-        kk = 2 * q
-        for jj in range(nb):
-            panel[(q * 16 + jj) * 2] = fs_to_bf16(cols[jj * d_in + kk])
-            if kk + 1 < d_in:
-                panel[(q * 16 + jj) * 2 + 1] = fs_to_bf16(cols[jj * d_in + kk + 1])
 
 
 def train_backward(const float[:, ::1] x, const float[:, ::1] x_hat,

@@ -85,12 +85,12 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, tanhf
-from libc.stdint cimport int64_t, int32_t
+from libc.stdint cimport int64_t, int32_t, uint16_t
 
 import numpy as np
 
 from common cimport (AdamConsts, _adam, _adam_consts, _axpy, _dot, _dot_d, _sgemm_rm, sgemm,
-                     blas_int)
+                     blas_int, _write_copy, fs_bf16_packed_size)
 
 cdef enum:
     _FB = 64     # features per block in the sparse feature pass (256 B per W_enc row)
@@ -843,9 +843,13 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                     float[:, ::1] d_target=None, int mode=0, double tanh_scale=0.0,
                     double target_l0=0.0, const int64_t[::1] dead_idx=None,
                     const float[:, ::1] pa_g=None, const int64_t[::1] pa_cnt=None,
-                    double pre_act=0.0, double[::1] stats=None):
+                    double pre_act=0.0, double[::1] stats=None,
+                    uint16_t[::1] bf16_panels=None, float[:, ::1] bf16_transpose=None):
     """The JumpReLU backward on the candidates' CSR (``values`` = ``pre``,
-    every entry ``pre > lo``; see the module docstring).
+    every entry ``pre > lo``; see the module docstring). ``bf16_panels``
+    and ``bf16_transpose`` (both or neither; ``adam`` only): the bfloat16
+    copy of ``W_enc`` (``kernels/c/bf16_encode.h``'s layout) that each
+    feature block rewrites after its Adam update, as ``train_backward``.
 
     ``adam``: update ``W_enc, b_enc, W_dec, b_dec`` (``moments``: their 8
     Adam moments, ``m`` then ``v``) and ``log_threshold`` (``threshold_m``,
@@ -895,6 +899,16 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
     if (indptr.shape[0] != n + 1 or theta.shape[0] != d_sae or hi.shape[0] != d_sae
             or log_threshold.shape[0] != d_sae):
         raise ValueError("sparse_backward: CSR or window shape mismatch")
+    cdef bint copy = bf16_panels is not None
+    if copy != (bf16_transpose is not None) or (copy and not adam):
+        raise ValueError("sparse_backward: bf16_panels and bf16_transpose go together, "
+                         "with adam")
+    if copy and (bf16_panels.shape[0] != fs_bf16_packed_size(d_in, d_sae)
+                 or bf16_transpose.shape[0] != d_sae or bf16_transpose.shape[1] != d_in):
+        raise ValueError("sparse_backward: the bf16 copy does not match W_enc's shape")
+    cdef uint16_t* pan = &bf16_panels[0] if copy else NULL
+    cdef float* wtr = &bf16_transpose[0, 0] if copy else NULL
+    cdef Py_ssize_t K2 = (d_in + 1) // 2, pb
     cdef Py_ssize_t nnz = indptr[n]
     if nnz < 0 or indices.shape[0] < nnz or values.shape[0] < nnz:
         raise ValueError("sparse_backward: CSR arrays shorter than indptr[N]")
@@ -1145,6 +1159,14 @@ def sparse_backward(const float[:, ::1] x, const float[:, ::1] W_enc, const floa
                             gd[jj] = acc[jj * d_in + k]
                         bad += _adam(pWe + k * d_sae + j0, gd, o_mWe + k * d_sae + j0,
                                      o_vWe + k * d_sae + j0, nb, &c)
+                    if pan != NULL:  # the updated columns, 16 features per panel
+                        for k in range(d_in):
+                            for jj in range(nb):
+                                acc[jj * d_in + k] = pWe[k * d_sae + j0 + jj]
+                        for pb in range(0, nb, 16):
+                            _write_copy(acc + pb * d_in, min(<Py_ssize_t>16, nb - pb), d_in,
+                                        K2, pan + ((j0 + pb) // 16) * K2 * 32,
+                                        wtr + (j0 + pb) * d_in)
                 else:
                     for k in range(d_in):
                         for jj in range(nb):

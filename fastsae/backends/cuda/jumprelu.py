@@ -97,7 +97,7 @@ from .common import (BLOCK, CHUNK_ROWS, GROUPS, LANES, SCAN_SHARED, _single_bloc
                      block_exclusive_scan, block_sum, block_sum2, exclusive_scan_kernel,
                      fill_kernel, flat_grid, grid_for, sum_kernel)
 from .decode import _no_widths, _one_level, _sparse_decode
-from .encode import _gemm, count_rows_kernel
+from .encode import _fp32_only, _gemm, count_rows_kernel
 from .placement import (_any_device, _device, _empty, _empty_like_params, _is_device,
                         _out, _params_device, _params_out, _work, _work_at_least, to_numpy)
 from .step import _finish_step, _step_arrays
@@ -874,7 +874,7 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold,
                         threshold_m, threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9,
                         beta2=0.999, eps=1e-8, fire_counts=None, sparsity=None,
-                        dead_mask=None, y=None) -> StepResult:
+                        dead_mask=None, y=None, precision="fp32") -> StepResult:
     """One JumpReLU step in place (see
     :func:`fastsae.backends.reference.train_step_jumprelu`): Adam on the
     parameters (a skip transcoder's ``W_skip`` too) and on ``log_threshold``
@@ -884,7 +884,9 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     ``dead_mask`` as :func:`jumprelu_gradients` (the modes' gradients come
     from their own kernels, then the same fused Adam);
     ``extra["l0_loss"]`` the weighted sparsity term, ``aux`` the weighted
-    pre-activation loss."""
+    pre-activation loss. float32 only (the front refuses
+    ``precision="bf16"`` here)."""
+    _fp32_only(precision)
     P, M, V, fc_dev, host_pairs = _step_arrays(params, state, fire_counts)
     vecs = []
     for a in (log_threshold, threshold_m, threshold_v):

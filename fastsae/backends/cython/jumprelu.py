@@ -56,6 +56,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...params import AdamState, JumpReLUSparsity, Losses, SAEParams, StepResult
+from .. import bf16 as BF
 from .. import tunables as TU
 from .. import numerics as NU
 from ..numerics import jumprelu_step_result
@@ -182,16 +183,25 @@ def _preact_sparse(x, params: SAEParams, theta, dead_idx, coefficient, y):
 
 def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, moments=(),
          consts=None, threshold_m=None, threshold_v=None, fire_counts=None, grads=None, kw=None,
-         y=None, mode=None):
+         y=None, mode=None, bf16_state=None):
     """Encode, then the sparse or the dense backward: ``(mse, nnz, bad, aux)``
     (``aux``: the weighted pre-activation loss, 0.0 without one).
     ``kw``: the kernels' transcoder keywords (:func:`.transcoder.kernel_args`);
-    ``mode``: a non-default call's :class:`_Mode` (its ``stats`` filled in)."""
+    ``mode``: a non-default call's :class:`_Mode` (its ``stats`` filled in);
+    ``bf16_state``: the run's AdamState when the candidates come from the
+    bf16 encoder on its copy of ``W_enc`` (which the backward rewrites)."""
     n, d_in, d_sae = int(x.shape[0]), params.d_in, params.d_sae
     kw = dict(kw or {})
     theta, lo, hi = window(log_threshold, bandwidth)
-    pre, csr = encode_candidates(x, params.W_enc, params.b_enc, TC.centering(params, y), lo,
-                                 TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)
+    if bf16_state is not None:
+        nt = threads(n * d_in * d_sae)
+        csr, (Wp, WT) = BF.step_codes(bf16_state, x, params.W_enc, params.b_enc,
+                                      TC.centering(params, y), 0, nt, thr=lo)
+        pre = None
+        kw.update(bf16_panels=Wp, bf16_transpose=WT)
+    else:
+        pre, csr = encode_candidates(x, params.W_enc, params.b_enc, TC.centering(params, y),
+                                     lo, TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)
     common = (float(bandwidth), float(l0_coefficient), log_threshold, adam, tuple(moments),
               consts, threshold_m, threshold_v, fire_counts)
     aux_sum = 0.0
@@ -257,22 +267,32 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
                         eps=1e-8, fire_counts=None, sparsity=None, dead_mask=None,
-                        y=None) -> StepResult:
+                        y=None, precision="fp32") -> StepResult:
     """One JumpReLU step in place (see the module docstring): the four
     parameters (and a skip transcoder's ``W_skip``), ``log_threshold`` and
     its moments (Adam at step ``state.step + 1``), decoder rows
     renormalized, ``fire_counts`` added to; ``sparsity`` and ``dead_mask``
     as :func:`jumprelu_gradients` (``extra["l0_loss"]`` the sparsity term,
-    ``aux`` the pre-activation loss); ``y`` a transcoder's target."""
+    ``aux`` the pre-activation loss); ``y`` a transcoder's target.
+    ``precision="bf16"`` (the default mode; the front refuses others): the
+    candidates from :mod:`..bf16`'s encoder on the copy of ``W_enc`` in
+    ``state.bf16``, rewritten by the sparse backward's Adam pass; unless
+    the last step's codes were at least ``CYTHON_JUMPRELU_DENSE_MIN_DENSITY``
+    dense: then this float32 step."""
     n = int(x.shape[0])
     t, consts = step_constants(state, lr, beta1, beta2, eps)
     kw = TC.kernel_args(x, params, y, builds_recon=True)
     md = _mode(sparsity, dead_mask)
+    bf = precision == "bf16" and BF.bf16_step_wanted(
+        state, float(TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY))
     mse, nnz, bad, aux = _run(x, params, log_threshold, bandwidth, l0_coefficient, True,
                               moment_arrays(state), consts, threshold_m, threshold_v,
-                              fire_counts, kw=kw, y=y, mode=md)
+                              fire_counts, kw=kw, y=y, mode=md,
+                              bf16_state=state if bf else None)
     bad += TC.skip_adam(params, state, x, kw, consts)
     state.step = t
+    if precision == "bf16":
+        BF.step_done(state, params.W_enc, wrote=bf, nnz=nnz, n=n)
     t_fit = TC.fit_target(x, y)
     var = _backward.batch_variance(t_fit, threads(t_fit.size))
     l0_loss = (float(l0_coefficient) * nnz / n if md is None

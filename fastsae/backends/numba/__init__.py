@@ -654,7 +654,7 @@ def jumprelu_gradients(x, params: SAEParams, log_threshold, bandwidth, l0_coeffi
 def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold, threshold_m,
                         threshold_v, bandwidth, l0_coefficient, lr, beta1=0.9, beta2=0.999,
                         eps=1e-8, fire_counts=None, sparsity=None, dead_mask=None,
-                        y=None) -> StepResult:
+                        y=None, precision="fp32") -> StepResult:
     """One JumpReLU step in place (see
     :func:`fastsae.backends.reference.train_step_jumprelu`): the fused
     candidate encoder, then below
@@ -669,7 +669,11 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     "quadratic" touch only the active and window entries, the pre-activation
     loss adds one dense pass over the dead columns, two GEMMs of their
     width, on the sparse path). ``y``: a transcoder's target (``W_skip``'s
-    Adam after the core)."""
+    Adam after the core). ``precision="bf16"`` (the default mode; the front
+    refuses others): the candidates (``pre > lo``) from :mod:`..bf16`'s
+    encoder on the copy of ``W_enc`` in ``state.bf16``, which the sparse
+    weight pass rewrites; unless the last step's codes were at least
+    ``NUMBA_JUMPRELU_DENSE_MIN_DENSITY`` dense: then this float32 step."""
     counts = _NOCOUNTS if fire_counts is None else fire_counts
     t = state.step + 1
     adam_c = NU.adam_constants(lr, beta1, beta2, eps, t)
@@ -680,8 +684,16 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     modes = _jr_modes(sparsity, dead_mask, n, l0_coefficient)
     l0sum = aux_sum = 0.0
     var = None
+    bf = precision == "bf16" and BF.bf16_step_wanted(
+        state, float(TU.NUMBA_JUMPRELU_DENSE_MIN_DENSITY))
+    copy = B.NO_COPY
     with _blas_single():
-        dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
+        if bf:
+            dense = False
+            (indptr, indices, values), copy = BF.step_codes(
+                state, x, W_enc, b_enc, TC.encoder_centering(params, y), 0, nt, thr=lo)
+        else:
+            dense, pre, indptr, indices, values = _jr_encode(xc, W_enc, b_enc, lo, nt)
         if modes is None and dense:
             sq, nnz, bad, dx = JR.dense_step_core(
                 tgt, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
@@ -691,7 +703,7 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
             sq, nnz, var, bad, dx = JR.sparse_step_core(
                 tgt, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
                 *_adam_moments(state), log_threshold, threshold_m, threshold_v, adam_c, inv_bw,
-                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts, center)
+                l0s, TU.NUMBA_JUMPRELU_FEATURE_TILE, counts, center, *copy)
         elif dense:
             sq, nnz, bad, dx, l0sum, aux_sum = JR.dense_step_core_modes(
                 tgt, xc, pre, theta, lo, hi, W_enc, b_enc, W_dec, b_dec, *_adam_moments(state),
@@ -707,6 +719,8 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
         var = S.batch_variance(x if y is None else y)
     state.step = t
     nnz = int(nnz)
+    if precision == "bf16":
+        BF.step_done(state, W_enc, wrote=bf, nnz=nnz, n=n)
     l0_loss, aux = _jr_losses(None if modes is None else modes[0], l0_coefficient, nnz, l0sum,
                               aux_sum, n, sparsity)
     return NU.jumprelu_step_result(float(sq) / n, l0_loss, nnz, n, float(var),

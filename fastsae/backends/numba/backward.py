@@ -799,10 +799,12 @@ def prefix_feature_adam(colptr, rows, perm, values, d_pre, D, levels, d_ehat, xc
 
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
 def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_dec, W_enc,
-                      b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile):
+                      b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c, tile, Wp,
+                      WT):
     """TopK training step's weight pass: :func:`prefix_feature_adam` with one
     prefix, ``d_xhat`` float32 ``[N, d_in]`` (C-contiguous) its residual
-    gradient. Returns ``(g_b_enc, part, bad)`` as that does."""
+    gradient; ``Wp``, ``WT`` the bf16 copy it rewrites (:data:`NO_COPY`:
+    none). Returns ``(g_b_enc, part, bad)`` as that does."""
     n, d_in = d_xhat.shape
     return prefix_feature_adam(colptr, rows, perm, values, d_pre,
                                d_xhat.reshape((1, n, d_in)),
@@ -810,4 +812,4 @@ def topk_feature_adam(colptr, rows, perm, values, d_pre, d_xhat, d_ehat, xc, W_d
                                b_enc, mW_enc, vW_enc, mb_enc, vb_enc, mW_dec, vW_dec, adam_c,
                                tile, np.empty(0, np.int64),
                                np.empty((0, xc.shape[1]), np.float32), np.empty(0, np.float32),
-                               np.empty(0, np.uint16), np.empty((0, 0), np.float32))
+                               Wp, WT)

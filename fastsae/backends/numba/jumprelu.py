@@ -435,10 +435,11 @@ def _sparse_front(x, indptr, indices, values, theta, hi, W_dec, b_dec, inv_bw, l
 @njit(cache=True, error_model="numpy")  # see adam.adam_elem
 def sparse_step_core(x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_dec, b_dec,
                      mWe, vWe, mbe, vbe, mWd, vWd, mbd, vbd, log_threshold, tm, tv, adam_c,
-                     inv_bw, l0s, tile, fire_counts, center):
+                     inv_bw, l0s, tile, fire_counts, center, Wp, WT):
     """A JumpReLU step after the encoder on its candidate CSR, in place:
     the four parameters (Adam fused into the TopK weight pass, decoder rows
-    renormalized), ``b_dec``, and ``log_threshold`` with its moments
+    renormalized; ``Wp``, ``WT`` the bf16 copy of ``W_enc`` it rewrites,
+    :data:`.backward.NO_COPY`: none), ``b_dec``, and ``log_threshold`` with its moments
     ``tm``/``tv``. Returns ``(sum of squared errors, nnz, variance of the
     target x, bad, d_xhat)``, ``bad`` nonzero exactly when an updated
     parameter or threshold is inf or NaN."""
@@ -449,7 +450,8 @@ def sparse_step_core(x, xc, indptr, indices, values, theta, hi, W_enc, b_enc, W_
     colptr, rows, perm = B.csr_to_csc(ip_a, ix_a, d_sae)
     _, part, bad = B.topk_feature_adam(colptr, rows, perm, v_a, d_pre, d_xhat,
                                        np.empty((0, d_out), np.float32), xc, W_dec, W_enc,
-                                       b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile)
+                                       b_enc, mWe, vWe, mbe, vbe, mWd, vWd, adam_c, tile, Wp,
+                                       WT)
     bad += S._b_dec_adam(b_dec, mbd, vbd, sum_dx, part, center, adam_c)
     bad += _threshold_adam(log_threshold, g_lt, tm, tv, adam_c)
     if fire_counts.shape[0] > 0:
