@@ -17,7 +17,8 @@
 Issue 13's bars, checked per problem: the bf16 run ends within 0.005
 explained variance and within 1 point of true-feature recovery of the fp32
 run. ``--activation topk`` / ``batchtopk`` runs TopK / BatchTopK SAEs (k 32)
-instead of ReLU.
+instead of ReLU, ``--activation jumprelu`` JumpReLU SAEs (the trainer's
+defaults: "step" sparsity mode).
 ``--quick`` (CI) runs the built-in problem for 300 steps only and checks
 the bars there. ``--seed-spread`` adds an fp32 run at seed 1: how far two
 fp32 runs that differ only in their seed end apart, the scale the bars'
@@ -78,7 +79,7 @@ def true_directions() -> np.ndarray:
 def file_run(path: Path, backend: str, activation: str, precision: str, steps: int,
              seed: int = 0) -> dict:
     """A fresh SAE on the activations file with the CLI's defaults."""
-    k = None if activation == "relu" else DEFAULT_K
+    k = None if activation in ("relu", "jumprelu") else DEFAULT_K
     model = fastsae.SparseAutoencoder(D_IN, D_SAE, backend=backend,
                                       decoder_norm=DEFAULT_DECODER_NORM, seed=seed,
                                       activation=activation, k=k)
@@ -119,7 +120,8 @@ def compare(name, runs) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="numba")
-    ap.add_argument("--activation", choices=("relu", "topk", "batchtopk"), default="relu")
+    ap.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"),
+                    default="relu")
     ap.add_argument("--steps", type=int, default=800, help="steps on the activations file")
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")

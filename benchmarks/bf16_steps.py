@@ -6,7 +6,9 @@ precisions at any shape, and where a numba step's time goes.
 
 Steps: ``train_step`` (ReLU, weighted L1, the shared encoder bias -2.6 so L0
 is about 40 at paper size), ``train_step_topk`` (k 32, TopK and BatchTopK)
-and ``train_step_matryoshka`` (k 32, widths d_sae/8, /4, /2, 1) on a random SAE,
+``train_step_matryoshka`` (k 32, widths d_sae/8, /4, /2, 1) and
+``train_step_jumprelu`` (thresholds 0.1, bandwidth 0.05, L0 coefficient
+1e-3, the same bias) on a random SAE,
 ``precision`` fp32 then bf16, parameters updated in place (lr 1e-4), the
 first two steps dropped; each median beside the bare float32 matmul
 ``np.matmul(x, W_enc, out=preallocated)`` timed right after it.
@@ -71,13 +73,19 @@ def steps(backends, shape, repeats):
     print("|---|---|---|---|---|---|---|")
     for name in backends:
         be = fastsae.get_backend(name)
-        for kind in ("relu", "topk", "batchtopk", "matryoshka"):
+        for kind in ("relu", "topk", "batchtopk", "matryoshka", "jumprelu"):
             for prec in ("fp32", "bf16"):
                 q = p.copy()
                 st = AdamState.zeros_like(q)
                 if kind == "relu":
                     fn = lambda: be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-4,  # noqa
                                                precision=prec)
+                elif kind == "jumprelu":
+                    lt = np.full(p.d_sae, np.log(0.1), np.float32)
+                    tm, tv = np.zeros_like(lt), np.zeros_like(lt)
+                    fn = lambda: be.train_step_jumprelu(  # noqa
+                        q, st, x, log_threshold=lt, threshold_m=tm, threshold_v=tv,
+                        bandwidth=0.05, l0_coefficient=1e-3, lr=1e-4, precision=prec)
                 elif kind == "matryoshka":
                     w = [p.d_sae // 8, p.d_sae // 4, p.d_sae // 2, p.d_sae]
                     fn = lambda: be.train_step_matryoshka(q, st, x, k=K, widths=w,  # noqa

@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     print()
     print(f"entries = {n_eval} rows x {sz['d_sae']} features; each bf16 row is compared "
           "with the same backend's fp32 codes (numpy: the oracle, float64 accumulation of "
-          f"the bf16 products); TopK and BatchTopK k={K}. Value columns on the common support: 'max rel' "
+          f"the bf16 products); TopK and BatchTopK k={K}. Value columns on the common "
+          "support: 'max rel' "
           "= max |v_bf16 - v_fp32| / |v_fp32| (large only for values near 0, where "
           "float32 summed in another order differs relatively most); 'scale' = "
           "(|x - b_dec| @ |W_enc|)[i, j], the float32 rounding scale of the spec's "

@@ -5,15 +5,19 @@ bare float32 matmul of the encoder's shapes, in one group per size,
 * ``bare_matmul``: ``np.matmul(x, W_enc, out=preallocated)`` (the floor of
   the fp32 encode, and what every row's ``x matmul`` divides by);
 * ``encode_relu_sparse`` (L0 about ``--bench-l0``, 48 by default, through
-  the shared bias as in ``test_bench_kernels.py``) and ``encode_topk``
-  (k=32) on numba and cython: fp32 (the default), then ``precision="bf16"``
-  per call (weights packed on each call) on every path of
+  the shared bias as in ``test_bench_kernels.py``), ``encode_topk`` and
+  ``encode_batchtopk`` (k=32) on numba and cython: fp32 (the default),
+  then ``precision="bf16"`` per call (weights packed on each call) on every
+  path of
   ``fastsae.backends.bf16.available_paths()`` (``FASTSAE_BF16_PATH`` set);
 * ``BF16Encoder(W_enc, b_enc, b_dec)``: its construction (``pack``) and
-  ``.relu(x)`` / ``.topk(x, 32)`` on the prepacked weights, every path;
-* ``train_step`` (ReLU, weighted L1) and ``train_step_topk`` (k=32) on
+  ``.relu(x)`` / ``.topk(x, 32)`` / ``.batchtopk(x, 32)`` on the prepacked
+  weights, every path;
+* ``train_step`` (ReLU, weighted L1), ``train_step_topk`` (k=32, TopK and
+  BatchTopK) and ``train_step_jumprelu`` (thresholds 0.05, bandwidth 0.05) on
   numba and cython, fp32 and ``precision="bf16"`` on every path (op
-  ``step_relu`` / ``step_topk``): the parameters are updated in place
+  ``step_relu`` / ``step_topk`` / ``step_batchtopk`` / ``step_jumprelu``):
+  the parameters are updated in place
   round after round with a tiny learning rate, so L0 stays put; a bf16
   step encodes from the copy of ``W_enc`` that the previous step's Adam
   pass wrote (the first round packs it);
@@ -208,7 +212,7 @@ def test_bf16_encoder(benchmark, size, problem, op, path, request, monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-STEPS = ("step_relu", "step_topk", "step_batchtopk")
+STEPS = ("step_relu", "step_topk", "step_batchtopk", "step_jumprelu")
 
 
 def _step_fn(be, problem, op, precision):
@@ -219,6 +223,15 @@ def _step_fn(be, problem, op, precision):
     if op == "step_relu":
         return lambda: be.train_step(q, st, x, l1_coefficient=1e-3, lr=1e-7,
                                      precision=precision)
+    if op == "step_jumprelu":
+        # thresholds at the ReLU codes' level: the window (bandwidth 0.05)
+        # around 0.05 holds about the same entries as ReLU's L0
+        lt = np.full(q.d_sae, np.log(0.05), np.float32)
+        tm, tv = np.zeros_like(lt), np.zeros_like(lt)
+        return lambda: be.train_step_jumprelu(q, st, x, log_threshold=lt, threshold_m=tm,
+                                              threshold_v=tv, bandwidth=0.05,
+                                              l0_coefficient=1e-3, lr=1e-7,
+                                              precision=precision)
     return lambda: be.train_step_topk(q, st, x, k=K, activation=op[len("step_"):], lr=1e-7,
                                       precision=precision)
 
@@ -328,8 +341,8 @@ def _from_bits(h):
 # ------------------------------------------------------------------ the table
 _IMPL_ORDER = {"bare_matmul": 0, "torch": 1, "mkl": 2, "numba": 3, "cython": 4,
                "BF16Encoder": 5}
-_OP_ORDER = {"matmul": 0, "matmul_blocks": 0.5, "pack": 1, "relu": 2, "topk": 3, "batchtopk": 4, "step_relu": 5,
-             "step_topk": 6, "step_batchtopk": 7}
+_OP_ORDER = {"matmul": 0, "matmul_blocks": 0.5, "pack": 1, "relu": 2, "topk": 3, "batchtopk": 4,
+             "step_relu": 5, "step_topk": 6, "step_batchtopk": 7, "step_jumprelu": 8}
 
 
 def _table(tr, rows):
@@ -371,7 +384,8 @@ def _table(tr, rows):
                   "of the same backend and op (BF16Encoder: numba's); bf16 rows of numba "
                   "and cython pack the weights on every call, BF16Encoder's relu/topk use "
                   f"weights packed once ('pack' times that); step_* = train_step / "
-                  f"train_step_topk (bf16: from the copy the previous step wrote); topk "
+                  f"train_step_topk / train_step_jumprelu (thresholds 0.05, bandwidth 0.05; "
+                  f"bf16: from the copy the previous step wrote); topk "
                   f"and batchtopk k={K}; mkl = cblas_gemm_bf16bf16f32 (matmul_blocks: 512 "
                   "rows at a time into one reused output); L0 = measured "
                   "active features per row.")
