@@ -721,7 +721,12 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
     window's low edge ``lo = theta - bandwidth / 2``; they are selected by
     the bfloat16 product (``pre_b > lo``, :func:`bf16_pre_activations`) and
     their float32 ``pre`` is used; every other entry counts as below ``lo``
-    (neither active nor in the window). The rest of the step is float32."""
+    (neither active nor in the window). The rest of the step is float32.
+    Where the bandwidth is narrower than the bf16 product's error (SAELens's
+    default 0.001 usually is), window entries near ``lo`` drop out at
+    random and the thresholds' L0 term is biased low: measured, runs end at
+    a higher L0 (``benchmarks/RESULTS.md``), so the trainer's ``"auto"``
+    keeps JumpReLU in float32."""
     active = _jumprelu_forward(x, params, log_threshold, bandwidth, y, precision)[3]
     loss, grads, g_lt = _jumprelu_grads(x, params, log_threshold, bandwidth, l0_coefficient,
                                         sparsity, dead_mask, y, precision)
