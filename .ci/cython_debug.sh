@@ -71,6 +71,11 @@ PYEOF
             env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
                 "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16_batchtopk.py "${@:4}"
         fi
+        # bf16 JumpReLU steps: sparse_backward rewrites the copy (_write_copy)
+        if [ -f tests/test_bf16_jumprelu.py ]; then
+            env "${pre[@]}" PYTHONPATH="$dir" FASTSAE_REQUIRE_DEBUG_BUILD=1 \
+                "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16_jumprelu.py -k cython "${@:4}"
+        fi
         # the training steps' bf16 copy of W_enc, rewritten by the backward's
         # Adam pass (kernels/cython/backward.pyx, _write_copy: raw pointers)
         if [ -f tests/test_bf16_train.py ]; then
