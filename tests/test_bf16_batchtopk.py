@@ -49,9 +49,11 @@ from conftest import skip_unusable_backend as _skip_unusable
 from conftest import skip_without_bf16 as _need_bf16
 from test_bf16 import (SHAPES, Problem, assert_canonical, check_values, k_values, mask_of,
                        n_candidates, random_problem, same_codes)
+from test_bf16 import CPU_BACKENDS, cpu  # noqa: F401  (cpu: the fixture)
 from test_bf16_train import LR, OMIT, _pack
 from test_bf16_train import (assert_copy_current, assert_params_close, assert_results_close,
-                             assert_same_bits, batches, dead_mask_for, snapshot)
+                             assert_same_bits, batches, check_thread_independence,
+                             dead_mask_for, snapshot)
 from test_bf16_train import exact_problem as train_exact_problem
 from test_bf16_train import make_problem as train_problem
 
@@ -59,15 +61,6 @@ from test_bf16_train import make_problem as train_problem
 pytestmark = pytest.mark.usefixtures("no_bf16_path_from_outside")
 
 ORACLE = fastsae.get_backend("numpy")
-CPU_BACKENDS = ("numpy", "numba", "cython")
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def cpu(request):
-    _skip_unusable(request.param)
-    if request.param != "numpy":
-        _need_bf16()
-    return fastsae.get_backend(request.param)
 
 
 def _bits(a):
@@ -829,28 +822,7 @@ def test_step_thread_count_independence(compiled, cfg_name):
     """precision bf16 steps, 1 vs 2 threads: bitwise the same results,
     parameters, moments and kept copy."""
     be, path = compiled
-    default = be.get_num_threads()
-    if default < 2:
-        pytest.skip(f"{be.name} has {default} thread here")
-    cfg = CONFIGS[cfg_name]
-    shape = (256, 48, 130)  # large enough that the cython kernels go parallel
-    params, d_out = _problem_for(cfg, shape, 51)
-    runs = []
-    try:
-        for threads in (1, 2):
-            be.set_num_threads(threads)
-            p, s = params.copy(), AdamState.zeros_like(params)
-            res = [step(be, p, s, x, cfg, y).as_dict()
-                   for x, y in batches(51, 3, shape[0], shape[1], d_out)]
-            assert_copy_current(p, s, f"{threads} threads")
-            runs.append((res, snapshot(p, s), s.bf16.Wp.copy()))
-    finally:
-        be.set_num_threads(None)
-    assert be.get_num_threads() == default
-    (r1, s1, w1), (r2, s2, w2) = runs
-    assert r1 == r2
-    assert_same_bits(s1, s2, f"{be.name}/{path} {cfg_name}: 1 vs 2 threads")
-    assert np.array_equal(w1, w2)
+    check_thread_independence(be, path, cfg_name, CONFIGS[cfg_name], _problem_for, step)
 
 
 @pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])

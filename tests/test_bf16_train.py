@@ -713,19 +713,25 @@ def test_numpy_backend_bf16_step_runs(cfg_name):
                                       "transcoder-topk"])
 def test_thread_count_independence(compiled, force_bf16, cfg_name):
     be, path = compiled
+    check_thread_independence(be, path, cfg_name, CONFIGS[cfg_name], _problem_for, step)
+
+
+def check_thread_independence(be, path, cfg_name, cfg, problem_for, step_fn):
+    """3 bf16 steps with 1 thread and with 2 from the same start: results,
+    parameters, moments and the kept copy bitwise equal (``problem_for``
+    and ``step_fn`` as this module's ``_problem_for`` and ``step``)."""
     default = be.get_num_threads()
     if default < 2:
         pytest.skip(f"{be.name} has {default} thread here")
-    cfg = CONFIGS[cfg_name]
     # large enough that the cython kernels go parallel (work >= 2^20)
     shape = (256, 48, 130)
-    params, d_out = _problem_for(cfg, shape, 51)
+    params, d_out = problem_for(cfg, shape, 51)
     runs = []
     try:
         for threads in (1, 2):
             be.set_num_threads(threads)
             p, s = params.copy(), AdamState.zeros_like(params)
-            res = [step(be, p, s, x, cfg, y).as_dict()
+            res = [step_fn(be, p, s, x, cfg, y).as_dict()
                    for x, y in batches(51, 3, shape[0], shape[1], d_out)]
             assert_copy_current(p, s, f"{threads} threads")
             runs.append((res, snapshot(p, s), s.bf16.Wp.copy()))
