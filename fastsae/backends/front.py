@@ -16,7 +16,7 @@ import numpy as np
 from ..params import AdamState, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from . import validate as V
-from .numerics import loud_loss
+from .numerics import jumprelu_default_mode, loud_loss
 
 __all__ = ["Backend"]
 
@@ -321,7 +321,7 @@ class Backend:
         lr, beta1, beta2, eps = V.adam_args(lr, beta1, beta2, eps)
         sparsity = V.jumprelu_sparsity_arg(sparsity, params.d_sae)
         V.dead_mask_arg(dead_mask, params.d_sae)
-        if precision == "bf16" and not V.jumprelu_default_mode(sparsity, dead_mask):
+        if precision == "bf16" and not jumprelu_default_mode(sparsity, dead_mask):
             raise ValueError("precision='bf16' JumpReLU steps are built for the default "
                              "sparsity mode ('step' with no pre-activation loss acting); "
                              f"got mode {sparsity.mode!r} with pre_act_coefficient "

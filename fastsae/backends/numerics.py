@@ -28,7 +28,7 @@ from ..params import StepResult
 __all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_requested",
            "auxk_active", "auxk_weight", "explained_variance", "loud_loss", "relu_step_result",
            "topk_step_result", "min_active", "FLOAT32_MAX", "matryoshka_levels",
-           "matryoshka_step_result"]
+           "matryoshka_step_result", "jumprelu_default_mode"]
 
 #: float32's largest finite value. Backends sum losses in float64, so a sum
 #: past it would still look finite; :func:`loud_loss` reports it as inf, as
@@ -147,6 +147,20 @@ def jumprelu_window(log_threshold, bandwidth):
     theta = np.exp(log_threshold)
     half = log_threshold.dtype.type(0.5 * bandwidth)
     return theta, theta - half, theta + half
+
+
+def jumprelu_default_mode(sparsity, dead_mask) -> bool:
+    """Whether a JumpReLU call with this (checked) ``sparsity`` (a
+    :class:`~fastsae.JumpReLUSparsity` or None) and ``dead_mask`` (bool
+    ``[d_sae]`` on the host, or None) is the default one, which every
+    backend runs with its step kernels bit for bit: no sparsity, or
+    ``"step"`` with no pre-activation loss acting (coefficient 0, or no
+    dead feature)."""
+    if sparsity is None:
+        return True
+    acting = (sparsity.pre_act_coefficient > 0 and dead_mask is not None
+              and bool(np.asarray(dead_mask).any()))
+    return sparsity.mode == "step" and not acting
 
 
 def matryoshka_levels(widths, d_sae: int) -> np.ndarray:

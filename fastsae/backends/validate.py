@@ -128,17 +128,6 @@ def dead_mask_arg(dead_mask, d_sae: int) -> None:
         raise TypeError(f"dead_mask must be a bool array, got {dead_mask.dtype}")
 
 
-def jumprelu_default_mode(sparsity, dead_mask) -> bool:
-    """Whether a JumpReLU step with this (checked) ``sparsity`` and
-    ``dead_mask`` is the default one: no sparsity, or ``"step"`` with no
-    pre-activation loss acting (coefficient 0, or no dead feature)."""
-    if sparsity is None:
-        return True
-    acting = (sparsity.pre_act_coefficient > 0 and dead_mask is not None
-              and bool(np.asarray(dead_mask).any()))
-    return sparsity.mode == "step" and not acting
-
-
 def jumprelu_sparsity_arg(sparsity, d_sae: int):
     """A :class:`JumpReLUSparsity` or None, checked: a known mode, a positive
     finite ``tanh_scale``, ``target_l0`` in ``(0, d_sae]`` where the mode is

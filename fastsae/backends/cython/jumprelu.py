@@ -156,15 +156,13 @@ def _mode(sparsity, dead_mask):
     """``None`` for the default call (no sparsity, ``"step"`` with no
     pre-activation loss, or a pre-activation loss with no dead feature),
     else the :class:`_Mode`."""
-    if sparsity is None:
+    if NU.jumprelu_default_mode(sparsity, dead_mask):
         return None
     dead_idx = None
     if sparsity.pre_act_coefficient > 0 and dead_mask is not None:
         dead_idx = np.flatnonzero(np.asarray(dead_mask)).astype(np.int64)
         if dead_idx.size == 0:
             dead_idx = None
-    if sparsity.mode == "step" and dead_idx is None:
-        return None
     return _Mode(sparsity, dead_idx)
 
 

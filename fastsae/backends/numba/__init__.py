@@ -584,10 +584,9 @@ def _jr_modes(sparsity, dead_mask, n, l0_coefficient):
     acting (coefficient 0, or no dead feature), which is the default bit
     for bit."""
     sp = sparsity
-    pre = (sp is not None and sp.pre_act_coefficient > 0 and dead_mask is not None
-           and bool(dead_mask.any()))
-    if sp is None or (sp.mode == "step" and not pre):
+    if NU.jumprelu_default_mode(sp, dead_mask):
         return None
+    pre = sp.pre_act_coefficient > 0 and dead_mask is not None and bool(dead_mask.any())
     c = float(l0_coefficient)
     s = float(sp.tanh_scale)
     tl0 = float(sp.target_l0) if sp.mode == "quadratic" else 1.0
