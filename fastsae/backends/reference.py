@@ -184,9 +184,12 @@ def bf16_pre_activations(x, W_enc, b_enc, b_dec):
     values: only the support can differ from float32, and only where ``pre``
     and ``pre_b`` fall on different sides of the cut."""
     xc = x - b_dec
-    pre = xc @ W_enc + b_enc
-    pre_b = bf16_round(xc).astype(np.float64) @ bf16_round(W_enc).astype(np.float64) + b_enc
-    return pre, pre_b
+    return xc @ W_enc + b_enc, _bf16_product(xc, W_enc, b_enc)
+
+
+def _bf16_product(xc, W_enc, b_enc):
+    """``bf16(xc) @ bf16(W_enc) + b_enc``, the products summed in float64."""
+    return bf16_round(xc).astype(np.float64) @ bf16_round(W_enc).astype(np.float64) + b_enc
 
 
 def decode(codes, W_dec, b_dec):
@@ -617,8 +620,7 @@ def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None,
     pre = xc @ params.W_enc + params.b_enc
     theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
     if precision == "bf16":
-        pre_b = (bf16_round(xc).astype(np.float64) @ bf16_round(params.W_enc).astype(np.float64)
-                 + params.b_enc)
+        pre_b = _bf16_product(xc, params.W_enc, params.b_enc)
         pre = np.where(pre_b > lo[None, :], pre, -np.inf).astype(pre.dtype)
     active = pre > theta[None, :]
     window = (pre > lo[None, :]) & (pre < hi[None, :])

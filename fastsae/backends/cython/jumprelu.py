@@ -66,6 +66,7 @@ from ._threads import blas_single, row_tile, threads
 from .adam import moment_arrays, step_constants
 from .dense import feature_block
 from .encode import dense_tiling
+from .step import _bf16_codes
 
 __all__ = ["jumprelu_gradients", "train_step_jumprelu", "window", "encode_candidates"]
 
@@ -192,11 +193,9 @@ def _run(x, params: SAEParams, log_threshold, bandwidth, l0_coefficient, adam, m
     kw = dict(kw or {})
     theta, lo, hi = window(log_threshold, bandwidth)
     if bf16_state is not None:
-        nt = threads(n * d_in * d_sae)
-        csr, (Wp, WT) = BF.step_codes(bf16_state, x, params.W_enc, params.b_enc,
-                                      TC.centering(params, y), 0, nt, thr=lo)
-        pre = None
-        kw.update(bf16_panels=Wp, bf16_transpose=WT)
+        codes, copy = _bf16_codes(x, params, bf16_state, y, 0, thr=lo)
+        pre, csr = None, (codes.indptr, codes.indices, codes.values)
+        kw.update(copy)
     else:
         pre, csr = encode_candidates(x, params.W_enc, params.b_enc, TC.centering(params, y),
                                      lo, TU.CYTHON_JUMPRELU_DENSE_MIN_DENSITY)

@@ -89,14 +89,14 @@ def train_step(params: SAEParams, state: AdamState, x, *, l1_coefficient, lr,
     return relu_step_result(mse, l1, codes.nnz, n, var, params_finite=bad == 0)
 
 
-def _bf16_codes(x, params, state, y, k, batch=False):
-    """The ``precision="bf16"`` step's codes (ReLU for ``k == 0``, else
-    TopK, or BatchTopK with ``batch``) from the copy of ``W_enc`` on
-    ``state`` (packed now if stale), and the ``train_backward`` keywords that
-    rewrite that copy."""
+def _bf16_codes(x, params, state, y, k, batch=False, thr=None):
+    """The ``precision="bf16"`` step's codes (ReLU for ``k == 0``, or with
+    ``thr`` the entries above it, JumpReLU's candidates; else TopK, or
+    BatchTopK with ``batch``) from the copy of ``W_enc`` on ``state`` (packed
+    now if stale), and the backward's keywords that rewrite that copy."""
     nt = threads(x.shape[0] * params.d_in * params.d_sae)
     (ip, ix, v), (Wp, WT) = BF.step_codes(state, x, params.W_enc, params.b_enc,
-                                          TC.centering(params, y), k, nt, batch)
+                                          TC.centering(params, y), k, nt, batch, thr)
     codes = SparseCodes(ip, ix, v, (x.shape[0], params.d_sae))
     return codes, {"bf16_panels": Wp, "bf16_transpose": WT}
 
