@@ -52,8 +52,8 @@ from test_bf16 import (SHAPES, Problem, assert_canonical, check_values, k_values
 from test_bf16 import CPU_BACKENDS, cpu  # noqa: F401  (cpu: the fixture)
 from test_bf16_train import LR, OMIT, _pack
 from test_bf16_train import (assert_copy_current, assert_params_close, assert_results_close,
-                             assert_same_bits, batches, check_thread_independence,
-                             dead_mask_for, snapshot)
+                             assert_same_bits, batches, check_one_step_runs,
+                             check_thread_independence, dead_mask_for, snapshot)
 from test_bf16_train import exact_problem as train_exact_problem
 from test_bf16_train import make_problem as train_problem
 
@@ -743,26 +743,13 @@ def test_exact_data_matches_oracle_and_fp32_step(compiled, case):
     assert 0 < want.sum() < want.size
     assert np.array_equal(_support(ORACLE, params, x, cfg["k"], "fp32"), want), "test data"
     assert np.array_equal(_support(be, params, x, cfg["k"], "bf16"), want)
-    runs = {}
-    for who, b, prec in (("bf16", be, "bf16"), ("oracle", ORACLE, "bf16"), ("fp32", be, "fp32")):
-        p, s = params.copy(), AdamState.zeros_like(params)
-        counts = np.arange(d_sae, dtype=np.int64)
-        runs[who] = (step(b, p, s, x, cfg, precision=prec, fire_counts=counts),
-                     snapshot(p, s), counts)
-        if who == "bf16":
-            assert_copy_current(p, s, "bf16 step")
-    r, snap, counts = runs["bf16"]
-    np.testing.assert_array_equal(counts - np.arange(d_sae), want.sum(0))
-    for other in ("oracle", "fp32"):
-        what = f"{be.name}/{path} {case} vs {other}"
-        ro = runs[other][0]
-        assert_results_close(r, ro, what)
+
+    def prefixes(r, ro, what):
         if cfg["kind"] == "matryoshka":
             assert len(r.extra["prefix_mse"]) == len(widths_for(d_sae))
             np.testing.assert_allclose(r.extra["prefix_mse"], ro.extra["prefix_mse"],
                                        rtol=1e-5, err_msg=f"{what}: prefix_mse")
-        assert_params_close(snap, runs[other][1], what)
-        np.testing.assert_array_equal(counts, runs[other][2], err_msg=f"{what}: fire_counts")
+    check_one_step_runs(be, f"{be.name}/{path} {case}", cfg, params, x, want, step, prefixes)
 
 
 @pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])

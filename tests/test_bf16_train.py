@@ -355,19 +355,33 @@ def test_exact_data_matches_oracle_and_fp32_step(compiled, force_bf16, case):
     assert 0 < want.sum() < want.size
     assert np.array_equal(_supports(ORACLE, params, x, cfg, "fp32"), want), "test data"
     assert np.array_equal(_supports(be, params, x, cfg, "bf16"), want)
+    check_one_step_runs(be, f"{be.name}/{path} {case}", cfg, params, x, want, step)
+
+
+def check_one_step_runs(be, label, cfg, params, x, want, step_fn, extra=None):
+    """One bf16 step of ``be`` against the oracle's bf16 step and ``be``'s
+    fp32 step from the same start, on data where all three select the
+    support ``want`` (bool ``[N, d_sae]``): the bf16 step's copy is current,
+    its fire counts are ``want``'s, and results, parameters and fire counts
+    agree within assert_results_close / assert_params_close (``extra(r,
+    r_other, what)``: further checks of the results)."""
+    d_sae = params.d_sae
     runs = {}
     for who, b, prec in (("bf16", be, "bf16"), ("oracle", ORACLE, "bf16"), ("fp32", be, "fp32")):
         p, s = params.copy(), AdamState.zeros_like(params)
         counts = np.arange(d_sae, dtype=np.int64)
-        runs[who] = (step(b, p, s, x, cfg, precision=prec, fire_counts=counts),
+        runs[who] = (step_fn(b, p, s, x, cfg, precision=prec, fire_counts=counts),
                      snapshot(p, s), counts)
         if who == "bf16":
             assert_copy_current(p, s, "bf16 step")
     r, snap, counts = runs["bf16"]
     np.testing.assert_array_equal(counts - np.arange(d_sae), want.sum(0))
     for other in ("oracle", "fp32"):
-        what = f"{be.name}/{path} {case} vs {other}"
-        assert_results_close(r, runs[other][0], what)
+        what = f"{label} vs {other}"
+        ro = runs[other][0]
+        assert_results_close(r, ro, what)
+        if extra is not None:
+            extra(r, ro, what)
         assert_params_close(snap, runs[other][1], what)
         np.testing.assert_array_equal(counts, runs[other][2], err_msg=f"{what}: fire_counts")
 
