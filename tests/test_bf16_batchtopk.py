@@ -945,3 +945,19 @@ def test_candidate_width_shrinks_after_an_odd_batch(compiled, monkeypatch):
     # rows give up to ~20 of the batch's N*m candidates), never under 4m
     assert widths == sorted(widths, reverse=True) and widths[-1] == widths[-2], widths
     assert 4 * n_candidates(k, d_sae) <= widths[-1] < wide, widths
+
+
+@pytest.mark.parametrize("K", [0, -1, 21])
+def test_candidate_kernel_refuses_a_bad_buffer_width(K):
+    """The compiled candidate encoder checks its buffer width before
+    entering C: ``K`` outside ``1..d_sae`` is a clear error."""
+    _need_bf16()
+    from fastsae.backends.cython import _bf16 as C
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 20)).astype(np.float32)
+    Wp, WT = C.pack(W, 1)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="1 <= K <= d_sae"):
+        C.encode_candidates(C.EMULATED, x, np.zeros(8, np.float32), Wp, WT,
+                            np.zeros(20, np.float32), K, 1)

@@ -1028,3 +1028,39 @@ def test_numpy_backend_bf16_step_keeps_no_copy():
     run = _copy_run(params, lt, 130)
     r = _run_step(ORACLE, run, x)
     assert np.isfinite(r.total) and r.l0 > 0 and run[1].step == 1 and run[1].bf16 is None
+
+
+@pytest.mark.parametrize("bad", ["short panels", "wrong transpose", "panels alone"])
+def test_cython_sparse_backward_refuses_a_copy_of_another_shape(bad, monkeypatch, force_bf16):
+    """precision bf16: ``sparse_backward`` checks the copy it is to rewrite
+    before any write (as ``train_backward`` does): a copy of the wrong size,
+    or panels without their transpose, is a clear error and the parameters,
+    thresholds and their moments stay as they were."""
+    _skip_unusable("cython")
+    _need_bf16()
+    from fastsae.backends.cython import jumprelu as CJ
+
+    real = CJ._bf16_codes
+
+    def broken(*a, **kw):
+        codes, copy = real(*a, **kw)
+        if bad == "short panels":
+            copy["bf16_panels"] = copy["bf16_panels"][:-32]
+        elif bad == "wrong transpose":
+            copy["bf16_transpose"] = np.zeros((1, 1), np.float32)
+        else:
+            del copy["bf16_transpose"]
+        return codes, copy
+    monkeypatch.setattr(CJ, "_bf16_codes", broken)
+    be = fastsae.get_backend("cython")
+    params, _, lt = _problem_for("sae", (40, 17, 77), 23)
+    (x, _), = batches(23, 1, 40, 17)
+    before, th = params.copy(), Thr(lt)
+    th0 = th.copy()
+    match = "go together" if bad == "panels alone" else "does not match W_enc's shape"
+    with pytest.raises(ValueError, match=match):
+        jstep(be, params, AdamState.zeros_like(params), x, th)
+    for n in SAEParams.NAMES:
+        np.testing.assert_array_equal(getattr(params, n), getattr(before, n), n)
+    for a, b in ((th.lt, th0.lt), (th.m, th0.m), (th.v, th0.v)):
+        np.testing.assert_array_equal(a, b)
