@@ -46,6 +46,7 @@ dictionary so a trained SAE can be scored with :func:`recovery`.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,28 @@ class DataSource:
         if not 0 <= start <= stop <= self.n_rows:
             raise IndexError(f"rows {start}:{stop} out of range for {self.n_rows} rows")
         return np.ascontiguousarray(self._read(start, stop), dtype=np.float32)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Write rows ``start:stop`` into ``out``, a float32 ``[stop - start,
+        d_in]`` array (a view is fine), converted as :meth:`read` converts:
+        the same values without the intermediate copy."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {self.n_rows} rows")
+        if out.dtype != np.float32 or out.shape != (stop - start, self.d_in):
+            raise ValueError(f"out must be float32 [{stop - start}, {self.d_in}], got "
+                             f"{out.dtype} {out.shape}")
+        self._read_into(start, stop, out)
+
+    def _read_into(self, start, stop, out):
+        # the same cast as read's ascontiguousarray(..., float32), straight into out
+        out[...] = self._read(start, stop)
+
+    def _float32_rows(self):
+        """The whole table as an in-memory C-contiguous float32 ``[n_rows,
+        d_in]`` array that may be read without copying, or ``None`` (then
+        rows are read through :meth:`read_into`)."""
+        return None
 
     def take(self, rows) -> np.ndarray:
         """Rows at the given (any order) indices, float32 ``[len(rows), d_in]``."""
@@ -131,6 +154,24 @@ class ArraySource(DataSource):
 
     def _take_sorted(self, rows):
         return self._a[rows]
+
+    def _float32_rows(self):
+        a = self._a
+        # a subclass that changes _read (a spy, a transform) must be read through it;
+        # a memory map is not in memory (its pages may have to come from disk)
+        if (type(self)._read is not ArraySource._read or a.dtype != np.float32
+                or not a.flags.c_contiguous or _is_mapped(a)):
+            return None
+        return a
+
+
+def _is_mapped(a) -> bool:
+    """Whether array ``a`` is (a view of) a memory-mapped file."""
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
 
 
 def _open_npy(path: Path):
@@ -206,6 +247,19 @@ class ShardedSource(DataSource):
             return np.empty((0, self.d_in), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _read_into(self, start, stop, out):
+        # shard by shard straight into out (no concatenated copy in between)
+        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        done = 0
+        while start < stop:
+            lo = start - self._starts[s]
+            hi = min(stop, self._starts[s + 1]) - self._starts[s]
+            if hi > lo:
+                out[done:done + hi - lo] = self._shards[s][lo:hi]
+                done += hi - lo
+                start += hi - lo
+            s += 1
+
     def _take_sorted(self, rows):
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         out = np.empty((rows.size, self.d_in), dtype=np.float32)
@@ -237,6 +291,11 @@ class PairedSource(DataSource):
     def _read(self, start, stop):
         return np.concatenate([self.inputs.read(start, stop), self.targets.read(start, stop)],
                               axis=1)
+
+    def _read_into(self, start, stop, out):
+        # each half straight into its columns of out (the same values as _read)
+        self.inputs.read_into(start, stop, out[:, :self.d_x])
+        self.targets.read_into(start, stop, out[:, self.d_x:])
 
     def _take_sorted(self, rows):
         return np.concatenate([self.inputs.take(rows), self.targets.take(rows)], axis=1)
@@ -292,6 +351,27 @@ class BatchStream:
         batch and one block).
     scale : float
         Every batch is multiplied by this (input normalization).
+
+    Memory
+    ------
+    A buffer is not copied into its shuffled order: the stream holds the
+    buffer's rows as read and an *index vector*, the position of each of its
+    rows in the order they are served (the order of reading the buffer's
+    blocks, concatenating them and permuting the rows), and gathers each
+    batch through it. A buffer boundary costs a permutation; an epoch end
+    of a source that fits in one buffer re-reads nothing. Held at most:
+
+    * rows: nothing for an in-memory C-contiguous float32 array
+      (:class:`ArraySource`; batches are gathered from it directly, so
+      changes to it show in later batches); otherwise a *staging* array,
+      float32 ``[min(blocks_per_buffer * block_rows, n_rows), d_in]`` (one
+      buffer), allocated once and reused, holding the current buffer's
+      blocks in storage order. A source that fits in one buffer is read into
+      it once and kept across epochs (the source must not change meanwhile);
+    * the index vector, int64 ``[rows of the buffer]``, and the epoch's
+      block order, int64 ``[n_blocks]``.
+
+    Each batch is a new array.
     """
 
     def __init__(self, source, batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -311,9 +391,17 @@ class BatchStream:
         self.n_blocks = -(-n // self.block_rows)
         self.scale = float(scale)
         self.position = 0
-        self._epoch = None  # (epoch, buffer starts in rows)
+        self._epoch = None  # (epoch, block order, buffer starts in rows)
+        # unused here: RankBatchStream keeps its buffer of row numbers in these
         self._buf_key = None
         self._buf = None
+        self._reset_rows()
+
+    def _reset_rows(self):
+        self._cur_key = None  # the (epoch, buffer) that _cur serves
+        self._cur = None  # (rows, index vector or None, first row): see _rows
+        self._stage = None  # float32 [<= one buffer, d_in], reused
+        self._staged = None  # the blocks _stage holds, sorted (None: none, or torn)
 
     # ---------------------------------------------------------------- layout
     def _block_len(self, blocks):
@@ -335,24 +423,65 @@ class BatchStream:
             self._epoch = (epoch, order, starts)
         return self._epoch
 
-    def _buffer(self, epoch, b):
-        if self._buf_key != (epoch, b):
-            _, order, _ = self._epoch_layout(epoch)
-            blocks = order[b * self.blocks_per_buffer:(b + 1) * self.blocks_per_buffer]
-            br = self.block_rows
-            if self.shuffle:
-                # read blocks in storage order (sequential I/O), then permute rows
-                parts = [self.source.read(k * br, min((k + 1) * br, self.source.n_rows))
-                         for k in blocks]
-                buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
-                rng = np.random.default_rng([self.seed, epoch, b])
-                buf = buf[rng.permutation(buf.shape[0])]
+    def _buffer_blocks(self, epoch, b):
+        """Buffer ``b``'s blocks in the epoch's order, int64 ``[<= blocks_per_buffer]``."""
+        _, order, _ = self._epoch_layout(epoch)
+        bpb = self.blocks_per_buffer
+        return order[b * bpb:(b + 1) * bpb]
+
+    def _served_rows(self, epoch, b, blocks, first):
+        """Index vector of a shuffled buffer, int64 ``[rows of the buffer]``:
+        block ``blocks[j]`` lies at rows ``first[j]:first[j] + its length`` of
+        what holds the rows; the blocks' rows are concatenated in the order of
+        ``blocks``, then permuted by the ``(seed, epoch, b)`` generator (the
+        stream's order since it was written as read-concatenate-permute)."""
+        lens = self._block_len(blocks)
+        ends = np.cumsum(lens)
+        rows = np.repeat(first - (ends - lens), lens) + np.arange(ends[-1])
+        rng = np.random.default_rng([self.seed, epoch, b])
+        return rows[rng.permutation(rows.shape[0])]
+
+    def _stage_blocks(self, blocks):
+        """Hold ``blocks``' rows in the staging array in storage order; returns
+        ``(staging, first)``, ``first`` int64 ``[len(blocks)]`` the row of
+        the staging array at which each of ``blocks`` starts. Reads nothing
+        when the staging array already holds these blocks (a source that fits
+        in one buffer: every epoch holds all of them)."""
+        held = np.sort(blocks)
+        lens = self._block_len(held)
+        at = np.cumsum(lens) - lens
+        if self._staged is None or not np.array_equal(self._staged, held):
+            if self._stage is None:
+                n_stage = min(self.blocks_per_buffer * self.block_rows, self.source.n_rows)
+                self._stage = np.empty((n_stage, self.source.d_in), np.float32)
+            self._staged = None  # a read that fails leaves it torn
+            br, n = self.block_rows, self.source.n_rows
+            # storage order and one read per run of adjacent blocks: sequential I/O
+            cut = np.flatnonzero(np.diff(held) != 1) + 1
+            for i, j in zip(np.r_[0, cut], np.r_[cut, held.size]):
+                lo, hi = int(held[i]) * br, min((int(held[j - 1]) + 1) * br, n)
+                self.source.read_into(lo, hi, self._stage[int(at[i]):int(at[i]) + hi - lo])
+            self._staged = held
+        return self._stage, at[np.searchsorted(held, blocks)]
+
+    def _rows(self, epoch, b):
+        """``(rows, index, first)``: buffer ``b`` of ``epoch`` in serving order
+        is ``rows[index]`` (float32 ``rows [m, d_in]``, int64 ``index``), or
+        ``rows[first:first + its length]`` when unshuffled (``index`` None)."""
+        if self._cur_key != (epoch, b):
+            self._cur_key = None
+            blocks = self._buffer_blocks(epoch, b)
+            table = self.source._float32_rows()
+            if table is not None:
+                rows, first = table, blocks * self.block_rows
             else:
-                lo = int(blocks[0]) * br
-                hi = min((int(blocks[-1]) + 1) * br, self.source.n_rows)
-                buf = self.source.read(lo, hi)
-            self._buf_key, self._buf = (epoch, b), buf
-        return self._buf
+                rows, first = self._stage_blocks(blocks)
+            if self.shuffle:
+                self._cur = (rows, self._served_rows(epoch, b, blocks, first), 0)
+            else:  # the blocks are adjacent and ascending: one run of rows
+                self._cur = (rows, None, int(first[0]))
+            self._cur_key = (epoch, b)
+        return self._cur
 
     # ----------------------------------------------------------------- batches
     def next_batch(self) -> np.ndarray:
@@ -363,10 +492,14 @@ class BatchStream:
             epoch, r = divmod(self.position, n)
             _, _, starts = self._epoch_layout(epoch)
             b = int(np.searchsorted(starts, r, side="right")) - 1
-            buf = self._buffer(epoch, b)
+            rows, index, first = self._rows(epoch, b)
             lo = r - int(starts[b])
-            take = min(self.batch_size - filled, buf.shape[0] - lo)
-            out[filled:filled + take] = buf[lo:lo + take]
+            take = min(self.batch_size - filled, int(starts[b + 1]) - r)
+            dst = out[filled:filled + take]
+            if index is None:
+                dst[...] = rows[first + lo:first + lo + take]
+            else:  # mode="clip": the indices are in range, and "raise" buffers the copy
+                np.take(rows, index[lo:lo + take], axis=0, out=dst, mode="clip")
             filled += take
             self.position += take
         if self.scale != 1.0:
@@ -399,6 +532,7 @@ class BatchStream:
         self.n_blocks = -(-self.source.n_rows // self.block_rows)
         self.position = int(state["position"])
         self._epoch = self._buf_key = self._buf = None
+        self._reset_rows()  # the layout may have changed: the staging array's size too
 
 
 # ================================================================ statistics
