@@ -4,10 +4,15 @@ with the numpy backend (:mod:`fastsae.backends.reference`) as the oracle.
 
 The rule (the oracle's): with ``theta, lo, hi = jumprelu_window(log_threshold,
 bandwidth)`` (``lo = theta - bandwidth / 2``) and ``pre, pre_b =
-bf16_pre_activations(...)`` on the encoder input (``x - b_dec``, or ``x`` for
-a transcoder), the step uses ``pre`` where ``pre_b > lo`` and treats every
-other entry as below ``lo`` (neither active nor in the window); the rest is
-the fp32 step. bf16 runs only in the default sparsity mode (``sparsity``
+bf16_pre_activations(...)`` on the encoder input ``xc`` (``x - b_dec``, or
+``x`` for a transcoder), the candidates are the entries with ``pre_b > base_j
+- r_i scale_j`` (``numerics.bf16_cut_margin`` of ``lo``, ``r =
+numerics.bf16_row_norms(xc)``: a cut lowered by a bound on the bf16
+product's error), the step uses ``pre`` there and treats every other entry
+as below ``lo`` (neither active nor in the window); the rest is the fp32
+step. The bound makes every entry with ``pre > lo`` a candidate, so the
+bf16 step's entries are the fp32 step's (the earlier rule, ``pre_b > lo``,
+dropped some: the old-rule masks below show where). bf16 runs only in the default sparsity mode (``sparsity``
 None or ``"step"`` with no pre-activation loss acting).
 
 Every test names its precision: the bf16 calls pass ``precision="bf16"``
@@ -20,8 +25,10 @@ Groups (the spec's numbers):
    step is its fp32 step, bit for bit; on random data it equals
    :func:`hand_step`, the rule written out here in float64 (masks, then the
    fp32 formulas); a hand-built case where ``pre > lo >= pre_b`` (active and
-   window entries in fp32) and ``pre_b > lo >= pre`` (and ``pre_b > theta``)
-   on every CPU backend;
+   window entries in fp32, which the old rule dropped) and ``pre_b > lo >=
+   pre`` (and ``pre_b > theta``) on every CPU backend; the margin against
+   adversarial data (every product rounded down by bf16) and the kernels'
+   threshold selection with the margin on random shapes;
 2. the copy on ``state.bf16`` equals a fresh pack after each of 3 steps
    (shapes off every grid; SAE, explicit ``"step"`` mode, a pre-activation
    coefficient with no dead feature, transcoder, skip transcoder);
@@ -45,6 +52,7 @@ import pytest
 
 import fastsae
 from fastsae import AdamState, JumpReLUSparsity, SAEParams, StepResult
+from fastsae.backends import numerics as NU
 from fastsae.backends import reference as R
 from fastsae.backends import tunables as TU
 
@@ -144,12 +152,28 @@ def centering(params, y):
     return R.input_centering(params, y)
 
 
+def margin_candidates(x, W_enc, b_enc, b_c, lo, pre_b):
+    """The rule's candidates written out here: ``pre_b > base - r * scale`` in
+    float64 from :func:`numerics.bf16_cut_margin` and
+    :func:`numerics.bf16_row_norms` (``pre_b`` given)."""
+    xc = x - b_c
+    base, scale = NU.bf16_cut_margin(lo, b_enc, np.ascontiguousarray(W_enc.T))
+    r = NU.bf16_row_norms(xc)
+    return f64(pre_b) > f64(base)[None, :] - f64(r)[:, None] * f64(scale)[None, :]
+
+
 def rule_masks(params, x, y, lt, bw, precision):
     """``(pre, pre_b, active, window, cand)`` of the rule on float32 ``pre``
-    and the oracle's ``pre_b`` (fp32: every entry a candidate)."""
+    and the oracle's ``pre_b`` (fp32: every entry a candidate; ``"old"``: the
+    earlier bf16 rule, ``pre_b > lo``)."""
     pre, pre_b = R.bf16_pre_activations(x, params.W_enc, params.b_enc, centering(params, y))
     theta, lo, hi = R.jumprelu_window(lt, bw)
-    cand = (pre_b > lo) if precision == "bf16" else np.ones(pre.shape, bool)
+    if precision == "bf16":
+        cand = margin_candidates(x, params.W_enc, params.b_enc, centering(params, y), lo, pre_b)
+    elif precision == "old":
+        cand = pre_b > lo
+    else:
+        cand = np.ones(pre.shape, bool)
     active = cand & (pre > theta)
     window = cand & (pre > lo) & (pre < hi)
     return pre, pre_b, active, window, cand
@@ -160,7 +184,7 @@ def hand_step(params, state, x, th, y, bw, l0c, precision, lr=LR, beta1=0.9, bet
               eps=1e-8, pre=None):
     """The JumpReLU step with the bf16 rule, written out in float64 from the
     float32 inputs (another formulation than the oracle's ``-inf`` trick):
-    the candidates ``pre_b > lo`` (``pre_b`` from
+    the candidates :func:`margin_candidates` (``pre_b`` from
     ``reference.bf16_pre_activations``), active ``cand & pre > theta``,
     window ``cand & lo < pre < hi``; then the step formulas of
     ``fastsae/backends/reference.py``'s JumpReLU section (mse, the Step
@@ -177,7 +201,11 @@ def hand_step(params, state, x, th, y, bw, l0c, precision, lr=LR, beta1=0.9, bet
     pre64 = xc @ P["W_enc"] + P["b_enc"] if pre is None else f64(pre)
     _, pre_b = R.bf16_pre_activations(x, params.W_enc, params.b_enc, centering(params, y))
     theta, lo, hi = (f64(a) for a in R.jumprelu_window(th.lt, bw))
-    cand = f64(pre_b) > lo if precision == "bf16" else np.ones(pre64.shape, bool)
+    if precision == "bf16":
+        cand = margin_candidates(x, params.W_enc, params.b_enc, centering(params, y),
+                                 R.jumprelu_window(th.lt, bw)[1], pre_b)
+    else:
+        cand = np.ones(pre64.shape, bool)
     active = cand & (pre64 > theta)
     window = cand & (pre64 > lo) & (pre64 < hi)
     f = np.where(active, pre64, 0.0)
@@ -287,13 +315,18 @@ def grid_jr_problem(n, d_in, d_sae, seed, jitter=True, transcoder=False, skip=Fa
 
 def _counts(params, x, y, lt, bw):
     """Entry kinds of a bf16 step on the data: active, window only, below,
-    ``pre > lo >= pre_b`` and ``pre_b > lo >= pre``."""
+    ``pre > lo >= pre_b`` (``old_missed``: the old rule dropped them),
+    ``pre_b > lo >= pre``, candidates below ``lo`` (``margin_only``, the
+    price of the margin); asserts that every entry above ``lo`` is a
+    candidate."""
     pre, pre_b, act, win, cand = rule_masks(params, x, y, lt, bw, "bf16")
     _, lo, _ = R.jumprelu_window(lt, bw)
     a = f64(pre) > lo
+    old = f64(pre_b) > lo
+    assert not (a & ~cand).any(), "an entry above lo outside the margin"
     return dict(active=int(act.sum()), window_only=int((win & ~act).sum()),
-                below=int((~act & ~win).sum()), fp32_only=int((a & ~cand).sum()),
-                bf16_only=int((cand & ~a).sum()))
+                below=int((~act & ~win).sum()), old_missed=int((a & ~old).sum()),
+                bf16_only=int((old & ~a).sum()), margin_only=int((cand & ~a).sum()))
 
 
 # ============================================================ 1. the oracle
@@ -334,13 +367,13 @@ def test_oracle_bf16_equals_fp32_where_bf16_is_exact(case):
 
 
 @pytest.mark.parametrize("case", sorted(GRID_CASES))
-def test_oracle_bf16_differs_from_fp32_on_jittered_grid(case):
+def test_oracle_bf16_equals_fp32_on_jittered_grid(case):
     """precision bf16 vs fp32 (numpy oracle) on jittered grid data: the
-    designed thresholds put entries on both sides (``pre > lo >= pre_b``
-    and ``pre_b > lo >= pre``), and the oracle's bf16 step follows the rule
-    there (fire counts = the rule's active counts; :func:`hand_step` equal
-    within the tolerances of test_oracle_matches_the_rule_on_random_data)
-    while its fp32 step does not."""
+    designed thresholds put entries on both sides (``pre > lo >= pre_b``,
+    which the old rule dropped, and ``pre_b > lo >= pre``); the margin makes
+    the first kind candidates, so the oracle's bf16 step is its fp32 step
+    bit for bit, and equals :func:`hand_step` (fire counts exactly; the rest
+    within the tolerances of test_oracle_matches_the_rule_on_random_data)."""
     params, x, y, lt = _grid(case, seed=4, jitter=True)
     k = _counts(params, x, y, lt, GRID_BW)
     assert all(k.values()), k
@@ -357,8 +390,9 @@ def test_oracle_bf16_differs_from_fp32_on_jittered_grid(case):
     np.testing.assert_array_equal(counts, hcounts)
     assert_results_close(r, hr, f"oracle {case} vs hand")
     assert_params_close(snap, hsnap, f"oracle {case} vs hand")
-    # the fp32 step trains something else here
-    assert not np.array_equal(out["fp32"][1][0]["log_threshold"], snap[0]["log_threshold"])
+    assert r.as_dict() == out["fp32"][0].as_dict()
+    assert_same_bits(snap, out["fp32"][1], f"oracle {case}: bf16 vs fp32")
+    np.testing.assert_array_equal(counts, out["fp32"][2])
 
 
 RANDOM_ORACLE = {
@@ -399,9 +433,10 @@ def test_oracle_matches_the_rule_on_random_data(case):
     float64) and every updated array within ``assert_params_close`` (1e-6 of
     the array's scale, 2e-6 for second moments: the float32 gradients'
     relative error, ~(terms) * 2^-24, through Adam's first update, flat in
-    the gradient away from 0; test_bf16_train.py's justification). Not
-    vacuous: on this data some entries have ``pre > lo >= pre_b`` (or the
-    reverse), the bf16 and fp32 masks differ."""
+    the gradient away from 0; test_bf16_train.py's justification). The bf16
+    masks are the fp32 ones; not vacuous: on this data the old rule's masks
+    (``pre_b > lo``) differ from them, and the margin admits candidates below
+    ``lo``."""
     params, x, y, lt = _random(case, seed=8)
     assert _clear_of_cuts(params, x, y, lt, BW), "test data: a pre-activation near a cut"
     p, s, th = params.copy(), AdamState.zeros_like(params), Thr(lt)
@@ -414,11 +449,174 @@ def test_oracle_matches_the_rule_on_random_data(case):
     assert r.extra["l0_loss"] == pytest.approx(L0C * act.sum() / x.shape[0], rel=1e-12)
     assert_results_close(r, hr, f"oracle {case} vs hand")
     assert_params_close(jsnap(p, s, th), hsnap, f"oracle {case} vs hand")
+    _, _, act32, win32, _ = rule_masks(params, x, y, lt, BW, "fp32")
+    np.testing.assert_array_equal(act, act32)
+    np.testing.assert_array_equal(win, win32)
     if x.shape[0] * params.d_sae > 1000:
-        _, _, act32, win32, _ = rule_masks(params, x, y, lt, BW, "fp32")
+        _, _, act_old, win_old, _ = rule_masks(params, x, y, lt, BW, "old")
         assert act.any() and (win & ~act).any() and (~act & ~win).any()
-        assert not (np.array_equal(act, act32) and np.array_equal(win, win32)), \
-            "test data: bf16 and fp32 masks agree (pick another seed)"
+        assert not (np.array_equal(act, act_old) and np.array_equal(win, win_old)), \
+            "test data: the old rule's masks agree with fp32 (pick another seed)"
+        assert _counts(params, x, y, lt, BW)["margin_only"] > 0
+
+
+# ------------------------------------------------------------ the margin and the kernels
+def _kernel_selection(path, x, b_dec, W, b_enc, lo, margin=True):
+    """bool ``[N, d_sae]``: the compiled threshold-mode encoder's entries at
+    cut ``lo`` (with :func:`numerics.bf16_cut_margin`'s lowered bf16 cut, or
+    without: the old rule), and their values as a dense array."""
+    from fastsae.backends.cython import _bf16 as C
+    Wp, WT = C.pack(W, 2)
+    cut = NU.bf16_cut_margin(lo, b_enc, WT) if margin else None
+    ip, ix, v = C.encode(BF._code(path), x, b_dec, Wp, WT, b_enc, lo, 0, 0, 2, cut)
+    n, d_sae = x.shape[0], W.shape[1]
+    sel, val = np.zeros((n, d_sae), bool), np.zeros((n, d_sae), np.float32)
+    rows = np.repeat(np.arange(n), np.diff(ip))
+    sel[rows, ix[:ip[-1]]] = True
+    val[rows, ix[:ip[-1]]] = v[:ip[-1]]
+    return sel, val
+
+
+@pytest.mark.parametrize("d_in", [1, 2, 31, 512, 4096])
+def test_margin_covers_the_worst_bf16_error(d_in):
+    """Adversarial data: every ``xc`` and ``W`` entry is ``1 + 2^-8 - 2^-20``
+    (bf16 rounds it down to 1, relative error just under ``u = 2^-8``), all
+    of one sign per row and column, so ``sum |xc_k w_k|`` equals ``|xc|
+    |w|`` and the bf16 product is low by about ``2u`` of it, the worst case
+    the bound allows; ``lo`` one float32 step below ``pre``. The old rule
+    (no margin) drops the entry on every path; with the margin it is kept,
+    on every path, and the oracle's candidates hold it."""
+    _need_bf16()
+    a = np.float32(1 + 2 ** -8 - 2 ** -20)
+    x = np.full((3, d_in), a, np.float32)
+    x[1] *= -1
+    x[2] *= 0.5
+    W = np.full((d_in, 2), a, np.float32)
+    W[:, 1] = -a
+    b, b_dec = np.zeros(2, np.float32), np.zeros(d_in, np.float32)
+    pre = (f64(x) @ f64(W)).astype(np.float32)
+    lo = np.array([np.nextafter(pre[0, 0], -np.inf), np.nextafter(pre[1, 1], -np.inf)],
+                  np.float32)
+    pre_b = R._bf16_product(x, W, b)
+    assert pre_b[0, 0] < lo[0] - d_in * 2 ** -8  # the bf16 product is far below the cut
+    want = np.zeros((3, 2), bool)
+    want[0, 0] = want[1, 1] = True
+    assert (R.bf16_jumprelu_candidates(x, W, b, lo) >= want).all()
+    for path in PATHS:
+        old, _ = _kernel_selection(path, x, b_dec, W, b, lo, margin=False)
+        new, _ = _kernel_selection(path, x, b_dec, W, b, lo)
+        assert not old.any(), path
+        np.testing.assert_array_equal(new, want, err_msg=path)
+
+
+KERNEL_SHAPES = [(1, 8, 16), (7, 1, 5), (16, 9, 1), (33, 17, 77), (64, 32, 130), (200, 96, 257)]
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=[f"{n}x{d}x{s}" for n, d, s in KERNEL_SHAPES])
+@pytest.mark.parametrize("where", ["mixed", "none", "all"])
+def test_kernel_selection_with_margin_is_fp32s(shape, where):
+    """The compiled threshold mode with the margin, every path, random data
+    (spread 1, ``b_dec`` and ``b_enc`` nonzero): its entries are exactly the
+    float64 ``pre > lo`` except where ``pre`` is within the float32 product's
+    rounding bound (conftest's ``2 (K + 2) u32`` times the terms) of ``lo``,
+    and its values are float32 ones (within that bound of float64). ``lo``:
+    random around the 80% quantile (``mixed``, with the old rule missing
+    entries on the larger shapes, checked), above every ``pre`` (``none``:
+    no entry) or below every one (``all``: every entry)."""
+    _need_bf16()
+    n, d_in, d_sae = shape
+    rng = np.random.default_rng(n * 1000 + d_in * 10 + d_sae)
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    W = (rng.standard_normal((d_in, d_sae)) / np.sqrt(d_in)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(d_sae)).astype(np.float32)
+    b_dec = (0.1 * rng.standard_normal(d_in)).astype(np.float32)
+    xc = f64(x - b_dec)
+    pre = xc @ f64(W) + f64(b)
+    lo = {"mixed": rng.uniform(0.5, 1.2, d_sae), "none": np.full(d_sae, pre.max() + 1.0),
+          "all": np.full(d_sae, pre.min() - 1.0)}[where].astype(np.float32)
+    bound = 2.0 * (d_in + 2) * U32 * (np.abs(xc) @ np.abs(f64(W)) + np.abs(f64(b)))
+    want, near = pre > f64(lo), np.abs(pre - f64(lo)) <= bound
+    for path in PATHS:
+        got, val = _kernel_selection(path, x, b_dec, W, b, lo)
+        assert not ((got != want) & ~near).any(), path
+        assert np.all(np.abs(f64(val) - pre)[got] <= bound[got]), path
+        if where == "none":
+            assert not got.any()
+        if where == "all":
+            assert got.all()
+        if where == "mixed" and n * d_sae >= 5000:
+            old, _ = _kernel_selection(path, x, b_dec, W, b, lo, margin=False)
+            assert (want & ~old & ~near).any(), "test data: the old rule misses nothing"
+
+
+def test_cut_margin_is_a_safe_float32_cut():
+    """``numerics.bf16_cut_margin``: ``base <= lo`` (strictly below, by at
+    least the slack), ``scale`` at least the bound's ``2^-7 |w_j|`` and
+    finite; a column whose float32 norm overflows gives ``scale`` float32's
+    largest value and ``base`` -inf (every entry a candidate, never a NaN
+    cut); a zero
+    column and zero bias give ``base`` just below ``lo`` (the ``2^-20 |lo|``
+    slack for the kernel's float32 cut) and a tiny positive scale. On random data the margin is at least 10x the observed bf16
+    error (it is a worst-case bound) and at most a quarter of ``pre``'s
+    spread at d_in 512, where it costs about 1.5x the candidates."""
+    rng = np.random.default_rng(0)
+    d_in, d_sae = 512, 300
+    W = (rng.standard_normal((d_in, d_sae)) / np.sqrt(d_in)).astype(np.float32)
+    W[:, 0] = 0.0
+    W[:, 1] = 1e37
+    b = (0.1 * rng.standard_normal(d_sae)).astype(np.float32)
+    b[0] = 0.0
+    lo = rng.uniform(-1, 2, d_sae).astype(np.float32)
+    base, scale = NU.bf16_cut_margin(lo, b, np.ascontiguousarray(W.T))
+    assert base.dtype == scale.dtype == np.float32
+    assert np.all(base < lo) and np.isfinite(scale).all() and not np.isnan(base).any()
+    assert np.isfinite(np.delete(base, 1)).all()
+    norms = np.linalg.norm(f64(W), axis=0)
+    assert np.all(f64(scale)[2:] >= 2 ** -7 * norms[2:])
+    # the column's float32 norm overflows: every entry is a candidate
+    assert scale[1] == np.float32(np.finfo(np.float32).max) and base[1] == -np.inf
+    assert 0 < scale[0] < 1e-30 and 0 < f64(lo[0]) - f64(base[0]) <= 2 ** -19 * abs(f64(lo[0]))
+    # against the observed error
+    W = W[:, 2:]
+    b, lo = b[2:], lo[2:]
+    base, scale = NU.bf16_cut_margin(lo, b, np.ascontiguousarray(W.T))
+    x = rng.standard_normal((400, d_in)).astype(np.float32)
+    pre = f64(x) @ f64(W) + f64(b)
+    err = np.abs(pre - R._bf16_product(x, W, b))
+    margin = f64(NU.bf16_row_norms(x))[:, None] * f64(scale)[None, :]
+    assert np.all(margin >= 10 * err)
+    assert margin.max() < 0.25 * pre.std()
+    r = NU.bf16_row_norms(x)
+    np.testing.assert_allclose(f64(r), np.linalg.norm(f64(x), axis=1), rtol=2 ** -21)
+    assert np.all(f64(r) >= np.linalg.norm(f64(x), axis=1))
+
+
+@pytest.mark.parametrize("bad", ["no-thr", "short-base", "short-scale", "topk", "not-a-pair"])
+def test_encoder_refuses_a_bad_cut(bad):
+    """The compiled encoder checks the lowered cut before entering C: without
+    ``thr``, of the wrong length, with TopK (``k >= 1``), or not a
+    ``(base, scale)`` pair: a clear ValueError."""
+    _need_bf16()
+    from fastsae.backends.cython import _bf16 as C
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 20)).astype(np.float32)
+    Wp, WT = C.pack(W, 1)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    z8, z20 = np.zeros(8, np.float32), np.zeros(20, np.float32)
+    cut = (z20, z20)
+    thr, k, m = z20, 0, 0
+    if bad == "no-thr":
+        thr = None
+    elif bad == "short-base":
+        cut = (z20[:19], z20)
+    elif bad == "short-scale":
+        cut = (z20, z20[:3])
+    elif bad == "topk":
+        thr, k, m = None, 2, 4
+    else:
+        cut = (z20, z20, z20)
+    with pytest.raises(ValueError, match="cut"):
+        C.encode(C.EMULATED, x, z8, Wp, WT, z20, thr, k, m, 1, cut)
 
 
 # ------------------------------------------------------------ hand-built case
@@ -429,8 +627,9 @@ HB_BW = 0.05
 HB_X = np.array([[64.0, 0.0], [0.0, 64.0], [64.0, -0.125]], np.float32)
 HB_W = np.array([[1 + 2 ** -9, 1 + 2 ** -9, 1 - 2 ** -10, 0.5, -2 ** -13],
                  [0.0, 0.0, 0.0, 0.25, 0.0]], np.float32)
-# thresholds: f0 64.05 (fp32: active at rows 0, 2, above its window; bf16 pre_b 64 <= lo),
-# f1 64.14 (fp32: rows 0, 2 in the window below theta; bf16: nothing), f2 63.99 (pre_b 64
+# thresholds: f0 64.05 (fp32: active at rows 0, 2, above its window; bf16 pre_b 64 <= lo,
+# inside the margin), f1 64.14 (fp32: rows 0, 2 in the window below theta; the old rule:
+# nothing), f2 63.99 (pre_b 64
 # above theta and in the window, pre 63.9375 below lo: nothing either way), f3 31.99
 # (row 0 pre 32 active and in the window, row 1 16 below, row 2 31.96875 window only; same
 # both ways), f4 0.01 (lo -0.015 < 0: pre -2^-7 / 0 in the window, same both ways)
@@ -455,25 +654,28 @@ def test_hand_built_case_is_what_it_says():
     A = lambda pairs: {tuple(p) for p in pairs}  # noqa: E731
     assert A(np.argwhere(act32)) == {(0, 0), (2, 0), (0, 3)}
     assert A(np.argwhere(win32 & ~act32)) == {(0, 1), (2, 1), (2, 3), (0, 4), (1, 4), (2, 4)}
-    assert A(np.argwhere(act)) == {(0, 3)}
-    assert A(np.argwhere(win & ~act)) == {(2, 3), (0, 4), (1, 4), (2, 4)}
+    assert A(np.argwhere(act)) == A(np.argwhere(act32))
+    assert A(np.argwhere(win & ~act)) == A(np.argwhere(win32 & ~act32))
+    _, _, act_old, win_old, cand_old = rule_masks(params, x, None, lt, HB_BW, "old")
+    assert A(np.argwhere(act_old)) == {(0, 3)}
+    assert A(np.argwhere(win_old & ~act_old)) == {(2, 3), (0, 4), (1, 4), (2, 4)}
+    assert not cand_old[0, 0] and cand[0, 0] and cand[2, 1]  # the margin's doing
     theta, lo, _ = R.jumprelu_window(lt, HB_BW)
     assert pre_b[0, 2] > theta[2] and pre[0, 2] < lo[2] and cand[0, 2]  # bf16 candidate
     assert lo[4] < 0 and cand[1, 4] and pre_b[1, 4] == 0.0  # a negative window edge
 
 
-def test_hand_built_entries_above_lo_in_fp32_only_do_nothing(cpu, monkeypatch):
+def test_hand_built_entries_above_lo_in_fp32_only_count(cpu, monkeypatch):
     """precision bf16 on every CPU backend (the compiled ones on every
     path): the entries with ``pre > lo >= pre_b`` (features 0 and 1, active
-    or in the window in fp32) are neither active nor in the window: their
-    features' ``W_enc`` columns, ``b_enc``, thresholds and threshold moments
-    are not touched (zero gradient: Adam moves nothing), L0 and fire counts
-    count only feature 3; feature 2 (``pre_b > theta`` but ``pre < lo``) is
-    not active either; feature 4's negative ``lo`` keeps its window entries.
-    The fp32 step (same backend) moves feature 0's encoder column (active)
-    and feature 1's threshold (window). Everything else
-    against :func:`hand_step` (exact data: pre, pre_b exact) within
-    ``assert_results_close`` / ``assert_params_close``."""
+    or in the window in fp32; the old rule dropped them) count as in the
+    fp32 step: feature 0's encoder column moves (active), feature 1's
+    threshold moves (window), L0 and fire counts are fp32's; feature 2
+    (``pre_b > theta`` but ``pre < lo``) is not active and untouched;
+    feature 4's negative ``lo`` keeps its window entries. Everything else
+    against :func:`hand_step` (exact data: pre, pre_b exact) and against the
+    same backend's fp32 step within ``assert_results_close`` /
+    ``assert_params_close``."""
     for path in (PATHS if cpu.name != "numpy" else ("-",)):
         if cpu.name != "numpy":
             monkeypatch.setenv("FASTSAE_BF16_PATH", path)
@@ -487,18 +689,19 @@ def test_hand_built_entries_above_lo_in_fp32_only_do_nothing(cpu, monkeypatch):
             r = jstep(cpu, p, s, x, th, cfg, precision=prec, fire_counts=counts)
             out[prec] = (r, p, s, th, counts)
         r, p, s, th, counts = out["bf16"]
-        assert r.l0 == 1 / 3, what
-        np.testing.assert_array_equal(counts, [0, 0, 0, 1, 0], err_msg=what)
-        for j in (0, 1, 2):
-            np.testing.assert_array_equal(p.W_enc[:, j], params.W_enc[:, j], err_msg=what)
-            assert p.b_enc[j] == 0 and th.lt[j] == lt[j] and th.m[j] == 0, (what, j)
+        assert r.l0 == 1.0, what
+        np.testing.assert_array_equal(counts, [2, 0, 0, 1, 0], err_msg=what)
+        assert not np.array_equal(p.W_enc[:, 0], params.W_enc[:, 0]), what  # f0 active
+        assert th.lt[1] != lt[1] and th.lt[0] == lt[0], what  # f1 window, f0 none
+        np.testing.assert_array_equal(p.W_enc[:, 2], params.W_enc[:, 2], err_msg=what)
+        assert p.b_enc[2] == 0 and th.lt[2] == lt[2] and th.m[2] == 0, what
         assert th.lt[4] != lt[4] and th.lt[3] != lt[3], what  # window entries train
         if cpu.name != "numpy":
             assert_copy_current(p, s, what)
-        r32, p32, _, th32, counts32 = out["fp32"]
-        np.testing.assert_array_equal(counts32, [2, 0, 0, 1, 0], err_msg=what)
-        assert th32.lt[1] != lt[1] and th32.lt[0] == lt[0], what  # f0: no window entry
-        assert not np.array_equal(p32.W_enc[:, 0], params.W_enc[:, 0]), what
+        r32, p32, s32, th32, counts32 = out["fp32"]
+        np.testing.assert_array_equal(counts32, counts, err_msg=what)
+        assert_results_close(r, r32, f"{what} bf16 vs fp32")
+        assert_params_close(jsnap(p, s, th), jsnap(p32, s32, th32), f"{what} bf16 vs fp32")
         hr, hsnap, hcounts, _ = hand_step(params, AdamState.zeros_like(params), x, Thr(lt),
                                           None, HB_BW, L0C, "bf16")
         assert_results_close(r, hr, f"{what} vs hand")
@@ -640,8 +843,8 @@ def test_exact_data_matches_oracle_bf16_step(compiled, force_bf16, case):
     """precision bf16 (compiled) vs the oracle's bf16 step on jittered
     grid-exact data: ``pre`` and ``pre_b`` are exact in float32 in every
     order, so the compiled candidates are the oracle's entry for entry, on
-    data where they differ from fp32's (entries with ``pre > lo >= pre_b``
-    and ``pre_b > lo >= pre``, checked). Fire counts exact; results and
+    data where the old rule's differed from fp32's (entries with ``pre > lo
+    >= pre_b`` and ``pre_b > lo >= pre``, checked). Fire counts exact; results and
     arrays within :func:`_compare_steps`'s tolerances; the copy current."""
     be, path = compiled
     params, x, y, lt = _grid(case, seed=4, jitter=True)

@@ -44,7 +44,11 @@ BatchTopK encoders do); the last ``K`` per ``(d_sae, k)`` is reused.
 Training (``train_step``, ``train_step_topk``, ``train_step_matryoshka`` and
 ``train_step_jumprelu``, its default sparsity mode, with ``precision="bf16"``;
 JumpReLU's step selects the entries above its window's low edge, ``theta -
-bandwidth / 2``, the threshold mode with that cut):
+bandwidth / 2``, the threshold mode with that cut, exactly: its bf16
+candidates are taken below a cut lowered by a bound on the bf16 product's
+error, :func:`~fastsae.backends.numerics.bf16_cut_margin`, so that every
+entry whose float32 pre-activation is above the edge is one, and the step's
+entries are the float32 step's):
 the copy lives on the run's :class:`~fastsae.AdamState` (``state.bf16``, a
 :class:`StepCopy`) and the fused Adam update of ``W_enc`` rewrites it as it
 updates each piece of ``W_enc`` (no extra pass over the weights); a step
@@ -67,6 +71,7 @@ import weakref
 import numpy as np
 
 from ..sparse import SparseCodes
+from . import numerics as NU
 from .tunables import bf16_topk_candidates
 
 __all__ = ["PATHS", "available_paths", "selected_path", "check_available", "BF16Encoder",
@@ -403,14 +408,20 @@ def step_copy(state, W_enc, threads):
 
 def step_encode(x, b_dec, b_enc, Wp, WT, k, threads, batch=False, thr=None) -> tuple:
     """The step's bfloat16 encoder on the packed copy: ReLU (``k == 0``;
-    with ``thr`` float32 ``[d_sae]``: the entries above ``thr``, JumpReLU's
-    candidates), TopK's ``k`` per row, or (``batch``) BatchTopK's ``N * k``.
-    Returns CSR arrays ``(indptr, indices, values)``."""
+    with ``thr`` float32 ``[d_sae]``: exactly the entries whose float32
+    pre-activation is above ``thr``, JumpReLU's candidates, selected from the
+    bf16 product below a cut lowered by a bound on its error,
+    :func:`~fastsae.backends.numerics.bf16_cut_margin`), TopK's ``k`` per
+    row, or (``batch``) BatchTopK's ``N * k``. Returns CSR arrays
+    ``(indptr, indices, values)``."""
     if batch:
         return _batchtopk(selected_path(), x, b_dec, Wp, WT, b_enc, k, threads)
     kk, m = (0, 0) if k == 0 else _topk_km(k, WT.shape[0])
-    t = None if thr is None else np.ascontiguousarray(thr, dtype=np.float32)
-    return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, t, kk, m, threads)
+    t = cut = None
+    if thr is not None:
+        t = np.ascontiguousarray(thr, dtype=np.float32)
+        cut = NU.bf16_cut_margin(t, b_enc, WT)
+    return _C.encode(_code(selected_path()), x, b_dec, Wp, WT, b_enc, t, kk, m, threads, cut)
 
 
 def step_codes(state, x, W_enc, b_enc, b_dec, k, threads, batch=False, thr=None) -> tuple:

@@ -28,7 +28,8 @@ from ..params import StepResult
 __all__ = ["ADAM_CONSTANTS", "adam_constants", "adam_constant_tuple", "auxk_requested",
            "auxk_active", "auxk_weight", "explained_variance", "loud_loss", "relu_step_result",
            "topk_step_result", "min_active", "FLOAT32_MAX", "matryoshka_levels",
-           "matryoshka_step_result", "jumprelu_default_mode"]
+           "matryoshka_step_result", "jumprelu_default_mode", "bf16_row_norms",
+           "bf16_cut_margin"]
 
 #: float32's largest finite value. Backends sum losses in float64, so a sum
 #: past it would still look finite; :func:`loud_loss` reports it as inf, as
@@ -147,6 +148,66 @@ def jumprelu_window(log_threshold, bandwidth):
     theta = np.exp(log_threshold)
     half = log_threshold.dtype.type(0.5 * bandwidth)
     return theta, theta - half, theta + half
+
+
+# bf16 products: the unit roundoff of bfloat16 (8 significant bits) and of float32
+_U16 = 2.0 ** -8
+_U32 = 2.0 ** -24
+
+
+def bf16_row_norms(xc) -> np.ndarray:
+    """``||xc_i||_2`` per row of float32 ``xc [N, d_in]`` as float32, rounded
+    up (summed in float64, then widened by ``2^-22`` before the cast): never
+    below the true norm, as :func:`bf16_cut_margin`'s bound needs. The C
+    kernel (``kernels/c/bf16_encode.c``) computes the same."""
+    r = np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64)) * (1.0 + 2.0 ** -22)
+    return r.astype(np.float32)
+
+
+def bf16_cut_margin(cut, b_enc, WT):
+    """``(base, scale)`` float32 ``[d_sae]`` each: the lowered bf16 cut that
+    makes the bf16 threshold selection exact (JumpReLU's training step,
+    issue 13).
+
+    Every entry whose float32 pre-activation (``xc_i . w_j + b_j``, summed in
+    float32 in any order) is above ``cut[j]`` has a bf16 pre-activation
+    (``bf16(xc_i) . bf16(w_j) + b_j``, products exact, summed in float32 in
+    any order, DAZ/FTZ allowed) above ``base[j] - r_i * scale[j]``, where
+    ``r_i >= ||xc_i||_2`` (:func:`bf16_row_norms`): the two differ by at most
+
+        (2u + u^2 + 2 gamma_n (1+u)^2 + 2 u32 (1+gamma_n)(1+u)^2) |xc_i| |w_j|
+        + 2 u32 |b_j| + (subnormal terms, at most n 2^-125 (|xc_i| + |w_j| + 1))
+
+    (``u = 2^-8``, ``u32 = 2^-24``, ``gamma_n = n u32 / (1 - n u32)``, ``n =
+    d_in``; Cauchy-Schwarz bounds ``sum_k |xc_ik w_kj|``), and the margin
+    computed here is at least that, with the float32 roundings of the norms
+    (``np.einsum`` over ``WT``'s rows), of this function's casts and of the
+    kernel's ``base - r * scale`` widened away. So selecting ``pre_b > base -
+    r * scale`` and then keeping ``pre > cut`` gives exactly the entries with
+    ``pre > cut``, at the price of the candidates inside the margin (about
+    0.2 standard deviations of ``pre`` at d_in 512).
+
+    ``cut`` float32 ``[d_sae]`` (JumpReLU's ``lo``), ``b_enc`` float32
+    ``[d_sae]``, ``WT`` float32 ``[d_sae, d_in]`` (``W_enc``'s transpose, C
+    order: the bf16 copy's ``WT``)."""
+    cut = np.asarray(cut, dtype=np.float64)
+    n = int(WT.shape[1])
+    g = n * _U32 / (1.0 - n * _U32) if n * _U32 < 0.5 else np.inf
+    one_u = (1.0 + _U16) ** 2
+    rel = 2 * _U16 + _U16 ** 2 + 2 * g * one_u + 2 * _U32 * (1 + g) * one_u
+    norms = np.sqrt(np.einsum("ij,ij->i", WT, WT)).astype(np.float64)
+    # the float32 sum of squares and its sqrt may be low by gamma_n + u32
+    # flushed subnormal operands (DAZ) lose at most 2^-126 |w_kj| or 2^-126 |xc_ik| per
+    # term, flushed products (FTZ) 2^-126 each: the n 2^-125 terms below
+    tiny = n * 2.0 ** -125
+    scale = (rel * norms * (1.0 + g + 2 * _U32) + tiny) * (1.0 + 2.0 ** -20)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale32 = np.nextafter(np.minimum(scale, FLOAT32_MAX).astype(np.float32), np.float32(np.inf))
+    scale32 = np.minimum(scale32, np.float32(FLOAT32_MAX))
+    slack = (2 * _U32 * (1.0 + 2.0 ** -10) * np.abs(np.asarray(b_enc, dtype=np.float64))
+             + 2.0 ** -20 * np.abs(cut) + tiny * (norms + 2.0))
+    base = np.nextafter((cut - slack).astype(np.float32), np.float32(-np.inf))
+    return base, scale32
 
 
 def jumprelu_default_mode(sparsity, dead_mask) -> bool:

@@ -46,8 +46,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from ..params import AdamState, JumpReLUSparsity, Losses, SAEParams, StepResult
 from ..sparse import SparseCodes
 from .host import synchronize, to_backend, to_numpy  # noqa: F401  (contract: placement)
-from .numerics import (auxk_active, auxk_weight, jumprelu_step_result, matryoshka_step_result,
-                       min_active)
+from .numerics import (auxk_active, auxk_weight, bf16_cut_margin, bf16_row_norms,
+                       jumprelu_step_result, matryoshka_step_result, min_active)
 from .numerics import jumprelu_window as _jumprelu_window
 from .numerics import explained_variance as _explained_variance
 
@@ -57,7 +57,8 @@ from .contract import NAMES as _CONTRACT
 __all__ = list(_CONTRACT) + ["pre_activations", "losses", "adam_update",
                              "normalize_decoder_rows", "explained_variance", "encode_topk_aux",
                              "aux_scale", "jumprelu_window", "adam_vector",
-                             "input_centering", "reconstruct", "jumprelu_sparsity_arg"]
+                             "input_centering", "reconstruct", "jumprelu_sparsity_arg",
+                             "bf16_jumprelu_candidates"]
 
 NAME = "numpy"
 DESCRIPTION = "dense NumPy reference (the oracle)"
@@ -614,17 +615,32 @@ def _jumprelu_forward(x, params: SAEParams, log_threshold, bandwidth, y=None,
     """``(x - b_dec, pre, theta, active, window)``: the centred batch (a
     transcoder's ``x``), the pre-activations, the thresholds and the active
     and window masks. ``precision="bf16"``: ``pre`` is ``-inf`` wherever the
-    bf16 pre-activation is not above ``lo`` (such entries are neither active
-    nor in the window; see :func:`train_step_jumprelu`)."""
+    bf16 pre-activation is not above the lowered cut of
+    :func:`bf16_jumprelu_candidates` (such entries are neither active nor in
+    the window; see :func:`train_step_jumprelu`)."""
     xc = _encoder_input(x, params, y)
     pre = xc @ params.W_enc + params.b_enc
     theta, lo, hi = jumprelu_window(log_threshold, bandwidth)
     if precision == "bf16":
-        pre_b = _bf16_product(xc, params.W_enc, params.b_enc)
-        pre = np.where(pre_b > lo[None, :], pre, -np.inf).astype(pre.dtype)
+        cand = bf16_jumprelu_candidates(xc, params.W_enc, params.b_enc, lo)
+        pre = np.where(cand, pre, -np.inf).astype(pre.dtype)
     active = pre > theta[None, :]
     window = (pre > lo[None, :]) & (pre < hi[None, :])
     return xc, pre, theta, active, window
+
+
+def bf16_jumprelu_candidates(xc, W_enc, b_enc, lo):
+    """bool ``[N, d_sae]``: the bf16 JumpReLU step's candidates, the entries
+    whose bf16 pre-activation ``pre_b`` (:func:`_bf16_product`) is above
+    ``base[j] - r_i * scale[j]`` (:func:`~fastsae.backends.numerics.bf16_cut_margin`
+    of ``lo``, :func:`~fastsae.backends.numerics.bf16_row_norms` of ``xc``),
+    compared in float64. The margin bounds the bf16 product's error, so every
+    entry with a float32 ``pre > lo`` is a candidate: the step that keeps
+    ``pre > lo`` among them selects exactly the float32 step's entries."""
+    base, scale = bf16_cut_margin(lo, b_enc, np.ascontiguousarray(W_enc.T))
+    r = bf16_row_norms(xc).astype(np.float64)
+    pre_b = _bf16_product(xc, W_enc, b_enc)
+    return pre_b > base[None, :].astype(np.float64) - r[:, None] * scale[None, :]
 
 
 def jumprelu_sparsity_arg(sparsity):
@@ -720,15 +736,15 @@ def train_step_jumprelu(params: SAEParams, state: AdamState, x, *, log_threshold
 
     ``precision="bf16"`` (the default sparsity mode only: ``"step"`` with no
     pre-activation loss acting): the step needs only the entries above the
-    window's low edge ``lo = theta - bandwidth / 2``; they are selected by
-    the bfloat16 product (``pre_b > lo``, :func:`bf16_pre_activations`) and
-    their float32 ``pre`` is used; every other entry counts as below ``lo``
-    (neither active nor in the window). The rest of the step is float32.
-    Where the bandwidth is narrower than the bf16 product's error (SAELens's
-    default 0.001 usually is), window entries near ``lo`` drop out at
-    random and the thresholds' L0 term is biased low: measured, runs end at
-    a higher L0 (``benchmarks/RESULTS.md``), so the trainer's ``"auto"``
-    keeps JumpReLU in float32."""
+    window's low edge ``lo = theta - bandwidth / 2``; the candidates are
+    selected by the bfloat16 product below a cut lowered by a bound on its
+    error (:func:`bf16_jumprelu_candidates`) and their float32 ``pre`` is
+    used; every other entry counts as below ``lo`` (neither active nor in
+    the window). The bound makes every entry with ``pre > lo`` a candidate,
+    so the step's entries are the float32 step's (the earlier rule, ``pre_b
+    > lo``, dropped window entries whose bf16 product fell below ``lo``, at
+    random where the bandwidth is not far wider than the bf16 error). The
+    rest of the step is float32."""
     active = _jumprelu_forward(x, params, log_threshold, bandwidth, y, precision)[3]
     loss, grads, g_lt = _jumprelu_grads(x, params, log_threshold, bandwidth, l0_coefficient,
                                         sparsity, dead_mask, y, precision)

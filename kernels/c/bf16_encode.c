@@ -274,8 +274,12 @@ static inline void fs_buf_finish(fs_list *l, int64_t m) {
 
 /* ------------------------------------------------------------ epilogues */
 /* Tile C (FS_MR x FS_NC, rows r < nr valid, columns j0 + c < d_sae valid). */
+/* cb, cs (threshold mode, both or neither): the lowered bf16 cut, row r's
+ * entry j a candidate where v > cb[j] - rn[r] * cs[j] (one rounding, as the
+ * AVX-512 epilogue's fnmadd), rn the block rows' norms; without them, thr. */
 static int fs_epi_scalar(const float *C, int nr, int64_t j0, int64_t d_sae, const float *b_enc,
-                         const float *thr, int64_t k, int64_t m, int batch, fs_list *rows) {
+                         const float *thr, const float *cb, const float *cs, const float *rn,
+                         int64_t k, int64_t m, int batch, fs_list *rows) {
     const int64_t nc = d_sae - j0 < FS_NC ? d_sae - j0 : FS_NC;
     for (int r = 0; r < nr; ++r) {
         fs_list *l = rows + r;
@@ -284,7 +288,8 @@ static int fs_epi_scalar(const float *C, int nr, int64_t j0, int64_t d_sae, cons
             const float v = C[r * FS_NC + c] + b_enc[j];
             if (batch && v > 0.0f) l->npos++;
             if (k == 0) {
-                if (v > (thr ? thr[j] : 0.0f) && !fs_push(l, (int32_t)j, v)) return 0;
+                const float t = cs ? fmaf(-rn[r], cs[j], cb[j]) : (thr ? thr[j] : 0.0f);
+                if (v > t && !fs_push(l, (int32_t)j, v)) return 0;
             } else if (v == v && (!l->has_cut || v > l->cut)) { /* NaN never passes */
                 fs_buf_offer(l, m, v, (int32_t)j);
             }
@@ -297,16 +302,21 @@ static int fs_epi_scalar(const float *C, int nr, int64_t j0, int64_t d_sae, cons
 /* The same selection with the comparisons 16 lanes at a time: a tile is 384
  * entries of which a handful pass, so only the mask's set bits are visited. */
 FS_TARGET static int fs_epi_avx512(const float *C, int nr, int64_t j0, int64_t d_sae,
-                                   const float *b_enc, const float *thr, int64_t k, int64_t m,
+                                   const float *b_enc, const float *thr, const float *cb,
+                                   const float *cs, const float *rn, int64_t k, int64_t m,
                                    int batch, fs_list *rows) {
-    if (d_sae - j0 < FS_NC) return fs_epi_scalar(C, nr, j0, d_sae, b_enc, thr, k, m, batch, rows);
-    __m512 bias[FS_NP], t[FS_NP];
+    if (d_sae - j0 < FS_NC)
+        return fs_epi_scalar(C, nr, j0, d_sae, b_enc, thr, cb, cs, rn, k, m, batch, rows);
+    __m512 bias[FS_NP], t[FS_NP], sc[FS_NP];
     for (int p = 0; p < FS_NP; ++p) {
         bias[p] = _mm512_loadu_ps(b_enc + j0 + 16 * p);
-        t[p] = thr ? _mm512_loadu_ps(thr + j0 + 16 * p) : _mm512_setzero_ps();
+        t[p] = cs ? _mm512_loadu_ps(cb + j0 + 16 * p)
+                  : thr ? _mm512_loadu_ps(thr + j0 + 16 * p) : _mm512_setzero_ps();
+        sc[p] = cs ? _mm512_loadu_ps(cs + j0 + 16 * p) : _mm512_setzero_ps();
     }
     for (int r = 0; r < nr; ++r) {
         fs_list *l = rows + r;
+        const __m512 rr = _mm512_set1_ps(cs ? rn[r] : 0.0f);
         for (int p = 0; p < FS_NP; ++p) {
             __m512 v = _mm512_add_ps(_mm512_loadu_ps(C + r * FS_NC + 16 * p), bias[p]);
             if (batch)
@@ -314,7 +324,9 @@ FS_TARGET static int fs_epi_avx512(const float *C, int nr, int64_t j0, int64_t d
                     (unsigned)_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ));
             /* TopK before its first cut takes everything but NaN; NaN never passes. */
             __mmask16 msk;
-            if (k == 0) msk = _mm512_cmp_ps_mask(v, t[p], _CMP_GT_OQ);
+            if (k == 0)
+                msk = _mm512_cmp_ps_mask(v, cs ? _mm512_fnmadd_ps(rr, sc[p], t[p]) : t[p],
+                                         _CMP_GT_OQ);
             else if (!l->has_cut) msk = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
             else msk = _mm512_cmp_ps_mask(v, _mm512_set1_ps(l->cut), _CMP_GT_OQ);
             if (!msk) continue;
@@ -494,7 +506,8 @@ void fs_bf16_free(fs_bf16_result *r) {
 static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, int64_t N,
                                  int64_t d_in, int64_t d_sae, const uint16_t *Wp,
                                  const float *WT, const float *b_enc, const float *thr,
-                                 int64_t k, int64_t m, int batch, int nthreads, int64_t *nnz) {
+                                 const float *cb, const float *cs, int64_t k, int64_t m,
+                                 int batch, int nthreads, int64_t *nnz) {
     fs_bf16_result *res = (fs_bf16_result *)calloc(1, sizeof(fs_bf16_result));
     if (!res) return NULL;
     res->N = N;
@@ -534,7 +547,8 @@ static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, i
         float *xf = (float *)malloc((size_t)(FS_MB * (d_in > 0 ? d_in : 1)) * sizeof(float));
         float *C = (float *)aligned_alloc(64, FS_MR * FS_NC * sizeof(float));
         int64_t *cnt = (int64_t *)malloc((size_t)(d_sae + 1) * sizeof(int64_t));
-        int ok = A && xf && C && cnt;
+        float *rn = (float *)malloc(FS_MB * sizeof(float));
+        int ok = A && xf && C && cnt && rn;
 #pragma omp for schedule(dynamic, 1)
         for (blk = 0; blk < n_blocks; ++blk) {
             if (!ok) continue;
@@ -547,10 +561,14 @@ static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, i
                 if (r >= mb) continue;
                 const float *xr = x + (i0 + r) * d_in;
                 float *xo = xf + r * d_in;
+                double sq = 0.0;
                 for (int64_t q = 0; q < d_in; ++q) {
                     xo[q] = xr[q] - b_dec[q];
                     a[q] = fs_to_bf16(xo[q]);
+                    sq += (double)xo[q] * xo[q];
                 }
+                /* rounded up, as numerics.bf16_row_norms: the margin needs >= |xc_i| */
+                rn[r] = (float)(sqrt(sq) * (1.0 + 0x1p-22));
             }
             fs_list *rows = res->rows + i0;
             for (int64_t g = 0; g < n_groups && ok; ++g) {
@@ -560,13 +578,14 @@ static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, i
 #if FS_HAVE_AVX512BF16
                     if (avx) {
                         fs_mk_avx512bf16(A + r6 * lda, lda, B, K2, C);
-                        ok = fs_epi_avx512(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, batch,
-                                           rows + r6);
+                        ok = fs_epi_avx512(C, nr, g * FS_NC, d_sae, b_enc, thr, cb, cs,
+                                           rn + r6, k, m, batch, rows + r6);
                         continue;
                     }
 #endif
                     fs_mk_emulated(A + r6 * lda, lda, B, K2, C);
-                    ok = fs_epi_scalar(C, nr, g * FS_NC, d_sae, b_enc, thr, k, m, batch, rows + r6);
+                    ok = fs_epi_scalar(C, nr, g * FS_NC, d_sae, b_enc, thr, cb, cs, rn + r6, k,
+                                       m, batch, rows + r6);
                 }
             }
             if (k > 0)
@@ -589,6 +608,7 @@ static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, i
         free(xf);
         free(C);
         free(cnt);
+        free(rn);
     }
     if (failed) { fs_bf16_free(res); return NULL; }
     int64_t total = 0;
@@ -600,8 +620,10 @@ static fs_bf16_result *fs_encode(int path, const float *x, const float *b_dec, i
 fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
                                int64_t d_in, int64_t d_sae, const uint16_t *Wp,
                                const float *WT, const float *b_enc, const float *thr,
-                               int64_t k, int64_t m, int nthreads, int64_t *nnz) {
-    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, thr, k, m, 0, nthreads, nnz);
+                               const float *cut_base, const float *cut_scale, int64_t k,
+                               int64_t m, int nthreads, int64_t *nnz) {
+    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, thr, cut_base, cut_scale, k,
+                     m, 0, nthreads, nnz);
 }
 
 fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float *b_dec,
@@ -609,7 +631,8 @@ fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float 
                                           const uint16_t *Wp, const float *WT,
                                           const float *b_enc, int64_t K, int nthreads,
                                           int64_t *nnz) {
-    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, NULL, K, K, 1, nthreads, nnz);
+    return fs_encode(path, x, b_dec, N, d_in, d_sae, Wp, WT, b_enc, NULL, NULL, NULL, K, K, 1,
+                     nthreads, nnz);
 }
 
 void fs_bf16_collect_candidates(fs_bf16_result *r, int64_t K, int64_t *counts, int64_t *npos,

@@ -14,6 +14,8 @@
  *   WT     float32 [d_sae, d_in]  W's transpose (each feature's column contiguous)
  *   x      float32 [N, d_in], b_dec float32 [d_in], b_enc float32 [d_sae]
  *   thr    float32 [d_sae] or NULL (NULL: 0); the caller passes max(theta, 0)
+ *   cut_base, cut_scale  float32 [d_sae] each, or both NULL (threshold mode):
+ *          the lowered bf16 cut (numerics.bf16_cut_margin in fastsae)
  * The callers (kernels/cython/bf16.pyx) validate every size before calling.
  */
 #ifndef FASTSAE_BF16_ENCODE_H
@@ -58,14 +60,19 @@ void fs_bf16_pack(const float *W, int64_t d_in, int64_t d_sae, uint16_t *Wp, flo
                   int nthreads);
 
 /* Encode.  k == 0: threshold mode (ReLU, JumpReLU): (i, j) is kept where the
- * bf16 pre-activation and the float32 one are both > thr[j].  k >= 1: TopK:
+ * bf16 pre-activation and the float32 one are both > thr[j]; with cut_base
+ * and cut_scale, where the bf16 one is > cut_base[j] - r_i * cut_scale[j]
+ * (r_i = |x_i - b_dec|_2 rounded up, the cut in float32 with one rounding)
+ * and the float32 one > thr[j] (an exact selection of pre > thr where the
+ * margin bounds the bf16 error).  k >= 1: TopK (cut_* ignored):
  * per row the m largest bf16 pre-activations (ties: lower index) are the
  * candidates, then the k largest float32 ones among them (ties: lower index),
  * then those > 0.  Returns NULL when memory runs out; *nnz gets the entry count. */
 fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
                                int64_t d_in, int64_t d_sae, const uint16_t *Wp,
                                const float *WT, const float *b_enc, const float *thr,
-                               int64_t k, int64_t m, int nthreads, int64_t *nnz);
+                               const float *cut_base, const float *cut_scale, int64_t k,
+                               int64_t m, int nthreads, int64_t *nnz);
 
 /* BatchTopK candidates: per row the K best positive bf16 pre-activations
  * (1 <= K <= d_sae; ties: lower index), sorted by (bf16 value desc, column

@@ -27,7 +27,8 @@ cdef extern from "bf16_encode.h" nogil:
     fs_bf16_result *fs_bf16_encode(int path, const float *x, const float *b_dec, int64_t N,
                                    int64_t d_in, int64_t d_sae, const uint16_t *Wp,
                                    const float *WT, const float *b_enc, const float *thr,
-                                   int64_t k, int64_t m, int nthreads, int64_t *nnz)
+                                   const float *cut_base, const float *cut_scale, int64_t k,
+                                   int64_t m, int nthreads, int64_t *nnz)
     fs_bf16_result *fs_bf16_encode_candidates(int path, const float *x, const float *b_dec,
                                               int64_t N, int64_t d_in, int64_t d_sae,
                                               const uint16_t *Wp, const float *WT,
@@ -133,21 +134,36 @@ def encode_candidates(int path, const float[:, ::1] x, const float[::1] b_dec,
 
 def encode(int path, const float[:, ::1] x, const float[::1] b_dec, const uint16_t[::1] Wp,
            const float[:, ::1] WT, const float[::1] b_enc, thr, int64_t k, int64_t m,
-           int nthreads):
+           int nthreads, cut=None):
     """CSR ``(indptr int64 [N+1], indices int32, values float32)`` of the bf16
     encoder: threshold mode when ``k == 0`` (``thr`` float32 ``[d_sae]`` or
-    ``None`` for 0), TopK with ``m`` candidates per row otherwise."""
+    ``None`` for 0), TopK with ``m`` candidates per row otherwise. ``cut``
+    (threshold mode, with ``thr``): ``(base, scale)`` float32 ``[d_sae]``
+    each, the lowered bf16 cut of ``numerics.bf16_cut_margin`` (candidates
+    ``pre_b > base - |x_i - b_dec| * scale``, kept where ``pre > thr``)."""
     cdef int64_t N = x.shape[0], d_in = x.shape[1], d_sae = WT.shape[0]
-    cdef const float[::1] t
+    cdef const float[::1] t, cb, cs
     cdef const float *tp = NULL
+    cdef const float *cbp = NULL
+    cdef const float *csp = NULL
     _check_encode(path, x, b_dec, Wp, WT, b_enc, nthreads)
     if k == 0:
         if thr is not None:
             t = thr
             _need(t.shape[0] == d_sae, "thr must be [d_sae]")
             tp = &t[0]
+        if cut is not None:
+            _need(thr is not None, "a lowered cut needs thr")
+            _need(len(cut) == 2, "cut must be (base, scale)")
+            cb = cut[0]
+            cs = cut[1]
+            _need(cb.shape[0] == d_sae and cs.shape[0] == d_sae,
+                  "cut's base and scale must be [d_sae]")
+            cbp = &cb[0]
+            csp = &cs[0]
     else:
         _need(1 <= k <= m <= d_sae, "need 1 <= k <= m <= d_sae")
+        _need(cut is None, "a lowered cut is for threshold mode (k == 0) only")
     cdef int64_t nnz = 0
     cdef fs_bf16_result *res
     # Empty views have no element 0: hand the C code a dummy pointer (never read, N == 0).
@@ -155,7 +171,7 @@ def encode(int path, const float[:, ::1] x, const float[::1] b_dec, const uint16
     cdef const float *xp = &x[0, 0] if N > 0 else &dummy
     with nogil:
         res = fs_bf16_encode(path, xp, &b_dec[0], N, d_in, d_sae, &Wp[0], &WT[0, 0],
-                             &b_enc[0], tp, k, m, nthreads, &nnz)
+                             &b_enc[0], tp, cbp, csp, k, m, nthreads, &nnz)
     if res == NULL:
         raise MemoryError("bf16 encoder: out of memory")
     indptr = np.empty(N + 1, dtype=np.int64)
