@@ -263,11 +263,11 @@ class TrainConfig:
             why = ("precision='bf16' trains JumpReLU SAEs in the default sparsity mode "
                    "('step', no pre-activation loss)")
         elif activation == "jumprelu" and want == "auto":
-            # measured (benchmarks/RESULTS.md, "BatchTopK, Matryoshka and JumpReLU
-            # in bf16"): the threshold window (the bandwidth) is narrower than the
-            # bf16 product's error, so the bf16 step sees too few window entries
+            # measured (benchmarks/RESULTS.md, "JumpReLU's exact bf16 cut"): bf16
+            # runs end at a higher L0 (154 against 140 after 800 steps on the
+            # activations file) although each step selects the float32 step's entries
             return ("fp32", None, "auto: JumpReLU trains in fp32 unless bf16 is asked for "
-                    "(its bf16 step biases the thresholds: L0 ends higher)")
+                    "(its bf16 runs end at a higher L0)")
         elif distributed is not None:
             why = "precision='bf16' is not built for distributed training"
         elif getattr(backend, "_device", False) or backend.name == "cuda":
