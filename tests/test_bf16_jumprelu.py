@@ -1267,3 +1267,34 @@ def test_cython_sparse_backward_refuses_a_copy_of_another_shape(bad, monkeypatch
         np.testing.assert_array_equal(getattr(params, n), getattr(before, n), n)
     for a, b in ((th.lt, th0.lt), (th.m, th0.m), (th.v, th0.v)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cython_sparse_backward_refuses_a_copy_without_adam(monkeypatch):
+    """The raw kernel's guard that only an Adam call may rewrite a bf16 copy:
+    ``jumprelu_gradients`` (no Adam) never passes one, so the test hands the
+    kernel a real copy there (a wrapper around the module's
+    ``_sparse_backward``): a clear ValueError, and the gradients' arrays
+    are not written (their bytes as handed in)."""
+    _skip_unusable("cython")
+    _need_bf16()
+    from fastsae.backends.cython import _bf16 as C
+    from fastsae.backends.cython import jumprelu as CJ
+
+    real = CJ._sparse_backward
+    seen = []
+
+    def with_copy(*a, **kw):
+        Wp, WT = C.pack(np.ascontiguousarray(a[1]), 1)
+        seen.append([(g, g.tobytes()) for g in a[-1]])  # grads: what the call would write
+        return real(*a, bf16_panels=Wp, bf16_transpose=WT, **kw)
+    monkeypatch.setattr(CJ, "_sparse_backward", with_copy)
+    be = fastsae.get_backend("cython")
+    params, _, _ = _problem_for("sae", (40, 17, 77), 23)
+    lt = np.full(params.d_sae, np.log(2.0), np.float32)  # sparse: the CSR backward runs
+    (x, _), = batches(23, 1, 40, 17)
+    with pytest.raises(ValueError, match="with adam"):
+        be.jumprelu_gradients(x, params, lt, BW, L0C)
+    assert len(seen) == 1
+    for g, before in seen[0]:
+        assert g.tobytes() == before
+
