@@ -509,3 +509,62 @@ def test_pip_install_without_c_compiler(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not importable" in r.stdout
+
+
+@needs_cy
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_to_csr_with_and_without_its_row_pointer(shape):
+    """``_encode.dense_to_csr`` of dense ReLU codes is ``SparseCodes.from_dense``'s
+    CSR bit for bit, counted by itself or from ``dense_indptr`` (the count
+    the gradients' density choice made); a row pointer that does not fit
+    ``f`` is refused; a stale one that undercounts writes only its own
+    entries (never out of bounds)."""
+    from fastsae.backends.cython import _encode as E
+    x, p = _problem(*shape)
+    f = np.maximum(R.pre_activations(x, p.W_enc, p.b_enc, p.b_dec), 0).astype(np.float32)
+    want = SparseCodes.from_dense(f)
+    ip = E.dense_indptr(f, 2)
+    np.testing.assert_array_equal(ip, want.indptr)
+    for got in (E.dense_to_csr(f, 2), E.dense_to_csr(f, 2, ip)):
+        for a, b in zip(got, (want.indptr, want.indices, want.values)):
+            np.testing.assert_array_equal(a, b)
+    n, d = f.shape
+    bad = [ip[:-1], ip.astype(np.int32), ip + 1, np.r_[ip[:-1], ip[-1] + d + 1]]
+    if n > 1 and ip[-1] > 0:
+        bad.append(np.r_[0, np.full(n, ip[-1])][::-1].copy())  # decreasing
+    for b in bad:
+        with pytest.raises(ValueError, match="row pointer"):
+            E.dense_to_csr(f, 2, b)
+    if ip[-1] > 0:  # undercount row 0's last... every row keeps at most its share
+        short = np.maximum(ip - 1, 0)
+        short[0] = 0
+        got = E.dense_to_csr(f, 2, short)
+        assert got[1].shape[0] == short[-1]
+
+
+@needs_cy
+def test_gradients_of_dense_codes_count_them_once(be, monkeypatch):
+    """``gradients`` with dense codes below the density threshold counts
+    the nonzeros once (``dense_indptr``) and builds the CSR from that row
+    pointer, not from a second count."""
+    from fastsae.backends.cython import _decode as Dm
+    from fastsae.backends.cython import _encode as E
+    from fastsae.backends.cython import backward as CB
+    calls = {"indptr": 0, "count": 0}
+    real_ip = E.dense_indptr
+
+    def spy_ip(*a):
+        calls["indptr"] += 1
+        return real_ip(*a)
+    monkeypatch.setattr(CB._encode, "dense_indptr", spy_ip)
+    monkeypatch.setattr(Dm, "count_nonzero", lambda *a: calls.__setitem__("count", 1) or 0)
+    x, p = _problem(300, 64, 1100, -2.0)
+    f = np.maximum(R.pre_activations(x, p.W_enc, p.b_enc, p.b_dec), 0).astype(np.float32)
+    assert 0 < np.count_nonzero(f) < tunables.CYTHON_RELU_DENSE_MIN_DENSITY * f.size
+    x_hat = R.decode(f, p.W_dec, p.b_dec).astype(np.float32)
+    got = be.gradients(x, p, f, x_hat, 1e-3, "weighted_l1")
+    want = R.gradients(x, p, f, x_hat, 1e-3, "weighted_l1")
+    assert calls == {"indptr": 1, "count": 0}
+    _close(got[0].mse, want[0].mse)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        _close(getattr(got[1], name), getattr(want[1], name))

@@ -454,10 +454,11 @@ def encode_csr(const float[:, ::1] x, const float[:, ::1] W_enc, const float[::1
         free(res)
 
 
-def dense_to_csr(const float[:, ::1] f, int nthreads):
-    """Canonical CSR of the nonzero entries of a dense ``f [N, d_sae]``
-    (what ``SparseCodes.from_dense`` builds), in two parallel passes."""
-    cdef Py_ssize_t n = f.shape[0], d = f.shape[1], i, j, pos
+def dense_indptr(const float[:, ::1] f, int nthreads):
+    """int64 ``[N + 1]``: the CSR row pointer of the nonzero entries of a
+    dense ``f [N, d_sae]`` (its last element the count: callers that choose
+    a path from the density pass it on to :func:`dense_to_csr`)."""
+    cdef Py_ssize_t n = f.shape[0], d = f.shape[1], i, j
     indptr = np.empty(n + 1, dtype=np.int64)
     cdef int64_t[::1] ip = indptr
     cdef int64_t cnt
@@ -470,14 +471,35 @@ def dense_to_csr(const float[:, ::1] f, int nthreads):
         ip[i + 1] = cnt
     for i in range(n):
         ip[i + 1] += ip[i]
+    return indptr
+
+
+def dense_to_csr(const float[:, ::1] f, int nthreads, indptr=None):
+    """Canonical CSR of the nonzero entries of a dense ``f [N, d_sae]``
+    (what ``SparseCodes.from_dense`` builds), in two parallel passes, or one
+    when ``indptr`` (:func:`dense_indptr` of this ``f``) is given. A row
+    pointer that does not fit ``f`` is refused; each row's writes stop at its
+    end of ``indptr`` whatever ``f`` holds, so a stale one cannot write out
+    of bounds."""
+    cdef Py_ssize_t n = f.shape[0], d = f.shape[1], i, j, pos, end
+    if indptr is None:
+        indptr = dense_indptr(f, nthreads)
+    else:
+        indptr = np.asarray(indptr)
+        if (indptr.dtype != np.int64 or indptr.ndim != 1 or indptr.shape[0] != n + 1
+                or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+                or np.any(np.diff(indptr) > d)):
+            raise ValueError("dense_to_csr: indptr must be the int64 [N + 1] row pointer of f")
+    cdef const int64_t[::1] ip = indptr
     indices = np.empty(ip[n], dtype=np.int32)
     values = np.empty(ip[n], dtype=np.float32)
     cdef int32_t[::1] iv = indices
     cdef float[::1] vv = values
     for i in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
         pos = ip[i]
+        end = ip[i + 1]
         for j in range(d):
-            if f[i, j] != 0:
+            if f[i, j] != 0 and pos < end:
                 iv[pos] = <int32_t>j
                 vv[pos] = f[i, j]
                 pos = pos + 1

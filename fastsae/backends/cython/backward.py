@@ -21,7 +21,7 @@ import numpy as np
 from ...params import Losses, SAEParams
 from ...sparse import SparseCodes
 from .. import tunables as TU
-from . import _backward, _decode, dense
+from . import _backward, _decode, _encode, dense
 from . import transcoder as TC
 from .encode import csr_arrays
 from .norms import decoder_column_norms
@@ -53,12 +53,13 @@ def gradients(x, params: SAEParams, codes, x_hat, l1_coefficient, decoder_norm, 
     ``y`` a transcoder's target (``x_hat`` has the skip term)."""
     n, d_in, d_sae = x.shape[0], params.d_in, params.d_sae
     if isinstance(codes, SparseCodes):
-        nnz = codes.indices.shape[0]
-    else:
-        nnz = _decode.count_nonzero(codes, threads(n * d_sae))
+        nnz, indptr = codes.indices.shape[0], None
+    else:  # one counting pass: the CSR below reuses its row pointer
+        indptr = _encode.dense_indptr(codes, threads(n * d_sae))
+        nnz = int(indptr[-1])
     if nnz / (n * d_sae) >= TU.CYTHON_RELU_DENSE_MIN_DENSITY:
         return dense.gradients(x, params, codes, x_hat, l1_coefficient, decoder_norm, y)
-    csr = csr_arrays(codes, threads(n * d_sae))
+    csr = csr_arrays(codes, threads(n * d_sae), indptr)
     nt = _backward_threads(n, d_in, d_sae, csr[1].shape[0])
     norms = decoder_column_norms(params.W_dec)
     grads = _empty_like(params)

@@ -101,9 +101,10 @@ def encode_relu_switch(x, W_enc, b_enc, b_dec, min_density):
     return None, SparseCodes(indptr, indices, values, (n, d_sae))
 
 
-def csr_arrays(codes, nthreads):
+def csr_arrays(codes, nthreads, indptr=None):
     """``(indptr, indices, values)`` of dense float32 ``[N, d_sae]`` or
-    :class:`SparseCodes` codes (the nonzero entries of dense ones, canonical)."""
+    :class:`SparseCodes` codes (the nonzero entries of dense ones, canonical;
+    ``indptr``: their row pointer if already counted, ``_encode.dense_indptr``)."""
     if isinstance(codes, SparseCodes):
         return codes.indptr, codes.indices, codes.values
-    return _encode.dense_to_csr(codes, nthreads)
+    return _encode.dense_to_csr(codes, nthreads, indptr)
