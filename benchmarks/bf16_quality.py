@@ -3,6 +3,7 @@
 
     python benchmarks/bf16_quality.py [--backend numba] [--activation relu]
                                       [--steps 800] [--out-dir DIR] [--quick]
+                                      [--seed-spread] [--seeds K]
 
 1. The built-in synthetic problem of ``fastsae train`` (its command line's
    defaults: 256 known directions in 64 dimensions, ``d_sae`` 512), through
@@ -22,7 +23,11 @@ defaults: "step" sparsity mode).
 ``--quick`` (CI) runs the built-in problem for 300 steps only and checks
 the bars there. ``--seed-spread`` adds an fp32 run at seed 1: how far two
 fp32 runs that differ only in their seed end apart, the scale the bars'
-differences are to be read against. Results also go to ``DIR/bf16_quality.json``. Names the CPU,
+differences are to be read against. ``--seeds K`` trains both precisions at
+seeds 0..K-1 and holds the means to the bars: JumpReLU on the activations
+file ends up to 10 L0 and 2 points of recovery apart between two runs that
+differ only in float32 rounding (numba against cython), so one pair of runs
+says little there. Results also go to ``DIR/bf16_quality.json``. Names the CPU,
 the BLAS and the bf16 path.
 """
 
@@ -95,12 +100,38 @@ def _row(name, m) -> str:
             f"{'-' if rec is None else f'{rec:.3f}'} | {m['wall_s']:.1f} |")
 
 
-def compare(name, runs) -> list[str]:
+def _mean_run(runs) -> dict:
+    """Explained variance and recovery averaged over runs (the bars' inputs
+    with ``--seeds``)."""
+    out = {"explained_variance": float(np.mean([r["explained_variance"] for r in runs]))}
+    rec = [r.get("recovered") for r in runs]
+    out["recovered"] = None if None in rec else float(np.mean(rec))
+    return out
+
+
+def compare(name, runs, seeds=1) -> list[str]:
     """The bars for one problem: lines saying PASS or FAIL (and, with an fp32
-    run at seed 1, the seed-to-seed spread for scale)."""
-    a, b = runs["fp32"], runs["bf16"]
-    out = []
-    c = runs.get("fp32 seed 1")
+    run at seed 1, the seed-to-seed spread for scale). ``seeds`` > 1: the
+    bars compare the means over seeds ``0..seeds-1`` of each precision, and
+    the fp32 runs' standard deviation is printed for scale."""
+    if seeds > 1:
+        group = {p: [runs[p if s == 0 else f"{p} seed {s}"] for s in range(seeds)]
+                 for p in PRECISIONS}
+        a, b = _mean_run(group["fp32"]), _mean_run(group["bf16"])
+        ev = [r["explained_variance"] for r in group["fp32"]]
+        spread = f"{name}: fp32 over {seeds} seeds (scale, no bar): sd EV {np.std(ev, ddof=1):.4f}"
+        if a["recovered"] is not None:
+            rec = [100 * r["recovered"] for r in group["fp32"]]
+            spread += f", sd recovery {np.std(rec, ddof=1):.2f} points"
+        out = [spread]
+        for p in PRECISIONS:
+            out.append(f"{name}: {p} mean over {seeds} seeds: L0 "
+                       f"{np.mean([r['l0'] for r in group[p]]):.1f}")
+        name = f"{name} (means over {seeds} seeds)"
+    else:
+        a, b = runs["fp32"], runs["bf16"]
+        out = []
+    c = runs.get("fp32 seed 1") if seeds == 1 else None
     if c is not None:
         spread = (f"{name}: fp32 seed 0 vs seed 1 (scale, no bar): |EV| "
                   f"{abs(c['explained_variance'] - a['explained_variance']):.4f}")
@@ -127,7 +158,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed-spread", action="store_true",
                     help="also train fp32 at seed 1 (the seed-to-seed spread, for scale)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train both precisions at seeds 0..SEEDS-1 and hold the means to "
+                    "the bars (a problem whose runs diverge from rounding alone, as JumpReLU "
+                    "on the activations file, needs several)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fastsae_bf16q_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; {BF.path_report()}")
@@ -141,8 +178,9 @@ def main(argv=None) -> int:
         path = activations_file(out_dir, 131072)
         problems.append((f"activations file, {args.steps} steps", lambda p, seed: file_run(
             path, args.backend, args.activation, p, args.steps, seed)))
-    runs_of = [(p, p, 0) for p in PRECISIONS]
-    if args.seed_spread:
+    runs_of = [(p if seed == 0 else f"{p} seed {seed}", p, seed)
+               for seed in range(args.seeds) for p in PRECISIONS]
+    if args.seed_spread and args.seeds == 1:
         runs_of.append(("fp32 seed 1", "fp32", 1))
     print(f"\n{args.activation} SAEs, backend {args.backend}\n")
     print("| problem | precision (path) | explained variance | L0 | recovered | wall s |")
@@ -155,7 +193,7 @@ def main(argv=None) -> int:
             runs[label].setdefault("wall_s", time.perf_counter() - t)
             print(_row(name if seed == 0 else f"{name}, seed {seed}", runs[label]), flush=True)
         results[name] = runs
-        lines += compare(name, runs)
+        lines += compare(name, runs, args.seeds)
     print()
     print("\n".join(lines))
     (out_dir / "bf16_quality.json").write_text(json.dumps(

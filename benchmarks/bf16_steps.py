@@ -2,7 +2,7 @@
 precisions at any shape, and where a numba step's time goes.
 
     python benchmarks/bf16_steps.py [--shape 4096,512,8192] [--backends numba,cython]
-                                    [--repeats 8] [--parts]
+                                    [--repeats 8] [--parts] [--kinds relu,jumprelu]
 
 Steps: ``train_step`` (ReLU, weighted L1, the shared encoder bias -2.6 so L0
 is about 40 at paper size), ``train_step_topk`` (k 32, TopK and BatchTopK)
@@ -67,13 +67,16 @@ def matmul_ms(x, W, repeats=5):
     return median_ms(lambda: np.matmul(x, W, out=out), repeats)[0]
 
 
-def steps(backends, shape, repeats):
+STEP_KINDS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
+
+
+def steps(backends, shape, repeats, kinds=STEP_KINDS):
     p, x = problem(*shape)
     print("| backend | step | precision | median ms | bare matmul ms | x matmul | L0 |")
     print("|---|---|---|---|---|---|---|")
     for name in backends:
         be = fastsae.get_backend(name)
-        for kind in ("relu", "topk", "batchtopk", "matryoshka", "jumprelu"):
+        for kind in kinds:
             for prec in ("fp32", "bf16"):
                 q = p.copy()
                 st = AdamState.zeros_like(q)
@@ -164,13 +167,18 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="numba,cython")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--kinds", default=",".join(STEP_KINDS),
+                    help=f"steps to time, comma-separated from {','.join(STEP_KINDS)}")
     args = ap.parse_args(argv)
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= set(STEP_KINDS):
+        ap.error(f"--kinds: unknown {sorted(set(kinds) - set(STEP_KINDS))}")
     shape = tuple(int(v) for v in args.shape.split(","))
     print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; {BF.path_report()}; shape {shape}\n")
     if args.parts:
         parts(shape, args.repeats)
     else:
-        steps(args.backends.split(","), shape, args.repeats)
+        steps(args.backends.split(","), shape, args.repeats, kinds)
     return 0
 
 

@@ -253,7 +253,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "relu, topk, batchtopk, matryoshka_batchtopk and jumprelu (default "
                    "sparsity mode) SAEs on the numba or cython backend), fp32, or auto "
                    "(default): bf16 where this CPU has bfloat16 instructions (AVX512-BF16), "
-                   "else fp32, and fp32 for jumprelu. A resumed run keeps its precision")
+                   "else fp32. A resumed run keeps its precision")
     t.add_argument("--out", help="output directory: checkpoint, metrics log, final SAE. It "
                    "must not hold a run already (unless --resume DIR is it, or --overwrite) "
                    "and must be writable; both are checked before the first step")

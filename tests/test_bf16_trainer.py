@@ -93,11 +93,9 @@ def test_resolve_precision_on_compiled_backends(name, monkeypatch):
         TrainConfig(precision="bf16").resolve_precision(be, "topk")
     monkeypatch.delenv("FASTSAE_BF16_PATH")
     want = ("bf16", "avx512bf16") if HW else ("fp32", None)
-    for act in ("relu", "topk", "batchtopk", "matryoshka_batchtopk"):
+    for act in ("relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"):
         assert TrainConfig().resolve_precision(be, act)[:2] == want
-    # JumpReLU: bf16 only when asked for (auto: fp32, saying why)
-    p, path, why = TrainConfig().resolve_precision(be, "jumprelu")
-    assert (p, path) == ("fp32", None) and "JumpReLU trains in fp32" in why
+    # JumpReLU: bf16 in its default sparsity mode only
     assert TrainConfig(precision="bf16").resolve_precision(be, "jumprelu")[0] == "bf16"
     assert TrainConfig(jumprelu_sparsity_loss_mode="tanh").resolve_precision(
         be, "jumprelu")[0] == "fp32"

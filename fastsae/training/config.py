@@ -128,9 +128,8 @@ class TrainConfig:
     ``"bf16"`` (bfloat16 operands select the codes, whose values and every
     other product stay float32; see :mod:`fastsae.backends.bf16`), for relu,
     topk, batchtopk, matryoshka_batchtopk and jumprelu SAEs (JumpReLU in its
-    default "step" sparsity mode, no pre-activation loss, and only when asked
-    for: ``"auto"`` keeps it fp32, its bf16 step biasing the thresholds) and
-    transcoders in one process on the CPU backends; or
+    default "step" sparsity mode, no pre-activation loss) and transcoders in
+    one process on the CPU backends; or
     ``"auto"`` (the default): ``"bf16"`` where that runs on this CPU's
     bfloat16 instructions (AVX512-BF16) on the numba or cython backend, else
     ``"fp32"`` (:meth:`resolve_precision`). The run records the precision and
@@ -262,12 +261,6 @@ class TrainConfig:
                 and not self.pre_act_loss_coefficient):
             why = ("precision='bf16' trains JumpReLU SAEs in the default sparsity mode "
                    "('step', no pre-activation loss)")
-        elif activation == "jumprelu" and want == "auto":
-            # measured (benchmarks/RESULTS.md, "JumpReLU's exact bf16 cut"): bf16
-            # runs end at a higher L0 (154 against 140 after 800 steps on the
-            # activations file) although each step selects the float32 step's entries
-            return ("fp32", None, "auto: JumpReLU trains in fp32 unless bf16 is asked for "
-                    "(its bf16 runs end at a higher L0)")
         elif distributed is not None:
             why = "precision='bf16' is not built for distributed training"
         elif getattr(backend, "_device", False) or backend.name == "cuda":
