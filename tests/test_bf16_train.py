@@ -589,6 +589,29 @@ def test_relu_density_switch_with_default_tunables(compiled):
     assert_copy_current(params, state, "step 5")
 
 
+@pytest.mark.parametrize("name", ["numba", "cython"])
+def test_bad_path_refused_on_a_step_that_would_run_fp32(monkeypatch, name):
+    """A bad ``FASTSAE_BF16_PATH`` fails a ``precision="bf16"`` ReLU step
+    also where the last codes were dense (the step would take the float32
+    path, which never reads the path): the same error as on a bf16 step,
+    before anything is written."""
+    _skip_unusable(name)
+    _need_bf16()
+    be = fastsae.get_backend(name)
+    cfg = CONFIGS["relu-weighted_l1"]
+    params, x = _dense_start(31)
+    state = AdamState.zeros_like(params)
+    step(be, params, state, x, cfg)
+    thr = (TU.NUMBA_RELU_DENSE_MIN_DENSITY if name == "numba"
+           else TU.CYTHON_RELU_DENSE_MIN_DENSITY)
+    assert state.bf16.density >= thr  # the next step would be float32
+    before = snapshot(params, state)
+    monkeypatch.setenv("FASTSAE_BF16_PATH", "no-such-path")
+    with pytest.raises(ValueError, match="FASTSAE_BF16_PATH"):
+        step(be, params, state, x, cfg)
+    assert_same_bits(snapshot(params, state), before, f"{name}: written before refusal")
+
+
 def test_topk_is_always_bf16_even_when_dense(compiled):
     """TopK ignores the density switch (k = d_sae: every code fires)."""
     be, _ = compiled

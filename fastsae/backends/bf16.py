@@ -387,7 +387,10 @@ def _key(state, W_enc) -> tuple:
 def bf16_step_wanted(state, dense_min_density: float) -> bool:
     """Whether a ReLU step with ``precision="bf16"`` runs the bfloat16
     encoder: unless the last step's codes were at least ``dense_min_density``
-    dense (then the float32 step's dense path is the faster one)."""
+    dense (then the float32 step's dense path is the faster one). Raises as
+    :func:`selected_path` first, so that a bad ``FASTSAE_BF16_PATH`` fails
+    every bf16 step, also one that would take the float32 path."""
+    selected_path()
     sc = state.bf16
     d = sc.density if isinstance(sc, StepCopy) else None
     return d is None or d < dense_min_density
