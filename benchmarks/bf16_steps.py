@@ -3,6 +3,7 @@ precisions at any shape, and where a numba step's time goes.
 
     python benchmarks/bf16_steps.py [--shape 4096,512,8192] [--backends numba,cython]
                                     [--repeats 8] [--parts] [--kinds relu,jumprelu]
+                                    [--margin-cost]
 
 Steps: ``train_step`` (ReLU, weighted L1, the shared encoder bias -2.6 so L0
 is about 40 at paper size), ``train_step_topk`` (k 32, TopK and BatchTopK)
@@ -12,6 +13,9 @@ is about 40 at paper size), ``train_step_topk`` (k 32, TopK and BatchTopK)
 ``precision`` fp32 then bf16, parameters updated in place (lr 1e-4), the
 first two steps dropped; each median beside the bare float32 matmul
 ``np.matmul(x, W_enc, out=preallocated)`` timed right after it.
+
+``--margin-cost``: the bf16 JumpReLU step with its lowered candidate cut
+against the earlier rule (the cut at the window's edge), alternating.
 
 ``--parts`` (numba): the pieces of the ReLU step after the bf16 encoder
 (decode and residual, ``d_pre``, the CSR transpose, the weight pass with Adam
@@ -161,12 +165,58 @@ def parts(shape, repeats):
         print(f"| {name} | {ms:.1f} |")
 
 
+def margin_cost(backends, shape, repeats):
+    """The bf16 JumpReLU step with its lowered candidate cut (the margin of
+    ``numerics.bf16_cut_margin``) against the same step with the cut at the
+    window's edge itself (the earlier, biased rule: the encoder called
+    without ``cut``), alternating in one process on the same SAE."""
+    real = BF._C.encode
+    use = {"margin": True}
+
+    def encode(*a):
+        if not use["margin"] and len(a) == 11:  # threshold mode with a cut: drop it
+            a = a[:10] + (None,)
+        return real(*a)
+    BF._C.encode = encode
+    p, x = problem(*shape)
+    print("| backend | margin ms | old rule ms | ratio | margin x bare matmul | L0 |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for name in backends:
+            be = fastsae.get_backend(name)
+            q = p.copy()
+            st = AdamState.zeros_like(q)
+            lt = np.full(p.d_sae, np.log(0.1), np.float32)
+            tm, tv = np.zeros_like(lt), np.zeros_like(lt)
+
+            def fn():
+                return be.train_step_jumprelu(q, st, x, log_threshold=lt, threshold_m=tm,
+                                              threshold_v=tv, bandwidth=0.05,
+                                              l0_coefficient=1e-3, lr=1e-4, precision="bf16")
+            fn(), fn()
+            ts = {True: [], False: []}
+            for _ in range(repeats):
+                for m in (True, False):
+                    use["margin"] = m
+                    t = time.perf_counter()
+                    r = fn()
+                    ts[m].append(time.perf_counter() - t)
+            a, b = (statistics.median(ts[m]) * 1e3 for m in (True, False))
+            mm = matmul_ms(x, p.W_enc)
+            print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.3f} | {a / mm:.2f} | {r.l0:.1f} |",
+                  flush=True)
+    finally:
+        BF._C.encode = real
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="4096,512,8192", help="N,d_in,d_sae")
     ap.add_argument("--backends", default="numba,cython")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--margin-cost", action="store_true",
+                    help="the bf16 JumpReLU step with and without its lowered candidate cut")
     ap.add_argument("--kinds", default=",".join(STEP_KINDS),
                     help=f"steps to time, comma-separated from {','.join(STEP_KINDS)}")
     args = ap.parse_args(argv)
@@ -177,6 +227,8 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; {BF.path_report()}; shape {shape}\n")
     if args.parts:
         parts(shape, args.repeats)
+    elif args.margin_cost:
+        margin_cost(args.backends.split(","), shape, args.repeats)
     else:
         steps(args.backends.split(","), shape, args.repeats, kinds)
     return 0
