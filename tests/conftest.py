@@ -193,3 +193,21 @@ def small_train_config(**kw):
                 l1_warmup_steps=10, log_every=10, dead_window=10, eval_rows=1024)
     base.update(kw)
     return fastsae.TrainConfig(**base)
+
+
+class CountingRows:
+    """Mixin for a :class:`fastsae.data.DataSource` subclass: counts the rows
+    it reads (``rows_read``), through ``_read`` and ``_take_sorted`` alike."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows_read = 0
+
+    def _read(self, start, stop):
+        self.rows_read += stop - start
+        return super()._read(start, stop)
+
+    def _take_sorted(self, rows):
+        self.rows_read += rows.size
+        return super()._take_sorted(rows)
+

@@ -7,6 +7,8 @@ import pytest
 
 from fastsae import data as D
 
+from conftest import CountingRows
+
 
 def _rows(n=100, d=6, seed=0, dtype=np.float32):
     return np.random.default_rng(seed).normal(size=(n, d)).astype(dtype)
@@ -334,18 +336,8 @@ class _CountingSource(D.DataSource):
         return self._x[start:stop]
 
 
-class _CountingNpy(D.NpySource):
-    def __init__(self, path):
-        super().__init__(path)
-        self.rows_read = 0
-
-    def _read(self, start, stop):
-        self.rows_read += stop - start
-        return super()._read(start, stop)
-
-    def _take_sorted(self, rows):
-        self.rows_read += rows.size
-        return super()._take_sorted(rows)
+class _CountingNpy(CountingRows, D.NpySource):
+    pass
 
 
 @pytest.mark.parametrize("counting", ["generic", "npy"])

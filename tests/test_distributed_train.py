@@ -33,6 +33,8 @@ from fastsae.backends import reference as R
 from fastsae.data import ArraySource, BatchStream, ShardedSource
 from fastsae.distributed.data_parallel import RankBatchStream, global_batchtopk, rank_rows
 
+from conftest import CountingRows
+
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep
@@ -51,18 +53,8 @@ needs_mpi = pytest.mark.skipif(not _have_mpi(), reason="needs pip install 'fasts
 
 
 # ================================================================ the rank's rows
-class CountingSource(ArraySource):
-    def __init__(self, a):
-        super().__init__(a)
-        self.rows_read = 0
-
-    def _read(self, start, stop):
-        self.rows_read += stop - start
-        return super()._read(start, stop)
-
-    def _take_sorted(self, rows):
-        self.rows_read += rows.size
-        return super()._take_sorted(rows)
+class CountingSource(CountingRows, ArraySource):
+    pass
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
