@@ -233,32 +233,31 @@ class ShardedSource(DataSource):
         self.dtype = np.result_type(*[a.dtype for a in self._shards])
         self.description = f"{self.directory} ({len(files)} shards)"
 
-    def _read(self, start, stop):
-        parts = []
+    def _pieces(self, start, stop):
+        """Rows ``start:stop`` shard by shard: ``(shard, lo, hi)`` for each
+        non-empty piece, in order (rows ``lo:hi`` of shard ``shard``)."""
         s = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < stop:
             lo = start - self._starts[s]
             hi = min(stop, self._starts[s + 1]) - self._starts[s]
             if hi > lo:
-                parts.append(np.asarray(self._shards[s][lo:hi], dtype=np.float32))
+                yield s, lo, hi
                 start += hi - lo
             s += 1
+
+    def _read(self, start, stop):
+        parts = [np.asarray(self._shards[s][lo:hi], dtype=np.float32)
+                 for s, lo, hi in self._pieces(start, stop)]
         if not parts:
             return np.empty((0, self.d_in), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _read_into(self, start, stop, out):
         # shard by shard straight into out (no concatenated copy in between)
-        s = int(np.searchsorted(self._starts, start, side="right")) - 1
         done = 0
-        while start < stop:
-            lo = start - self._starts[s]
-            hi = min(stop, self._starts[s + 1]) - self._starts[s]
-            if hi > lo:
-                out[done:done + hi - lo] = self._shards[s][lo:hi]
-                done += hi - lo
-                start += hi - lo
-            s += 1
+        for s, lo, hi in self._pieces(start, stop):
+            out[done:done + hi - lo] = self._shards[s][lo:hi]
+            done += hi - lo
 
     def _take_sorted(self, rows):
         shard = np.searchsorted(self._starts, rows, side="right") - 1
