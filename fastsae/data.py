@@ -391,9 +391,6 @@ class BatchStream:
         self.scale = float(scale)
         self.position = 0
         self._epoch = None  # (epoch, block order, buffer starts in rows)
-        # unused here: RankBatchStream keeps its buffer of row numbers in these
-        self._buf_key = None
-        self._buf = None
         self._reset_rows()
 
     def _reset_rows(self):
@@ -530,7 +527,7 @@ class BatchStream:
         self.blocks_per_buffer = int(state["blocks_per_buffer"])
         self.n_blocks = -(-self.source.n_rows // self.block_rows)
         self.position = int(state["position"])
-        self._epoch = self._buf_key = self._buf = None
+        self._epoch = None
         self._reset_rows()  # the layout may have changed: the staging array's size too
 
 

@@ -64,19 +64,23 @@ class RankBatchStream(BatchStream):
             raise ValueError(f"rows {lo}:{hi} are not a part of a {self.batch_size}-row batch")
         self.lo, self.hi = int(lo), int(hi)
 
+    def _reset_rows(self):
+        super()._reset_rows()
+        self._buf_key = None  # the (epoch, buffer) whose row numbers _buf holds
+        self._buf = None
+
     def _buffer(self, epoch, b):
         """The source row numbers of buffer ``b``, in the order the full
-        stream holds its rows (it permutes the same way)."""
+        stream serves its rows (:meth:`BatchStream._served_rows` with each
+        block at its own rows)."""
         if self._buf_key != (epoch, b):
-            _, order, _ = self._epoch_layout(epoch)
-            blocks = order[b * self.blocks_per_buffer:(b + 1) * self.blocks_per_buffer]
-            br, n = self.block_rows, self.source.n_rows
+            blocks = self._buffer_blocks(epoch, b)
+            br = self.block_rows
             if self.shuffle:
-                rows = np.concatenate([np.arange(k * br, min((k + 1) * br, n)) for k in blocks])
-                rng = np.random.default_rng([self.seed, epoch, b])
-                rows = rows[rng.permutation(rows.shape[0])]
+                rows = self._served_rows(epoch, b, blocks, blocks * br)
             else:
-                rows = np.arange(int(blocks[0]) * br, min((int(blocks[-1]) + 1) * br, n))
+                rows = np.arange(int(blocks[0]) * br,
+                                 min((int(blocks[-1]) + 1) * br, self.source.n_rows))
             self._buf_key, self._buf = (epoch, b), rows
         return self._buf
 
